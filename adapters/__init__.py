@@ -1,0 +1,1 @@
+"""Device protocol adapters: one package per protocol, all behind ``adapters.base.Adapter``."""

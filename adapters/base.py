@@ -1,0 +1,63 @@
+"""The one interface every device adapter implements, and its error tree.
+
+An adapter is an async context manager that connects on enter and always releases its
+connection on exit, plus :meth:`Adapter.samples`, an async iterator that yields one batch
+of samples per acquisition (one poll cycle, or one subscription notification) until it is
+cancelled. Polling and subscriptions look the same from outside.
+
+Errors::
+
+    AdapterError            anything an adapter raises on purpose
+    ├── ConnectError        could not connect (refused, timeout, bad address): retry later
+    ├── ConnectionLost      the link dropped or stopped answering: reconnect, retry later
+    └── DecodeError         one point could not be decoded: mark it bad, carry on
+
+Only ``ConnectError`` and ``ConnectionLost`` ever leave ``__aenter__`` / ``samples()``;
+a ``DecodeError`` (or a device exception for one signal) becomes a sample with
+``Quality.BAD`` and the other signals keep flowing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Protocol, Self
+
+from gateway.model import Sample
+
+
+class AdapterError(Exception):
+    """Base of every error an adapter raises on purpose."""
+
+
+class ConnectError(AdapterError):
+    """The device could not be reached; the supervisor retries with backoff."""
+
+
+class ConnectionLost(AdapterError):
+    """An established link dropped or stopped answering; the supervisor reconnects."""
+
+
+class DecodeError(AdapterError):
+    """One value could not be decoded; it becomes a bad-quality sample."""
+
+
+class Adapter(Protocol):
+    """A connection to one device, yielding batches of samples."""
+
+    async def __aenter__(self) -> Self:
+        """Connect; raise :class:`ConnectError` when the device cannot be reached."""
+        ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Release the connection, whatever happened."""
+        ...
+
+    def samples(self) -> AsyncIterator[Sequence[Sample]]:
+        """Yield one batch per acquisition until cancelled; raise :class:`ConnectionLost`."""
+        ...

@@ -1,0 +1,94 @@
+"""Domain types shared by adapters, the tracker and the shell.
+
+Plain frozen dataclasses with ``__slots__``: cheap to create on the hot path, hashable,
+and free of any validation library. Pydantic stays at the edges (config files, wire
+payloads).
+
+Time is always wall-clock seconds since the Unix epoch as a ``float`` (UTC). The pure
+core never reads a clock: time arrives with the inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+#: A decoded device value. ``None`` only together with a bad quality.
+Value = bool | int | float | str | None
+
+
+class Quality(enum.Enum):
+    """How far a sample's value can be trusted (OPC UA status classes, simplified)."""
+
+    GOOD = "good"
+    UNCERTAIN = "uncertain"
+    BAD = "bad"
+
+
+class MachineState(enum.StrEnum):
+    """Canonical machine states (PackML-inspired, deliberately small)."""
+
+    RUNNING = "running"
+    IDLE = "idle"
+    SETUP = "setup"
+    STOPPED = "stopped"
+    FAULT = "fault"
+    MAINTENANCE = "maintenance"
+    #: Set by the gateway, never by a device: the device cannot be reached.
+    OFFLINE = "offline"
+
+
+#: Canonical signal names a machine may map; anything else is free telemetry.
+CANONICAL_SIGNALS: frozenset[str] = frozenset(
+    {
+        "state",
+        "order_id",
+        "good_count",
+        "scrap_count",
+        "total_count",
+        "target_count",
+        "program",
+        "cycle_time",
+        "alarm_code",
+        "alarm_text",
+        "operator",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One value of one signal of one machine, as read from the device."""
+
+    machine: str
+    signal: str
+    value: Value
+    source_time: float
+    quality: Quality = Quality.GOOD
+
+
+@dataclass(frozen=True, slots=True)
+class Location:
+    """ISA-95 location path of a machine; each part is one MQTT topic segment."""
+
+    site: str
+    area: str
+    line: str
+    machine: str
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A domain event emitted by a tracker, before it gets an envelope.
+
+    ``type`` is the short contract name (``order.started``), ``sequence`` counts per
+    machine from 1 and never repeats, ``data`` is the JSON-ready payload.
+    """
+
+    machine: str
+    type: str
+    time: float
+    sequence: int
+    data: Mapping[str, Any] = field(default_factory=dict)
