@@ -1,0 +1,859 @@
+"""MachineTracker: the pure functional core turning samples and order commands into events.
+
+One tracker per machine. It is synchronous and deterministic: no I/O, no clock, no
+randomness, no logging. Time comes in as ``now`` (float epoch seconds) with every call;
+events come out as :class:`gateway.model.Event` with a per-machine ``sequence`` that
+starts at 1 and never repeats (also across :meth:`MachineTracker.export_state` /
+:meth:`MachineTracker.restore`).
+
+Inputs that are not usable (bad quality, wrong type, out of range, older than what was
+already applied) never raise: they are skipped, and the malformed ones are kept as
+:class:`Rejection` records that the shell fetches with
+:meth:`MachineTracker.drain_rejections` and logs.
+
+The rules (counter arithmetic, event payloads, order-source policy) are written down with
+worked examples in ``docs/tracker.md``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from gateway.counters import CounterState, advance, parse_count
+from gateway.model import Event, MachineState, Quality, Sample
+
+OrderSource = Literal["device", "platform", "device_then_platform"]
+CompletionReason = Literal[
+    "target_reached", "order_changed", "order_cleared", "cancelled", "replaced"
+]
+
+#: Largest target quantity accepted from a device or the platform.
+MAX_TARGET = 10_000_000
+#: Longest order id accepted; longer ones are a decoding error or an attack.
+MAX_ORDER_ID_LEN = 128
+MAX_TEXT_LEN = 256
+#: Orders waiting per machine; an assign beyond this is rejected.
+MAX_QUEUE = 1_000
+#: Finished order ids remembered to reject a platform re-assigning one by mistake.
+RECENT_ORDERS = 1_000
+#: Command ids remembered so a redelivered command (MQTT is at least once) is idempotent.
+RECENT_COMMANDS = 1_000
+MAX_REJECTIONS = 100
+STATE_VERSION = 1
+
+_DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
+_COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
+_USED_SIGNALS = frozenset(
+    {"state", "order_id", "target_count", "alarm_code", "alarm_text", *_COUNT_SIGNALS}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TrackerSettings:
+    """Per-machine tracker behaviour (compiled from the machine's config)."""
+
+    progress_step_percent: float = 5.0
+    progress_interval: float = 30.0
+    rate_window: float = 600.0
+    counter_mode: Literal["per_order", "lifetime"] = "per_order"
+    counter_wrap: int | None = None
+    scrap_source: Literal["counter", "total_minus_good", "none"] = "counter"
+    complete_on_target: bool = True
+    order_source: OrderSource = "device"
+    #: The rate needs at least this much history (capped at ``rate_window``) to be shown.
+    rate_min_span: float = 60.0
+
+    def __post_init__(self) -> None:
+        """Reject settings that would make the tracker misbehave."""
+        if not self.progress_step_percent > 0:
+            raise ValueError("progress_step_percent must be > 0")
+        if not self.progress_interval > 0:
+            raise ValueError("progress_interval must be > 0")
+        if not self.rate_window > 0:
+            raise ValueError("rate_window must be > 0")
+        if not self.rate_min_span >= 0:
+            raise ValueError("rate_min_span must be >= 0")
+        if self.counter_wrap is not None and self.counter_wrap < 2:
+            raise ValueError("counter_wrap must be >= 2 (e.g. 65536)")
+        if self.counter_mode not in ("per_order", "lifetime"):
+            raise ValueError(f"unknown counter_mode {self.counter_mode!r}")
+        if self.scrap_source not in ("counter", "total_minus_good", "none"):
+            raise ValueError(f"unknown scrap_source {self.scrap_source!r}")
+        if self.order_source not in ("device", "platform", "device_then_platform"):
+            raise ValueError(f"unknown order_source {self.order_source!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class AssignOrder:
+    """Platform command: run ``order_id`` on this machine (queued behind running orders)."""
+
+    order_id: str
+    target: int
+    due: float | None = None
+    customer: str | None = None
+    command_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelOrder:
+    """Platform command: drop a queued order or stop the running platform order."""
+
+    order_id: str
+    command_id: str = ""
+
+
+Command = AssignOrder | CancelOrder
+
+
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """Answer to a platform command; ``reason`` is a human-readable explanation."""
+
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A sample the tracker could not use, for the shell to log."""
+
+    signal: str
+    value: str
+    reason: str
+    time: float
+
+
+@dataclass(slots=True)
+class _Queued:
+    order_id: str
+    target: int
+    due: float | None
+    customer: str | None
+
+
+@dataclass(slots=True)
+class _Order:
+    order_id: str
+    source: str
+    target: int | None
+    due: float | None
+    customer: str | None
+    started_at: float
+    good: int = 0
+    scrap: int = 0
+    total: int = 0
+    completed_at: float | None = None
+    overrun: int = 0
+    progress_sent: bool = False
+    progress_time: float = 0.0
+    progress_good: int = 0
+    progress_scrap: int = 0
+    progress_percent: float = 0.0
+    at_risk: bool = False
+    #: (time, good) points for the sliding-window rate; the first is the anchor.
+    history: list[tuple[float, int]] = field(default_factory=list)
+
+    @property
+    def running(self) -> bool:
+        return self.completed_at is None
+
+
+def _percent(good: int, target: int | None) -> float | None:
+    if not target:
+        return None
+    return round(100.0 * good / target, 2)
+
+
+def _rate(order: _Order, now: float, settings: TrackerSettings) -> float | None:
+    """Good pieces per hour over the sliding window, or None while history is too short."""
+    hist = order.history
+    if not hist:
+        return None
+    start = now - settings.rate_window
+    t0, g0 = hist[0]
+    # After pruning hist[0] is the last point at or before the window start (the value of
+    # the step function there), or the order start when the order is younger than the window.
+    span = settings.rate_window if t0 <= start else now - t0
+    if span <= 0 or span < min(settings.rate_min_span, settings.rate_window):
+        return None
+    return round((order.good - g0) * 3600.0 / span, 2)
+
+
+def _prune(order: _Order, now: float, window: float) -> None:
+    start = now - window
+    hist = order.history
+    drop = 0
+    while drop + 1 < len(hist) and hist[drop + 1][0] <= start:
+        drop += 1
+    if drop:
+        del hist[:drop]
+
+
+def _eta(order: _Order, rate: float | None, now: float) -> float | None:
+    if not order.target or not rate or rate <= 0:
+        return None
+    remaining = order.target - order.good
+    if remaining <= 0:
+        return None
+    return round(now + remaining * 3600.0 / rate, 3)
+
+
+def _clean_text(value: object, what: str, max_len: int) -> str:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
+    # Register-encoded strings come padded with NULs or blanks.
+    text = str(value).strip().strip("\x00").strip()
+    if len(text) > max_len:
+        raise ValueError(f"{what} longer than {max_len} characters")
+    if not text.isprintable():
+        raise ValueError(f"{what} contains control characters")
+    return text
+
+
+def _parse_int(value: object, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be an integer, got bool")
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if not isinstance(value, int):
+        raise ValueError(f"{what} must be an integer, got {value!r}")
+    return value
+
+
+class MachineTracker:
+    """Per-machine state machine: samples, connection changes and commands in, events out."""
+
+    def __init__(self, machine: str, settings: TrackerSettings = TrackerSettings()) -> None:
+        """Create a tracker for ``machine`` with nothing known yet."""
+        self.machine = machine
+        self.settings = settings
+        self._seq = 0
+        self._connected: bool | None = None
+        self._state: str | None = None
+        self._state_since: float | None = None
+        self._alarm_code = 0
+        self._alarm_text = ""
+        self._alarm_since: float | None = None
+        self._device_alarm_text = ""
+        self._device_order_id: str | None = None
+        self._device_target: int | None = None
+        self._counters: dict[str, CounterState] = {s: CounterState() for s in _COUNT_SIGNALS}
+        self._last_time: dict[str, float] = {}
+        self._order: _Order | None = None
+        self._queue: list[_Queued] = []
+        self._recent_orders: list[str] = []
+        self._commands: dict[str, CommandResult] = {}
+        self._updated_at: float | None = None
+        self._rejections: list[Rejection] = []
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def sequence(self) -> int:
+        """Last sequence number used (0 before the first event)."""
+        return self._seq
+
+    def observe(self, samples: Sequence[Sample], now: float) -> list[Event]:
+        """Apply one acquisition batch of samples; return the events it caused."""
+        out: list[Event] = []
+        batch = self._usable(samples, now)
+        self._updated_at = now
+        if not batch:
+            return out
+        if self._connected is not True:
+            # Good data is proof the device is reachable, even if the shell has not said so.
+            out += self.connection(True, now, "data_received")
+        targets = batch.get("target_count", [])
+        if targets:
+            self._device_target = targets[-1] or None
+        for order_id in batch.get("order_id", []):
+            self._on_device_order(order_id, now, out)
+        if targets:
+            self._on_device_target(now)
+        self._on_counts(batch, now)
+        self._after_counts(now, out)
+        texts = batch.get("alarm_text", [])
+        if texts:
+            self._device_alarm_text = texts[-1]
+        states = batch.get("state", [])
+        final_state = states[-1] if states else self._state
+        for code in batch.get("alarm_code", []):
+            self._on_alarm(code, final_state, now, out)
+        if texts and self._alarm_code:
+            # Better text for the active alarm (often read in a later poll than its code).
+            self._alarm_text = self._device_alarm_text
+        for state in states:
+            self._on_state(state, now, out)
+        self._check_risk(now, out)
+        return out
+
+    def connection(self, connected: bool, now: float, reason: str = "") -> list[Event]:
+        """Record that the device link came up or dropped; return the events it caused."""
+        self._updated_at = now
+        if self._connected is connected:
+            return []
+        self._connected = connected
+        out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
+        if not connected and self._state != MachineState.OFFLINE.value:
+            self._set_state(MachineState.OFFLINE.value, "offline", now, out)
+        return out
+
+    def tick(self, now: float) -> list[Event]:
+        """Time-driven checks: progress on the interval, at-risk / back-on-track."""
+        out: list[Event] = []
+        order = self._order
+        if order is not None and order.running:
+            self._maybe_progress(order, now, out)
+            self._check_risk(now, out)
+        return out
+
+    def command(self, cmd: Command, now: float) -> tuple[CommandResult, list[Event]]:
+        """Apply a platform order command; return the verdict and the events it caused."""
+        if cmd.command_id and cmd.command_id in self._commands:
+            first = self._commands[cmd.command_id]
+            return CommandResult(first.accepted, f"duplicate command: {first.reason}"), []
+        out: list[Event] = []
+        self._updated_at = now
+        if isinstance(cmd, AssignOrder):
+            result = self._assign(cmd, now, out)
+        else:
+            result = self._cancel(cmd, now, out)
+        if cmd.command_id:
+            self._commands[cmd.command_id] = result
+            while len(self._commands) > RECENT_COMMANDS:
+                del self._commands[next(iter(self._commands))]
+        return result, out
+
+    def snapshot(self) -> dict[str, Any]:
+        """JSON-ready current state, published retained for late joiners."""
+        order = self._order
+        order_view: dict[str, Any] | None = None
+        if order is not None:
+            now = self._updated_at if self._updated_at is not None else order.started_at
+            rate = _rate(order, now, self.settings) if order.running else None
+            order_view = {
+                "order_id": order.order_id,
+                "source": order.source,
+                "status": "running" if order.running else "completed",
+                "good": order.good,
+                "scrap": order.scrap,
+                "target": order.target,
+                "percent": _percent(order.good, order.target),
+                "rate_per_hour": rate,
+                "eta": _eta(order, rate, now) if order.running else None,
+                "due": order.due,
+                "started_at": order.started_at,
+                "completed_at": order.completed_at,
+                "overrun": order.overrun,
+            }
+        return {
+            "machine": self.machine,
+            "state": self._state,
+            "state_since": self._state_since,
+            "connected": bool(self._connected),
+            "order": order_view,
+            "queued": len(self._queue),
+            "alarm": {"code": self._alarm_code, "text": self._alarm_text}
+            if self._alarm_code
+            else None,
+            "sequence": self._seq,
+            "updated_at": self._updated_at,
+        }
+
+    def drain_rejections(self) -> list[Rejection]:
+        """Return and forget the unusable samples seen since the last call (at most 100)."""
+        out, self._rejections = self._rejections, []
+        return out
+
+    def export_state(self) -> dict[str, Any]:
+        """Everything needed to resume this tracker after a restart, JSON-serialisable."""
+        return {
+            "version": STATE_VERSION,
+            "machine": self.machine,
+            "sequence": self._seq,
+            "connected": self._connected,
+            "state": self._state,
+            "state_since": self._state_since,
+            "alarm": [self._alarm_code, self._alarm_text, self._alarm_since],
+            "device_alarm_text": self._device_alarm_text,
+            "device_order_id": self._device_order_id,
+            "device_target": self._device_target,
+            "counters": {k: [c.value, c.source_time] for k, c in self._counters.items()},
+            "last_time": dict(self._last_time),
+            "order": _order_to_dict(self._order),
+            "queue": [asdict(q) for q in self._queue],
+            "recent_orders": list(self._recent_orders),
+            "commands": {k: [r.accepted, r.reason] for k, r in self._commands.items()},
+            "updated_at": self._updated_at,
+        }
+
+    @classmethod
+    def restore(
+        cls, machine: str, settings: TrackerSettings, state: dict[str, Any]
+    ) -> MachineTracker:
+        """Rebuild a tracker from :meth:`export_state` output; raise ``ValueError`` if invalid."""
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise ValueError(f"tracker state for {machine!r}: unsupported or missing version")
+        if state.get("machine") != machine:
+            raise ValueError(f"tracker state is for {state.get('machine')!r}, not {machine!r}")
+        t = cls(machine, settings)
+        try:
+            t._seq = int(state["sequence"])
+            t._connected = _opt(state["connected"], bool)
+            t._state = _opt(state["state"], str)
+            t._state_since = _opt_float(state["state_since"])
+            code, text, since = state["alarm"]
+            t._alarm_code, t._alarm_text = int(code), str(text)
+            t._alarm_since = _opt_float(since)
+            t._device_alarm_text = str(state["device_alarm_text"])
+            t._device_order_id = _opt(state["device_order_id"], str)
+            t._device_target = _opt(state["device_target"], int)
+            for name in _COUNT_SIGNALS:
+                value, when = state["counters"][name]
+                t._counters[name] = CounterState(_opt(value, int), _opt_float(when))
+            t._last_time = {str(k): float(v) for k, v in state["last_time"].items()}
+            t._order = _order_from_dict(state["order"])
+            t._queue = [_Queued(**q) for q in state["queue"]]
+            t._recent_orders = [str(o) for o in state["recent_orders"]]
+            t._commands = {
+                str(k): CommandResult(bool(a), str(r)) for k, (a, r) in state["commands"].items()
+            }
+            t._updated_at = _opt_float(state["updated_at"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"tracker state for {machine!r} is malformed: {exc!r}") from exc
+        if t._seq < 0:
+            raise ValueError(f"tracker state for {machine!r}: negative sequence")
+        return t
+
+    # ------------------------------------------------------------------ samples
+
+    def _reject(self, sample: Sample, reason: str, now: float) -> None:
+        if len(self._rejections) >= MAX_REJECTIONS:
+            del self._rejections[0]
+        self._rejections.append(Rejection(sample.signal, repr(sample.value)[:80], reason, now))
+
+    def _usable(self, samples: Sequence[Sample], now: float) -> dict[str, list[Any]]:
+        """Validate and parse the samples the tracker uses, grouped by signal, in order."""
+        batch: dict[str, list[Any]] = {}
+        wrap = self.settings.counter_wrap
+        any_good = False
+        for s in samples:
+            if s.machine != self.machine:
+                self._reject(s, f"sample for machine {s.machine!r}", now)
+                continue
+            if s.quality is not Quality.GOOD:
+                continue  # keep the last good value
+            any_good = True
+            if s.signal not in _USED_SIGNALS:
+                continue  # telemetry, program, operator...: not the tracker's business
+            last = self._last_time.get(s.signal)
+            if last is not None and s.source_time < last:
+                continue  # late replay (e.g. after an OPC UA reconnect): newer value known
+            try:
+                value = self._parse(s.signal, s.value, wrap)
+            except ValueError as exc:
+                self._reject(s, str(exc), now)
+                continue
+            self._last_time[s.signal] = s.source_time
+            if s.signal in _COUNT_SIGNALS:
+                value = (value, s.source_time)
+            batch.setdefault(s.signal, []).append(value)
+        if any_good and not batch:
+            batch["_alive"] = []
+        return batch
+
+    @staticmethod
+    def _parse(signal: str, value: object, wrap: int | None) -> Any:
+        if signal in _COUNT_SIGNALS:
+            return parse_count(value, wrap)
+        if signal == "state":
+            if not isinstance(value, str) or value.strip().lower() not in _DEVICE_STATES:
+                raise ValueError(f"unknown machine state {value!r}")
+            return value.strip().lower()
+        if signal == "order_id":
+            return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
+        if signal == "target_count":
+            target = parse_count(value)
+            if target > MAX_TARGET:
+                raise ValueError(f"target {target} above {MAX_TARGET}")
+            return target
+        if signal == "alarm_code":
+            return _parse_int(value, "alarm_code")
+        return _clean_text(value, "alarm_text", MAX_TEXT_LEN)  # alarm_text
+
+    def _on_counts(self, batch: dict[str, list[Any]], now: float) -> None:
+        order = self._order
+        before = (order.good, order.scrap) if order is not None else None
+        wrap = self.settings.counter_wrap
+        for signal in _COUNT_SIGNALS:
+            for value, when in batch.get(signal, []):
+                step = advance(self._counters[signal], value, when, wrap)
+                self._counters[signal] = step.state
+                if step.delta and order is not None:
+                    self._credit(order, signal, step.delta)
+        if order is None or not order.running:
+            return
+        if self.settings.scrap_source == "total_minus_good":
+            # Never backwards: good and total may come from different polls.
+            order.scrap = max(order.scrap, order.total - order.good)
+        if before != (order.good, order.scrap) and order.good != order.history[-1][1]:
+            order.history.append((now, order.good))
+            _prune(order, now, self.settings.rate_window)
+
+    def _credit(self, order: _Order, signal: str, delta: int) -> None:
+        if not order.running:
+            if signal == "good_count":
+                order.overrun += delta
+            return
+        if signal == "good_count":
+            order.good += delta
+        elif signal == "total_count":
+            order.total += delta
+        elif self.settings.scrap_source == "counter":
+            order.scrap += delta
+
+    def _after_counts(self, now: float, out: list[Event]) -> None:
+        order = self._order
+        if order is None or not order.running:
+            return
+        if self.settings.complete_on_target and order.target and order.good >= order.target:
+            self._complete("target_reached", now, out)
+            self._start_next(now, out)
+        else:
+            self._maybe_progress(order, now, out)
+
+    def _on_state(self, state: str, now: float, out: list[Event]) -> None:
+        if state == self._state:
+            return
+        reason = "alarm" if state == MachineState.FAULT.value and self._alarm_code else "device"
+        self._set_state(state, reason, now, out)
+
+    def _set_state(self, state: str, reason: str, now: float, out: list[Event]) -> None:
+        previous, since = self._state, self._state_since
+        self._state, self._state_since = state, now
+        order = self._order
+        out.append(
+            self._event(
+                "machine.state.changed",
+                now,
+                state=state,
+                previous=previous,
+                previous_duration_s=None if since is None else round(max(0.0, now - since), 3),
+                reason=reason,
+                order_id=order.order_id if order is not None and order.running else None,
+            )
+        )
+
+    def _on_alarm(self, code: int, state: str | None, now: float, out: list[Event]) -> None:
+        if code == self._alarm_code:
+            return
+        if self._alarm_code:
+            since = self._alarm_since
+            out.append(
+                self._event(
+                    "machine.alarm.cleared",
+                    now,
+                    code=self._alarm_code,
+                    text=self._alarm_text,
+                    duration_s=None if since is None else round(max(0.0, now - since), 3),
+                )
+            )
+        self._alarm_code, self._alarm_since = code, now
+        self._alarm_text = self._device_alarm_text if code else ""
+        if code:
+            severity = "fault" if state == MachineState.FAULT.value else "warning"
+            out.append(
+                self._event(
+                    "machine.alarm.raised", now, code=code, text=self._alarm_text, severity=severity
+                )
+            )
+
+    # ------------------------------------------------------------------ orders
+
+    def _on_device_order(self, order_id: str, now: float, out: list[Event]) -> None:
+        policy = self.settings.order_source
+        if order_id == self._device_order_id:
+            return
+        self._device_order_id = order_id
+        if policy == "platform":
+            return  # recorded only: the platform decides what runs
+        order = self._order
+        if policy == "device":
+            if order is not None:
+                self._finish_current("order_changed" if order_id else "order_cleared", now, out)
+            if order_id:
+                self._start(order_id, "device", self._device_target, None, None, now, out)
+            return
+        # device_then_platform: a device order id wins; without one the queue runs.
+        if order_id:
+            if order is not None and order.running and order.order_id == order_id:
+                return  # the operator confirmed the running order on the machine
+            if order is not None:
+                reason: CompletionReason = (
+                    "replaced" if order.source == "platform" else "order_changed"
+                )
+                self._finish_current(reason, now, out)
+            queued = next((q for q in self._queue if q.order_id == order_id), None)
+            if queued is not None:
+                self._queue.remove(queued)
+                target = self._device_target or queued.target
+                self._start(order_id, "device", target, queued.due, queued.customer, now, out)
+            else:
+                self._start(order_id, "device", self._device_target, None, None, now, out)
+            return
+        if order is not None and order.source == "device":
+            self._finish_current("order_cleared", now, out)
+        self._start_next(now, out)
+
+    def _on_device_target(self, now: float) -> None:
+        order = self._order
+        if (
+            order is not None
+            and order.running
+            and order.source == "device"
+            and self._device_target is not None
+        ):
+            order.target = self._device_target
+
+    def _finish_current(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
+        """Complete the running order with ``reason`` (or drop a completed one) and clear it."""
+        order = self._order
+        if order is not None and order.running:
+            self._complete(reason, now, out)
+        self._order = None
+
+    def _start(
+        self,
+        order_id: str,
+        source: str,
+        target: int | None,
+        due: float | None,
+        customer: str | None,
+        now: float,
+        out: list[Event],
+    ) -> None:
+        order = _Order(order_id, source, target, due, customer, started_at=now)
+        order.progress_time = now
+        if source == "device" and self.settings.counter_mode == "per_order":
+            # A per-order device counter belongs to this order: whatever it shows (also when
+            # the gateway starts mid-order) are pieces of this order.
+            for name in _COUNT_SIGNALS:
+                c = self._counters[name]
+                self._counters[name] = replace(c, value=0)
+        order.history.append((now, 0))
+        self._order = order
+        out.append(
+            self._event(
+                "order.started",
+                now,
+                order_id=order_id,
+                source=source,
+                target=target,
+                due=due,
+                good=0,
+                scrap=0,
+                started_at=now,
+            )
+        )
+
+    def _start_next(self, now: float, out: list[Event]) -> None:
+        """Start the next queued platform order if the policy lets the platform decide now."""
+        if not self._queue or (self._order is not None and self._order.running):
+            return
+        policy = self.settings.order_source
+        if policy == "device" or (policy == "device_then_platform" and self._device_order_id):
+            return
+        q = self._queue.pop(0)
+        self._start(q.order_id, "platform", q.target, q.due, q.customer, now, out)
+
+    def _complete(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
+        order = self._order
+        assert order is not None and order.running
+        if (order.good, order.scrap) != (order.progress_good, order.progress_scrap):
+            self._progress(order, now, out)
+        order.completed_at = now
+        self._recent_orders.append(order.order_id)
+        if len(self._recent_orders) > RECENT_ORDERS:
+            del self._recent_orders[0]
+        out.append(
+            self._event(
+                "order.completed",
+                now,
+                order_id=order.order_id,
+                reason=reason,
+                good=order.good,
+                scrap=order.scrap,
+                target=order.target,
+                started_at=order.started_at,
+                completed_at=now,
+                duration_s=round(max(0.0, now - order.started_at), 3),
+            )
+        )
+
+    def _maybe_progress(self, order: _Order, now: float, out: list[Event]) -> None:
+        if (order.good, order.scrap) == (order.progress_good, order.progress_scrap):
+            return
+        percent = _percent(order.good, order.target)
+        if (
+            not order.progress_sent
+            or (
+                percent is not None
+                and percent - order.progress_percent >= self.settings.progress_step_percent
+            )
+            or now - order.progress_time >= self.settings.progress_interval
+        ):
+            self._progress(order, now, out)
+
+    def _progress(self, order: _Order, now: float, out: list[Event]) -> None:
+        _prune(order, now, self.settings.rate_window)
+        rate = _rate(order, now, self.settings)
+        percent = _percent(order.good, order.target)
+        order.progress_sent = True
+        order.progress_time = now
+        order.progress_good, order.progress_scrap = order.good, order.scrap
+        order.progress_percent = percent or 0.0
+        out.append(
+            self._event(
+                "order.progress",
+                now,
+                order_id=order.order_id,
+                good=order.good,
+                scrap=order.scrap,
+                target=order.target,
+                percent=percent,
+                rate_per_hour=rate,
+                eta=_eta(order, rate, now),
+                due=order.due,
+                started_at=order.started_at,
+            )
+        )
+
+    def _check_risk(self, now: float, out: list[Event]) -> None:
+        order = self._order
+        if order is None or not order.running or order.due is None:
+            return
+        _prune(order, now, self.settings.rate_window)
+        eta = _eta(order, _rate(order, now, self.settings), now)
+        # Without an eta the order is only known to be late once the due time has passed.
+        late = eta > order.due if eta is not None else now > order.due
+        if late and not order.at_risk:
+            order.at_risk = True
+            late_by = (eta if eta is not None else now) - order.due
+            out.append(
+                self._event(
+                    "order.at_risk",
+                    now,
+                    order_id=order.order_id,
+                    eta=eta,
+                    due=order.due,
+                    late_by_s=round(late_by, 3),
+                )
+            )
+        elif order.at_risk and eta is not None and not late:
+            order.at_risk = False
+            out.append(
+                self._event(
+                    "order.back_on_track", now, order_id=order.order_id, eta=eta, due=order.due
+                )
+            )
+
+    # ------------------------------------------------------------------ commands
+
+    def _assign(self, cmd: AssignOrder, now: float, out: list[Event]) -> CommandResult:
+        if self.settings.order_source == "device":
+            return CommandResult(False, "machine takes its orders from the device only")
+        try:
+            order_id = _clean_text(cmd.order_id, "order_id", MAX_ORDER_ID_LEN)
+        except ValueError as exc:
+            return CommandResult(False, str(exc))
+        if not order_id:
+            return CommandResult(False, "order_id must not be empty")
+        if isinstance(cmd.target, bool) or not isinstance(cmd.target, int):
+            return CommandResult(False, "target must be an integer")
+        if not 1 <= cmd.target <= MAX_TARGET:
+            return CommandResult(False, f"target must be between 1 and {MAX_TARGET}")
+        due = cmd.due
+        if due is not None and (
+            isinstance(due, bool)
+            or not isinstance(due, int | float)
+            or not math.isfinite(due)
+            or due <= 0
+        ):
+            return CommandResult(False, "due must be epoch seconds or null")
+        if cmd.customer is not None and (
+            not isinstance(cmd.customer, str) or len(cmd.customer) > MAX_TEXT_LEN
+        ):
+            return CommandResult(False, "customer must be a string of at most 256 characters")
+        current = self._order
+        if current is not None and current.order_id == order_id and current.running:
+            return CommandResult(False, f"order {order_id} is already running")
+        if any(q.order_id == order_id for q in self._queue):
+            return CommandResult(False, f"order {order_id} is already queued")
+        if order_id in self._recent_orders:
+            return CommandResult(False, f"order {order_id} already ran on this machine")
+        if len(self._queue) >= MAX_QUEUE:
+            return CommandResult(False, f"queue full ({MAX_QUEUE} orders)")
+        self._queue.append(
+            _Queued(order_id, cmd.target, None if due is None else float(due), cmd.customer)
+        )
+        self._start_next(now, out)
+        order = self._order
+        if order is not None and order.order_id == order_id and order.running:
+            return CommandResult(True, "started")
+        return CommandResult(True, f"queued at position {len(self._queue)}")
+
+    def _cancel(self, cmd: CancelOrder, now: float, out: list[Event]) -> CommandResult:
+        if self.settings.order_source == "device":
+            return CommandResult(False, "machine takes its orders from the device only")
+        queued = next((q for q in self._queue if q.order_id == cmd.order_id), None)
+        if queued is not None:
+            self._queue.remove(queued)
+            return CommandResult(True, "removed from queue")
+        order = self._order
+        if order is None or order.order_id != cmd.order_id or not order.running:
+            return CommandResult(False, f"unknown order {cmd.order_id!r}")
+        if order.source != "platform":
+            return CommandResult(False, "order comes from the device: clear it on the machine")
+        self._finish_current("cancelled", now, out)
+        self._start_next(now, out)
+        return CommandResult(True, "cancelled")
+
+    # ------------------------------------------------------------------ helpers
+
+    def _event(self, type_: str, now: float, **data: Any) -> Event:
+        self._seq += 1
+        return Event(self.machine, type_, now, self._seq, data)
+
+
+def _order_to_dict(order: _Order | None) -> dict[str, Any] | None:
+    if order is None:
+        return None
+    d = asdict(order)
+    d["history"] = [[t, g] for t, g in order.history]
+    return d
+
+
+def _order_from_dict(d: dict[str, Any] | None) -> _Order | None:
+    if d is None:
+        return None
+    fields = dict(d)
+    fields["history"] = [(float(t), int(g)) for t, g in fields["history"]]
+    order = _Order(**fields)
+    if not order.history:
+        raise ValueError("order history must not be empty")
+    return order
+
+
+def _opt(value: Any, kind: type[Any]) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, kind):
+        raise TypeError(f"expected {kind.__name__}, got {type(value).__name__}")
+    return value
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)

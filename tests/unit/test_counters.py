@@ -1,0 +1,78 @@
+"""Table-driven tests for the pure counter arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.counters import CounterState, advance, counter_delta, parse_count
+
+
+@pytest.mark.parametrize(
+    ("previous", "current", "wrap", "delta", "why"),
+    [
+        (10, 10, None, 0, "duplicate read"),
+        (10, 13, None, 3, "normal increase"),
+        (10, 510, None, 500, "jump after an offline gap: pieces made meanwhile"),
+        (10, 0, None, 0, "reset to zero"),
+        (10, 4, None, 4, "reset, then 4 pieces before the next read"),
+        (65530, 5, 65536, 11, "16-bit wrap: 6 to the wrap, 5 after it"),
+        (65535, 0, 65536, 1, "16-bit wrap exactly at the modulus"),
+        (2**32 - 1, 9, 2**32, 10, "32-bit wrap"),
+        (30000, 10, 65536, 10, "drop by less than half the modulus is a reset"),
+        (32768, 0, 65536, 0, "drop by exactly half the modulus is a reset"),
+        (32769, 0, 65536, 65536 - 32769, "drop by more than half the modulus is a wrap"),
+        (10, 4, 65536, 4, "small drop with wrap set: reset"),
+        (0, 65535, 65536, 65535, "increases are increases, also near the modulus"),
+    ],
+)
+def test_counter_delta(previous: int, current: int, wrap: int | None, delta: int, why: str) -> None:
+    assert counter_delta(previous, current, wrap) == delta, why
+
+
+@pytest.mark.parametrize(
+    ("state", "value", "time", "expected"),
+    [
+        (CounterState(), 7, 1.0, (CounterState(7, 1.0), 0, True)),
+        (CounterState(7, 1.0), 9, 2.0, (CounterState(9, 2.0), 2, True)),
+        (CounterState(7, 1.0), 9, 1.0, (CounterState(9, 1.0), 2, True)),
+        (CounterState(7, 2.0), 3, 1.0, (CounterState(7, 2.0), 0, False)),
+        (CounterState(7, 2.0), 9, 1.5, (CounterState(7, 2.0), 0, False)),
+        (CounterState(0, None), 5, 1.0, (CounterState(5, 1.0), 5, True)),
+    ],
+    ids=["first-is-baseline", "increase", "same-time", "late-drop", "late-rise", "zeroed"],
+)
+def test_advance(
+    state: CounterState, value: int, time: float, expected: tuple[CounterState, int, bool]
+) -> None:
+    assert tuple(advance(state, value, time)) == expected
+
+
+def test_advance_with_wrap() -> None:
+    assert advance(CounterState(65000, 1.0), 100, 2.0, 65536).delta == 636
+
+
+@pytest.mark.parametrize(
+    ("value", "wrap", "expected"),
+    [(0, None, 0), (12, None, 12), (12.0, None, 12), (65535, 65536, 65535)],
+)
+def test_parse_count_accepts(value: object, wrap: int | None, expected: int) -> None:
+    assert parse_count(value, wrap) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "wrap", "message"),
+    [
+        (True, None, "bool"),
+        (1.5, None, "whole number"),
+        (float("nan"), None, "whole number"),
+        (float("inf"), None, "whole number"),
+        ("12", None, "integer"),
+        (None, None, "integer"),
+        (-1, None, "negative"),
+        (2**60, None, "implausibly large"),
+        (65536, 65536, "wrap modulus"),
+    ],
+)
+def test_parse_count_rejects(value: object, wrap: int | None, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_count(value, wrap)
