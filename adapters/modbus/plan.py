@@ -1,0 +1,131 @@
+"""Read planning (pure): coalesce signals into as few register reads as possible.
+
+Rules of a plan:
+
+- each request reads one area, at most ``max_registers`` registers, and starts and ends on
+  a mapped register;
+- a signal is never split across requests (it is decoded from exactly one response);
+- a request may bridge runs of *unmapped* registers (mapped by no signal of that area)
+  of at most ``max_gap`` registers. Registers mapped by some other signal are not a gap,
+  even when that signal is read by another request: they exist on the device.
+
+Under these rules a greedy pass is optimal: the signal that starts first must be read by
+a request starting at its address, and that request may as well take every signal that
+ends within ``max_registers`` and is reachable without crossing a gap wider than
+``max_gap`` (taking more never makes the rest harder to cover). The unit tests check
+this against a brute-force search.
+
+Polling cadence lives here too (:func:`next_deadline`): fixed-rate deadlines that skip
+missed ticks.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from adapters.modbus.config import ModbusSignalConfig, RegisterArea
+
+
+class Point(NamedTuple):
+    """One signal inside a read: its name, first register relative to the request, width."""
+
+    signal: str
+    offset: int
+    width: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    """One Modbus read: ``count`` registers of ``area`` from ``start``, and what is in them."""
+
+    area: RegisterArea
+    start: int
+    count: int
+    points: tuple[Point, ...]
+
+
+def plan_reads(
+    signals: Mapping[str, ModbusSignalConfig], *, max_registers: int, max_gap: int
+) -> tuple[ReadRequest, ...]:
+    """The minimal set of requests covering every signal (ordered by area, then address).
+
+    Raises ``ValueError`` when a signal is wider than ``max_registers``.
+    """
+    if max_registers < 1:
+        raise ValueError(f"max_registers must be at least 1, got {max_registers}")
+    if max_gap < 0:
+        raise ValueError(f"max_gap must be 0 or more, got {max_gap}")
+    by_area: dict[RegisterArea, list[tuple[int, int, str]]] = {}
+    for name, signal in signals.items():
+        width = signal.register_count
+        if width > max_registers:
+            raise ValueError(
+                f"signal {name!r} is {width} registers wide; one read takes at most "
+                f"{max_registers} (max_registers_per_read)"
+            )
+        by_area.setdefault(signal.area, []).append((signal.address, signal.address + width, name))
+    requests: list[ReadRequest] = []
+    for area in sorted(by_area):
+        for cluster in _clusters(sorted(by_area[area]), max_gap):
+            requests.extend(_cover(area, cluster, max_registers))
+    return tuple(requests)
+
+
+def _clusters(spans: list[tuple[int, int, str]], max_gap: int) -> list[list[tuple[int, int, str]]]:
+    """Split spans sorted by start where the unmapped gap between them exceeds ``max_gap``."""
+    clusters: list[list[tuple[int, int, str]]] = []
+    covered_to = -1
+    for span in spans:
+        start, end, _ = span
+        if not clusters or start - covered_to > max_gap:
+            clusters.append([])
+            covered_to = end
+        clusters[-1].append(span)
+        covered_to = max(covered_to, end)
+    return clusters
+
+
+def _cover(
+    area: RegisterArea, spans: list[tuple[int, int, str]], max_registers: int
+) -> list[ReadRequest]:
+    """Greedy cover of one gap-free cluster (spans sorted by start) with bounded windows."""
+    requests: list[ReadRequest] = []
+    remaining = spans
+    while remaining:
+        first = remaining[0][0]
+        limit = first + max_registers
+        taken = [span for span in remaining if span[1] <= limit]
+        remaining = [span for span in remaining if span[1] > limit]
+        end = max(span[1] for span in taken)
+        # Points by offset, then width, then name: a stable, readable order.
+        points = sorted(
+            (Point(name, start - first, stop - start) for start, stop, name in taken),
+            key=lambda p: (p.offset, p.width, p.signal),
+        )
+        requests.append(ReadRequest(area, first, end - first, tuple(points)))
+    return requests
+
+
+def split(request: ReadRequest) -> tuple[ReadRequest, ...]:
+    """One request per signal of ``request``, for a device that rejects the bridged block."""
+    return tuple(
+        ReadRequest(
+            request.area, request.start + point.offset, point.width, (point._replace(offset=0),)
+        )
+        for point in request.points
+    )
+
+
+def next_deadline(previous: float, now: float, interval: float) -> tuple[float, int]:
+    """The next fixed-rate deadline after ``now``, and how many ticks were skipped to reach it.
+
+    Deadlines sit on the grid ``previous + k * interval``; a poll that overran its slot
+    moves to the next grid point in the future instead of bursting to catch up.
+    """
+    if interval <= 0 or not math.isfinite(interval):
+        raise ValueError(f"interval must be a positive number of seconds, got {interval}")
+    ticks = max(1, math.floor((now - previous) / interval) + 1)
+    return previous + ticks * interval, ticks - 1
