@@ -1,0 +1,220 @@
+"""The ``shopfloor`` command: run, check, simulate, watch, demo.
+
+Exit codes: 0 success, 1 runtime failure, 2 usage or config error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import structlog
+
+from gateway import __version__, logs
+
+log = structlog.get_logger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+def _out(text: str, stream: TextIO | None = None) -> None:
+    """Write a line for the user (not a log line): the CLI's own output."""
+    (stream or sys.stdout).write(text + "\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every sub-command."""
+    parser = argparse.ArgumentParser(
+        prog="shopfloor",
+        description="Shopfloor Gateway: machines over Modbus/OPC UA to order events on MQTT.",
+    )
+    parser.add_argument("--version", action="version", version=f"shopfloor {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run the gateway daemon")
+    p.add_argument("-c", "--config", required=True, help="path of the YAML config")
+    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", choices=["auto", "json", "console"])
+
+    p = sub.add_parser("check", help="validate a config file and print every mistake")
+    p.add_argument("-c", "--config", required=True, help="path of the YAML config")
+
+    p = sub.add_parser("simulate", help="start simulated machines")
+    kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
+    from simulators import cli as sim_cli
+
+    sim_cli.add_arguments(kinds.add_parser("sewing", help="Modbus TCP sewing stations"))
+
+    from gateway import watch
+
+    watch.add_arguments(sub.add_parser("watch", help="live view of a broker's shop floor"))
+
+    p = sub.add_parser("demo", help="simulated shop floor + broker + gateway + live view")
+    p.add_argument(
+        "-c", "--config", help="demo config (default: config/demo.yaml; ports come from it)"
+    )
+    p.add_argument("--speed", type=float, default=1.0, help="simulation speed factor")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--log-file", default="var/demo.log", help="where the gateway logs go")
+    p.add_argument("--duration", type=float, default=0.0, help="stop after N s (0 = Ctrl-C)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``shopfloor`` console script."""
+    args = build_parser().parse_args(argv)
+    command: Callable[[argparse.Namespace], int] = {
+        "run": cmd_run,
+        "check": cmd_check,
+        "simulate": cmd_simulate,
+        "watch": cmd_watch,
+        "demo": cmd_demo,
+    }[args.command]
+    try:
+        return command(args)
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def run_async(factory: Callable[[asyncio.Event], Awaitable[int]]) -> int:
+    """Run a coroutine on uvloop when available; SIGTERM/SIGINT set the stop event."""
+
+    async def wrapper() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        return await factory(stop)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(wrapper())
+    return int(uvloop.run(wrapper()))
+
+
+def _load(path: str) -> Any:
+    from gateway.config import ConfigError, load_config
+
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        _out(f"{path}: {len(exc.errors)} problem(s) found:", sys.stderr)
+        for err in exc.errors:
+            _out(f"  {err}", sys.stderr)
+        return None
+
+
+# ---------------------------------------------------------------------------- commands
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """``shopfloor check``: validate and summarise, never a traceback."""
+    plan = _load(args.config)
+    if plan is None:
+        return EXIT_USAGE
+    protocols: dict[str, int] = {}
+    for m in plan.machines:
+        protocols[m.protocol.name] = protocols.get(m.protocol.name, 0) + 1
+    kinds = ", ".join(f"{n} {p}" for p, n in sorted(protocols.items()))
+    b = plan.broker
+    _out(f"{args.config}: OK")
+    _out(f"  gateway {plan.gateway_id} at site {plan.site}, topics under {plan.topic_prefix}/")
+    _out(
+        f"  broker {b.host}:{b.port} ({'TLS' if b.tls else 'plain TCP'}), client id {b.client_id}"
+        + (f", user {b.username}, password set" if b.password is not None else "")
+    )
+    _out(f"  {len(plan.machines)} machine(s): {kinds}")
+    for m in plan.machines:
+        loc = m.location
+        _out(
+            f"    {m.id:<16} {loc.area + '/' + loc.line:<20} {m.protocol.name:<7} "
+            f"every {m.poll_interval:g}s  signals: {', '.join(sorted(m.signals))}"
+        )
+    for warning in plan.warnings:
+        _out(f"  warning: {warning}")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """``shopfloor run``: the daemon."""
+    logs.configure(args.log_level or "info", json=_json(args.log_format))
+    plan = _load(args.config)
+    if plan is None:
+        return EXIT_USAGE
+    # The config may ask for another level/format; command-line flags win.
+    logs.configure(args.log_level or plan.log_level, json=_json(args.log_format or plan.log_format))
+    from gateway.runtime import Gateway
+
+    async def go(stop: asyncio.Event) -> int:
+        await Gateway(plan).run(stop)
+        return EXIT_OK
+
+    return run_async(go)
+
+
+def _json(fmt: str | None) -> bool | None:
+    return {"json": True, "console": False}.get(fmt or "auto")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    """``shopfloor simulate sewing``."""
+    logs.configure("info")
+    from simulators import cli as sim_cli
+
+    async def go(stop: asyncio.Event) -> int:
+        task = asyncio.create_task(sim_cli.run(args))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stopper.cancel()
+            return int(task.result())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return EXIT_OK
+
+    return run_async(go)
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    """``shopfloor watch``: the reference consumer as a live terminal view."""
+    logs.configure("warning")
+    from gateway import watch
+
+    async def go(stop: asyncio.Event) -> int:
+        task = asyncio.create_task(watch.run(args))
+        stopper = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            stopper.cancel()
+            return int(task.result())
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        return EXIT_OK
+
+    return run_async(go)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """``shopfloor demo``: everything in one process, stopped cleanly by Ctrl-C."""
+    from gateway import demo
+
+    log_path = Path(args.log_file)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("a", encoding="utf-8") as log_stream:
+        logs.configure("info", json=True, stream=log_stream)
+        return run_async(lambda stop: demo.run(args, stop, log_path))

@@ -1,0 +1,692 @@
+"""The gateway's one YAML config file: models, validation and compilation into a run plan.
+
+Reading a config happens in three steps, and every step collects *all* problems instead of
+stopping at the first, each with file, line and field path:
+
+1. :mod:`gateway.yamlsource` parses YAML, remembering lines and refusing duplicate keys;
+   ``${ENV}`` references are substituted (``$$`` is a literal ``$``).
+2. Pydantic models (``extra="forbid"``, frozen) check shape and types.
+3. :func:`compile_config` resolves profiles, merges signals, validates each signal with its
+   protocol's model, checks cross-field rules, and returns a frozen :class:`GatewayPlan`.
+   Nothing at runtime looks at raw config.
+
+A profile is a reusable machine description (protocol, poll interval, signals, tracker
+settings): built-in ones live in ``config/profiles/*.yaml``; a config may add its own under
+``profiles:`` or point ``profile_dirs:`` at more files. A machine names a profile and adds or
+overrides single signals (``signals: {stitch_rate: null}`` removes one).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+)
+
+from adapters.registry import PROTOCOLS, ProtocolSpec
+from gateway.model import CANONICAL_SIGNALS, Location, MachineState
+from gateway.signals import SignalConfig
+from gateway.tracker import TrackerSettings
+from gateway.yamlsource import Located, Path_, SourceError, format_path, load, lookup
+
+#: Built-in profiles shipped with the project.
+BUILTIN_PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
+
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_SIGNAL_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_ENV_RE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def _identifier(value: str) -> str:
+    # These values become MQTT topic segments: '+', '#' and '/' would change the meaning
+    # of a topic filter, NUL is illegal in MQTT strings.
+    if not _ID_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid identifier: use 1-64 letters, digits, '-', '_' or '.', "
+            "starting with a letter or digit (it becomes an MQTT topic segment)"
+        )
+    return value
+
+
+def _topic_prefix(value: str) -> str:
+    for segment in value.split("/"):
+        _identifier(segment)
+    return value
+
+
+Identifier = Annotated[str, AfterValidator(_identifier)]
+TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GatewayConfig(_Model):
+    """Who this gateway is and where its topics live."""
+
+    id: Identifier
+    site: Identifier
+    topic_prefix: TopicPrefix = "shopfloor"
+
+
+class TlsConfig(_Model):
+    """MQTT over TLS; present (even empty) means TLS is on, with the system CAs by default."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+class BrokerConfig(_Model):
+    """The MQTT broker the gateway publishes to."""
+
+    host: str = Field(min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    username: str | None = None
+    password: SecretStr | None = None
+    keepalive: int = Field(default=30, ge=5, le=3600)
+    tls: TlsConfig | None = None
+    #: Messages kept in memory while the broker is unreachable.
+    max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
+
+    @field_validator("username", "password", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # ``${MQTT_USERNAME:-}`` with the variable unset means "no credentials".
+        return None if value == "" else value
+
+
+class TrackerConfig(_Model):
+    """Order-tracking settings; unset fields inherit from the profile, then the defaults."""
+
+    progress_step_percent: float | None = Field(default=None, gt=0, le=100)
+    progress_interval: float | None = Field(default=None, gt=0, le=86_400)
+    rate_window: float | None = Field(default=None, gt=0, le=7 * 86_400)
+    counter_mode: Literal["per_order", "lifetime"] | None = None
+    counter_wrap: Literal[16, 32] | None = Field(
+        default=None, description="bits after which the device counter wraps to 0"
+    )
+    scrap_source: Literal["counter", "total_minus_good", "none"] | None = None
+    complete_on_target: bool | None = None
+
+
+class LoggingConfig(_Model):
+    """Log level and format."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class ProfileConfig(_Model):
+    """A reusable machine description."""
+
+    protocol: str
+    description: str = ""
+    poll_interval: float | None = Field(default=None, ge=0.05, le=3600)
+    tracker: TrackerConfig | None = None
+    signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+
+
+class MachineConfig(_Model):
+    """One machine on the shop floor."""
+
+    id: Identifier
+    area: Identifier
+    line: Identifier
+    site: Identifier | None = None
+    profile: str | None = None
+    connection: dict[str, Any]
+    poll_interval: float | None = Field(default=None, ge=0.05, le=3600)
+    tracker: TrackerConfig | None = None
+    signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
+
+
+class Config(_Model):
+    """The whole config file."""
+
+    gateway: GatewayConfig
+    broker: BrokerConfig
+    tracker: TrackerConfig = TrackerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    profile_dirs: list[str] = Field(default_factory=list)
+    profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
+    machines: list[MachineConfig] = Field(min_length=1)
+
+
+# ---------------------------------------------------------------------------- run plan
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPlan:
+    """TLS settings after validation."""
+
+    ca_file: str | None
+    cert_file: str | None
+    key_file: str | None
+    verify_hostname: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerPlan:
+    """Broker settings after validation; the password stays a ``SecretStr``."""
+
+    host: str
+    port: int
+    client_id: str
+    username: str | None
+    password: SecretStr | None
+    keepalive: int
+    tls: TlsPlan | None
+    max_queue: int
+
+
+@dataclass(frozen=True, slots=True)
+class MachinePlan:
+    """Everything the runtime needs for one machine."""
+
+    id: str
+    location: Location
+    protocol: ProtocolSpec
+    profile: str | None
+    connection: BaseModel
+    signals: Mapping[str, SignalConfig]
+    poll_interval: float
+    tracker: TrackerSettings
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayPlan:
+    """The compiled config: frozen, validated, ready to run."""
+
+    source: str
+    gateway_id: str
+    site: str
+    topic_prefix: str
+    broker: BrokerPlan
+    machines: tuple[MachinePlan, ...]
+    log_level: str
+    log_format: str
+    warnings: tuple[str, ...] = field(default=())
+
+
+class ConfigError(Exception):
+    """A config file has problems; ``errors`` lists every one with file and line."""
+
+    def __init__(self, errors: Iterable[SourceError]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(str(e) for e in self.errors))
+
+
+DEFAULT_POLL_INTERVAL = 1.0
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayPlan:
+    """Read, validate and compile a config file; raise :class:`ConfigError` with all problems."""
+    env = os.environ if env is None else env
+    src = load(path)
+    if src.errors:
+        raise ConfigError(src.errors)
+    if not isinstance(src.data, dict):
+        raise ConfigError(
+            [SourceError(src.file, 1, "", "the config must be a mapping (key: value) at the top")]
+        )
+    errors: list[SourceError] = []
+    src.data = _substitute_env(src.data, (), env, src, errors)
+    config = _validate(Config, src.data, src, (), errors)
+    if config is None or errors:
+        raise ConfigError(errors)
+    plan = _compile(config, src, Path(path), errors)
+    if errors or plan is None:
+        raise ConfigError(errors)
+    return plan
+
+
+def _substitute_env(
+    data: Any, path: Path_, env: Mapping[str, str], src: Located, errors: list[SourceError]
+) -> Any:
+    if isinstance(data, dict):
+        return {k: _substitute_env(v, (*path, str(k)), env, src, errors) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_substitute_env(v, (*path, i), env, src, errors) for i, v in enumerate(data)]
+    if isinstance(data, str) and "$" in data:
+
+        def repl(m: re.Match[str]) -> str:
+            if m.group(0) == "$$":
+                return "$"
+            name, default = m.group(1), m.group(2)
+            if name in env:
+                return env[name]
+            if default is not None:
+                return default
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(path),
+                    format_path(path),
+                    f"environment variable {name} is not set "
+                    f"(set it, or write ${{{name}:-default}})",
+                )
+            )
+            return ""
+
+        return _ENV_RE.sub(repl, data)
+    return data
+
+
+def _validate(
+    model: type[_M], data: Any, src: Located, base: Path_, errors: list[SourceError]
+) -> _M | None:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors.extend(_errors_from(exc, data, src, base))
+        return None
+
+
+def _errors_from(exc: ValidationError, data: Any, src: Located, base: Path_) -> list[SourceError]:
+    out = []
+    for err in exc.errors(include_url=False):
+        loc = _data_path(data, tuple(err["loc"]))
+        full = (*base, *loc)
+        msg = _message(err)
+        out.append(SourceError(src.file, src.line_of(full), format_path(full), msg))
+    return out
+
+
+def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
+    # Pydantic adds union/tag members and validator names to ``loc`` that are not keys of
+    # the data; keep only the parts that exist, so the path is what the user wrote.
+    out: list[str | int] = []
+    cur_ok, cur = True, data
+    for part in loc:
+        if not cur_ok:
+            break
+        ok, nxt = lookup(cur, (part,))
+        if ok:
+            out.append(part if isinstance(part, int) else str(part))
+            cur = nxt
+        elif isinstance(cur, dict) and isinstance(part, str) and part not in cur:
+            # A missing or extra key: name it, then stop.
+            out.append(part)
+            cur_ok = False
+    return tuple(out)
+
+
+def _known_keys() -> list[str]:
+    models: list[type[BaseModel]] = [
+        Config,
+        GatewayConfig,
+        BrokerConfig,
+        TlsConfig,
+        TrackerConfig,
+        LoggingConfig,
+        ProfileConfig,
+        MachineConfig,
+    ]
+    for spec in PROTOCOLS.values():
+        models += [spec.connection_model, spec.signal_model]
+    return sorted({name for model in models for name in model.model_fields})
+
+
+def _message(err: Mapping[str, Any]) -> str:
+    kind = err["type"]
+    msg = str(err["msg"])
+    if kind == "extra_forbidden":
+        loc = err.get("loc", ())
+        guess = difflib.get_close_matches(str(loc[-1]) if loc else "", _known_keys(), 1, 0.75)
+        hint = f"did you mean {guess[0]!r}?" if guess else "check the spelling"
+        return f"unknown key ({hint} config/example.yaml shows every key)"
+    if kind == "missing":
+        return "required key is missing"
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    value = err.get("input")
+    if kind not in {"missing"} and isinstance(value, str | int | float | bool) and value != "":
+        shown = repr(value)
+        if len(shown) > 60:
+            shown = shown[:57] + "..."
+        if shown not in msg:
+            msg = f"{msg} (got {shown})"
+    return msg
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+@dataclass(slots=True)
+class _ProfileSource:
+    profile: ProfileConfig
+    src: Located
+    base: Path_
+
+
+def _load_profiles(
+    config: Config, src: Located, config_path: Path, errors: list[SourceError]
+) -> dict[str, _ProfileSource]:
+    profiles: dict[str, _ProfileSource] = {}
+    dirs: list[Path] = [BUILTIN_PROFILE_DIR]
+    for i, name in enumerate(config.profile_dirs):
+        p = Path(name)
+        if not p.is_absolute():
+            p = config_path.parent / p
+        if not p.is_dir():
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(("profile_dirs", i)),
+                    f"profile_dirs[{i}]",
+                    f"{p} is not a directory",
+                )
+            )
+            continue
+        dirs.append(p)
+    for d in dirs:
+        for f in sorted(d.glob("*.yaml")):
+            psrc = load(f)
+            if psrc.errors:
+                errors.extend(psrc.errors)
+                continue
+            profile = _validate(ProfileConfig, psrc.data, psrc, (), errors)
+            if profile is not None:
+                # Later directories override earlier ones: a site's own profile of the same
+                # name replaces the built-in one.
+                profiles[f.stem] = _ProfileSource(profile, psrc, ())
+    for name, profile in config.profiles.items():
+        profiles[name] = _ProfileSource(profile, src, ("profiles", name))
+    return profiles
+
+
+# ---------------------------------------------------------------------------- compile
+
+
+def _compile(
+    config: Config, src: Located, config_path: Path, errors: list[SourceError]
+) -> GatewayPlan | None:
+    profiles = _load_profiles(config, src, config_path, errors)
+    machines: list[MachinePlan] = []
+    seen: dict[str, int] = {}
+    for i, m in enumerate(config.machines):
+        base: Path_ = ("machines", i)
+        if m.id in seen:
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of((*base, "id")),
+                    format_path((*base, "id")),
+                    f"duplicate machine id {m.id!r} (also machines[{seen[m.id]}]); "
+                    "machine ids must be unique",
+                )
+            )
+            continue
+        seen[m.id] = i
+        plan = _compile_machine(config, m, base, src, profiles, errors)
+        if plan is not None:
+            machines.append(plan)
+    if errors:
+        return None
+    b = config.broker
+    tls = (
+        TlsPlan(b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.verify_hostname)
+        if b.tls is not None
+        else None
+    )
+    for key in ("ca_file", "cert_file", "key_file"):
+        value = getattr(b.tls, key, None) if b.tls is not None else None
+        if value is not None and not Path(value).is_file():
+            path: Path_ = ("broker", "tls", key)
+            errors.append(
+                SourceError(
+                    src.file, src.line_of(path), format_path(path), f"{value}: no such file"
+                )
+            )
+    if b.tls is not None and (b.tls.cert_file is None) != (b.tls.key_file is None):
+        path = ("broker", "tls")
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path),
+                format_path(path),
+                "cert_file and key_file go together: set both for a client certificate, or neither",
+            )
+        )
+    if errors:
+        return None
+    warnings = []
+    if tls is None and not _is_loopback(b.host):
+        warnings.append(
+            f"broker {b.host} is not on this machine and TLS is off: events and credentials "
+            "travel in plain text (add broker.tls)"
+        )
+    broker = BrokerPlan(
+        host=b.host,
+        port=b.port or (8883 if tls is not None else 1883),
+        client_id=b.client_id or f"shopfloor-{config.gateway.id}",
+        username=b.username,
+        password=b.password,
+        keepalive=b.keepalive,
+        tls=tls,
+        max_queue=b.max_queue,
+    )
+    return GatewayPlan(
+        source=src.file,
+        gateway_id=config.gateway.id,
+        site=config.gateway.site,
+        topic_prefix=config.gateway.topic_prefix,
+        broker=broker,
+        machines=tuple(machines),
+        log_level=config.logging.level,
+        log_format=config.logging.format,
+        warnings=tuple(warnings),
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")
+
+
+def _compile_machine(
+    config: Config,
+    m: MachineConfig,
+    base: Path_,
+    src: Located,
+    profiles: Mapping[str, _ProfileSource],
+    errors: list[SourceError],
+) -> MachinePlan | None:
+    n_errors = len(errors)
+    profile: _ProfileSource | None = None
+    if m.profile is not None:
+        profile = profiles.get(m.profile)
+        if profile is None:
+            known = ", ".join(sorted(profiles)) or "none"
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of((*base, "profile")),
+                    format_path((*base, "profile")),
+                    f"unknown profile {m.profile!r} (known: {known})",
+                )
+            )
+            return None
+    conn_raw = dict(m.connection)
+    protocol_name = conn_raw.get("protocol") or (profile.profile.protocol if profile else None)
+    if protocol_name is None:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of((*base, "connection")),
+                format_path((*base, "connection")),
+                f"protocol is missing: add 'protocol: {' or '.join(PROTOCOLS)}' or a profile",
+            )
+        )
+        return None
+    spec = PROTOCOLS.get(str(protocol_name))
+    if spec is None:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of((*base, "connection", "protocol")),
+                format_path((*base, "connection", "protocol")),
+                f"unknown protocol {protocol_name!r} (supported: {', '.join(PROTOCOLS)})",
+            )
+        )
+        return None
+    if profile is not None and profile.profile.protocol != spec.name:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of((*base, "connection", "protocol")),
+                format_path((*base, "connection", "protocol")),
+                f"profile {m.profile!r} is for {profile.profile.protocol}, "
+                f"the connection is {spec.name}",
+            )
+        )
+        return None
+    conn_raw["protocol"] = spec.name
+    connection = _validate(spec.connection_model, conn_raw, src, (*base, "connection"), errors)
+
+    # Merge signals: profile first, machine entries replace whole signals, null removes.
+    merged: dict[str, tuple[dict[str, Any] | None, Located, Path_]] = {}
+    if profile is not None:
+        for name, body in profile.profile.signals.items():
+            merged[name] = (body, profile.src, (*profile.base, "signals", name))
+    for name, body in m.signals.items():
+        merged[name] = (body, src, (*base, "signals", name))
+    signals: dict[str, SignalConfig] = {}
+    for name, (body, ssrc, spath) in merged.items():
+        if body is None:
+            continue
+        if not _SIGNAL_RE.match(name):
+            errors.append(
+                SourceError(
+                    ssrc.file,
+                    ssrc.line_of(spath),
+                    format_path(spath),
+                    "signal names are lower_snake_case (a-z, 0-9, _), starting with a letter",
+                )
+            )
+            continue
+        sig = _validate(spec.signal_model, body, ssrc, spath, errors)
+        if sig is None:
+            continue
+        problem = _check_canonical(name, sig)
+        if problem:
+            errors.append(SourceError(ssrc.file, ssrc.line_of(spath), format_path(spath), problem))
+            continue
+        signals[name] = sig
+    if not signals and len(errors) == n_errors:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(base),
+                format_path(base),
+                "no signals mapped: name a profile or add signals",
+            )
+        )
+    if connection is not None and signals and len(errors) == n_errors:
+        for problem in spec.check(connection, signals):
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of((*base, "signals")) or src.line_of(base),
+                    format_path((*base, "signals")),
+                    problem,
+                )
+            )
+    poll = m.poll_interval or (profile.profile.poll_interval if profile else None)
+    tracker = _tracker_settings(
+        config.tracker, profile.profile.tracker if profile else None, m.tracker
+    )
+    if len(errors) != n_errors or connection is None:
+        return None
+    return MachinePlan(
+        id=m.id,
+        location=Location(
+            site=m.site or config.gateway.site, area=m.area, line=m.line, machine=m.id
+        ),
+        protocol=spec,
+        profile=m.profile,
+        connection=connection,
+        signals=signals,
+        poll_interval=poll or DEFAULT_POLL_INTERVAL,
+        tracker=tracker,
+    )
+
+
+_STATES = [s.value for s in MachineState if s is not MachineState.OFFLINE]
+
+
+def _check_canonical(name: str, sig: SignalConfig) -> str | None:
+    if name == "state" and sig.map is not None:
+        bad = [v for v in sig.map.values() if v not in _STATES]
+        if bad:
+            return (
+                f"map values must be machine states ({', '.join(_STATES)}); "
+                f"not {', '.join(repr(b) for b in bad)}"
+            )
+        if sig.map_default is not None and sig.map_default not in _STATES:
+            return f"map_default must be a machine state ({', '.join(_STATES)})"
+    if name in CANONICAL_SIGNALS and name.endswith("_count") and sig.map is not None:
+        return "a counter cannot have a map; use scale/offset"
+    return None
+
+
+def _tracker_settings(*layers: TrackerConfig | None) -> TrackerSettings:
+    values: dict[str, Any] = {}
+    for layer in layers:
+        if layer is None:
+            continue
+        for key, value in layer.model_dump(exclude_none=True).items():
+            values[key] = value
+    if "counter_wrap" in values:
+        values["counter_wrap"] = 2 ** int(values["counter_wrap"])
+    return TrackerSettings(**values)
+
+
+def redacted(plan: GatewayPlan) -> dict[str, Any]:
+    """A summary of the plan safe to print or log: secrets are never included."""
+    b = plan.broker
+    return {
+        "gateway_id": plan.gateway_id,
+        "site": plan.site,
+        "topic_prefix": plan.topic_prefix,
+        "broker": {
+            "host": b.host,
+            "port": b.port,
+            "client_id": b.client_id,
+            "username": b.username,
+            "password": "***" if b.password is not None else None,
+            "tls": b.tls is not None,
+        },
+        "machines": [
+            {
+                "id": m.id,
+                "location": f"{m.location.site}/{m.location.area}/{m.location.line}",
+                "protocol": m.protocol.name,
+                "profile": m.profile,
+                "signals": sorted(m.signals),
+                "poll_interval": m.poll_interval,
+            }
+            for m in plan.machines
+        ],
+    }
