@@ -1,0 +1,1 @@
+"""Simulated machines for trying and testing the gateway without hardware."""

@@ -1,0 +1,293 @@
+"""Serve simulated sewing stations as Modbus TCP devices (the imperative shell).
+
+Every pymodbus call of the simulators lives here. One pymodbus TCP server per station
+serves the station's ``REGISTER_COUNT`` holding registers. Addresses outside the map answer
+ILLEGAL DATA ADDRESS; writes and the other register kinds answer ILLEGAL FUNCTION (the
+station is a read-only counter with holding registers only); an unknown unit id answers
+GATEWAY TARGET DEVICE FAILED TO RESPOND, as a Modbus gateway in front of an absent device
+would.
+
+One task advances every model in scenario time (wall time since start times ``speed``) each
+``tick`` and writes the registers that changed. A stopped station keeps producing in
+scenario time, exactly like a device whose network link is cut.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Self
+
+import structlog
+from pymodbus.constants import ExcCodes
+from pymodbus.server import ModbusTcpServer
+from pymodbus.simulator import DataType, SimData, SimDevice
+
+from simulators.sewing import REGISTER_COUNT, UNIT_ID, StationModel
+
+log = structlog.get_logger(__name__)
+
+_READ_HOLDING_REGISTERS = 3
+_WRITE_MULTIPLE_REGISTERS = 16
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a TCP port that was free on ``host`` a moment ago (bind to 0, read, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def _shutdown(server: ModbusTcpServer) -> None:
+    # pymodbus 3.16 leaves shutdown() unannotated; this is the one place that calls it.
+    await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+@dataclass(slots=True)
+class StationSpec:
+    """One simulated station: its name, TCP port, model and Modbus unit id."""
+
+    name: str
+    port: int
+    model: StationModel
+    unit_id: int = UNIT_ID
+
+    def __post_init__(self) -> None:
+        """Validate port and unit id."""
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"station {self.name}: port must be 1..65535, got {self.port}")
+        # Unit id 0 is the broadcast address and means "every device" to pymodbus' datastore.
+        if not 1 <= self.unit_id <= 247:
+            raise ValueError(f"station {self.name}: unit_id must be 1..247, got {self.unit_id}")
+
+
+@dataclass(slots=True)
+class _Station:
+    spec: StationSpec
+    server: ModbusTcpServer | None = None
+    written: list[int] = field(default_factory=list)
+    # True only while the floor itself writes registers; any other write is a client's.
+    updating: bool = False
+
+
+class SimulatedFloor:
+    """Async context manager running a set of simulated stations as Modbus TCP servers."""
+
+    def __init__(
+        self,
+        stations: Sequence[StationSpec],
+        *,
+        host: str = "127.0.0.1",
+        speed: float = 1.0,
+        tick: float = 0.05,
+    ) -> None:
+        """Check the set-up; nothing starts before ``async with``."""
+        if not math.isfinite(speed) or speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        if not math.isfinite(tick) or tick <= 0:
+            raise ValueError(f"tick must be > 0, got {tick!r}")
+        names = [spec.name for spec in stations]
+        ports = [spec.port for spec in stations]
+        if len(set(names)) != len(names):
+            raise ValueError(f"station names must be unique: {names}")
+        if len(set(ports)) != len(ports):
+            raise ValueError(f"station ports must be unique: {ports}")
+        self.stations: tuple[StationSpec, ...] = tuple(stations)
+        self.host = host
+        self.speed = speed
+        self.tick = tick
+        self._by_name = {spec.name: _Station(spec) for spec in self.stations}
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        """Start every station's server, then the tick task."""
+        try:
+            for station in self._by_name.values():
+                await self._start(station)
+        except BaseException:
+            await self._stop_all()
+            raise
+        self._check_finished()
+        # Scenario time starts now; models advanced before the floor started continue
+        # from where they are.
+        offsets = {name: st.spec.model.time for name, st in self._by_name.items()}
+        started = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._run(started, offsets), name="simulated-floor-tick")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the tick task first (nothing writes while servers close), then the servers."""
+        task, self._task = self._task, None
+        try:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task  # re-raises a failure of the tick task, after cleanup below
+        finally:
+            await self._stop_all()
+
+    async def stop_station(self, name: str) -> None:
+        """Close one station's listener and its client connections (the device goes dark)."""
+        station = self._station(name)
+        await self._stop(station)
+
+    async def start_station(self, name: str) -> None:
+        """Serve a stopped station again on its port, with its current registers."""
+        station = self._station(name)
+        if station.server is None:
+            await self._start(station)
+
+    def is_serving(self, name: str) -> bool:
+        """True while the named station's server is listening."""
+        return self._station(name).server is not None
+
+    async def wait_finished(self, timeout: float) -> None:  # noqa: ASYNC109 (agreed API)
+        """Return once every scripted station has run its script and its registers show it.
+
+        Stations on the endless generated day are not waited for. Raises ``TimeoutError``.
+        """
+        if self._task is None:
+            raise RuntimeError("the floor is not running; use it with 'async with'")
+        waiter = asyncio.create_task(self._finished.wait(), name="simulated-floor-wait")
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+        if not self._finished.is_set():
+            # The tick task ended first: surface its error instead of hanging.
+            self._task.result()
+            raise RuntimeError("the simulated floor stopped before the scenarios finished")
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _station(self, name: str) -> _Station:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise KeyError(f"no station named {name!r}; have {sorted(self._by_name)}") from None
+
+    async def _start(self, station: _Station) -> None:
+        spec = station.spec
+        registers = spec.model.registers()
+
+        async def guard(
+            function_code: int,
+            start_address: int,
+            address: int,
+            count: int,
+            current: list[int],
+            set_values: list[int] | list[bool] | None,
+        ) -> ExcCodes | None:
+            # pymodbus calls this for every access that passed the address check. Its
+            # datastore would also serve the block as coils and input registers; the
+            # device only has holding registers and only reads them.
+            if station.updating:
+                return None
+            if function_code != _READ_HOLDING_REGISTERS or set_values is not None:
+                return ExcCodes.ILLEGAL_FUNCTION
+            return None
+
+        async def absent(
+            function_code: int,
+            start_address: int,
+            address: int,
+            count: int,
+            current: list[int],
+            set_values: list[int] | list[bool] | None,
+        ) -> ExcCodes | None:
+            return ExcCodes.GATEWAY_NO_RESPONSE
+
+        def block() -> SimData:
+            return SimData(address=0, count=1, values=list(registers), datatype=DataType.REGISTERS)
+
+        devices = [
+            SimDevice(id=spec.unit_id, simdata=[block()], action=guard),
+            # Device id 0 is pymodbus' catch-all for unit ids nobody else claims.
+            SimDevice(id=0, simdata=[block()], action=absent),
+        ]
+        server = ModbusTcpServer(context=devices, address=(self.host, spec.port))
+        try:
+            await server.serve_forever(background=True)
+        except RuntimeError as exc:
+            await _shutdown(server)
+            raise OSError(
+                f"station {spec.name}: cannot listen on {self.host}:{spec.port} "
+                "(port in use or address not available)"
+            ) from exc
+        station.server = server
+        station.written = registers
+        log.info(
+            "station serving",
+            station=spec.name,
+            address=f"{self.host}:{spec.port}",
+            unit_id=spec.unit_id,
+        )
+
+    async def _stop(self, station: _Station) -> None:
+        server, station.server = station.server, None
+        if server is not None:
+            await _shutdown(server)
+            log.info(
+                "station stopped",
+                station=station.spec.name,
+                address=f"{self.host}:{station.spec.port}",
+            )
+
+    async def _stop_all(self) -> None:
+        for station in self._by_name.values():
+            await self._stop(station)
+
+    async def _run(self, started: float, offsets: dict[str, float]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = started
+        while True:
+            deadline += self.tick
+            now = loop.time()
+            if deadline < now:
+                # Skip ticks missed while the loop was busy; scenario time comes from the
+                # wall clock, so nothing is lost by skipping.
+                deadline = now
+            await asyncio.sleep(deadline - now)
+            elapsed = (loop.time() - started) * self.speed
+            for name, station in self._by_name.items():
+                station.spec.model.advance(offsets[name] + elapsed)
+                await self._write(station)
+            self._check_finished()
+
+    async def _write(self, station: _Station) -> None:
+        registers = station.spec.model.registers()
+        old = station.written
+        changed = [i for i in range(REGISTER_COUNT) if registers[i] != old[i]]
+        station.written = registers
+        if not changed or station.server is None:
+            return
+        first, last = changed[0], changed[-1]
+        station.updating = True
+        try:
+            # One write of the changed span: a client never sees half an update.
+            await station.server.async_setValues(
+                station.spec.unit_id, _WRITE_MULTIPLE_REGISTERS, first, registers[first : last + 1]
+            )
+        finally:
+            station.updating = False
+
+    def _check_finished(self) -> None:
+        if all(st.spec.model.finished for st in self._by_name.values() if st.spec.model.scripted):
+            self._finished.set()
