@@ -1,0 +1,662 @@
+"""MQTT publisher: an ordered, bounded, at-least-once send queue to one broker.
+
+One :class:`MqttPublisher` per destination broker. Producers call :meth:`submit`
+(non-blocking, never raises); :meth:`run` keeps a connection up and drains the queue;
+:meth:`close` flushes, publishes the offline status and disconnects.
+
+Delivery contract:
+
+* A message leaves the queue only after the broker acknowledged it (QoS 1: PUBACK;
+  QoS 0: once written). Order is kept; up to ``window`` publishes are in flight at once.
+  When the connection drops, un-acknowledged messages are sent again after the
+  reconnect, so duplicates are possible within the window (consumers deduplicate by
+  event id).
+* Retained messages coalesce: while a retained message for a topic is still queued and
+  unsent, a newer one for the same topic replaces it in place.
+* The queue is bounded by ``max_queue``: beyond it the oldest unsent non-retained QoS 0
+  message is dropped first, then the oldest unsent message; ``dropped`` counts them.
+* On every (re)connect the last will (status topic, ``will_payload``, retained, QoS 1) is
+  registered and ``online_payload`` is published retained before anything else.
+* Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
+  DISCONNECT, so the broker publishes the last will and the status does not stay online.
+
+The queue sits behind the small :class:`SendQueue` interface so a durable outbox can
+replace the in-memory one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import ssl
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+
+from gateway.backoff import Backoff
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT message to publish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for the broker connection; no CA file means the system trust store."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Everything one publisher needs to reach one broker."""
+
+    host: str
+    port: int = 1883
+    client_id: str = "shopfloor"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsSettings | None = None
+    keepalive: int = 30
+    status_topic: str = ""
+    online_payload: bytes = b""
+    will_payload: bytes = b""
+    offline_payload: bytes = b""
+    max_queue: int = 100_000
+    window: int = 100
+    connect_timeout: float = 5.0
+    backoff: Backoff = Backoff(base=0.5, cap=30.0)  # noqa: RUF009 - frozen, safe to share
+    #: MQTT protocol version; "5" works through aiomqtt but the contract targets 3.1.1.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    #: A PUBACK later than this means the link is stuck: reconnect and resend.
+    ack_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work, with a message naming the field."""
+        if not self.host:
+            raise ValueError("broker host must not be empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"broker port must be 1..65535, got {self.port}")
+        if self.window < 1:
+            raise ValueError(f"window must be >= 1, got {self.window}")
+        if self.max_queue < self.window:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= window ({self.window})")
+        if self.keepalive < 1:
+            raise ValueError(f"keepalive must be >= 1 s, got {self.keepalive}")
+        for name in ("connect_timeout", "ack_timeout"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.password is not None and self.username is None:
+            raise ValueError("a broker password needs a username")
+        if self.protocol not in ("3.1.1", "5"):
+            raise ValueError(f"protocol must be '3.1.1' or '5', got {self.protocol!r}")
+
+
+# --- the queue -------------------------------------------------------------------------
+
+
+class SendQueue(Protocol):
+    """Ordered store of messages waiting for a broker acknowledgement.
+
+    Keys are increasing integers in submission order. ``take`` hands out the oldest
+    unsent message and marks it in flight; ``ack`` removes it; ``requeue`` puts every
+    in-flight message back in front, in order, after a lost connection.
+    """
+
+    def push(self, msg: Message) -> int:
+        """Add a message; returns how many older messages were dropped to stay bounded."""
+        ...
+
+    def take(self) -> tuple[int, Message] | None:
+        """Oldest unsent message, now in flight; ``None`` when nothing is waiting."""
+        ...
+
+    def ack(self, key: int) -> None:
+        """Forget an in-flight message the broker acknowledged."""
+        ...
+
+    def requeue(self) -> None:
+        """Return all in-flight messages to the front of the queue, oldest first."""
+        ...
+
+    def oldest_key(self) -> int | None:
+        """Smallest key still held (sent or not), ``None`` when empty."""
+        ...
+
+    @property
+    def last_key(self) -> int:
+        """Key of the most recently pushed message (0 before the first)."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed out and not yet acknowledged."""
+        ...
+
+    def __len__(self) -> int:
+        """All messages held: unsent and in flight."""
+        ...
+
+
+class MemoryQueue:
+    """In-memory :class:`SendQueue` with retained-message coalescing and a bound."""
+
+    def __init__(self, max_len: int) -> None:
+        """A queue holding at most ``max_len`` messages (in flight ones included)."""
+        self._max = max_len
+        self._seq = 0
+        self._unsent: OrderedDict[int, Message] = OrderedDict()
+        self._inflight: dict[int, Message] = {}
+        # Unsent retained messages by topic, for coalescing.
+        self._retained: dict[str, int] = {}
+        # Unsent non-retained QoS 0 keys: the first to go when the queue is full.
+        self._expendable: OrderedDict[int, None] = OrderedDict()
+
+    def push(self, msg: Message) -> int:
+        """Add a message, coalescing an unsent retained one for the same topic."""
+        if msg.retain and (key := self._retained.get(msg.topic)) is not None:
+            # Same key, same position: the late joiner only needs the latest state.
+            self._unsent[key] = msg
+            self._seq += 1
+            return 0
+        self._seq += 1
+        key = self._seq
+        self._unsent[key] = msg
+        if msg.retain:
+            self._retained[msg.topic] = key
+        elif msg.qos == 0:
+            self._expendable[key] = None
+        dropped = 0
+        while len(self) > self._max and self._unsent:
+            if self._expendable:
+                victim, _ = self._expendable.popitem(last=False)
+            else:
+                victim = next(iter(self._unsent))
+            self._forget_unsent(victim)
+            dropped += 1
+        return dropped
+
+    def _forget_unsent(self, key: int) -> Message:
+        msg = self._unsent.pop(key)
+        self._expendable.pop(key, None)
+        if msg.retain and self._retained.get(msg.topic) == key:
+            del self._retained[msg.topic]
+        return msg
+
+    def take(self) -> tuple[int, Message] | None:
+        """Oldest unsent message, now in flight."""
+        if not self._unsent:
+            return None
+        key = next(iter(self._unsent))
+        msg = self._forget_unsent(key)
+        self._inflight[key] = msg
+        return key, msg
+
+    def ack(self, key: int) -> None:
+        """Forget an acknowledged message (unknown keys are ignored)."""
+        self._inflight.pop(key, None)
+
+    def requeue(self) -> None:
+        """Put in-flight messages back in front; drop those a newer retained one replaced."""
+        for key in sorted(self._inflight, reverse=True):
+            msg = self._inflight.pop(key)
+            if msg.retain:
+                if msg.topic in self._retained:
+                    continue  # a newer retained message for this topic is queued
+                self._retained[msg.topic] = key
+            elif msg.qos == 0:
+                self._expendable[key] = None
+                self._expendable.move_to_end(key, last=False)
+            self._unsent[key] = msg
+            self._unsent.move_to_end(key, last=False)
+
+    def oldest_key(self) -> int | None:
+        """Smallest key still held."""
+        candidates = []
+        if self._unsent:
+            candidates.append(next(iter(self._unsent)))
+        if self._inflight:
+            candidates.append(min(self._inflight))
+        return min(candidates) if candidates else None
+
+    @property
+    def last_key(self) -> int:
+        """Key of the most recently pushed message."""
+        return self._seq
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed out and not yet acknowledged."""
+        return len(self._inflight)
+
+    def __len__(self) -> int:
+        """All messages held."""
+        return len(self._unsent) + len(self._inflight)
+
+
+# --- the publisher ---------------------------------------------------------------------
+
+
+class _LinkLost(Exception):
+    """The broker connection broke (internal: caught by the reconnect loop)."""
+
+
+class _StopRequested(Exception):
+    """close() asked the connection to wind down (internal)."""
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """An SSL context for the broker connection; ``ValueError`` for unusable files."""
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS files for the broker connection: {exc}") from None
+    if tls.key_file and not tls.cert_file:
+        raise ValueError("TLS key_file given without cert_file")
+    ctx.check_hostname = tls.verify_hostname
+    return ctx
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt client that skips write registration for a socket paho already closed.
+
+    aiomqtt 2.5 registers the writer through ``call_soon_threadsafe``; when the broker
+    goes away, paho can close the socket before that callback runs, and asyncio then
+    logs a traceback for the stale descriptor (or, if the number was reused, steals
+    the writer of the next connection).
+    """
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        fileno = sock.fileno()
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                # Same as aiomqtt: a failed write means the connection broke.
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            if client.socket() is sock:
+                self._loop.add_writer(fileno, write)
+
+        self._loop.call_soon_threadsafe(register)
+
+
+class MqttPublisher:
+    """Keeps one broker connection up and sends submitted messages in order."""
+
+    def __init__(
+        self, settings: BrokerSettings, *, name: str = "default", queue: SendQueue | None = None
+    ) -> None:
+        """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
+        self._s = settings
+        self._name = name
+        self._queue: SendQueue = queue if queue is not None else MemoryQueue(settings.max_queue)
+        self._tls = tls_context(settings.tls) if settings.tls is not None else None
+        self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._connected = False
+        self._running = False
+        self._closed = False
+        self._dropped = 0
+        self._overflowing = False
+        self._episode_dropped = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # -- public state --
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and the online status is published."""
+        return self._connected
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet acknowledged."""
+        return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the queue was full (or invalid)."""
+        return self._dropped
+
+    # -- producer side --
+
+    def submit(self, msg: Message) -> None:
+        """Queue a message for sending; never blocks, never raises.
+
+        Call it from the event loop's thread (the queue is not thread-safe).
+        """
+        try:
+            if not msg.topic or msg.qos not in (0, 1, 2) or "+" in msg.topic or "#" in msg.topic:
+                self._dropped += 1
+                self._log.error("mqtt.invalid_message", topic=msg.topic, qos=msg.qos)
+                return
+            dropped = self._queue.push(msg)
+        except Exception:
+            # A broken queue implementation must not take the producer down with it.
+            self._dropped += 1
+            self._log.exception("mqtt.submit_failed", topic=getattr(msg, "topic", None))
+            return
+        if dropped:
+            self._note_dropped(dropped)
+            self._progress()
+        self._wake.set()
+
+    def _note_dropped(self, n: int) -> None:
+        self._dropped += n
+        self._episode_dropped += n
+        if not self._overflowing:
+            self._overflowing = True
+            self._log.warning(
+                "mqtt.queue_overflow",
+                max_queue=self._s.max_queue,
+                pending=len(self._queue),
+                dropped_now=n,
+                dropped_total=self._dropped,
+            )
+
+    def _check_overflow_end(self) -> None:
+        # Hysteresis: the episode ends once the queue is down to half, so a queue
+        # hovering at the bound does not log a warning per message.
+        if self._overflowing and len(self._queue) <= self._s.max_queue // 2:
+            self._log.info(
+                "mqtt.queue_overflow_ended",
+                dropped=self._episode_dropped,
+                dropped_total=self._dropped,
+            )
+            self._overflowing = False
+            self._episode_dropped = 0
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
+        """Wait until everything submitted so far is acknowledged; False on timeout."""
+        target = self._queue.last_key
+        oldest = self._queue.oldest_key()
+        if oldest is None or oldest > target:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, fut)
+        self._flush_waiters.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._flush_waiters.remove(entry)
+
+    def _progress(self) -> None:
+        self._wake.set()
+        self._check_overflow_end()
+        if self._flush_waiters:
+            oldest = self._queue.oldest_key()
+            for target, fut in self._flush_waiters:
+                if (oldest is None or oldest > target) and not fut.done():
+                    fut.set_result(None)
+
+    # -- lifecycle --
+
+    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - grace period
+        """Flush what can be flushed, publish the offline status, disconnect cleanly."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._running:
+            # Keep a slice of the budget for the offline status and the DISCONNECT. With
+            # the broker unreachable there is nothing to wait for: what is pending stays
+            # pending (the durable outbox keeps it for the next start).
+            if self._connected and not await self.flush(timeout * 0.7):
+                self._log.warning("mqtt.close_unflushed", pending=self.pending)
+            self._stop.set()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._finished.wait()
+            except TimeoutError:
+                self._log.warning("mqtt.close_timeout", pending=self.pending)
+        self._stop.set()
+        self._log.info("mqtt.closed", pending=self.pending, dropped=self._dropped)
+
+    async def run(self) -> None:
+        """Connect, reconnect and send the queue until cancelled or closed."""
+        if self._running:
+            raise RuntimeError(f"publisher {self._name} is already running")
+        self._running = True
+        self._finished.clear()
+        loop = asyncio.get_running_loop()
+        attempts = 0
+        outage_since: float | None = None
+        try:
+            while not self._stop.is_set():
+                client = self._make_client()
+                try:
+                    await self._connect(client)
+                except Exception as exc:  # any failure to connect is one more attempt
+                    attempts += 1
+                    if outage_since is None:
+                        outage_since = loop.time()
+                        self._log.warning(
+                            "mqtt.broker_unreachable", error=_describe(exc), attempt=attempts
+                        )
+                    else:
+                        self._log.debug(
+                            "mqtt.broker_unreachable", error=_describe(exc), attempt=attempts
+                        )
+                    await self._pause(self._s.backoff.delay(attempts - 1))
+                    continue
+                if outage_since is not None:
+                    self._log.info(
+                        "mqtt.broker_reconnected",
+                        outage_s=round(loop.time() - outage_since, 3),
+                        attempts=attempts,
+                        pending=self.pending,
+                    )
+                else:
+                    self._log.info("mqtt.broker_connected", pending=self.pending)
+                connected_at = loop.time()
+                outage_since = None
+                lost = await self._serve(client)
+                if lost is None:
+                    return  # closed cleanly
+                # A link that dies right after connecting keeps the attempt count, so a
+                # flapping broker meets a growing backoff rather than a reconnect storm.
+                if loop.time() - connected_at > self._s.backoff.cap:
+                    attempts = 0
+                attempts += 1
+                outage_since = loop.time()
+                self._log.warning("mqtt.broker_connection_lost", error=lost, pending=self.pending)
+                await self._pause(self._s.backoff.delay(attempts - 1))
+        finally:
+            self._connected = False
+            self._running = False
+            self._queue.requeue()
+            self._finished.set()
+
+    # -- connection internals --
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self._s
+        will = None
+        if s.status_topic:
+            will = aiomqtt.Will(s.status_topic, s.will_payload, qos=1, retain=True)
+        v5 = s.protocol == "5"
+        client = _Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            # The queue is ours: a fresh session each time, everything un-acked is resent.
+            clean_session=None if v5 else True,
+            keepalive=s.keepalive,
+            timeout=s.connect_timeout,
+            tls_context=self._tls,
+            max_inflight_messages=s.window,
+            # Small MQTT packets must not wait for Nagle's algorithm or delayed ACKs.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        # aiomqtt warns per publish above 10 pending calls; the window is deliberate.
+        client.pending_calls_threshold = s.window + 10
+        # paho's blocking connect() runs in a thread; bound it the same way.
+        client._client.connect_timeout = s.connect_timeout
+        return client
+
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        s = self._s
+        try:
+            # TCP connect and CONNACK are bounded by connect_timeout each; this is a guard.
+            async with asyncio.timeout(2 * s.connect_timeout + 1):
+                await client.__aenter__()
+        except BaseException:
+            _drop_socket(client)
+            raise
+        try:
+            if s.status_topic:
+                async with asyncio.timeout(s.ack_timeout):
+                    await client.publish(
+                        s.status_topic, s.online_payload, qos=1, retain=True, timeout=math.inf
+                    )
+        except BaseException:
+            _drop_socket(client)
+            raise
+
+    async def _serve(self, client: aiomqtt.Client) -> str | None:
+        """Send until the link breaks (returns why) or close() stops it (returns None)."""
+        self._connected = True
+        reason: str | None = None
+        try:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch(client), name=f"mqtt-watch[{self._name}]")
+                    tg.create_task(self._pump(client, tg), name=f"mqtt-pump[{self._name}]")
+                    tg.create_task(self._await_stop(), name=f"mqtt-stop[{self._name}]")
+            except* _StopRequested:
+                pass
+            except* (_LinkLost, aiomqtt.MqttError, OSError) as group:
+                reason = "; ".join(_describe(e) for e in group.exceptions)
+            except* Exception as group:
+                # A bug must not end publishing for good: log it and reconnect.
+                self._log.error("mqtt.publisher_error", exc_info=group)
+                reason = "internal error"
+        except asyncio.CancelledError:
+            # Cancelled without close(): skip the DISCONNECT so the broker sends the will.
+            _drop_socket(client)
+            raise
+        finally:
+            self._connected = False
+            self._queue.requeue()
+        if reason is not None:
+            _drop_socket(client)
+            return reason
+        await self._say_goodbye(client)
+        return None
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        s = self._s
+        offline_sent = not s.status_topic
+        try:
+            if s.status_topic:
+                async with asyncio.timeout(max(s.connect_timeout, 1.0)):
+                    await client.publish(
+                        s.status_topic, s.offline_payload, qos=1, retain=True, timeout=math.inf
+                    )
+                offline_sent = True
+            async with asyncio.timeout(s.connect_timeout):
+                await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            self._log.warning("mqtt.goodbye_failed", error=_describe(exc))
+            _drop_socket(client)
+        if not offline_sent:
+            # Dropped without DISCONNECT above: the broker publishes the will instead.
+            self._log.info("mqtt.offline_via_will")
+
+    async def _await_stop(self) -> None:
+        await self._stop.wait()
+        raise _StopRequested
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        # We subscribe to nothing: the iterator only ends, with MqttError, when the
+        # connection drops, which is the one public disconnect signal aiomqtt 2 offers.
+        async for _ in client.messages:
+            pass
+        raise _LinkLost("message stream ended")
+
+    async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+        window = self._s.window
+        while True:
+            if self._queue.in_flight < window and (item := self._queue.take()) is not None:
+                key, msg = item
+                # Tasks start in creation order, so paho writes the packets in queue order.
+                tg.create_task(self._send(client, key, msg))
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def _send(self, client: aiomqtt.Client, key: int, msg: Message) -> None:
+        try:
+            async with asyncio.timeout(self._s.ack_timeout):
+                await client.publish(
+                    msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=math.inf
+                )
+        except TimeoutError:
+            raise _LinkLost(f"no acknowledgement within {self._s.ack_timeout} s") from None
+        except aiomqtt.MqttError as exc:
+            raise _LinkLost(_describe(exc)) from exc
+        self._queue.ack(key)
+        self._progress()
+
+    async def _pause(self, seconds: float) -> None:
+        # Interruptible by close(): a publisher waiting for a dead broker stops at once.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _drop_socket(client: aiomqtt.Client) -> None:
+    """Close the client's socket without an MQTT DISCONNECT.
+
+    aiomqtt 2 has no abort: its exit sends DISCONNECT (which discards the last will) and
+    waits for the broker, and after a failed connect it leaves the socket open. paho's
+    ``_sock_close`` also unregisters aiomqtt's reader and stops its timer task.
+    """
+    inner: paho.Client = client._client
+    with contextlib.suppress(Exception):
+        inner._sock_close()
+    # Mark a disconnect error as seen, or asyncio logs "exception was never retrieved".
+    gone = client._disconnected
+    if gone.done() and not gone.cancelled():
+        gone.exception()
