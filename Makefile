@@ -26,7 +26,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff format --check gateway adapters simulators tests bench
 
 typecheck: $(VENV)/.installed-test
-	$(BIN)/mypy gateway adapters
+	$(BIN)/mypy gateway adapters simulators
 
 check-config: $(VENV)/.installed-demo
 	$(BIN)/shopfloor check -c config/example.yaml

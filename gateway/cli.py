@@ -57,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     watch.add_arguments(sub.add_parser("watch", help="live view of a broker's shop floor"))
 
+    from gateway import schema
+
+    schema.add_arguments(sub.add_parser("schema", help="print or write the MQTT contract"))
+
     p = sub.add_parser("demo", help="simulated shop floor + broker + gateway + live view")
     p.add_argument(
         "-c", "--config", help="demo config (default: config/demo.yaml; ports come from it)"
@@ -77,6 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "simulate": cmd_simulate,
         "watch": cmd_watch,
         "demo": cmd_demo,
+        "schema": cmd_schema,
     }[args.command]
     try:
         return command(args)
@@ -218,3 +223,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with log_path.open("a", encoding="utf-8") as log_stream:
         logs.configure("info", json=True, stream=log_stream)
         return run_async(lambda stop: demo.run(args, stop, log_path))
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    """``shopfloor schema``: JSON Schemas and the AsyncAPI document of the MQTT contract."""
+    from gateway import schema
+
+    return schema.run(args)

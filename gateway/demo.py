@@ -1,0 +1,122 @@
+"""``shopfloor demo``: a simulated shop floor, a broker, the gateway and the live view.
+
+Everything runs in one process and one event loop, so Ctrl-C stops all of it in order and
+leaves no process behind: the live view first, then the gateway (which publishes its
+offline status), then the simulated stations, then the broker. The gateway's logs go to a
+file so the terminal belongs to the live view.
+
+The live view is the same consumer a platform would write (:mod:`gateway.watch`): it sees
+only what the MQTT topics carry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import socket
+import sys
+from pathlib import Path
+
+import structlog
+
+from gateway.broker import BrokerStartError, EmbeddedBroker
+from gateway.config import BUILTIN_PROFILE_DIR, ConfigError, GatewayPlan, load_config
+from gateway.runtime import Gateway
+
+log = structlog.get_logger(__name__)
+
+DEMO_CONFIG = BUILTIN_PROFILE_DIR.parent / "demo.yaml"
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
+    out = [("broker", plan.broker.host, plan.broker.port)]
+    for m in plan.machines:
+        conn = m.connection
+        out.append((m.id, str(getattr(conn, "host", "")), int(getattr(conn, "port", 0))))
+    return out
+
+
+async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> int:
+    """Run the demo until ``stop`` is set (Ctrl-C) or ``--duration`` passed."""
+    from gateway import watch
+    from simulators.modbus_server import SimulatedFloor, StationSpec
+    from simulators.sewing import StationModel
+
+    config_path = Path(getattr(args, "config", None) or DEMO_CONFIG)
+    try:
+        plan = load_config(config_path, env={})
+    except ConfigError as exc:
+        _say(f"demo config {config_path} is broken:\n{exc}")
+        return 2
+    busy = [(name, h, p) for name, h, p in _ports(plan) if not _port_free(h, p)]
+    if busy:
+        for name, h, p in busy:
+            _say(f"port {h}:{p} for {name} is in use; is another demo running? (stop it first)")
+        return 1
+
+    stations = [
+        StationSpec(
+            name=m.id,
+            port=int(getattr(m.connection, "port", 0)),
+            model=StationModel(None, seed=args.seed, name=m.id),
+        )
+        for m in plan.machines
+    ]
+    b = plan.broker
+    prefix = plan.topic_prefix
+    try:
+        async with (
+            EmbeddedBroker(b.host, b.port) as broker,
+            SimulatedFloor(stations, host="127.0.0.1", speed=args.speed),
+        ):
+            gateway_stop = asyncio.Event()
+            gateway = Gateway(plan)
+            gateway_task = asyncio.create_task(gateway.run(gateway_stop), name="gateway")
+            header = (
+                f"Shopfloor Gateway demo: {len(stations)} simulated sewing stations, "
+                f"{broker.kind} broker on {b.host}:{b.port}. Ctrl-C stops everything.\n"
+                f"Subscribe yourself: mosquitto_sub -h {b.host} -p {b.port} -t "
+                f"'{prefix}/#' -v    Gateway logs: {log_path}"
+            )
+            view_task = asyncio.create_task(
+                watch.watch(b.host, b.port, prefix, header=header), name="watch"
+            )
+            waiters = {asyncio.create_task(stop.wait()), view_task, gateway_task}
+            if args.duration > 0:
+                waiters.add(asyncio.create_task(asyncio.sleep(args.duration)))
+            done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                if task is not gateway_task:
+                    task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await view_task
+            gateway_stop.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gateway_task
+            for task in done:
+                if not task.cancelled() and task.exception() is not None:
+                    log.error("demo part failed", task=task.get_name(), error=str(task.exception()))
+        _say(
+            f"\nDemo stopped: {gateway.events_emitted} events published by the gateway. "
+            f"Logs: {log_path}"
+        )
+        return 0
+    except BrokerStartError as exc:
+        _say(f"could not start the demo broker: {exc}")
+        return 1

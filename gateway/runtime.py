@@ -1,0 +1,290 @@
+"""The imperative shell: wires adapters, mapping, trackers and the publisher together.
+
+Task layout (one root ``asyncio.TaskGroup``)::
+
+    publisher[default]   connect / reconnect / send the queue
+    device[<id>]         one supervisor per machine: connect, read, map, track, emit
+    ticker               time-driven tracker work (progress interval, ETA) once a second
+
+Device supervisors never let an ordinary exception escape (a TaskGroup would cancel all
+siblings): the first failure of an episode is logged at warning, repeats at debug, the
+recovery at info with the episode's length and attempts; reconnects back off with full
+jitter. A slow or dead device never delays another: each has its own task, connection and
+timeouts.
+
+Shutdown order (SIGTERM/SIGINT): stop the devices first, let the trackers emit what they
+have, then give the publisher a grace period to flush and publish the offline status.
+Whatever the broker did not acknowledge by then is lost in this version (in memory only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import structlog
+
+from adapters.base import AdapterError, ConnectError, ConnectionLost
+from gateway import __version__
+from gateway.backoff import Backoff
+from gateway.config import GatewayPlan, MachinePlan
+from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
+from gateway.mapping import Mapper
+from gateway.model import Event, Sample
+from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
+from gateway.tracker import MachineTracker
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass(slots=True)
+class _Episode:
+    """Bookkeeping for 'log once per outage'."""
+
+    failing_since: float | None = None
+    attempts: int = 0
+    last_reason: str = ""
+
+
+@dataclass(slots=True)
+class DeviceStatus:
+    """What the runtime knows about one device, for health output and tests."""
+
+    connected: bool = False
+    polls: int = 0
+    read_errors: int = 0
+    last_sample_at: float | None = None
+
+
+@dataclass(slots=True)
+class _Machine:
+    plan: MachinePlan
+    tracker: MachineTracker
+    mapper: Mapper
+    status: DeviceStatus = field(default_factory=DeviceStatus)
+    problems_logged: set[str] = field(default_factory=set)
+
+
+def broker_settings(plan: GatewayPlan, topics: Topics, started_at: float) -> BrokerSettings:
+    """Translate the broker part of a plan into publisher settings."""
+    b = plan.broker
+    tls = (
+        TlsSettings(
+            ca_file=b.tls.ca_file,
+            cert_file=b.tls.cert_file,
+            key_file=b.tls.key_file,
+            verify_hostname=b.tls.verify_hostname,
+        )
+        if b.tls is not None
+        else None
+    )
+
+    def status(state: str, reason: str | None) -> bytes:
+        return encode_status(
+            state,  # type: ignore[arg-type]
+            gateway_id=plan.gateway_id,
+            version=__version__,
+            started_at=started_at,
+            now=started_at,
+            reason=reason,
+        )
+
+    return BrokerSettings(
+        host=b.host,
+        port=b.port,
+        client_id=b.client_id,
+        username=b.username,
+        password=b.password.get_secret_value() if b.password is not None else None,
+        tls=tls,
+        keepalive=b.keepalive,
+        status_topic=topics.status(),
+        online_payload=status("online", None),
+        will_payload=status("offline", "connection lost"),
+        offline_payload=status("offline", "shutdown"),
+        max_queue=b.max_queue,
+    )
+
+
+class Gateway:
+    """The running daemon for one compiled config."""
+
+    def __init__(
+        self,
+        plan: GatewayPlan,
+        *,
+        clock: Clock = time.time,
+        backoff: Backoff | None = None,
+        shutdown_grace: float = 3.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.plan = plan
+        self._clock = clock
+        self._backoff = backoff or Backoff(base=0.5, cap=30.0)
+        self._grace = shutdown_grace
+        self._rng = rng or random.Random()
+        self.topics = Topics(prefix=plan.topic_prefix, site=plan.site, gateway_id=plan.gateway_id)
+        self.started_at = clock()
+        self.publisher = MqttPublisher(broker_settings(plan, self.topics, self.started_at))
+        self.machines: dict[str, _Machine] = {
+            m.id: _Machine(m, MachineTracker(m.id, m.tracker), Mapper(m.signals))
+            for m in plan.machines
+        }
+        self.events_emitted = 0
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then shut down in order."""
+        log.info(
+            "gateway.starting",
+            gateway_id=self.plan.gateway_id,
+            version=__version__,
+            machines=len(self.machines),
+            broker=f"{self.plan.broker.host}:{self.plan.broker.port}",
+        )
+        for warning in self.plan.warnings:
+            log.warning("config.insecure", detail=warning)
+        publisher_task = asyncio.create_task(self.publisher.run(), name="publisher[default]")
+        try:
+            async with asyncio.TaskGroup() as tg:
+                device_tasks = [
+                    tg.create_task(self._supervise(m), name=f"device[{m.plan.id}]")
+                    for m in self.machines.values()
+                ]
+                ticker = tg.create_task(self._tick(), name="ticker")
+                await stop.wait()
+                log.info("gateway.stopping")
+                for t in device_tasks:
+                    t.cancel()
+                ticker.cancel()
+        finally:
+            # Devices are stopped; what the trackers emitted is queued. Give the publisher
+            # a bounded grace period, then stop it whatever the broker does.
+            for m in self.machines.values():
+                if m.status.connected:
+                    m.status.connected = False
+            try:
+                await self.publisher.close(timeout=self._grace)
+            finally:
+                publisher_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await publisher_task
+            log.info(
+                "gateway.stopped",
+                events=self.events_emitted,
+                unsent=self.publisher.pending,
+            )
+
+    async def _tick(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = self._clock()
+            for m in self.machines.values():
+                self._emit(m, m.tracker.tick(now))
+
+    async def _supervise(self, m: _Machine) -> None:
+        plan = m.plan
+        episode = _Episode()
+        # Spread the first polls of many devices over one interval so a hundred devices
+        # do not hit the network in lockstep; stable per machine id.
+        offset = (zlib.crc32(plan.id.encode()) % 1000) / 1000 * min(plan.poll_interval, 1.0)
+        bound = log.bind(machine=plan.id)
+        # One adapter for the machine's lifetime, re-entered on every reconnect: it keeps
+        # what it learned about the device (e.g. blocks the device refused to read whole).
+        adapter = plan.protocol.create(
+            plan.id, plan.connection, plan.signals, plan.poll_interval, offset
+        )
+        while True:
+            try:
+                async with adapter:
+                    answered = False
+                    async for batch in adapter.samples():
+                        if not answered:
+                            # Connected means "answers", not "accepts TCP": a hung PLC
+                            # that takes the connection but never replies stays offline
+                            # instead of flapping on every reconnect.
+                            answered = True
+                            self._connected(m, True, "connected")
+                            if episode.failing_since is not None:
+                                bound.info(
+                                    "device.reachable",
+                                    outage_s=round(self._clock() - episode.failing_since, 1),
+                                    attempts=episode.attempts,
+                                )
+                            episode = _Episode()
+                        self._on_batch(m, batch)
+                raise ConnectionLost("the adapter stopped yielding samples")
+            except asyncio.CancelledError:
+                raise
+            except (ConnectError, ConnectionLost) as exc:
+                reason = str(exc) or type(exc).__name__
+            except AdapterError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # a bug must not take the other devices down
+                reason = f"unexpected {type(exc).__name__}: {exc}"
+                bound.exception("device.task_failed", error=reason)
+            m.status.read_errors += 1
+            self._connected(m, False, reason)
+            if episode.failing_since is None:
+                episode.failing_since = self._clock()
+                bound.warning("device.unreachable", error=reason)
+            else:
+                bound.debug("device.still_unreachable", error=reason, attempts=episode.attempts)
+            delay = self._backoff.delay(episode.attempts, self._rng)
+            episode.attempts += 1
+            await asyncio.sleep(delay)
+
+    def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
+        m.status.connected = connected
+        self._emit(m, m.tracker.connection(connected, self._clock(), reason))
+
+    def _on_batch(self, m: _Machine, batch: Sequence[Sample]) -> None:
+        m.status.polls += 1
+        now = self._clock()
+        m.status.last_sample_at = now
+        mapped, problems = m.mapper.apply(batch)
+        for p in problems:
+            # Once per signal until it maps cleanly again: a wrong map would otherwise log
+            # every poll.
+            if p.signal not in m.problems_logged:
+                m.problems_logged.add(p.signal)
+                log.warning(
+                    "device.value_rejected",
+                    machine=m.plan.id,
+                    signal=p.signal,
+                    value=repr(p.value),
+                    reason=p.reason,
+                )
+        if m.problems_logged:
+            bad = {p.signal for p in problems}
+            for signal in list(m.problems_logged - bad):
+                m.problems_logged.discard(signal)
+                log.info("device.value_accepted", machine=m.plan.id, signal=signal)
+        self._emit(m, m.tracker.observe(mapped, now))
+
+    def _emit(self, m: _Machine, events: Sequence[Event]) -> None:
+        if not events:
+            return
+        loc = m.plan.location
+        for event in events:
+            event_id = new_event_id(event.time, self._rng.getrandbits(74))
+            payload = encode_event(event, loc, gateway_id=self.plan.gateway_id, event_id=event_id)
+            self.publisher.submit(Message(self.topics.event(loc, event.type), payload, 1, False))
+            self.events_emitted += 1
+            log.debug(
+                "event.emitted",
+                machine=m.plan.id,
+                type=event.type,
+                sequence=event.sequence,
+                order_id=event.data.get("order_id"),
+            )
+        snapshot = m.tracker.snapshot()
+        state = encode_state(snapshot, loc, gateway_id=self.plan.gateway_id, now=events[-1].time)
+        self.publisher.submit(Message(self.topics.state(loc), state, 1, True))
