@@ -192,6 +192,9 @@ class EmbeddedBroker:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=out,
                 stderr=asyncio.subprocess.STDOUT,
+                # Its own session: Ctrl-C in the terminal reaches only the demo, which then
+                # stops the broker last, after the gateway said goodbye through it.
+                start_new_session=True,
             )
         await self._wait_ready()
 

@@ -124,6 +124,10 @@ class TrackerConfig(_Model):
     )
     scrap_source: Literal["counter", "total_minus_good", "none"] | None = None
     complete_on_target: bool | None = None
+    #: Which order source wins when the device and the platform both name one.
+    order_source: Literal["device", "platform", "device_then_platform"] | None = None
+    #: Seconds of production history needed before a rate (and so an ETA) is given.
+    rate_min_span: float | None = Field(default=None, ge=0, le=86_400)
 
 
 class LoggingConfig(_Model):
