@@ -22,8 +22,8 @@ integration: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check gateway adapters simulators tests bench
-	$(BIN)/ruff format --check gateway adapters simulators tests bench
+	$(BIN)/ruff check gateway adapters simulators tests $(wildcard bench)
+	$(BIN)/ruff format --check gateway adapters simulators tests $(wildcard bench)
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy gateway adapters simulators
