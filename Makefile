@@ -49,7 +49,7 @@ $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -q -e '.[demo,test]'
+	$(PIP) install -q -e '.[demo,influxdb,test]'
 	@touch $@ $(VENV)/.installed-demo
 
 # The integration tests run a real Mosquitto broker (Debian package `mosquitto`).
