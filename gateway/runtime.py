@@ -32,12 +32,13 @@ import structlog
 from adapters.base import AdapterError, ConnectError, ConnectionLost
 from gateway import __version__
 from gateway.backoff import Backoff
+from gateway.commands import Command, CommandListener
 from gateway.config import GatewayPlan, MachinePlan
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.mapping import Mapper
 from gateway.model import Event, Sample
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
-from gateway.tracker import MachineTracker
+from gateway.tracker import CommandResult, MachineTracker
 
 log = structlog.get_logger(__name__)
 
@@ -131,12 +132,20 @@ class Gateway:
         self._rng = rng or random.Random()
         self.topics = Topics(prefix=plan.topic_prefix, site=plan.site, gateway_id=plan.gateway_id)
         self.started_at = clock()
-        self.publisher = MqttPublisher(broker_settings(plan, self.topics, self.started_at))
+        settings = broker_settings(plan, self.topics, self.started_at)
+        self.publisher = MqttPublisher(settings)
         self.machines: dict[str, _Machine] = {
             m.id: _Machine(m, MachineTracker(m.id, m.tracker), Mapper(m.signals))
             for m in plan.machines
         }
         self.events_emitted = 0
+        self.commands = CommandListener(
+            settings,
+            self.topics,
+            {m.id: m.location for m in plan.machines},
+            self,
+            clock=clock,
+        )
 
     # ------------------------------------------------------------------ running
 
@@ -159,8 +168,11 @@ class Gateway:
                     for m in self.machines.values()
                 ]
                 ticker = tg.create_task(self._tick(), name="ticker")
+                listener = tg.create_task(self.commands.run(), name="commands")
                 await stop.wait()
                 log.info("gateway.stopping")
+                # Stop taking orders first, then stop the devices.
+                listener.cancel()
                 for t in device_tasks:
                     t.cancel()
                 ticker.cancel()
@@ -240,6 +252,13 @@ class Gateway:
             delay = self._backoff.delay(episode.attempts, self._rng)
             episode.attempts += 1
             await asyncio.sleep(delay)
+
+    def apply_command(self, machine: str, command: Command, now: float) -> CommandResult:
+        """Run a platform command on a machine's tracker and publish what it caused."""
+        m = self.machines[machine]
+        result, events = m.tracker.command(command, now)
+        self._emit(m, events)
+        return result
 
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected

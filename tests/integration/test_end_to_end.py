@@ -22,6 +22,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Changeover, Fault, Idle, RunOrder, Step, Stop
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
+from tests.contract_check import assert_valid
 
 PREFIX = "e2e"
 SITE = "plant-1"
@@ -180,6 +181,9 @@ async def test_scripted_floor_end_to_end(mosquitto: MosquittoBroker, tmp_path: P
 
         await sub.wait_for(all_idle, timeout=10)
         received = list(sub.messages)
+
+        # ---- every message follows the published contract (docs/contract/*.json)
+        assert assert_valid(received) > 50
 
         # ---- the event stream, per machine
         evs = events(received)
