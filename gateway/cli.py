@@ -164,7 +164,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from gateway.runtime import Gateway
 
     async def go(stop: asyncio.Event) -> int:
-        await Gateway(plan).run(stop)
+        gateway = Gateway(plan)
+        with contextlib.suppress(NotImplementedError):
+            # SIGHUP (and `systemctl reload`) re-reads the config file.
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.request_reload)
+        await gateway.run(stop)
         return EXIT_OK
 
     return run_async(go)

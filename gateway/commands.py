@@ -196,7 +196,8 @@ class CommandListener:
     ) -> None:
         self._s = settings
         self._topics = topics
-        self._machines = dict(machines)
+        # The runtime's own mapping, not a copy: a config reload adds and removes machines.
+        self._machines = machines
         self._target = target
         self._bucket = TokenBucket(rate, burst)
         self._clock = clock

@@ -25,7 +25,7 @@ import random
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import structlog
 
@@ -33,10 +33,10 @@ from adapters.base import AdapterError, ConnectError, ConnectionLost
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.commands import Command, CommandListener
-from gateway.config import GatewayPlan, MachinePlan
+from gateway.config import ConfigError, GatewayPlan, MachinePlan, load_config
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.mapping import Mapper
-from gateway.model import Event, Sample
+from gateway.model import Event, Location, Sample
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.tracker import CommandResult, MachineTracker
 
@@ -139,13 +139,12 @@ class Gateway:
             for m in plan.machines
         }
         self.events_emitted = 0
-        self.commands = CommandListener(
-            settings,
-            self.topics,
-            {m.id: m.location for m in plan.machines},
-            self,
-            clock=clock,
-        )
+        #: Where each machine lives; shared with the command listener and kept current.
+        self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
+        self.commands = CommandListener(settings, self.topics, self.locations, self, clock=clock)
+        self._tg: asyncio.TaskGroup | None = None
+        self._device_tasks: dict[str, asyncio.Task[None]] = {}
+        self._reload_requested = asyncio.Event()
 
     # ------------------------------------------------------------------ running
 
@@ -163,17 +162,18 @@ class Gateway:
         publisher_task = asyncio.create_task(self.publisher.run(), name="publisher[default]")
         try:
             async with asyncio.TaskGroup() as tg:
-                device_tasks = [
-                    tg.create_task(self._supervise(m), name=f"device[{m.plan.id}]")
-                    for m in self.machines.values()
-                ]
+                self._tg = tg
+                for m in self.machines.values():
+                    self._start_device(m)
                 ticker = tg.create_task(self._tick(), name="ticker")
                 listener = tg.create_task(self.commands.run(), name="commands")
+                reloader = tg.create_task(self._reloader(), name="reloader")
                 await stop.wait()
                 log.info("gateway.stopping")
-                # Stop taking orders first, then stop the devices.
+                # Stop taking orders and config changes first, then stop the devices.
+                reloader.cancel()
                 listener.cancel()
-                for t in device_tasks:
+                for t in self._device_tasks.values():
                     t.cancel()
                 ticker.cancel()
         finally:
@@ -193,6 +193,108 @@ class Gateway:
                 events=self.events_emitted,
                 unsent=self.publisher.pending,
             )
+
+    # ------------------------------------------------------------------ reload
+
+    def request_reload(self) -> None:
+        """Ask for the config file to be read again (SIGHUP, ``systemctl reload``)."""
+        self._reload_requested.set()
+
+    async def _reloader(self) -> None:
+        while True:
+            await self._reload_requested.wait()
+            self._reload_requested.clear()
+            await self.reload()
+
+    def _start_device(self, m: _Machine) -> None:
+        assert self._tg is not None
+        self._device_tasks[m.plan.id] = self._tg.create_task(
+            self._supervise(m), name=f"device[{m.plan.id}]"
+        )
+
+    async def _stop_device(self, machine: str) -> None:
+        task = self._device_tasks.pop(machine, None)
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    async def reload(self) -> bool:
+        """Apply a changed config file; an invalid one is refused and the old one keeps running.
+
+        Machines added, removed or changed are started, stopped or restarted; untouched ones
+        keep running without a gap. A changed machine keeps its tracker, so an order in
+        progress continues with its counts. Gateway identity and broker settings cannot
+        change at runtime (topics and sessions hang on them): such changes are logged and
+        wait for a restart, and the rest of the new config is applied.
+        """
+        try:
+            new = await asyncio.to_thread(load_config, self.plan.source)
+        except ConfigError as exc:
+            log.error(
+                "config.reload_rejected",
+                problems=[str(e) for e in exc.errors],
+                detail="the running config stays in force; fix the file and reload again",
+            )
+            return False
+        except Exception as exc:  # an unreadable file must not stop the gateway
+            log.error("config.reload_rejected", problems=[f"{type(exc).__name__}: {exc}"])
+            return False
+        frozen = [
+            name
+            for name in ("gateway_id", "site", "topic_prefix", "broker")
+            if getattr(new, name) != getattr(self.plan, name)
+        ]
+        if frozen:
+            log.warning("config.reload_needs_restart", fields=frozen)
+            new = replace(
+                new,
+                gateway_id=self.plan.gateway_id,
+                site=self.plan.site,
+                topic_prefix=self.plan.topic_prefix,
+                broker=self.plan.broker,
+            )
+        old = {m.id: m for m in self.plan.machines}
+        fresh = {m.id: m for m in new.machines}
+        removed = sorted(old.keys() - fresh.keys())
+        added = sorted(fresh.keys() - old.keys())
+        changed = sorted(k for k in old.keys() & fresh.keys() if old[k] != fresh[k])
+        now = self._clock()
+        for machine in [*removed, *changed]:
+            await self._stop_device(machine)
+        for machine in removed:
+            m = self.machines.pop(machine)
+            del self.locations[machine]
+            self._emit(m, m.tracker.connection(False, now, "removed from config"))
+            # An empty retained message deletes the snapshot: late joiners must not see a
+            # machine that no longer exists.
+            self.publisher.submit(Message(self.topics.state(m.plan.location), b"", 1, True))
+        for machine in changed:
+            m = self.machines[machine]
+            plan = fresh[machine]
+            if plan.tracker != m.plan.tracker:
+                m.tracker = MachineTracker.restore(machine, plan.tracker, m.tracker.export_state())
+            if plan.location != m.plan.location:
+                self.publisher.submit(Message(self.topics.state(m.plan.location), b"", 1, True))
+                self.locations[machine] = plan.location
+            m.plan = plan
+            m.mapper = Mapper(plan.signals)
+            m.problems_logged.clear()
+            self._start_device(m)
+        for machine in added:
+            plan = fresh[machine]
+            m = _Machine(plan, MachineTracker(plan.id, plan.tracker), Mapper(plan.signals))
+            self.machines[machine] = m
+            self.locations[machine] = plan.location
+            self._start_device(m)
+        self.plan = new
+        log.info(
+            "config.reloaded",
+            added=added,
+            removed=removed,
+            changed=changed,
+            unchanged=len(fresh) - len(added) - len(changed),
+        )
+        return True
 
     async def _tick(self) -> None:
         while True:
@@ -255,7 +357,9 @@ class Gateway:
 
     def apply_command(self, machine: str, command: Command, now: float) -> CommandResult:
         """Run a platform command on a machine's tracker and publish what it caused."""
-        m = self.machines[machine]
+        m = self.machines.get(machine)
+        if m is None:
+            return CommandResult(False, f"unknown machine {machine}")
         result, events = m.tracker.command(command, now)
         self._emit(m, events)
         return result
