@@ -322,8 +322,9 @@ class EventEnvelope(_Outbound):
     delayed: bool | None = Field(
         default=None,
         description=(
-            "Reserved: `true` on an event sent late from the gateway's durable outbox (after "
-            "a broker outage), so live views can tell history from news. Absent otherwise."
+            "`true` on an event sent late from the gateway's durable outbox (after a broker "
+            "outage or a gateway restart), so live views can tell history from news. `time` and "
+            "`id` are the original ones. Absent on live events."
         ),
     )
     data: dict[str, Any] = Field(
@@ -440,6 +441,16 @@ class GatewayStatus(_Outbound):
             "when online."
         ),
         examples=["connection lost"],
+    )
+    backlog: int | None = Field(
+        default=None,
+        ge=0,
+        description=(
+            "Events stored in the gateway's durable outbox and not yet acknowledged by this "
+            "broker. Refreshed while online when it changes (at most every 10 s); absent in "
+            "the first online message and the last will."
+        ),
+        examples=[0],
     )
 
 

@@ -20,8 +20,9 @@ Delivery contract:
 * Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
   DISCONNECT, so the broker publishes the last will and the status does not stay online.
 
-The queue sits behind the small :class:`SendQueue` interface so a durable outbox can
-replace the in-memory one.
+The queue sits behind the small :class:`SendQueue` interface so the durable outbox
+(:class:`gateway.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
+itself calls :meth:`MqttPublisher.notify`.
 """
 
 from __future__ import annotations
@@ -345,6 +346,10 @@ class MqttPublisher:
         return self._dropped
 
     # -- producer side --
+
+    def notify(self) -> None:
+        """Wake the sender: the queue has something new (a durable queue filled itself)."""
+        self._wake.set()
 
     def submit(self, msg: Message) -> None:
         """Queue a message for sending; never blocks, never raises.

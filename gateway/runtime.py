@@ -2,7 +2,8 @@
 
 Task layout (one root ``asyncio.TaskGroup``)::
 
-    publisher[default]   connect / reconnect / send the queue
+    outbox               commits events with their tracker state (SQLite, worker thread)
+    publisher[<name>]    one per destination: connect / reconnect / send its outbox queue
     device[<id>]         one supervisor per machine: connect, read, map, track, emit
     ticker               time-driven tracker work (progress interval, ETA) once a second
 
@@ -12,9 +13,15 @@ recovery at info with the episode's length and attempts; reconnects back off wit
 jitter. A slow or dead device never delays another: each has its own task, connection and
 timeouts.
 
+Every event goes through the durable outbox (:mod:`gateway.outbox`): it is committed in
+one transaction with the tracker state that produced it, then each destination whose
+routing rules accept it (:mod:`gateway.routing`) sends it. At start the trackers are
+restored from the outbox, so sequences continue and nothing committed is lost. The outbox
+is not supervised: if SQLite fails, the gateway stops with an error and systemd restarts it.
+
 Shutdown order (SIGTERM/SIGINT): stop the devices first, let the trackers emit what they
-have, then give the publisher a grace period to flush and publish the offline status.
-Whatever the broker did not acknowledge by then is lost in this version (in memory only).
+have, then give the publishers a grace period to flush and publish the offline status.
+Whatever a broker did not acknowledge by then stays in the outbox for the next start.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import time
 import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import structlog
 
@@ -33,11 +41,20 @@ from adapters.base import AdapterError, ConnectError, ConnectionLost
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.commands import Command, CommandListener
-from gateway.config import ConfigError, GatewayPlan, MachinePlan, load_config
+from gateway.config import (
+    ConfigError,
+    DestinationPlan,
+    GatewayPlan,
+    MachinePlan,
+    OutboxPlan,
+    load_config,
+)
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.mapping import Mapper
 from gateway.model import Event, Location, Sample
+from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
+from gateway.routing import Subject, accepts, machine_visible, redact_payload, state_view
 from gateway.tracker import CommandResult, MachineTracker
 
 log = structlog.get_logger(__name__)
@@ -73,9 +90,20 @@ class _Machine:
     problems_logged: set[str] = field(default_factory=set)
 
 
-def broker_settings(plan: GatewayPlan, topics: Topics, started_at: float) -> BrokerSettings:
-    """Translate the broker part of a plan into publisher settings."""
-    b = plan.broker
+#: How many order-to-customer entries are remembered per machine, for routing.
+_CUSTOMERS_PER_MACHINE = 64
+#: How often the retained status is refreshed with the outbox backlog, in seconds.
+STATUS_INTERVAL = 10.0
+
+
+def broker_settings(
+    plan: GatewayPlan,
+    topics: Topics,
+    started_at: float,
+    destination: DestinationPlan | None = None,
+) -> BrokerSettings:
+    """Translate one destination's broker (default: the first) into publisher settings."""
+    b = destination.broker if destination is not None else plan.broker
     tls = (
         TlsSettings(
             ca_file=b.tls.ca_file,
@@ -110,7 +138,31 @@ def broker_settings(plan: GatewayPlan, topics: Topics, started_at: float) -> Bro
         will_payload=status("offline", "connection lost"),
         offline_payload=status("offline", "shutdown"),
         max_queue=b.max_queue,
+        protocol=b.protocol,
     )
+
+
+def batch_topic(topics: Topics) -> str:
+    """Topic of CloudEvents batches (``application/cloudevents-batch+json``) of a gateway."""
+    return f"{topics.prefix}/{topics.site}/gateway/{topics.gateway_id}/batch"
+
+
+def outbox_plan(plan: GatewayPlan) -> OutboxPlan:
+    """The plan's outbox settings (a plan built by hand gets ``./var``)."""
+    if plan.outbox is not None:
+        return plan.outbox
+    from pathlib import Path
+
+    return OutboxPlan(Path("var") / "shopfloor-outbox.db", 1_000_000, 5.0)
+
+
+def destinations(plan: GatewayPlan) -> tuple[DestinationPlan, ...]:
+    """The plan's destinations (a plan built by hand: its broker as ``default``)."""
+    if plan.destinations:
+        return plan.destinations
+    from gateway.routing import Route
+
+    return (DestinationPlan("default", plan.broker, Route("default")),)
 
 
 class Gateway:
@@ -132,8 +184,34 @@ class Gateway:
         self._rng = rng or random.Random()
         self.topics = Topics(prefix=plan.topic_prefix, site=plan.site, gateway_id=plan.gateway_id)
         self.started_at = clock()
-        settings = broker_settings(plan, self.topics, self.started_at)
-        self.publisher = MqttPublisher(settings)
+        self.destinations = destinations(plan)
+        ob = outbox_plan(plan)
+        self.outbox = Outbox(ob.path, [d.name for d in self.destinations], max_events=ob.max_events)
+        secret = (
+            plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
+        )
+        self.publishers: dict[str, MqttPublisher] = {}
+        self.queues: dict[str, OutboxQueue] = {}
+        for d in self.destinations:
+            q = self.outbox.queue(
+                d.route,
+                clock=clock,
+                delayed_after=ob.delayed_after,
+                batch_topic=batch_topic(self.topics) if d.route.batch else None,
+                secret=secret,
+            )
+            pub = MqttPublisher(
+                broker_settings(plan, self.topics, self.started_at, d), name=d.name, queue=q
+            )
+            q.waker = pub.notify
+            self.publishers[d.name] = pub
+            self.queues[d.name] = q
+        self._secret = secret
+        settings = broker_settings(plan, self.topics, self.started_at, self.destinations[0])
+        #: The first destination's publisher (commands are answered there).
+        self.publisher = self.publishers[self.destinations[0].name]
+        self._customers: dict[str, dict[str, str | None]] = {}
+        self._status_sent: dict[str, int] = {}
         self.machines: dict[str, _Machine] = {
             m.id: _Machine(m, MachineTracker(m.id, m.tracker), Mapper(m.signals))
             for m in plan.machines
@@ -155,14 +233,29 @@ class Gateway:
             gateway_id=self.plan.gateway_id,
             version=__version__,
             machines=len(self.machines),
-            broker=f"{self.plan.broker.host}:{self.plan.broker.port}",
+            destinations=[f"{d.name}={d.broker.host}:{d.broker.port}" for d in self.destinations],
+            outbox=str(self.outbox.path),
         )
         for warning in self.plan.warnings:
             log.warning("config.insecure", detail=warning)
-        publisher_task = asyncio.create_task(self.publisher.run(), name="publisher[default]")
+        await self.outbox.open()
+        restored = self._restore_trackers()
+        publisher_tasks: list[asyncio.Task[None]] = []
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                # Not supervised: a failing outbox ends the TaskGroup and the gateway.
+                outbox_task = tg.create_task(self.outbox.run(), name="outbox")
+                for q in self.queues.values():
+                    q.start()
+                publisher_tasks = [
+                    asyncio.create_task(pub.run(), name=f"publisher[{name}]")
+                    for name, pub in self.publishers.items()
+                ]
+                for machine in restored:
+                    # The last run may have died before its latest state went out.
+                    m = self.machines[machine]
+                    self._publish_state(m, m.tracker.snapshot(), self._clock())
                 for m in self.machines.values():
                     self._start_device(m)
                 ticker = tg.create_task(self._tick(), name="ticker")
@@ -176,23 +269,70 @@ class Gateway:
                 for t in self._device_tasks.values():
                     t.cancel()
                 ticker.cancel()
+                await asyncio.wait([*self._device_tasks.values(), ticker])
+                # Everything the trackers emitted is committed before the publishers' grace.
+                await self.outbox.flush()
+                await self._close_publishers(publisher_tasks)
+                await self.outbox.flush()
+                outbox_task.cancel()
         finally:
-            # Devices are stopped; what the trackers emitted is queued. Give the publisher
-            # a bounded grace period, then stop it whatever the broker does.
             for m in self.machines.values():
                 if m.status.connected:
                     m.status.connected = False
-            try:
-                await self.publisher.close(timeout=self._grace)
-            finally:
-                publisher_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publisher_task
+            await self._close_publishers(publisher_tasks)
+            await self.outbox.close()
             log.info(
                 "gateway.stopped",
                 events=self.events_emitted,
-                unsent=self.publisher.pending,
+                unsent={n: self.outbox.backlog(n) for n in self.publishers},
             )
+
+    async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
+        # Destinations flush in parallel: one dead broker does not eat another's grace.
+        await asyncio.gather(
+            *(pub.close(timeout=self._grace) for pub in self.publishers.values()),
+            return_exceptions=True,
+        )
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+
+    def _restore_trackers(self) -> list[str]:
+        restored: list[str] = []
+        for machine, m in self.machines.items():
+            state = self.outbox.trackers.get(machine)
+            if state is None:
+                continue
+            try:
+                m.tracker = MachineTracker.restore(machine, m.plan.tracker, state)
+            except ValueError as exc:
+                log.error("tracker.restore_failed", machine=machine, error=str(exc))
+                continue
+            self._learn_customers(machine, state)
+            restored.append(machine)
+            log.info("tracker.restored", machine=machine, sequence=m.tracker.sequence)
+        return restored
+
+    def _learn_customers(self, machine: str, state: dict[str, Any]) -> None:
+        """Remember which customer assigned which order (the tracker state knows)."""
+        known = self._customers.setdefault(machine, {})
+        order = state.get("order")
+        orders = [order] if isinstance(order, dict) else []
+        orders += [q for q in state.get("queue") or [] if isinstance(q, dict)]
+        for o in orders:
+            order_id = o.get("order_id")
+            if isinstance(order_id, str):
+                known.pop(order_id, None)
+                customer = o.get("customer")
+                known[order_id] = customer if isinstance(customer, str) else None
+        while len(known) > _CUSTOMERS_PER_MACHINE:
+            del known[next(iter(known))]
+
+    def backlog(self) -> dict[str, int]:
+        """Events stored per destination and not yet acknowledged by its broker."""
+        return {name: self.outbox.backlog(name) for name in self.publishers}
 
     # ------------------------------------------------------------------ reload
 
@@ -241,7 +381,15 @@ class Gateway:
             return False
         frozen = [
             name
-            for name in ("gateway_id", "site", "topic_prefix", "broker")
+            for name in (
+                "gateway_id",
+                "site",
+                "topic_prefix",
+                "broker",
+                "destinations",
+                "outbox",
+                "redaction_secret",
+            )
             if getattr(new, name) != getattr(self.plan, name)
         ]
         if frozen:
@@ -252,6 +400,9 @@ class Gateway:
                 site=self.plan.site,
                 topic_prefix=self.plan.topic_prefix,
                 broker=self.plan.broker,
+                destinations=self.plan.destinations,
+                outbox=self.plan.outbox,
+                redaction_secret=self.plan.redaction_secret,
             )
         old = {m.id: m for m in self.plan.machines}
         fresh = {m.id: m for m in new.machines}
@@ -267,14 +418,14 @@ class Gateway:
             self._emit(m, m.tracker.connection(False, now, "removed from config"))
             # An empty retained message deletes the snapshot: late joiners must not see a
             # machine that no longer exists.
-            self.publisher.submit(Message(self.topics.state(m.plan.location), b"", 1, True))
+            self._clear_state(m.plan.id, m.plan.location)
         for machine in changed:
             m = self.machines[machine]
             plan = fresh[machine]
             if plan.tracker != m.plan.tracker:
                 m.tracker = MachineTracker.restore(machine, plan.tracker, m.tracker.export_state())
             if plan.location != m.plan.location:
-                self.publisher.submit(Message(self.topics.state(m.plan.location), b"", 1, True))
+                self._clear_state(machine, m.plan.location)
                 self.locations[machine] = plan.location
             m.plan = plan
             m.mapper = Mapper(plan.signals)
@@ -297,11 +448,32 @@ class Gateway:
         return True
 
     async def _tick(self) -> None:
+        last_status = 0.0
         while True:
             await asyncio.sleep(1.0)
             now = self._clock()
             for m in self.machines.values():
                 self._emit(m, m.tracker.tick(now))
+            if now - last_status >= STATUS_INTERVAL:
+                last_status = now
+                self._publish_status(now)
+
+    def _publish_status(self, now: float) -> None:
+        """Refresh the retained online status when a destination's backlog changed."""
+        for name, pub in self.publishers.items():
+            backlog = self.outbox.backlog(name)
+            if self._status_sent.get(name) == backlog:
+                continue
+            self._status_sent[name] = backlog
+            payload = encode_status(
+                "online",
+                gateway_id=self.plan.gateway_id,
+                version=__version__,
+                started_at=self.started_at,
+                now=now,
+                extra={"backlog": backlog},
+            )
+            pub.submit(Message(self.topics.status(), payload, 1, True))
 
     async def _supervise(self, m: _Machine) -> None:
         plan = m.plan
@@ -361,7 +533,8 @@ class Gateway:
         if m is None:
             return CommandResult(False, f"unknown machine {machine}")
         result, events = m.tracker.command(command, now)
-        self._emit(m, events)
+        # Persist even without events: a queued platform order must survive a restart.
+        self._emit(m, events, persist=True)
         return result
 
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
@@ -392,22 +565,63 @@ class Gateway:
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
         self._emit(m, m.tracker.observe(mapped, now))
 
-    def _emit(self, m: _Machine, events: Sequence[Event]) -> None:
-        if not events:
+    def _emit(self, m: _Machine, events: Sequence[Event], *, persist: bool = False) -> None:
+        """Commit events with the tracker state (outbox), then refresh the retained state."""
+        if not events and not persist:
             return
         loc = m.plan.location
+        machine = m.plan.id
+        state = m.tracker.export_state()
+        self._learn_customers(machine, state)
+        customers = self._customers.get(machine, {})
+        entries: list[Entry] = []
         for event in events:
             event_id = new_event_id(event.time, self._rng.getrandbits(74))
             payload = encode_event(event, loc, gateway_id=self.plan.gateway_id, event_id=event_id)
-            self.publisher.submit(Message(self.topics.event(loc, event.type), payload, 1, False))
+            order_id = event.data.get("order_id")
+            order_id = order_id if isinstance(order_id, str) else None
+            subject = Subject(machine, "event", event.type, order_id, customers.get(order_id or ""))
+            entries.append(
+                Entry(
+                    machine=machine,
+                    topic=self.topics.event(loc, event.type),
+                    payload=payload,
+                    destinations=frozenset(
+                        d.name for d in self.destinations if accepts(d.route.rules, subject)
+                    ),
+                    event_type=event.type,
+                    order_id=order_id,
+                    created=self._clock(),
+                )
+            )
             self.events_emitted += 1
             log.debug(
                 "event.emitted",
-                machine=m.plan.id,
+                machine=machine,
                 type=event.type,
                 sequence=event.sequence,
-                order_id=event.data.get("order_id"),
+                order_id=order_id,
             )
-        snapshot = m.tracker.snapshot()
-        state = encode_state(snapshot, loc, gateway_id=self.plan.gateway_id, now=events[-1].time)
-        self.publisher.submit(Message(self.topics.state(loc), state, 1, True))
+        self.outbox.append(entries, {machine: state})
+        if events:
+            self._publish_state(m, m.tracker.snapshot(), events[-1].time)
+
+    def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
+        """Retained state to every destination that may see the machine, order filtered."""
+        loc = m.plan.location
+        order = snapshot.get("order")
+        order_id = order.get("order_id") if isinstance(order, dict) else None
+        customer = self._customers.get(m.plan.id, {}).get(order_id) if order_id else None
+        topic = self.topics.state(loc)
+        for d in self.destinations:
+            if not machine_visible(d.route.rules, m.plan.id):
+                continue
+            view = state_view(d.route.rules, snapshot, customer)
+            payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
+            payload = redact_payload(payload, d.route.operator, self._secret)
+            self.publishers[d.name].submit(Message(topic, payload, 1, True))
+
+    def _clear_state(self, machine: str, loc: Location) -> None:
+        for d in self.destinations:
+            if machine_visible(d.route.rules, machine):
+                self.publishers[d.name].submit(Message(self.topics.state(loc), b"", 1, True))

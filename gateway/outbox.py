@@ -1,0 +1,876 @@
+"""Durable outbox: events and tracker state committed together in SQLite (WAL).
+
+Guarantees (see ``docs/delivery.md``):
+
+* An event counts as emitted once its row is committed, in the same transaction as the
+  tracker state that produced it. After a crash the gateway restores the trackers from the
+  outbox and resumes exactly there: no event is emitted twice, none is lost, sequence numbers
+  continue. Nothing reaches a broker before it is committed.
+* Every row carries a bit mask of the destinations it is routed to. Each destination reads
+  the outbox in ``seq`` order from its own position and clears its bit when the broker
+  acknowledged the row (QoS 1 PUBACK); a row is deleted once no bit is left.
+* Durability: a commit that carries any event is fsynced (``PRAGMA synchronous=FULL`` for
+  that transaction); telemetry-only and acknowledgement-only commits run with
+  ``synchronous=NORMAL`` (WAL: durable at the next checkpoint, never corrupt). Files are
+  created with mode 0600.
+* All SQLite work runs on one worker thread: the event loop only appends to a list and
+  wakes the writer, which commits whatever has gathered since its last commit (group
+  commit), so a slow disk never blocks the loop.
+* Bounded by ``max_events``: beyond it telemetry is dropped first (oldest first), then
+  ``order.progress`` rows a newer progress row of the same order supersedes. Lifecycle,
+  state and alarm events are never dropped while the disk takes them; the outbox then
+  grows beyond the bound and says so. A full disk (SQLITE_FULL) triggers the same
+  dropping; if nothing is left to drop the batch stays in memory and is retried.
+
+Errors other than a full disk end :meth:`Outbox.run` with :class:`OutboxError`: the
+outbox is not supervised, the process exits non-zero and systemd restarts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import sqlite3
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from gateway.publisher import Message
+from gateway.routing import (
+    Route,
+    batch_payload,
+    mark_delayed,
+    redact_payload,
+)
+
+log = structlog.get_logger(__name__)
+
+#: Row classes, in the order the overflow policy drops them.
+TELEMETRY = 0
+PROGRESS = 1
+KEEP = 2
+
+#: At most this many destinations (one bit each in a 63-bit SQLite integer).
+MAX_DESTINATIONS = 62
+SCHEMA_VERSION = 1
+_SQLITE_FULL = 13
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS trackers (machine TEXT PRIMARY KEY, state TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS destinations (name TEXT PRIMARY KEY, bit INTEGER NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS messages (
+    seq INTEGER PRIMARY KEY,
+    pending INTEGER NOT NULL,
+    cls INTEGER NOT NULL,
+    machine TEXT NOT NULL,
+    order_id TEXT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    qos INTEGER NOT NULL,
+    created REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_drop ON messages (cls, machine, order_id, seq);
+"""
+
+
+class OutboxError(Exception):
+    """The outbox cannot store events (not a full disk): the gateway must stop."""
+
+
+def row_class(event_type: str | None) -> int:
+    """Overflow class of a row: telemetry (``None``), progress, or never dropped."""
+    if event_type is None:
+        return TELEMETRY
+    if event_type == "order.progress":
+        return PROGRESS
+    return KEEP
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One message to store: an event (``event_type`` set) or telemetry (``None``)."""
+
+    machine: str
+    topic: str
+    payload: bytes
+    destinations: frozenset[str]
+    event_type: str | None = None
+    order_id: str | None = None
+    qos: int = 1
+    created: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    """A stored message as a destination reads it back."""
+
+    seq: int
+    topic: str
+    payload: bytes
+    qos: int
+    created: float
+    pending: int
+
+
+@dataclass(slots=True)
+class Stats:
+    """Counters for logs, metrics and the status message."""
+
+    appended: int = 0
+    committed: int = 0
+    commits: int = 0
+    fsyncs: int = 0
+    dropped_telemetry: int = 0
+    dropped_progress: int = 0
+    acked: int = 0
+    stored: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    seq: int
+    bits: int
+    cls: int
+    entry: Entry
+
+
+@dataclass(slots=True)
+class _WriteResult:
+    committed_upto: int
+    deleted_by_bit: dict[int, int] = field(default_factory=dict)
+    dropped_telemetry: int = 0
+    dropped_progress: int = 0
+    fsynced: bool = False
+    stored: int = 0
+
+
+class DiskFullError(Exception):
+    """SQLite said the disk (or its page limit) is full and nothing was left to drop."""
+
+
+class Outbox:
+    """The durable outbox; use :meth:`open`, run :meth:`run` as a task, :meth:`close` at exit."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        destinations: Sequence[str],
+        *,
+        max_events: int = 1_000_000,
+        retry_delay: float = 1.0,
+        max_page_count: int | None = None,
+    ) -> None:
+        """Prepare an outbox at ``path`` for the named destinations; nothing opens yet."""
+        if not destinations:
+            raise ValueError("an outbox needs at least one destination")
+        if len(set(destinations)) != len(destinations):
+            raise ValueError("destination names must be unique")
+        if len(destinations) > MAX_DESTINATIONS:
+            raise ValueError(f"at most {MAX_DESTINATIONS} destinations")
+        if max_events < 1:
+            raise ValueError("max_events must be >= 1")
+        self.path = Path(path)
+        self.destinations = tuple(destinations)
+        self.max_events = max_events
+        self._retry_delay = retry_delay
+        # Test hook: SQLite's page limit stands in for a full disk.
+        self._max_page_count = max_page_count
+        self._exec = ThreadPoolExecutor(1, thread_name_prefix="outbox")
+        self._db: sqlite3.Connection | None = None
+        self.bits: dict[str, int] = {}
+        self.trackers: dict[str, dict[str, Any]] = {}
+        self.stats = Stats()
+        # Loop-side state.
+        self._next_seq = 1
+        self.boot_seq = 0
+        self.committed_upto = 0
+        self._pending: list[_Pending] = []
+        self._pending_trackers: dict[str, dict[str, Any]] = {}
+        self._acks: dict[int, list[int]] = {}
+        self._work = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._backlog: dict[str, int] = {}
+        self._queues: list[OutboxQueue] = []
+        self._closed = False
+        self._overflowing = False
+        self._disk_full = False
+        # Thread-side state (only touched on the worker thread).
+        self._t_committed = 0
+        self._t_count = 0
+
+    # ------------------------------------------------------------------ open / close
+
+    async def open(self) -> None:
+        """Create or open the file, check it, load tracker states and per-destination counts."""
+        loop = asyncio.get_running_loop()
+        try:
+            info = await loop.run_in_executor(self._exec, self._t_open)
+        except sqlite3.Error as exc:
+            raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
+        self.bits, self.trackers, backlog, last_seq, count = info
+        self._backlog = {name: backlog.get(self.bits[name], 0) for name in self.destinations}
+        self._next_seq = last_seq + 1
+        self.boot_seq = last_seq
+        self.committed_upto = last_seq
+        self.stats.stored = count
+        log.info(
+            "outbox.opened",
+            path=str(self.path),
+            stored=count,
+            backlog=self._backlog,
+            trackers=len(self.trackers),
+        )
+
+    def _t_open(
+        self,
+    ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, int], int, int]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Create the file ourselves so it is 0600 from the first byte; SQLite gives the
+        # -wal and -shm files the same mode as the database file.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.chmod(self.path, 0o600)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        if self._max_page_count is not None:
+            db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
+        db.executescript(_SCHEMA)
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif row[0] != str(SCHEMA_VERSION):
+            raise sqlite3.DatabaseError(f"outbox schema {row[0]} is not {SCHEMA_VERSION}")
+        bits = dict(db.execute("SELECT name, bit FROM destinations").fetchall())
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            # Destinations no longer configured: release their rows.
+            for name, bit in list(bits.items()):
+                if name not in self.destinations:
+                    db.execute(
+                        "UPDATE messages SET pending = pending & ~? WHERE pending & ?",
+                        (1 << bit, 1 << bit),
+                    )
+                    db.execute("DELETE FROM destinations WHERE name = ?", (name,))
+                    del bits[name]
+            db.execute("DELETE FROM messages WHERE pending = 0")
+            free = sorted(set(range(MAX_DESTINATIONS)) - set(bits.values()))
+            for name in self.destinations:
+                if name not in bits:
+                    bits[name] = free.pop(0)
+                    db.execute("INSERT INTO destinations VALUES (?, ?)", (name, bits[name]))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        trackers: dict[str, dict[str, Any]] = {}
+        for machine, text in db.execute("SELECT machine, state FROM trackers"):
+            try:
+                state = json.loads(text)
+            except ValueError:
+                log.error("outbox.tracker_state_unreadable", machine=machine)
+                continue
+            if isinstance(state, dict):
+                trackers[machine] = state
+        backlog = {
+            bit: db.execute(
+                "SELECT COUNT(*) FROM messages WHERE pending & ?", (1 << bit,)
+            ).fetchone()[0]
+            for bit in bits.values()
+        }
+        last = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
+        meta_last = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
+        last_seq = max(int(last or 0), int(meta_last[0]) if meta_last else 0)
+        count = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+        self._t_committed = last_seq
+        self._t_count = count
+        return {n: bits[n] for n in self.destinations}, trackers, backlog, last_seq, count
+
+    async def close(self) -> None:
+        """Commit what is pending, then close the file (idempotent)."""
+        if self._closed:
+            return
+        if self._db is not None and (self._pending or self._acks or self._pending_trackers):
+            # run() may be gone already (cancelled): write the rest here.
+            with contextlib.suppress(Exception):
+                await self._write_once()
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._exec, self._t_close)
+        self._exec.shutdown(wait=True)
+
+    def _t_close(self) -> None:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            self._db.close()
+            self._db = None
+
+    # ------------------------------------------------------------------ producer side
+
+    def append(
+        self, entries: Iterable[Entry], trackers: Mapping[str, dict[str, Any]] | None = None
+    ) -> list[int]:
+        """Queue entries (and tracker states) for the next commit; returns their seqs.
+
+        Never blocks: the rows are written by :meth:`run` on the worker thread. An entry
+        routed to no destination is not stored (its tracker state still is).
+        """
+        seqs: list[int] = []
+        for e in entries:
+            bits = 0
+            for name in e.destinations:
+                bit = self.bits.get(name)
+                if bit is not None:
+                    bits |= 1 << bit
+            if not bits:
+                continue
+            seq = self._next_seq
+            self._next_seq += 1
+            self._pending.append(_Pending(seq, bits, row_class(e.event_type), e))
+            for name in e.destinations:
+                if name in self._backlog:
+                    self._backlog[name] += 1
+            seqs.append(seq)
+            self.stats.appended += 1
+        if trackers:
+            self._pending_trackers.update(trackers)
+        if seqs or trackers:
+            self._idle.clear()
+            self._work.set()
+        return seqs
+
+    @property
+    def assigned_upto(self) -> int:
+        """Highest seq handed out by :meth:`append` (committed or not)."""
+        return self._next_seq - 1
+
+    def backlog(self, destination: str) -> int:
+        """Rows stored for ``destination`` and not yet acknowledged by its broker."""
+        return self._backlog.get(destination, 0)
+
+    def total_backlog(self) -> int:
+        """Rows stored and not yet acknowledged by every destination they go to."""
+        return self.stats.stored + len(self._pending)
+
+    def ack(self, destination: str, seqs: Sequence[int]) -> None:
+        """Record that ``destination``'s broker acknowledged rows (written in the next commit)."""
+        bit = self.bits[destination]
+        self._acks.setdefault(bit, []).extend(seqs)
+        self._idle.clear()
+        self._work.set()
+
+    async def flush(self) -> None:
+        """Wait until everything appended or acknowledged so far is written."""
+        while not self._idle.is_set():
+            await self._idle.wait()
+
+    # ------------------------------------------------------------------ writer
+
+    async def run(self) -> None:
+        """Commit batches until cancelled; raises :class:`OutboxError` when SQLite fails."""
+        while True:
+            await self._work.wait()
+            self._work.clear()
+            await self._write_once()
+
+    async def _write_once(self) -> None:
+        loop = asyncio.get_running_loop()
+        batch, self._pending = self._pending, []
+        trackers, self._pending_trackers = self._pending_trackers, {}
+        acks, self._acks = self._acks, {}
+        if not (batch or trackers or acks):
+            self._idle.set()
+            return
+        while True:
+            try:
+                result = await loop.run_in_executor(
+                    self._exec, self._t_write, batch, trackers, acks
+                )
+                break
+            except DiskFullError:
+                if not self._disk_full:
+                    self._disk_full = True
+                    log.error(
+                        "outbox.disk_full",
+                        path=str(self.path),
+                        waiting=len(batch),
+                        detail="nothing left to drop; events are held in memory and retried",
+                    )
+                await asyncio.sleep(self._retry_delay)
+                # Whatever arrived meanwhile joins the retry, in order.
+                batch += self._pending
+                self._pending = []
+                trackers.update(self._pending_trackers)
+                self._pending_trackers = {}
+                for bit, seqs in self._acks.items():
+                    acks.setdefault(bit, []).extend(seqs)
+                self._acks = {}
+            except sqlite3.Error as exc:
+                raise OutboxError(f"outbox {self.path}: {exc}") from exc
+        if self._disk_full:
+            self._disk_full = False
+            log.info("outbox.disk_writable", path=str(self.path))
+        previous = self.committed_upto
+        self.committed_upto = max(previous, result.committed_upto)
+        self.stats.commits += 1
+        self.stats.committed += len(batch)
+        self.stats.fsyncs += int(result.fsynced)
+        self.stats.stored = result.stored
+        for name, bit in self.bits.items():
+            gone = result.deleted_by_bit.get(bit, 0)
+            if gone:
+                self._backlog[name] = max(0, self._backlog[name] - gone)
+        self.stats.acked += sum(len(v) for v in acks.values())
+        self._note_drops(result)
+        for q in self._queues:
+            q._on_commit(batch, previous, self.committed_upto)
+        if not (self._pending or self._acks or self._pending_trackers):
+            self._idle.set()
+
+    def _note_drops(self, result: _WriteResult) -> None:
+        dropped = result.dropped_telemetry + result.dropped_progress
+        self.stats.dropped_telemetry += result.dropped_telemetry
+        self.stats.dropped_progress += result.dropped_progress
+        over = result.stored > self.max_events
+        if dropped and not self._overflowing:
+            self._overflowing = True
+            log.warning(
+                "outbox.overflow",
+                max_events=self.max_events,
+                stored=result.stored,
+                dropped_telemetry=result.dropped_telemetry,
+                dropped_progress=result.dropped_progress,
+                policy="telemetry first, then superseded order.progress; lifecycle kept",
+            )
+        elif over and not self._overflowing:
+            self._overflowing = True
+            log.warning(
+                "outbox.over_bound",
+                max_events=self.max_events,
+                stored=result.stored,
+                detail="only lifecycle, state and alarm events left; keeping them",
+            )
+        elif self._overflowing and result.stored <= self.max_events // 2:
+            self._overflowing = False
+            log.info(
+                "outbox.overflow_ended",
+                stored=result.stored,
+                dropped_telemetry=self.stats.dropped_telemetry,
+                dropped_progress=self.stats.dropped_progress,
+            )
+
+    def _t_write(
+        self,
+        batch: list[_Pending],
+        trackers: dict[str, dict[str, Any]],
+        acks: dict[int, list[int]],
+    ) -> _WriteResult:
+        db = self._db
+        assert db is not None
+        result = _WriteResult(self._t_committed)
+        # Any event in the batch makes this a durable commit (fsync of the WAL).
+        fsync = any(p.cls != TELEMETRY for p in batch)
+        db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
+        try:
+            self._t_transaction(db, batch, trackers, acks, result)
+        except sqlite3.OperationalError as exc:
+            if getattr(exc, "sqlite_errorcode", None) != _SQLITE_FULL:
+                raise
+            # Make room the policy allows, then try once more.
+            self._t_rollback(db)
+            if not self._t_make_room(db, result, len(batch), force=True):
+                raise DiskFullError(str(exc)) from None
+            try:
+                self._t_transaction(db, batch, trackers, acks, result)
+            except sqlite3.OperationalError as exc2:
+                if getattr(exc2, "sqlite_errorcode", None) != _SQLITE_FULL:
+                    raise
+                self._t_rollback(db)
+                raise DiskFullError(str(exc2)) from None
+        result.fsynced = fsync
+        if batch:
+            self._t_committed = max(self._t_committed, batch[-1].seq)
+        result.committed_upto = self._t_committed
+        result.stored = self._t_count
+        return result
+
+    @staticmethod
+    def _t_rollback(db: sqlite3.Connection) -> None:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+
+    def _t_transaction(
+        self,
+        db: sqlite3.Connection,
+        batch: list[_Pending],
+        trackers: dict[str, dict[str, Any]],
+        acks: dict[int, list[int]],
+        result: _WriteResult,
+    ) -> None:
+        count = self._t_count
+        deleted: dict[int, int] = {}
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if batch:
+                db.executemany(
+                    "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+                    [
+                        (
+                            p.seq,
+                            p.bits,
+                            p.cls,
+                            p.entry.machine,
+                            p.entry.order_id,
+                            p.entry.topic,
+                            p.entry.payload,
+                            p.entry.qos,
+                            p.entry.created,
+                        )
+                        for p in batch
+                    ],
+                )
+                count += len(batch)
+                db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(batch[-1].seq),)
+                )
+            if trackers:
+                db.executemany(
+                    "INSERT OR REPLACE INTO trackers VALUES (?, ?)",
+                    [(m, json.dumps(s, separators=(",", ":"))) for m, s in trackers.items()],
+                )
+            for bit, seqs in acks.items():
+                mask = 1 << bit
+                cur = db.executemany(
+                    "UPDATE messages SET pending = pending & ~? WHERE seq = ? AND pending & ?",
+                    [(mask, s, mask) for s in seqs],
+                )
+                deleted[bit] = cur.rowcount
+            if acks:
+                before = db.total_changes
+                db.executemany(
+                    "DELETE FROM messages WHERE seq = ? AND pending = 0",
+                    [(s,) for seqs in acks.values() for s in seqs],
+                )
+                count -= db.total_changes - before
+            self._t_count = count
+            if count > self.max_events:
+                self._t_make_room(db, result, count - self.max_events, force=False)
+            db.execute("COMMIT")
+        except BaseException:
+            self._t_rollback(db)
+            # The transaction is undone: recount from what is committed.
+            self._t_count = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            raise
+        for bit, n in deleted.items():
+            result.deleted_by_bit[bit] = result.deleted_by_bit.get(bit, 0) + n
+
+    def _t_make_room(
+        self, db: sqlite3.Connection, result: _WriteResult, need: int, *, force: bool
+    ) -> bool:
+        """Drop rows by policy (inside or outside a transaction); True if any went."""
+        own_tx = not db.in_transaction
+        if own_tx:
+            db.execute("BEGIN IMMEDIATE")
+        try:
+            if force:
+                # A full disk: free a good slice at once, not one row at a time.
+                need = max(need, 1000, self._t_count // 10)
+            freed = 0
+            victims = db.execute(
+                "SELECT seq, pending FROM messages WHERE cls = ? ORDER BY seq LIMIT ?",
+                (TELEMETRY, need),
+            ).fetchall()
+            freed += self._t_drop(db, victims, result)
+            result.dropped_telemetry += len(victims)
+            if freed < need:
+                victims = db.execute(
+                    "SELECT m.seq, m.pending FROM messages m WHERE m.cls = ? AND EXISTS ("
+                    " SELECT 1 FROM messages n WHERE n.cls = ? AND n.machine = m.machine"
+                    " AND n.order_id IS m.order_id AND n.seq > m.seq)"
+                    " ORDER BY m.seq LIMIT ?",
+                    (PROGRESS, PROGRESS, need - freed),
+                ).fetchall()
+                freed += self._t_drop(db, victims, result)
+                result.dropped_progress += len(victims)
+            if own_tx:
+                db.execute("COMMIT")
+        except BaseException:
+            if own_tx:
+                self._t_rollback(db)
+            raise
+        return freed > 0
+
+    def _t_drop(
+        self, db: sqlite3.Connection, victims: list[tuple[int, int]], result: _WriteResult
+    ) -> int:
+        if not victims:
+            return 0
+        db.executemany("DELETE FROM messages WHERE seq = ?", [(s,) for s, _ in victims])
+        for _, pending in victims:
+            bit = 0
+            while pending:
+                if pending & 1:
+                    result.deleted_by_bit[bit] = result.deleted_by_bit.get(bit, 0) + 1
+                pending >>= 1
+                bit += 1
+        self._t_count -= len(victims)
+        return len(victims)
+
+    # ------------------------------------------------------------------ readers
+
+    async def fetch(self, destination: str, after: int, limit: int) -> tuple[list[Row], int]:
+        """Rows for ``destination`` with ``seq > after`` in order, and the seq read up to."""
+        loop = asyncio.get_running_loop()
+        mask = 1 << self.bits[destination]
+        return await loop.run_in_executor(self._exec, self._t_fetch, mask, after, limit)
+
+    def _t_fetch(self, mask: int, after: int, limit: int) -> tuple[list[Row], int]:
+        db = self._db
+        assert db is not None
+        rows = [
+            Row(*r)
+            for r in db.execute(
+                "SELECT seq, topic, payload, qos, created, pending FROM messages"
+                " WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
+                (after, mask, limit),
+            )
+        ]
+        upto = rows[-1].seq if len(rows) == limit else max(self._t_committed, after)
+        return rows, upto
+
+    def queue(self, route: Route, **options: Any) -> OutboxQueue:
+        """The :class:`~gateway.publisher.SendQueue` of one destination."""
+        q = OutboxQueue(self, route, **options)
+        self._queues.append(q)
+        return q
+
+
+_KEY_SHIFT = 20
+
+
+class OutboxQueue:
+    """One destination's view of the outbox, as a publisher ``SendQueue``.
+
+    Rows are read from the outbox in ``seq`` order (live rows straight after their commit,
+    a backlog in chunks of ``prefetch``). Non-durable messages (retained state snapshots,
+    status) are pushed in memory, coalesced per topic, and go out after the rows committed
+    before them. A row sent more than ``delayed_after`` seconds after it was committed, or
+    left from a previous run, carries ``"delayed": true``.
+    """
+
+    def __init__(
+        self,
+        outbox: Outbox,
+        route: Route,
+        *,
+        clock: Callable[[], float] = time.time,
+        delayed_after: float = 5.0,
+        prefetch: int = 1000,
+        batch_topic: str | None = None,
+        batch_max: int = 100,
+        secret: bytes | None = None,
+        max_memory: int = 10_000,
+    ) -> None:
+        """Create the queue; ``batch_topic`` is required when ``route.batch`` is set."""
+        if route.batch and not batch_topic:
+            raise ValueError("a batch destination needs a batch topic")
+        self._o = outbox
+        self.route = route
+        self.name = route.name
+        self._clock = clock
+        self._delayed_after = delayed_after
+        self._prefetch = prefetch
+        self._batch_topic = batch_topic
+        self._batch_max = batch_max
+        self._secret = secret
+        self._max_memory = max_memory
+        self._rows: deque[Row] = deque()
+        self._cursor = 0
+        self._fetching = False
+        self._fetch_task: asyncio.Task[None] | None = None
+        self._mem: dict[int, Message] = {}
+        self._retained: dict[str, int] = {}
+        self._mem_base = -1
+        self._mem_n = 0
+        self._last_mem_key = 0
+        self._inflight: dict[int, Message | list[Row]] = {}
+        self._inflight_msgs: dict[int, Message] = {}
+        #: Called when something becomes sendable (the publisher's wake-up).
+        self.waker: Callable[[], None] | None = None
+        self.sent_rows = 0
+
+    # -- outbox side --
+
+    def start(self) -> None:
+        """Begin reading the stored backlog (call once the loop runs and the outbox is open)."""
+        self._cursor = 0
+        self._maybe_fetch()
+
+    def _wake(self) -> None:
+        if self.waker is not None:
+            self.waker()
+
+    def _on_commit(self, batch: list[_Pending], previous: int, upto: int) -> None:
+        if not self._fetching and self._cursor == previous and len(self._rows) < self._prefetch:
+            mask = 1 << self._o.bits[self.name]
+            for p in batch:
+                if p.bits & mask:
+                    e = p.entry
+                    self._rows.append(Row(p.seq, e.topic, e.payload, e.qos, e.created, p.bits))
+            self._cursor = upto
+        else:
+            self._maybe_fetch()
+        self._wake()
+
+    def _maybe_fetch(self) -> None:
+        if self._fetching or self._cursor >= self._o.committed_upto:
+            return
+        if len(self._rows) >= self._prefetch:
+            return
+        self._fetching = True
+        self._fetch_task = asyncio.get_running_loop().create_task(
+            self._fetch(), name=f"outbox-fetch[{self.name}]"
+        )
+
+    async def _fetch(self) -> None:
+        try:
+            rows, upto = await self._o.fetch(self.name, self._cursor, self._prefetch)
+        except Exception:
+            log.exception("outbox.fetch_failed", destination=self.name)
+            self._fetching = False
+            return
+        # Rows handed out meanwhile (none: fetching blocks live appends) keep order.
+        self._rows.extend(r for r in rows if r.seq > self._cursor)
+        self._cursor = max(self._cursor, upto)
+        self._fetching = False
+        self._wake()
+        self._maybe_fetch()
+
+    # -- SendQueue --
+
+    def push(self, msg: Message) -> int:
+        """Add a non-durable message; a retained one replaces an unsent one for its topic."""
+        base = self._o.assigned_upto
+        if base != self._mem_base:
+            self._mem_base, self._mem_n = base, 0
+        self._mem_n += 1
+        key = (base << _KEY_SHIFT) | min(self._mem_n, (1 << _KEY_SHIFT) - 1)
+        key = max(key, self._last_mem_key + 1)
+        self._last_mem_key = key
+        if msg.retain and (old := self._retained.get(msg.topic)) is not None:
+            # Moves to the new position: it must follow the events committed before it.
+            self._mem.pop(old, None)
+        self._mem[key] = msg
+        if msg.retain:
+            self._retained[msg.topic] = key
+        dropped = 0
+        while len(self._mem) > self._max_memory:
+            victim = next(iter(self._mem))
+            old_msg = self._mem.pop(victim)
+            if old_msg.retain and self._retained.get(old_msg.topic) == victim:
+                del self._retained[old_msg.topic]
+            dropped += 1
+        self._wake()
+        return dropped
+
+    def take(self) -> tuple[int, Message] | None:
+        """The next message in key order: a committed row, or a memory message it precedes."""
+        row_key = self._rows[0].seq << _KEY_SHIFT if self._rows else None
+        if self._mem:
+            mkey = next(iter(self._mem))
+            ready = (mkey >> _KEY_SHIFT) <= self._cursor
+            if ready and (row_key is None or mkey < row_key):
+                msg = self._mem.pop(mkey)
+                if msg.retain and self._retained.get(msg.topic) == mkey:
+                    del self._retained[msg.topic]
+                self._inflight[mkey] = msg
+                return mkey, msg
+        if not self._rows:
+            self._maybe_fetch()
+            return None
+        now = self._clock()
+        if self.route.batch and len(self._rows) > 1:
+            rows = [self._rows.popleft() for _ in range(min(self._batch_max, len(self._rows)))]
+            assert self._batch_topic is not None
+            payload = batch_payload([self._shape(r, now) for r in rows])
+            msg = Message(self._batch_topic, payload, 1, False)
+        else:
+            rows = [self._rows.popleft()]
+            msg = Message(rows[0].topic, self._shape(rows[0], now), rows[0].qos, False)
+        key = rows[-1].seq << _KEY_SHIFT
+        self._inflight[key] = rows
+        self._maybe_fetch()
+        return key, msg
+
+    def _shape(self, row: Row, now: float) -> bytes:
+        payload = redact_payload(row.payload, self.route.operator, self._secret)
+        if row.seq <= self._o.boot_seq or now - row.created > self._delayed_after:
+            payload = mark_delayed(payload)
+        return payload
+
+    def ack(self, key: int) -> None:
+        """The broker acknowledged ``key``: rows are released in the outbox."""
+        item = self._inflight.pop(key, None)
+        if isinstance(item, list):
+            self.sent_rows += len(item)
+            self._o.ack(self.name, [r.seq for r in item])
+
+    def requeue(self) -> None:
+        """Everything in flight goes back in front, in order (superseded states dropped)."""
+        rows: list[Row] = []
+        mem: list[tuple[int, Message]] = []
+        for key, item in self._inflight.items():
+            if isinstance(item, list):
+                rows.extend(item)
+            elif not (item.retain and item.topic in self._retained):
+                mem.append((key, item))
+        self._inflight.clear()
+        rows.sort(key=lambda r: r.seq)
+        self._rows.extendleft(reversed(rows))
+        if mem:
+            merged = sorted([*mem, *self._mem.items()])
+            self._mem = dict(merged)
+            for key, msg in mem:
+                if msg.retain:
+                    self._retained[msg.topic] = key
+
+    def oldest_key(self) -> int | None:
+        """Smallest key still held or still to be read from the outbox."""
+        candidates: list[int] = []
+        if self._mem:
+            candidates.append(next(iter(self._mem)))
+        if self._rows:
+            candidates.append(self._rows[0].seq << _KEY_SHIFT)
+        if self._inflight:
+            candidates.append(min(self._inflight))
+        if self._cursor < self._o.assigned_upto:
+            candidates.append((self._cursor + 1) << _KEY_SHIFT)
+        return min(candidates) if candidates else None
+
+    @property
+    def last_key(self) -> int:
+        """Key of the newest message pushed or row appended."""
+        return max(self._o.assigned_upto << _KEY_SHIFT, self._last_mem_key)
+
+    @property
+    def in_flight(self) -> int:
+        """Messages handed to the publisher and not yet acknowledged."""
+        return len(self._inflight)
+
+    def __len__(self) -> int:
+        """Memory messages plus rows stored for this destination and not yet acknowledged."""
+        mem = len(self._mem) + sum(1 for v in self._inflight.values() if isinstance(v, Message))
+        return mem + self._o.backlog(self.name)

@@ -1,0 +1,182 @@
+"""Routing and redaction per destination (pure: no clock, no I/O).
+
+A *destination* is one broker with its own rules. :func:`accepts` decides whether a message
+about a machine goes to a destination:
+
+* ``machines``: glob patterns on the machine id; empty means every machine.
+* ``event_types``: glob patterns on the short event type (``order.*``); empty means every
+  type. Telemetry goes only where this is empty or names ``telemetry``. The retained state
+  of a machine goes wherever the machine is visible.
+* ``customers`` / ``order_ids``: when either is set the destination is *order-scoped*: an
+  event about an order goes there only when the order was assigned by one of the
+  ``customers`` or its id matches one of the ``order_ids`` globs. Events without an order
+  (state, alarms, connection) follow the machine rule. The retained state of a visible
+  machine carries the running order only if that order is visible too (:func:`state_view`),
+  so a platform never learns another platform's order ids.
+
+Redaction of the ``operator`` signal (workers' personal data) is per destination:
+``drop`` (the default) removes it, ``pseudonymise`` replaces it with a keyed hash
+(HMAC-SHA256 with the site secret, so the same worker gets the same pseudonym and nobody
+without the secret can reverse it), ``pass`` sends it unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any, Literal
+
+OperatorPolicy = Literal["drop", "pseudonymise", "pass"]
+SubjectKind = Literal["event", "state", "telemetry"]
+
+#: The signal that names a worker; redacted according to the destination's policy.
+OPERATOR_KEY = "operator"
+#: MQTT content type of a CloudEvents batch (JSON array of structured events).
+BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRules:
+    """Which machines, event types and orders a destination may see; empty means all."""
+
+    machines: tuple[str, ...] = ()
+    event_types: tuple[str, ...] = ()
+    customers: tuple[str, ...] = ()
+    order_ids: tuple[str, ...] = ()
+
+    @property
+    def order_scoped(self) -> bool:
+        """True when the destination sees only some orders."""
+        return bool(self.customers or self.order_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One destination's name, rules and delivery options."""
+
+    name: str
+    rules: RouteRules = RouteRules()
+    operator: OperatorPolicy = "drop"
+    batch: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    """What a message is about, as far as routing cares."""
+
+    machine: str
+    kind: SubjectKind
+    event_type: str | None = None
+    order_id: str | None = None
+    customer: str | None = None
+
+
+def _any_match(value: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatchcase(value, p) for p in patterns)
+
+
+def machine_visible(rules: RouteRules, machine: str) -> bool:
+    """True when the destination may see anything of ``machine``."""
+    return not rules.machines or _any_match(machine, rules.machines)
+
+
+def order_visible(rules: RouteRules, order_id: str | None, customer: str | None) -> bool:
+    """True when the destination may see the order (always true without an order)."""
+    if order_id is None or not rules.order_scoped:
+        return True
+    if customer is not None and customer in rules.customers:
+        return True
+    return _any_match(order_id, rules.order_ids)
+
+
+def accepts(rules: RouteRules, subject: Subject) -> bool:
+    """True when a message about ``subject`` goes to a destination with ``rules``."""
+    if not machine_visible(rules, subject.machine):
+        return False
+    if subject.kind == "event":
+        if rules.event_types and not _any_match(subject.event_type or "", rules.event_types):
+            return False
+    elif subject.kind == "telemetry":
+        if rules.event_types and "telemetry" not in rules.event_types:
+            return False
+    else:
+        # The retained state of a visible machine always goes; state_view() hides the order.
+        return True
+    return order_visible(rules, subject.order_id, subject.customer)
+
+
+def destinations_for(routes: Sequence[Route], subject: Subject) -> frozenset[str]:
+    """Names of the destinations that receive a message about ``subject``."""
+    return frozenset(r.name for r in routes if accepts(r.rules, subject))
+
+
+def state_view(
+    rules: RouteRules, snapshot: Mapping[str, Any], customer: str | None
+) -> Mapping[str, Any]:
+    """The state snapshot as this destination may see it (the order hidden if not visible)."""
+    order = snapshot.get("order")
+    if not isinstance(order, Mapping):
+        return snapshot
+    order_id = order.get("order_id")
+    if order_visible(rules, order_id if isinstance(order_id, str) else None, customer):
+        return snapshot
+    return {**snapshot, "order": None}
+
+
+def pseudonym(secret: bytes, value: object) -> str:
+    """Stable keyed pseudonym of a worker id: same input and secret, same output."""
+    digest = hmac.new(secret, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
+    return "op-" + digest[:16]
+
+
+def redact(value: Any, policy: OperatorPolicy, secret: bytes | None) -> Any:
+    """Apply the operator policy to every ``operator`` key at any depth; returns new data."""
+    if policy == "pass":
+        return value
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if k == OPERATOR_KEY and v is not None:
+                if policy == "drop":
+                    continue
+                if secret is None:
+                    # No secret, no pseudonym: dropping is the only safe fallback.
+                    continue
+                out[k] = pseudonym(secret, v)
+            else:
+                out[k] = redact(v, policy, secret)
+        return out
+    if isinstance(value, list | tuple):
+        return [redact(v, policy, secret) for v in value]
+    return value
+
+
+def redact_payload(payload: bytes, policy: OperatorPolicy, secret: bytes | None) -> bytes:
+    """Redact a JSON payload; untouched (same bytes) when it cannot name an operator."""
+    if policy == "pass" or b'"operator"' not in payload:
+        return payload
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return payload  # not JSON we made; nothing to redact
+    return _dumps(redact(doc, policy, secret))
+
+
+def mark_delayed(payload: bytes) -> bytes:
+    """Add ``"delayed":true`` to a structured CloudEvent (a compact JSON object)."""
+    if not payload.endswith(b"}") or b'"delayed":' in payload:
+        return payload
+    return payload[:-1] + b',"delayed":true}'
+
+
+def batch_payload(payloads: Sequence[bytes]) -> bytes:
+    """A CloudEvents JSON batch: the structured events as one JSON array."""
+    return b"[" + b",".join(payloads) + b"]"
+
+
+def _dumps(doc: Any) -> bytes:
+    return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
