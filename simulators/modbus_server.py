@@ -1,6 +1,13 @@
-"""Serve simulated sewing stations as Modbus TCP devices (the imperative shell).
+"""Serve simulated sewing stations as Modbus devices (the imperative shell).
 
-Every pymodbus call of the simulators lives here. One pymodbus TCP server per station
+Every pymodbus call of the simulators lives here. :class:`SimulatedFloor` runs one Modbus
+TCP server per station; :class:`SimulatedLine` puts several stations as unit ids behind one
+server: an RS-485 bus (RTU on a serial port, e.g. one end of a
+:class:`~simulators.serial_link.PtyLink`), a serial-to-Ethernet converter (RTU over TCP) or
+a Modbus TCP gateway. :func:`start_server` is the shared way to serve any set of
+:class:`SimDevice` on any of those transports (the PLC simulator uses it too).
+
+On :class:`SimulatedFloor`, one pymodbus TCP server per station
 serves the station's ``REGISTER_COUNT`` holding registers. Addresses outside the map answer
 ILLEGAL DATA ADDRESS; writes and the other register kinds answer ILLEGAL FUNCTION (the
 station is a read-only counter with holding registers only); an unknown unit id answers
@@ -18,14 +25,15 @@ import asyncio
 import contextlib
 import math
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Self
+from typing import Literal, Self
 
 import structlog
 from pymodbus.constants import ExcCodes
-from pymodbus.server import ModbusTcpServer
+from pymodbus.framer import FramerType
+from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from simulators.sewing import REGISTER_COUNT, UNIT_ID, StationModel
@@ -44,9 +52,77 @@ def free_port(host: str = "127.0.0.1") -> int:
         return port
 
 
-async def _shutdown(server: ModbusTcpServer) -> None:
+async def _shutdown(server: ModbusTcpServer | ModbusSerialServer) -> None:
     # pymodbus 3.16 leaves shutdown() unannotated; this is the one place that calls it.
     await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+#: How a simulated device is reached.
+SimTransport = Literal["tcp", "rtu_over_tcp", "rtu"]
+
+#: Server object of :func:`start_server`.
+Server = ModbusTcpServer | ModbusSerialServer
+
+
+def _silence(units: frozenset[int], framer: FramerType) -> Callable[[bool, bytes], bytes]:
+    """A packet tracer that drops every response of a unit id not in ``units``.
+
+    On a serial bus an absent unit simply never answers (there is nobody to send an
+    exception), and the client has to wait out its timeout: this reproduces that.
+    """
+    unit_at = 6 if framer == FramerType.SOCKET else 0
+
+    def trace(sending: bool, packet: bytes) -> bytes:
+        if sending and len(packet) > unit_at and packet[unit_at] not in units:
+            return b""
+        return packet
+
+    return trace
+
+
+async def start_server(
+    devices: list[SimDevice],
+    *,
+    transport: SimTransport = "tcp",
+    host: str = "127.0.0.1",
+    port: int = 0,
+    serial_port: str | None = None,
+    baudrate: int = 19200,
+    silent_units: frozenset[int] | None = None,
+) -> tuple[Server, int]:
+    """Serve ``devices``; return the server and its TCP port (0 for a serial line).
+
+    ``silent_units``: only these unit ids ever answer (every other request goes
+    unanswered, as on an RS-485 bus). Raises ``OSError`` when the port cannot be used.
+    """
+    framer = FramerType.SOCKET if transport == "tcp" else FramerType.RTU
+    trace = _silence(silent_units, framer) if silent_units is not None else None
+    server: Server
+    if transport == "rtu":
+        if serial_port is None:
+            raise ValueError("transport rtu needs serial_port")
+        server = ModbusSerialServer(
+            context=devices,
+            framer=framer,
+            port=serial_port,
+            baudrate=baudrate,
+            trace_packet=trace,
+        )
+    else:
+        server = ModbusTcpServer(
+            context=devices, framer=framer, address=(host, port), trace_packet=trace
+        )
+    try:
+        await server.serve_forever(background=True)
+    except RuntimeError as exc:
+        await _shutdown(server)
+        where = serial_port if transport == "rtu" else f"{host}:{port}"
+        raise OSError(f"cannot serve on {where} (in use or not available)") from exc
+    if transport == "rtu":
+        return server, 0
+    listener = server.transport
+    bound = listener.sockets[0].getsockname()[1] if isinstance(listener, asyncio.Server) else port
+    return server, int(bound)
 
 
 @dataclass(slots=True)
@@ -291,3 +367,186 @@ class SimulatedFloor:
     def _check_finished(self) -> None:
         if all(st.spec.model.finished for st in self._by_name.values() if st.spec.model.scripted):
             self._finished.set()
+
+
+# ---------------------------------------------------------------------------- shared line
+
+
+@dataclass(slots=True)
+class LineStation:
+    """One station on a shared line: its name, unit id and model."""
+
+    name: str
+    unit_id: int
+    model: StationModel
+
+    def __post_init__(self) -> None:
+        """Validate the unit id (1..247; 0 is broadcast)."""
+        if not 1 <= self.unit_id <= 247:
+            raise ValueError(f"station {self.name}: unit_id must be 1..247, got {self.unit_id}")
+
+
+class SimulatedLine:
+    """Several stations as unit ids behind one Modbus server (an RS-485 bus or a converter).
+
+    ``transport="rtu"`` serves RTU frames on ``serial_port`` (a tty path); ``"rtu_over_tcp"``
+    and ``"tcp"`` listen on ``host:port`` (``port=0`` picks a free one, see :attr:`port`).
+    On RTU transports a unit id that no station has never answers, like an empty bus
+    address; on ``tcp`` it answers exception 11, like a Modbus TCP gateway.
+    """
+
+    def __init__(
+        self,
+        stations: Sequence[LineStation],
+        *,
+        transport: SimTransport = "rtu",
+        serial_port: str | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        baudrate: int = 19200,
+        speed: float = 1.0,
+        tick: float = 0.05,
+    ) -> None:
+        """Check the set-up; nothing starts before ``async with``."""
+        if not math.isfinite(speed) or speed <= 0:
+            raise ValueError(f"speed must be > 0, got {speed!r}")
+        if not math.isfinite(tick) or tick <= 0:
+            raise ValueError(f"tick must be > 0, got {tick!r}")
+        units = [s.unit_id for s in stations]
+        if len(set(units)) != len(units):
+            raise ValueError(f"unit ids on one line must be unique: {units}")
+        if transport == "rtu" and serial_port is None:
+            raise ValueError("transport rtu needs serial_port (a tty path)")
+        self.stations = tuple(stations)
+        self.transport: SimTransport = transport
+        self.serial_port = serial_port
+        self.host = host
+        self.port = port
+        self.baudrate = baudrate
+        self.speed = speed
+        self.tick = tick
+        self._server: Server | None = None
+        self._written: dict[int, list[int]] = {}
+        self._updating = False
+        self._task: asyncio.Task[None] | None = None
+        self._finished = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        """Start the server and the tick task."""
+
+        async def guard(
+            function_code: int,
+            start_address: int,
+            address: int,
+            count: int,
+            current: list[int],
+            set_values: list[int] | list[bool] | None,
+        ) -> ExcCodes | None:
+            # Same device as on SimulatedFloor: holding registers only, read-only.
+            if self._updating:
+                return None
+            if function_code != _READ_HOLDING_REGISTERS or set_values is not None:
+                return ExcCodes.ILLEGAL_FUNCTION
+            return None
+
+        async def absent(
+            function_code: int,
+            start_address: int,
+            address: int,
+            count: int,
+            current: list[int],
+            set_values: list[int] | list[bool] | None,
+        ) -> ExcCodes | None:
+            return ExcCodes.GATEWAY_NO_RESPONSE
+
+        devices = []
+        for station in self.stations:
+            registers = station.model.registers()
+            self._written[station.unit_id] = registers
+            block = SimData(address=0, count=1, values=list(registers), datatype=DataType.REGISTERS)
+            devices.append(SimDevice(id=station.unit_id, simdata=[block], action=guard))
+        catch_all = SimData(address=0, count=1, values=[0], datatype=DataType.REGISTERS)
+        devices.append(SimDevice(id=0, simdata=[catch_all], action=absent))
+        silent = None if self.transport == "tcp" else frozenset(self._written)
+        self._server, self.port = await start_server(
+            devices,
+            transport=self.transport,
+            host=self.host,
+            port=self.port,
+            serial_port=self.serial_port,
+            baudrate=self.baudrate,
+            silent_units=silent,
+        )
+        log.info(
+            "line serving",
+            transport=self.transport,
+            where=self.serial_port if self.transport == "rtu" else f"{self.host}:{self.port}",
+            units=sorted(self._written),
+        )
+        offsets = {s.unit_id: s.model.time for s in self.stations}
+        started = asyncio.get_running_loop().time()
+        self._task = asyncio.create_task(self._run(started, offsets), name="simulated-line-tick")
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        """Stop the tick task, then the server."""
+        task, self._task = self._task, None
+        try:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        finally:
+            server, self._server = self._server, None
+            if server is not None:
+                await _shutdown(server)
+
+    async def wait_finished(self, timeout: float) -> None:  # noqa: ASYNC109 (as SimulatedFloor)
+        """Return once every scripted station has run its script and its registers show it."""
+        if self._task is None:
+            raise RuntimeError("the line is not running; use it with 'async with'")
+        waiter = asyncio.create_task(self._finished.wait(), name="simulated-line-wait")
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await waiter
+        if not self._finished.is_set():
+            self._task.result()
+            raise RuntimeError("the simulated line stopped before the scenarios finished")
+
+    async def _run(self, started: float, offsets: dict[int, float]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = started
+        while True:
+            deadline = max(deadline + self.tick, loop.time())
+            await asyncio.sleep(deadline - loop.time())
+            elapsed = (loop.time() - started) * self.speed
+            for station in self.stations:
+                station.model.advance(offsets[station.unit_id] + elapsed)
+                await self._write(station)
+            if all(s.model.finished for s in self.stations if s.model.scripted):
+                self._finished.set()
+
+    async def _write(self, station: LineStation) -> None:
+        registers = station.model.registers()
+        old = self._written[station.unit_id]
+        changed = [i for i in range(REGISTER_COUNT) if registers[i] != old[i]]
+        self._written[station.unit_id] = registers
+        if not changed or self._server is None:
+            return
+        first, last = changed[0], changed[-1]
+        self._updating = True
+        try:
+            await self._server.async_setValues(
+                station.unit_id, _WRITE_MULTIPLE_REGISTERS, first, registers[first : last + 1]
+            )
+        finally:
+            self._updating = False

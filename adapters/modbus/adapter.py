@@ -1,8 +1,11 @@
-"""Modbus TCP adapter (the imperative shell): connect, poll the read plan, yield samples.
+"""Modbus adapter (the imperative shell): join a shared line, poll the read plan, yield samples.
 
-Every pymodbus call of the gateway's client side lives in this module. pymodbus' own
-reconnects and retries are kept out of the way: the gateway's supervisor reconnects with
-backoff, so a lost link surfaces at once as :class:`~adapters.base.ConnectionLost`.
+The wire lives in :mod:`adapters.modbus.line`: the adapter of each machine takes a reference
+to its endpoint's shared line on enter and releases it on exit, so machines behind one
+converter or on one RS-485 bus share one connection transparently. pymodbus' own reconnects
+and retries are kept out of the way: the gateway's supervisor reconnects with backoff, so a
+lost link or a silent unit surfaces at once as :class:`~adapters.base.ConnectionLost`
+(one timeout per cycle at most: the cycle stops at the first request left unanswered).
 
 Quality mapping, per cycle and per signal:
 
@@ -16,30 +19,28 @@ from __future__ import annotations
 
 import asyncio
 import math
-import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
 from typing import Self
 
 import structlog
-from pymodbus.client import AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException
-from pymodbus.pdu import ModbusPDU
 
-from adapters.base import ConnectError, ConnectionLost, DecodeError
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig, RegisterArea
+from adapters.base import ConnectionLost, DecodeError
+from adapters.modbus import line as lines
+from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import decode
-from adapters.modbus.plan import ReadRequest, next_deadline, plan_reads, split
+from adapters.modbus.line import ExceptionResponse, Line, NoResponse, ReadResult
+from adapters.modbus.plan import ReadRequest, next_deadline, plan_for, split, split_gaps
 from gateway.model import Quality, Sample, Value
 
 log = structlog.get_logger(__name__)
 
-#: Exception codes after which a block bridging several signals is split into one
-#: request per signal, for good: the device refuses part of the range (illegal address,
-#: illegal value when the count crosses a hole, and device failure, which some devices
-#: answer for unimplemented registers). Busy, acknowledge and gateway codes are transient,
-#: so they only mark the block's signals bad for the cycle.
+#: Exception codes after which a block bridging several signals is split, for good: the
+#: device refuses part of the range (illegal address, illegal value when the count crosses
+#: a hole, and device failure, which some devices answer for unimplemented registers).
+#: Busy, acknowledge and gateway codes are transient, so they only mark the block's signals
+#: bad for the cycle.
 SPLIT_CODES = frozenset({2, 3, 4})
 
 #: Names of the exception codes (MODBUS Application Protocol v1.1b3, section 7).
@@ -55,13 +56,6 @@ EXCEPTION_NAMES = {
     10: "gateway path unavailable",
     11: "gateway target device failed to respond",
 }
-
-# pymodbus reconnects on its own after a drop unless told otherwise. reconnect_delay=0 is
-# avoided on purpose (a busy loop in some pymodbus releases); an hour means its reconnect
-# task never fires before __aexit__ closes the client, which cancels the task.
-_PYMODBUS_RECONNECT_DELAY = 3600.0
-
-_Reader = Callable[..., Awaitable[ModbusPDU]]
 
 
 def describe_exception(code: int) -> str:
@@ -98,16 +92,10 @@ class ModbusAdapter:
         self._interval = poll_interval
         self._start_offset = start_offset
         self._clock = clock
-        self._where = f"{connection.host}:{connection.port}"
-        self._plan = plan_reads(
-            self._signals,
-            max_registers=connection.max_registers_per_read,
-            max_gap=connection.max_gap,
-        )
-        self._client: AsyncModbusTcpClient | None = None
-        # Resolved by pymodbus' disconnect callback, so a read in flight ends at once
-        # instead of waiting out its timeout.
-        self._lost: asyncio.Future[None] | None = None
+        self._where = connection.endpoint.split("://", 1)[1]
+        self._signals = resolve_word_orders(connection, self._signals)
+        self._plan = plan_for(connection, self._signals)
+        self._line: Line | None = None
         # Signals currently bad, with the reason first seen: one warning per episode.
         self._bad: dict[str, str] = {}
         self._log = log.bind(machine=machine, device=self._where, unit_id=connection.unit_id)
@@ -123,52 +111,8 @@ class ModbusAdapter:
         return self._plan
 
     async def __aenter__(self) -> Self:
-        """Connect within ``timeout``; raise :class:`ConnectError` naming host, port, cause."""
-        conn = self._connection
-        self._lost = asyncio.get_running_loop().create_future()
-        client = AsyncModbusTcpClient(
-            conn.host,
-            port=conn.port,
-            name=f"modbus[{self._machine}]",
-            # A backstop only: every call below runs under asyncio.timeout(conn.timeout),
-            # which fires first and gives the clearer message.
-            timeout=conn.timeout * 2,
-            retries=0,
-            reconnect_delay=_PYMODBUS_RECONNECT_DELAY,
-            reconnect_delay_max=_PYMODBUS_RECONNECT_DELAY,
-            trace_connect=self._on_connection_change,
-        )
-        self._client = client
-        try:
-            async with asyncio.timeout(conn.timeout):
-                # Resolve first: pymodbus reports every failure as a bare False, and a
-                # mistyped host name deserves its own message.
-                await asyncio.get_running_loop().getaddrinfo(
-                    conn.host, conn.port, type=socket.SOCK_STREAM
-                )
-                connected = await client.connect()
-        except socket.gaierror as exc:
-            self._close()
-            raise ConnectError(
-                f"cannot connect to {self._where}: cannot resolve host ({exc.strerror})"
-            ) from exc
-        except TimeoutError:
-            self._close()
-            raise ConnectError(
-                f"cannot connect to {self._where}: no answer within {conn.timeout} s"
-            ) from None
-        except (OSError, ModbusException) as exc:
-            self._close()
-            raise ConnectError(f"cannot connect to {self._where}: {exc}") from exc
-        except BaseException:
-            self._close()
-            raise
-        if not connected:
-            self._close()
-            # pymodbus swallows the OSError and only reports False.
-            raise ConnectError(
-                f"cannot connect to {self._where}: connection refused or host unreachable"
-            )
+        """Join the endpoint's shared line; raise :class:`ConnectError` naming it and the cause."""
+        self._line = await lines.acquire(self._connection)
         self._log.debug("modbus.connected")
         return self
 
@@ -178,25 +122,15 @@ class ModbusAdapter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Close the connection, whatever happened."""
-        self._close()
+        """Release the line (the last machine on it closes it), whatever happened."""
+        line, self._line = self._line, None
+        if line is not None:
+            lines.release(line)
         self._log.debug("modbus.closed")
-
-    def _close(self) -> None:
-        """Drop the client; closing also cancels any pymodbus reconnect task."""
-        client, self._client = self._client, None
-        if client is not None:
-            client.close()
-        self._lost = None
-
-    def _on_connection_change(self, connected: bool) -> None:
-        """pymodbus callback: remember a drop so the read in flight fails fast."""
-        if not connected and self._lost is not None and not self._lost.done():
-            self._lost.set_result(None)
 
     async def samples(self) -> AsyncIterator[list[Sample]]:
         """Yield one batch per poll cycle until cancelled; raise :class:`ConnectionLost`."""
-        if self._client is None:
+        if self._line is None:
             raise RuntimeError("ModbusAdapter.samples() needs 'async with adapter:' first")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._start_offset
@@ -215,41 +149,26 @@ class ModbusAdapter:
         """Run the plan once and turn the responses into one sample per signal."""
         values: dict[str, Value] = {}
         problems: dict[str, str] = {}
-        plan = list(self._plan)
-        index = sent = 0
-        while index < len(plan):
-            if sent and self._connection.request_delay:
-                await asyncio.sleep(self._connection.request_delay)
-            request = plan[index]
-            result = await self._read(request)
-            sent += 1
-            if isinstance(result, int):
-                if len(request.points) > 1 and result in SPLIT_CODES:
-                    parts = split(request)
-                    plan[index : index + 1] = parts
-                    self._plan = tuple(plan)
-                    self._log.info(
-                        "modbus.block_split",
-                        block=_describe(request),
-                        exception=describe_exception(result),
-                        requests=len(parts),
-                    )
-                    continue  # retry the same registers, one signal per request
-                reason = f"device exception {describe_exception(result)} for {_describe(request)}"
-                for point in request.points:
-                    problems[point.signal] = reason
-            elif len(result) != request.count:
-                reason = f"device answered {len(result)} registers for {_describe(request)}"
-                for point in request.points:
-                    problems[point.signal] = reason
+        pending = list(self._plan)
+        sent = 0
+        while pending:
+            if self._connection.max_concurrent_requests > 1 and not self._connection.request_delay:
+                results = await self._read_all(pending)
             else:
-                for point in request.points:
-                    registers = result[point.offset : point.offset + point.width]
-                    try:
-                        values[point.signal] = decode(registers, self._signals[point.signal])
-                    except DecodeError as exc:
-                        problems[point.signal] = str(exc)
-            index += 1
+                results = []
+                for request in pending:
+                    if sent and self._connection.request_delay:
+                        await asyncio.sleep(self._connection.request_delay)
+                    results.append(await self._read(request))
+                    sent += 1
+            retry: list[ReadRequest] = []
+            for request, result in zip(pending, results, strict=True):
+                parts = self._maybe_split(request, result)
+                if parts:
+                    retry.extend(parts)
+                    continue
+                self._collect(request, result, values, problems)
+            pending = retry
         source_time = self._clock()
         self._track_problems(problems)
         return [
@@ -259,52 +178,82 @@ class ModbusAdapter:
             for name in self._signals
         ]
 
-    async def _read(self, request: ReadRequest) -> list[int] | int:
-        """Registers of one request, or the device's exception code.
-
-        Raises :class:`ConnectionLost` on timeout, a closed socket or a broken reply.
-        """
-        client, lost = self._client, self._lost
-        if client is None or lost is None:
-            raise RuntimeError("ModbusAdapter is not connected: use 'async with adapter:'")
-        if lost.done() or not client.connected:
-            raise ConnectionLost(f"connection to {self._where} is closed")
-        readers: dict[RegisterArea, _Reader] = {
-            "holding": client.read_holding_registers,
-            "input": client.read_input_registers,
-        }
-        read = asyncio.ensure_future(
-            readers[request.area](
-                request.start, count=request.count, device_id=self._connection.unit_id
-            )
-        )
-        timeout = self._connection.timeout
+    async def _read_all(self, requests: list[ReadRequest]) -> list[ReadResult]:
+        """Read concurrently (the line bounds how many are in flight)."""
+        tasks = [asyncio.ensure_future(self._read(r)) for r in requests]
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait((read, lost), return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            raise ConnectionLost(
-                f"no response from {self._where} within {timeout} s reading {_describe(request)}"
-            ) from None
+            return list(await asyncio.gather(*tasks))
         finally:
-            if not read.done():
-                read.cancel()
-                # Let the cancellation land so pymodbus releases its request lock.
-                await asyncio.wait((read,))
-        if read.cancelled():
-            raise ConnectionLost(
-                f"connection to {self._where} closed by the device "
-                f"while reading {_describe(request)}"
-            )
-        try:
-            response = read.result()
-        except (ModbusException, OSError) as exc:
-            raise ConnectionLost(
-                f"reading {_describe(request)} from {self._where} failed: {exc}"
-            ) from exc
-        if response.isError():
-            return int(response.exception_code)
-        return list(response.registers)
+            for task in tasks:
+                task.cancel()
+
+    def _maybe_split(self, request: ReadRequest, result: ReadResult) -> tuple[ReadRequest, ...]:
+        """Split a refused block (remembered in the plan); empty when nothing to split."""
+        if not isinstance(result, ExceptionResponse) or result.code not in SPLIT_CODES:
+            return ()
+        if len(request.points) < 2:
+            return ()
+        # First drop the bridged gaps (the usual hole); a gap-free block still refused is
+        # read one signal per request.
+        parts = split_gaps(request)
+        if len(parts) == 1:
+            parts = split(request)
+        plan = list(self._plan)
+        if request in plan:
+            at = plan.index(request)
+            plan[at : at + 1] = parts
+            self._plan = tuple(plan)
+        self._log.info(
+            "modbus.block_split",
+            block=_describe(request),
+            exception=describe_exception(result.code),
+            requests=len(parts),
+        )
+        return parts
+
+    def _collect(
+        self,
+        request: ReadRequest,
+        result: ReadResult,
+        values: dict[str, Value],
+        problems: dict[str, str],
+    ) -> None:
+        """Decode one response into ``values`` or note why its signals are bad."""
+        if isinstance(result, ExceptionResponse):
+            reason = f"device exception {describe_exception(result.code)} for {_describe(request)}"
+            for point in request.points:
+                problems[point.signal] = reason
+            return
+        for point in request.points:
+            items = result[point.offset : point.offset + point.width]
+            try:
+                values[point.signal] = decode(items, self._signals[point.signal])
+            except DecodeError as exc:
+                problems[point.signal] = str(exc)
+
+    async def _read(self, request: ReadRequest) -> ReadResult:
+        """Items of one request, or the device's exception, with the configured retries.
+
+        Raises :class:`ConnectionLost` on timeout, a closed line or a broken reply.
+        """
+        line = self._line
+        if line is None:
+            raise RuntimeError("ModbusAdapter is not connected: use 'async with adapter:'")
+        conn = self._connection
+        for attempt in range(conn.retries + 1):
+            try:
+                return await line.read(
+                    conn.unit_id,
+                    request.area,
+                    request.start,
+                    request.count,
+                    reply_within=conn.timeout,
+                )
+            except NoResponse:
+                if attempt == conn.retries:
+                    raise
+                self._log.debug("modbus.retry", block=_describe(request), attempt=attempt + 1)
+        raise ConnectionLost("unreachable")  # pragma: no cover (the loop returns or raises)
 
     def _track_problems(self, problems: Mapping[str, str]) -> None:
         """Warn once when a signal turns bad, note at info when it is good again."""
@@ -316,6 +265,20 @@ class ModbusAdapter:
         for name in self._bad.keys() - problems.keys():
             self._log.info("modbus.signal_recovered", signal=name)
         self._bad = dict(problems)
+
+
+def resolve_word_orders(
+    connection: ModbusConnectionConfig, signals: Mapping[str, ModbusSignalConfig]
+) -> dict[str, ModbusSignalConfig]:
+    """Signals that do not set ``word_order`` take the connection's default."""
+    if connection.word_order == "ABCD":
+        return dict(signals)
+    return {
+        name: sig
+        if "word_order" in sig.model_fields_set
+        else sig.model_copy(update={"word_order": connection.word_order})
+        for name, sig in signals.items()
+    }
 
 
 def create(

@@ -1,4 +1,4 @@
-"""Turn raw 16-bit registers into typed values and back (pure, ``struct`` on raw words).
+"""Turn raw 16-bit registers (or bits) into typed values and back (pure, ``struct`` on raw words).
 
 Registers are packed big-endian into bytes ``A B C D ...`` (A = high byte of the first
 register), reordered for the word order, then unpacked with :mod:`struct`; this is about
@@ -7,17 +7,28 @@ register), reordered for the word order, then unpacked with :mod:`struct`; this 
 Word orders (``ABCD`` is the value's big-endian byte order)::
 
     ABCD  registers [AB, CD]  high word first, high byte first (Modbus default)
-    CDAB  registers [CD, AB]  word-swapped
+    CDAB  registers [CD, AB]  word-swapped: low word first
     BADC  registers [BA, DC]  byte-swapped within each word
     DCBA  registers [DC, BA]  both swapped (little-endian)
 
-For one-register types only the byte swap matters (``CDAB`` equals ``ABCD``,
-``DCBA`` equals ``BADC``). Strings hold two ASCII characters per register, high byte
-first; ``BADC`` and ``DCBA`` swap the bytes within each register, the order of the
-registers never changes. Trailing NULs and spaces are stripped.
+For 64-bit types the same names mean the same two switches over four words: ``CDAB``
+reverses the order of all four words (``[GH, EF, CD, AB]``), ``BADC`` swaps the bytes inside
+each word, ``DCBA`` does both (fully little-endian). For one-register types only the byte
+swap matters (``CDAB`` equals ``ABCD``, ``DCBA`` equals ``BADC``).
 
-``float32`` NaN and infinities are returned as they are (no error): the signal mapping
-decides what they mean.
+Strings hold two ASCII characters per register, high byte first; ``BADC`` and ``DCBA``
+swap the bytes within each register, the order of the registers never changes. Trailing
+NULs and spaces are stripped.
+
+BCD (``bcd16``: 4 digits in one register, ``bcd32``: 8 digits in two) packs one decimal
+digit per nibble, most significant first after the word order is applied: ``0x1234`` is
+1234. A nibble above 9 is a :class:`DecodeError`.
+
+``bool`` is one coil or discrete input, one bit of a register (``bit``), or a whole
+register that is non-zero.
+
+``float32``/``float64`` NaN and infinities are returned as they are (no error): the signal
+mapping decides what they mean.
 """
 
 from __future__ import annotations
@@ -30,9 +41,20 @@ from adapters.base import DecodeError
 from adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
 
 #: What :func:`decode` returns for a good value.
-DecodedValue = int | float | str
+DecodedValue = bool | int | float | str
 
-_STRUCT_FORMAT = {"uint16": ">H", "int16": ">h", "uint32": ">I", "int32": ">i", "float32": ">f"}
+_STRUCT_FORMAT = {
+    "uint16": ">H",
+    "int16": ">h",
+    "uint32": ">I",
+    "int32": ">i",
+    "float32": ">f",
+    "uint64": ">Q",
+    "int64": ">q",
+    "float64": ">d",
+    "bcd16": ">H",
+    "bcd32": ">I",
+}
 
 
 def _swap_words(raw: bytes) -> bytes:
@@ -52,6 +74,11 @@ def _identity(raw: bytes) -> bytes:
     return raw
 
 
+def _reverse(raw: bytes) -> bytes:
+    """Reverse every byte (both swaps at once)."""
+    return raw[::-1]
+
+
 @lru_cache(maxsize=64)
 def _reorder(signal_type: str, word_order: str, words: int) -> Callable[[bytes], bytes]:
     """The byte permutation for this type and word order; it is its own inverse."""
@@ -65,7 +92,7 @@ def _reorder(signal_type: str, word_order: str, words: int) -> Callable[[bytes],
     if word_order == "BADC" or (word_order == "DCBA" and words == 1):
         return _swap_bytes
     # DCBA on two or more words is a full byte reversal.
-    return lambda raw: raw[::-1]
+    return _reverse
 
 
 @lru_cache(maxsize=128)
@@ -74,12 +101,17 @@ def _registers_struct(count: int) -> struct.Struct:
     return struct.Struct(f">{count}H")
 
 
+def reorder(raw: bytes, signal_type: str, word_order: str) -> bytes:
+    """Apply (or undo: it is its own inverse) a word order to the wire bytes of a value."""
+    return _reorder(signal_type, word_order, len(raw) // 2)(raw)
+
+
 def _to_bytes(registers: Sequence[int], signal: ModbusSignalConfig) -> bytes:
     """Pack the registers into wire bytes, checking count and range."""
     expected = signal.register_count
     if len(registers) != expected:
         raise DecodeError(
-            f"{signal.type} at address {signal.address} needs {expected} registers, "
+            f"{signal.value_type} at address {signal.start} needs {expected} registers, "
             f"got {len(registers)}"
         )
     try:
@@ -90,15 +122,39 @@ def _to_bytes(registers: Sequence[int], signal: ModbusSignalConfig) -> bytes:
         ) from exc
 
 
-def decode(registers: Sequence[int], signal: ModbusSignalConfig) -> DecodedValue:
-    """Decode the registers of one signal; raise :class:`DecodeError` on bad input."""
-    raw = _reorder(signal.type, signal.word_order, signal.register_count)(
-        _to_bytes(registers, signal)
-    )
-    if signal.type == "string":
+def decode(registers: Sequence[int] | Sequence[bool], signal: ModbusSignalConfig) -> DecodedValue:
+    """Decode the registers (or the bit) of one signal; raise :class:`DecodeError` on bad input."""
+    kind = signal.value_type
+    if signal.is_bit_area:
+        if len(registers) != 1:
+            raise DecodeError(f"{signal.area} {signal.start} needs 1 bit, got {len(registers)}")
+        return bool(registers[0])
+    words = [int(r) for r in registers]
+    if kind == "bool":
+        raw = _to_bytes(words, signal)
+        value = _reorder("uint16", signal.word_order, 1)(raw)
+        number = int.from_bytes(value, "big")
+        if signal.bit is None:
+            return number != 0
+        return bool((number >> signal.bit) & 1)
+    raw = _reorder(kind, signal.word_order, signal.register_count)(_to_bytes(words, signal))
+    if kind == "string":
         return _decode_string(raw, signal)
-    value: DecodedValue = struct.unpack(_STRUCT_FORMAT[signal.type], raw)[0]
-    return value
+    number_or_float: int | float = struct.unpack(_STRUCT_FORMAT[kind], raw)[0]
+    if kind in ("bcd16", "bcd32"):
+        return _decode_bcd(int(number_or_float), signal)
+    return number_or_float
+
+
+def _decode_bcd(packed: int, signal: ModbusSignalConfig) -> int:
+    """Read one decimal digit per nibble, most significant nibble first."""
+    digits = f"{packed:0{signal.register_count * 4}X}"
+    if not digits.isdigit():
+        raise DecodeError(
+            f"{signal.value_type} at address {signal.start} is not BCD: 0x{digits} "
+            "has a nibble above 9"
+        )
+    return int(digits)
 
 
 def _decode_string(raw: bytes, signal: ModbusSignalConfig) -> str:
@@ -108,7 +164,7 @@ def _decode_string(raw: bytes, signal: ModbusSignalConfig) -> str:
         return text.decode("ascii")
     except UnicodeDecodeError as exc:
         raise DecodeError(
-            f"string at address {signal.address} holds a non-ASCII byte "
+            f"string at address {signal.start} holds a non-ASCII byte "
             f"0x{text[exc.start]:02X} at position {exc.start}"
         ) from exc
 
@@ -117,16 +173,39 @@ def encode(value: DecodedValue, signal: ModbusSignalConfig) -> list[int]:
     """Encode a value into the signal's registers: the exact inverse of :func:`decode`.
 
     Raises ``ValueError`` for a value the type cannot hold (out of range, too long, not
-    ASCII). A string round-trips unless it ends in NUL or space, which decoding strips;
-    a float round-trips when it is representable in 32 bits.
+    ASCII, not BCD). A string round-trips unless it ends in NUL or space, which decoding
+    strips; a float round-trips when it is representable in the type. A ``bool`` of a
+    register sets only its own bit (the other bits are 0); a bit-area ``bool`` is ``[0|1]``.
     """
+    kind = signal.value_type
     count = signal.register_count
-    if signal.type == "string":
+    if kind == "bool":
+        if not isinstance(value, bool | int) or isinstance(value, float):
+            raise ValueError(f"bool signal needs a bool, got {type(value).__name__}")
+        if signal.is_bit_area:
+            return [int(bool(value))]
+        word = (1 << signal.bit if signal.bit is not None else 1) if value else 0
+        return list(
+            _registers_struct(1).unpack(
+                _reorder("uint16", signal.word_order, 1)(word.to_bytes(2, "big"))
+            )
+        )
+    if kind == "string":
         raw = _encode_string(value, signal)
+    elif kind in ("bcd16", "bcd32"):
+        raw = _encode_bcd(value, signal)
     else:
         raw = _encode_number(value, signal)
-    words = _registers_struct(count).unpack(_reorder(signal.type, signal.word_order, count)(raw))
+    words = _registers_struct(count).unpack(_reorder(kind, signal.word_order, count)(raw))
     return list(words)
+
+
+def _encode_bcd(value: DecodedValue, signal: ModbusSignalConfig) -> bytes:
+    """Pack a non-negative integer as one decimal digit per nibble."""
+    digits = signal.register_count * 4
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 10**digits:
+        raise ValueError(f"{signal.value_type} holds 0..{10**digits - 1}, got {value!r}")
+    return int(f"{value:0{digits}d}", 16).to_bytes(digits // 2, "big")
 
 
 def _encode_string(value: DecodedValue, signal: ModbusSignalConfig) -> bytes:
@@ -145,14 +224,14 @@ def _encode_string(value: DecodedValue, signal: ModbusSignalConfig) -> bytes:
 
 def _encode_number(value: DecodedValue, signal: ModbusSignalConfig) -> bytes:
     """Pack a number with the type's struct format, refusing values that do not fit."""
-    kind = signal.type
+    kind = signal.value_type
     if isinstance(value, str | bool):
         raise ValueError(f"{kind} signal needs a number, got {type(value).__name__}")
-    if kind == "float32":
+    if kind in ("float32", "float64"):
         try:
-            return struct.pack(">f", float(value))
+            return struct.pack(_STRUCT_FORMAT[kind], float(value))
         except OverflowError as exc:
-            raise ValueError(f"{value!r} does not fit in float32") from exc
+            raise ValueError(f"{value!r} does not fit in {kind}") from exc
     if not isinstance(value, int):
         raise ValueError(f"{kind} signal needs an int, got {value!r}")
     try:

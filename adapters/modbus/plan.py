@@ -2,12 +2,13 @@
 
 Rules of a plan:
 
-- each request reads one area, at most ``max_registers`` registers, and starts and ends on
-  a mapped register;
+- each request reads one area, at most ``max_registers`` registers (``max_bits`` bits for
+  coils and discrete inputs), and starts and ends on a mapped register (or bit);
 - a signal is never split across requests (it is decoded from exactly one response);
 - a request may bridge runs of *unmapped* registers (mapped by no signal of that area)
-  of at most ``max_gap`` registers. Registers mapped by some other signal are not a gap,
-  even when that signal is read by another request: they exist on the device.
+  of at most ``max_gap`` registers (``max_bit_gap`` bits). Registers mapped by some other
+  signal are not a gap, even when that signal is read by another request: they exist on
+  the device.
 
 Under these rules a greedy pass is optimal: the signal that starts first must be read by
 a request starting at its address, and that request may as well take every signal that
@@ -26,7 +27,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from adapters.modbus.config import ModbusSignalConfig, RegisterArea
+from adapters.modbus.config import (
+    BIT_AREAS,
+    MAX_BITS_PER_READ,
+    ModbusConnectionConfig,
+    ModbusSignalConfig,
+    RegisterArea,
+)
 
 
 class Point(NamedTuple):
@@ -48,16 +55,23 @@ class ReadRequest:
 
 
 def plan_reads(
-    signals: Mapping[str, ModbusSignalConfig], *, max_registers: int, max_gap: int
+    signals: Mapping[str, ModbusSignalConfig],
+    *,
+    max_registers: int,
+    max_gap: int,
+    max_bits: int = MAX_BITS_PER_READ,
+    max_bit_gap: int = 128,
 ) -> tuple[ReadRequest, ...]:
     """The minimal set of requests covering every signal (ordered by area, then address).
 
     Raises ``ValueError`` when a signal is wider than ``max_registers``.
     """
-    if max_registers < 1:
-        raise ValueError(f"max_registers must be at least 1, got {max_registers}")
-    if max_gap < 0:
-        raise ValueError(f"max_gap must be 0 or more, got {max_gap}")
+    for name, limit in (("max_registers", max_registers), ("max_bits", max_bits)):
+        if limit < 1:
+            raise ValueError(f"{name} must be at least 1, got {limit}")
+    for name, gap in (("max_gap", max_gap), ("max_bit_gap", max_bit_gap)):
+        if gap < 0:
+            raise ValueError(f"{name} must be 0 or more, got {gap}")
     by_area: dict[RegisterArea, list[tuple[int, int, str]]] = {}
     for name, signal in signals.items():
         width = signal.register_count
@@ -66,12 +80,27 @@ def plan_reads(
                 f"signal {name!r} is {width} registers wide; one read takes at most "
                 f"{max_registers} (max_registers_per_read)"
             )
-        by_area.setdefault(signal.area, []).append((signal.address, signal.address + width, name))
+        by_area.setdefault(signal.area, []).append((signal.start, signal.start + width, name))
     requests: list[ReadRequest] = []
     for area in sorted(by_area):
-        for cluster in _clusters(sorted(by_area[area]), max_gap):
-            requests.extend(_cover(area, cluster, max_registers))
+        bits = area in BIT_AREAS
+        limit, gap = (max_bits, max_bit_gap) if bits else (max_registers, max_gap)
+        for cluster in _clusters(sorted(by_area[area]), gap):
+            requests.extend(_cover(area, cluster, limit))
     return tuple(requests)
+
+
+def plan_for(
+    connection: ModbusConnectionConfig, signals: Mapping[str, ModbusSignalConfig]
+) -> tuple[ReadRequest, ...]:
+    """:func:`plan_reads` with the limits of one device's connection config."""
+    return plan_reads(
+        signals,
+        max_registers=connection.max_registers_per_read,
+        max_gap=connection.max_gap,
+        max_bits=connection.max_bits_per_read,
+        max_bit_gap=connection.max_bit_gap,
+    )
 
 
 def _clusters(spans: list[tuple[int, int, str]], max_gap: int) -> list[list[tuple[int, int, str]]]:
@@ -107,6 +136,19 @@ def _cover(
         )
         requests.append(ReadRequest(area, first, end - first, tuple(points)))
     return requests
+
+
+def split_gaps(request: ReadRequest) -> tuple[ReadRequest, ...]:
+    """The same signals without bridging any unmapped register: the first fallback when a
+    device refuses a bridged block (it has a hole there)."""
+    spans = sorted(
+        (request.start + p.offset, request.start + p.offset + p.width, p.signal)
+        for p in request.points
+    )
+    out: list[ReadRequest] = []
+    for cluster in _clusters(spans, 0):
+        out.extend(_cover(request.area, cluster, request.count))
+    return tuple(out)
 
 
 def split(request: ReadRequest) -> tuple[ReadRequest, ...]:

@@ -115,9 +115,10 @@ def test_signal_must_fit_the_address_space() -> None:
         ({"address": True, "type": "uint16"}, "not true/false"),
         ({"address": 0, "type": "string", "length": 0}, "greater than or equal to 1"),
         ({"address": 0, "type": "string", "length": 126}, "less than or equal to 125"),
-        ({"address": 0, "type": "uint64"}, "'uint16'"),
+        ({"address": 0, "type": "uint128"}, "'uint16'"),
         ({"address": 0, "type": "uint16", "word_order": "BACD"}, "'ABCD'"),
-        ({"address": 0, "type": "uint16", "area": "coil"}, "'holding'"),
+        ({"address": 0, "type": "uint16", "area": "coils"}, "'holding'"),
+        ({"address": 0, "type": "uint16", "area": "coil"}, "type must be bool"),
         ({"address": 0, "type": "uint16", "register": 4}, "Extra inputs"),
     ],
 )
