@@ -1,0 +1,301 @@
+"""Simulated industrial robot with an address space shaped after OPC 40010-1 (Robotics).
+
+Pure and deterministic: ``RobotModel.advance(t)`` moves the robot cell through its scenario
+(the step types of :mod:`simulators.scenario`; one piece is one work cycle) and
+``values()`` gives every variable's value by node key. The implemented subset of the
+companion specification is documented in ``simulators/README.md`` ("Robot").
+
+How the scenario shows on the robot (TaskControlStateMachine states Idle / Ready /
+Executing; OperationalModeEnumeration 1 MANUAL_REDUCED_SPEED, 3 AUTOMATIC):
+
+=============  ==========  ==============  ===================  ================
+step           task state  program loaded  operational mode     safety
+=============  ==========  ==============  ===================  ================
+run_order      Executing   yes             AUTOMATIC            -
+stop           Ready       yes             AUTOMATIC            -
+fault          Ready       yes             AUTOMATIC            protective stop (alarm 1001:
+                                                                emergency stop)
+changeover     Ready       yes (next)      MANUAL_REDUCED_SPEED -
+idle / done    Idle        no              AUTOMATIC            -
+maintenance    Idle        no              MANUAL_REDUCED_SPEED -
+=============  ==========  ==============  ===================  ================
+
+The robot does not know orders: the task program name stands for the kind of part, and the
+cycle counter is a lifetime counter. Order ids come from the platform (``assign-order``).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator, Mapping, Sequence
+
+from simulators.opcua_common import (
+    NS_DI,
+    NS_ROBOTICS,
+    NS_UA,
+    AddressSpace,
+    DataType,
+    EngineModel,
+    NodeSpec,
+    NodeValue,
+    ProductionSnapshot,
+    parse_path,
+    stable_pick,
+)
+from simulators.scenario import (
+    Changeover,
+    Fault,
+    Idle,
+    Maintenance,
+    RunOrder,
+    Step,
+    Stop,
+    pieces_to_reach,
+)
+
+#: Instance namespace of every simulated robot (string NodeIds, vendor variables).
+ROBOT_NAMESPACE = "urn:shopfloor-gateway:simulator:robot"
+#: String NodeId of the root object (a MotionDeviceSystemType instance).
+ROOT_ID = "MotionDeviceSystem"
+
+#: Namespace aliases used in this module's browse paths and in the profile.
+ALIASES: Mapping[str, str] = {
+    "ua": NS_UA,
+    "di": NS_DI,
+    "rob": NS_ROBOTICS,
+    "sim": ROBOT_NAMESPACE,
+}
+
+#: OperationalModeEnumeration (OPC 40010-1).
+OPERATIONAL_MODES: Mapping[str, int] = {
+    "OTHER": 0,
+    "MANUAL_REDUCED_SPEED": 1,
+    "MANUAL_HIGH_SPEED": 2,
+    "AUTOMATIC": 3,
+    "AUTOMATIC_EXTERNAL": 4,
+}
+#: ExecutionModeEnumeration (OPC 40010-1).
+EXECUTION_MODES: Mapping[str, int] = {"CYCLE": 0, "CONTINUOUS": 1, "STEP": 2}
+#: MotionDeviceCategoryEnumeration value 1 = ARTICULATED_ROBOT.
+ARTICULATED_ROBOT = 1
+#: Alarm code that also presses the emergency stop (all other faults are protective stops).
+EMERGENCY_STOP_CODE = 1001
+
+#: Alarm codes of the generated day and their texts (documented in simulators/README.md).
+ALARM_TEXTS: Mapping[int, str] = {
+    EMERGENCY_STOP_CODE: "Emergency stop pressed",
+    1101: "Light curtain interrupted",
+    1205: "Gripper vacuum lost",
+    1310: "Collision detected on axis 4",
+}
+_PROGRAMS = (
+    "PICK_PLACE_A12",
+    "PALLETIZE_EU1",
+    "WELD_BRACKET_07",
+    "DEBURR_HOUSING",
+    "SCREW_COVER_M4",
+)
+
+# Activity -> (task state, program loaded, operational mode name).
+_SHOWN: Mapping[str, tuple[str, bool, str]] = {
+    "run": ("Executing", True, "AUTOMATIC"),
+    "stop": ("Ready", True, "AUTOMATIC"),
+    "fault": ("Ready", True, "AUTOMATIC"),
+    "setup": ("Ready", True, "MANUAL_REDUCED_SPEED"),
+    "idle": ("Idle", False, "AUTOMATIC"),
+    "done": ("Idle", False, "AUTOMATIC"),
+    "maintenance": ("Idle", False, "MANUAL_REDUCED_SPEED"),
+}
+
+_DEVICE = "rob:MotionDevices/sim:Robot_1"
+_CONTROLLER = "rob:Controllers/sim:Controller_1"
+_TASK = f"{_CONTROLLER}/rob:TaskControls/sim:TaskControl_1"
+_SAFETY = "rob:SafetyStates/sim:SafetyState_1"
+
+
+def _node(
+    path: str,
+    datatype: DataType | None = None,
+    value: NodeValue | None = None,
+    *,
+    prop: bool = False,
+) -> NodeSpec:
+    return NodeSpec(parse_path(path, ALIASES), datatype, value, prop)
+
+
+def _nameplate(base: str, model: str, serial: str) -> list[NodeSpec]:
+    return [
+        _node(f"{base}/di:Manufacturer", "LocalizedText", "Shopfloor Simulators", prop=True),
+        _node(f"{base}/di:Model", "LocalizedText", model, prop=True),
+        _node(f"{base}/di:SerialNumber", "String", serial, prop=True),
+    ]
+
+
+def build_address_space(serial: str) -> AddressSpace:
+    """The robot's nodes below its root object (initial values only)."""
+    nodes = [
+        _node("rob:MotionDevices"),
+        _node(_DEVICE),
+        *_nameplate(_DEVICE, "SIM-R6 1400", f"R6-{serial}"),
+        _node(f"{_DEVICE}/rob:MotionDeviceCategory", "Int32", ARTICULATED_ROBOT, prop=True),
+        _node(f"{_DEVICE}/di:ParameterSet"),
+        _node(f"{_DEVICE}/di:ParameterSet/rob:SpeedOverride", "Double", 100.0),
+        _node(f"{_DEVICE}/di:ParameterSet/rob:OnPath", "Boolean", False),
+        _node(f"{_DEVICE}/di:ParameterSet/rob:InControl", "Boolean", False),
+        _node("rob:Controllers"),
+        _node(_CONTROLLER),
+        *_nameplate(_CONTROLLER, "SIM-RC 5", f"RC-{serial}"),
+        _node(f"{_CONTROLLER}/di:ParameterSet"),
+        _node(f"{_CONTROLLER}/di:ParameterSet/sim:AlarmCode", "UInt32", 0),
+        _node(f"{_CONTROLLER}/di:ParameterSet/sim:AlarmText", "String", ""),
+        _node(f"{_CONTROLLER}/rob:TaskControls"),
+        _node(_TASK),
+        _node(f"{_TASK}/di:ComponentName", "LocalizedText", "Main task", prop=True),
+        _node(f"{_TASK}/di:ParameterSet"),
+        _node(f"{_TASK}/di:ParameterSet/rob:TaskProgramName", "String", ""),
+        _node(f"{_TASK}/di:ParameterSet/rob:TaskProgramLoaded", "Boolean", False),
+        _node(f"{_TASK}/di:ParameterSet/rob:ExecutionMode", "Int32", EXECUTION_MODES["CONTINUOUS"]),
+        _node(f"{_TASK}/di:ParameterSet/sim:CycleCounter", "UInt32", 0),
+        _node(f"{_TASK}/di:ParameterSet/sim:CycleTime", "Double", 0.0),
+        _node(f"{_TASK}/rob:TaskControlOperation"),
+        _node(f"{_TASK}/rob:TaskControlOperation/rob:TaskControlStateMachine"),
+        _node(
+            f"{_TASK}/rob:TaskControlOperation/rob:TaskControlStateMachine/ua:CurrentState",
+            "LocalizedText",
+            "Idle",
+        ),
+        _node("rob:SafetyStates"),
+        _node(_SAFETY),
+        _node(f"{_SAFETY}/di:ParameterSet"),
+        _node(f"{_SAFETY}/di:ParameterSet/rob:OperationalMode", "Int32", 3),
+        _node(f"{_SAFETY}/di:ParameterSet/rob:EmergencyStop", "Boolean", False),
+        _node(f"{_SAFETY}/di:ParameterSet/rob:ProtectiveStop", "Boolean", False),
+    ]
+    return AddressSpace(
+        namespace=ROBOT_NAMESPACE,
+        root_id=ROOT_ID,
+        parent=(NS_DI, "DeviceSet"),
+        root_type="MotionDeviceSystemType (OPC 40010-1)",
+        nodes=tuple(nodes),
+    )
+
+
+def _key(path: str) -> str:
+    return "/".join(part.partition(":")[2] for part in path.split("/"))
+
+
+# Node keys the model writes (and tests and the profile read).
+K_TASK_STATE = _key(f"{_TASK}/rob:TaskControlOperation/rob:TaskControlStateMachine/ua:CurrentState")
+K_PROGRAM = _key(f"{_TASK}/di:ParameterSet/rob:TaskProgramName")
+K_PROGRAM_LOADED = _key(f"{_TASK}/di:ParameterSet/rob:TaskProgramLoaded")
+K_CYCLE_COUNTER = _key(f"{_TASK}/di:ParameterSet/sim:CycleCounter")
+K_CYCLE_TIME = _key(f"{_TASK}/di:ParameterSet/sim:CycleTime")
+K_OPERATIONAL_MODE = _key(f"{_SAFETY}/di:ParameterSet/rob:OperationalMode")
+K_EMERGENCY_STOP = _key(f"{_SAFETY}/di:ParameterSet/rob:EmergencyStop")
+K_PROTECTIVE_STOP = _key(f"{_SAFETY}/di:ParameterSet/rob:ProtectiveStop")
+K_SPEED_OVERRIDE = _key(f"{_DEVICE}/di:ParameterSet/rob:SpeedOverride")
+K_ON_PATH = _key(f"{_DEVICE}/di:ParameterSet/rob:OnPath")
+K_IN_CONTROL = _key(f"{_DEVICE}/di:ParameterSet/rob:InControl")
+K_ALARM_CODE = _key(f"{_CONTROLLER}/di:ParameterSet/sim:AlarmCode")
+K_ALARM_TEXT = _key(f"{_CONTROLLER}/di:ParameterSet/sim:AlarmText")
+
+
+def program_for(order_id: str) -> str:
+    """Task program the robot runs for an order (the same on every run)."""
+    return stable_pick(_PROGRAMS, order_id)
+
+
+def alarm_text(code: int) -> str:
+    """Text of an alarm code ("" for 0)."""
+    if code == 0:
+        return ""
+    return ALARM_TEXTS.get(code, f"Alarm {code}")
+
+
+def generate_robot_steps(seed: int, name: str) -> Iterator[Step]:
+    """Endless realistic shift of a robot cell, determined by ``seed`` and ``name``."""
+    rng = random.Random(f"robot-day:{seed}:{name}")
+    order_number = rng.randrange(20_000, 90_000)
+    codes = sorted(ALARM_TEXTS)
+    first = True
+    while True:
+        if not first:
+            if rng.random() < 0.03:
+                yield Maintenance(round(rng.uniform(300.0, 900.0), 1))
+            elif rng.random() < 0.1:
+                yield Idle(round(rng.uniform(30.0, 180.0), 1))
+            yield Changeover(round(rng.uniform(20.0, 90.0), 1))
+        first = False
+        order_number += rng.randint(1, 9)
+        order_id = f"PO-{order_number}"
+        target = rng.randint(40, 200)
+        cycle = round(rng.uniform(5.0, 15.0), 2)
+        scrap_every = rng.choice((None, None, None, 50))
+        remaining = pieces_to_reach(target, scrap_every)
+        while remaining > 0:
+            segment = rng.randint(20, 80)
+            if segment >= remaining:
+                yield RunOrder(order_id, target, cycle, scrap_every, False, jitter=0.05)
+                break
+            yield RunOrder(order_id, target, cycle, scrap_every, False, segment, 0.05)
+            remaining -= segment
+            if rng.random() < 0.2:
+                yield Fault(round(rng.uniform(15.0, 120.0), 1), rng.choice(codes))
+            else:
+                yield Stop(round(rng.uniform(10.0, 60.0), 1))
+
+
+class RobotModel(EngineModel):
+    """One simulated robot cell advanced through a scenario in scenario time.
+
+    A piece of the scenario is one work cycle. ``script=None`` runs the endless generated
+    shift for ``seed`` and ``name``; a script runs once, then the task goes idle.
+    """
+
+    def __init__(
+        self, script: Sequence[Step] | None = None, *, seed: int = 0, name: str = "robot-01"
+    ) -> None:
+        """Build the robot at scenario time 0 with its first step begun."""
+        rng = random.Random(f"robot-identity:{seed}:{name}")
+        super().__init__(
+            script,
+            generate_robot_steps(seed, name),
+            seed=seed,
+            name=name,
+            kind="robot",
+            lifetime_base=rng.randrange(100_000, 5_000_000),
+        )
+        self._space = build_address_space(f"{rng.randrange(100_000, 999_999)}")
+        self._initial = {key: spec.value for key, spec in self._space.variables().items()}
+
+    @property
+    def address_space(self) -> AddressSpace:
+        """The nodes the server builds at start."""
+        return self._space
+
+    def values(self) -> dict[str, NodeValue]:
+        """Current value of every variable, by node key."""
+        values: dict[str, NodeValue] = {k: v for k, v in self._initial.items() if v is not None}
+        values.update(self._dynamic(self._engine.snapshot()))
+        return values
+
+    def _dynamic(self, show: ProductionSnapshot) -> dict[str, NodeValue]:
+        task_state, loaded, mode = _SHOWN[show.activity]
+        loaded = loaded and bool(show.order_id)
+        running = show.activity == "run"
+        fault = show.activity == "fault"
+        return {
+            K_TASK_STATE: task_state if loaded or task_state == "Idle" else "Idle",
+            K_PROGRAM: program_for(show.order_id) if loaded else "",
+            K_PROGRAM_LOADED: loaded,
+            K_CYCLE_COUNTER: show.lifetime,
+            K_CYCLE_TIME: show.cycle_time,
+            K_OPERATIONAL_MODE: OPERATIONAL_MODES[mode],
+            K_EMERGENCY_STOP: fault and show.alarm_code == EMERGENCY_STOP_CODE,
+            K_PROTECTIVE_STOP: fault,
+            K_SPEED_OVERRIDE: 100.0 if running else 0.0,
+            K_ON_PATH: running,
+            K_IN_CONTROL: not fault,
+            K_ALARM_CODE: show.alarm_code,
+            K_ALARM_TEXT: alarm_text(show.alarm_code),
+        }
