@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,6 +53,23 @@ def build_parser() -> argparse.ArgumentParser:
     from simulators import cli as sim_cli
 
     sim_cli.add_arguments(kinds.add_parser("sewing", help="Modbus TCP sewing stations"))
+    from simulators import opcua_cli, proxy_cli
+
+    opcua_cli.add_arguments(kinds.add_parser("cnc", help="OPC UA CNC machines (umati)"), "cnc")
+    opcua_cli.add_arguments(kinds.add_parser("robot", help="OPC UA robots (OPC 40010)"), "robot")
+    proxy_cli.add_arguments(
+        kinds.add_parser("proxy", help="fault-injection TCP proxy in front of any device")
+    )
+
+    from gateway import probe
+
+    probe.add_arguments(sub.add_parser("probe", help="look at a device before writing its config"))
+
+    from gateway import opcua_cert
+
+    opcua_cert.add_arguments(
+        sub.add_parser("opcua-cert", help="create the gateway's OPC UA client certificate")
+    )
 
     from gateway import watch
 
@@ -82,6 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "watch": cmd_watch,
         "demo": cmd_demo,
         "schema": cmd_schema,
+        "probe": cmd_probe,
+        "opcua-cert": cmd_opcua_cert,
     }[args.command]
     try:
         return command(args)
@@ -108,6 +128,20 @@ def run_async(factory: Callable[[asyncio.Event], Awaitable[int]]) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
         return asyncio.run(wrapper())
     return int(uvloop.run(wrapper()))
+
+
+async def until_stopped(work: Awaitable[int], stop: asyncio.Event) -> int:
+    """Run ``work`` until it returns or ``stop`` is set (Ctrl-C), then clean up."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        stopper.cancel()
+        return int(task.result())
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return EXIT_OK
 
 
 def _load(path: str) -> Any:
@@ -182,20 +216,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """``shopfloor simulate sewing``."""
     logs.configure("info")
     from simulators import cli as sim_cli
+    from simulators import opcua_cli, proxy_cli
 
-    async def go(stop: asyncio.Event) -> int:
-        task = asyncio.create_task(sim_cli.run(args))
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            stopper.cancel()
-            return int(task.result())
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return EXIT_OK
+    runner = {"sewing": sim_cli.run, "cnc": opcua_cli.run, "robot": opcua_cli.run}.get(
+        args.kind, proxy_cli.run
+    )
 
-    return run_async(go)
+    return run_async(lambda stop: until_stopped(runner(args), stop))
 
 
 def cmd_watch(args: argparse.Namespace) -> int:
@@ -203,19 +230,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
     logs.configure("warning")
     from gateway import watch
 
-    async def go(stop: asyncio.Event) -> int:
-        task = asyncio.create_task(watch.run(args))
-        stopper = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        if task in done:
-            stopper.cancel()
-            return int(task.result())
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        return EXIT_OK
-
-    return run_async(go)
+    return run_async(lambda stop: until_stopped(watch.run(args), stop))
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -234,3 +249,21 @@ def cmd_schema(args: argparse.Namespace) -> int:
     from gateway import schema
 
     return schema.run(args)
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    """``shopfloor probe``: read a device and show its values decoded every plausible way."""
+    logs.configure("warning")
+    # probe explains connection failures itself; the libraries' own lines would repeat them.
+    for name in ("pymodbus", "asyncua"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    from gateway import probe
+
+    return run_async(lambda stop: until_stopped(probe.run(args), stop))
+
+
+def cmd_opcua_cert(args: argparse.Namespace) -> int:
+    """``shopfloor opcua-cert``: the gateway's own OPC UA client certificate and key."""
+    from gateway import opcua_cert
+
+    return opcua_cert.run(args)

@@ -38,6 +38,7 @@ from pydantic import (
 
 from adapters.registry import PROTOCOLS, ProtocolSpec
 from gateway.model import CANONICAL_SIGNALS, Location, MachineState
+from gateway.routing import OperatorPolicy, Route, RouteRules
 from gateway.signals import SignalConfig
 from gateway.tracker import TrackerSettings
 from gateway.yamlsource import Located, Path_, SourceError, format_path, load, lookup
@@ -100,15 +101,61 @@ class BrokerConfig(_Model):
     client_id: str | None = Field(default=None, min_length=1, max_length=128)
     username: str | None = None
     password: SecretStr | None = None
+    #: A file holding the password (first line), e.g. a systemd credential or a secret mount.
+    password_file: str | None = None
     keepalive: int = Field(default=30, ge=5, le=3600)
     tls: TlsConfig | None = None
-    #: Messages kept in memory while the broker is unreachable.
+    #: MQTT protocol version.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    #: Messages kept in memory while the broker is unreachable (non-durable ones: state).
     max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
 
     @field_validator("username", "password", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # ``${MQTT_USERNAME:-}`` with the variable unset means "no credentials".
+        return None if value == "" else value
+
+
+class RoutingConfig(_Model):
+    """Which machines, event types and orders a destination receives; unset means all."""
+
+    machines: list[str] = Field(default_factory=list)
+    event_types: list[str] = Field(default_factory=list)
+    customers: list[str] = Field(default_factory=list)
+    order_ids: list[str] = Field(default_factory=list)
+
+
+class DestinationConfig(BrokerConfig):
+    """One broker the gateway publishes to, with its own routing and redaction."""
+
+    name: Identifier
+    routing: RoutingConfig = RoutingConfig()
+    #: Send backlogs as CloudEvents batches (``application/cloudevents-batch+json``).
+    batch: bool = False
+    #: What happens to the ``operator`` signal: dropped, pseudonymised, or passed on.
+    operator: Literal["drop", "pseudonymise", "pass"] = "drop"
+
+
+class OutboxConfig(_Model):
+    """The durable outbox (SQLite); ``path`` defaults to ``{state_dir}/shopfloor-outbox.db``."""
+
+    path: str | None = None
+    #: Rows kept at most; beyond it telemetry, then superseded progress are dropped.
+    max_events: int = Field(default=1_000_000, ge=100, le=100_000_000)
+    #: Events sent later than this after they were committed carry ``"delayed": true``.
+    delayed_after: float = Field(default=5.0, gt=0, le=86_400)
+
+
+class RedactionConfig(_Model):
+    """The site secret that keys operator pseudonyms."""
+
+    secret: SecretStr | None = None
+    secret_file: str | None = None
+
+    @field_validator("secret", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
         return None if value == "" else value
 
 
@@ -144,6 +191,9 @@ class ProfileConfig(_Model):
     description: str = ""
     poll_interval: float | None = Field(default=None, ge=0.05, le=3600)
     tracker: TrackerConfig | None = None
+    #: Connection defaults shared by every machine of the profile (word order, namespace
+    #: aliases, browse root); a machine's own ``connection`` keys win.
+    connection: dict[str, Any] = Field(default_factory=dict)
     signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
 
@@ -165,7 +215,13 @@ class Config(_Model):
     """The whole config file."""
 
     gateway: GatewayConfig
-    broker: BrokerConfig
+    #: Shorthand for one destination named ``default``.
+    broker: BrokerConfig | None = None
+    destinations: list[DestinationConfig] = Field(default_factory=list)
+    #: Where the gateway keeps its state (the outbox); see :func:`default_state_dir`.
+    state_dir: str | None = None
+    outbox: OutboxConfig = OutboxConfig()
+    redaction: RedactionConfig = RedactionConfig()
     tracker: TrackerConfig = TrackerConfig()
     logging: LoggingConfig = LoggingConfig()
     profile_dirs: list[str] = Field(default_factory=list)
@@ -198,6 +254,25 @@ class BrokerPlan:
     keepalive: int
     tls: TlsPlan | None
     max_queue: int
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationPlan:
+    """One destination: its broker and its route (rules, batch mode, operator policy)."""
+
+    name: str
+    broker: BrokerPlan
+    route: Route
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxPlan:
+    """Where and how big the durable outbox is."""
+
+    path: Path
+    max_events: int
+    delayed_after: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,6 +302,10 @@ class GatewayPlan:
     log_level: str
     log_format: str
     warnings: tuple[str, ...] = field(default=())
+    #: Every destination; ``broker`` is the first one's broker (commands listen there).
+    destinations: tuple[DestinationPlan, ...] = field(default=())
+    outbox: OutboxPlan | None = None
+    redaction_secret: SecretStr | None = field(default=None, repr=False)
 
 
 class ConfigError(Exception):
@@ -342,6 +421,10 @@ def _known_keys() -> list[str]:
         Config,
         GatewayConfig,
         BrokerConfig,
+        DestinationConfig,
+        RoutingConfig,
+        OutboxConfig,
+        RedactionConfig,
         TlsConfig,
         TrackerConfig,
         LoggingConfig,
@@ -449,60 +532,251 @@ def _compile(
             machines.append(plan)
     if errors:
         return None
-    b = config.broker
-    tls = (
-        TlsPlan(b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.verify_hostname)
-        if b.tls is not None
-        else None
-    )
-    for key in ("ca_file", "cert_file", "key_file"):
-        value = getattr(b.tls, key, None) if b.tls is not None else None
-        if value is not None and not Path(value).is_file():
-            path: Path_ = ("broker", "tls", key)
-            errors.append(
-                SourceError(
-                    src.file, src.line_of(path), format_path(path), f"{value}: no such file"
-                )
-            )
-    if b.tls is not None and (b.tls.cert_file is None) != (b.tls.key_file is None):
-        path = ("broker", "tls")
+    destinations = _compile_destinations(config, src, config_path, errors)
+    outbox = _compile_outbox(config, config_path)
+    secret = _compile_secret(config, src, config_path, errors)
+    if secret is None and any(d.route.operator == "pseudonymise" for d in destinations):
+        path: Path_ = ("redaction",)
         errors.append(
             SourceError(
                 src.file,
-                src.line_of(path),
+                src.line_of(path) or 1,
                 format_path(path),
-                "cert_file and key_file go together: set both for a client certificate, or neither",
+                "operator: pseudonymise needs a site secret (redaction.secret or secret_file)",
             )
         )
-    if errors:
+    if errors or not destinations:
         return None
     warnings = []
-    if tls is None and not _is_loopback(b.host):
-        warnings.append(
-            f"broker {b.host} is not on this machine and TLS is off: events and credentials "
-            "travel in plain text (add broker.tls)"
-        )
-    broker = BrokerPlan(
-        host=b.host,
-        port=b.port or (8883 if tls is not None else 1883),
-        client_id=b.client_id or f"shopfloor-{config.gateway.id}",
-        username=b.username,
-        password=b.password,
-        keepalive=b.keepalive,
-        tls=tls,
-        max_queue=b.max_queue,
-    )
+    for d in destinations:
+        if d.broker.tls is None and not _is_loopback(d.broker.host):
+            warnings.append(
+                f"destination {d.name}: broker {d.broker.host} is not on this machine and TLS "
+                "is off: events and credentials travel in plain text (add tls)"
+            )
+    for mp in machines:
+        warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
     return GatewayPlan(
         source=src.file,
         gateway_id=config.gateway.id,
         site=config.gateway.site,
         topic_prefix=config.gateway.topic_prefix,
-        broker=broker,
+        broker=destinations[0].broker,
         machines=tuple(machines),
         log_level=config.logging.level,
         log_format=config.logging.format,
         warnings=tuple(warnings),
+        destinations=tuple(destinations),
+        outbox=outbox,
+        redaction_secret=secret,
     )
+
+
+def default_state_dir(config_path: Path, env: Mapping[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY`` (set by systemd's ``StateDirectory=``), else ``var/`` beside the config.
+
+    Never a fixed system path picked by looking around: two gateways (or a test run next to
+    an installed service) must not share one outbox by accident.
+    """
+    env = os.environ if env is None else env
+    state = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if state:
+        return Path(state)
+    return config_path.resolve().parent / "var"
+
+
+def _compile_outbox(config: Config, config_path: Path) -> OutboxPlan:
+    base = config_path.resolve().parent
+    if config.state_dir is not None:
+        state_dir = Path(config.state_dir)
+        state_dir = state_dir if state_dir.is_absolute() else base / state_dir
+    else:
+        state_dir = default_state_dir(config_path)
+    o = config.outbox
+    if o.path is not None:
+        path = Path(o.path)
+        path = path if path.is_absolute() else base / path
+    else:
+        path = state_dir / "shopfloor-outbox.db"
+    return OutboxPlan(path=path, max_events=o.max_events, delayed_after=o.delayed_after)
+
+
+def _read_secret_file(
+    name: str, where: Path_, src: Located, config_path: Path, errors: list[SourceError]
+) -> SecretStr | None:
+    p = Path(name)
+    p = p if p.is_absolute() else config_path.resolve().parent / p
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        # Name the file and the reason, never its content.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        errors.append(
+            SourceError(src.file, src.line_of(where), format_path(where), f"{p}: {reason}")
+        )
+        return None
+    lines = text.splitlines()
+    value = lines[0].strip() if lines else ""
+    if not value:
+        errors.append(
+            SourceError(src.file, src.line_of(where), format_path(where), f"{p} is empty")
+        )
+        return None
+    return SecretStr(value)
+
+
+def _compile_secret(
+    config: Config, src: Located, config_path: Path, errors: list[SourceError]
+) -> SecretStr | None:
+    r = config.redaction
+    if r.secret is not None and r.secret_file is not None:
+        path: Path_ = ("redaction",)
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path),
+                format_path(path),
+                "set secret or secret_file, not both",
+            )
+        )
+        return None
+    if r.secret_file is not None:
+        return _read_secret_file(
+            r.secret_file, ("redaction", "secret_file"), src, config_path, errors
+        )
+    return r.secret
+
+
+def _compile_destinations(
+    config: Config, src: Located, config_path: Path, errors: list[SourceError]
+) -> list[DestinationPlan]:
+    entries: list[tuple[DestinationConfig | BrokerConfig, str, Path_]] = []
+    if config.broker is not None and config.destinations:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(("destinations",)),
+                "destinations",
+                "use either broker: (one destination) or destinations:, not both",
+            )
+        )
+        return []
+    if config.broker is not None:
+        entries.append((config.broker, "default", ("broker",)))
+    for i, d in enumerate(config.destinations):
+        entries.append((d, d.name, ("destinations", i)))
+    if not entries:
+        errors.append(
+            SourceError(src.file, 1, "broker", "required key is missing (broker: or destinations:)")
+        )
+        return []
+    out: list[DestinationPlan] = []
+    seen: set[str] = set()
+    client_ids: set[tuple[str, int, str]] = set()
+    for b, name, base in entries:
+        n_errors = len(errors)
+        if name in seen:
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of((*base, "name")),
+                    format_path((*base, "name")),
+                    f"duplicate destination name {name!r}",
+                )
+            )
+            continue
+        seen.add(name)
+        for key in ("ca_file", "cert_file", "key_file"):
+            value = getattr(b.tls, key, None) if b.tls is not None else None
+            if value is not None and not Path(value).is_file():
+                path: Path_ = (*base, "tls", key)
+                errors.append(
+                    SourceError(
+                        src.file, src.line_of(path), format_path(path), f"{value}: no such file"
+                    )
+                )
+        if b.tls is not None and (b.tls.cert_file is None) != (b.tls.key_file is None):
+            path = (*base, "tls")
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(path),
+                    format_path(path),
+                    "cert_file and key_file go together: set both for a client certificate, "
+                    "or neither",
+                )
+            )
+        password = b.password
+        if b.password_file is not None:
+            if b.password is not None:
+                path = (*base, "password_file")
+                errors.append(
+                    SourceError(
+                        src.file,
+                        src.line_of(path),
+                        format_path(path),
+                        "set password or password_file, not both",
+                    )
+                )
+            else:
+                password = _read_secret_file(
+                    b.password_file, (*base, "password_file"), src, config_path, errors
+                )
+        if password is not None and b.username is None:
+            path = (*base, "username")
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(base),
+                    format_path(path),
+                    "a password needs a username",
+                )
+            )
+        if len(errors) != n_errors:
+            continue
+        tls = (
+            TlsPlan(b.tls.ca_file, b.tls.cert_file, b.tls.key_file, b.tls.verify_hostname)
+            if b.tls is not None
+            else None
+        )
+        default_id = f"shopfloor-{config.gateway.id}"
+        if name != "default":
+            default_id += f"-{name}"
+        broker = BrokerPlan(
+            host=b.host,
+            port=b.port or (8883 if tls is not None else 1883),
+            client_id=b.client_id or default_id,
+            username=b.username,
+            password=password,
+            keepalive=b.keepalive,
+            tls=tls,
+            max_queue=b.max_queue,
+            protocol=b.protocol,
+        )
+        endpoint = (broker.host, broker.port, broker.client_id)
+        if endpoint in client_ids:
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(base),
+                    format_path(base),
+                    f"client id {broker.client_id!r} is used twice on {broker.host}:"
+                    f"{broker.port}; the broker would disconnect one of them",
+                )
+            )
+            continue
+        client_ids.add(endpoint)
+        if isinstance(b, DestinationConfig):
+            r = b.routing
+            rules = RouteRules(
+                tuple(r.machines), tuple(r.event_types), tuple(r.customers), tuple(r.order_ids)
+            )
+            operator: OperatorPolicy = b.operator
+            route = Route(name, rules, operator, b.batch)
+        else:
+            route = Route(name)
+        out.append(DestinationPlan(name, broker, route))
+    return out
 
 
 def _is_loopback(host: str) -> bool:
@@ -532,7 +806,7 @@ def _compile_machine(
                 )
             )
             return None
-    conn_raw = dict(m.connection)
+    conn_raw = {**(profile.profile.connection if profile else {}), **m.connection}
     protocol_name = conn_raw.get("protocol") or (profile.profile.protocol if profile else None)
     if protocol_name is None:
         errors.append(
@@ -682,6 +956,26 @@ def redacted(plan: GatewayPlan) -> dict[str, Any]:
             "password": "***" if b.password is not None else None,
             "tls": b.tls is not None,
         },
+        "destinations": [
+            {
+                "name": d.name,
+                "host": d.broker.host,
+                "port": d.broker.port,
+                "username": d.broker.username,
+                "password": "***" if d.broker.password is not None else None,
+                "tls": d.broker.tls is not None,
+                "routing": {
+                    "machines": list(d.route.rules.machines),
+                    "event_types": list(d.route.rules.event_types),
+                    "customers": list(d.route.rules.customers),
+                    "order_ids": list(d.route.rules.order_ids),
+                },
+                "batch": d.route.batch,
+                "operator": d.route.operator,
+            }
+            for d in plan.destinations
+        ],
+        "outbox": str(plan.outbox.path) if plan.outbox is not None else None,
         "machines": [
             {
                 "id": m.id,

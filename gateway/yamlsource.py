@@ -75,7 +75,11 @@ def load(path: str | Path) -> Located:
 
 def loads(text: str, name: str = "<string>") -> Located:
     """Parse YAML text; see :func:`load`."""
-    loader = yaml.SafeLoader(text)
+    try:
+        # The reader refuses control characters already here, before any parsing.
+        loader = yaml.SafeLoader(text)
+    except yaml.YAMLError as exc:
+        return Located(name, None, errors=[SourceError(name, None, "", f"YAML: {exc}")])
     try:
         node = loader.get_single_node()
         if node is None:
@@ -88,14 +92,31 @@ def loads(text: str, name: str = "<string>") -> Located:
         return Located(name, None, errors=[SourceError(name, line, "", f"YAML syntax: {problem}")])
     except yaml.YAMLError as exc:
         return Located(name, None, errors=[SourceError(name, None, "", f"YAML syntax: {exc}")])
+    except RecursionError:
+        return Located(name, None, errors=[_recursive(name)])
     finally:
         loader.dispose()
     located = Located(name, data)
-    _walk(node, (), located)
+    try:
+        _walk(node, (), located, 0)
+    except RecursionError:
+        return Located(name, None, errors=[_recursive(name)])
     return located
 
 
-def _walk(node: yaml.Node, path: Path_, out: Located) -> None:
+def _recursive(name: str) -> SourceError:
+    return SourceError(
+        name, None, "", "YAML nesting is too deep or an alias refers to itself (&a [*a])"
+    )
+
+
+#: A config is a handful of levels deep; anything deeper is a mistake or an attack.
+MAX_DEPTH = 64
+
+
+def _walk(node: yaml.Node, path: Path_, out: Located, depth: int) -> None:
+    if depth > MAX_DEPTH:
+        raise RecursionError
     out.lines.setdefault(path, node.start_mark.line + 1)
     if isinstance(node, yaml.MappingNode):
         seen: dict[Any, int] = {}
@@ -117,11 +138,11 @@ def _walk(node: yaml.Node, path: Path_, out: Located) -> None:
             seen[key] = line
             child: Path_ = (*path, _key_for_path(key))
             out.lines[child] = line
-            _walk(value_node, child, out)
+            _walk(value_node, child, out, depth + 1)
     elif isinstance(node, yaml.SequenceNode):
         for i, item in enumerate(node.value):
             out.lines[(*path, i)] = item.start_mark.line + 1
-            _walk(item, (*path, i), out)
+            _walk(item, (*path, i), out, depth + 1)
 
 
 def _key_for_path(key: Any) -> str | int:
