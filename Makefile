@@ -7,18 +7,18 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto venv
+.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics venv
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/shopfloor demo
 
-test: $(VENV)/.installed-test mosquitto lint typecheck
+test: $(VENV)/.installed-test mosquitto victoria-metrics lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(VENV)/.installed-test mosquitto
+integration: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(VENV)/.installed-test
@@ -64,5 +64,47 @@ mosquitto:
 	  exit 1; \
 	fi
 
+# The InfluxDB sink's tests write to a real server speaking the InfluxDB v2 write API:
+# Debian's `victoria-metrics` (Debian has no InfluxDB 2.x).
+victoria-metrics:
+	@if command -v victoria-metrics >/dev/null 2>&1 || [ -x /usr/bin/victoria-metrics ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "installing victoria-metrics (Debian package) for the InfluxDB sink tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq victoria-metrics >/dev/null; \
+	  systemctl disable --now victoria-metrics >/dev/null 2>&1 || true; \
+	else \
+	  echo "error: the tests need victoria-metrics: run 'sudo apt-get install victoria-metrics' and retry" >&2; \
+	  exit 1; \
+	fi
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
+
+# Hardening (not part of `make test`). `make fuzz`: every fuzz target with many more examples,
+# then the coverage-guided atheris targets when atheris is installed (pip install atheris).
+# `make soak`: the demo factory at full speed under injected faults and broker restarts.
+FUZZ_SECONDS ?= 60
+SOAK_SECONDS ?= 1200
+
+.PHONY: fuzz soak
+fuzz: $(VENV)/.installed-test
+	SHOPFLOOR_FUZZ=long $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz
+	@if $(BIN)/python -c 'import atheris' 2>/dev/null; then \
+	  $(BIN)/python -m tests.fuzz.atheris_targets --seconds $(FUZZ_SECONDS); \
+	else echo "atheris not installed: skipping the coverage-guided targets"; fi
+
+soak: $(VENV)/.installed-test mosquitto
+	$(BIN)/python -m bench.soak --duration $(SOAK_SECONDS) --json var/soak.json
+
+# Benchmarks (not part of `make test`): modest defaults, about five minutes in all. Each one
+# takes its own arguments, e.g. `$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30`.
+# Figures print as tables and land in bench/results/*.json; docs/performance.md has the last run.
+bench: $(VENV)/.installed-test mosquitto
+	$(BIN)/python -m bench.core
+	$(BIN)/python -m bench.startup
+	$(BIN)/python -m bench.latency --window 20
+	$(BIN)/python -m bench.scale_modbus --devices 200,500 --signals 20 --window 20
+	$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30 --window 20 --faulty 0.1 --name scale_neuron
+	$(BIN)/python -m bench.publish
+	@if [ -f bench/modbus_plan.py ]; then $(BIN)/python -m bench.modbus_plan; fi
+	@if [ -f bench/outbox.py ]; then $(BIN)/python -m bench.outbox; fi

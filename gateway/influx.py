@@ -1,0 +1,762 @@
+"""Optional history sink: telemetry and order/state events as points in InfluxDB (v2 API).
+
+Three layers, so the durable outbox can take the queue's place:
+
+* **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
+  :class:`Point` (measurement, tags ``site area line machine order``, fields, time);
+  :func:`to_line` renders InfluxDB line protocol.
+* **Sink**: anything with ``write(batch) -> None`` that raises on failure
+  (:class:`SinkRejected` when the server refuses the data itself, anything else when it is
+  worth retrying). :class:`InfluxSink` writes through influxdb-client's v2 write API.
+* **SinkRunner**: takes items from a :class:`SinkQueue` (the same ack protocol as the MQTT
+  publisher's ``SendQueue``: ``take`` / ``ack`` / ``requeue``), writes them in batches of
+  ``batch_size`` or every ``flush_interval`` seconds, and retries with jittered backoff.
+  An item leaves the queue only after the sink accepted it, so an InfluxDB outage loses
+  nothing the queue can hold; give it an outbox cursor and it loses nothing at all.
+
+Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal),
+``shopfloor_machine`` (``machine.*`` events) and ``shopfloor_order`` (``order.*`` events),
+tagged with ``type`` as well. Numbers are written as floats (InfluxDB refuses a field that
+changes type between int and float, and ``percent`` is 50 in one event and 42.5 in the next);
+machine states are also written as ``state_code`` (the index in :data:`STATE_CODES`) because
+some line-protocol stores (VictoriaMetrics) keep numbers only.
+
+Failures are logged once per episode (``influx.write_failed``) and the recovery once with
+the number of failed attempts (``influx.write_recovered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import math
+import random
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+
+from gateway.backoff import Backoff
+from gateway.metrics import BacklogClock, Metrics
+from gateway.model import Event, Location, MachineState, Quality, Sample
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+FieldValue = bool | int | float | str
+
+MEASUREMENT_TELEMETRY = "shopfloor_telemetry"
+MEASUREMENT_MACHINE = "shopfloor_machine"
+MEASUREMENT_ORDER = "shopfloor_order"
+
+#: Stable numeric codes for machine states (append only: dashboards depend on them).
+STATE_CODES: Mapping[str, int] = {
+    s.value: i
+    for i, s in enumerate(
+        [
+            MachineState.OFFLINE,
+            MachineState.STOPPED,
+            MachineState.IDLE,
+            MachineState.SETUP,
+            MachineState.RUNNING,
+            MachineState.FAULT,
+            MachineState.MAINTENANCE,
+        ]
+    )
+}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+class InfluxConfig(BaseModel):
+    """The ``influxdb:`` section of the gateway config."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str = Field(min_length=1, description="e.g. http://127.0.0.1:8086")
+    org: str = Field(min_length=1)
+    bucket: str = Field(min_length=1)
+    token: SecretStr | None = None
+    batch_size: int = Field(default=1000, ge=1, le=50_000)
+    flush_interval: float = Field(default=1.0, gt=0, le=300)
+    #: Points kept in memory while InfluxDB is unreachable (the outbox replaces this).
+    max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    telemetry: bool = True
+    ca_file: str | None = None
+    verify_tls: bool = True
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("url must start with http:// or https://")
+        return value.rstrip("/")
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # ``${INFLUX_TOKEN:-}`` with the variable unset means "no token".
+        return None if value == "" else value
+
+
+# ---------------------------------------------------------------------------- points (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One line-protocol point; ``time`` is epoch seconds."""
+
+    measurement: str
+    tags: Mapping[str, str]
+    fields: Mapping[str, FieldValue]
+    time: float
+
+
+def _location_tags(loc: Location, order_id: Any) -> dict[str, str]:
+    tags = {"site": loc.site, "area": loc.area, "line": loc.line, "machine": loc.machine}
+    if isinstance(order_id, str) and order_id:
+        tags["order"] = order_id
+    return tags
+
+
+def field_value(value: Any) -> FieldValue | None:
+    """A value as a line-protocol field, or ``None`` when it cannot be one."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _fields(data: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        v = field_value(value)
+        if v is not None:
+            out[key] = v
+    state = out.get("state")
+    if isinstance(state, str) and state in STATE_CODES:
+        out["state_code"] = float(STATE_CODES[state])
+    return out
+
+
+def event_point(event: Event, location: Location) -> Point:
+    """An event as a point: ``shopfloor_order`` or ``shopfloor_machine``, tagged by type."""
+    measurement = MEASUREMENT_ORDER if event.type.startswith("order.") else MEASUREMENT_MACHINE
+    tags = _location_tags(location, event.data.get("order_id"))
+    tags["type"] = event.type
+    fields = _fields(event.data, skip=frozenset({"order_id"}))
+    fields["sequence"] = float(event.sequence)
+    if event.type == "machine.connection.changed" and "connected" in event.data:
+        # Offline is a state for the history too: graphs show the gap as a state.
+        fields.setdefault("state_code", float(STATE_CODES["offline"]))
+    return Point(measurement, tags, fields, event.time)
+
+
+def telemetry_point(
+    location: Location, samples: Sequence[Sample], order_id: str | None = None
+) -> Point | None:
+    """One point for one device read: a field per good sample; ``None`` when none is."""
+    values: dict[str, Any] = {}
+    newest = 0.0
+    for s in samples:
+        if s.quality is Quality.BAD or s.value is None:
+            continue
+        values[s.signal] = s.value
+        newest = max(newest, s.source_time)
+    fields = _fields(values)
+    if not fields:
+        return None
+    return Point(MEASUREMENT_TELEMETRY, _location_tags(location, order_id), fields, newest)
+
+
+def envelope_point(payload: bytes) -> Point | None:
+    """An event from its CloudEvents JSON (as the outbox stores it); ``None`` if not one.
+
+    The location comes from ``source`` (``/{prefix}/{site}/{area}/{line}/{machine}``), so
+    the sink can read the same outbox rows the MQTT publishers read.
+    """
+    try:
+        doc = json.loads(payload)
+        source = str(doc["source"]).strip("/").split("/")
+        type_ = str(doc["type"]).removeprefix("io.shopfloor.")
+        when = _parse_time(str(doc["time"]))
+        data = doc.get("data") or {}
+        sequence = int(doc.get("sequence") or 0)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(source) < 4 or not isinstance(data, dict):
+        return None
+    site, area, line, machine = source[-4:]
+    # The envelope writes times as ISO strings; the history keeps them as epoch numbers,
+    # the same as points made from events directly (a field must keep one type).
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, str) and _looks_like_time(value):
+            try:
+                fields[key] = _parse_time(value)
+                continue
+            except ValueError:
+                pass
+        fields[key] = value
+    event = Event(machine, type_, when, sequence, fields)
+    return event_point(event, Location(site, area, line, machine))
+
+
+def _looks_like_time(text: str) -> bool:
+    # RFC 3339 UTC as the envelope writes it: 2026-11-22T06:19:30.000Z
+    return len(text) >= 20 and text.endswith("Z") and text[4] == "-" and text[10] == "T"
+
+
+def _parse_time(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _escape(text: str, chars: str) -> str:
+    # Line protocol has no way to write a newline in a key or tag: it would end the line.
+    text = text.replace("\\", "\\\\").replace("\n", " ").replace("\r", " ")
+    for c in chars:
+        text = text.replace(c, "\\" + c)
+    return text
+
+
+def to_line(point: Point) -> str:
+    """InfluxDB line protocol, millisecond precision; ``ValueError`` for an unwritable point."""
+    if not point.measurement:
+        raise ValueError("point has no measurement")
+    if not math.isfinite(point.time):
+        raise ValueError(f"point time is not finite: {point.time!r}")
+    parts = [_escape(point.measurement, ", ")]
+    for key in sorted(point.tags):
+        tag = point.tags[key]
+        if key and tag:  # empty tag values are not allowed; leaving the tag out is the same
+            parts.append(f"{_escape(key, ',= ')}={_escape(tag, ',= ')}")
+    fields = []
+    for key in sorted(point.fields):
+        value = point.fields[key]
+        if isinstance(value, bool):
+            text = "true" if value else "false"
+        elif isinstance(value, int):
+            text = f"{value}i"
+        elif isinstance(value, float):
+            if not math.isfinite(value):
+                continue
+            text = repr(value)
+        else:
+            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+        fields.append(f"{_escape(key, ',= ')}={text}")
+    if not fields:
+        raise ValueError(f"point {point.measurement} has no fields")
+    return f"{','.join(parts)} {','.join(fields)} {round(point.time * 1000)}"
+
+
+# ---------------------------------------------------------------------------- sinks
+
+
+class SinkRejected(Exception):
+    """The server refused the data itself (bad or conflicting points): retrying won't help."""
+
+
+class Sink(Protocol[T_contra]):
+    """Writes a batch somewhere; returns normally only when all of it is stored."""
+
+    def write(self, batch: Sequence[T_contra]) -> None:
+        """Store the batch or raise (``SinkRejected`` for data the server refuses)."""
+        ...
+
+
+class InfluxSink:
+    """Writes points through the InfluxDB v2 write API (``/api/v2/write``), synchronously."""
+
+    def __init__(self, config: InfluxConfig) -> None:
+        """Create the client; nothing is sent until the first write."""
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        self.config = config
+        kwargs: dict[str, Any] = {"verify_ssl": config.verify_tls}
+        if config.token is not None:
+            kwargs["token"] = config.token.get_secret_value()
+        if config.ca_file:
+            kwargs["ssl_ca_cert"] = config.ca_file
+        self._client = InfluxDBClient(
+            url=config.url,
+            org=config.org,
+            timeout=int(config.timeout * 1000),
+            # Retries belong to the runner (backoff, outbox); the client must fail fast.
+            retries=False,
+            **kwargs,
+        )
+        self._write = self._client.write_api(write_options=SYNCHRONOUS)
+
+    def write(self, batch: Sequence[Point]) -> None:
+        """Write a batch; ``SinkRejected`` on HTTP 400/413/422, the HTTP error otherwise."""
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+
+        lines = []
+        for p in batch:
+            try:
+                lines.append(to_line(p))
+            except ValueError as exc:
+                raise SinkRejected(str(exc)) from None
+        try:
+            self._write.write(
+                bucket=self.config.bucket,
+                org=self.config.org,
+                record="\n".join(lines),
+                # The generated enum class types its members as plain str.
+                write_precision=WritePrecision.MS,  # type: ignore[arg-type]
+            )
+        except ApiException as exc:
+            if exc.status in (400, 413, 422):
+                raise SinkRejected(f"HTTP {exc.status}: {_body(exc)}") from None
+            raise
+
+    def ping(self) -> bool:
+        """True when the server answers (``/ping``)."""
+        return bool(self._client.ping())
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+class EnvelopeSink:
+    """Adapts :class:`InfluxSink` to outbox rows: items are MQTT messages with envelopes.
+
+    Rows that are not events (retained state, status) are skipped: the history holds
+    events and telemetry, and skipping acknowledges them for this destination.
+    """
+
+    def __init__(self, sink: Sink[Point]) -> None:
+        """Wrap a point sink."""
+        self.sink = sink
+        self.skipped = 0
+
+    def write(self, batch: Sequence[Any]) -> None:
+        """Convert each message's payload and write the points."""
+        points = []
+        for msg in batch:
+            point = envelope_point(getattr(msg, "payload", b""))
+            if point is None:
+                self.skipped += 1
+            else:
+                points.append(point)
+        if points:
+            self.sink.write(points)
+
+
+def _body(exc: Any) -> str:
+    body = getattr(exc, "body", None) or getattr(exc, "reason", "") or ""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    return text[:200]
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+class SinkQueue(Protocol[T]):
+    """Ordered items waiting for the sink: the ``SendQueue`` protocol, for any item type."""
+
+    def push(self, item: T) -> int:
+        """Add an item; returns how many older items were dropped to stay bounded."""
+        ...
+
+    def take(self) -> tuple[int, T] | None:
+        """Oldest unsent item, now in flight; ``None`` when nothing waits."""
+        ...
+
+    def ack(self, key: int) -> None:
+        """Forget an in-flight item the sink stored."""
+        ...
+
+    def requeue(self) -> None:
+        """Return all in-flight items to the front, oldest first."""
+        ...
+
+    def oldest_key(self) -> int | None:
+        """Smallest key still held, ``None`` when empty."""
+        ...
+
+    @property
+    def last_key(self) -> int:
+        """Key of the most recently pushed item (0 before the first)."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Items handed out and not yet acknowledged."""
+        ...
+
+    def __len__(self) -> int:
+        """All items held: unsent and in flight."""
+        ...
+
+
+class MemorySinkQueue(Generic[T]):
+    """In-memory :class:`SinkQueue` that drops the oldest unsent items beyond ``max_len``."""
+
+    def __init__(self, max_len: int) -> None:
+        """A queue holding at most ``max_len`` items."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self._max = max_len
+        self._seq = 0
+        self._unsent: OrderedDict[int, T] = OrderedDict()
+        self._inflight: dict[int, T] = {}
+
+    def push(self, item: T) -> int:
+        """Add an item at the end."""
+        self._seq += 1
+        self._unsent[self._seq] = item
+        dropped = 0
+        while len(self) > self._max and self._unsent:
+            self._unsent.popitem(last=False)
+            dropped += 1
+        return dropped
+
+    def take(self) -> tuple[int, T] | None:
+        """Oldest unsent item, now in flight."""
+        if not self._unsent:
+            return None
+        key, item = self._unsent.popitem(last=False)
+        self._inflight[key] = item
+        return key, item
+
+    def ack(self, key: int) -> None:
+        """Forget a stored item (unknown keys are ignored)."""
+        self._inflight.pop(key, None)
+
+    def requeue(self) -> None:
+        """Put in-flight items back in front, in key order."""
+        for key in sorted(self._inflight, reverse=True):
+            self._unsent[key] = self._inflight.pop(key)
+            self._unsent.move_to_end(key, last=False)
+
+    def oldest_key(self) -> int | None:
+        """Smallest key held."""
+        keys = [k for k in (next(iter(self._unsent), None), min(self._inflight, default=None))]
+        present = [k for k in keys if k is not None]
+        return min(present) if present else None
+
+    @property
+    def last_key(self) -> int:
+        """Key of the newest push."""
+        return self._seq
+
+    @property
+    def in_flight(self) -> int:
+        """Items handed out, not acknowledged."""
+        return len(self._inflight)
+
+    def __len__(self) -> int:
+        """Unsent plus in flight."""
+        return len(self._unsent) + len(self._inflight)
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+@dataclass(slots=True)
+class _Episode:
+    since: float | None = None
+    failures: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """Batching and retry settings of a :class:`SinkRunner`."""
+
+    batch_size: int = 1000
+    flush_interval: float = 1.0
+    max_queue: int = 100_000
+    #: Upper bound on one write, on top of the client's own HTTP timeout.
+    write_timeout: float = 30.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.flush_interval) and self.flush_interval > 0):
+            raise ValueError(f"flush_interval must be > 0 s, got {self.flush_interval!r}")
+        if not (math.isfinite(self.write_timeout) and self.write_timeout > 0):
+            raise ValueError(f"write_timeout must be > 0 s, got {self.write_timeout!r}")
+
+
+class SinkRunner(Generic[T]):
+    """Feeds a :class:`Sink` from a :class:`SinkQueue` in batches, retrying until stored."""
+
+    def __init__(
+        self,
+        sink: Sink[T],
+        *,
+        name: str = "influxdb",
+        settings: RunnerSettings | None = None,
+        queue: SinkQueue[T] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Set up; nothing is written until :meth:`run`."""
+        self.sink = sink
+        self.name = name
+        self.settings = settings or RunnerSettings()
+        self._queue: SinkQueue[T] = (
+            queue if queue is not None else MemorySinkQueue(self.settings.max_queue)
+        )
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._ages = BacklogClock()
+        self._log = log.bind(destination=name)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._ok = False
+        self.written = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.failures = 0
+        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+
+    # -- state --
+
+    @property
+    def connected(self) -> bool:
+        """True when the last write succeeded."""
+        return self._ok
+
+    @property
+    def pending(self) -> int:
+        """Items not yet stored."""
+        return len(self._queue)
+
+    def oldest_age(self, now: float | None = None) -> float | None:
+        """Seconds the oldest pending item has waited."""
+        now = self._clock() if now is None else now
+        return self._ages.oldest_age(self._queue.oldest_key(), now)
+
+    def report(self, metrics: Metrics) -> None:
+        """Copy this runner's state into the gateway metrics (a history sink is optional)."""
+        metrics.destination_state(
+            self.name,
+            connected=self.connected,
+            backlog=self.pending,
+            oldest_age=self.oldest_age(),
+            published_total=self.written,
+            dropped_total=self.dropped + self.rejected,
+            limit=self.settings.max_queue,
+            required=False,
+        )
+
+    # -- producer side --
+
+    def notify(self) -> None:
+        """Wake the writer: the queue has something new (a durable queue filled itself)."""
+        self._ages.note(self._queue.last_key, self._clock())
+        self._wake.set()
+
+    def submit(self, item: T) -> None:
+        """Queue one item; never blocks, never raises."""
+        try:
+            dropped = self._queue.push(item)
+            self._ages.note(self._queue.last_key, self._clock())
+        except Exception:
+            self.dropped += 1
+            self._log.exception("influx.submit_failed")
+            return
+        if dropped:
+            if not self.dropped:
+                self._log.warning("influx.queue_overflow", max_queue=self.settings.max_queue)
+            self.dropped += dropped
+            self._progress()
+        self._wake.set()
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
+        """Wait until everything submitted so far is stored; False on timeout."""
+        target = self._queue.last_key
+        oldest = self._queue.oldest_key()
+        if oldest is None or oldest > target:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (target, fut)
+        self._flush_waiters.append(entry)
+        self._wake.set()
+        try:
+            async with asyncio.timeout(timeout):
+                await fut
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._flush_waiters.remove(entry)
+
+    def _progress(self) -> None:
+        if self._flush_waiters:
+            oldest = self._queue.oldest_key()
+            for target, fut in self._flush_waiters:
+                if (oldest is None or oldest > target) and not fut.done():
+                    fut.set_result(None)
+
+    # -- lifecycle --
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - grace period
+        """Write what is pending (without waiting to fill a batch) within ``timeout``."""
+        self._closing = True
+        self._wake.set()
+        if self.pending and not await self.flush(timeout):
+            self._log.warning("influx.close_unflushed", pending=self.pending)
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write batches until cancelled or closed."""
+        episode = _Episode()
+        try:
+            while not self._stop.is_set():
+                batch = await self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._queue.requeue()
+                    self._ok = False
+                    self.failures += 1
+                    episode.failures += 1
+                    episode.last_error = _describe(exc)
+                    if episode.since is None:
+                        episode.since = self._clock()
+                        self._log.warning(
+                            "influx.write_failed", error=episode.last_error, pending=self.pending
+                        )
+                    else:
+                        self._log.debug(
+                            "influx.write_failed",
+                            error=episode.last_error,
+                            attempt=episode.failures,
+                        )
+                    delay = self.settings.backoff.delay(episode.failures - 1, self._rng)
+                    await self._pause(delay)
+                    continue
+                if episode.since is not None:
+                    self._log.info(
+                        "influx.write_recovered",
+                        outage_s=round(self._clock() - episode.since, 3),
+                        failures=episode.failures,
+                        last_error=episode.last_error,
+                        pending=self.pending,
+                    )
+                    episode = _Episode()
+        finally:
+            self._queue.requeue()
+
+    async def _next_batch(self) -> list[tuple[int, T]]:
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        # Wait for the first item, then up to flush_interval for the batch to fill.
+        while self._unsent() == 0:
+            if self._stop.is_set():
+                return []
+            self._wake.clear()
+            await self._wake.wait()
+        deadline = loop.time() + s.flush_interval
+        while self._unsent() < s.batch_size and not self._closing and not self._flush_waiters:
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._wake.wait()
+            if loop.time() >= deadline:
+                break
+        batch: list[tuple[int, T]] = []
+        while len(batch) < s.batch_size and (item := self._queue.take()) is not None:
+            batch.append(item)
+        return batch
+
+    def _unsent(self) -> int:
+        return len(self._queue) - self._queue.in_flight
+
+    async def _write(self, batch: list[tuple[int, T]]) -> None:
+        items = [item for _, item in batch]
+        try:
+            async with asyncio.timeout(self.settings.write_timeout):
+                await asyncio.to_thread(self.sink.write, items)
+        except SinkRejected as exc:
+            await self._isolate(batch, exc)
+            return
+        except TimeoutError:
+            raise TimeoutError(f"write took longer than {self.settings.write_timeout} s") from None
+        for key, _ in batch:
+            self._queue.ack(key)
+        self._stored(len(batch))
+
+    async def _isolate(self, batch: list[tuple[int, T]], exc: SinkRejected) -> None:
+        # The server refused the batch for its content. Retrying it whole would block the
+        # queue for ever; dropping it whole would lose the good points with the bad one.
+        # Write the items one by one and drop only those refused on their own.
+        if len(batch) == 1:
+            key, _ = batch[0]
+            self._queue.ack(key)
+            self.rejected += 1
+            self._log.error("influx.point_rejected", error=str(exc), rejected_total=self.rejected)
+            self._progress()
+            return
+        for key, item in batch:
+            try:
+                async with asyncio.timeout(self.settings.write_timeout):
+                    await asyncio.to_thread(self.sink.write, [item])
+            except SinkRejected as single:
+                self.rejected += 1
+                self._log.error(
+                    "influx.point_rejected", error=str(single), rejected_total=self.rejected
+                )
+            else:
+                self.written += 1
+            # Acknowledge each as decided, so a later transient failure only retries the rest.
+            self._queue.ack(key)
+        self._ok = True
+        self._progress()
+
+    def _stored(self, n: int) -> None:
+        self.written += n
+        self._ok = True
+        self._progress()
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
+    """A runner writing to InfluxDB as the config says (the runtime's one-liner)."""
+    settings = RunnerSettings(
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_queue=config.max_queue,
+        write_timeout=config.timeout * 2 + 1,
+    )
+    return SinkRunner(InfluxSink(config), name="influxdb", settings=settings)

@@ -1,0 +1,448 @@
+"""Gateway metrics in Prometheus format, readiness, and the status summary.
+
+:class:`Metrics` keeps plain counters and states that the runtime updates through small
+methods (``device_polled``, ``device_connected``, ``event_emitted``, ``destination_state``)
+and renders them on demand: it is a custom collector on a private ``CollectorRegistry``, so
+two gateways in one process (tests) never share numbers, and a machine removed by a config
+reload disappears from the output instead of lingering as a stale label set.
+
+Exported (all prefixed ``shopfloor_``)::
+
+    gateway_info{gateway_id,version}            1
+    gateway_start_time_seconds                  process start (epoch)
+    gateway_ready                               1 when /healthz says ready
+    device_connected{machine}                   1 connected, 0 not
+    device_polls_total{machine}                 successful reads (batches)
+    device_read_errors_total{machine}           failed reads and connects
+    device_last_sample_age_seconds{machine}     absent until the first sample
+    destination_connected{destination}          MQTT broker or sink link up
+    destination_published_total{destination}    messages acknowledged (rate() = publish rate)
+    destination_dropped_total{destination}      messages lost to a full queue
+    destination_backlog{destination}            messages waiting (outbox rows)
+    destination_oldest_pending_age_seconds{destination}
+    events_total{type}                          events emitted by type
+
+plus ``process_*`` (resident memory, CPU, open files) from prometheus-client's
+``ProcessCollector``.
+
+Readiness (:func:`evaluate_health`) is pure: config loaded, outbox writable, and at least
+one required destination connected or buffering within its limits.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from gateway import __version__
+
+Clock = Callable[[], float]
+
+#: A destination is "buffering within limits" while its backlog is below this share of
+#: its limit; beyond it, data will soon be dropped and the gateway is not healthy.
+DEFAULT_MAX_FILL = 0.9
+
+
+# ---------------------------------------------------------------------------- pure parts
+
+
+@dataclass(frozen=True, slots=True)
+class DestinationView:
+    """One destination's state as the runtime last reported it."""
+
+    name: str
+    connected: bool = False
+    backlog: int = 0
+    oldest_age: float | None = None
+    published_total: int = 0
+    dropped_total: int = 0
+    #: Queue bound (``max_queue`` or outbox size); ``None`` when unbounded or unknown.
+    limit: int | None = None
+    #: Whether readiness depends on it (MQTT brokers yes, the optional history sink no).
+    required: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """The outcome of the readiness checks; ``problems`` says why when not ready."""
+
+    ready: bool
+    checks: Mapping[str, bool]
+    problems: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """JSON-ready body for ``/healthz``."""
+        return {
+            "status": "ok" if self.ready else "unavailable",
+            "checks": dict(self.checks),
+            "problems": list(self.problems),
+        }
+
+
+def destination_ok(
+    d: DestinationView, *, max_fill: float = DEFAULT_MAX_FILL, max_age: float | None = None
+) -> tuple[bool, str]:
+    """Whether a destination is connected or buffering within limits, and why not."""
+    if d.connected:
+        return True, ""
+    if d.limit is not None and d.backlog >= max_fill * d.limit:
+        return False, f"{d.name}: disconnected and backlog {d.backlog} near its limit {d.limit}"
+    if max_age is not None and d.oldest_age is not None and d.oldest_age > max_age:
+        return False, (
+            f"{d.name}: disconnected and oldest pending message is "
+            f"{d.oldest_age:.0f} s old (limit {max_age:g} s)"
+        )
+    return True, ""
+
+
+def evaluate_health(
+    *,
+    config_loaded: bool,
+    outbox_writable: bool,
+    destinations: Iterable[DestinationView],
+    max_fill: float = DEFAULT_MAX_FILL,
+    max_age: float | None = None,
+) -> HealthReport:
+    """Ready when the config is loaded, the outbox writable, and a destination is usable.
+
+    A destination is usable when connected, or disconnected but still buffering within
+    limits (backlog below ``max_fill`` of its bound, oldest pending younger than
+    ``max_age``): a short broker outage is what the outbox is for, not a reason to
+    restart the gateway.
+    """
+    problems: list[str] = []
+    if not config_loaded:
+        problems.append("config not loaded")
+    if not outbox_writable:
+        problems.append("outbox not writable")
+    required = [d for d in destinations if d.required]
+    usable = False
+    for d in required:
+        ok, why = destination_ok(d, max_fill=max_fill, max_age=max_age)
+        usable = usable or ok
+        if not ok:
+            problems.append(why)
+    if not required:
+        problems.append("no destination configured")
+    checks = {
+        "config": config_loaded,
+        "outbox": outbox_writable,
+        "destinations": usable,
+    }
+    return HealthReport(ready=all(checks.values()), checks=checks, problems=tuple(problems))
+
+
+class BacklogClock:
+    """When were queue keys pushed? Tells the age of the oldest pending message.
+
+    Works with any queue that numbers messages with increasing keys (the ``SendQueue``
+    protocol's ``last_key`` / ``oldest_key()``): call :meth:`note` after pushing, ask
+    :meth:`oldest_age` with the queue's oldest key. Pushes within ``resolution`` seconds
+    share one mark, so memory stays small under load; ages are exact to ``resolution``
+    (never under-estimated).
+    """
+
+    def __init__(self, resolution: float = 1.0, max_marks: int = 100_000) -> None:
+        """Marks closer than ``resolution`` seconds are merged; at most ``max_marks`` kept."""
+        self._resolution = resolution
+        self._max = max_marks
+        # (highest key pushed in this mark, time the mark started)
+        self._marks: deque[tuple[int, float]] = deque()
+
+    def note(self, last_key: int, now: float) -> None:
+        """Record that every key up to ``last_key`` has been pushed by ``now``."""
+        if self._marks:
+            key, started = self._marks[-1]
+            if last_key <= key:
+                return
+            if now - started < self._resolution:
+                self._marks[-1] = (last_key, started)
+                return
+        self._marks.append((last_key, now))
+        if len(self._marks) > self._max:
+            self._marks.popleft()
+
+    def oldest_age(self, oldest_key: int | None, now: float) -> float | None:
+        """Seconds since ``oldest_key`` was pushed; ``None`` when nothing is pending."""
+        if oldest_key is None:
+            self._marks.clear()
+            return None
+        # Marks wholly below the oldest pending key are acknowledged history.
+        while self._marks and self._marks[0][0] < oldest_key:
+            self._marks.popleft()
+        if not self._marks:
+            return None
+        return max(0.0, now - self._marks[0][1])
+
+
+# ---------------------------------------------------------------------------- the shell side
+
+
+@dataclass(slots=True)
+class _Device:
+    connected: bool = False
+    polls: int = 0
+    read_errors: int = 0
+    last_sample_at: float | None = None
+
+
+@dataclass(slots=True)
+class _State:
+    devices: dict[str, _Device] = field(default_factory=dict)
+    destinations: dict[str, DestinationView] = field(default_factory=dict)
+    events: dict[str, int] = field(default_factory=dict)
+    config_loaded: bool = False
+    outbox_writable: bool = True
+
+
+class Metrics:
+    """The gateway's metrics, readiness and status summary behind small update methods."""
+
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        started_at: float,
+        version: str = __version__,
+        clock: Clock = time.time,
+        process: bool = True,
+        max_fill: float = DEFAULT_MAX_FILL,
+        max_pending_age: float | None = None,
+    ) -> None:
+        """A fresh registry; ``process=False`` leaves out the ``process_*`` metrics."""
+        self.gateway_id = gateway_id
+        self.version = version
+        self.started_at = started_at
+        self._clock = clock
+        self._max_fill = max_fill
+        self._max_age = max_pending_age
+        self._s = _State()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))
+        if process:
+            ProcessCollector(registry=self.registry)
+
+    # -- config and outbox --
+
+    def configure(self, machines: Iterable[str]) -> None:
+        """A config is loaded: these are the machines (others are forgotten, for reloads)."""
+        wanted = list(machines)
+        self._s.devices = {m: self._s.devices.get(m, _Device()) for m in wanted}
+        self._s.config_loaded = True
+
+    def set_outbox_writable(self, writable: bool) -> None:
+        """The outbox's last write (or probe) succeeded or failed."""
+        self._s.outbox_writable = writable
+
+    # -- devices --
+
+    def _device(self, machine: str) -> _Device:
+        dev = self._s.devices.get(machine)
+        if dev is None:
+            dev = self._s.devices[machine] = _Device()
+        return dev
+
+    def device_connected(self, machine: str, connected: bool) -> None:
+        """The device answers (True) or cannot be reached (False)."""
+        self._device(machine).connected = connected
+
+    def device_polled(self, machine: str, ok: bool, at: float | None = None) -> None:
+        """One read finished: ``ok`` with samples (at time ``at``), or failed."""
+        dev = self._device(machine)
+        if ok:
+            dev.polls += 1
+            dev.last_sample_at = self._clock() if at is None else at
+        else:
+            dev.read_errors += 1
+
+    # -- events and destinations --
+
+    def event_emitted(self, type_: str, n: int = 1) -> None:
+        """``n`` events of this type were emitted (committed to the outbox)."""
+        self._s.events[type_] = self._s.events.get(type_, 0) + n
+
+    def destination_state(
+        self,
+        name: str,
+        *,
+        connected: bool,
+        backlog: int,
+        oldest_age: float | None = None,
+        published_total: int | None = None,
+        dropped_total: int | None = None,
+        limit: int | None = None,
+        required: bool = True,
+    ) -> None:
+        """Latest state of one destination; totals are absolute (monotonic) counts."""
+        old = self._s.destinations.get(name)
+        self._s.destinations[name] = DestinationView(
+            name=name,
+            connected=connected,
+            backlog=max(0, backlog),
+            oldest_age=finite_or_none(oldest_age),
+            published_total=_total(published_total, old.published_total if old else 0),
+            dropped_total=_total(dropped_total, old.dropped_total if old else 0),
+            limit=limit,
+            required=required,
+        )
+
+    def published(self, name: str, n: int = 1) -> None:
+        """``n`` messages to ``name`` were acknowledged (push-style alternative to totals)."""
+        old = self._s.destinations.get(name) or DestinationView(name=name)
+        self._s.destinations[name] = replace(old, published_total=old.published_total + n)
+
+    def forget_destination(self, name: str) -> None:
+        """Drop a destination removed by a config reload."""
+        self._s.destinations.pop(name, None)
+
+    # -- reading --
+
+    def health(self) -> HealthReport:
+        """Readiness now."""
+        return evaluate_health(
+            config_loaded=self._s.config_loaded,
+            outbox_writable=self._s.outbox_writable,
+            destinations=self._s.destinations.values(),
+            max_fill=self._max_fill,
+            max_age=self._max_age,
+        )
+
+    def summary(self, now: float | None = None) -> dict[str, Any]:
+        """The health summary for the retained status topic and ``/healthz``."""
+        now = self._clock() if now is None else now
+        devices = self._s.devices.values()
+        return {
+            "version": self.version,
+            "uptime_s": round(max(0.0, now - self.started_at), 1),
+            "devices_online": sum(1 for d in devices if d.connected),
+            "devices_total": len(self._s.devices),
+            "backlog": sum(d.backlog for d in self._s.destinations.values()),
+        }
+
+    def status_line(self, now: float | None = None) -> str:
+        """One line for ``systemctl status`` (sd_notify ``STATUS=``)."""
+        s = self.summary(now)
+        links = ", ".join(
+            f"{d.name} {'up' if d.connected else 'down'}"
+            for d in sorted(self._s.destinations.values(), key=lambda d: d.name)
+        )
+        line = f"{s['devices_online']}/{s['devices_total']} devices online, backlog {s['backlog']}"
+        return f"{line}; {links}" if links else line
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of everything."""
+        return generate_latest(self.registry)
+
+    def _families(self) -> Iterator[Metric]:
+        now = self._clock()
+        s = self._s
+        info = GaugeMetricFamily(
+            "shopfloor_gateway_info", "Gateway identity.", labels=["gateway_id", "version"]
+        )
+        info.add_metric([self.gateway_id, self.version], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "shopfloor_gateway_start_time_seconds",
+            "When the gateway started (Unix time).",
+            value=self.started_at,
+        )
+        yield GaugeMetricFamily(
+            "shopfloor_gateway_ready",
+            "1 when the gateway is ready (see /healthz).",
+            value=1 if self.health().ready else 0,
+        )
+        conn = GaugeMetricFamily(
+            "shopfloor_device_connected", "1 while the device answers.", labels=["machine"]
+        )
+        polls = CounterMetricFamily(
+            "shopfloor_device_polls", "Successful device reads.", labels=["machine"]
+        )
+        errors = CounterMetricFamily(
+            "shopfloor_device_read_errors",
+            "Failed device reads and connection attempts.",
+            labels=["machine"],
+        )
+        age = GaugeMetricFamily(
+            "shopfloor_device_last_sample_age_seconds",
+            "Seconds since the device last delivered samples.",
+            labels=["machine"],
+        )
+        for name, dev in sorted(s.devices.items()):
+            conn.add_metric([name], 1 if dev.connected else 0)
+            polls.add_metric([name], dev.polls)
+            errors.add_metric([name], dev.read_errors)
+            if dev.last_sample_at is not None:
+                age.add_metric([name], max(0.0, now - dev.last_sample_at))
+        yield from (conn, polls, errors, age)
+
+        d_conn = GaugeMetricFamily(
+            "shopfloor_destination_connected",
+            "1 while the destination is connected.",
+            labels=["destination"],
+        )
+        d_pub = CounterMetricFamily(
+            "shopfloor_destination_published",
+            "Messages the destination acknowledged.",
+            labels=["destination"],
+        )
+        d_drop = CounterMetricFamily(
+            "shopfloor_destination_dropped",
+            "Messages dropped because the queue was full.",
+            labels=["destination"],
+        )
+        d_back = GaugeMetricFamily(
+            "shopfloor_destination_backlog",
+            "Messages waiting for the destination.",
+            labels=["destination"],
+        )
+        d_age = GaugeMetricFamily(
+            "shopfloor_destination_oldest_pending_age_seconds",
+            "Age of the oldest message waiting for the destination (0 when none).",
+            labels=["destination"],
+        )
+        for name, d in sorted(s.destinations.items()):
+            d_conn.add_metric([name], 1 if d.connected else 0)
+            d_pub.add_metric([name], d.published_total)
+            d_drop.add_metric([name], d.dropped_total)
+            d_back.add_metric([name], d.backlog)
+            d_age.add_metric([name], d.oldest_age or 0.0)
+        yield from (d_conn, d_pub, d_drop, d_back, d_age)
+
+        events = CounterMetricFamily(
+            "shopfloor_events", "Events emitted, by type.", labels=["type"]
+        )
+        for type_, n in sorted(s.events.items()):
+            events.add_metric([type_], n)
+        yield events
+
+
+def _total(new: int | None, old: int) -> int:
+    # A component that restarted (config reload) restarts its count; Prometheus' rate()
+    # understands counter resets, so the new value is passed on as it is.
+    return old if new is None else max(0, new)
+
+
+class _Collector(Collector):
+    """Adapts :class:`Metrics` to prometheus-client's collector interface."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        """Metric families built from the current state."""
+        return list(self._metrics._families())
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``None`` for missing or non-finite values (so a bad clock never breaks a scrape)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value

@@ -1,0 +1,207 @@
+"""Metrics: Prometheus output, readiness rules, status summary, backlog ages."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.metrics import (
+    BacklogClock,
+    DestinationView,
+    Metrics,
+    destination_ok,
+    evaluate_health,
+)
+
+
+class Clock:
+    """A settable clock."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def samples(metrics: Metrics) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the exposition, keyed by name and sorted labels."""
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def make(clock: Clock | None = None) -> Metrics:
+    return Metrics(gateway_id="gw-1", started_at=900.0, version="1.2.3", clock=clock or Clock())
+
+
+def test_device_metrics_follow_polls_errors_and_connection() -> None:
+    clock = Clock(1_000.0)
+    m = make(clock)
+    m.configure(["sew-01", "sew-02"])
+    m.device_connected("sew-01", True)
+    m.device_polled("sew-01", True, at=995.0)
+    m.device_polled("sew-01", True)  # at the clock's now
+    m.device_polled("sew-02", False)
+    m.device_polled("sew-02", False)
+    clock.now = 1_004.0
+    s = samples(m)
+    one, two = (("machine", "sew-01"),), (("machine", "sew-02"),)
+    assert s[("shopfloor_device_connected", one)] == 1
+    assert s[("shopfloor_device_connected", two)] == 0
+    assert s[("shopfloor_device_polls_total", one)] == 2
+    assert s[("shopfloor_device_read_errors_total", two)] == 2
+    assert s[("shopfloor_device_last_sample_age_seconds", one)] == 4.0
+    # No sample yet: no age rather than a made-up one.
+    assert ("shopfloor_device_last_sample_age_seconds", two) not in s
+
+
+def test_gateway_identity_events_and_process_memory() -> None:
+    m = make()
+    m.event_emitted("order.started")
+    m.event_emitted("order.progress", 3)
+    s = samples(m)
+    assert s[("shopfloor_gateway_info", (("gateway_id", "gw-1"), ("version", "1.2.3")))] == 1
+    assert s[("shopfloor_gateway_start_time_seconds", ())] == 900.0
+    assert s[("shopfloor_events_total", (("type", "order.progress"),))] == 3
+    assert s[("shopfloor_events_total", (("type", "order.started"),))] == 1
+    assert s[("process_resident_memory_bytes", ())] > 1_000_000
+
+
+def test_destination_metrics_and_publish_totals() -> None:
+    m = make()
+    m.destination_state(
+        "default", connected=True, backlog=12, oldest_age=3.5, published_total=40, dropped_total=2
+    )
+    m.published("default", 5)
+    s = samples(m)
+    d = (("destination", "default"),)
+    assert s[("shopfloor_destination_connected", d)] == 1
+    assert s[("shopfloor_destination_backlog", d)] == 12
+    assert s[("shopfloor_destination_oldest_pending_age_seconds", d)] == 3.5
+    assert s[("shopfloor_destination_published_total", d)] == 45
+    assert s[("shopfloor_destination_dropped_total", d)] == 2
+    # A later report without totals keeps the counts.
+    m.destination_state("default", connected=False, backlog=0, oldest_age=float("nan"))
+    s = samples(m)
+    assert s[("shopfloor_destination_published_total", d)] == 45
+    assert s[("shopfloor_destination_oldest_pending_age_seconds", d)] == 0
+
+
+def test_reload_forgets_removed_machines() -> None:
+    m = make()
+    m.configure(["a", "b"])
+    m.device_connected("a", True)
+    m.configure(["a", "c"])
+    names = {labels for (name, labels) in samples(m) if name == "shopfloor_device_connected"}
+    assert names == {(("machine", "a"),), (("machine", "c"),)}
+    assert samples(m)[("shopfloor_device_connected", (("machine", "a"),))] == 1
+
+
+def test_two_gateways_in_one_process_do_not_share_numbers() -> None:
+    a, b = make(), make()
+    a.event_emitted("order.started")
+    assert ("shopfloor_events_total", (("type", "order.started"),)) not in samples(b)
+
+
+def test_summary_and_status_line() -> None:
+    clock = Clock(1_000.0)
+    m = make(clock)
+    m.configure(["a", "b", "c"])
+    m.device_connected("a", True)
+    m.device_connected("b", True)
+    m.destination_state("default", connected=True, backlog=4)
+    m.destination_state("influxdb", connected=False, backlog=6, required=False)
+    assert m.summary() == {
+        "version": "1.2.3",
+        "uptime_s": 100.0,
+        "devices_online": 2,
+        "devices_total": 3,
+        "backlog": 10,
+    }
+    assert m.status_line() == "2/3 devices online, backlog 10; default up, influxdb down"
+
+
+D = DestinationView
+
+
+@pytest.mark.parametrize(
+    ("dest", "ok"),
+    [
+        (D("m", connected=True, backlog=10**6, limit=10), True),
+        (D("m", connected=False, backlog=0, limit=100), True),
+        (D("m", connected=False, backlog=89, limit=100), True),
+        (D("m", connected=False, backlog=90, limit=100), False),
+        (D("m", connected=False, backlog=10**6, limit=None), True),
+        (D("m", connected=False, backlog=1, oldest_age=601.0), False),
+        (D("m", connected=False, backlog=1, oldest_age=599.0), True),
+    ],
+)
+def test_destination_is_usable_when_connected_or_buffering_within_limits(
+    dest: DestinationView, ok: bool
+) -> None:
+    assert destination_ok(dest, max_fill=0.9, max_age=600.0)[0] is ok
+
+
+def test_health_needs_config_outbox_and_one_usable_destination() -> None:
+    full = D("a", connected=False, backlog=100, limit=100)
+    up = D("b", connected=True)
+    ok = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[full, up])
+    assert ok.ready
+    # One broker down and full, another up: still ready, but the problem is named.
+    assert ok.problems == ("a: disconnected and backlog 100 near its limit 100",)
+
+    assert not evaluate_health(config_loaded=False, outbox_writable=True, destinations=[up]).ready
+    assert not evaluate_health(config_loaded=True, outbox_writable=False, destinations=[up]).ready
+    report = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[full])
+    assert not report.ready
+    assert report.checks == {"config": True, "outbox": True, "destinations": False}
+    none = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[])
+    assert not none.ready and none.problems == ("no destination configured",)
+
+
+def test_optional_sinks_do_not_decide_readiness() -> None:
+    sink = D("influxdb", connected=True, required=False)
+    report = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[sink])
+    assert not report.ready
+
+
+def test_metrics_health_and_ready_gauge() -> None:
+    m = make()
+    assert not m.health().ready  # no config yet
+    m.configure(["a"])
+    m.destination_state("default", connected=False, backlog=0, limit=1000)
+    assert m.health().ready
+    assert samples(m)[("shopfloor_gateway_ready", ())] == 1
+    m.set_outbox_writable(False)
+    assert m.health().as_json() == {
+        "status": "unavailable",
+        "checks": {"config": True, "outbox": False, "destinations": True},
+        "problems": ["outbox not writable"],
+    }
+    assert samples(m)[("shopfloor_gateway_ready", ())] == 0
+
+
+def test_backlog_clock_tells_the_age_of_the_oldest_pending_key() -> None:
+    c = BacklogClock(resolution=1.0)
+    assert c.oldest_age(None, 100.0) is None
+    c.note(3, 100.0)  # keys 1..3 pushed at 100
+    c.note(5, 100.5)  # same mark: within the resolution
+    c.note(9, 110.0)  # keys 6..9 at 110
+    assert c.oldest_age(1, 120.0) == 20.0
+    assert c.oldest_age(5, 120.0) == 20.0
+    assert c.oldest_age(6, 120.0) == 10.0  # keys up to 5 acknowledged
+    assert c.oldest_age(1, 120.0) == 10.0  # history is not kept for acknowledged keys
+    c.note(9, 130.0)  # nothing new pushed
+    assert c.oldest_age(9, 130.0) == 20.0
+    assert c.oldest_age(None, 130.0) is None
+
+
+def test_backlog_clock_memory_is_bounded() -> None:
+    c = BacklogClock(resolution=0.0, max_marks=10)
+    for key in range(1, 1001):
+        c.note(key, float(key))
+    # The oldest marks were shed: the answer is the oldest remembered one.
+    assert c.oldest_age(1, 1000.0) == 9.0
