@@ -37,6 +37,8 @@ from pydantic import (
 )
 
 from adapters.registry import PROTOCOLS, ProtocolSpec
+from gateway.health import parse_listen
+from gateway.influx import InfluxConfig
 from gateway.model import CANONICAL_SIGNALS, Location, MachineState
 from gateway.routing import OperatorPolicy, Route, RouteRules
 from gateway.signals import SignalConfig
@@ -177,6 +179,20 @@ class TrackerConfig(_Model):
     rate_min_span: float | None = Field(default=None, ge=0, le=86_400)
 
 
+class HealthConfig(_Model):
+    """The local HTTP endpoint for ``/healthz`` and ``/metrics``."""
+
+    #: ``host:port`` (an IP address; ``[v6]:port``), or null to switch the endpoint off.
+    listen: str | None = "127.0.0.1:9108"
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_listen(value)
+        return value
+
+
 class LoggingConfig(_Model):
     """Log level and format."""
 
@@ -224,6 +240,9 @@ class Config(_Model):
     redaction: RedactionConfig = RedactionConfig()
     tracker: TrackerConfig = TrackerConfig()
     logging: LoggingConfig = LoggingConfig()
+    health: HealthConfig = HealthConfig()
+    #: Optional history in InfluxDB (v2 write API); null = off.
+    influxdb: InfluxConfig | None = None
     profile_dirs: list[str] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     machines: list[MachineConfig] = Field(min_length=1)
@@ -306,6 +325,9 @@ class GatewayPlan:
     destinations: tuple[DestinationPlan, ...] = field(default=())
     outbox: OutboxPlan | None = None
     redaction_secret: SecretStr | None = field(default=None, repr=False)
+    #: ``(host, port)`` of ``/healthz`` and ``/metrics``; ``None`` = off.
+    health_listen: tuple[str, int] | None = None
+    influxdb: InfluxConfig | None = field(default=None, repr=False)
 
 
 class ConfigError(Exception):
@@ -425,6 +447,8 @@ def _known_keys() -> list[str]:
         RoutingConfig,
         OutboxConfig,
         RedactionConfig,
+        HealthConfig,
+        InfluxConfig,
         TlsConfig,
         TrackerConfig,
         LoggingConfig,
@@ -569,6 +593,8 @@ def _compile(
         destinations=tuple(destinations),
         outbox=outbox,
         redaction_secret=secret,
+        health_listen=parse_listen(config.health.listen) if config.health.listen else None,
+        influxdb=config.influxdb,
     )
 
 

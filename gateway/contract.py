@@ -452,6 +452,13 @@ class GatewayStatus(_Outbound):
         ),
         examples=[0],
     )
+    uptime_s: float | None = Field(
+        default=None, ge=0, description="Seconds since the gateway process started."
+    )
+    devices_online: int | None = Field(
+        default=None, ge=0, description="Machines answering right now."
+    )
+    devices_total: int | None = Field(default=None, ge=0, description="Machines configured.")
 
 
 # ------------------------------------------------------------------------------ commands

@@ -6,6 +6,9 @@ Task layout (one root ``asyncio.TaskGroup``)::
     publisher[<name>]    one per destination: connect / reconnect / send its outbox queue
     device[<id>]         one supervisor per machine: connect, read, map, track, emit
     ticker               time-driven tracker work (progress interval, ETA) once a second
+    commands             the downlink: order commands from platforms
+    influxdb             optional history sink, fed from its own outbox position
+    health               /healthz and /metrics on a local port; sd_notify watchdog pings
 
 Device supervisors never let an ordinary exception escape (a TaskGroup would cancel all
 siblings): the first failure of an episode is logged at warning, repeats at debug, the
@@ -50,11 +53,15 @@ from gateway.config import (
     load_config,
 )
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
+from gateway.health import HealthServer
+from gateway.influx import EnvelopeSink, InfluxSink, SinkRunner, telemetry_point
 from gateway.mapping import Mapper
+from gateway.metrics import Metrics
 from gateway.model import Event, Location, Sample
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
-from gateway.routing import Subject, accepts, machine_visible, redact_payload, state_view
+from gateway.routing import Route, Subject, accepts, machine_visible, redact_payload, state_view
+from gateway.systemd import Notifier
 from gateway.tracker import CommandResult, MachineTracker
 
 log = structlog.get_logger(__name__)
@@ -94,6 +101,10 @@ class _Machine:
 _CUSTOMERS_PER_MACHINE = 64
 #: How often the retained status is refreshed with the outbox backlog, in seconds.
 STATUS_INTERVAL = 10.0
+#: Outbox position name of the InfluxDB history sink.
+INFLUX = "influxdb"
+#: Signals that identify a person; they stay inside the gateway.
+PERSONAL_SIGNALS = frozenset({"operator"})
 
 
 def broker_settings(
@@ -186,7 +197,10 @@ class Gateway:
         self.started_at = clock()
         self.destinations = destinations(plan)
         ob = outbox_plan(plan)
-        self.outbox = Outbox(ob.path, [d.name for d in self.destinations], max_events=ob.max_events)
+        sink_names = [INFLUX] if plan.influxdb is not None else []
+        self.outbox = Outbox(
+            ob.path, [d.name for d in self.destinations] + sink_names, max_events=ob.max_events
+        )
         secret = (
             plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
         )
@@ -207,6 +221,31 @@ class Gateway:
             self.publishers[d.name] = pub
             self.queues[d.name] = q
         self._secret = secret
+        #: The history sink reads the outbox like a destination, so an outage loses nothing.
+        self.influx: SinkRunner[Any] | None = None
+        self._influx_sinks: list[InfluxSink] = []
+        if plan.influxdb is not None:
+            iq = self.outbox.queue(Route(INFLUX), clock=clock, delayed_after=ob.delayed_after)
+            events_sink = InfluxSink(plan.influxdb)
+            self._influx_sinks.append(events_sink)
+            self.influx = SinkRunner(EnvelopeSink(events_sink), name=INFLUX, queue=iq, clock=clock)
+            iq.waker = self.influx.notify
+            self.queues[INFLUX] = iq
+        #: Telemetry (every read) goes to the history through memory only: in an outage it
+        #: is the first thing to give up, as the outbox's overflow policy says.
+        self.telemetry: SinkRunner[Any] | None = None
+        if plan.influxdb is not None and plan.influxdb.telemetry:
+            telemetry_sink = InfluxSink(plan.influxdb)
+            self._influx_sinks.append(telemetry_sink)
+            self.telemetry = SinkRunner(telemetry_sink, name=f"{INFLUX}.telemetry", clock=clock)
+        self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
+        self.metrics.configure(m.id for m in plan.machines)
+        self._sinks = frozenset(sink_names)
+        self._outbox_limit = ob.max_events
+        self.health: HealthServer | None = (
+            HealthServer(self.metrics, *plan.health_listen) if plan.health_listen else None
+        )
+        self.notifier = Notifier()
         settings = broker_settings(plan, self.topics, self.started_at, self.destinations[0])
         #: The first destination's publisher (commands are answered there).
         self.publisher = self.publishers[self.destinations[0].name]
@@ -239,8 +278,19 @@ class Gateway:
         for warning in self.plan.warnings:
             log.warning("config.insecure", detail=warning)
         await self.outbox.open()
+        self.metrics.set_outbox_writable(True)
+        # Destinations are "buffering within limits" until their first connect: the
+        # health check is ready from the start, as the outbox holds what they miss.
+        self._report(self._clock())
         restored = self._restore_trackers()
         publisher_tasks: list[asyncio.Task[None]] = []
+        if self.health is not None:
+            try:
+                await self.health.start()
+            except OSError as exc:
+                # Health is for operators; a taken port must not keep the machines dark.
+                log.warning("health.listen_failed", error=str(exc), listen=self.plan.health_listen)
+                self.health = None
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
@@ -252,6 +302,9 @@ class Gateway:
                     asyncio.create_task(pub.run(), name=f"publisher[{name}]")
                     for name, pub in self.publishers.items()
                 ]
+                for runner in (self.influx, self.telemetry):
+                    if runner is not None:
+                        publisher_tasks.append(asyncio.create_task(runner.run(), name=runner.name))
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
@@ -261,8 +314,14 @@ class Gateway:
                 ticker = tg.create_task(self._tick(), name="ticker")
                 listener = tg.create_task(self.commands.run(), name="commands")
                 reloader = tg.create_task(self._reloader(), name="reloader")
+                keepalive = tg.create_task(
+                    self.notifier.keepalive(self.metrics.status_line), name="watchdog"
+                )
+                self.notifier.ready(self.metrics.status_line())
                 await stop.wait()
                 log.info("gateway.stopping")
+                self.notifier.stopping()
+                keepalive.cancel()
                 # Stop taking orders and config changes first, then stop the devices.
                 reloader.cancel()
                 listener.cancel()
@@ -281,6 +340,12 @@ class Gateway:
                     m.status.connected = False
             await self._close_publishers(publisher_tasks)
             await self.outbox.close()
+            for sink in self._influx_sinks:
+                with contextlib.suppress(Exception):
+                    sink.close()
+            if self.health is not None:
+                await self.health.close()
+            self.notifier.close()
             log.info(
                 "gateway.stopped",
                 events=self.events_emitted,
@@ -289,10 +354,11 @@ class Gateway:
 
     async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
-        await asyncio.gather(
-            *(pub.close(timeout=self._grace) for pub in self.publishers.values()),
-            return_exceptions=True,
-        )
+        closing = [pub.close(timeout=self._grace) for pub in self.publishers.values()]
+        for runner in (self.influx, self.telemetry):
+            if runner is not None:
+                closing.append(runner.close(self._grace))
+        await asyncio.gather(*closing, return_exceptions=True)
         for t in tasks:
             t.cancel()
         for t in tasks:
@@ -367,9 +433,11 @@ class Gateway:
         change at runtime (topics and sessions hang on them): such changes are logged and
         wait for a restart, and the rest of the new config is applied.
         """
+        self.notifier.reloading()
         try:
             new = await asyncio.to_thread(load_config, self.plan.source)
         except ConfigError as exc:
+            self.notifier.ready(self.metrics.status_line())
             log.error(
                 "config.reload_rejected",
                 problems=[str(e) for e in exc.errors],
@@ -377,6 +445,7 @@ class Gateway:
             )
             return False
         except Exception as exc:  # an unreadable file must not stop the gateway
+            self.notifier.ready(self.metrics.status_line())
             log.error("config.reload_rejected", problems=[f"{type(exc).__name__}: {exc}"])
             return False
         frozen = [
@@ -438,6 +507,8 @@ class Gateway:
             self.locations[machine] = plan.location
             self._start_device(m)
         self.plan = new
+        self.metrics.configure(fresh)
+        self.notifier.ready(self.metrics.status_line())
         log.info(
             "config.reloaded",
             added=added,
@@ -454,9 +525,23 @@ class Gateway:
             now = self._clock()
             for m in self.machines.values():
                 self._emit(m, m.tracker.tick(now))
+            self._report(now)
             if now - last_status >= STATUS_INTERVAL:
                 last_status = now
                 self._publish_status(now)
+
+    def _report(self, now: float) -> None:
+        """Destination figures into the metrics (once a second)."""
+        for name, pub in self.publishers.items():
+            self.metrics.destination_state(
+                name,
+                connected=pub.connected,
+                backlog=self.outbox.backlog(name),
+                dropped_total=pub.dropped,
+                limit=self._outbox_limit,
+            )
+        if self.influx is not None:
+            self.influx.report(self.metrics)
 
     def _publish_status(self, now: float) -> None:
         """Refresh the retained online status when a destination's backlog changed."""
@@ -471,7 +556,7 @@ class Gateway:
                 version=__version__,
                 started_at=self.started_at,
                 now=now,
-                extra={"backlog": backlog},
+                extra={**self.metrics.summary(now), "backlog": backlog},
             )
             pub.submit(Message(self.topics.status(), payload, 1, True))
 
@@ -517,6 +602,7 @@ class Gateway:
                 reason = f"unexpected {type(exc).__name__}: {exc}"
                 bound.exception("device.task_failed", error=reason)
             m.status.read_errors += 1
+            self.metrics.device_polled(plan.id, False)
             self._connected(m, False, reason)
             if episode.failing_since is None:
                 episode.failing_since = self._clock()
@@ -539,12 +625,14 @@ class Gateway:
 
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected
+        self.metrics.device_connected(m.plan.id, connected)
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
     def _on_batch(self, m: _Machine, batch: Sequence[Sample]) -> None:
         m.status.polls += 1
         now = self._clock()
         m.status.last_sample_at = now
+        self.metrics.device_polled(m.plan.id, True, now)
         mapped, problems = m.mapper.apply(batch)
         for p in problems:
             # Once per signal until it maps cleanly again: a wrong map would otherwise log
@@ -564,6 +652,14 @@ class Gateway:
                 m.problems_logged.discard(signal)
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
         self._emit(m, m.tracker.observe(mapped, now))
+        if self.telemetry is not None:
+            order = m.tracker.snapshot().get("order")
+            order_id = order.get("order_id") if isinstance(order, dict) else None
+            # The operator badge is personal data: it never goes into the history.
+            values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
+            point = telemetry_point(m.plan.location, values, order_id)
+            if point is not None:
+                self.telemetry.submit(point)
 
     def _emit(self, m: _Machine, events: Sequence[Event], *, persist: bool = False) -> None:
         """Commit events with the tracker state (outbox), then refresh the retained state."""
@@ -588,13 +684,15 @@ class Gateway:
                     payload=payload,
                     destinations=frozenset(
                         d.name for d in self.destinations if accepts(d.route.rules, subject)
-                    ),
+                    )
+                    | self._sinks,
                     event_type=event.type,
                     order_id=order_id,
                     created=self._clock(),
                 )
             )
             self.events_emitted += 1
+            self.metrics.event_emitted(event.type)
             log.debug(
                 "event.emitted",
                 machine=machine,
