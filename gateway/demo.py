@@ -17,6 +17,7 @@ import contextlib
 import socket
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import structlog
 
@@ -44,11 +45,19 @@ def _port_free(host: str, port: int) -> bool:
     return True
 
 
+def _endpoint(connection: object) -> tuple[str, int]:
+    """Host and port a simulated machine must listen on, for either protocol."""
+    url = getattr(connection, "url", None)
+    if isinstance(url, str):
+        parsed = urlparse(url)
+        return parsed.hostname or "127.0.0.1", parsed.port or 4840
+    return str(getattr(connection, "host", "127.0.0.1")), int(getattr(connection, "port", 0))
+
+
 def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
     out = [("broker", plan.broker.host, plan.broker.port)]
     for m in plan.machines:
-        conn = m.connection
-        out.append((m.id, str(getattr(conn, "host", "")), int(getattr(conn, "port", 0))))
+        out.append((m.id, *_endpoint(m.connection)))
     return out
 
 
@@ -56,6 +65,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
     """Run the demo until ``stop`` is set (Ctrl-C) or ``--duration`` passed."""
     from gateway import watch
     from simulators.modbus_server import SimulatedFloor, StationSpec
+    from simulators.opcua_cli import server_for_profile
     from simulators.sewing import StationModel
 
     config_path = Path(getattr(args, "config", None) or DEMO_CONFIG)
@@ -73,23 +83,40 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
     stations = [
         StationSpec(
             name=m.id,
-            port=int(getattr(m.connection, "port", 0)),
+            port=_endpoint(m.connection)[1],
             model=StationModel(None, seed=args.seed, name=m.id),
         )
         for m in plan.machines
+        if m.protocol.name == "modbus"
     ]
+    opcua_servers = []
+    for m in plan.machines:
+        if m.protocol.name != "opcua":
+            continue
+        host, port = _endpoint(m.connection)
+        server = server_for_profile(
+            m.profile, m.id, port=port, host=host, seed=args.seed, speed=args.speed
+        )
+        if server is None:
+            _say(f"no simulator for machine {m.id} (profile {m.profile}); it will show offline")
+        else:
+            opcua_servers.append(server)
     b = plan.broker
     prefix = plan.topic_prefix
     try:
-        async with (
-            EmbeddedBroker(b.host, b.port) as broker,
-            SimulatedFloor(stations, host="127.0.0.1", speed=args.speed),
-        ):
+        async with contextlib.AsyncExitStack() as stack:
+            broker = await stack.enter_async_context(EmbeddedBroker(b.host, b.port))
+            await stack.enter_async_context(
+                SimulatedFloor(stations, host="127.0.0.1", speed=args.speed)
+            )
+            for server in opcua_servers:
+                await stack.enter_async_context(server)
             gateway_stop = asyncio.Event()
             gateway = Gateway(plan)
             gateway_task = asyncio.create_task(gateway.run(gateway_stop), name="gateway")
             header = (
-                f"Shopfloor Gateway demo: {len(stations)} simulated sewing stations, "
+                f"Shopfloor Gateway demo: {len(stations)} sewing stations (Modbus), "
+                f"{len(opcua_servers)} OPC UA machines, "
                 f"{broker.kind} broker on {b.host}:{b.port}. Ctrl-C stops everything.\n"
                 f"Subscribe yourself: mosquitto_sub -h {b.host} -p {b.port} -t "
                 f"'{prefix}/#' -v    Gateway logs: {log_path}"
