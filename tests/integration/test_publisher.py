@@ -533,3 +533,20 @@ async def test_credentials_are_used_and_never_logged(tmp_path: Path) -> None:
     refused = next(e for e in logs if e["event"] == "mqtt.broker_unreachable")
     assert "authori" in refused["error"].lower() or "password" in refused["error"].lower()
     assert not [e for e in logs if "s3cret-pw" in repr(e) or "wrong-pw" in repr(e)]
+
+
+async def test_plaintext_to_a_tls_only_listener_fails_clearly(
+    tls_broker: tuple[MosquittoBroker, dict[str, str]],
+) -> None:
+    broker, _ = tls_broker
+    pub = MqttPublisher(settings(broker.port))  # no tls: plain MQTT to a TLS port
+    with structlog.testing.capture_logs() as logs:
+        async with running(pub):
+            pub.submit(Message("t/ev", b"m0"))
+            await until(lambda: any(e["event"] == "mqtt.broker_unreachable" for e in logs))
+            assert not pub.connected
+            assert pub.pending == 1, "nothing is lost while the settings are wrong"
+    failed = next(e for e in logs if e["event"] == "mqtt.broker_unreachable")
+    assert failed["log_level"] == "warning"
+    assert f"127.0.0.1:{broker.port}" in failed["broker"]
+    assert failed["error"], "the log line says why"
