@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from gateway.model import MachineState, Quality, Sample, Value
 from gateway.signals import SignalConfig
@@ -19,6 +19,8 @@ from gateway.signals import SignalConfig
 _STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
 _COUNTERS = frozenset({"good_count", "scrap_count", "total_count", "target_count"})
 _TEXTS = frozenset({"order_id", "program", "alarm_text", "operator"})
+#: Signals whose values _check() converts or validates beyond "a finite value".
+_STATES_AND_TYPED = frozenset({"state", "alarm_code"}) | _COUNTERS | _TEXTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,12 +37,34 @@ class Mapper:
     """The compiled mapping of one machine's signals."""
 
     signals: Mapping[str, SignalConfig]
+    #: Signals passed through as they are (no map, scale or offset; free telemetry): the
+    #: common case, checked once here instead of per sample (see docs/performance.md).
+    _plain: frozenset[str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Sort out the pass-through signals once."""
+        plain = frozenset(
+            name
+            for name, cfg in self.signals.items()
+            if cfg.map is None
+            and cfg.scale == 1.0
+            and cfg.offset == 0.0
+            and name not in _STATES_AND_TYPED
+        )
+        object.__setattr__(self, "_plain", plain)
 
     def apply(self, batch: Sequence[Sample]) -> tuple[list[Sample], list[MappingProblem]]:
         """Map a batch; returns the mapped samples and the problems found."""
         out: list[Sample] = []
         problems: list[MappingProblem] = []
+        plain = self._plain
         for sample in batch:
+            if sample.signal in plain:
+                value = sample.value
+                # Same outcome as map_value() for a signal without map, scale or offset.
+                if value is not None and (type(value) is not float or math.isfinite(value)):
+                    out.append(sample)
+                    continue
             cfg = self.signals.get(sample.signal)
             if cfg is None or sample.quality is Quality.BAD:
                 out.append(sample)
