@@ -15,8 +15,9 @@ from collections.abc import Sequence
 import structlog
 
 from gateway import logs
-from simulators.modbus_server import SimulatedFloor, StationSpec
+from simulators.modbus_server import LineStation, SimulatedFloor, SimulatedLine, StationSpec
 from simulators.scenario import ScenarioError, Step, load_scenario
+from simulators.serial_link import PtyLink
 from simulators.sewing import UNIT_ID, StationModel
 
 log = structlog.get_logger(__name__)
@@ -78,6 +79,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="YAML/JSON list of steps every station runs instead of the generated day",
     )
+    parser.add_argument(
+        "--transport",
+        choices=["tcp", "rtu_over_tcp", "rtu"],
+        default="tcp",
+        help=(
+            "tcp: one Modbus TCP port per station (default); rtu_over_tcp: all stations as "
+            "unit ids 1..N behind one port, like a serial-to-Ethernet converter; rtu: all "
+            "stations on one serial line (--serial)"
+        ),
+    )
+    parser.add_argument(
+        "--serial",
+        metavar="TTY",
+        default=None,
+        help=(
+            "serial device for --transport rtu, or 'pty' for a pseudo-terminal pair whose "
+            "other end is printed for the client (no hardware needed)"
+        ),
+    )
 
 
 def station_names(count: int) -> list[str]:
@@ -107,6 +127,9 @@ async def run(args: argparse.Namespace) -> int:
         )
         for index, name in enumerate(station_names(args.stations))
     ]
+    transport = getattr(args, "transport", "tcp")
+    if transport != "tcp":
+        return await _run_line(args, script, transport)
     try:
         async with SimulatedFloor(specs, host=args.host, speed=args.speed):
             log.info(
@@ -121,6 +144,55 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         log.error("cannot start simulator", error=str(exc))
         return 1
+    return 0
+
+
+async def _run_line(args: argparse.Namespace, script: Sequence[Step] | None, transport: str) -> int:
+    """All stations as unit ids 1..N on one line: RTU on a tty, or RTU framed over TCP."""
+    stations = [
+        LineStation(
+            name=name, unit_id=index + 1, model=StationModel(script, seed=args.seed, name=name)
+        )
+        for index, name in enumerate(station_names(args.stations))
+    ]
+    if args.stations > 247:
+        log.error("a Modbus line holds at most 247 unit ids", stations=args.stations)
+        return 2
+    async with contextlib.AsyncExitStack() as stack:
+        serial_port = args.serial
+        client_end = None
+        if transport == "rtu":
+            if serial_port is None:
+                log.error("--transport rtu needs --serial TTY (or --serial pty)")
+                return 2
+            if serial_port == "pty":
+                link = await stack.enter_async_context(PtyLink())
+                serial_port, client_end = link.ends
+        try:
+            line = await stack.enter_async_context(
+                SimulatedLine(
+                    stations,
+                    transport="rtu" if transport == "rtu" else "rtu_over_tcp",
+                    serial_port=serial_port,
+                    host=args.host,
+                    port=args.port,
+                    speed=args.speed,
+                )
+            )
+        except OSError as exc:
+            log.error("cannot start simulator", error=str(exc))
+            return 1
+        log.info(
+            "sewing simulator running",
+            transport=transport,
+            stations=len(stations),
+            units=f"1..{len(stations)}",
+            endpoint=(client_end or serial_port)
+            if transport == "rtu"
+            else f"{args.host}:{line.port}",
+            scenario=args.scenario or "generated",
+        )
+        await asyncio.Event().wait()
     return 0
 
 
