@@ -62,10 +62,6 @@ if [ ! -x "$PREFIX/bin/python" ]; then
 fi
 "$PREFIX/bin/python" -m pip install -q --upgrade pip
 "$PREFIX/bin/python" -m pip install -q "$SRC$EXTRAS"
-# The built-in device profiles are not package data yet: put them where the code looks.
-PROFILES=$("$PREFIX/bin/python" -I -c 'from gateway.config import BUILTIN_PROFILE_DIR as d; print(d)')
-mkdir -p "$PROFILES"
-cp "$SRC"/config/profiles/*.yaml "$PROFILES/"
 mkdir -p "$PREFIX/share/shopfloor"
 cp -r "$SRC/deploy" "$PREFIX/share/shopfloor/"
 [ -d "$SRC/docs" ] && cp -r "$SRC/docs" "$PREFIX/"

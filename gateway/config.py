@@ -46,7 +46,9 @@ from gateway.tracker import TrackerSettings
 from gateway.yamlsource import Located, Path_, SourceError, format_path, load, lookup
 
 #: Built-in profiles shipped with the project.
-BUILTIN_PROFILE_DIR = Path(__file__).resolve().parent.parent / "config" / "profiles"
+#: ``gateway/data`` is a link to the checkout's ``config/`` folder, so the profiles are the
+#: same files in a checkout and inside an installed wheel (where the link becomes a copy).
+BUILTIN_PROFILE_DIR = Path(__file__).resolve().parent / "data" / "profiles"
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _SIGNAL_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")

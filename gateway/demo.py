@@ -70,7 +70,9 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
 
     config_path = Path(getattr(args, "config", None) or DEMO_CONFIG)
     try:
-        plan = load_config(config_path, env={})
+        plan = load_config(
+            config_path, env={"SHOPFLOOR_DEMO_STATE": str(Path.cwd() / "var" / "demo")}
+        )
     except ConfigError as exc:
         _say(f"demo config {config_path} is broken:\n{exc}")
         return 2
