@@ -19,6 +19,11 @@ flood with the count when it ends.
 A response topic chosen by the client must not point into this gateway's own tree (other
 than a ``.../response`` topic), so a command can never make the gateway publish a fake
 event or state.
+
+Every destination (platform broker) has its own listener, and a command is held to the
+routing rules of the destination it came through: a platform can only address machines it
+may see, can only assign orders for its own customers (a platform with exactly one customer
+gets it filled in), and cannot cancel, or even learn of, another platform's orders.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import aiomqtt
@@ -48,7 +53,11 @@ from gateway.contract import (
 from gateway.envelope import Topics, parse_machine_topic
 from gateway.model import Location
 from gateway.publisher import BrokerSettings, tls_context
+from gateway.routing import RouteRules, machine_visible, order_visible
 from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+
+#: A destination without routing rules sees everything.
+_ALL = RouteRules()
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +70,39 @@ class CommandTarget(Protocol):
     def apply_command(self, machine: str, command: Command, now: float) -> CommandResult:
         """Run a command on a machine's tracker and publish the events it caused."""
         ...
+
+    def customer_of(self, machine: str, order_id: str) -> str | None:
+        """The customer an order on a machine was assigned for, if any."""
+        ...
+
+
+def scope(
+    rules: RouteRules, machine: str, cmd: Command, target: CommandTarget
+) -> tuple[Command | None, str]:
+    """Hold a command to the routing rules of the destination it came through.
+
+    Returns the command to run (an assignment may get its customer filled in) or ``None``
+    with the reason to refuse it.
+    """
+    if not rules.order_scoped:
+        return cmd, ""
+    if isinstance(cmd, AssignOrder):
+        if cmd.customer is None and len(rules.customers) == 1:
+            return replace(cmd, customer=rules.customers[0]), ""
+        if order_visible(rules, cmd.order_id, cmd.customer):
+            return cmd, ""
+        if cmd.customer is None:
+            return None, (
+                "name the customer of this order: this connection serves "
+                + ", ".join(rules.customers or ("no customers",))
+            )
+        return None, f"customer {cmd.customer!r} is not served through this connection"
+    customer = target.customer_of(machine, cmd.order_id)
+    if order_visible(rules, cmd.order_id, customer):
+        return cmd, ""
+    # The same words as for an order that does not exist: another platform's order ids
+    # must not leak through a refusal.
+    return None, f"unknown order {cmd.order_id!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +155,7 @@ def handle(
     prefix: str,
     machines: Mapping[str, Location],
     target: CommandTarget,
+    rules: RouteRules = _ALL,
     topic: str,
     payload: bytes,
     retained: bool,
@@ -145,7 +188,7 @@ def handle(
         )
         return Reply(where, body, correlation_data)
 
-    known = machines.get(machine)
+    known = machines.get(machine) if machine_visible(rules, machine) else None
     if known is None or known != parsed.location:
         loc = parsed.location
         return reject(
@@ -159,6 +202,10 @@ def handle(
         cmd = decode_command(command, payload)
     except CommandError as exc:
         return reject(str(exc), exc.command_id, exc.order_id)
+    scoped, why = scope(rules, machine, cmd, target)
+    if scoped is None:
+        return reject(why, cmd.command_id or None, cmd.order_id)
+    cmd = scoped
     result = target.apply_command(machine, cmd, now)
     (log.info if result.accepted else log.warning)(
         "command.accepted" if result.accepted else "command.rejected",
@@ -193,12 +240,17 @@ class CommandListener:
         burst: float = 200.0,
         clock: Callable[[], float] = time.time,
         backoff: Backoff | None = None,
+        rules: RouteRules = _ALL,
+        name: str = "default",
     ) -> None:
         self._s = settings
         self._topics = topics
         # The runtime's own mapping, not a copy: a config reload adds and removes machines.
         self._machines = machines
         self._target = target
+        self._rules = rules
+        self.name = name
+        self._log = log.bind(destination=name)
         self._bucket = TokenBucket(rate, burst)
         self._clock = clock
         self._backoff = backoff or settings.backoff
@@ -239,7 +291,7 @@ class CommandListener:
                     await client.subscribe(self._topics.all_commands_filter(), qos=1)
                     self.subscribed.set()
                     if down_since is not None:
-                        log.info(
+                        self._log.info(
                             "command.listener_reconnected",
                             outage_s=round(self._clock() - down_since, 1),
                         )
@@ -253,16 +305,16 @@ class CommandListener:
                 text = str(exc)
                 if self._v5 and "protocol" in text.lower():
                     self._v5 = False
-                    log.info("command.listener_mqtt311", reason=text)
+                    self._log.info("command.listener_mqtt311", reason=text)
                     continue
                 if down_since is None:
                     down_since = self._clock()
-                    log.warning("command.listener_unreachable", error=text)
+                    self._log.warning("command.listener_unreachable", error=text)
                 else:
-                    log.debug("command.listener_unreachable", error=text, attempts=attempt)
+                    self._log.debug("command.listener_unreachable", error=text, attempts=attempt)
             except Exception:  # never let a bug here take the gateway down
                 self.subscribed.clear()
-                log.exception("command.listener_failed")
+                self._log.exception("command.listener_failed")
                 if down_since is None:
                     down_since = self._clock()
             await asyncio.sleep(self._backoff.delay(attempt))
@@ -274,10 +326,10 @@ class CommandListener:
             self.dropped += 1
             self._flood_dropped += 1
             if self._flood_dropped == 1:
-                log.warning("command.flood", rate_per_s=self._bucket.rate)
+                self._log.warning("command.flood", rate_per_s=self._bucket.rate)
             return
         if self._flood_dropped:
-            log.info("command.flood_ended", dropped=self._flood_dropped)
+            self._log.info("command.flood_ended", dropped=self._flood_dropped)
             self._flood_dropped = 0
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         props = getattr(message, "properties", None)
@@ -287,6 +339,7 @@ class CommandListener:
             prefix=self._topics.prefix,
             machines=self._machines,
             target=self._target,
+            rules=self._rules,
             topic=str(message.topic),
             payload=bytes(payload),
             retained=bool(message.retain),

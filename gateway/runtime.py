@@ -246,8 +246,7 @@ class Gateway:
             HealthServer(self.metrics, *plan.health_listen) if plan.health_listen else None
         )
         self.notifier = Notifier()
-        settings = broker_settings(plan, self.topics, self.started_at, self.destinations[0])
-        #: The first destination's publisher (commands are answered there).
+        #: The first destination's publisher.
         self.publisher = self.publishers[self.destinations[0].name]
         self._customers: dict[str, dict[str, str | None]] = {}
         self._status_sent: dict[str, int] = {}
@@ -258,7 +257,21 @@ class Gateway:
         self.events_emitted = 0
         #: Where each machine lives; shared with the command listener and kept current.
         self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
-        self.commands = CommandListener(settings, self.topics, self.locations, self, clock=clock)
+        #: One command listener per destination: each platform sends its commands to its own
+        #: broker, and each is held to its destination's routing rules.
+        self.listeners = [
+            CommandListener(
+                broker_settings(plan, self.topics, self.started_at, d),
+                self.topics,
+                self.locations,
+                self,
+                clock=clock,
+                rules=d.route.rules,
+                name=d.name,
+            )
+            for d in self.destinations
+        ]
+        self.commands = self.listeners[0]
         self._tg: asyncio.TaskGroup | None = None
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_requested = asyncio.Event()
@@ -312,7 +325,9 @@ class Gateway:
                 for m in self.machines.values():
                     self._start_device(m)
                 ticker = tg.create_task(self._tick(), name="ticker")
-                listener = tg.create_task(self.commands.run(), name="commands")
+                listeners = [
+                    tg.create_task(c.run(), name=f"commands[{c.name}]") for c in self.listeners
+                ]
                 reloader = tg.create_task(self._reloader(), name="reloader")
                 keepalive = tg.create_task(
                     self.notifier.keepalive(self.metrics.status_line), name="watchdog"
@@ -324,7 +339,8 @@ class Gateway:
                 keepalive.cancel()
                 # Stop taking orders and config changes first, then stop the devices.
                 reloader.cancel()
-                listener.cancel()
+                for c in listeners:
+                    c.cancel()
                 for t in self._device_tasks.values():
                     t.cancel()
                 ticker.cancel()
@@ -622,6 +638,10 @@ class Gateway:
         # Persist even without events: a queued platform order must survive a restart.
         self._emit(m, events, persist=True)
         return result
+
+    def customer_of(self, machine: str, order_id: str) -> str | None:
+        """The customer an order on a machine was assigned for (``None``: none or unknown)."""
+        return self._customers.get(machine, {}).get(order_id)
 
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected

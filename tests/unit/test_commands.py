@@ -1,0 +1,126 @@
+"""The command downlink's pure parts: scoping by destination, reply topics, the rate limit."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+
+from gateway.commands import TokenBucket, handle, reply_topic, scope
+from gateway.model import Location
+from gateway.routing import RouteRules
+from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+
+LOC = Location("plant-1", "sewing", "line-1", "sew-01")
+MACHINES = {"sew-01": LOC, "sew-02": Location("plant-1", "sewing", "line-1", "sew-02")}
+TOPIC = "sf/plant-1/sewing/line-1/sew-01/cmd/assign-order"
+
+
+@dataclass
+class FakeRuntime:
+    """Stands in for the runtime: records commands, knows which order is whose."""
+
+    customers: dict[str, str] = field(default_factory=dict)
+    applied: list[AssignOrder | CancelOrder] = field(default_factory=list)
+
+    def apply_command(
+        self, machine: str, command: AssignOrder | CancelOrder, now: float
+    ) -> CommandResult:
+        self.applied.append(command)
+        return CommandResult(True, "started")
+
+    def customer_of(self, machine: str, order_id: str) -> str | None:
+        return self.customers.get(order_id)
+
+
+ACME_ONLY = RouteRules(customers=("acme",))
+
+
+def test_unscoped_destination_passes_commands_unchanged() -> None:
+    cmd = AssignOrder("SO-1", 5, customer="zeta")
+    assert scope(RouteRules(), "sew-01", cmd, FakeRuntime()) == (cmd, "")
+
+
+def test_single_customer_destination_fills_in_its_customer() -> None:
+    out, _ = scope(ACME_ONLY, "sew-01", AssignOrder("SO-1", 5), FakeRuntime())
+    assert isinstance(out, AssignOrder) and out.customer == "acme"
+
+
+def test_a_platform_cannot_assign_for_another_customer() -> None:
+    out, why = scope(ACME_ONLY, "sew-01", AssignOrder("SO-1", 5, customer="zeta"), FakeRuntime())
+    assert out is None and "zeta" in why
+
+
+def test_order_id_patterns_scope_too() -> None:
+    rules = RouteRules(order_ids=("ACME-*",))
+    ok, _ = scope(rules, "sew-01", AssignOrder("ACME-7", 5), FakeRuntime())
+    assert ok is not None
+    out, why = scope(rules, "sew-01", AssignOrder("ZETA-7", 5), FakeRuntime())
+    assert out is None and "customer" in why
+
+
+def test_cancel_of_another_platforms_order_looks_like_an_unknown_order() -> None:
+    runtime = FakeRuntime(customers={"SO-9": "zeta", "SO-1": "acme"})
+    out, why = scope(ACME_ONLY, "sew-01", CancelOrder("SO-9"), runtime)
+    assert out is None and why == "unknown order 'SO-9'"
+    ok, _ = scope(ACME_ONLY, "sew-01", CancelOrder("SO-1"), runtime)
+    assert ok is not None
+
+
+def _handle(rules: RouteRules, topic: str, body: dict[str, object], runtime: FakeRuntime) -> dict:
+    reply = handle(
+        prefix="sf",
+        machines=MACHINES,
+        target=runtime,
+        rules=rules,
+        topic=topic,
+        payload=json.dumps(body).encode(),
+        retained=False,
+        response_topic=None,
+        correlation_data=None,
+        now=1.0,
+    )
+    assert reply is not None
+    assert reply.topic == topic + "/response"
+    return dict(json.loads(reply.payload))
+
+
+def test_handle_hides_machines_the_destination_may_not_see() -> None:
+    runtime = FakeRuntime()
+    rules = RouteRules(machines=("sew-02",))
+    answer = _handle(rules, TOPIC, {"order_id": "SO-1", "target": 5}, runtime)
+    assert answer["accepted"] is False and "unknown machine" in answer["reason"]
+    assert runtime.applied == []
+
+
+def test_handle_runs_a_scoped_command_with_the_customer_filled_in() -> None:
+    runtime = FakeRuntime()
+    answer = _handle(
+        ACME_ONLY, TOPIC, {"command_id": "c", "order_id": "SO-1", "target": 5}, runtime
+    )
+    assert answer["accepted"] is True
+    assert runtime.applied == [AssignOrder("SO-1", 5, customer="acme", command_id="c")]
+
+
+@pytest.mark.parametrize(
+    ("requested", "expected"),
+    [
+        (None, TOPIC + "/response"),
+        ("platform/replies", "platform/replies"),
+        ("sf/plant-1/sewing/line-1/sew-01/event/order.started", TOPIC + "/response"),
+        ("sf/plant-1/x/response", "sf/plant-1/x/response"),
+        ("replies/#", TOPIC + "/response"),
+    ],
+)
+def test_reply_topic_never_points_into_the_gateways_tree(
+    requested: str | None, expected: str
+) -> None:
+    assert reply_topic("sf", TOPIC, requested) == expected
+
+
+def test_token_bucket_allows_bursts_then_the_rate() -> None:
+    bucket = TokenBucket(rate=10.0, burst=5.0)
+    assert [bucket.take(0.0) for _ in range(6)] == [True] * 5 + [False]
+    assert bucket.take(0.1) is True  # one token back after 0.1 s at 10/s
+    assert bucket.take(0.1) is False
