@@ -56,6 +56,8 @@ from gateway.publisher import BrokerSettings, tls_context
 from gateway.routing import RouteRules, machine_visible, order_visible
 from gateway.tracker import AssignOrder, CancelOrder, CommandResult
 
+#: Seconds without a dropped command that end a flood episode.
+FLOOD_QUIET = 1.0
 #: A destination without routing rules sees everything.
 _ALL = RouteRules()
 
@@ -260,6 +262,7 @@ class CommandListener:
         self.handled = 0
         self.dropped = 0
         self._flood_dropped = 0
+        self._last_drop = 0.0
         self._v5 = True
         self.subscribed = asyncio.Event()
 
@@ -325,28 +328,37 @@ class CommandListener:
         if not self._bucket.take(now):
             self.dropped += 1
             self._flood_dropped += 1
+            self._last_drop = now
             if self._flood_dropped == 1:
                 self._log.warning("command.flood", rate_per_s=self._bucket.rate)
             return
-        if self._flood_dropped:
+        # A flood ends after a quiet second, not with the first command the refilling
+        # bucket lets through: one warning per flood, one line with the count at its end.
+        if self._flood_dropped and now - self._last_drop >= FLOOD_QUIET:
             self._log.info("command.flood_ended", dropped=self._flood_dropped)
             self._flood_dropped = 0
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         props = getattr(message, "properties", None)
         response = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        reply = handle(
-            prefix=self._topics.prefix,
-            machines=self._machines,
-            target=self._target,
-            rules=self._rules,
-            topic=str(message.topic),
-            payload=bytes(payload),
-            retained=bool(message.retain),
-            response_topic=response if isinstance(response, str) else None,
-            correlation_data=bytes(correlation) if correlation else None,
-            now=now,
-        )
+        try:
+            reply = handle(
+                prefix=self._topics.prefix,
+                machines=self._machines,
+                target=self._target,
+                rules=self._rules,
+                topic=str(message.topic),
+                payload=bytes(payload),
+                retained=bool(message.retain),
+                response_topic=response if isinstance(response, str) else None,
+                correlation_data=bytes(correlation) if correlation else None,
+                now=now,
+            )
+        except Exception:
+            # One odd message must never take the downlink down (a raise here would end
+            # the session and reconnect): log it, drop it.
+            self._log.exception("command.failed", topic=str(message.topic)[:200])
+            return
         if reply is None:
             return
         self.handled += 1

@@ -113,6 +113,8 @@ class BrokerConfig(_Model):
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     #: Messages kept in memory while the broker is unreachable (non-durable ones: state).
     max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
+    #: Accept plain TCP or anonymous MQTT to a broker on another machine (logged at start).
+    allow_insecure: bool = False
 
     @field_validator("username", "password", mode="before")
     @classmethod
@@ -580,6 +582,11 @@ def _compile(
                 f"destination {d.name}: broker {d.broker.host} is not on this machine and TLS "
                 "is off: events and credentials travel in plain text (add tls)"
             )
+    for d in destinations:
+        b = d.broker
+        anonymous = b.username is None and (b.tls is None or b.tls.cert_file is None)
+        if anonymous and not _is_loopback(b.host):
+            warnings.append(f"destination {d.name}: anonymous MQTT to {b.host}")
     for mp in machines:
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
     return GatewayPlan(
@@ -760,6 +767,24 @@ def _compile_destinations(
                     "a password needs a username",
                 )
             )
+        if not _is_loopback(b.host) and not b.allow_insecure:
+            # Secure by default: events, order ids and credentials leave the factory here.
+            weak = []
+            if b.tls is None:
+                weak.append("plain TCP (add tls:)")
+            if b.username is None and (b.tls is None or b.tls.cert_file is None):
+                weak.append("no credentials (add username/password or a client certificate)")
+            if weak:
+                errors.append(
+                    SourceError(
+                        src.file,
+                        src.line_of(base),
+                        format_path(base),
+                        f"broker {b.host} is on another machine and the connection would use "
+                        + " and ".join(weak)
+                        + "; fix that, or set allow_insecure: true to accept the risk",
+                    )
+                )
         if len(errors) != n_errors:
             continue
         tls = (

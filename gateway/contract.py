@@ -619,6 +619,9 @@ def decode_command(name: str, payload: bytes) -> AssignOrder | CancelOrder:
         raise CommandError("payload is not UTF-8") from None
     except json.JSONDecodeError as exc:
         raise CommandError(f"payload is not JSON: {exc.msg} at char {exc.pos}") from None
+    except RecursionError:
+        # json.loads recurses per nesting level; thousands of '[' fit in 16 KiB.
+        raise CommandError("payload is nested too deeply") from None
     command_id = _loose_text(doc, "command_id", MAX_COMMAND_ID_LEN)
     order_id = _loose_text(doc, "order_id", MAX_ORDER_ID_LEN)
     if not isinstance(doc, dict):

@@ -565,6 +565,9 @@ def _json_object(payload: bytes) -> dict[str, Any]:
         doc = json.loads(payload)
     except (UnicodeDecodeError, ValueError) as exc:
         raise MalformedError(f"not JSON: {exc}") from None
+    except RecursionError:
+        # json.loads recurses per nesting level; thousands of '[' fit in a small message.
+        raise MalformedError("JSON nested too deeply") from None
     if not isinstance(doc, dict):
         raise MalformedError(f"expected a JSON object, got {type(doc).__name__}")
     return doc

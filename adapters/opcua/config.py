@@ -113,6 +113,8 @@ class OpcUaConnectionConfig(BaseModel):
     protocol: Literal["opcua"] = "opcua"
     #: Endpoint URL, ``opc.tcp://host:port[/path]``.
     url: str
+    #: Accept security policy None to a server on another machine (logged at start).
+    allow_insecure: bool = False
     #: ``subscription``: monitored items, the server pushes changes (default);
     #: ``polling``: one batched Read per poll interval.
     mode: Literal["subscription", "polling"] = "subscription"
@@ -282,6 +284,13 @@ def check(connection: OpcUaConnectionConfig, signals: dict[str, OpcUaSignalConfi
     for path in sec.trust:
         if not path.exists():
             problems.append(f"security.trust: {str(path)!r} does not exist")
+    if sec.policy == "None" and not _is_loopback(connection.host) and not connection.allow_insecure:
+        # Secure by default: an unsigned session to another machine is a choice to spell out.
+        problems.append(
+            f"security policy None to {connection.host}: set security.policy (e.g. "
+            "Basic256Sha256) and trust the server certificate, or set allow_insecure: true "
+            "to accept unsigned, unencrypted traffic"
+        )
     return problems
 
 

@@ -136,17 +136,42 @@ def test_profiles_merge_and_machine_overrides(tmp_path: Path) -> None:
     assert plan.broker.client_id == "shopfloor-gw-1"
 
 
-def test_plain_mqtt_to_remote_host_warns(tmp_path: Path) -> None:
+def test_insecure_mqtt_to_a_remote_host_must_be_spelled_out(tmp_path: Path) -> None:
     cfg = tmp_path / "w.yaml"
-    cfg.write_text(
+    body = (
         "gateway: {id: gw-1, site: plant-1}\n"
-        "broker: {host: broker.example.org}\n"
+        "broker: {host: broker.example.org%s}\n"
         "machines:\n"
         "  - {id: a, area: x, line: y, profile: sewing-station,"
         " connection: {protocol: modbus, host: 127.0.0.1}}\n"
     )
+    cfg.write_text(body % "")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, env={})
+    (err,) = info.value.errors
+    assert err.line == 2 and "plain TCP" in err.message and "allow_insecure" in err.message
+    cfg.write_text(body % ", allow_insecure: true")
     plan = load_config(cfg, env={})
     assert any("plain text" in w for w in plan.warnings)
+    assert any("anonymous" in w for w in plan.warnings)
+
+
+def test_opcua_security_none_to_a_remote_server_must_be_spelled_out(tmp_path: Path) -> None:
+    cfg = tmp_path / "o.yaml"
+    body = (
+        "gateway: {id: gw-1, site: plant-1}\n"
+        "broker: {host: 127.0.0.1}\n"
+        "machines:\n"
+        "  - {id: cnc, area: x, line: y, profile: machine-tool-umati,"
+        " connection: {protocol: opcua, url: 'opc.tcp://10.1.2.3:4840'%s}}\n"
+    )
+    cfg.write_text(body % "")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, env={})
+    assert any("security policy None" in e.message for e in info.value.errors)
+    cfg.write_text(body % ", allow_insecure: true")
+    plan = load_config(cfg, env={})
+    assert any("neither signed nor encrypted" in w for w in plan.warnings)
 
 
 def test_yaml_source_records_lines() -> None:
