@@ -9,76 +9,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 from collections.abc import Sequence
 
 import structlog
 
-from gateway import logs
+from simulators.cliargs import add_common_arguments, load_script, positive_int, run_main
 from simulators.modbus_server import LineStation, SimulatedFloor, SimulatedLine, StationSpec
-from simulators.scenario import ScenarioError, Step, load_scenario
+from simulators.scenario import Step
 from simulators.serial_link import PtyLink
 from simulators.sewing import UNIT_ID, StationModel
 
 log = structlog.get_logger(__name__)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {value}")
-    return value
-
-
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the simulator's options to ``parser``."""
     parser.add_argument(
-        "--stations", type=_positive_int, default=3, help="number of stations (default 3)"
+        "--stations", type=positive_int, default=3, help="number of stations (default 3)"
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port",
-        type=_port,
-        default=5020,
-        help="port of the first station; the others follow on P+1, P+2, ... (default 5020)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the generated working day (default 0)"
-    )
-    parser.add_argument(
-        "--speed",
-        type=_speed,
-        default=1.0,
-        help="scenario seconds per wall-clock second (default 1.0)",
-    )
-    parser.add_argument(
-        "--scenario",
-        metavar="FILE",
-        default=None,
-        help="YAML/JSON list of steps every station runs instead of the generated day",
-    )
+    add_common_arguments(parser, unit="station", default_port=5020, day="working day")
     parser.add_argument(
         "--transport",
         choices=["tcp", "rtu_over_tcp", "rtu"],
@@ -107,17 +56,9 @@ def station_names(count: int) -> list[str]:
 
 async def run(args: argparse.Namespace) -> int:
     """Serve the stations until cancelled; return non-zero if they cannot start."""
-    script: Sequence[Step] | None = None
-    if args.scenario is not None:
-        try:
-            script = load_scenario(args.scenario)
-        except ScenarioError as exc:
-            log.error("invalid scenario", error=str(exc))
-            return 2
-    last_port = args.port + args.stations - 1
-    if last_port > 65535:
-        log.error("ports do not fit", first_port=args.port, stations=args.stations)
-        return 2
+    script, code = load_script(args, args.stations, what="stations")
+    if code:
+        return code
     specs = [
         StationSpec(
             name=name,
@@ -202,11 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m simulators.cli", description="Simulated sewing stations over Modbus TCP"
     )
     add_arguments(parser)
-    args = parser.parse_args(argv)
-    logs.configure()
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(run(args))
-    return 0
+    return run_main(parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ maintenance    Ended                   Service         Reset         yellow
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -37,19 +38,11 @@ from simulators.opcua_common import (
     NodeSpec,
     NodeValue,
     ProductionSnapshot,
-    parse_path,
+    alarm_text_of,
+    make_node,
     stable_pick,
 )
-from simulators.scenario import (
-    Changeover,
-    Fault,
-    Idle,
-    Maintenance,
-    RunOrder,
-    Step,
-    Stop,
-    pieces_to_reach,
-)
+from simulators.scenario import ShiftProfile, Step, generate_shift
 
 #: Instance namespace of every simulated CNC machine (string NodeIds, vendor variables).
 CNC_NAMESPACE = "urn:shopfloor-gateway:simulator:cnc"
@@ -136,15 +129,7 @@ _JOB_NODES: tuple[tuple[str, DataType | None, NodeValue | None, bool], ...] = (
 )
 
 
-def _node(
-    path: str,
-    datatype: DataType | None = None,
-    value: NodeValue | None = None,
-    *,
-    prop: bool = False,
-    events: bool = False,
-) -> NodeSpec:
-    return NodeSpec(parse_path(path, ALIASES), datatype, value, prop, events)
+_node = functools.partial(make_node, ALIASES)
 
 
 def _lamp(index: int, color: str, code: int) -> list[NodeSpec]:
@@ -271,48 +256,32 @@ def spindle_speed_for(program: str) -> float:
 
 def alarm_text(code: int) -> str:
     """Text of an alarm code ("" for 0)."""
-    if code == 0:
-        return ""
-    return ALARM_TEXTS.get(code, f"Alarm {code}")
+    return alarm_text_of(code, ALARM_TEXTS)
+
+
+#: The CNC's shift (machining centre: few, long pieces).
+CNC_SHIFT = ShiftProfile(
+    alarm_codes=tuple(sorted(ALARM_TEXTS)),
+    maintenance_p=0.05,
+    maintenance_s=(300.0, 900.0),
+    idle_s=(60.0, 300.0),
+    changeover_s=(60.0, 240.0),
+    target=(5, 40),
+    piece_s=(20.0, 90.0),
+    piece_digits=1,
+    scrap_every=(None, None, 8, 15),
+    target_shown_p=0.95,
+    segment=(4, 15),
+    jitter=0.05,
+    fault_p=0.2,
+    fault_s=(60.0, 300.0),
+    stop_s=(30.0, 180.0),
+)
 
 
 def generate_cnc_steps(seed: int, name: str) -> Iterator[Step]:
     """Endless realistic shift of a machining centre, determined by ``seed`` and ``name``."""
-    rng = random.Random(f"cnc-day:{seed}:{name}")
-    order_number = rng.randrange(20_000, 90_000)
-    codes = sorted(ALARM_TEXTS)
-    first = True
-    while True:
-        if not first:
-            if rng.random() < 0.05:
-                yield Maintenance(round(rng.uniform(300.0, 900.0), 1))
-            elif rng.random() < 0.1:
-                yield Idle(round(rng.uniform(60.0, 300.0), 1))
-            yield Changeover(round(rng.uniform(60.0, 240.0), 1))
-        first = False
-        order_number += rng.randint(1, 9)
-        order_id = f"PO-{order_number}"
-        target = rng.randint(5, 40)
-        piece_seconds = round(rng.uniform(20.0, 90.0), 1)
-        scrap_every = rng.choice((None, None, 8, 15))
-        target_on_device = rng.random() < 0.95
-        remaining = pieces_to_reach(target, scrap_every)
-        while remaining > 0:
-            segment = rng.randint(4, 15)
-            run = RunOrder(order_id, target, piece_seconds, scrap_every, target_on_device)
-            if segment >= remaining:
-                yield RunOrder(*_fields(run), jitter=0.05)
-                break
-            yield RunOrder(*_fields(run), pieces=segment, jitter=0.05)
-            remaining -= segment
-            if rng.random() < 0.2:
-                yield Fault(round(rng.uniform(60.0, 300.0), 1), rng.choice(codes))
-            else:
-                yield Stop(round(rng.uniform(30.0, 180.0), 1))
-
-
-def _fields(run: RunOrder) -> tuple[str, int, float, int | None, bool]:
-    return run.order_id, run.target, run.piece_seconds, run.scrap_every, run.target_on_device
+    return generate_shift(CNC_SHIFT, random.Random(f"cnc-day:{seed}:{name}"))
 
 
 class CncModel(EngineModel):
@@ -336,21 +305,13 @@ class CncModel(EngineModel):
             lifetime_base=rng.randrange(10_000, 500_000),
         )
         self._power_on_hours = rng.randrange(2_000, 40_000)
-        self._space = build_address_space(
-            name, serial=f"SIM5X-{rng.randrange(100_000, 999_999)}", year=rng.randint(2012, 2024)
+        self._use_address_space(
+            build_address_space(
+                name,
+                serial=f"SIM5X-{rng.randrange(100_000, 999_999)}",
+                year=rng.randint(2012, 2024),
+            )
         )
-        self._initial = {key: spec.value for key, spec in self._space.variables().items()}
-
-    @property
-    def address_space(self) -> AddressSpace:
-        """The nodes the server builds at start."""
-        return self._space
-
-    def values(self) -> dict[str, NodeValue]:
-        """Current value of every variable, by node key."""
-        values: dict[str, NodeValue] = {k: v for k, v in self._initial.items() if v is not None}
-        values.update(self._dynamic(self._engine.snapshot()))
-        return values
 
     def _dynamic(self, show: ProductionSnapshot) -> dict[str, NodeValue]:
         state_number, mode, channel, lamp = _SHOWN[show.activity]

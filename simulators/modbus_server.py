@@ -22,10 +22,8 @@ scenario time, exactly like a device whose network link is cut.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import math
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Literal, Self
@@ -37,6 +35,7 @@ from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
 from simulators.sewing import REGISTER_COUNT, UNIT_ID, StationModel
+from simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
 
 log = structlog.get_logger(__name__)
 
@@ -55,6 +54,59 @@ def free_port(host: str = "127.0.0.1") -> int:
 async def _shutdown(server: ModbusTcpServer | ModbusSerialServer) -> None:
     # pymodbus 3.16 leaves shutdown() unannotated; this is the one place that calls it.
     await server.shutdown()  # type: ignore[no-untyped-call]
+
+
+#: A pymodbus ``SimDevice`` action: called for every access that passed the address check.
+Action = Callable[
+    [int, int, int, int, list[int], list[int] | list[bool] | None],
+    Coroutine[None, None, ExcCodes | None],
+]
+
+
+async def absent_device(
+    function_code: int,
+    start_address: int,
+    address: int,
+    count: int,
+    current: list[int],
+    set_values: list[int] | list[bool] | None,
+) -> ExcCodes | None:
+    """``SimDevice`` action of unit id 0 (the catch-all): nobody there, as behind a gateway."""
+    return ExcCodes.GATEWAY_NO_RESPONSE
+
+
+def read_only_holding(updating: Callable[[], bool]) -> Action:
+    """``SimDevice`` action of a station: holding registers only, read-only.
+
+    pymodbus' datastore would also serve the block as coils and input registers; the device
+    only has holding registers and only reads them. While ``updating()`` is true the
+    simulator itself is writing, and that is let through.
+    """
+
+    async def guard(
+        function_code: int,
+        start_address: int,
+        address: int,
+        count: int,
+        current: list[int],
+        set_values: list[int] | list[bool] | None,
+    ) -> ExcCodes | None:
+        if updating():
+            return None
+        if function_code != _READ_HOLDING_REGISTERS or set_values is not None:
+            return ExcCodes.ILLEGAL_FUNCTION
+        return None
+
+    return guard
+
+
+def changed_span(old: Sequence[int], new: Sequence[int]) -> tuple[int, list[int]] | None:
+    """First changed address and the registers from there to the last change (or ``None``)."""
+    changed = [i for i in range(REGISTER_COUNT) if new[i] != old[i]]
+    if not changed:
+        return None
+    first, last = changed[0], changed[-1]
+    return first, list(new[first : last + 1])
 
 
 #: How a simulated device is reached.
@@ -151,6 +203,10 @@ class _Station:
     # True only while the floor itself writes registers; any other write is a client's.
     updating: bool = False
 
+    def is_updating(self) -> bool:
+        """True while the floor itself writes this station's registers."""
+        return self.updating
+
 
 class SimulatedFloor:
     """Async context manager running a set of simulated stations as Modbus TCP servers."""
@@ -164,10 +220,7 @@ class SimulatedFloor:
         tick: float = 0.05,
     ) -> None:
         """Check the set-up; nothing starts before ``async with``."""
-        if not math.isfinite(speed) or speed <= 0:
-            raise ValueError(f"speed must be > 0, got {speed!r}")
-        if not math.isfinite(tick) or tick <= 0:
-            raise ValueError(f"tick must be > 0, got {tick!r}")
+        check_pace(speed, tick)
         names = [spec.name for spec in stations]
         ports = [spec.port for spec in stations]
         if len(set(names)) != len(names):
@@ -209,10 +262,7 @@ class SimulatedFloor:
         """Stop the tick task first (nothing writes while servers close), then the servers."""
         task, self._task = self._task, None
         try:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task  # re-raises a failure of the tick task, after cleanup below
+            await stop_task(task)  # re-raises a failure of the tick task, after cleanup below
         finally:
             await self._stop_all()
 
@@ -238,18 +288,13 @@ class SimulatedFloor:
         """
         if self._task is None:
             raise RuntimeError("the floor is not running; use it with 'async with'")
-        waiter = asyncio.create_task(self._finished.wait(), name="simulated-floor-wait")
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
-        if not self._finished.is_set():
-            # The tick task ended first: surface its error instead of hanging.
-            self._task.result()
-            raise RuntimeError("the simulated floor stopped before the scenarios finished")
+        await wait_finished(
+            self._finished,
+            self._task,
+            timeout,
+            name="simulated-floor-wait",
+            stopped="the simulated floor stopped before the scenarios finished",
+        )
 
     # ---- internals -------------------------------------------------------------------
 
@@ -263,40 +308,15 @@ class SimulatedFloor:
         spec = station.spec
         registers = spec.model.registers()
 
-        async def guard(
-            function_code: int,
-            start_address: int,
-            address: int,
-            count: int,
-            current: list[int],
-            set_values: list[int] | list[bool] | None,
-        ) -> ExcCodes | None:
-            # pymodbus calls this for every access that passed the address check. Its
-            # datastore would also serve the block as coils and input registers; the
-            # device only has holding registers and only reads them.
-            if station.updating:
-                return None
-            if function_code != _READ_HOLDING_REGISTERS or set_values is not None:
-                return ExcCodes.ILLEGAL_FUNCTION
-            return None
-
-        async def absent(
-            function_code: int,
-            start_address: int,
-            address: int,
-            count: int,
-            current: list[int],
-            set_values: list[int] | list[bool] | None,
-        ) -> ExcCodes | None:
-            return ExcCodes.GATEWAY_NO_RESPONSE
-
         def block() -> SimData:
             return SimData(address=0, count=1, values=list(registers), datatype=DataType.REGISTERS)
 
         devices = [
-            SimDevice(id=spec.unit_id, simdata=[block()], action=guard),
+            SimDevice(
+                id=spec.unit_id, simdata=[block()], action=read_only_holding(station.is_updating)
+            ),
             # Device id 0 is pymodbus' catch-all for unit ids nobody else claims.
-            SimDevice(id=0, simdata=[block()], action=absent),
+            SimDevice(id=0, simdata=[block()], action=absent_device),
         ]
         server = ModbusTcpServer(context=devices, address=(self.host, spec.port))
         try:
@@ -331,35 +351,25 @@ class SimulatedFloor:
             await self._stop(station)
 
     async def _run(self, started: float, offsets: dict[str, float]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = started
-        while True:
-            deadline += self.tick
-            now = loop.time()
-            if deadline < now:
-                # Skip ticks missed while the loop was busy; scenario time comes from the
-                # wall clock, so nothing is lost by skipping.
-                deadline = now
-            await asyncio.sleep(deadline - now)
-            elapsed = (loop.time() - started) * self.speed
+        async def step(elapsed: float) -> None:
             for name, station in self._by_name.items():
                 station.spec.model.advance(offsets[name] + elapsed)
                 await self._write(station)
             self._check_finished()
 
+        await run_ticks(started, tick=self.tick, speed=self.speed, step=step)
+
     async def _write(self, station: _Station) -> None:
         registers = station.spec.model.registers()
-        old = station.written
-        changed = [i for i in range(REGISTER_COUNT) if registers[i] != old[i]]
+        span = changed_span(station.written, registers)
         station.written = registers
-        if not changed or station.server is None:
+        if span is None or station.server is None:
             return
-        first, last = changed[0], changed[-1]
         station.updating = True
         try:
             # One write of the changed span: a client never sees half an update.
             await station.server.async_setValues(
-                station.spec.unit_id, _WRITE_MULTIPLE_REGISTERS, first, registers[first : last + 1]
+                station.spec.unit_id, _WRITE_MULTIPLE_REGISTERS, *span
             )
         finally:
             station.updating = False
@@ -408,10 +418,7 @@ class SimulatedLine:
         tick: float = 0.05,
     ) -> None:
         """Check the set-up; nothing starts before ``async with``."""
-        if not math.isfinite(speed) or speed <= 0:
-            raise ValueError(f"speed must be > 0, got {speed!r}")
-        if not math.isfinite(tick) or tick <= 0:
-            raise ValueError(f"tick must be > 0, got {tick!r}")
+        check_pace(speed, tick)
         units = [s.unit_id for s in stations]
         if len(set(units)) != len(units):
             raise ValueError(f"unit ids on one line must be unique: {units}")
@@ -434,39 +441,16 @@ class SimulatedLine:
     async def __aenter__(self) -> Self:
         """Start the server and the tick task."""
 
-        async def guard(
-            function_code: int,
-            start_address: int,
-            address: int,
-            count: int,
-            current: list[int],
-            set_values: list[int] | list[bool] | None,
-        ) -> ExcCodes | None:
-            # Same device as on SimulatedFloor: holding registers only, read-only.
-            if self._updating:
-                return None
-            if function_code != _READ_HOLDING_REGISTERS or set_values is not None:
-                return ExcCodes.ILLEGAL_FUNCTION
-            return None
-
-        async def absent(
-            function_code: int,
-            start_address: int,
-            address: int,
-            count: int,
-            current: list[int],
-            set_values: list[int] | list[bool] | None,
-        ) -> ExcCodes | None:
-            return ExcCodes.GATEWAY_NO_RESPONSE
-
         devices = []
         for station in self.stations:
             registers = station.model.registers()
             self._written[station.unit_id] = registers
             block = SimData(address=0, count=1, values=list(registers), datatype=DataType.REGISTERS)
-            devices.append(SimDevice(id=station.unit_id, simdata=[block], action=guard))
+            # Same device as on SimulatedFloor: holding registers only, read-only.
+            action = read_only_holding(self._is_updating)
+            devices.append(SimDevice(id=station.unit_id, simdata=[block], action=action))
         catch_all = SimData(address=0, count=1, values=[0], datatype=DataType.REGISTERS)
-        devices.append(SimDevice(id=0, simdata=[catch_all], action=absent))
+        devices.append(SimDevice(id=0, simdata=[catch_all], action=absent_device))
         silent = None if self.transport == "tcp" else frozenset(self._written)
         self._server, self.port = await start_server(
             devices,
@@ -497,10 +481,7 @@ class SimulatedLine:
         """Stop the tick task, then the server."""
         task, self._task = self._task, None
         try:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         finally:
             server, self._server = self._server, None
             if server is not None:
@@ -510,43 +491,35 @@ class SimulatedLine:
         """Return once every scripted station has run its script and its registers show it."""
         if self._task is None:
             raise RuntimeError("the line is not running; use it with 'async with'")
-        waiter = asyncio.create_task(self._finished.wait(), name="simulated-line-wait")
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
-        if not self._finished.is_set():
-            self._task.result()
-            raise RuntimeError("the simulated line stopped before the scenarios finished")
+        await wait_finished(
+            self._finished,
+            self._task,
+            timeout,
+            name="simulated-line-wait",
+            stopped="the simulated line stopped before the scenarios finished",
+        )
+
+    def _is_updating(self) -> bool:
+        return self._updating
 
     async def _run(self, started: float, offsets: dict[int, float]) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = started
-        while True:
-            deadline = max(deadline + self.tick, loop.time())
-            await asyncio.sleep(deadline - loop.time())
-            elapsed = (loop.time() - started) * self.speed
+        async def step(elapsed: float) -> None:
             for station in self.stations:
                 station.model.advance(offsets[station.unit_id] + elapsed)
                 await self._write(station)
             if all(s.model.finished for s in self.stations if s.model.scripted):
                 self._finished.set()
 
+        await run_ticks(started, tick=self.tick, speed=self.speed, step=step)
+
     async def _write(self, station: LineStation) -> None:
         registers = station.model.registers()
-        old = self._written[station.unit_id]
-        changed = [i for i in range(REGISTER_COUNT) if registers[i] != old[i]]
+        span = changed_span(self._written[station.unit_id], registers)
         self._written[station.unit_id] = registers
-        if not changed or self._server is None:
+        if span is None or self._server is None:
             return
-        first, last = changed[0], changed[-1]
         self._updating = True
         try:
-            await self._server.async_setValues(
-                station.unit_id, _WRITE_MULTIPLE_REGISTERS, first, registers[first : last + 1]
-            )
+            await self._server.async_setValues(station.unit_id, _WRITE_MULTIPLE_REGISTERS, *span)
         finally:
             self._updating = False

@@ -10,18 +10,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
-from gateway import logs
+from simulators.cliargs import add_common_arguments, load_script, positive_int, run_main
 from simulators.cnc import CncModel
 from simulators.opcua_common import EngineModel
 from simulators.opcua_server import OpcUaMachineServer, trusted_dir
 from simulators.robot import RobotModel
-from simulators.scenario import ScenarioError, Step, load_scenario
 
 log = structlog.get_logger(__name__)
 
@@ -58,33 +56,6 @@ def server_for_profile(
     )
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
-def _port(text: str) -> int:
-    value = _positive_int(text)
-    if value > 65535:
-        raise argparse.ArgumentTypeError(f"must be a TCP port 1..65535, got {value}")
-    return value
-
-
-def _speed(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
 def _user(text: str) -> tuple[str, str]:
     name, sep, password = text.partition(":")
     if not sep or not name or not password:
@@ -99,32 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
     default_port = KINDS[kind][1]
     parser.set_defaults(opcua_kind=kind)
     parser.add_argument(
-        "--machines", type=_positive_int, default=1, help="number of machines (default 1)"
+        "--machines", type=positive_int, default=1, help="number of machines (default 1)"
     )
-    parser.add_argument(
-        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)"
-    )
-    parser.add_argument(
-        "--port",
-        type=_port,
-        default=default_port,
-        help=f"port of the first machine; the others follow on P+1, ... (default {default_port})",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the generated shift (default 0)"
-    )
-    parser.add_argument(
-        "--speed",
-        type=_speed,
-        default=1.0,
-        help="scenario seconds per wall-clock second (default 1.0)",
-    )
-    parser.add_argument(
-        "--scenario",
-        metavar="FILE",
-        default=None,
-        help="YAML/JSON list of steps every machine runs instead of the generated shift",
-    )
+    add_common_arguments(parser, unit="machine", default_port=default_port, day="shift")
     parser.add_argument(
         "--secure",
         metavar="DIR",
@@ -155,16 +103,9 @@ async def run(args: argparse.Namespace) -> int:
         log.error("unknown simulator kind", kind=kind, known=sorted(KINDS))
         return 2
     factory = KINDS[kind][0]
-    script: Sequence[Step] | None = None
-    if args.scenario is not None:
-        try:
-            script = load_scenario(args.scenario)
-        except ScenarioError as exc:
-            log.error("invalid scenario", error=str(exc))
-            return 2
-    if args.port + args.machines - 1 > 65535:
-        log.error("ports do not fit", first_port=args.port, machines=args.machines)
-        return 2
+    script, code = load_script(args, args.machines, what="machines")
+    if code:
+        return code
     users = dict(args.user) if args.user else None
     servers = [
         OpcUaMachineServer(
@@ -206,11 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     add_arguments(kinds.add_parser("cnc", help="CNC machine tool after OPC 40501 (umati)"), "cnc")
     add_arguments(kinds.add_parser("robot", help="robot after OPC 40010 (Robotics)"), "robot")
-    args = parser.parse_args(argv)
-    logs.configure()
-    with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(run(args))
-    return 0
+    return run_main(parser, run, argv)
 
 
 if __name__ == "__main__":

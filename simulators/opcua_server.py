@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import hmac
-import math
 import socket
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -48,6 +47,7 @@ from simulators.opcua_common import (
     OpcUaMachineModel,
     check_value,
 )
+from simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
 
 log = structlog.get_logger(__name__)
 
@@ -141,10 +141,7 @@ async def _shutdown(server: Server) -> None:
     # Cancel the task instead and clear the flag, so stop() is quick and start() works again.
     iserver = server.iserver
     task, iserver.time_task = iserver.time_task, None
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    await stop_task(task)
     await server.stop()
     iserver._time_task_stop = False
 
@@ -177,10 +174,7 @@ class OpcUaMachineServer:
         """
         if not 1 <= port <= 65535:
             raise ValueError(f"port must be 1..65535, got {port}")
-        if not math.isfinite(speed) or speed <= 0:
-            raise ValueError(f"speed must be > 0, got {speed!r}")
-        if not math.isfinite(tick) or tick <= 0:
-            raise ValueError(f"tick must be > 0, got {tick!r}")
+        check_pace(speed, tick)
         if users is not None:
             if not users:
                 raise ValueError("users must name at least one user (or be None)")
@@ -258,10 +252,7 @@ class OpcUaMachineServer:
         """Stop the tick task first (nothing writes while the server closes), then it."""
         task, self._task = self._task, None
         try:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await stop_task(task)
         finally:
             await self.stop()
             self._server = None
@@ -305,17 +296,13 @@ class OpcUaMachineServer:
         """
         if self._task is None:
             raise RuntimeError("the server is not running; use it with 'async with'")
-        waiter = asyncio.create_task(self._finished.wait(), name="opcua-sim-wait")
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait({waiter, self._task}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await waiter
-        if not self._finished.is_set():
-            self._task.result()
-            raise RuntimeError("the simulator stopped before the scenario finished")
+        await wait_finished(
+            self._finished,
+            self._task,
+            timeout,
+            name="opcua-sim-wait",
+            stopped="the simulator stopped before the scenario finished",
+        )
 
     # ---- internals -------------------------------------------------------------------
 
@@ -424,19 +411,12 @@ class OpcUaMachineServer:
         )
 
     async def _run(self, started: float, offset: float) -> None:
-        loop = asyncio.get_running_loop()
-        deadline = started
-        while True:
-            deadline += self.tick
-            now = loop.time()
-            if deadline < now:
-                # Skip ticks missed while the loop was busy: scenario time follows the wall
-                # clock, so nothing is lost by skipping.
-                deadline = now
-            await asyncio.sleep(deadline - now)
-            self.model.advance(offset + (loop.time() - started) * self.speed)
+        async def step(elapsed: float) -> None:
+            self.model.advance(offset + elapsed)
             await self._write()
             self._check_finished()
+
+        await run_ticks(started, tick=self.tick, speed=self.speed, step=step)
 
     async def _write(self) -> None:
         server = self._require()

@@ -30,7 +30,6 @@ Anything else answers exception 2 (ILLEGAL DATA ADDRESS).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import math
 import struct
 from collections.abc import Mapping
@@ -39,10 +38,16 @@ from types import TracebackType
 from typing import Any, Self
 
 import structlog
-from pymodbus.constants import ExcCodes
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.modbus_server import Server, SimTransport, _shutdown, start_server
+from simulators.modbus_server import (
+    Server,
+    SimTransport,
+    _shutdown,
+    absent_device,
+    start_server,
+)
+from simulators.ticker import run_ticks, stop_task
 
 log = structlog.get_logger(__name__)
 
@@ -205,17 +210,6 @@ def _bits(values: list[bool]) -> list[SimData]:
     return [SimData(0, values=[*values, *([False] * (16 - len(values)))], datatype=DataType.BITS)]
 
 
-async def _absent(
-    function_code: int,
-    start_address: int,
-    address: int,
-    count: int,
-    current: list[int],
-    set_values: list[int] | list[bool] | None,
-) -> ExcCodes | None:
-    return ExcCodes.GATEWAY_NO_RESPONSE
-
-
 class SimulatedPlc:
     """Serves a :class:`PlcModel` over Modbus TCP, RTU over TCP or RTU on a serial port."""
 
@@ -267,7 +261,7 @@ class SimulatedPlc:
         nobody = SimDevice(
             id=0,
             simdata=[SimData(0, values=[0], datatype=DataType.REGISTERS)],
-            action=_absent,
+            action=absent_device,
         )
         self._server, self.port = await start_server(
             [device, nobody],
@@ -290,10 +284,7 @@ class SimulatedPlc:
     ) -> None:
         """Stop ticking, then serving."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await stop_task(task)
         server, self._server = self._server, None
         if server is not None:
             await _shutdown(server)
@@ -304,12 +295,13 @@ class SimulatedPlc:
         await self._write()
 
     async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
-        started = loop.time() - self.time / self.speed
-        while True:
-            await asyncio.sleep(self.tick)
-            self.time = (loop.time() - started) * self.speed
+        async def step(elapsed: float) -> None:
+            self.time = elapsed
             await self._write()
+
+        # Scenario time continues from where set_time() left it.
+        started = asyncio.get_running_loop().time() - self.time / self.speed
+        await run_ticks(started, tick=self.tick, speed=self.speed, step=step)
 
     async def _write(self) -> None:
         server = self._server

@@ -26,6 +26,7 @@ cycle counter is a lifetime counter. Order ids come from the platform (``assign-
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 
@@ -34,24 +35,15 @@ from simulators.opcua_common import (
     NS_ROBOTICS,
     NS_UA,
     AddressSpace,
-    DataType,
     EngineModel,
     NodeSpec,
     NodeValue,
     ProductionSnapshot,
-    parse_path,
+    alarm_text_of,
+    make_node,
     stable_pick,
 )
-from simulators.scenario import (
-    Changeover,
-    Fault,
-    Idle,
-    Maintenance,
-    RunOrder,
-    Step,
-    Stop,
-    pieces_to_reach,
-)
+from simulators.scenario import ShiftProfile, Step, generate_shift
 
 #: Instance namespace of every simulated robot (string NodeIds, vendor variables).
 ROBOT_NAMESPACE = "urn:shopfloor-gateway:simulator:robot"
@@ -113,14 +105,7 @@ _TASK = f"{_CONTROLLER}/rob:TaskControls/sim:TaskControl_1"
 _SAFETY = "rob:SafetyStates/sim:SafetyState_1"
 
 
-def _node(
-    path: str,
-    datatype: DataType | None = None,
-    value: NodeValue | None = None,
-    *,
-    prop: bool = False,
-) -> NodeSpec:
-    return NodeSpec(parse_path(path, ALIASES), datatype, value, prop)
+_node = functools.partial(make_node, ALIASES)
 
 
 def _nameplate(base: str, model: str, serial: str) -> list[NodeSpec]:
@@ -207,42 +192,32 @@ def program_for(order_id: str) -> str:
 
 def alarm_text(code: int) -> str:
     """Text of an alarm code ("" for 0)."""
-    if code == 0:
-        return ""
-    return ALARM_TEXTS.get(code, f"Alarm {code}")
+    return alarm_text_of(code, ALARM_TEXTS)
+
+
+#: The robot cell's shift (many short work cycles; the robot does not know targets).
+ROBOT_SHIFT = ShiftProfile(
+    alarm_codes=tuple(sorted(ALARM_TEXTS)),
+    maintenance_p=0.03,
+    maintenance_s=(300.0, 900.0),
+    idle_s=(30.0, 180.0),
+    changeover_s=(20.0, 90.0),
+    target=(40, 200),
+    piece_s=(5.0, 15.0),
+    piece_digits=2,
+    scrap_every=(None, None, None, 50),
+    target_shown_p=None,
+    segment=(20, 80),
+    jitter=0.05,
+    fault_p=0.2,
+    fault_s=(15.0, 120.0),
+    stop_s=(10.0, 60.0),
+)
 
 
 def generate_robot_steps(seed: int, name: str) -> Iterator[Step]:
     """Endless realistic shift of a robot cell, determined by ``seed`` and ``name``."""
-    rng = random.Random(f"robot-day:{seed}:{name}")
-    order_number = rng.randrange(20_000, 90_000)
-    codes = sorted(ALARM_TEXTS)
-    first = True
-    while True:
-        if not first:
-            if rng.random() < 0.03:
-                yield Maintenance(round(rng.uniform(300.0, 900.0), 1))
-            elif rng.random() < 0.1:
-                yield Idle(round(rng.uniform(30.0, 180.0), 1))
-            yield Changeover(round(rng.uniform(20.0, 90.0), 1))
-        first = False
-        order_number += rng.randint(1, 9)
-        order_id = f"PO-{order_number}"
-        target = rng.randint(40, 200)
-        cycle = round(rng.uniform(5.0, 15.0), 2)
-        scrap_every = rng.choice((None, None, None, 50))
-        remaining = pieces_to_reach(target, scrap_every)
-        while remaining > 0:
-            segment = rng.randint(20, 80)
-            if segment >= remaining:
-                yield RunOrder(order_id, target, cycle, scrap_every, False, jitter=0.05)
-                break
-            yield RunOrder(order_id, target, cycle, scrap_every, False, segment, 0.05)
-            remaining -= segment
-            if rng.random() < 0.2:
-                yield Fault(round(rng.uniform(15.0, 120.0), 1), rng.choice(codes))
-            else:
-                yield Stop(round(rng.uniform(10.0, 60.0), 1))
+    return generate_shift(ROBOT_SHIFT, random.Random(f"robot-day:{seed}:{name}"))
 
 
 class RobotModel(EngineModel):
@@ -265,19 +240,7 @@ class RobotModel(EngineModel):
             kind="robot",
             lifetime_base=rng.randrange(100_000, 5_000_000),
         )
-        self._space = build_address_space(f"{rng.randrange(100_000, 999_999)}")
-        self._initial = {key: spec.value for key, spec in self._space.variables().items()}
-
-    @property
-    def address_space(self) -> AddressSpace:
-        """The nodes the server builds at start."""
-        return self._space
-
-    def values(self) -> dict[str, NodeValue]:
-        """Current value of every variable, by node key."""
-        values: dict[str, NodeValue] = {k: v for k, v in self._initial.items() if v is not None}
-        values.update(self._dynamic(self._engine.snapshot()))
-        return values
+        self._use_address_space(build_address_space(f"{rng.randrange(100_000, 999_999)}"))
 
     def _dynamic(self, show: ProductionSnapshot) -> dict[str, NodeValue]:
         task_state, loaded, mode = _SHOWN[show.activity]

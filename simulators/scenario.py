@@ -6,11 +6,13 @@ the scenario started). Steps are plain frozen dataclasses; everything here is pu
 position of the offending step (``steps[3].run_order.target: ...``).
 
 The generated default (``generate_steps``) is an endless, realistic working day that depends
-only on the seed and the station name.
+only on the seed and the station name. ``generate_shift`` draws such a day for any kind of
+machine from its ``ShiftProfile`` (the CNC and robot simulators use it too).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from collections.abc import Iterator, Mapping, Sequence
@@ -307,47 +309,94 @@ ALARM_CODES: Mapping[int, str] = {
 }
 
 
+Range = tuple[float, float]
+
+
+@dataclass(frozen=True, slots=True)
+class ShiftProfile:
+    """What a generated shift of one kind of machine looks like (durations in seconds).
+
+    Between orders: maintenance with ``maintenance_p``, else idle with ``idle_p``, then a
+    changeover. An order runs in segments of ``segment`` pieces, each followed by a fault
+    (``fault_p``, an alarm from ``alarm_codes``) or a stop.
+    """
+
+    alarm_codes: tuple[int, ...]
+    maintenance_p: float
+    maintenance_s: Range
+    idle_s: Range
+    changeover_s: Range
+    target: tuple[int, int]
+    piece_s: Range
+    #: Decimals ``piece_seconds`` is rounded to.
+    piece_digits: int
+    scrap_every: tuple[int | None, ...]
+    #: Chance that the device shows the order target; ``None``: never (and no draw).
+    target_shown_p: float | None
+    segment: tuple[int, int]
+    jitter: float
+    fault_p: float
+    fault_s: Range
+    stop_s: Range
+    idle_p: float = 0.1
+
+
+def generate_shift(profile: ShiftProfile, rng: random.Random) -> Iterator[Step]:
+    """Endless realistic shift after ``profile``, drawn from ``rng`` (seeded by the caller)."""
+    p = profile
+    order_number = rng.randrange(20_000, 90_000)
+    first = True
+    while True:
+        if not first:
+            if rng.random() < p.maintenance_p:
+                yield Maintenance(round(rng.uniform(*p.maintenance_s), 1))
+            elif rng.random() < p.idle_p:
+                yield Idle(round(rng.uniform(*p.idle_s), 1))
+            yield Changeover(round(rng.uniform(*p.changeover_s), 1))
+        first = False
+        order_number += rng.randint(1, 9)
+        order_id = f"PO-{order_number}"
+        target = rng.randint(*p.target)
+        piece_seconds = round(rng.uniform(*p.piece_s), p.piece_digits)
+        scrap_every = rng.choice(p.scrap_every)
+        shown = p.target_shown_p is not None and rng.random() < p.target_shown_p
+        remaining = pieces_to_reach(target, scrap_every)
+        while remaining > 0:
+            segment = rng.randint(*p.segment)
+            run = RunOrder(order_id, target, piece_seconds, scrap_every, shown, jitter=p.jitter)
+            if segment >= remaining:
+                yield run
+                break
+            yield dataclasses.replace(run, pieces=segment)
+            remaining -= segment
+            if rng.random() < p.fault_p:
+                yield Fault(round(rng.uniform(*p.fault_s), 1), rng.choice(p.alarm_codes))
+            else:
+                yield Stop(round(rng.uniform(*p.stop_s), 1))
+
+
+#: The sewing station's working day.
+SEWING_DAY = ShiftProfile(
+    alarm_codes=tuple(sorted(ALARM_CODES)),
+    maintenance_p=0.03,
+    maintenance_s=(60.0, 300.0),
+    idle_s=(10.0, 60.0),
+    changeover_s=(5.0, 15.0),
+    target=(20, 60),
+    piece_s=(2.0, 5.0),
+    piece_digits=2,
+    scrap_every=(None, None, 12, 17, 25),
+    target_shown_p=0.9,
+    segment=(8, 30),
+    jitter=0.15,
+    fault_p=0.15,
+    fault_s=(20.0, 90.0),
+    stop_s=(10.0, 60.0),
+)
+
+
 def generate_steps(seed: int, name: str) -> Iterator[Step]:
     """Endless realistic working day for one station, determined by ``seed`` and ``name``."""
     # A string seed is hashed with SHA-512 by random.seed: stable across runs and
     # independent of PYTHONHASHSEED.
-    rng = random.Random(f"sewing-day:{seed}:{name}")
-    order_number = rng.randrange(20_000, 90_000)
-    codes = sorted(ALARM_CODES)
-    first = True
-    while True:
-        if not first:
-            if rng.random() < 0.03:
-                yield Maintenance(round(rng.uniform(60.0, 300.0), 1))
-            elif rng.random() < 0.1:
-                yield Idle(round(rng.uniform(10.0, 60.0), 1))
-            yield Changeover(round(rng.uniform(5.0, 15.0), 1))
-        first = False
-        order_number += rng.randint(1, 9)
-        order_id = f"PO-{order_number}"
-        target = rng.randint(20, 60)
-        piece_seconds = round(rng.uniform(2.0, 5.0), 2)
-        scrap_every = rng.choice((None, None, 12, 17, 25))
-        target_on_device = rng.random() < 0.9
-        remaining = pieces_to_reach(target, scrap_every)
-        while remaining > 0:
-            segment = rng.randint(8, 30)
-            if segment >= remaining:
-                yield RunOrder(
-                    order_id, target, piece_seconds, scrap_every, target_on_device, jitter=0.15
-                )
-                break
-            yield RunOrder(
-                order_id,
-                target,
-                piece_seconds,
-                scrap_every,
-                target_on_device,
-                pieces=segment,
-                jitter=0.15,
-            )
-            remaining -= segment
-            if rng.random() < 0.15:
-                yield Fault(round(rng.uniform(20.0, 90.0), 1), rng.choice(codes))
-            else:
-                yield Stop(round(rng.uniform(10.0, 60.0), 1))
+    return generate_shift(SEWING_DAY, random.Random(f"sewing-day:{seed}:{name}"))

@@ -23,23 +23,17 @@ addr  count  signal        type
 
 from __future__ import annotations
 
-import math
 import random
 import struct
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from gateway.model import MachineState
+from simulators.production import EngineBacked, JobTruth, ProductionEngine, ProductionSnapshot
 from simulators.scenario import (
     OPERATOR_MAX_CHARS,
     ORDER_ID_MAX_CHARS,
-    Changeover,
-    Fault,
-    Idle,
-    Maintenance,
-    RunOrder,
     Step,
-    Stop,
     check_ascii,
     generate_steps,
     validate_script,
@@ -93,15 +87,8 @@ class StationSnapshot:
     cycle_time: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class OrderTruth:
-    """What the station really produced for one order (the reference for gateway tests)."""
-
-    order_id: str
-    good: int
-    scrap: int
-    target: int
-    completed: bool
+#: What the station really produced for one order (the reference for gateway tests).
+OrderTruth = JobTruth
 
 
 def encode_registers(snapshot: StationSnapshot) -> list[int]:
@@ -163,12 +150,14 @@ def decode_registers(registers: Sequence[int]) -> StationSnapshot:
     )
 
 
-class StationModel:
+class StationModel(EngineBacked):
     """One sewing station advanced through a scenario in scenario time.
 
     ``script=None`` runs the endless generated day for ``seed`` and ``name``; a script runs
     its steps once, then the station goes idle (stitch rate 0) keeping order and counts
-    shown, and ``finished`` becomes true.
+    shown, and ``finished`` becomes true. Production follows the shared
+    :class:`~simulators.production.ProductionEngine`; the station adds its registers, the
+    operator badge and the stitch rate.
     """
 
     def __init__(
@@ -181,170 +170,43 @@ class StationModel:
     ) -> None:
         """Build a station at scenario time 0, before its first step has started."""
         self.name = name
-        self.scripted = script is not None
-        self._steps: Iterator[Step] = (
-            iter(validate_script(script)) if script is not None else generate_steps(seed, name)
-        )
+        steps = validate_script(script) if script is not None else None
         # Separate stream from the scenario generator: piece jitter must not shift the
         # generated steps when a script changes.
-        self._rng = random.Random(f"sewing-station:{seed}:{name}")
-        badge = operator if operator is not None else f"B-{self._rng.randint(1000, 9999)}"
-        self._base_rate = float(self._rng.randint(24, 36) * 100)
-        self._show = StationSnapshot(operator=badge)
-        encode_registers(self._show)  # fail now on a bad operator badge, not at first read
-        self._truth: dict[str, OrderTruth] = {}
-        self._t = 0.0
-        self._finished = False
-        self._step: Step | None = None
-        self._step_end = 0.0  # end of a timed step
-        self._next_piece_at = 0.0
-        self._piece_duration = 0.0
-        self._step_pieces = 0
-        self._order_target = 0
-        self._start_next(0.0)
+        rng = random.Random(f"sewing-station:{seed}:{name}")
+        badge = operator if operator is not None else f"B-{rng.randint(1000, 9999)}"
+        self._base_rate = float(rng.randint(24, 36) * 100)
+        self._operator = badge
+        encode_registers(StationSnapshot(operator=badge))  # fail now on a bad badge
+        self._engine = ProductionEngine(steps, generate_steps(seed, name), rng=rng)
+        self.scripted = self._engine.scripted
 
     # ---- read side -------------------------------------------------------------------
 
-    @property
-    def time(self) -> float:
-        """Scenario time the station has been advanced to."""
-        return self._t
-
-    @property
-    def finished(self) -> bool:
-        """True once a scripted scenario ran all its steps (never for the generated day)."""
-        return self._finished
-
-    @property
-    def state(self) -> MachineState:
-        """Machine state the station currently shows."""
-        return self._show.state
-
-    @property
-    def order_id(self) -> str:
-        """Order id the station currently shows ("" = none)."""
-        return self._show.order_id
-
-    @property
-    def truth(self) -> Mapping[str, OrderTruth]:
-        """Per-order production so far, in the order the orders started (a copy)."""
-        return dict(self._truth)
-
     def snapshot(self) -> StationSnapshot:
         """What the registers show now."""
-        return self._show
+        show = self._engine.snapshot()
+        return StationSnapshot(
+            state=show.state,
+            good_count=show.good,
+            scrap_count=show.scrap,
+            target_count=show.target,
+            alarm_code=show.alarm_code,
+            stitch_rate=self._stitch_rate(show),
+            order_id=show.order_id,
+            operator=self._operator,
+            cycle_time=show.cycle_time,
+        )
 
     def registers(self) -> list[int]:
         """The ``REGISTER_COUNT`` holding registers as the device serves them now."""
-        return encode_registers(self._show)
+        return encode_registers(self.snapshot())
 
-    # ---- time ------------------------------------------------------------------------
-
-    def advance(self, t: float) -> None:
-        """Move to scenario time ``t``, processing every piece and step end up to ``t``."""
-        if not math.isfinite(t):
-            raise ValueError(f"scenario time must be finite, got {t!r}")
-        if t < self._t:
-            raise ValueError(f"scenario time must not go backwards: {self._t} -> {t}")
-        while not self._finished:
-            due = self._next_piece_at if isinstance(self._step, RunOrder) else self._step_end
-            if due > t:
-                break
-            self._fire(due)
-        self._t = t
-
-    def _fire(self, at: float) -> None:
-        step = self._step
-        if isinstance(step, RunOrder):
-            self._piece_done(step, at)
-        else:
-            self._start_next(at)
-
-    def _piece_done(self, step: RunOrder, at: float) -> None:
-        show = self._show
-        number = show.good_count + show.scrap_count + 1
-        scrap = step.scrap_every is not None and number % step.scrap_every == 0
-        good = show.good_count + (0 if scrap else 1)
-        scrap_count = show.scrap_count + (1 if scrap else 0)
-        completed = good >= self._order_target
+    def _stitch_rate(self, show: ProductionSnapshot) -> float:
+        if show.activity != "run":
+            return 0.0
+        last = self._engine.last_piece_seconds
+        if last is None:
+            return self._base_rate
         # Faster pieces mean the operator sewed faster: scale the nominal stitch rate.
-        rate = round(self._base_rate * step.piece_seconds / self._piece_duration, 1)
-        self._show = replace(
-            show,
-            good_count=good,
-            scrap_count=scrap_count,
-            cycle_time=round(self._piece_duration, 3),
-            stitch_rate=rate,
-        )
-        self._truth[show.order_id] = OrderTruth(
-            show.order_id, good, scrap_count, self._order_target, completed
-        )
-        self._step_pieces += 1
-        if completed or (step.pieces is not None and self._step_pieces >= step.pieces):
-            self._start_next(at)
-        else:
-            self._schedule_piece(step, at)
-
-    def _schedule_piece(self, step: RunOrder, at: float) -> None:
-        duration = step.piece_seconds
-        if step.jitter:
-            duration *= 1.0 + step.jitter * self._rng.uniform(-1.0, 1.0)
-        self._piece_duration = duration
-        self._next_piece_at = at + duration
-
-    def _start_next(self, at: float) -> None:
-        step = next(self._steps, None)
-        self._step = step
-        show = self._show
-        if step is None:
-            self._finished = True
-            self._show = replace(show, state=MachineState.IDLE, stitch_rate=0.0, alarm_code=0)
-            return
-        if isinstance(step, RunOrder):
-            self._start_run(step, at)
-            return
-        self._step_end = at + step.seconds
-        if isinstance(step, Stop):
-            self._show = replace(show, state=MachineState.STOPPED, stitch_rate=0.0, alarm_code=0)
-        elif isinstance(step, Fault):
-            self._show = replace(
-                show, state=MachineState.FAULT, stitch_rate=0.0, alarm_code=step.alarm_code
-            )
-        elif isinstance(step, Changeover):
-            self._show = replace(show, state=MachineState.SETUP, stitch_rate=0.0, alarm_code=0)
-        elif isinstance(step, Maintenance):
-            self._show = replace(
-                show, state=MachineState.MAINTENANCE, stitch_rate=0.0, alarm_code=0
-            )
-        elif isinstance(step, Idle):
-            self._show = replace(show, state=MachineState.IDLE, stitch_rate=0.0, alarm_code=0)
-            if step.clear_order:
-                self._show = replace(
-                    self._show,
-                    order_id="",
-                    good_count=0,
-                    scrap_count=0,
-                    target_count=0,
-                    cycle_time=0.0,
-                )
-
-    def _start_run(self, step: RunOrder, at: float) -> None:
-        show = self._show
-        current = self._truth.get(show.order_id) if show.order_id else None
-        resume = current is not None and show.order_id == step.order_id and not current.completed
-        if not resume:
-            # The device counts per order: a new order starts from zero.
-            self._order_target = step.target
-            show = replace(
-                show, order_id=step.order_id, good_count=0, scrap_count=0, cycle_time=0.0
-            )
-            self._truth[step.order_id] = OrderTruth(step.order_id, 0, 0, step.target, False)
-        self._show = replace(
-            show,
-            state=MachineState.RUNNING,
-            alarm_code=0,
-            stitch_rate=self._base_rate,
-            target_count=step.target if step.target_on_device else 0,
-        )
-        self._step_pieces = 0
-        self._schedule_piece(step, at)
+        return round(self._base_rate * show.nominal_cycle / last, 1)
