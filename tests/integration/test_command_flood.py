@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import sys
 import time
 from datetime import datetime
@@ -34,6 +33,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import RunOrder
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
+from tests.gatewayproc import kill, start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "flood"
@@ -115,21 +115,8 @@ async def test_a_command_flood_does_not_slow_polling_or_publishing(
             Subscriber(mosquitto.host, mosquitto.port, f"{PREFIX}/{SITE}/+/+/+/event/#")
         )
         log_path = tmp_path / "gw.log"
-        with log_path.open("wb") as out:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "gateway",
-                "run",
-                "-c",
-                str(config),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=out,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=ROOT,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        stack.push_async_callback(_kill, proc)
+        proc = await start_gateway(config, log_path)
+        stack.push_async_callback(kill, proc)
         await sub.wait_for(lambda ms: any("order.progress" in m.topic for m in ms), timeout=30)
         # The listener subscribes on its own connection; wait until it answers.
         topic = f"{PREFIX}/{SITE}/sewing/line-1/sew-01/cmd/assign-order"
@@ -216,9 +203,3 @@ async def _stop(proc: asyncio.subprocess.Process) -> None:
                 await proc.wait()
         except TimeoutError:
             raise AssertionError("the gateway did not stop within 20 s of SIGTERM") from None
-
-
-async def _kill(proc: asyncio.subprocess.Process) -> None:
-    if proc.returncode is None:
-        proc.kill()
-        await proc.wait()

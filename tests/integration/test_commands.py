@@ -23,7 +23,7 @@ from simulators.scenario import Idle, RunOrder, Step
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
-from tests.integration.test_end_to_end import by_machine, events, gateway_process, short
+from tests.gatewayproc import by_machine, events, gateway_process, short
 
 PREFIX = "cmdtest"
 SITE = "plant-1"

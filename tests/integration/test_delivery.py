@@ -19,7 +19,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Changeover, Idle, RunOrder, Step
 from simulators.sewing import OrderTruth, StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
-from tests.integration.test_end_to_end import by_machine, events, gateway_process, short
+from tests.gatewayproc import by_machine, events, gateway_process, short
 
 PREFIX = "dlv"
 SITE = "plant-1"

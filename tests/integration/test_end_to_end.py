@@ -10,19 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
-import sys
-from collections import defaultdict
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Changeover, Fault, Idle, RunOrder, Step, Stop
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
+from tests.gatewayproc import by_machine, events, gateway_process, short
 
 PREFIX = "e2e"
 SITE = "plant-1"
@@ -93,47 +90,6 @@ def write_config(
             lines += ["    signals:", "      spindle_temp: {address: 45, type: int16}"]
     path.write_text("\n".join(lines) + "\n" + extra_machines)
     return path
-
-
-@contextlib.asynccontextmanager
-async def gateway_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``shopfloor run`` in its own process; killed at the end whatever happened."""
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-
-
-def events(messages: Sequence[Received]) -> list[dict[str, Any]]:
-    """Decoded CloudEvents in arrival order."""
-    return [json.loads(m.payload) for m in messages if "/event/" in m.topic]
-
-
-def by_machine(evs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for e in evs:
-        out[e["subject"]].append(e)
-    return out
-
-
-def short(e: dict[str, Any]) -> str:
-    return str(e["type"]).removeprefix("io.shopfloor.")
 
 
 async def test_scripted_floor_end_to_end(mosquitto: MosquittoBroker, tmp_path: Path) -> None:

@@ -15,11 +15,8 @@ import asyncio
 import contextlib
 import itertools
 import json
-import os
 import statistics
-import sys
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +28,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import RunOrder
 from simulators.sewing import STATE_CODES, StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
+from tests.gatewayproc import gateway_process
 
 ROOT = Path(__file__).resolve().parents[2]
 PREFIX = "faults"
@@ -66,31 +64,6 @@ def _config(path: Path, broker_port: int, ports: dict[str, int]) -> Path:
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-@contextlib.asynccontextmanager
-async def gateway_process(config: Path, log: Path) -> AsyncIterator[asyncio.subprocess.Process]:
-    """``shopfloor run`` in its own process, killed at the end whatever happened."""
-    with log.open("wb") as out:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "gateway",
-            "run",
-            "-c",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    try:
-        yield proc
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
 
 
 def _connection_events(ms: list[Received]) -> list[tuple[float, str, bool]]:

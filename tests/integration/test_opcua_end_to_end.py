@@ -16,7 +16,7 @@ from simulators.opcua_server import OpcUaMachineServer
 from simulators.scenario import Changeover, Idle, RunOrder
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
-from tests.integration.test_end_to_end import by_machine, events, gateway_process, short
+from tests.gatewayproc import by_machine, events, gateway_process, short
 
 PREFIX = "opcua"
 SITE = "plant-1"

@@ -17,7 +17,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
-from tests.integration.test_end_to_end import events, gateway_process, short
+from tests.gatewayproc import events, gateway_process, short
 from tests.integration.test_influx import VictoriaMetrics
 
 PREFIX = "ops"

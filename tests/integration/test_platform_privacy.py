@@ -17,8 +17,8 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
+from tests.gatewayproc import events, gateway_process, short
 from tests.integration.test_commands import send_until_answered
-from tests.integration.test_end_to_end import events, gateway_process, short
 
 PREFIX = "priv"
 SITE = "plant-1"

@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import aiomqtt
@@ -24,6 +22,7 @@ from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import RunOrder
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker
+from tests.gatewayproc import start_gateway
 
 ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "canary-Pw-5f3a9c"  # a canary, not a credential
@@ -115,24 +114,7 @@ async def test_no_secret_in_logs_or_payloads(tmp_path: Path) -> None:
     collector = asyncio.create_task(collect())
     try:
         async with SimulatedFloor([station]):
-            with log_path.open("wb") as out:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "run",
-                    "-c",
-                    str(config),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=asyncio.subprocess.STDOUT,
-                    cwd=ROOT,
-                    env={
-                        **os.environ,
-                        "PYTHONUNBUFFERED": "1",
-                        "SF_TEST_MQTT_PASSWORD": PASSWORD,
-                    },
-                )
+            proc = await start_gateway(config, log_path, {"SF_TEST_MQTT_PASSWORD": PASSWORD})
             try:
                 await wait_for(lambda: any("/event/" in t for t, _ in seen))
                 cmd = f"{PREFIX}/{SITE}/sewing/line-1/sew-01/cmd/assign-order"
