@@ -124,8 +124,8 @@ async def test_silent_unit_costs_one_timeout_per_cycle_and_others_stay_on_schedu
         for name, times in stamps.items():
             gaps = [b - a for a, b in itertools.pairwise(times)]
             # The poll interval is 0.1 s; the silent unit may hold the line for at most
-            # its timeout once per cycle.
-            assert max(gaps) < 0.1 + timeout + 0.1, (name, gaps)
+            # its timeout once per cycle (plus slack for a busy test machine).
+            assert max(gaps) < 0.1 + timeout + 0.3, (name, gaps)
     assert lines.open_lines() == {}  # the last adapter out closed the line
 
 
