@@ -106,5 +106,6 @@ bench: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m bench.scale_modbus --devices 200,500 --signals 20 --window 20
 	$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30 --window 20 --faulty 0.1 --name scale_neuron
 	$(BIN)/python -m bench.publish
+	$(BIN)/python -m bench.scale_opcua
 	@if [ -f bench/modbus_plan.py ]; then $(BIN)/python -m bench.modbus_plan; fi
 	@if [ -f bench/outbox.py ]; then $(BIN)/python -m bench.outbox; fi

@@ -9,13 +9,17 @@ Guarantees (see ``docs/delivery.md``):
 * Every row carries a bit mask of the destinations it is routed to. Each destination reads
   the outbox in ``seq`` order from its own position and clears its bit when the broker
   acknowledged the row (QoS 1 PUBACK); a row is deleted once no bit is left.
-* Durability: a commit that carries any event is fsynced (``PRAGMA synchronous=FULL`` for
-  that transaction); telemetry-only and acknowledgement-only commits run with
-  ``synchronous=NORMAL`` (WAL: durable at the next checkpoint, never corrupt). Files are
+* Durability: a commit that carries a lifecycle, state, alarm or connection event is
+  fsynced (``PRAGMA synchronous=FULL`` for that transaction); commits that carry only
+  ``order.progress`` events, telemetry, tracker states or acknowledgements run with
+  ``synchronous=NORMAL`` (WAL: durable at the next fsynced commit or checkpoint, never
+  corrupt; lost only with the operating system, never with the process). Files are
   created with mode 0600.
-* All SQLite work runs on one worker thread: the event loop only appends to a list and
-  wakes the writer, which commits whatever has gathered since its last commit (group
-  commit), so a slow disk never blocks the loop.
+* All SQLite work runs on the outbox's own thread, fed through a ``queue.SimpleQueue``:
+  the event loop only appends to a list and wakes the writer, which commits whatever has
+  gathered since its last commit (group commit), so a slow disk never blocks the loop.
+  Events are committed at once; a commit of acknowledgements alone waits up to
+  ``commit_window`` seconds (or ``commit_rows`` acknowledgements) for more to share it.
 * Bounded by ``max_events``: beyond it telemetry is dropped first (oldest first), then
   ``order.progress`` rows a newer progress row of the same order supersedes. Lifecycle,
   state and alarm events are never dropped while the disk takes them; the outbox then
@@ -32,14 +36,15 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -93,6 +98,17 @@ def row_class(event_type: str | None) -> int:
     if event_type == "order.progress":
         return PROGRESS
     return KEEP
+
+
+def needs_fsync(batch: Iterable[_Pending], trackers: Mapping[str, Any] | None = None) -> bool:
+    """Whether a commit must be fsynced: it carries an event or a tracker state.
+
+    Every event, ``order.progress`` included, has a sequence number that must never be
+    handed out twice, and a tracker state may hold a platform's accepted order: a power
+    loss must not take either back. Only commits of telemetry and broker acknowledgements
+    (a lost one costs a duplicate, deduplicated by ``id``) skip the fsync.
+    """
+    return bool(trackers) or any(p.cls in (PROGRESS, KEEP) for p in batch)
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +173,60 @@ class DiskFullError(Exception):
     """SQLite said the disk (or its page limit) is full and nothing was left to drop."""
 
 
+_T = TypeVar("_T")
+_Job = tuple[Callable[..., Any], tuple[Any, ...], asyncio.AbstractEventLoop, "asyncio.Future[Any]"]
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:
+    """Hand a job's outcome to its waiter (on the loop; the waiter may be gone)."""
+    if fut.cancelled():
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(result)
+
+
+class _Writer:
+    """The outbox's own thread: runs SQLite jobs in order, hands each result back to the loop.
+
+    Cheaper than ``run_in_executor`` per commit (no executor future and wrapper per call)
+    and one thread for the life of the outbox, as SQLite's ``check_same_thread`` wants.
+    """
+
+    def __init__(self, name: str) -> None:
+        """Prepare the thread; it starts with the first job."""
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name=name, daemon=True)
+
+    def call(self, fn: Callable[..., _T], *args: Any) -> asyncio.Future[_T]:
+        """Run ``fn(*args)`` on the writer thread; await the returned future for its result."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[_T] = loop.create_future()
+        if not self._thread.is_alive():
+            self._thread.start()
+        self._jobs.put((fn, args, loop, fut))
+        return fut
+
+    def stop(self) -> None:
+        """Finish the queued jobs, then end the thread (it is gone when this returns)."""
+        if self._thread.is_alive():
+            self._jobs.put(None)
+            self._thread.join()
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, args, loop, fut = job
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                error = exc
+            with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+
+
 class Outbox:
     """The durable outbox; use :meth:`open`, run :meth:`run` as a task, :meth:`close` at exit."""
 
@@ -168,8 +238,14 @@ class Outbox:
         max_events: int = 1_000_000,
         retry_delay: float = 1.0,
         max_page_count: int | None = None,
+        commit_window: float = 0.05,
+        commit_rows: int = 200,
     ) -> None:
-        """Prepare an outbox at ``path`` for the named destinations; nothing opens yet."""
+        """Prepare an outbox at ``path`` for the named destinations; nothing opens yet.
+
+        ``commit_window`` (seconds) and ``commit_rows`` bound how long acknowledgements wait
+        for each other before their commit; events never wait.
+        """
         if not destinations:
             raise ValueError("an outbox needs at least one destination")
         if len(set(destinations)) != len(destinations):
@@ -178,13 +254,19 @@ class Outbox:
             raise ValueError(f"at most {MAX_DESTINATIONS} destinations")
         if max_events < 1:
             raise ValueError("max_events must be >= 1")
+        if not 0 <= commit_window <= 1:
+            raise ValueError("commit_window must be 0..1 seconds")
+        if commit_rows < 1:
+            raise ValueError("commit_rows must be >= 1")
+        self._commit_window = commit_window
+        self._commit_rows = commit_rows
         self.path = Path(path)
         self.destinations = tuple(destinations)
         self.max_events = max_events
         self._retry_delay = retry_delay
         # Test hook: SQLite's page limit stands in for a full disk.
         self._max_page_count = max_page_count
-        self._exec = ThreadPoolExecutor(1, thread_name_prefix="outbox")
+        self._writer = _Writer("outbox-writer")
         self._db: sqlite3.Connection | None = None
         self.bits: dict[str, int] = {}
         self.trackers: dict[str, dict[str, Any]] = {}
@@ -197,6 +279,9 @@ class Outbox:
         self._pending_trackers: dict[str, dict[str, Any]] = {}
         self._acks: dict[int, list[int]] = {}
         self._work = asyncio.Event()
+        # Set when the pending work must not wait for the commit window (rows, states).
+        self._urgent = asyncio.Event()
+        self._ack_count = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._backlog: dict[str, int] = {}
@@ -212,9 +297,8 @@ class Outbox:
 
     async def open(self) -> None:
         """Create or open the file, check it, load tracker states and per-destination counts."""
-        loop = asyncio.get_running_loop()
         try:
-            info = await loop.run_in_executor(self._exec, self._t_open)
+            info = await self._writer.call(self._t_open)
         except sqlite3.Error as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
         self.bits, self.trackers, backlog, last_seq, count = info
@@ -307,9 +391,8 @@ class Outbox:
             with contextlib.suppress(Exception):
                 await self._write_once()
         self._closed = True
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._exec, self._t_close)
-        self._exec.shutdown(wait=True)
+        await self._writer.call(self._t_close)
+        self._writer.stop()
 
     def _t_close(self) -> None:
         if self._db is not None:
@@ -349,6 +432,7 @@ class Outbox:
             self._pending_trackers.update(trackers)
         if seqs or trackers:
             self._idle.clear()
+            self._urgent.set()
             self._work.set()
         return seqs
 
@@ -369,6 +453,9 @@ class Outbox:
         """Record that ``destination``'s broker acknowledged rows (written in the next commit)."""
         bit = self.bits[destination]
         self._acks.setdefault(bit, []).extend(seqs)
+        self._ack_count += len(seqs)
+        if self._ack_count >= self._commit_rows:
+            self._urgent.set()
         self._idle.clear()
         self._work.set()
 
@@ -383,22 +470,27 @@ class Outbox:
         """Commit batches until cancelled; raises :class:`OutboxError` when SQLite fails."""
         while True:
             await self._work.wait()
+            if self._commit_window and not self._urgent.is_set():
+                # Only acknowledgements so far: nobody waits for their commit, so let a few
+                # more share it (one commit per PUBACK would cost more than the sending).
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._commit_window):
+                        await self._urgent.wait()
             self._work.clear()
             await self._write_once()
 
     async def _write_once(self) -> None:
-        loop = asyncio.get_running_loop()
         batch, self._pending = self._pending, []
         trackers, self._pending_trackers = self._pending_trackers, {}
         acks, self._acks = self._acks, {}
+        self._urgent.clear()
+        self._ack_count = 0
         if not (batch or trackers or acks):
             self._idle.set()
             return
         while True:
             try:
-                result = await loop.run_in_executor(
-                    self._exec, self._t_write, batch, trackers, acks
-                )
+                result = await self._writer.call(self._t_write, batch, trackers, acks)
                 break
             except DiskFullError:
                 if not self._disk_full:
@@ -418,6 +510,7 @@ class Outbox:
                 for bit, seqs in self._acks.items():
                     acks.setdefault(bit, []).extend(seqs)
                 self._acks = {}
+                self._ack_count = 0
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: {exc}") from exc
         if self._disk_full:
@@ -481,8 +574,7 @@ class Outbox:
         db = self._db
         assert db is not None
         result = _WriteResult(self._t_committed)
-        # Any event in the batch makes this a durable commit (fsync of the WAL).
-        fsync = any(p.cls != TELEMETRY for p in batch)
+        fsync = needs_fsync(batch, trackers)
         db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
         try:
             self._t_transaction(db, batch, trackers, acks, result)
@@ -633,9 +725,8 @@ class Outbox:
 
     async def fetch(self, destination: str, after: int, limit: int) -> tuple[list[Row], int]:
         """Rows for ``destination`` with ``seq > after`` in order, and the seq read up to."""
-        loop = asyncio.get_running_loop()
         mask = 1 << self.bits[destination]
-        return await loop.run_in_executor(self._exec, self._t_fetch, mask, after, limit)
+        return await self._writer.call(self._t_fetch, mask, after, limit)
 
     def _t_fetch(self, mask: int, after: int, limit: int) -> tuple[list[Row], int]:
         db = self._db

@@ -26,12 +26,19 @@ from typing import Self
 
 import structlog
 
-from adapters.base import ConnectionLost, DecodeError
+from adapters.base import ConnectionLost
 from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.decode import decode
+from adapters.modbus.decode import BlockDecoder
 from adapters.modbus.line import ExceptionResponse, Line, NoResponse, ReadResult
-from adapters.modbus.plan import ReadRequest, next_deadline, plan_for, split, split_gaps
+from adapters.modbus.plan import (
+    ReadRequest,
+    compile_decoder,
+    next_deadline,
+    plan_for,
+    split,
+    split_gaps,
+)
 from gateway.model import Quality, Sample, Value
 
 log = structlog.get_logger(__name__)
@@ -95,6 +102,8 @@ class ModbusAdapter:
         self._where = connection.endpoint.split("://", 1)[1]
         self._signals = resolve_word_orders(connection, self._signals)
         self._plan = plan_for(connection, self._signals)
+        # One compiled decoder per request: the per-value work is a struct unpack.
+        self._decoders: dict[ReadRequest, BlockDecoder] = {}
         self._line: Line | None = None
         # Signals currently bad, with the reason first seen: one warning per episode.
         self._bad: dict[str, str] = {}
@@ -203,6 +212,7 @@ class ModbusAdapter:
             at = plan.index(request)
             plan[at : at + 1] = parts
             self._plan = tuple(plan)
+            self._decoders.pop(request, None)
         self._log.info(
             "modbus.block_split",
             block=_describe(request),
@@ -224,12 +234,10 @@ class ModbusAdapter:
             for point in request.points:
                 problems[point.signal] = reason
             return
-        for point in request.points:
-            items = result[point.offset : point.offset + point.width]
-            try:
-                values[point.signal] = decode(items, self._signals[point.signal])
-            except DecodeError as exc:
-                problems[point.signal] = str(exc)
+        decoder = self._decoders.get(request)
+        if decoder is None:
+            decoder = self._decoders[request] = compile_decoder(request, self._signals)
+        decoder.decode_into(result, values, problems)
 
     async def _read(self, request: ReadRequest) -> ReadResult:
         """Items of one request, or the device's exception, with the configured retries.

@@ -34,6 +34,7 @@ from adapters.modbus.config import (
     ModbusSignalConfig,
     RegisterArea,
 )
+from adapters.modbus.decode import BlockDecoder
 
 
 class Point(NamedTuple):
@@ -158,6 +159,17 @@ def split(request: ReadRequest) -> tuple[ReadRequest, ...]:
             request.area, request.start + point.offset, point.width, (point._replace(offset=0),)
         )
         for point in request.points
+    )
+
+
+def compile_decoder(
+    request: ReadRequest, signals: Mapping[str, ModbusSignalConfig]
+) -> BlockDecoder:
+    """The decoder of one request's response: offsets and ``struct`` formats worked out once."""
+    return BlockDecoder(
+        [(p.signal, p.offset, signals[p.signal]) for p in request.points],
+        request.count,
+        bit_area=request.area in BIT_AREAS,
     )
 
 
