@@ -194,7 +194,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if plan is None:
         return EXIT_USAGE
     # The config may ask for another level/format; command-line flags win.
-    logs.configure(args.log_level or plan.log_level, json=_json(args.log_format or plan.log_format))
+    logs.configure(
+        args.log_level or plan.log_level,
+        json=_json(args.log_format or plan.log_format),
+        levels=plan.log_levels,
+    )
     from gateway.runtime import Gateway
 
     async def go(stop: asyncio.Event) -> int:

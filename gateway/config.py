@@ -32,6 +32,7 @@ from pydantic import (
     ConfigDict,
     Field,
     SecretStr,
+    StringConstraints,
     ValidationError,
     field_validator,
 )
@@ -202,6 +203,11 @@ class LoggingConfig(_Model):
 
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
+    #: Level per component, by logger name prefix: ``{gateway.outbox: debug, pymodbus: info}``.
+    levels: dict[
+        Annotated[str, StringConstraints(pattern=r"^[a-z_][a-z0-9_.]*$")],
+        Literal["debug", "info", "warning", "error"],
+    ] = Field(default_factory=dict)
 
 
 class ProfileConfig(_Model):
@@ -332,6 +338,8 @@ class GatewayPlan:
     #: ``(host, port)`` of ``/healthz`` and ``/metrics``; ``None`` = off.
     health_listen: tuple[str, int] | None = None
     influxdb: InfluxConfig | None = field(default=None, repr=False)
+    #: Log level per component (logger name prefix).
+    log_levels: Mapping[str, str] = field(default_factory=dict)
 
 
 class ConfigError(Exception):
@@ -603,6 +611,7 @@ def _compile(
         outbox=outbox,
         redaction_secret=secret,
         health_listen=parse_listen(config.health.listen) if config.health.listen else None,
+        log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
     )
 

@@ -4,24 +4,44 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
 
 
-def configure(level: str = "info", *, json: bool | None = None, stream: Any = None) -> None:
+def _level(name: str) -> int:
+    return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
+
+
+def configure(
+    level: str = "info",
+    *,
+    json: bool | None = None,
+    stream: Any = None,
+    levels: Mapping[str, str] | None = None,
+) -> None:
     """Configure structlog and the stdlib root logger once for the whole process.
 
     ``json=None`` picks JSON when the output is not a terminal (systemd, containers,
     files) and the console renderer when it is. Library loggers (pymodbus, aiomqtt,
-    asyncua) go through the same pipeline so every line has one shape.
+    asyncua) go through the same pipeline so every line has one shape, and every line
+    names its component (``logger``: ``gateway.outbox``, ``adapters.modbus.adapter``...).
+
+    ``levels`` sets a level per component, by logger name prefix
+    (``{"gateway.outbox": "debug", "adapters.modbus": "warning"}``); the rest use ``level``.
     """
     out = stream if stream is not None else sys.stderr
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
-    numeric = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    numeric = _level(level)
+    per_component = {name: _level(lvl) for name, lvl in (levels or {}).items()}
+    # structlog drops calls below the lowest level anyone wants, cheaply; the stdlib level
+    # of each component's logger then decides (filter_by_level).
+    lowest = min([numeric, *per_component.values()])
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_logger_name,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
@@ -32,12 +52,13 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
     )
     structlog.configure(
         processors=[
+            structlog.stdlib.filter_by_level,
             *shared,
             structlog.processors.StackInfoRenderer(),
             structlog.processors.format_exc_info,
             structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        wrapper_class=structlog.make_filtering_bound_logger(lowest),
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=False,
     )
@@ -53,3 +74,5 @@ def configure(level: str = "info", *, json: bool | None = None, stream: Any = No
     # Third-party libraries are chatty at info; their warnings still come through.
     for name in ("pymodbus", "asyncua", "amqtt", "transitions"):
         logging.getLogger(name).setLevel(max(numeric, logging.WARNING))
+    for name, lvl in per_component.items():
+        logging.getLogger(name).setLevel(lvl)
