@@ -217,8 +217,11 @@ def _json(fmt: str | None) -> bool | None:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """``shopfloor simulate sewing``."""
+    """``shopfloor simulate sewing|cnc|robot|proxy``."""
     logs.configure("info")
+    # pymodbus' server logs every client that hangs up mid-request as an error with a hex
+    # dump; for a simulator that is the normal life of a test, not news.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     from simulators import cli as sim_cli
     from simulators import opcua_cli, proxy_cli
 
