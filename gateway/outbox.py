@@ -26,8 +26,13 @@ Guarantees (see ``docs/delivery.md``):
   grows beyond the bound and says so. A full disk (SQLITE_FULL) triggers the same
   dropping; if nothing is left to drop the batch stays in memory and is retried.
 
-Errors other than a full disk end :meth:`Outbox.run` with :class:`OutboxError`: the
-outbox is not supervised, the process exits non-zero and systemd restarts it.
+Errors other than a full disk end :meth:`Outbox.run` with :class:`OutboxError` (a read
+that fails for a destination's queue too): the outbox is not supervised, the process exits
+non-zero and systemd restarts it. A file left by a crash or a bad disk is checked at
+:meth:`Outbox.open`: rows that cannot be sent (wrong types, a sequence number no real run
+reaches), routing bits of no known destination, unreadable destination entries, sequence
+counters and tracker states are logged and left out; damage SQLite itself reports is an
+:class:`OutboxError` naming the file.
 """
 
 from __future__ import annotations
@@ -67,6 +72,18 @@ KEEP = 2
 MAX_DESTINATIONS = 62
 SCHEMA_VERSION = 1
 _SQLITE_FULL = 13
+#: Beyond any real run (a million events a second for 146,000 years), and far enough below
+#: SQLite's 2**63 limit that a new row can always be numbered: a larger seq is damage.
+MAX_SEQ = 2**62
+
+#: Rows a destination could not send: checked at open, dropped with a log line.
+_UNUSABLE = f"""
+typeof(pending) != 'integer' OR typeof(cls) != 'integer' OR typeof(machine) != 'text'
+OR typeof(topic) != 'text' OR topic = '' OR typeof(payload) != 'blob'
+OR typeof(qos) != 'integer' OR qos NOT IN (0, 1, 2)
+OR typeof(created) NOT IN ('integer', 'real') OR seq < 1 OR seq > {MAX_SEQ}
+OR (order_id IS NOT NULL AND typeof(order_id) != 'text')
+"""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -287,6 +304,8 @@ class Outbox:
         self._backlog: dict[str, int] = {}
         self._queues: list[OutboxQueue] = []
         self._closed = False
+        # A queue's read failed: run() ends with it (a destination would stall silently).
+        self._failure: OutboxError | None = None
         self._overflowing = False
         self._disk_full = False
         # Thread-side state (only touched on the worker thread).
@@ -337,9 +356,9 @@ class Outbox:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"outbox schema {row[0]} is not {SCHEMA_VERSION}")
-        bits = dict(db.execute("SELECT name, bit FROM destinations").fetchall())
         db.execute("BEGIN IMMEDIATE")
         try:
+            bits = self._t_destinations(db)
             # Destinations no longer configured: release their rows.
             for name, bit in list(bits.items()):
                 if name not in self.destinations:
@@ -349,6 +368,24 @@ class Outbox:
                     )
                     db.execute("DELETE FROM destinations WHERE name = ?", (name,))
                     del bits[name]
+            # Bits no configured destination owns (damage): cleared before a new destination
+            # takes a free bit, so it never receives rows routed elsewhere.
+            known = sum(1 << bit for bit in bits.values())
+            db.execute(
+                "UPDATE messages SET pending = pending & ? WHERE typeof(pending) = 'integer'"
+                " AND pending & ~? != 0",
+                (known, known),
+            )
+            bad = db.execute(f"SELECT seq FROM messages WHERE {_UNUSABLE} ORDER BY seq").fetchall()
+            if bad:
+                log.error(
+                    "outbox.rows_unreadable",
+                    path=str(self.path),
+                    dropped=len(bad),
+                    seqs=[r[0] for r in bad[:20]],
+                    detail="stored rows with values no destination can send",
+                )
+                db.execute(f"DELETE FROM messages WHERE {_UNUSABLE}")
             db.execute("DELETE FROM messages WHERE pending = 0")
             free = sorted(set(range(MAX_DESTINATIONS)) - set(bits.values()))
             for name in self.destinations:
@@ -362,12 +399,16 @@ class Outbox:
         trackers: dict[str, dict[str, Any]] = {}
         for machine, text in db.execute("SELECT machine, state FROM trackers"):
             try:
+                if not isinstance(machine, str) or not isinstance(text, str | bytes):
+                    raise ValueError("not a text column")
+                # RecursionError: deeply nested JSON (not ValueError in json.loads).
                 state = json.loads(text)
-            except ValueError:
-                log.error("outbox.tracker_state_unreadable", machine=machine)
-                continue
+            except (ValueError, RecursionError):
+                state = None
             if isinstance(state, dict):
                 trackers[machine] = state
+            else:
+                log.error("outbox.tracker_state_unreadable", machine=repr(machine)[:80])
         backlog = {
             bit: db.execute(
                 "SELECT COUNT(*) FROM messages WHERE pending & ?", (1 << bit,)
@@ -376,11 +417,46 @@ class Outbox:
         }
         last = db.execute("SELECT MAX(seq) FROM messages").fetchone()[0]
         meta_last = db.execute("SELECT value FROM meta WHERE key='last_seq'").fetchone()
-        last_seq = max(int(last or 0), int(meta_last[0]) if meta_last else 0)
+        last_seq = max(int(last or 0), self._t_meta_seq(meta_last))
         count = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
         self._t_committed = last_seq
         self._t_count = count
         return {n: bits[n] for n in self.destinations}, trackers, backlog, last_seq, count
+
+    def _t_destinations(self, db: sqlite3.Connection) -> dict[str, int]:
+        """The stored name-to-bit table; entries that are not a name and a usable bit go."""
+        bits: dict[str, int] = {}
+        for rowid, name, bit in db.execute("SELECT rowid, name, bit FROM destinations"):
+            if (
+                isinstance(name, str)
+                and type(bit) is int
+                and 0 <= bit < MAX_DESTINATIONS
+                and bit not in bits.values()
+            ):
+                bits[name] = bit
+                continue
+            log.error(
+                "outbox.destination_unreadable",
+                path=str(self.path),
+                name=repr(name)[:80],
+                bit=repr(bit)[:40],
+                detail="its rows are released",
+            )
+            db.execute("DELETE FROM destinations WHERE rowid = ?", (rowid,))
+        return bits
+
+    def _t_meta_seq(self, row: tuple[Any, ...] | None) -> int:
+        """The stored seq counter; 0 (the rows' own maximum counts) when unreadable."""
+        if row is None:
+            return 0
+        try:
+            value = int(row[0])
+        except (TypeError, ValueError):
+            value = -1
+        if 0 <= value <= MAX_SEQ:
+            return value
+        log.error("outbox.seq_unreadable", path=str(self.path), value=repr(row[0])[:40])
+        return 0
 
     async def close(self) -> None:
         """Commit what is pending, then close the file (idempotent)."""
@@ -470,6 +546,8 @@ class Outbox:
         """Commit batches until cancelled; raises :class:`OutboxError` when SQLite fails."""
         while True:
             await self._work.wait()
+            if self._failure is not None:
+                raise self._failure
             if self._commit_window and not self._urgent.is_set():
                 # Only acknowledgements so far: nobody waits for their commit, so let a few
                 # more share it (one commit per PUBACK would cost more than the sending).
@@ -742,6 +820,14 @@ class Outbox:
         upto = rows[-1].seq if len(rows) == limit else max(self._t_committed, after)
         return rows, upto
 
+    def _read_failed(self, destination: str, exc: Exception) -> None:
+        """A queue could not read its rows: :meth:`run` ends with :class:`OutboxError`."""
+        if self._failure is None:
+            self._failure = OutboxError(
+                f"outbox {self.path}: reading rows for {destination} failed: {exc}"
+            )
+        self._work.set()
+
     def queue(self, route: Route, **options: Any) -> OutboxQueue:
         """The :class:`~gateway.publisher.SendQueue` of one destination."""
         q = OutboxQueue(self, route, **options)
@@ -839,9 +925,10 @@ class OutboxQueue:
     async def _fetch(self) -> None:
         try:
             rows, upto = await self._o.fetch(self.name, self._cursor, self._prefetch)
-        except Exception:
+        except Exception as exc:
             log.exception("outbox.fetch_failed", destination=self.name)
             self._fetching = False
+            self._o._read_failed(self.name, exc)
             return
         # Rows handed out meanwhile (none: fetching blocks live appends) keep order.
         self._rows.extend(r for r in rows if r.seq > self._cursor)

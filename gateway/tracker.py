@@ -422,7 +422,8 @@ class MachineTracker:
                 str(k): CommandResult(bool(a), str(r)) for k, (a, r) in state["commands"].items()
             }
             t._updated_at = _opt_float(state["updated_at"])
-        except (KeyError, TypeError, ValueError) as exc:
+        # AttributeError: a list where a mapping belongs; OverflowError: int(inf), float(10**400).
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"tracker state for {machine!r} is malformed: {exc!r}") from exc
         if t._seq < 0:
             raise ValueError(f"tracker state for {machine!r}: negative sequence")

@@ -26,6 +26,9 @@ ByteString                                lower-case hex
 arrays                                    one element, picked by ``array_index``
 ========================================  ==========================================
 
+Text that is not valid UTF-8 on the wire keeps its readable part: each invalid byte becomes
+U+FFFD. An integer outside Int64..UInt64 (only a broken stack sends one) is refused.
+
 Structures (ExtensionObjects), DataValues, Variants and matrices are refused with a
 :class:`~adapters.base.DecodeError` naming the type: that one signal turns bad.
 """
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -43,6 +47,13 @@ from gateway.model import Quality, Sample, Value
 
 #: DateTimes at or before this are the OPC UA "null" DateTime (1601-01-01, encoded as 0).
 _NULL_DATETIME_EPOCH = datetime(1601, 1, 2, tzinfo=UTC).timestamp()
+
+#: Integers outside Int64..UInt64 are no OPC UA value (and exceed what JSON readers take).
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
+
+#: Lone UTF-16 surrogates (asyncua's ``surrogateescape`` for bytes that are not UTF-8).
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 #: StatusCode severity (the top two bits) to quality.
 _SEVERITY: Mapping[int, Quality] = {
@@ -133,6 +144,8 @@ def _scalar(value: object, variant_type: str | None) -> Value:
             return int(value)
         return value.name
     if isinstance(value, int):
+        if not _INT_MIN <= value <= _INT_MAX:
+            raise DecodeError(f"integer value of {value.bit_length()} bits is outside Int64/UInt64")
         return int(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -143,7 +156,7 @@ def _scalar(value: object, variant_type: str | None) -> Value:
             return float(f"{value:.7g}")
         return value
     if isinstance(value, str):
-        return value
+        return _text(value)
     if isinstance(value, datetime):
         if value.tzinfo is None:
             value = value.replace(tzinfo=UTC)
@@ -158,16 +171,28 @@ def _scalar(value: object, variant_type: str | None) -> Value:
     # asyncua types, recognised by shape so this module does not import asyncua.
     if hasattr(value, "Text") and hasattr(value, "Locale"):  # LocalizedText
         text = value.Text
-        return "" if text is None else str(text)
+        return "" if text is None else _text(str(text))
     if hasattr(value, "Name") and hasattr(value, "NamespaceIndex"):  # QualifiedName
         name = value.Name
-        return "" if name is None else str(name)
+        return "" if name is None else _text(str(name))
     to_string = getattr(value, "to_string", None)
     if callable(to_string) and hasattr(value, "NodeIdType"):  # NodeId, ExpandedNodeId
-        return str(to_string())
+        return _text(str(to_string()))
     if hasattr(value, "is_good") and hasattr(value, "name"):  # StatusCode as a value
         return str(value.name)
     raise DecodeError(f"unsupported value type {type(value).__name__}")
+
+
+def _text(value: str) -> str:
+    """A string that encodes as UTF-8: invalid bytes from the device become U+FFFD.
+
+    asyncua decodes String with ``errors="surrogateescape"``, so a device that writes
+    Latin-1 or CP1252 (``Pr\\xfcfung``) yields lone surrogates, which no JSON payload
+    can carry.
+    """
+    if _SURROGATES.search(value) is None:
+        return value
+    return _SURROGATES.sub("\ufffd", value)
 
 
 def to_sample(
