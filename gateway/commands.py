@@ -228,6 +228,12 @@ def handle(
     return Reply(where, body, correlation_data)
 
 
+def _being_cancelled() -> bool:
+    """True when the current task has a cancel pending (shutdown is under way)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 class CommandListener:
     """Subscribes to the site's command topics and answers every command."""
 
@@ -301,10 +307,18 @@ class CommandListener:
                     attempt, down_since = 0, None
                     async for message in client.messages:
                         await self._on_message(client, message)
+                        if _being_cancelled():
+                            # Python 3.11's wait_for (inside aiomqtt) can swallow a cancel
+                            # that coincides with a completion; honour it here.
+                            raise asyncio.CancelledError
             except asyncio.CancelledError:
                 raise
             except aiomqtt.MqttError as exc:
                 self.subscribed.clear()
+                if _being_cancelled():
+                    # aiomqtt turns a cancel that lands in its clean-up into an MqttError;
+                    # reconnecting now would outlive the gateway's shutdown.
+                    raise asyncio.CancelledError from exc
                 text = str(exc)
                 if self._v5 and "protocol" in text.lower():
                     self._v5 = False
@@ -317,6 +331,8 @@ class CommandListener:
                     self._log.debug("command.listener_unreachable", error=text, attempts=attempt)
             except Exception:  # never let a bug here take the gateway down
                 self.subscribed.clear()
+                if _being_cancelled():
+                    raise asyncio.CancelledError from None
                 self._log.exception("command.listener_failed")
                 if down_since is None:
                     down_since = self._clock()

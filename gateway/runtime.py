@@ -153,6 +153,24 @@ def broker_settings(
     )
 
 
+#: Seconds after which a shutdown that has not finished logs what it is waiting for.
+SLOW_SHUTDOWN = 5.0
+
+
+async def _report_slow_shutdown() -> None:
+    """Log the tasks a shutdown still waits for, with where each one is stuck."""
+    await asyncio.sleep(SLOW_SHUTDOWN)
+    me = asyncio.current_task()
+    pending = []
+    for task in asyncio.all_tasks():
+        if task is me or task.done():
+            continue
+        frames = task.get_stack(limit=3)
+        where = [f"{f.f_code.co_filename.rsplit('/', 1)[-1]}:{f.f_lineno}" for f in frames]
+        pending.append(f"{task.get_name()} at {' > '.join(where)}")
+    log.warning("gateway.shutdown_slow", after_s=SLOW_SHUTDOWN, waiting_for=pending)
+
+
 def batch_topic(topics: Topics) -> str:
     """Topic of CloudEvents batches (``application/cloudevents-batch+json``) of a gateway."""
     return f"{topics.prefix}/{topics.site}/gateway/{topics.gateway_id}/batch"
@@ -335,6 +353,7 @@ class Gateway:
                 self.notifier.ready(self.metrics.status_line())
                 await stop.wait()
                 log.info("gateway.stopping")
+                slow = asyncio.create_task(_report_slow_shutdown(), name="shutdown-watch")
                 self.notifier.stopping()
                 keepalive.cancel()
                 # Stop taking orders and config changes first, then stop the devices.
@@ -362,6 +381,8 @@ class Gateway:
             if self.health is not None:
                 await self.health.close()
             self.notifier.close()
+            if "slow" in locals():
+                slow.cancel()
             log.info(
                 "gateway.stopped",
                 events=self.events_emitted,
@@ -607,16 +628,21 @@ class Gateway:
                                 )
                             episode = _Episode()
                         self._on_batch(m, batch)
+                        task = asyncio.current_task()
+                        if task is not None and task.cancelling():
+                            # Python 3.11's wait_for (inside the device libraries) can
+                            # swallow a cancel that coincides with a reply; honour it.
+                            raise asyncio.CancelledError
                 raise ConnectionLost("the adapter stopped yielding samples")
             except asyncio.CancelledError:
                 raise
-            except (ConnectError, ConnectionLost) as exc:
-                reason = str(exc) or type(exc).__name__
-            except AdapterError as exc:
-                reason = f"{type(exc).__name__}: {exc}"
-            except Exception as exc:  # a bug must not take the other devices down
-                reason = f"unexpected {type(exc).__name__}: {exc}"
-                bound.exception("device.task_failed", error=reason)
+            except Exception as exc:
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # A library turned the shutdown's cancel into its own error while
+                    # cleaning up; retrying would keep this device alive past shutdown.
+                    raise asyncio.CancelledError from exc
+                reason = self._failure(bound, exc)
             m.status.read_errors += 1
             self.metrics.device_polled(plan.id, False)
             self._connected(m, False, reason)
@@ -628,6 +654,18 @@ class Gateway:
             delay = self._backoff.delay(episode.attempts, self._rng)
             episode.attempts += 1
             await asyncio.sleep(delay)
+
+    @staticmethod
+    def _failure(bound: Any, exc: Exception) -> str:
+        """What went wrong with a device, in words; a bug is logged with its traceback."""
+        if isinstance(exc, ConnectError | ConnectionLost):
+            return str(exc) or type(exc).__name__
+        if isinstance(exc, AdapterError):
+            return f"{type(exc).__name__}: {exc}"
+        # A bug must not take the other devices down: log it, treat it as an outage.
+        reason = f"unexpected {type(exc).__name__}: {exc}"
+        bound.exception("device.task_failed", error=reason)
+        return reason
 
     def apply_command(self, machine: str, command: Command, now: float) -> CommandResult:
         """Run a platform command on a machine's tracker and publish what it caused."""

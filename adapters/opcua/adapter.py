@@ -28,7 +28,6 @@ link, a timeout or a server that stops publishing raises :class:`~adapters.base.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -308,9 +307,7 @@ class OpcUaAdapter:
         """Stop the watcher, close session and socket; bounded by ``timeout``, never raises."""
         watch, self._watch = self._watch, None
         if watch is not None:
-            watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
+            await _reap(watch)
         client, self._client = self._client, None
         lost, self._lost = self._lost, None
         self._sub = None
@@ -766,9 +763,7 @@ class OpcUaAdapter:
             await asyncio.wait((getter, lost), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not getter.done():
-                getter.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await getter
+                await _reap(getter)
         if getter.done() and not getter.cancelled():
             try:
                 return getter.result()
@@ -820,9 +815,7 @@ class OpcUaAdapter:
             ) from None
         finally:
             if not task.done():
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+                await _reap(task)
         if task.cancelled():
             reason = lost.result() if lost is not None and lost.done() else "cancelled"
             raise ConnectionLost(f"{self._conn.url}: {reason} while {what}")
@@ -830,6 +823,24 @@ class OpcUaAdapter:
             return task.result()
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {what} failed: {_explain(exc)}") from exc
+
+
+async def _reap(task: asyncio.Future[Any]) -> None:
+    """Cancel a helper task and wait for it, without swallowing our own cancellation.
+
+    A bare ``suppress(CancelledError)`` around the await would also eat a cancel aimed at
+    the caller (SIGTERM stopping the device) that lands during it, and the device task
+    would run on after shutdown.
+    """
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        current = asyncio.current_task()
+        if current is not None and current.cancelling():
+            raise
+    except Exception:  # the helper's own failure is not the caller's business here
+        pass
 
 
 def _numeric(identifier: int) -> ua.NodeId:
