@@ -859,12 +859,14 @@ def _compile_machine(
         profile = profiles.get(m.profile)
         if profile is None:
             known = ", ".join(sorted(profiles)) or "none"
+            guess = difflib.get_close_matches(m.profile, list(profiles), 1, 0.75)
+            hint = f"did you mean {guess[0]!r}? " if guess else ""
             errors.append(
                 SourceError(
                     src.file,
                     src.line_of((*base, "profile")),
                     format_path((*base, "profile")),
-                    f"unknown profile {m.profile!r} (known: {known})",
+                    f"unknown profile {m.profile!r} ({hint}known: {known})",
                 )
             )
             return None
