@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -59,6 +61,37 @@ def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
     for m in plan.machines:
         out.append((m.id, *_endpoint(m.connection)))
     return out
+
+
+async def _play_platform(gateway: Gateway, plan: GatewayPlan) -> None:
+    """Act as a platform once: give every machine that takes platform orders an order.
+
+    The robot knows its task program, not the production order; in a factory the order
+    portal assigns it. The demo does the same over MQTT, through the contract's command
+    topic, so the live view shows platform orders too.
+    """
+    import aiomqtt
+
+    targets = [m for m in plan.machines if m.tracker.order_source == "platform"]
+    if not targets:
+        return
+    try:
+        await asyncio.wait_for(gateway.commands.subscribed.wait(), timeout=30)
+        async with aiomqtt.Client(
+            plan.broker.host, plan.broker.port, identifier="demo-platform"
+        ) as c:
+            due = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(time.time() + 15 * 60))
+            for i, m in enumerate(targets):
+                body = {
+                    "command_id": f"demo-{m.id}",
+                    "order_id": f"SO-{4711 + i}",
+                    "target": 40,
+                    "due": due,
+                }
+                topic = gateway.topics.command(m.location, "assign-order")
+                await c.publish(topic, json.dumps(body), qos=1)
+    except (TimeoutError, aiomqtt.MqttError) as exc:
+        log.warning("demo.platform_failed", error=str(exc))
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> int:
@@ -126,10 +159,12 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
             view_task = asyncio.create_task(
                 watch.watch(b.host, b.port, prefix, header=header), name="watch"
             )
+            platform = asyncio.create_task(_play_platform(gateway, plan), name="platform")
             waiters = {asyncio.create_task(stop.wait()), view_task, gateway_task}
             if args.duration > 0:
                 waiters.add(asyncio.create_task(asyncio.sleep(args.duration)))
             done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            platform.cancel()
             for task in pending:
                 if task is not gateway_task:
                     task.cancel()
