@@ -182,6 +182,8 @@ class TrackerConfig(_Model):
     order_source: Literal["device", "platform", "device_then_platform"] | None = None
     #: Seconds of production history needed before a rate (and so an ETA) is given.
     rate_min_span: float | None = Field(default=None, ge=0, le=86_400)
+    #: A counter moving more than this in one reading is re-based, not counted.
+    max_counter_jump: int | None = Field(default=None, ge=1, le=2**32)
 
 
 class HealthConfig(_Model):

@@ -707,9 +707,28 @@ class Gateway:
         if m.problems_logged:
             bad = {p.signal for p in problems}
             for signal in list(m.problems_logged - bad):
+                if signal.startswith("tracker:"):
+                    continue
                 m.problems_logged.discard(signal)
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
         self._emit(m, m.tracker.observe(mapped, now))
+        rejected = set()
+        for r in m.tracker.drain_rejections():
+            # Once per signal and episode, like the mapping's problems above.
+            key = f"tracker:{r.signal}"
+            rejected.add(key)
+            if key not in m.problems_logged:
+                m.problems_logged.add(key)
+                log.warning(
+                    "tracker.value_rejected",
+                    machine=m.plan.id,
+                    signal=r.signal,
+                    value=r.value,
+                    reason=r.reason,
+                )
+        for key in [k for k in m.problems_logged if k.startswith("tracker:")]:
+            if key not in rejected:
+                m.problems_logged.discard(key)
         if self.telemetry is not None:
             order = m.tracker.snapshot().get("order")
             order_id = order.get("order_id") if isinstance(order, dict) else None

@@ -65,6 +65,10 @@ class TrackerSettings:
     order_source: OrderSource = "device"
     #: The rate needs at least this much history (capped at ``rate_window``) to be shown.
     rate_min_span: float = 60.0
+    #: A counter that moves by more than this in one reading was replaced or re-based
+    #: (a new controller, a restored backup), not producing: the reading becomes the new
+    #: baseline and is reported, instead of crediting millions of pieces to an order.
+    max_counter_jump: int = 1_000_000
 
     def __post_init__(self) -> None:
         """Reject settings that would make the tracker misbehave."""
@@ -76,6 +80,8 @@ class TrackerSettings:
             raise ValueError("rate_window must be > 0")
         if not self.rate_min_span >= 0:
             raise ValueError("rate_min_span must be >= 0")
+        if self.max_counter_jump < 1:
+            raise ValueError("max_counter_jump must be >= 1")
         if self.counter_wrap is not None and self.counter_wrap < 2:
             raise ValueError("counter_wrap must be >= 2 (e.g. 65536)")
         if self.counter_mode not in ("per_order", "lifetime"):
@@ -493,6 +499,18 @@ class MachineTracker:
             for value, when in batch.get(signal, []):
                 step = advance(self._counters[signal], value, when, wrap)
                 self._counters[signal] = step.state
+                if step.delta > self.settings.max_counter_jump:
+                    self._rejections.append(
+                        Rejection(
+                            signal,
+                            str(value),
+                            f"counter jumped by {step.delta} in one reading (more than "
+                            f"max_counter_jump {self.settings.max_counter_jump}): taken as a "
+                            "replaced or re-based counter, not as production",
+                            when,
+                        )
+                    )
+                    continue
                 if step.delta and order is not None:
                     self._credit(order, signal, step.delta)
         if order is None or not order.running:

@@ -765,3 +765,28 @@ def test_golden_case(folder: Path) -> None:
         json.loads(line) for line in (folder / "expected_events.jsonl").read_text().splitlines()
     ]
     assert run_case(folder) == expected
+
+
+def test_an_implausible_counter_jump_rebases_instead_of_counting() -> None:
+    # A lifetime counter read 4.4 million higher than a moment ago: a replaced controller or
+    # a restored backup, not production. The order keeps its real count and the jump is
+    # reported for the shell to log.
+    settings = TrackerSettings(counter_mode="lifetime", max_counter_jump=10_000)
+    t = MachineTracker("m", settings)
+
+    def batch(good: int, at: float) -> list[Sample]:
+        return [
+            Sample("m", "order_id", "PO-1", at),
+            Sample("m", "state", "running", at),
+            Sample("m", "good_count", good, at),
+        ]
+
+    t.observe(batch(100, 1.0), 1.0)
+    t.observe(batch(105, 2.0), 2.0)
+    t.observe(batch(4_465_244, 3.0), 3.0)
+    t.observe(batch(4_465_247, 4.0), 4.0)
+    assert t.snapshot()["order"]["good"] == 8
+    (rejection,) = t.drain_rejections()
+    assert rejection.signal == "good_count" and "max_counter_jump" in rejection.reason
+    with pytest.raises(ValueError, match="max_counter_jump"):
+        TrackerSettings(max_counter_jump=0)
