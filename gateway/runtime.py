@@ -52,6 +52,7 @@ from gateway.config import (
     OutboxPlan,
     load_config,
 )
+from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
 from gateway.influx import EnvelopeSink, InfluxSink, SinkRunner, telemetry_point
@@ -95,6 +96,18 @@ class _Machine:
     mapper: Mapper
     status: DeviceStatus = field(default_factory=DeviceStatus)
     problems_logged: set[str] = field(default_factory=set)
+    #: For machines that map no ``state`` signal: a state derived from the counters.
+    derived_state: StateFromCounts | None = None
+
+    def __post_init__(self) -> None:
+        self.refresh_derived()
+
+    def refresh_derived(self) -> None:
+        """Derive a state only when the config maps none (after start and every reload)."""
+        if "state" in self.plan.signals:
+            self.derived_state = None
+        elif self.derived_state is None:
+            self.derived_state = StateFromCounts(self.plan.id)
 
 
 #: How many order-to-customer entries are remembered per machine, for routing.
@@ -534,6 +547,7 @@ class Gateway:
                 self._clear_state(machine, m.plan.location)
                 self.locations[machine] = plan.location
             m.plan = plan
+            m.refresh_derived()
             m.mapper = Mapper(plan.signals)
             m.problems_logged.clear()
             self._start_device(m)
@@ -711,6 +725,8 @@ class Gateway:
                     continue
                 m.problems_logged.discard(signal)
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
+        if m.derived_state is not None:
+            mapped.append(m.derived_state.observe(mapped, now))
         self._emit(m, m.tracker.observe(mapped, now))
         rejected = set()
         for r in m.tracker.drain_rejections():

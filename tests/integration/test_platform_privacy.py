@@ -55,7 +55,8 @@ async def test_each_platform_sees_and_controls_only_its_own_orders(tmp_path: Pat
                 "  - {id: box-01, area: sewing, line: line-1, profile: sewing-station,"
                 " poll_interval: 0.1,"
                 f" connection: {{protocol: modbus, host: 127.0.0.1, port: {port}}},"
-                " signals: {order_id: null, target_count: null}}",
+                # A bare counter box: no order id, no target, no state register.
+                " signals: {order_id: null, target_count: null, state: null}}",
             ]
         )
         + "\n"
@@ -134,6 +135,9 @@ async def test_each_platform_sees_and_controls_only_its_own_orders(tmp_path: Pat
                     out.add(order["order_id"])
         return out
 
+    # No state register: the gateway derives one from the counter instead of "offline".
+    states = [json.loads(m.payload)["state"] for m in seen_a if m.topic.endswith("/state")]
+    assert states[-1] == "running", states[-5:]
     assert order_ids(seen_a) == {"ACME-1"}
     assert order_ids(seen_z) == {"ZETA-1"}
     # Nothing zeta's broker carried from the gateway names acme's order, not even the
