@@ -34,7 +34,6 @@ import json
 import math
 import random
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
@@ -45,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from gateway.backoff import Backoff
 from gateway.metrics import BacklogClock, Metrics
 from gateway.model import Event, Location, MachineState, Quality, Sample
+from gateway.sendqueue import MemorySinkQueue, SinkQueue
 
 log = structlog.get_logger(__name__)
 
@@ -368,105 +368,6 @@ def _body(exc: Any) -> str:
 
 
 # ---------------------------------------------------------------------------- queue
-
-
-class SinkQueue(Protocol[T]):
-    """Ordered items waiting for the sink: the ``SendQueue`` protocol, for any item type."""
-
-    def push(self, item: T) -> int:
-        """Add an item; returns how many older items were dropped to stay bounded."""
-        ...
-
-    def take(self) -> tuple[int, T] | None:
-        """Oldest unsent item, now in flight; ``None`` when nothing waits."""
-        ...
-
-    def ack(self, key: int) -> None:
-        """Forget an in-flight item the sink stored."""
-        ...
-
-    def requeue(self) -> None:
-        """Return all in-flight items to the front, oldest first."""
-        ...
-
-    def oldest_key(self) -> int | None:
-        """Smallest key still held, ``None`` when empty."""
-        ...
-
-    @property
-    def last_key(self) -> int:
-        """Key of the most recently pushed item (0 before the first)."""
-        ...
-
-    @property
-    def in_flight(self) -> int:
-        """Items handed out and not yet acknowledged."""
-        ...
-
-    def __len__(self) -> int:
-        """All items held: unsent and in flight."""
-        ...
-
-
-class MemorySinkQueue(Generic[T]):
-    """In-memory :class:`SinkQueue` that drops the oldest unsent items beyond ``max_len``."""
-
-    def __init__(self, max_len: int) -> None:
-        """A queue holding at most ``max_len`` items."""
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self._max = max_len
-        self._seq = 0
-        self._unsent: OrderedDict[int, T] = OrderedDict()
-        self._inflight: dict[int, T] = {}
-
-    def push(self, item: T) -> int:
-        """Add an item at the end."""
-        self._seq += 1
-        self._unsent[self._seq] = item
-        dropped = 0
-        while len(self) > self._max and self._unsent:
-            self._unsent.popitem(last=False)
-            dropped += 1
-        return dropped
-
-    def take(self) -> tuple[int, T] | None:
-        """Oldest unsent item, now in flight."""
-        if not self._unsent:
-            return None
-        key, item = self._unsent.popitem(last=False)
-        self._inflight[key] = item
-        return key, item
-
-    def ack(self, key: int) -> None:
-        """Forget a stored item (unknown keys are ignored)."""
-        self._inflight.pop(key, None)
-
-    def requeue(self) -> None:
-        """Put in-flight items back in front, in key order."""
-        for key in sorted(self._inflight, reverse=True):
-            self._unsent[key] = self._inflight.pop(key)
-            self._unsent.move_to_end(key, last=False)
-
-    def oldest_key(self) -> int | None:
-        """Smallest key held."""
-        keys = [k for k in (next(iter(self._unsent), None), min(self._inflight, default=None))]
-        present = [k for k in keys if k is not None]
-        return min(present) if present else None
-
-    @property
-    def last_key(self) -> int:
-        """Key of the newest push."""
-        return self._seq
-
-    @property
-    def in_flight(self) -> int:
-        """Items handed out, not acknowledged."""
-        return len(self._inflight)
-
-    def __len__(self) -> int:
-        """Unsent plus in flight."""
-        return len(self._unsent) + len(self._inflight)
 
 
 # ---------------------------------------------------------------------------- runner

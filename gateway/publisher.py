@@ -34,13 +34,14 @@ import socket
 import ssl
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
 
 from gateway.backoff import Backoff
+from gateway.sendqueue import MemorySinkQueue, SinkQueue
 
 log = structlog.get_logger(__name__)
 
@@ -114,143 +115,63 @@ class BrokerSettings:
 # --- the queue -------------------------------------------------------------------------
 
 
-class SendQueue(Protocol):
-    """Ordered store of messages waiting for a broker acknowledgement.
+#: The queue a publisher sends from: the outbox's, or the in-memory one below.
+SendQueue = SinkQueue[Message]
 
-    Keys are increasing integers in submission order. ``take`` hands out the oldest
-    unsent message and marks it in flight; ``ack`` removes it; ``requeue`` puts every
-    in-flight message back in front, in order, after a lost connection.
+
+class MemoryQueue(MemorySinkQueue[Message]):
+    """In-memory :class:`SendQueue` with retained-message coalescing and a bound.
+
+    Beyond the base queue: an unsent retained message is replaced in place by a newer one
+    for the same topic (a late joiner only needs the latest state), non-retained QoS 0
+    messages are the first to go when the queue is full, and after a lost connection an
+    in-flight retained message that a newer one replaced is not sent again.
     """
-
-    def push(self, msg: Message) -> int:
-        """Add a message; returns how many older messages were dropped to stay bounded."""
-        ...
-
-    def take(self) -> tuple[int, Message] | None:
-        """Oldest unsent message, now in flight; ``None`` when nothing is waiting."""
-        ...
-
-    def ack(self, key: int) -> None:
-        """Forget an in-flight message the broker acknowledged."""
-        ...
-
-    def requeue(self) -> None:
-        """Return all in-flight messages to the front of the queue, oldest first."""
-        ...
-
-    def oldest_key(self) -> int | None:
-        """Smallest key still held (sent or not), ``None`` when empty."""
-        ...
-
-    @property
-    def last_key(self) -> int:
-        """Key of the most recently pushed message (0 before the first)."""
-        ...
-
-    @property
-    def in_flight(self) -> int:
-        """Messages handed out and not yet acknowledged."""
-        ...
-
-    def __len__(self) -> int:
-        """All messages held: unsent and in flight."""
-        ...
-
-
-class MemoryQueue:
-    """In-memory :class:`SendQueue` with retained-message coalescing and a bound."""
 
     def __init__(self, max_len: int) -> None:
         """A queue holding at most ``max_len`` messages (in flight ones included)."""
-        self._max = max_len
-        self._seq = 0
-        self._unsent: OrderedDict[int, Message] = OrderedDict()
-        self._inflight: dict[int, Message] = {}
+        super().__init__(max_len)
         # Unsent retained messages by topic, for coalescing.
         self._retained: dict[str, int] = {}
         # Unsent non-retained QoS 0 keys: the first to go when the queue is full.
         self._expendable: OrderedDict[int, None] = OrderedDict()
 
-    def push(self, msg: Message) -> int:
+    def push(self, item: Message) -> int:
         """Add a message, coalescing an unsent retained one for the same topic."""
-        if msg.retain and (key := self._retained.get(msg.topic)) is not None:
+        if item.retain and (key := self._retained.get(item.topic)) is not None:
             # Same key, same position: the late joiner only needs the latest state.
-            self._unsent[key] = msg
+            self._unsent[key] = item
             self._seq += 1
             return 0
-        self._seq += 1
-        key = self._seq
-        self._unsent[key] = msg
-        if msg.retain:
-            self._retained[msg.topic] = key
-        elif msg.qos == 0:
+        return super().push(item)
+
+    def _added(self, key: int, item: Message) -> None:
+        if item.retain:
+            self._retained[item.topic] = key
+        elif item.qos == 0:
             self._expendable[key] = None
-        dropped = 0
-        while len(self) > self._max and self._unsent:
-            if self._expendable:
-                victim, _ = self._expendable.popitem(last=False)
-            else:
-                victim = next(iter(self._unsent))
-            self._forget_unsent(victim)
-            dropped += 1
-        return dropped
+
+    def _victim(self) -> int:
+        if self._expendable:
+            return next(iter(self._expendable))
+        return super()._victim()
 
     def _forget_unsent(self, key: int) -> Message:
-        msg = self._unsent.pop(key)
+        msg = super()._forget_unsent(key)
         self._expendable.pop(key, None)
         if msg.retain and self._retained.get(msg.topic) == key:
             del self._retained[msg.topic]
         return msg
 
-    def take(self) -> tuple[int, Message] | None:
-        """Oldest unsent message, now in flight."""
-        if not self._unsent:
-            return None
-        key = next(iter(self._unsent))
-        msg = self._forget_unsent(key)
-        self._inflight[key] = msg
-        return key, msg
-
-    def ack(self, key: int) -> None:
-        """Forget an acknowledged message (unknown keys are ignored)."""
-        self._inflight.pop(key, None)
-
-    def requeue(self) -> None:
-        """Put in-flight messages back in front; drop those a newer retained one replaced."""
-        for key in sorted(self._inflight, reverse=True):
-            msg = self._inflight.pop(key)
-            if msg.retain:
-                if msg.topic in self._retained:
-                    continue  # a newer retained message for this topic is queued
-                self._retained[msg.topic] = key
-            elif msg.qos == 0:
-                self._expendable[key] = None
-                self._expendable.move_to_end(key, last=False)
-            self._unsent[key] = msg
-            self._unsent.move_to_end(key, last=False)
-
-    def oldest_key(self) -> int | None:
-        """Smallest key still held."""
-        candidates = []
-        if self._unsent:
-            candidates.append(next(iter(self._unsent)))
-        if self._inflight:
-            candidates.append(min(self._inflight))
-        return min(candidates) if candidates else None
-
-    @property
-    def last_key(self) -> int:
-        """Key of the most recently pushed message."""
-        return self._seq
-
-    @property
-    def in_flight(self) -> int:
-        """Messages handed out and not yet acknowledged."""
-        return len(self._inflight)
-
-    def __len__(self) -> int:
-        """All messages held."""
-        return len(self._unsent) + len(self._inflight)
+    def _restore(self, key: int, item: Message) -> bool:
+        if item.retain:
+            if item.topic in self._retained:
+                return False  # a newer retained message for this topic is queued
+            self._retained[item.topic] = key
+        elif item.qos == 0:
+            self._expendable[key] = None
+            self._expendable.move_to_end(key, last=False)
+        return True
 
 
 # --- the publisher ---------------------------------------------------------------------

@@ -1,0 +1,141 @@
+"""The ordered, acknowledged queue every sender reads from (MQTT publishers, history sink).
+
+Keys are increasing integers in push order. ``take`` hands out the oldest unsent item and
+marks it in flight; ``ack`` forgets it once the receiver stored it; ``requeue`` puts every
+in-flight item back in front, in order, after a lost connection. The durable outbox
+(:class:`gateway.outbox.OutboxQueue`) implements the same protocol on SQLite.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Generic, Protocol, TypeVar
+
+T = TypeVar("T")
+
+
+class SinkQueue(Protocol[T]):
+    """Ordered items waiting for a receiver's acknowledgement."""
+
+    def push(self, item: T) -> int:
+        """Add an item; returns how many older items were dropped to stay bounded."""
+        ...
+
+    def take(self) -> tuple[int, T] | None:
+        """Oldest unsent item, now in flight; ``None`` when nothing waits."""
+        ...
+
+    def ack(self, key: int) -> None:
+        """Forget an in-flight item the receiver stored."""
+        ...
+
+    def requeue(self) -> None:
+        """Return all in-flight items to the front, oldest first."""
+        ...
+
+    def oldest_key(self) -> int | None:
+        """Smallest key still held (sent or not), ``None`` when empty."""
+        ...
+
+    @property
+    def last_key(self) -> int:
+        """Key of the most recently pushed item (0 before the first)."""
+        ...
+
+    @property
+    def in_flight(self) -> int:
+        """Items handed out and not yet acknowledged."""
+        ...
+
+    def __len__(self) -> int:
+        """All items held: unsent and in flight."""
+        ...
+
+
+class MemorySinkQueue(Generic[T]):
+    """In-memory :class:`SinkQueue` that drops the oldest unsent items beyond ``max_len``.
+
+    Subclasses change what is dropped first (:meth:`_victim`) and keep their own indexes
+    in step through :meth:`_forget_unsent` and :meth:`_restore`.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        """A queue holding at most ``max_len`` items (in flight ones included)."""
+        if max_len < 1:
+            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        self._max = max_len
+        self._seq = 0
+        self._unsent: OrderedDict[int, T] = OrderedDict()
+        self._inflight: dict[int, T] = {}
+
+    def push(self, item: T) -> int:
+        """Add an item at the end."""
+        self._seq += 1
+        self._unsent[self._seq] = item
+        self._added(self._seq, item)
+        return self._bound()
+
+    def _added(self, key: int, item: T) -> None:
+        """Hook: an item entered the unsent part."""
+
+    def _bound(self) -> int:
+        dropped = 0
+        while len(self) > self._max and self._unsent:
+            self._forget_unsent(self._victim())
+            dropped += 1
+        return dropped
+
+    def _victim(self) -> int:
+        """Key of the unsent item to drop when the queue is full: the oldest."""
+        return next(iter(self._unsent))
+
+    def _forget_unsent(self, key: int) -> T:
+        return self._unsent.pop(key)
+
+    def _restore(self, key: int, item: T) -> bool:
+        """Hook for :meth:`requeue`: False drops the item instead of putting it back."""
+        return True
+
+    def take(self) -> tuple[int, T] | None:
+        """Oldest unsent item, now in flight."""
+        if not self._unsent:
+            return None
+        key = next(iter(self._unsent))
+        item = self._forget_unsent(key)
+        self._inflight[key] = item
+        return key, item
+
+    def ack(self, key: int) -> None:
+        """Forget a stored item (unknown keys are ignored)."""
+        self._inflight.pop(key, None)
+
+    def requeue(self) -> None:
+        """Put in-flight items back in front, in key order."""
+        for key in sorted(self._inflight, reverse=True):
+            item = self._inflight.pop(key)
+            if self._restore(key, item):
+                self._unsent[key] = item
+                self._unsent.move_to_end(key, last=False)
+
+    def oldest_key(self) -> int | None:
+        """Smallest key held."""
+        candidates = []
+        if self._unsent:
+            candidates.append(next(iter(self._unsent)))
+        if self._inflight:
+            candidates.append(min(self._inflight))
+        return min(candidates) if candidates else None
+
+    @property
+    def last_key(self) -> int:
+        """Key of the newest push."""
+        return self._seq
+
+    @property
+    def in_flight(self) -> int:
+        """Items handed out, not acknowledged."""
+        return len(self._inflight)
+
+    def __len__(self) -> int:
+        """Unsent plus in flight."""
+        return len(self._unsent) + len(self._inflight)
