@@ -19,6 +19,7 @@ a ``DecodeError`` (or a device exception for one signal) becomes a sample with
 
 from __future__ import annotations
 
+import math
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Protocol, Self
@@ -61,3 +62,23 @@ class Adapter(Protocol):
     def samples(self) -> AsyncIterator[Sequence[Sample]]:
         """Yield one batch per acquisition until cancelled; raise :class:`ConnectionLost`."""
         ...
+
+
+def check_timing(poll_interval: float, start_offset: float) -> None:
+    """Refuse a poll interval or start offset no schedule can use (``ValueError``)."""
+    if not (math.isfinite(poll_interval) and poll_interval > 0):
+        raise ValueError(f"poll_interval must be a positive number, got {poll_interval}")
+    if not (math.isfinite(start_offset) and start_offset >= 0):
+        raise ValueError(f"start_offset must be 0 or more, got {start_offset}")
+
+
+def next_deadline(previous: float, now: float, interval: float) -> tuple[float, int]:
+    """The next fixed-rate deadline after ``now``, and how many ticks were skipped to reach it.
+
+    Deadlines sit on the grid ``previous + k * interval``; a poll that overran its slot
+    moves to the next grid point in the future instead of bursting to catch up.
+    """
+    if interval <= 0 or not math.isfinite(interval):
+        raise ValueError(f"interval must be a positive number of seconds, got {interval}")
+    ticks = max(1, math.floor((now - previous) / interval) + 1)
+    return previous + ticks * interval, ticks - 1

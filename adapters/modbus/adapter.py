@@ -18,7 +18,6 @@ Quality mapping, per cycle and per signal:
 from __future__ import annotations
 
 import asyncio
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from types import TracebackType
@@ -26,7 +25,7 @@ from typing import Self
 
 import structlog
 
-from adapters.base import ConnectionLost
+from adapters.base import ConnectionLost, check_timing, next_deadline
 from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import BlockDecoder
@@ -34,7 +33,6 @@ from adapters.modbus.line import ExceptionResponse, Line, NoResponse, ReadResult
 from adapters.modbus.plan import (
     ReadRequest,
     compile_decoder,
-    next_deadline,
     plan_for,
     split,
     split_gaps,
@@ -89,10 +87,7 @@ class ModbusAdapter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Compile the read plan; raise ``ValueError`` for an unusable interval or plan."""
-        if not (math.isfinite(poll_interval) and poll_interval > 0):
-            raise ValueError(f"poll_interval must be a positive number, got {poll_interval}")
-        if not (math.isfinite(start_offset) and start_offset >= 0):
-            raise ValueError(f"start_offset must be 0 or more, got {start_offset}")
+        check_timing(poll_interval, start_offset)
         self._machine = machine
         self._connection = connection
         self._signals = dict(signals)

@@ -16,13 +16,12 @@ ends within ``max_registers`` and is reachable without crossing a gap wider than
 ``max_gap`` (taking more never makes the rest harder to cover). The unit tests check
 this against a brute-force search.
 
-Polling cadence lives here too (:func:`next_deadline`): fixed-rate deadlines that skip
+Polling cadence lives in :func:`adapters.base.next_deadline`: fixed-rate deadlines that skip
 missed ticks.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -171,15 +170,3 @@ def compile_decoder(
         request.count,
         bit_area=request.area in BIT_AREAS,
     )
-
-
-def next_deadline(previous: float, now: float, interval: float) -> tuple[float, int]:
-    """The next fixed-rate deadline after ``now``, and how many ticks were skipped to reach it.
-
-    Deadlines sit on the grid ``previous + k * interval``; a poll that overran its slot
-    moves to the next grid point in the future instead of bursting to catch up.
-    """
-    if interval <= 0 or not math.isfinite(interval):
-        raise ValueError(f"interval must be a positive number of seconds, got {interval}")
-    ticks = max(1, math.floor((now - previous) / interval) + 1)
-    return previous + ticks * interval, ticks - 1

@@ -52,7 +52,7 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
-from adapters.base import ConnectError, ConnectionLost
+from adapters.base import ConnectError, ConnectionLost, check_timing, next_deadline
 from adapters.opcua import security
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from adapters.opcua.nodes import (
@@ -146,15 +146,6 @@ class _Target:
     deadband: float
 
 
-def next_deadline(deadline: float, now: float, interval: float) -> tuple[float, int]:
-    """The next fixed-rate deadline after ``deadline``, skipping ticks already missed."""
-    nxt = deadline + interval
-    if nxt >= now:
-        return nxt, 0
-    skipped = math.floor((now - nxt) / interval) + 1
-    return nxt + skipped * interval, skipped
-
-
 class OpcUaAdapter:
     """One OPC UA server connection yielding batches of samples (subscription or polling)."""
 
@@ -169,10 +160,7 @@ class OpcUaAdapter:
         clock: Callable[[], float] = time.time,
     ) -> None:
         """Compile the signal addresses; raise ``ValueError`` for an unusable interval."""
-        if not (math.isfinite(poll_interval) and poll_interval > 0):
-            raise ValueError(f"poll_interval must be a positive number, got {poll_interval}")
-        if not (math.isfinite(start_offset) and start_offset >= 0):
-            raise ValueError(f"start_offset must be 0 or more, got {start_offset}")
+        check_timing(poll_interval, start_offset)
         self._machine = machine
         self._conn = connection
         self._interval = poll_interval

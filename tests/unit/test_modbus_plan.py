@@ -8,8 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from adapters.base import next_deadline
 from adapters.modbus.config import ModbusSignalConfig
-from adapters.modbus.plan import Point, ReadRequest, next_deadline, plan_reads, split
+from adapters.modbus.plan import Point, ReadRequest, plan_reads, split
 
 
 def u16(address: int, area: str = "holding") -> ModbusSignalConfig:

@@ -9,8 +9,7 @@ from datetime import UTC, datetime
 import pytest
 from asyncua import ua
 
-from adapters.base import DecodeError
-from adapters.opcua.adapter import next_deadline
+from adapters.base import DecodeError, next_deadline
 from adapters.opcua.values import convert, epoch, is_newer, quality_of, status_text, to_sample
 from gateway.model import Quality
 
