@@ -746,11 +746,9 @@ class Gateway:
             if key not in rejected:
                 m.problems_logged.discard(key)
         if self.telemetry is not None:
-            order = m.tracker.snapshot().get("order")
-            order_id = order.get("order_id") if isinstance(order, dict) else None
             # The operator badge is personal data: it never goes into the history.
             values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
-            point = telemetry_point(m.plan.location, values, order_id)
+            point = telemetry_point(m.plan.location, values, m.tracker.order_id)
             if point is not None:
                 self.telemetry.submit(point)
 

@@ -258,6 +258,11 @@ class MachineTracker:
     # ------------------------------------------------------------------ public API
 
     @property
+    def order_id(self) -> str | None:
+        """The order the machine works on now (running or just completed), if any."""
+        return self._order.order_id if self._order is not None else None
+
+    @property
     def sequence(self) -> int:
         """Last sequence number used (0 before the first event)."""
         return self._seq
