@@ -15,7 +15,6 @@ import os
 import platform
 import resource
 import shutil
-import signal
 import socket
 import sys
 import time
@@ -26,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+
+from tests.gatewayproc import stop
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -191,14 +192,7 @@ async def load_sim(workdir: Path, *args: str) -> AsyncIterator[LoadSim]:
         sim = LoadSim(proc, ready["devices"], stats_file)
         yield sim
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(20):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop(proc, 20)
     if stats_file.exists():
         sim.stats = json.loads(stats_file.read_text())
 
@@ -238,14 +232,7 @@ async def gateway(config: Path, log: Path, *extra: str) -> AsyncIterator[Gateway
     try:
         yield GatewayProc(proc, started, log)
     finally:
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await stop(proc, 15)
 
 
 def write_config(

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import signal
 import sys
 import tempfile
 import time
@@ -43,6 +42,7 @@ from bench.common import (
     wait_connected,
 )
 from tests.brokers import MosquittoBroker
+from tests.gatewayproc import stop
 
 #: Signals of the ``machine-tool-umati`` profile: monitored items per machine.
 ITEMS_PER_MACHINE = 11
@@ -80,16 +80,7 @@ async def simulators(
                 await _wait_port(port, procs)
         yield procs
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                async with asyncio.timeout(15):
-                    await proc.wait()
-            except TimeoutError:
-                proc.kill()
-                await proc.wait()
+        await asyncio.gather(*(stop(proc) for proc in procs))
 
 
 async def _wait_port(port: int, procs: list[asyncio.subprocess.Process]) -> None:

@@ -19,8 +19,6 @@ import contextlib
 import json
 import os
 import re
-import signal
-import sys
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -31,6 +29,7 @@ from simulators.faultproxy import FaultProxy, parse_plan
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
+from tests.gatewayproc import start_gateway, stop
 
 ROOT = Path(__file__).resolve().parents[1]
 PREFIX = "soak"
@@ -109,31 +108,11 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                 Subscriber(broker.host, broker.port, f"{PREFIX}/#", session="soak-platform")
             )
             log_path = work / "gateway.log"
-            with log_path.open("wb") as log_file:
-                proc = await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "gateway",
-                    "run",
-                    "-c",
-                    str(config),
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=asyncio.subprocess.STDOUT,
-                    cwd=ROOT,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
+            proc = await start_gateway(config, log_path)
             try:
                 report.update(await _drive(args, proc, broker, sub))
             finally:
-                if proc.returncode is None:
-                    proc.send_signal(signal.SIGTERM)
-                    try:
-                        async with asyncio.timeout(15):
-                            await proc.wait()
-                    except TimeoutError:
-                        proc.kill()
-                        await proc.wait()
+                await stop(proc, 15)
             # Let the last acknowledged events reach the subscriber.
             await asyncio.sleep(2.0)
             report.update(_tally(sub, log_path))

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections import defaultdict
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -42,6 +43,17 @@ async def kill(proc: asyncio.subprocess.Process) -> None:
     if proc.returncode is None:
         proc.kill()
         await proc.wait()
+
+
+async def stop(proc: asyncio.subprocess.Process, grace: float = 15.0) -> None:
+    """SIGTERM, then SIGKILL if the process has not exited within ``grace`` seconds."""
+    if proc.returncode is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        async with asyncio.timeout(grace):
+            await proc.wait()
+    except TimeoutError:
+        await kill(proc)
 
 
 @contextlib.asynccontextmanager
