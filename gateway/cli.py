@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib
 import logging
 import signal
 import sys
@@ -31,8 +32,27 @@ def _out(text: str, stream: TextIO | None = None) -> None:
     (stream or sys.stdout).write(text + "\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser for every sub-command."""
+def _add_module_arguments(parser: argparse.ArgumentParser, module: str, *extra: str) -> None:
+    """Let a command's own module add its options (imported only when needed)."""
+    importlib.import_module(module).add_arguments(parser, *extra)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``argv``, only the chosen command's options are loaded.
+
+    The simulator and probe modules import asyncua and pymodbus' server side (about 0.4 s);
+    ``shopfloor run`` must not pay that at every start, so a command's options are only
+    added when that command (or ``--help`` for everything) is asked for.
+    """
+    words = [w for w in (argv or []) if not w.startswith("-")]
+    chosen = words[0] if argv is not None and words else None
+    kind = words[1] if chosen == "simulate" and len(words) > 1 else None
+
+    def wanted(name: str, sub_kind: str | None = None) -> bool:
+        if chosen is None:
+            return True
+        return chosen == name and (sub_kind is None or kind in (None, sub_kind))
+
     parser = argparse.ArgumentParser(
         prog="shopfloor",
         description="Shopfloor Gateway: machines over Modbus/OPC UA to order events on MQTT.",
@@ -50,34 +70,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("simulate", help="start simulated machines")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
-    from simulators import cli as sim_cli
+    simulators = [
+        ("sewing", "Modbus TCP sewing stations", "simulators.cli", ()),
+        ("cnc", "OPC UA CNC machines (umati)", "simulators.opcua_cli", ("cnc",)),
+        ("robot", "OPC UA robots (OPC 40010)", "simulators.opcua_cli", ("robot",)),
+        ("proxy", "fault-injection TCP proxy in front of any device", "simulators.proxy_cli", ()),
+    ]
+    for name, text, module, extra in simulators:
+        k = kinds.add_parser(name, help=text)
+        if wanted("simulate", name):
+            _add_module_arguments(k, module, *extra)
 
-    sim_cli.add_arguments(kinds.add_parser("sewing", help="Modbus TCP sewing stations"))
-    from simulators import opcua_cli, proxy_cli
-
-    opcua_cli.add_arguments(kinds.add_parser("cnc", help="OPC UA CNC machines (umati)"), "cnc")
-    opcua_cli.add_arguments(kinds.add_parser("robot", help="OPC UA robots (OPC 40010)"), "robot")
-    proxy_cli.add_arguments(
-        kinds.add_parser("proxy", help="fault-injection TCP proxy in front of any device")
-    )
-
-    from gateway import probe
-
-    probe.add_arguments(sub.add_parser("probe", help="look at a device before writing its config"))
-
-    from gateway import opcua_cert
-
-    opcua_cert.add_arguments(
-        sub.add_parser("opcua-cert", help="create the gateway's OPC UA client certificate")
-    )
-
-    from gateway import watch
-
-    watch.add_arguments(sub.add_parser("watch", help="live view of a broker's shop floor"))
-
-    from gateway import schema
-
-    schema.add_arguments(sub.add_parser("schema", help="print or write the MQTT contract"))
+    commands = [
+        ("probe", "look at a device before writing its config", "gateway.probe"),
+        ("opcua-cert", "create the gateway's OPC UA client certificate", "gateway.opcua_cert"),
+        ("watch", "live view of a broker's shop floor", "gateway.watch"),
+        ("schema", "print or write the MQTT contract", "gateway.schema"),
+    ]
+    for name, text, module in commands:
+        p = sub.add_parser(name, help=text)
+        if wanted(name):
+            _add_module_arguments(p, module)
 
     p = sub.add_parser("demo", help="simulated shop floor + broker + gateway + live view")
     p.add_argument(
@@ -92,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``shopfloor`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
     command: Callable[[argparse.Namespace], int] = {
         "run": cmd_run,
         "check": cmd_check,
