@@ -45,7 +45,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     added when that command (or ``--help`` for everything) is asked for.
     """
     words = [w for w in (argv or []) if not w.startswith("-")]
-    chosen = words[0] if argv is not None and words else None
+    asks_help = argv is None or not argv or any(w in ("-h", "--help") for w in argv)
+    # No command word (``--version``): no command's options are needed, unless for help.
+    chosen = words[0] if argv is not None and words else (None if asks_help else "")
     kind = words[1] if chosen == "simulate" and len(words) > 1 else None
 
     def wanted(name: str, sub_kind: str | None = None) -> bool:
