@@ -96,6 +96,8 @@ class _Machine:
     mapper: Mapper
     status: DeviceStatus = field(default_factory=DeviceStatus)
     problems_logged: set[str] = field(default_factory=set)
+    #: Signals whose values the tracker refuses right now (logged once per episode).
+    rejections_logged: set[str] = field(default_factory=set)
     #: For machines that map no ``state`` signal: a state derived from the counters.
     derived_state: StateFromCounts | None = None
 
@@ -550,6 +552,7 @@ class Gateway:
             m.refresh_derived()
             m.mapper = Mapper(plan.signals)
             m.problems_logged.clear()
+            m.rejections_logged.clear()
             self._start_device(m)
         for machine in added:
             plan = fresh[machine]
@@ -721,8 +724,6 @@ class Gateway:
         if m.problems_logged:
             bad = {p.signal for p in problems}
             for signal in list(m.problems_logged - bad):
-                if signal.startswith("tracker:"):
-                    continue
                 m.problems_logged.discard(signal)
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
         if m.derived_state is not None:
@@ -731,10 +732,9 @@ class Gateway:
         rejected = set()
         for r in m.tracker.drain_rejections():
             # Once per signal and episode, like the mapping's problems above.
-            key = f"tracker:{r.signal}"
-            rejected.add(key)
-            if key not in m.problems_logged:
-                m.problems_logged.add(key)
+            rejected.add(r.signal)
+            if r.signal not in m.rejections_logged:
+                m.rejections_logged.add(r.signal)
                 log.warning(
                     "tracker.value_rejected",
                     machine=m.plan.id,
@@ -742,9 +742,7 @@ class Gateway:
                     value=r.value,
                     reason=r.reason,
                 )
-        for key in [k for k in m.problems_logged if k.startswith("tracker:")]:
-            if key not in rejected:
-                m.problems_logged.discard(key)
+        m.rejections_logged &= rejected
         if self.telemetry is not None:
             # The operator badge is personal data: it never goes into the history.
             values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
