@@ -209,20 +209,25 @@ async def test_two_destinations_get_their_share(tmp_path: Path) -> None:
     )
     full.start()
     only1.start()
-    # The "orders" broker is down at first: the others must not wait for it.
+    # The "orders" platform subscribed once with a persistent session; its broker goes down
+    # before the gateway starts. The others must not wait for it, and what the gateway sends
+    # once it is back reaches the platform through its session, whenever the gateway's
+    # reconnect (backoff capped at 30 s) gets there.
+    orders.start()
     try:
-        async with (
-            Subscriber(full.host, full.port, f"{PREFIX}/#") as sub_full,
-            Subscriber(only1.host, only1.port, f"{PREFIX}/#") as sub_1,
-            SimulatedFloor(stations(ports)) as floor,
-            gateway_process(config, tmp_path / "gw.log"),
-        ):
-            await floor.wait_finished(timeout=40)
-            truth = {s.name: dict(s.model.truth) for s in floor.stations}
-            await sub_full.wait_for(completed(truth), timeout=20)
-            await sub_1.wait_for(completed({"sew-01": truth["sew-01"]}), timeout=20)
-            orders.start()
-            async with Subscriber(orders.host, orders.port, f"{PREFIX}/#") as sub_o:
+        async with Subscriber(orders.host, orders.port, f"{PREFIX}/#", session="orders") as sub_o:
+            orders.stop()
+            async with (
+                Subscriber(full.host, full.port, f"{PREFIX}/#") as sub_full,
+                Subscriber(only1.host, only1.port, f"{PREFIX}/#") as sub_1,
+                SimulatedFloor(stations(ports)) as floor,
+                gateway_process(config, tmp_path / "gw.log"),
+            ):
+                await floor.wait_finished(timeout=40)
+                truth = {s.name: dict(s.model.truth) for s in floor.stations}
+                await sub_full.wait_for(completed(truth), timeout=20)
+                await sub_1.wait_for(completed({"sew-01": truth["sew-01"]}), timeout=20)
+                orders.start()
                 want = {
                     e["id"]
                     for e in unique(events(sub_full.messages))[0]
@@ -238,17 +243,19 @@ async def test_two_destinations_get_their_share(tmp_path: Path) -> None:
                             out.append(json.loads(m.payload))
                     return out
 
-                await sub_o.wait_for(lambda ms: {e["id"] for e in batched(ms)} >= want, 20)
+                await sub_o.wait_for(lambda ms: {e["id"] for e in batched(ms)} >= want, 45)
                 got = unique(batched(sub_o.messages))[0]
                 assert {e["id"] for e in got} == want
                 assert any(m.topic.endswith("/batch") for m in sub_o.messages)
                 assert not any("/sew-01/" in m.topic for m in sub_o.messages)
-            all_evs = unique(events(sub_full.messages))[0]
-            check_stream(all_evs, truth)
-            mine = unique(events(sub_1.messages))[0]
-            assert [e["id"] for e in mine] == [e["id"] for e in all_evs if e["subject"] == "sew-01"]
-            states_1 = {m.topic for m in sub_1.messages if m.topic.endswith("/state")}
-            assert states_1 == {f"{PREFIX}/{SITE}/sewing/line-1/sew-01/state"}
+                all_evs = unique(events(sub_full.messages))[0]
+                check_stream(all_evs, truth)
+                mine = unique(events(sub_1.messages))[0]
+                assert [e["id"] for e in mine] == [
+                    e["id"] for e in all_evs if e["subject"] == "sew-01"
+                ]
+                states_1 = {m.topic for m in sub_1.messages if m.topic.endswith("/state")}
+                assert states_1 == {f"{PREFIX}/{SITE}/sewing/line-1/sew-01/state"}
     finally:
         for b in (full, only1, orders):
             b.stop()
