@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from gateway.model import MachineState, Quality, Sample, Value
 from gateway.signals import SignalConfig
@@ -72,11 +72,11 @@ class Mapper:
             value, reason = map_value(sample.signal, sample.value, cfg)
             if reason is not None:
                 problems.append(MappingProblem(sample.signal, sample.value, reason))
-                out.append(replace(sample, value=None, quality=Quality.BAD))
+                out.append(sample._replace(value=None, quality=Quality.BAD))
             elif value is sample.value:
                 out.append(sample)
             else:
-                out.append(replace(sample, value=value))
+                out.append(sample._replace(value=value))
         return out, problems
 
 

@@ -1,7 +1,8 @@
 """Domain types shared by adapters, the tracker and the shell.
 
-Plain frozen dataclasses with ``__slots__``: cheap to create on the hot path, hashable,
-and free of any validation library. Pydantic stays at the edges (config files, wire
+Plain frozen dataclasses with ``__slots__`` (and a named tuple for :class:`Sample`, the one
+type made once per value read): cheap to create on the hot path, hashable, and free of any
+validation library. Pydantic stays at the edges (config files, wire
 payloads).
 
 Time is always wall-clock seconds since the Unix epoch as a ``float`` (UTC). The pure
@@ -13,7 +14,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 #: A decoded device value. ``None`` only together with a bad quality.
 Value = bool | int | float | str | None
@@ -58,9 +59,13 @@ CANONICAL_SIGNALS: frozenset[str] = frozenset(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
-    """One value of one signal of one machine, as read from the device."""
+class Sample(NamedTuple):
+    """One value of one signal of one machine, as read from the device.
+
+    A named tuple rather than a frozen dataclass: one is made per value read (15,000 a second
+    at 500 machines x 30 signals), and a named tuple is built in about a third of the time.
+    Immutable all the same; change one with ``sample._replace(value=...)``.
+    """
 
     machine: str
     signal: str
