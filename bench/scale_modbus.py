@@ -49,6 +49,7 @@ async def run_one(
     stall: float,
     work: Path,
     profile: bool = False,
+    settle: float | None = None,
 ) -> dict[str, Any]:
     """One scenario; returns its figures."""
     broker = MosquittoBroker(work / "broker")
@@ -96,7 +97,9 @@ async def run_one(
                         f"{len(missing)} machines never connected ({missing[:5]}...); see {gw.log}"
                     )
                 connected_after = time.time() - gw.started
-                await asyncio.sleep(2 * poll + 1)  # settle: every device past its first polls
+                # Settle: every device past its first polls (unreachable ones: their reconnect
+                # backoff grown to its cap, the steady state of a long outage).
+                await asyncio.sleep(2 * poll + 1 if settle is None else settle)
                 t0, c0, e0, m0 = (
                     time.time(),
                     cpu_seconds(gw.pid),
@@ -150,6 +153,11 @@ def main() -> None:
     p.add_argument("--window", type=float, default=20.0, help="measured seconds per scenario")
     p.add_argument("--change-period", type=float, default=20.0, help="order id change period")
     p.add_argument("--faulty", type=float, default=0.0, help="also run with this fraction faulty")
+    p.add_argument(
+        "--all-down",
+        action="store_true",
+        help="also run the largest size with every device dead or stalled (reconnect CPU)",
+    )
     p.add_argument("--name", default="scale_modbus")
     p.add_argument(
         "--profile", action="store_true", help="py-spy the gateway over the window (needs py-spy)"
@@ -191,6 +199,18 @@ def main() -> None:
                 (f"{label} tags per CPU-second", r["tags_per_cpu_s"], ""),
                 (f"{label} load simulator CPU", r["simulator_cpu_fraction"], ""),
             ]
+        if args.all_down:
+            label = f"{sizes[-1]}x{args.signals} all down"
+            work = Path(tmp) / "all-down"
+            work.mkdir()
+            # Half refuse the connection, half accept it and never answer; measured once
+            # every device's reconnect backoff has grown to its cap (30 s).
+            r = await_run(sizes[-1], args, 0.5, 0.5, work, settle=40.0)
+            results[label] = r
+            rows += [
+                (f"{label}: reconnect loops CPU", r["cpu_fraction"], "<= 0.01"),
+                (f"{label}: RSS MiB", r["rss_mib"], ""),
+            ]
     if len(sizes) >= 2:
         a, b = (f"{n}x{args.signals}" for n in sizes[-2:])
         per_dev = (results[b]["rss_mib"] - results[a]["rss_mib"]) * 1024 / (sizes[-1] - sizes[-2])
@@ -218,7 +238,12 @@ def main() -> None:
 
 
 def await_run(
-    n: int, args: argparse.Namespace, dead: float, stall: float, work: Path
+    n: int,
+    args: argparse.Namespace,
+    dead: float,
+    stall: float,
+    work: Path,
+    settle: float | None = None,
 ) -> dict[str, Any]:
     """Run one scenario on a fresh event loop."""
     return asyncio.run(
@@ -232,6 +257,7 @@ def await_run(
             stall,
             work,
             args.profile,
+            settle,
         )
     )
 

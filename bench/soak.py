@@ -17,9 +17,11 @@ import argparse
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import tempfile
+import urllib.request
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -58,10 +60,24 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks
 
 
-def _config(path: Path, broker_port: int, ports: dict[str, int], poll: float) -> None:
+def _tasks(health_port: int) -> int | None:
+    """``shopfloor_asyncio_tasks`` from the gateway's /metrics (``None`` if unreadable)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{health_port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    match = re.search(r"^shopfloor_asyncio_tasks (\S+)$", text, re.MULTILINE)
+    return int(float(match.group(1))) if match else None
+
+
+def _config(
+    path: Path, broker_port: int, ports: dict[str, int], poll: float, health_port: int
+) -> None:
     lines = [
         f"gateway: {{id: gw-soak, site: {SITE}, topic_prefix: {PREFIX}}}",
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 5}}",
+        f"health: {{listen: '127.0.0.1:{health_port}'}}",
         "logging: {level: info, format: json}",
         "tracker: {progress_step_percent: 10, progress_interval: 5}",
         "machines:",
@@ -103,14 +119,16 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
                     FaultProxy("127.0.0.1", s.port, plan=plan, framing="modbus", name=s.name)
                 )
             config = work / "gateway.yaml"
-            _config(config, broker.port, {n: p.port for n, p in proxies.items()}, args.poll)
+            health_port = free_port()
+            ports = {n: p.port for n, p in proxies.items()}
+            _config(config, broker.port, ports, args.poll, health_port)
             sub = await stack.enter_async_context(
                 Subscriber(broker.host, broker.port, f"{PREFIX}/#", session="soak-platform")
             )
             log_path = work / "gateway.log"
             proc = await start_gateway(config, log_path)
             try:
-                report.update(await _drive(args, proc, broker, sub))
+                report.update(await _drive(args, proc, broker, health_port))
             finally:
                 await stop(proc, 15)
             # Let the last acknowledged events reach the subscriber.
@@ -130,14 +148,19 @@ async def soak(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _drive(
-    args: argparse.Namespace, proc: asyncio.subprocess.Process, broker: MosquittoBroker, sub: Any
+    args: argparse.Namespace,
+    proc: asyncio.subprocess.Process,
+    broker: MosquittoBroker,
+    health_port: int,
 ) -> dict[str, Any]:
-    """Let it run; restart the broker a few times; sample memory and CPU."""
+    """Let it run; restart the broker a few times; sample memory, CPU and the task count."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     warmup = min(WARMUP, args.duration / 5)
     await asyncio.sleep(warmup)
     rss_start, cpu_start, t_cpu = _rss_kib(proc.pid), _cpu_seconds(proc.pid), loop.time()
+    tasks_start = await asyncio.to_thread(_tasks, health_port)
+    tasks_seen = [] if tasks_start is None else [tasks_start]
     restarts = 0
     restart_every = (args.duration - warmup) / (args.broker_restarts + 1)
     next_restart = loop.time() + restart_every
@@ -147,6 +170,8 @@ async def _drive(
             raise RuntimeError(f"the gateway exited with {proc.returncode}")
         await asyncio.sleep(1.0)
         rss_peak = max(rss_peak, _rss_kib(proc.pid))
+        if len(tasks_seen) < 10_000 and (n := await asyncio.to_thread(_tasks, health_port)):
+            tasks_seen.append(n)
         if restarts < args.broker_restarts and loop.time() >= next_restart:
             broker.stop()
             await asyncio.sleep(3.0)  # an outage the gateway must ride out
@@ -155,7 +180,12 @@ async def _drive(
             next_restart += restart_every
     rss_end, cpu_end = _rss_kib(proc.pid), _cpu_seconds(proc.pid)
     wall = loop.time() - t_cpu
+    tasks_end = await asyncio.to_thread(_tasks, health_port)
     return {
+        # Device supervisors, publishers, listeners...: flat while nothing leaks.
+        "asyncio_tasks_start": tasks_start,
+        "asyncio_tasks_end": tasks_end,
+        "asyncio_tasks_max": max(tasks_seen, default=None),
         "rss_start_kib": rss_start,
         "rss_end_kib": rss_end,
         "rss_peak_kib": rss_peak,
@@ -222,6 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # The proxies and simulators log every injected fault; the report is what matters here.
     logs.configure("warning")
+    # The simulated stations' pymodbus servers log every send the fault proxy's cuts broke
+    # ("Cancel send, because not connected!"), with a hex dump: expected here, and noise.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="shopfloor-soak-")
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
     report = asyncio.run(soak(args))

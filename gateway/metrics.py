@@ -21,6 +21,8 @@ Exported (all prefixed ``shopfloor_``)::
     destination_backlog{destination}            messages waiting (outbox rows)
     destination_oldest_pending_age_seconds{destination}
     events_total{type}                          events emitted by type
+    asyncio_tasks                               tasks alive on the gateway's event loop
+                                                (flat over time; a rise is a leak)
 
 plus ``process_*`` (resident memory, CPU, open files) from prometheus-client's
 ``ProcessCollector``.
@@ -31,6 +33,7 @@ one required destination connected or buffering within its limits.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections import deque
@@ -422,6 +425,22 @@ class Metrics:
         for type_, n in sorted(s.events.items()):
             events.add_metric([type_], n)
         yield events
+
+        tasks = _tasks_alive()
+        if tasks is not None:
+            yield GaugeMetricFamily(
+                "shopfloor_asyncio_tasks",
+                "Tasks alive on the gateway's event loop (flat over time; a rise is a leak).",
+                value=tasks,
+            )
+
+
+def _tasks_alive() -> int | None:
+    """Tasks on the running event loop; ``None`` when rendered outside one (tests, tools)."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return None
 
 
 def _total(new: int | None, old: int) -> int:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -205,3 +207,18 @@ def test_backlog_clock_memory_is_bounded() -> None:
         c.note(key, float(key))
     # The oldest marks were shed: the answer is the oldest remembered one.
     assert c.oldest_age(1, 1000.0) == 9.0
+
+
+async def test_task_count_is_exported_on_the_event_loop() -> None:
+    m = make()
+    before = samples(m)[("shopfloor_asyncio_tasks", ())]
+    stop = asyncio.Event()
+    extra = [asyncio.create_task(stop.wait()) for _ in range(3)]
+    assert samples(m)[("shopfloor_asyncio_tasks", ())] == before + 3
+    stop.set()
+    await asyncio.gather(*extra)
+    assert samples(m)[("shopfloor_asyncio_tasks", ())] == before
+
+
+def test_task_count_is_left_out_without_an_event_loop() -> None:
+    assert ("shopfloor_asyncio_tasks", ()) not in samples(make())
