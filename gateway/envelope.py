@@ -28,6 +28,7 @@ JSON is compact (no spaces) and UTF-8; NaN and infinity raise ``ValueError``.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -171,12 +172,19 @@ def format_time(t: float) -> str:
         raise ValueError(f"time must be finite epoch seconds, got {t!r}")
     # Round through integer milliseconds: float seconds such as ...0.123 are often
     # ...0.12299999 in binary, and truncating would print .122.
-    ms = round(t * 1000)
+    seconds, ms = divmod(round(t * 1000), 1000)
     try:
-        dt = _EPOCH + timedelta(milliseconds=ms)
+        prefix = _second_prefix(seconds)
     except OverflowError as exc:
         raise ValueError(f"time {t!r} is out of range") from exc
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+    return f"{prefix}{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=1024)
+def _second_prefix(seconds: int) -> str:
+    """``2026-11-22T10:00:00.`` for whole epoch seconds (cached: every event and state
+    message formats a few times, most of them in the current second)."""
+    return (_EPOCH + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S.")
 
 
 def _is_time_key(key: object) -> bool:
@@ -185,6 +193,44 @@ def _is_time_key(key: object) -> bool:
 
 def convert_times(value: Any, *, _path: str = "") -> Any:
     """Apply the module's time rule to a JSON-ready value, returning a new value."""
+    try:
+        return _convert(value)
+    except _Unconvertible:
+        # Rare: walk again, this time keeping the path, for a message that says where.
+        return _convert_explained(value, _path)
+
+
+class _Unconvertible(Exception):
+    """A key or time value :func:`_convert` cannot take (the slow walk explains it)."""
+
+
+def _convert(value: Any) -> Any:
+    # The fast walk of convert_times (every state message goes through it): no paths.
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise _Unconvertible
+            if (
+                (k.endswith(("_at", "_since")) or k in _TIME_KEYS)
+                and isinstance(v, int | float)
+                and not isinstance(v, bool)
+            ):
+                try:
+                    out[k] = format_time(v)
+                except ValueError:
+                    raise _Unconvertible from None
+            elif isinstance(v, Mapping | list | tuple):
+                out[k] = _convert(v)
+            else:
+                out[k] = v
+        return out
+    if isinstance(value, list | tuple):
+        return [_convert(v) for v in value]
+    return value
+
+
+def _convert_explained(value: Any, _path: str) -> Any:
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
@@ -197,10 +243,10 @@ def convert_times(value: Any, *, _path: str = "") -> Any:
                 except ValueError as exc:
                     raise ValueError(f"payload field {path}: {exc}") from None
             else:
-                out[k] = convert_times(v, _path=path + ".")
+                out[k] = _convert_explained(v, path + ".")
         return out
     if isinstance(value, list | tuple):
-        return [convert_times(v, _path=f"{_path.rstrip('.')}[{i}].") for i, v in enumerate(value)]
+        return [_convert_explained(v, f"{_path.rstrip('.')}[{i}].") for i, v in enumerate(value)]
     return value
 
 

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
+from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 from gateway.counters import CounterState, advance, parse_count
@@ -165,6 +166,9 @@ class _Order:
     @property
     def running(self) -> bool:
         return self.completed_at is None
+
+
+_ORDER_FIELDS = tuple(f.name for f in dataclass_fields(_Order))
 
 
 def _percent(good: int, target: int | None) -> float | None:
@@ -395,7 +399,10 @@ class MachineTracker:
             "counters": {k: [c.value, c.source_time] for k, c in self._counters.items()},
             "last_time": dict(self._last_time),
             "order": _order_to_dict(self._order),
-            "queue": [asdict(q) for q in self._queue],
+            "queue": [
+                {"order_id": q.order_id, "target": q.target, "due": q.due, "customer": q.customer}
+                for q in self._queue
+            ],
             "recent_orders": list(self._recent_orders),
             "commands": {k: [r.accepted, r.reason] for k, r in self._commands.items()},
             "updated_at": self._updated_at,
@@ -855,7 +862,9 @@ class MachineTracker:
 def _order_to_dict(order: _Order | None) -> dict[str, Any] | None:
     if order is None:
         return None
-    d = asdict(order)
+    # Not dataclasses.asdict: it deep-copies every history point, and this runs with every
+    # event (the outbox stores the state with it). Every field but history is immutable.
+    d = {name: getattr(order, name) for name in _ORDER_FIELDS}
     d["history"] = [[t, g] for t, g in order.history]
     return d
 
