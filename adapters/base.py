@@ -20,6 +20,7 @@ a ``DecodeError`` (or a device exception for one signal) becomes a sample with
 from __future__ import annotations
 
 import math
+import zlib
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
 from typing import Protocol, Self
@@ -70,6 +71,33 @@ def check_timing(poll_interval: float, start_offset: float) -> None:
         raise ValueError(f"poll_interval must be a positive number, got {poll_interval}")
     if not (math.isfinite(start_offset) and start_offset >= 0):
         raise ValueError(f"start_offset must be 0 or more, got {start_offset}")
+
+
+#: Width of one poll phase slot, seconds. Devices are spread over the interval in slots of
+#: this width rather than at arbitrary instants: every wake-up of the event loop costs tens
+#: of microseconds on a small PC (the timer, epoll, a context switch), so ten devices that
+#: share a slot cost one wake-up instead of ten, while 20 slots a second still keep a floor of
+#: devices from hitting the network in one burst. Measured at 500 devices polled once a
+#: second (``bench.acquisition``): 334 us of CPU per poll spread evenly, 200 us in 20 ms
+#: slots, 167 us in 50 ms slots, no better beyond.
+POLL_SLOT = 0.05
+
+
+def poll_phase(key: str, interval: float) -> float:
+    """A stable phase for a device's polls: a slot start in ``[0, min(interval, 1 s))``."""
+    slots = max(1, int(min(interval, 1.0) / POLL_SLOT + 1e-9))
+    return (zlib.crc32(key.encode()) % slots) * POLL_SLOT
+
+
+def first_deadline(now: float, interval: float, phase: float) -> float:
+    """The first instant at or after ``now`` on the grid ``phase + k * interval``.
+
+    Anchoring to the clock, not to when a device connected, keeps devices that share a phase
+    (and an interval) waking together, also after reconnects.
+    """
+    if interval <= 0 or not math.isfinite(interval):
+        raise ValueError(f"interval must be a positive number of seconds, got {interval}")
+    return phase + math.ceil((now - phase) / interval) * interval
 
 
 def next_deadline(previous: float, now: float, interval: float) -> tuple[float, int]:

@@ -33,14 +33,13 @@ import asyncio
 import contextlib
 import random
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
-from adapters.base import AdapterError, ConnectError, ConnectionLost
+from adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 from gateway import __version__
 from gateway.backoff import Backoff
 from gateway.commands import Command, CommandListener
@@ -617,9 +616,10 @@ class Gateway:
     async def _supervise(self, m: _Machine) -> None:
         plan = m.plan
         episode = _Episode()
-        # Spread the first polls of many devices over one interval so a hundred devices
-        # do not hit the network in lockstep; stable per machine id.
-        offset = (zlib.crc32(plan.id.encode()) % 1000) / 1000 * min(plan.poll_interval, 1.0)
+        # Spread the polls of many devices over one interval in slots, so a hundred devices
+        # do not hit the network in lockstep but those sharing a slot share one wake-up of
+        # the event loop; stable per machine id.
+        offset = poll_phase(plan.id, plan.poll_interval)
         bound = log.bind(machine=plan.id)
         # One adapter for the machine's lifetime, re-entered on every reconnect: it keeps
         # what it learned about the device (e.g. blocks the device refused to read whole).

@@ -25,7 +25,7 @@ from typing import Self
 
 import structlog
 
-from adapters.base import ConnectionLost, check_timing, next_deadline
+from adapters.base import ConnectionLost, check_timing, first_deadline, next_deadline
 from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import BlockDecoder
@@ -137,7 +137,8 @@ class ModbusAdapter:
         if self._line is None:
             raise RuntimeError("ModbusAdapter.samples() needs 'async with adapter:' first")
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._start_offset
+        # The start offset is a phase on the loop's clock (see adapters.base.poll_phase).
+        deadline = first_deadline(loop.time(), self._interval, self._start_offset)
         while True:
             delay = deadline - loop.time()
             if delay > 0:

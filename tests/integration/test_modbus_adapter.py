@@ -358,14 +358,25 @@ async def test_polling_cadence_is_fixed_rate() -> None:
     assert 0.8 * expected <= elapsed <= 2 * expected
 
 
-async def test_first_poll_waits_for_start_offset() -> None:
+async def test_polls_sit_on_the_phase_grid_of_the_loop_clock() -> None:
+    # The start offset is a phase: polls land on offset + k * interval of the loop's clock,
+    # whenever the adapter connected, so devices sharing a phase wake the loop once.
     signals = {"state": signal(address=0, type="uint16")}
+    interval, phase = 0.2, 0.06
     async with modbus_server([registers(0, [1])]) as (_, port):
-        adapter = create("sew-09", conn(port), signals, 1.0, 0.2)
-        async with adapter:
-            started = time.monotonic()
-            await take(adapter, 1)
-            assert 0.16 <= time.monotonic() - started <= 1.0
+        adapter = create("sew-09", conn(port), signals, interval, phase)
+        loop = asyncio.get_running_loop()
+        async with adapter, asyncio.timeout(5):
+            started = loop.time()
+            stamps: list[float] = []
+            async for _ in adapter.samples():
+                stamps.append(loop.time())
+                if len(stamps) == 3:
+                    break
+    assert stamps[0] - started <= interval + 0.05
+    for t in stamps:
+        # Late by the read itself at most (loopback: well under 50 ms), never early.
+        assert 0 <= (t - phase) % interval < 0.05 or (t - phase) % interval > interval - 0.001
 
 
 async def test_request_delay_spaces_the_requests() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import next_deadline
+from adapters.base import POLL_SLOT, first_deadline, next_deadline, poll_phase
 from adapters.modbus.config import ModbusSignalConfig
 from adapters.modbus.plan import Point, ReadRequest, plan_reads, split
 
@@ -253,3 +253,30 @@ def test_split_covers_the_same_signals(
             max_registers=max_registers,
             max_gap=0,
         )
+
+
+@pytest.mark.parametrize(
+    ("now", "interval", "phase", "expected"),
+    [
+        (10.0, 1.0, 0.25, 10.25),
+        (10.25, 1.0, 0.25, 10.25),
+        (10.26, 1.0, 0.25, 11.25),
+        (0.0, 0.1, 0.04, 0.04),
+    ],
+)
+def test_first_deadline_is_the_next_point_of_the_phase_grid(
+    now: float, interval: float, phase: float, expected: float
+) -> None:
+    assert first_deadline(now, interval, phase) == pytest.approx(expected)
+
+
+def test_poll_phases_are_slots_within_one_interval_and_stable() -> None:
+    phases = {poll_phase(f"m{i:03d}", 1.0) for i in range(500)}
+    assert all(0 <= p < 1.0 for p in phases)
+    # Slot starts only, so devices share wake-ups; and spread over all the slots.
+    assert all(abs(p / POLL_SLOT - round(p / POLL_SLOT)) < 1e-9 for p in phases)
+    assert len(phases) == round(1.0 / POLL_SLOT)
+    assert poll_phase("m001", 1.0) == poll_phase("m001", 1.0)
+    assert {poll_phase(f"m{i}", 0.1) for i in range(100)} == {0.0, 0.05}
+    # An interval shorter than one slot: everyone at phase 0.
+    assert poll_phase("m001", 0.005) == 0.0

@@ -1,0 +1,151 @@
+"""Acquisition + decode + map + track on one core: tags per CPU-second over real sockets.
+
+The issue's figure for dense Modbus blocks: how many tags one core acquires, decodes and
+feeds through the mapping and the order tracker per second of its own CPU. This process runs
+the gateway's own parts (``ModbusAdapter`` per device over the shared-line client, ``Mapper``,
+``MachineTracker``) on one uvloop event loop; the devices are the load simulator in another
+process (``simulators.load``), so only the gateway side's CPU is counted (``process_time``
+of this process). No outbox and no MQTT: those are per event, not per tag, and measured by
+``bench.scale_modbus``, ``bench.publish`` and ``bench.outbox``.
+
+Each device is one dense block (3 fixed signals + uint16 telemetry filling the registers up
+to ``--signals``; 115 signals make one full 125-register read).
+
+    python -m bench.acquisition --devices 100 --signals 115 --poll 0.1 --window 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from adapters.base import poll_phase
+from adapters.modbus.adapter import ModbusAdapter
+from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from bench.common import free_port_range, load_sim, raise_fd_limit, report
+from gateway.mapping import Mapper
+from gateway.tracker import MachineTracker, TrackerSettings
+from simulators.load import LoadDevice, signal_map
+
+
+async def run(
+    devices: int, signals: int, poll: float, window: float, work: Path, spread: str = "slots"
+) -> dict[str, Any]:
+    """One measurement; returns its figures."""
+    base = free_port_range(devices)
+    args = [f"--devices={devices}", f"--signals={signals}", f"--base-port={base}"]
+    async with load_sim(work, *args) as sim:
+        sigs = {
+            k: ModbusSignalConfig.model_validate(v)
+            for k, v in signal_map(LoadDevice("x", 1, signals=signals)).items()
+        }
+        counts = {"tags": 0, "polls": 0, "events": 0}
+        measuring = [False]
+
+        async def machine(name: str, port: int, offset: float) -> None:
+            conn = ModbusConnectionConfig(host="127.0.0.1", port=port, timeout=2.0)
+            adapter = ModbusAdapter(name, conn, sigs, poll, start_offset=offset)
+            mapper = Mapper(sigs)
+            tracker = MachineTracker(name, TrackerSettings(counter_mode="lifetime"))
+            async with adapter:
+                async for batch in adapter.samples():
+                    now = time.time()
+                    mapped, _ = mapper.apply(batch)
+                    events = tracker.observe(mapped, now)
+                    if measuring[0]:
+                        counts["tags"] += len(batch)
+                        counts["polls"] += 1
+                        counts["events"] += len(events)
+
+        def phase(i: int, name: str) -> float:
+            # "slots": the gateway's own phases; "even": every device at its own instant.
+            return poll_phase(name, poll) if spread == "slots" else poll * i / devices
+
+        tasks = [
+            asyncio.create_task(machine(d["name"], d["port"], phase(i, d["name"])))
+            for i, d in enumerate(sim.devices)
+        ]
+        try:
+            await asyncio.sleep(2 * poll + 1)  # connected, past the first polls
+            for t in tasks:
+                if t.done():
+                    t.result()  # a device that failed: raise its error here
+            measuring[0] = True
+            c0, t0 = time.process_time(), time.perf_counter()
+            await asyncio.sleep(window)
+            c1, t1 = time.process_time(), time.perf_counter()
+            measuring[0] = False
+        finally:
+            for t in tasks:
+                t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*tasks, return_exceptions=True)
+    cpu, wall = c1 - c0, t1 - t0
+    return {
+        "devices": devices,
+        "signals": signals,
+        "poll_s": poll,
+        "window_s": round(wall, 2),
+        "polls_per_s": round(counts["polls"] / wall, 1),
+        "tags_per_s": round(counts["tags"] / wall),
+        "cpu_fraction": round(cpu / wall, 4),
+        "tags_per_cpu_s": round(counts["tags"] / max(cpu, 1e-9)),
+        "cpu_us_per_poll": round(1e6 * cpu / max(counts["polls"], 1), 1),
+        "events": counts["events"],
+    }
+
+
+def main() -> None:
+    """Command line entry point."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--devices", type=int, default=100)
+    p.add_argument("--signals", default="30,115", help="comma-separated signals per device")
+    p.add_argument("--poll", type=float, default=0.1)
+    p.add_argument("--window", type=float, default=10.0)
+    p.add_argument(
+        "--spread",
+        choices=("slots", "even"),
+        default="slots",
+        help="poll phases: the gateway's slots (adapters.base.POLL_SLOT), or evenly spread",
+    )
+    p.add_argument("--name", default="acquisition")
+    args = p.parse_args()
+    raise_fd_limit()
+    rows: list[tuple[str, Any, str]] = []
+    results: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-acq-") as tmp:
+        for signals in (int(s) for s in args.signals.split(",")):
+            work = Path(tmp) / f"s{signals}"
+            work.mkdir()
+            r = uvloop.run(run(args.devices, signals, args.poll, args.window, work, args.spread))
+            label = f"{args.devices} devices x {signals} tags @ {args.poll}s"
+            results[label] = r
+            rows += [
+                (f"{label}: tags/s", r["tags_per_s"], ""),
+                (f"{label}: CPU (1 core = 1)", r["cpu_fraction"], ""),
+                (f"{label}: tags per CPU-second", r["tags_per_cpu_s"], ">= 250,000 (dense)"),
+                (f"{label}: CPU us per poll", r["cpu_us_per_poll"], ""),
+            ]
+    params = {
+        "devices": args.devices,
+        "signals": args.signals,
+        "poll_s": args.poll,
+        "spread": args.spread,
+    }
+    out = report(args.name, params, rows)
+    import json
+
+    data = json.loads(out.read_text())
+    data["scenarios"] = results
+    out.write_text(json.dumps(data, indent=2))
+
+
+if __name__ == "__main__":
+    main()
