@@ -97,8 +97,10 @@ class ModbusAdapter:
         self._where = connection.endpoint.split("://", 1)[1]
         self._signals = resolve_word_orders(connection, self._signals)
         self._plan = plan_for(connection, self._signals)
-        # One compiled decoder per request: the per-value work is a struct unpack.
-        self._decoders: dict[ReadRequest, BlockDecoder] = {}
+        # One compiled decoder per request: the per-value work is a struct unpack. Keyed by
+        # the request object's id (hashing a request hashes all its points, every poll); the
+        # entry keeps the request alive so the id cannot be reused.
+        self._decoders: dict[int, tuple[ReadRequest, BlockDecoder]] = {}
         self._line: Line | None = None
         # Signals currently bad, with the reason first seen: one warning per episode.
         self._bad: dict[str, str] = {}
@@ -208,7 +210,7 @@ class ModbusAdapter:
             at = plan.index(request)
             plan[at : at + 1] = parts
             self._plan = tuple(plan)
-            self._decoders.pop(request, None)
+            self._decoders.pop(id(request), None)
         self._log.info(
             "modbus.block_split",
             block=_describe(request),
@@ -230,10 +232,10 @@ class ModbusAdapter:
             for point in request.points:
                 problems[point.signal] = reason
             return
-        decoder = self._decoders.get(request)
-        if decoder is None:
-            decoder = self._decoders[request] = compile_decoder(request, self._signals)
-        decoder.decode_into(result, values, problems)
+        entry = self._decoders.get(id(request))
+        if entry is None or entry[0] is not request:
+            entry = self._decoders[id(request)] = (request, compile_decoder(request, self._signals))
+        entry[1].decode_into(result, values, problems)
 
     async def _read(self, request: ReadRequest) -> ReadResult:
         """Items of one request, or the device's exception, with the configured retries.
@@ -261,6 +263,8 @@ class ModbusAdapter:
 
     def _track_problems(self, problems: Mapping[str, str]) -> None:
         """Warn once when a signal turns bad, note at info when it is good again."""
+        if not problems and not self._bad:
+            return  # the usual poll: nothing bad before or now
         for name, reason in problems.items():
             if name not in self._bad:
                 self._log.warning("modbus.signal_bad", signal=name, reason=reason)
