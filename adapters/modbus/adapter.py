@@ -2,8 +2,8 @@
 
 The wire lives in :mod:`adapters.modbus.line`: the adapter of each machine takes a reference
 to its endpoint's shared line on enter and releases it on exit, so machines behind one
-converter or on one RS-485 bus share one connection transparently. pymodbus' own reconnects
-and retries are kept out of the way: the gateway's supervisor reconnects with backoff, so a
+converter or on one RS-485 bus share one connection transparently. The clients retry and
+reconnect nothing on their own: the gateway's supervisor reconnects with backoff, so a
 lost link or a silent unit surfaces at once as :class:`~adapters.base.ConnectionLost`
 (one timeout per cycle at most: the cycle stops at the first request left unanswered).
 

@@ -6,15 +6,19 @@ adapters with the same endpoint: they share one :class:`Line` from the module-le
 (:func:`acquire` / :func:`release`, reference counted), whose lock serialises their requests
 as RS-485 requires. Different lines never wait for each other.
 
-Every pymodbus client call of the gateway lives here. A response is only accepted when it
-belongs to the request on the wire:
+The two TCP transports (Modbus TCP and RTU framed over TCP) use the gateway's own lean client
+(:mod:`adapters.modbus.tcpclient`, frames from :mod:`adapters.modbus.wire`); serial RTU uses
+pymodbus' serial client, and every pymodbus client call of the gateway lives here. A response
+is only accepted when it belongs to the request on the wire:
 
-- Modbus TCP: pymodbus compares the transaction id; a mismatch (a late answer to a request
-  that already timed out) drops the connection, reconnects and sends the request again.
-- RTU has no transaction id: the unit id, function code and item count of the response must
-  match the request, otherwise the same happens. After a timeout on an RTU line the
-  connection is reopened before the next request, so a late answer still in flight is
-  discarded with the old connection instead of being read as the answer to the next one.
+- Modbus TCP: the transaction id must match a pending request; a response that matches none
+  (a late answer to a request that already timed out) is dropped, and the connection stays.
+- RTU has no transaction id: one request at a time per connection, and after a timeout on an
+  RTU line (serial or over TCP) the connection is reopened before the next request, so a late
+  answer still in flight is discarded with the old connection instead of being read as the
+  answer to the next one.
+- Both: the unit id, function code and item count of the response must match the request;
+  otherwise the connection is reopened and the request sent once more.
 """
 
 from __future__ import annotations
@@ -22,71 +26,95 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any
 
 import structlog
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
+from pymodbus.client import AsyncModbusSerialClient
 from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
 from adapters.base import ConnectError, ConnectionLost
 from adapters.modbus.config import ModbusConnectionConfig, RegisterArea
+from adapters.modbus.tcpclient import NoResponse as NoResponse
+from adapters.modbus.tcpclient import TcpClient, describe_read
+from adapters.modbus.wire import FUNCTION_CODES as FUNCTION_CODES
+from adapters.modbus.wire import ExceptionResponse as ExceptionResponse
+from adapters.modbus.wire import MismatchError
+from adapters.modbus.wire import ReadResult as ReadResult
 
 log = structlog.get_logger(__name__)
-
-#: Function codes of the four reads (MODBUS Application Protocol v1.1b3, 6.1 to 6.4).
-FUNCTION_CODES: dict[RegisterArea, int] = {
-    "coil": 1,
-    "discrete_input": 2,
-    "holding": 3,
-    "input": 4,
-}
 
 # pymodbus reconnects on its own after a drop unless told otherwise. reconnect_delay=0 is
 # avoided on purpose (a busy loop in some pymodbus releases); an hour means its reconnect
 # task never fires before the line closes the client, which cancels the task.
 _PYMODBUS_RECONNECT_DELAY = 3600.0
 
-_Client = AsyncModbusTcpClient | AsyncModbusSerialClient
 _Reader = Callable[..., Awaitable[ModbusPDU]]
 
 
-class NoResponse(ConnectionLost):
-    """The unit did not answer within the timeout (the line itself may be fine)."""
+class _SerialConn:
+    """One pymodbus serial client plus a future that resolves when its port drops."""
 
-
-@dataclass(frozen=True, slots=True)
-class ExceptionResponse:
-    """The device answered a Modbus exception (its code, 1..255)."""
-
-    code: int
-
-
-#: A read's outcome: registers, bits, or the device's exception.
-ReadResult = list[int] | list[bool] | ExceptionResponse
-
-
-class _Mismatch(Exception):
-    """A response that does not belong to the request on the wire."""
-
-
-class _Conn:
-    """One pymodbus client plus a future that resolves when its transport drops."""
-
-    def __init__(self, client: _Client, lost: asyncio.Future[None]) -> None:
+    def __init__(
+        self, client: AsyncModbusSerialClient, lost: asyncio.Future[None], where: str
+    ) -> None:
         self.client = client
         self.lost = lost
-        # Set after a timeout on RTU: reopen before the next request (see module docstring).
+        self.where = where
+        # Set after a timeout: reopen before the next request (see module docstring).
         self.dirty = False
 
     @property
     def usable(self) -> bool:
         """True while connected and not marked for reopening."""
         return self.client.connected and not self.lost.done() and not self.dirty
+
+    def close(self) -> None:
+        """Close the port; closing also cancels any pymodbus reconnect task."""
+        self.client.close()
+
+    async def read(
+        self, unit_id: int, area: RegisterArea, start: int, count: int, reply_within: float
+    ) -> ReadResult:
+        """One request and its response on this port (see :meth:`TcpClient.read`)."""
+        client = self.client
+        readers: dict[RegisterArea, _Reader] = {
+            "coil": client.read_coils,
+            "discrete_input": client.read_discrete_inputs,
+            "holding": client.read_holding_registers,
+            "input": client.read_input_registers,
+        }
+        where = self.where
+        what = describe_read(unit_id, area, start, count)
+        read = asyncio.ensure_future(readers[area](start, count=count, device_id=unit_id))
+        try:
+            async with asyncio.timeout(reply_within):
+                await asyncio.wait((read, self.lost), return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            self.dirty = True
+            raise NoResponse(
+                f"no response from {where} within {reply_within} s reading {what}"
+            ) from None
+        finally:
+            if not read.done():
+                read.cancel()
+                # Let the cancellation land so pymodbus releases its request lock.
+                await asyncio.wait((read,))
+        if read.cancelled():
+            raise ConnectionLost(f"connection to {where} closed by the device while reading {what}")
+        try:
+            response = read.result()
+        except ModbusException as exc:
+            if "transaction id" in str(exc) or "device id" in str(exc):
+                raise MismatchError(str(exc)) from exc
+            raise ConnectionLost(f"reading {what} from {where} failed: {exc}") from exc
+        except OSError as exc:
+            raise ConnectionLost(f"reading {what} from {where} failed: {exc}") from exc
+        return _check(response, unit_id, area, count)
+
+
+_Conn = TcpClient | _SerialConn
 
 
 class Line:
@@ -133,93 +161,78 @@ class Line:
                 return old
             self._close_slot(index)
             conn = self.connection
-            loop = asyncio.get_running_loop()
-            lost: asyncio.Future[None] = loop.create_future()
-
-            def on_change(connected: bool) -> None:
-                if not connected and not lost.done():
-                    lost.set_result(None)
-
-            client = self._client(on_change)
-            try:
-                async with asyncio.timeout(conn.timeout):
-                    if conn.transport == "rtu":
-                        assert conn.serial is not None
-                        # A stat of a device node: cheap, and worth the clearer message.
-                        if not os.path.exists(conn.serial.port):  # noqa: ASYNC240
-                            raise ConnectError(
-                                f"cannot open serial port {conn.serial.port}: no such device "
-                                "(check the cable / USB adapter and the port name)"
-                            )
-                    else:
-                        # Resolve first: pymodbus reports every failure as a bare False, and
-                        # a mistyped host name deserves its own message.
-                        await loop.getaddrinfo(conn.host, conn.port, type=socket.SOCK_STREAM)
-                    connected = await client.connect()
-            except socket.gaierror as exc:
-                client.close()
-                raise ConnectError(
-                    f"cannot connect to {self.where}: cannot resolve host ({exc.strerror})"
-                ) from exc
-            except TimeoutError:
-                client.close()
-                raise ConnectError(
-                    f"cannot connect to {self.where}: no answer within {conn.timeout} s"
-                ) from None
-            except (OSError, ModbusException) as exc:
-                client.close()
-                raise ConnectError(f"cannot connect to {self.where}: {exc}") from exc
-            except BaseException:
-                client.close()
-                raise
-            if not connected:
-                client.close()
-                if conn.transport == "rtu":
-                    raise ConnectError(
-                        f"cannot open serial port {self.where}: permission denied or in use"
-                    )
-                # pymodbus swallows the OSError and only reports False.
-                raise ConnectError(
-                    f"cannot connect to {self.where}: connection refused or host unreachable"
+            if conn.transport == "rtu":
+                fresh: _Conn = await self._open_serial()
+            else:
+                assert conn.host is not None
+                fresh = await TcpClient.connect(
+                    conn.host,
+                    conn.port,
+                    framing="mbap" if conn.transport == "tcp" else "rtu",
+                    connect_within=conn.timeout,
+                    where=self.where,
                 )
-            fresh = _Conn(client, lost)
             self._conns[index] = fresh
             self._log.debug("modbus.line_open", slot=index)
             return fresh
 
-    def _client(self, on_change: Callable[[bool], None]) -> _Client:
-        """A pymodbus client for this line with its own retries and reconnects switched off."""
+    async def _open_serial(self) -> _SerialConn:
+        """Open the serial port with pymodbus within the timeout."""
         conn = self.connection
-        common: dict[str, Any] = {
-            "name": f"modbus[{self.endpoint}]",
+        serial = conn.serial
+        assert serial is not None
+        loop = asyncio.get_running_loop()
+        lost: asyncio.Future[None] = loop.create_future()
+
+        def on_change(connected: bool) -> None:
+            if not connected and not lost.done():
+                lost.set_result(None)
+
+        client = AsyncModbusSerialClient(
+            serial.port,
+            framer=FramerType.RTU,
+            baudrate=serial.baudrate,
+            bytesize=serial.bytesize,
+            parity=serial.parity,
+            stopbits=serial.stopbits,
+            name=f"modbus[{self.endpoint}]",
             # A backstop only: every call runs under asyncio.timeout(conn.timeout).
-            "timeout": conn.timeout * 2,
-            "retries": 0,
-            "reconnect_delay": _PYMODBUS_RECONNECT_DELAY,
-            "reconnect_delay_max": _PYMODBUS_RECONNECT_DELAY,
-            "trace_connect": on_change,
-        }
-        if conn.transport == "rtu":
-            serial = conn.serial
-            assert serial is not None
-            return AsyncModbusSerialClient(
-                serial.port,
-                framer=FramerType.RTU,
-                baudrate=serial.baudrate,
-                bytesize=serial.bytesize,
-                parity=serial.parity,
-                stopbits=serial.stopbits,
-                **common,
-            )
-        assert conn.host is not None
-        framer = FramerType.SOCKET if conn.transport == "tcp" else FramerType.RTU
-        return AsyncModbusTcpClient(conn.host, port=conn.port, framer=framer, **common)
+            timeout=conn.timeout * 2,
+            retries=0,
+            reconnect_delay=_PYMODBUS_RECONNECT_DELAY,
+            reconnect_delay_max=_PYMODBUS_RECONNECT_DELAY,
+            trace_connect=on_change,
+        )
+        try:
+            # A stat of a device node: cheap, and worth the clearer message.
+            if not os.path.exists(serial.port):  # noqa: ASYNC240
+                raise ConnectError(
+                    f"cannot open serial port {serial.port}: no such device "
+                    "(check the cable / USB adapter and the port name)"
+                )
+            async with asyncio.timeout(conn.timeout):
+                connected = await client.connect()
+        except TimeoutError:
+            client.close()
+            raise ConnectError(
+                f"cannot connect to {self.where}: no answer within {conn.timeout} s"
+            ) from None
+        except (OSError, ModbusException) as exc:
+            client.close()
+            raise ConnectError(f"cannot connect to {self.where}: {exc}") from exc
+        except BaseException:
+            client.close()
+            raise
+        if not connected:
+            client.close()
+            raise ConnectError(f"cannot open serial port {self.where}: permission denied or in use")
+        return _SerialConn(client, lost, self.where)
 
     def _close_slot(self, index: int) -> None:
-        """Close one connection; closing also cancels any pymodbus reconnect task."""
+        """Close one connection."""
         old, self._conns[index] = self._conns[index], None
         if old is not None:
-            old.client.close()
+            old.close()
 
     def close(self) -> None:
         """Close every connection of the line."""
@@ -233,13 +246,26 @@ class Line:
         """Read ``count`` items of ``area`` from ``unit_id``: values or the device's exception.
 
         Holds one connection of the line for the whole exchange. Raises :class:`NoResponse`
-        when the unit stays silent for ``reply_within`` seconds and :class:`ConnectionLost` when the
-        line drops; a late or foreign response reconnects and retries once.
+        when the unit stays silent for ``reply_within`` seconds and :class:`ConnectionLost` when
+        the line drops; a response to another request reconnects and retries once.
         """
-        async with self._slot() as index:
-            try:
-                return await self._attempts(index, unit_id, area, start, count, reply_within)
-            finally:
+        # The slot is taken inline rather than through _slot(): this is the per-poll hot path.
+        slots = self._slots
+        await slots.acquire()
+        index = self._free.pop()
+        try:
+            conn = self._conns[index]
+            if conn is not None and conn.usable and not self._frame_gap:
+                try:
+                    return await conn.read(unit_id, area, start, count, reply_within)
+                except MismatchError as exc:
+                    self._mismatch(conn, unit_id, exc, 1)
+                    return await self._attempts(index, unit_id, area, start, count, reply_within, 2)
+            return await self._attempts(index, unit_id, area, start, count, reply_within, 1)
+        finally:
+            self._free.append(index)
+            slots.release()
+            if self._frame_gap:
                 self._last_io = asyncio.get_running_loop().time()
 
     @contextlib.asynccontextmanager
@@ -252,6 +278,13 @@ class Line:
             finally:
                 self._free.append(index)
 
+    def _mismatch(self, conn: _Conn, unit_id: int, exc: MismatchError, attempt: int) -> None:
+        """Log a response to another request and mark its connection for reopening."""
+        self._log.warning(
+            "modbus.response_mismatch", unit_id=unit_id, reason=str(exc), attempt=attempt
+        )
+        conn.dirty = True
+
     async def _attempts(
         self,
         index: int,
@@ -260,9 +293,10 @@ class Line:
         start: int,
         count: int,
         reply_within: float,
+        first: int,
     ) -> ReadResult:
-        """The exchange, once more on a fresh connection after a foreign response."""
-        for attempt in (1, 2):
+        """The exchange, once more on a fresh connection after a response to another request."""
+        for attempt in range(first, 3):
             conn = self._conns[index]
             if conn is None or not conn.usable:
                 if conn is not None and not conn.dirty:
@@ -275,15 +309,9 @@ class Line:
                     raise ConnectionLost(str(exc)) from exc
             await self._quiet()
             try:
-                return await self._exchange(conn, unit_id, area, start, count, reply_within)
-            except _Mismatch as exc:
-                self._log.warning(
-                    "modbus.response_mismatch",
-                    unit_id=unit_id,
-                    reason=str(exc),
-                    attempt=attempt,
-                )
-                conn.dirty = True
+                return await conn.read(unit_id, area, start, count, reply_within)
+            except MismatchError as exc:
+                self._mismatch(conn, unit_id, exc, attempt)
         raise ConnectionLost(f"{self.where}: responses keep not matching the requests")
 
     async def _quiet(self) -> None:
@@ -293,73 +321,27 @@ class Line:
             if wait > 0:
                 await asyncio.sleep(wait)
 
-    async def _exchange(
-        self,
-        conn: _Conn,
-        unit_id: int,
-        area: RegisterArea,
-        start: int,
-        count: int,
-        reply_within: float,
-    ) -> ReadResult:
-        """One request and its response on ``conn``."""
-        client = conn.client
-        readers: dict[RegisterArea, _Reader] = {
-            "coil": client.read_coils,
-            "discrete_input": client.read_discrete_inputs,
-            "holding": client.read_holding_registers,
-            "input": client.read_input_registers,
-        }
-        what = f"{area} {start}..{start + count - 1} of unit {unit_id}"
-        timeout = reply_within
-        read = asyncio.ensure_future(readers[area](start, count=count, device_id=unit_id))
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.wait((read, conn.lost), return_when=asyncio.FIRST_COMPLETED)
-        except TimeoutError:
-            if self.connection.transport != "tcp":
-                conn.dirty = True
-            raise NoResponse(
-                f"no response from {self.where} within {timeout} s reading {what}"
-            ) from None
-        finally:
-            if not read.done():
-                read.cancel()
-                # Let the cancellation land so pymodbus releases its request lock.
-                await asyncio.wait((read,))
-        if read.cancelled():
-            raise ConnectionLost(
-                f"connection to {self.where} closed by the device while reading {what}"
-            )
-        try:
-            response = read.result()
-        except ModbusException as exc:
-            if "transaction id" in str(exc) or "device id" in str(exc):
-                raise _Mismatch(str(exc)) from exc
-            raise ConnectionLost(f"reading {what} from {self.where} failed: {exc}") from exc
-        except OSError as exc:
-            raise ConnectionLost(f"reading {what} from {self.where} failed: {exc}") from exc
-        return _check(response, unit_id, area, count)
-
 
 def _check(response: ModbusPDU, unit_id: int, area: RegisterArea, count: int) -> ReadResult:
-    """The response's values, after checking it answers this request."""
+    """The values of a pymodbus response, after checking it answers this request."""
     function = FUNCTION_CODES[area]
     if unit_id and response.dev_id != unit_id:
-        raise _Mismatch(f"response from unit {response.dev_id}, asked unit {unit_id}")
+        raise MismatchError(f"response from unit {response.dev_id}, asked unit {unit_id}")
     if response.function_code & 0x7F != function:
-        raise _Mismatch(f"response to function {response.function_code & 0x7F}, sent {function}")
+        raise MismatchError(
+            f"response to function {response.function_code & 0x7F}, sent {function}"
+        )
     if response.isError():
         return ExceptionResponse(int(response.exception_code))
     if area in ("coil", "discrete_input"):
         bits = list(response.bits)
         # Bits come in whole bytes, padded with zeros (6.1): anything else is another answer.
         if not count <= len(bits) < count + 8:
-            raise _Mismatch(f"response has {len(bits)} bits, asked {count}")
+            raise MismatchError(f"response has {len(bits)} bits, asked {count}")
         return [bool(b) for b in bits[:count]]
     registers = list(response.registers)
     if len(registers) != count:
-        raise _Mismatch(f"response has {len(registers)} registers, asked {count}")
+        raise MismatchError(f"response has {len(registers)} registers, asked {count}")
     return registers
 
 
