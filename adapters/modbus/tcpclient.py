@@ -62,6 +62,15 @@ class _Broken(Exception):
     """Set on pending futures when the connection fails; turned into ConnectionLost."""
 
 
+class _Expired(Exception):
+    """Set on a request's future when its reply time ran out; turned into NoResponse."""
+
+
+def _expire(future: asyncio.Future[Response]) -> None:
+    if not future.done():
+        future.set_exception(_Expired())
+
+
 def describe_read(unit_id: int, area: RegisterArea, start: int, count: int) -> str:
     """``holding 0..9 of unit 1``: a read for messages."""
     return f"{area} {start}..{start + count - 1} of unit {unit_id}"
@@ -195,10 +204,12 @@ class TcpClient(asyncio.Protocol):
         pending = self._pending
         pending[key] = future
         transport.write(frame)
+        # A timer that fails the future, not asyncio.timeout(): the same outcome without
+        # cancelling and un-cancelling the task, at a third of the cost per request.
+        timer = self._loop.call_later(reply_within, _expire, future)
         try:
-            async with asyncio.timeout(reply_within):
-                response = await future
-        except TimeoutError:
+            response = await future
+        except _Expired:
             if self._rtu:
                 self.dirty = True
             what = describe_read(unit_id, area, start, count)
@@ -215,6 +226,7 @@ class TcpClient(asyncio.Protocol):
                 f"connection to {self.where} {self._broken} while reading {what}"
             ) from None
         finally:
+            timer.cancel()
             if pending.get(key) is future:
                 del pending[key]
         try:
