@@ -19,6 +19,17 @@ Delivery contract:
   registered and ``online_payload`` is published retained before anything else.
 * Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
   DISCONNECT, so the broker publishes the last will and the status does not stay online.
+* A message waiting longer than ``ack_timeout`` for its acknowledgement means the link is
+  stuck: the connection is dropped and everything un-acknowledged is sent again.
+
+How it sends: aiomqtt connects (TLS, last will, CONNACK) and reports the disconnect; the
+queue goes to paho directly. One pump hands paho up to ``window`` messages, remembers
+packet id -> queue key, and acks the key when paho reports the PUBACK (QoS 0: the write).
+No task, future or timeout per message: one timer watches the oldest message in flight.
+paho's own in-flight limit is off (the window bounds it) and a refused publish (no
+connection, packet ids exhausted) counts as a lost link; a message paho rejects for good
+(topic too long) is dropped and counted. A plain PUBACK of our own is read straight from
+paho's packet buffer, skipping paho's per-PUBACK ReasonCode and Properties objects.
 
 The queue sits behind the small :class:`SendQueue` interface so the durable outbox
 (:class:`gateway.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
@@ -32,18 +43,25 @@ import contextlib
 import math
 import socket
 import ssl
+import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import aiomqtt
 import paho.mqtt.client as paho
 import structlog
+from paho.mqtt.enums import MQTTErrorCode
 
 from gateway.backoff import Backoff
 from gateway.sendqueue import MemorySinkQueue, SinkQueue
 
 log = structlog.get_logger(__name__)
+
+
+#: Packet ids in use at once must stay below MQTT's 65,535 (QoS 0 writes take one too).
+_MAX_WINDOW = 60_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +114,9 @@ class BrokerSettings:
             raise ValueError("broker host must not be empty")
         if not 0 < self.port < 65536:
             raise ValueError(f"broker port must be 1..65535, got {self.port}")
-        if self.window < 1:
-            raise ValueError(f"window must be >= 1, got {self.window}")
+        if not 1 <= self.window <= _MAX_WINDOW:
+            # Each message in flight holds one of MQTT's 16-bit packet ids.
+            raise ValueError(f"window must be 1..{_MAX_WINDOW}, got {self.window}")
         if self.max_queue < self.window:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= window ({self.window})")
         if self.keepalive < 1:
@@ -200,13 +219,21 @@ def tls_context(tls: TlsSettings) -> ssl.SSLContext:
 
 
 class _Client(aiomqtt.Client):
-    """aiomqtt client that skips write registration for a socket paho already closed.
+    """aiomqtt client that writes promptly and never registers a socket paho closed.
 
-    aiomqtt 2.5 registers the writer through ``call_soon_threadsafe``; when the broker
-    goes away, paho can close the socket before that callback runs, and asyncio then
-    logs a traceback for the stale descriptor (or, if the number was reused, steals
-    the writer of the next connection).
+    aiomqtt 2.5 registers a writer through ``call_soon_threadsafe`` for every burst of
+    packets, then waits for the socket to be writable. From the loop's own thread (the
+    publisher's pump) this writes once the burst is queued instead, and waits for
+    writability only when the socket buffer is full: no self-pipe wake-up, no epoll
+    registration per burst. And when the broker goes away, paho can close the socket
+    before a registration runs; asyncio then logs a traceback for the stale descriptor
+    (or, if the number was reused, steals the writer of the next connection).
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """aiomqtt's client, made on the event loop's thread."""
+        super().__init__(*args, **kwargs)
+        self._loop_thread = threading.get_ident()
 
     def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         fileno = sock.fileno()
@@ -223,7 +250,170 @@ class _Client(aiomqtt.Client):
             if client.socket() is sock:
                 self._loop.add_writer(fileno, write)
 
-        self._loop.call_soon_threadsafe(register)
+        def write_now() -> None:
+            if client.socket() is not sock:
+                return
+            write()
+            # What did not fit into the socket buffer goes once it is writable again.
+            if client.want_write() and client.socket() is sock:
+                self._loop.add_writer(fileno, write)
+
+        if threading.get_ident() == self._loop_thread:
+            # Deferred to after the current burst of publishes: one write for all.
+            self._loop.call_soon(write_now)
+        else:
+            self._loop.call_soon_threadsafe(register)
+
+
+_PubackHandler = Callable[[Literal["PUBACK", "PUBCOMP"]], MQTTErrorCode]
+
+#: paho-mqtt 2.x internals the PUBACK fast path of :class:`_Link` reads and keeps in step.
+_PAHO_STATE = ("_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages")
+
+
+class _Link:
+    """One connection's messages handed to paho, by packet id, and their ack watchdog.
+
+    paho reports a QoS 1 message acknowledged on its PUBACK (QoS 0: once written) from
+    aiomqtt's reader and writer callbacks, which run on the event loop's thread. Packet
+    ids of publishes this link did not make (aiomqtt's own, such as the status) go on to
+    aiomqtt's handler. One timer, re-armed, watches the oldest message: the link counts
+    as lost once it waited ``ack_timeout`` seconds.
+    """
+
+    __slots__ = (
+        "_ack",
+        "_chained",
+        "_client",
+        "_fast",
+        "_loop",
+        "_paho_puback",
+        "_progress",
+        "_progress_due",
+        "_thread",
+        "_timeout",
+        "_timer",
+        "_wake",
+        "failure",
+        "flight",
+        "paho",
+    )
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        *,
+        ack_timeout: float,
+        ack: Callable[[int], None],
+        progress: Callable[[], None],
+        wake: Callable[[], None],
+    ) -> None:
+        """Take over paho's publish acknowledgements of ``client`` (on the loop's thread)."""
+        self._client = client
+        self.paho: paho.Client = client._client
+        #: Packet id -> (queue key, loop time handed to paho); insertion order is send order.
+        self.flight: dict[int, tuple[int, float]] = {}
+        #: Why the link counts as lost (set by the watchdog), else None.
+        self.failure: str | None = None
+        self._timeout = ack_timeout
+        self._ack = ack
+        self._progress = progress
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress_due = False
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._chained: Callable[..., object] | None = self.paho.on_publish
+        self.paho.on_publish = self.on_publish
+        self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
+        # Without the internals it expects (another paho version), on_publish does it all.
+        self._fast = all(hasattr(self.paho, name) for name in _PAHO_STATE)
+        if self._fast:
+            self.paho._handle_pubackcomp = self._on_pubackcomp  # type: ignore[method-assign]
+
+    def _on_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        # paho decodes every PUBACK into ReasonCode and Properties objects and calls
+        # on_publish under two locks; the plain 2-byte PUBACK of one of our messages
+        # carries nothing but its packet id (MQTT 3.1.1 3.4; MQTT 5 3.4.2.1: success).
+        inner = self.paho
+        packet = inner._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) == 2 and threading.get_ident() == self._thread:
+            mid = (packet[0] << 8) | packet[1]
+            entry = self.flight.pop(mid, None)
+            if entry is not None:
+                # paho's own bookkeeping for an acknowledged message, as in _do_on_publish.
+                with inner._out_message_mutex:
+                    if inner._out_messages.pop(mid, None) is not None:
+                        inner._inflight_messages -= 1
+                self._acked(entry[0])
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._paho_puback(cmd)
+
+    def on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        """paho's callback: the broker acknowledged ``mid`` (QoS 0: it was written)."""
+        if threading.get_ident() != self._thread:
+            # aiomqtt drives paho from the loop's thread; should that change, the queue
+            # (not thread-safe) is still only touched there.
+            self._loop.call_soon_threadsafe(
+                self.on_publish, client, userdata, mid, reason_code, properties
+            )
+            return
+        entry = self.flight.pop(mid, None)
+        if entry is not None:
+            self._acked(entry[0])
+        elif self._chained is not None:
+            self._chained(client, userdata, mid, reason_code, properties)
+
+    def _acked(self, key: int) -> None:
+        self._ack(key)
+        if not self._progress_due:
+            # One read carries many PUBACKs: wake the pump and the flush waiters once.
+            self._progress_due = True
+            self._loop.call_soon(self._progressed)
+
+    def _progressed(self) -> None:
+        self._progress_due = False
+        self._progress()
+
+    def arm(self) -> None:
+        """Start the watchdog for the oldest message unless it already runs."""
+        if self._timer is None and self.flight:
+            sent = next(iter(self.flight.values()))[1]
+            self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+
+    def _check(self, armed_for: float) -> None:
+        self._timer = None
+        if not self.flight:
+            return  # the pump re-arms with its next publish
+        sent = next(iter(self.flight.values()))[1]
+        if sent <= armed_for:
+            # Still the message (or one of its burst) the timer was armed for.
+            self.failure = f"no acknowledgement within {self._timeout} s"
+            self._wake()
+            return
+        self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+
+    def refused(self, rc: int) -> str:
+        """Why paho refused a publish, with the disconnect cause when there is one."""
+        text = f"publish refused: {paho.error_string(rc)}"
+        gone = self._client._disconnected
+        if gone.done() and not gone.cancelled() and (exc := gone.exception()) is not None:
+            text = f"{text} ({_describe(exc)})"
+        return text
+
+    def close(self) -> None:
+        """Forget the messages in flight, stop the watchdog, give paho's callback back."""
+        self.flight.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fast:
+            del self.paho._handle_pubackcomp  # the class's method again
+            self._fast = False
+        if self.paho.on_publish == self.on_publish:
+            self.paho.on_publish = self._chained  # type: ignore[assignment]
 
 
 class MqttPublisher:
@@ -446,7 +636,9 @@ class MqttPublisher:
             keepalive=s.keepalive,
             timeout=s.connect_timeout,
             tls_context=self._tls,
-            max_inflight_messages=s.window,
+            # Unlimited in paho: the pump never hands it more than ``window`` messages, and
+            # with a limit paho scans every message in flight on each PUBACK.
+            max_inflight_messages=0,
             # Small MQTT packets must not wait for Nagle's algorithm or delayed ACKs.
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
@@ -478,12 +670,19 @@ class MqttPublisher:
     async def _serve(self, client: aiomqtt.Client) -> str | None:
         """Send until the link breaks (returns why) or close() stops it (returns None)."""
         self._connected = True
+        link = _Link(
+            client,
+            ack_timeout=self._s.ack_timeout,
+            ack=self._queue.ack,
+            progress=self._progress,
+            wake=self._wake.set,
+        )
         reason: str | None = None
         try:
             try:
                 async with asyncio.TaskGroup() as tg:
                     tg.create_task(self._watch(client), name=f"mqtt-watch[{self._name}]")
-                    tg.create_task(self._pump(client, tg), name=f"mqtt-pump[{self._name}]")
+                    tg.create_task(self._pump(link), name=f"mqtt-pump[{self._name}]")
                     tg.create_task(self._await_stop(), name=f"mqtt-stop[{self._name}]")
             except* _StopRequested:
                 pass
@@ -499,6 +698,8 @@ class MqttPublisher:
             raise
         finally:
             self._connected = False
+            # Late PUBACKs of this connection must not ack what is requeued below.
+            link.close()
             self._queue.requeue()
         if reason is not None:
             _drop_socket(client)
@@ -522,7 +723,7 @@ class MqttPublisher:
             self._log.warning("mqtt.goodbye_failed", error=_describe(exc))
             _drop_socket(client)
         if not offline_sent:
-            # Dropped without DISCONNECT above: the broker publishes the will instead.
+            # Dropped without DISCONNECT above: the broker publishes the last will instead.
             self._log.info("mqtt.offline_via_will")
 
     async def _await_stop(self) -> None:
@@ -536,28 +737,46 @@ class MqttPublisher:
             pass
         raise _LinkLost("message stream ended")
 
-    async def _pump(self, client: aiomqtt.Client, tg: asyncio.TaskGroup) -> None:
+    async def _pump(self, link: _Link) -> None:
+        # The hot path: no task, future or timeout per message. paho queues the packets and
+        # _Client writes the whole burst once we yield; _Link acks by packet id and one
+        # timer watches the oldest message.
+        queue = self._queue
         window = self._s.window
+        flight = link.flight
+        publish = link.paho.publish
+        loop = asyncio.get_running_loop()
         while True:
-            if self._queue.in_flight < window and (item := self._queue.take()) is not None:
-                key, msg = item
-                # Tasks start in creation order, so paho writes the packets in queue order.
-                tg.create_task(self._send(client, key, msg))
+            if link.failure is not None:
+                raise _LinkLost(link.failure)
+            if queue.in_flight < window and (item := queue.take()) is not None:
+                now = loop.time()
+                while item is not None:
+                    key, msg = item
+                    try:
+                        info = publish(msg.topic, msg.payload, msg.qos, msg.retain)
+                    except (ValueError, TypeError) as exc:
+                        # paho refuses it for good (bad topic, payload too large): sending
+                        # it again after a reconnect would fail the same way.
+                        self._reject(key, msg, exc)
+                    else:
+                        if info.rc != paho.MQTT_ERR_SUCCESS:
+                            raise _LinkLost(link.refused(info.rc))
+                        mid = info.mid
+                        if mid in flight:
+                            # paho's packet ids wrapped onto one still unacknowledged.
+                            raise _LinkLost(f"packet id {mid} still in flight")
+                        flight[mid] = (key, now)
+                    item = queue.take() if queue.in_flight < window else None
+                link.arm()
                 continue
             self._wake.clear()
             await self._wake.wait()
 
-    async def _send(self, client: aiomqtt.Client, key: int, msg: Message) -> None:
-        try:
-            async with asyncio.timeout(self._s.ack_timeout):
-                await client.publish(
-                    msg.topic, msg.payload, qos=msg.qos, retain=msg.retain, timeout=math.inf
-                )
-        except TimeoutError:
-            raise _LinkLost(f"no acknowledgement within {self._s.ack_timeout} s") from None
-        except aiomqtt.MqttError as exc:
-            raise _LinkLost(_describe(exc)) from exc
+    def _reject(self, key: int, msg: Message, exc: Exception) -> None:
         self._queue.ack(key)
+        self._dropped += 1
+        self._log.error("mqtt.message_rejected", topic=msg.topic, error=_describe(exc))
         self._progress()
 
     async def _pause(self, seconds: float) -> None:
