@@ -19,7 +19,9 @@ Guarantees (see ``docs/delivery.md``):
   the event loop only appends to a list and wakes the writer, which commits whatever has
   gathered since its last commit (group commit), so a slow disk never blocks the loop.
   Events are committed at once; a commit of acknowledgements alone waits up to
-  ``commit_window`` seconds (or ``commit_rows`` acknowledgements) for more to share it.
+  ``commit_window`` seconds (or ``commit_rows`` acknowledgements, a batch of rows counting as
+  one, as its PUBACK does) for more to share it. Acknowledged rows are released by ranges of
+  consecutive seqs, so a drain costs a few statements per commit, not two per row.
 * Bounded by ``max_events``: beyond it telemetry is dropped first (oldest first), then
   ``order.progress`` rows a newer progress row of the same order supersedes. Lifecycle,
   state and alarm events are never dropped while the disk takes them; the outbox then
@@ -49,7 +51,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
@@ -100,8 +102,29 @@ CREATE TABLE IF NOT EXISTS messages (
     qos INTEGER NOT NULL,
     created REAL NOT NULL
 );
-CREATE INDEX IF NOT EXISTS messages_drop ON messages (cls, machine, order_id, seq);
+-- Telemetry is dropped first, oldest first: only telemetry rows are indexed for it. An index
+-- over every row (cls, machine, order_id, seq), which files of older versions have, cost
+-- more than the rest of a row's life (each acknowledgement deleted an entry far from its
+-- neighbours) for a query that only runs when the outbox overflows.
+DROP INDEX IF EXISTS messages_drop;
+CREATE INDEX IF NOT EXISTS messages_telemetry ON messages (seq) WHERE cls = 0;
 """
+
+
+def seq_runs(seqs: Iterable[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive numbers as ``(first, last)`` pairs, ascending, duplicates merged."""
+    runs: list[tuple[int, int]] = []
+    lo = hi = None
+    for s in sorted(set(seqs)):
+        if hi is not None and s == hi + 1:
+            hi = s
+            continue
+        if lo is not None and hi is not None:
+            runs.append((lo, hi))
+        lo = hi = s
+    if lo is not None and hi is not None:
+        runs.append((lo, hi))
+    return runs
 
 
 class OutboxError(Exception):
@@ -142,9 +165,11 @@ class Entry:
     created: float = 0.0
 
 
-@dataclass(frozen=True, slots=True)
-class Row:
-    """A stored message as a destination reads it back."""
+class Row(NamedTuple):
+    """A stored message as a destination reads it back.
+
+    A named tuple, not a dataclass: a drain makes one per row, straight from SQLite's tuple.
+    """
 
     seq: int
     topic: str
@@ -261,7 +286,9 @@ class Outbox:
         """Prepare an outbox at ``path`` for the named destinations; nothing opens yet.
 
         ``commit_window`` (seconds) and ``commit_rows`` bound how long acknowledgements wait
-        for each other before their commit; events never wait.
+        for each other before their commit; events never wait. ``commit_rows`` counts
+        acknowledgements (calls of :meth:`ack`, one per PUBACK), not rows: a batch message
+        of a hundred rows is one.
         """
         if not destinations:
             raise ValueError("an outbox needs at least one destination")
@@ -529,7 +556,10 @@ class Outbox:
         """Record that ``destination``'s broker acknowledged rows (written in the next commit)."""
         bit = self.bits[destination]
         self._acks.setdefault(bit, []).extend(seqs)
-        self._ack_count += len(seqs)
+        # Counted per acknowledgement, not per row: releasing a batch of rows costs about as
+        # much as one row (a range), and a drain in batch mode would otherwise commit every
+        # other PUBACK.
+        self._ack_count += 1
         if self._ack_count >= self._commit_rows:
             self._urgent.set()
         self._idle.clear()
@@ -723,18 +753,22 @@ class Outbox:
                 )
             for bit, seqs in acks.items():
                 mask = 1 << bit
-                cur = db.executemany(
-                    "UPDATE messages SET pending = pending & ~? WHERE seq = ? AND pending & ?",
-                    [(mask, s, mask) for s in seqs],
-                )
-                deleted[bit] = cur.rowcount
-            if acks:
-                before = db.total_changes
-                db.executemany(
-                    "DELETE FROM messages WHERE seq = ? AND pending = 0",
-                    [(s,) for seqs in acks.values() for s in seqs],
-                )
-                count -= db.total_changes - before
+                runs = [(lo, hi, mask) for lo, hi in seq_runs(seqs)]
+                if not runs:
+                    continue
+                # A row this destination was the last to wait for goes at once; a row others
+                # still wait for loses this bit. A drain acknowledges consecutive rows, so
+                # one statement covers a whole run of them.
+                gone = db.executemany(
+                    "DELETE FROM messages WHERE seq BETWEEN ? AND ? AND pending = ?", runs
+                ).rowcount
+                kept = db.executemany(
+                    "UPDATE messages SET pending = pending & ~?3"
+                    " WHERE seq BETWEEN ?1 AND ?2 AND pending & ?3",
+                    runs,
+                ).rowcount
+                deleted[bit] = gone + kept
+                count -= gone
             self._t_count = count
             if count > self.max_events:
                 self._t_make_room(db, result, count - self.max_events, force=False)
@@ -766,12 +800,13 @@ class Outbox:
             freed += self._t_drop(db, victims, result)
             result.dropped_telemetry += len(victims)
             if freed < need:
+                # Superseded: not the newest progress row of its order (GROUP BY groups a
+                # NULL order id like ``IS`` does). One pass over the table, no index to keep.
                 victims = db.execute(
-                    "SELECT m.seq, m.pending FROM messages m WHERE m.cls = ? AND EXISTS ("
-                    " SELECT 1 FROM messages n WHERE n.cls = ? AND n.machine = m.machine"
-                    " AND n.order_id IS m.order_id AND n.seq > m.seq)"
-                    " ORDER BY m.seq LIMIT ?",
-                    (PROGRESS, PROGRESS, need - freed),
+                    "SELECT seq, pending FROM messages WHERE cls = ?1 AND seq NOT IN ("
+                    " SELECT MAX(seq) FROM messages WHERE cls = ?1 GROUP BY machine, order_id)"
+                    " ORDER BY seq LIMIT ?2",
+                    (PROGRESS, need - freed),
                 ).fetchall()
                 freed += self._t_drop(db, victims, result)
                 result.dropped_progress += len(victims)
@@ -809,14 +844,16 @@ class Outbox:
     def _t_fetch(self, mask: int, after: int, limit: int) -> tuple[list[Row], int]:
         db = self._db
         assert db is not None
-        rows = [
-            Row(*r)
-            for r in db.execute(
-                "SELECT seq, topic, payload, qos, created, pending FROM messages"
-                " WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
-                (after, mask, limit),
+        rows = list(
+            map(
+                Row._make,
+                db.execute(
+                    "SELECT seq, topic, payload, qos, created, pending FROM messages"
+                    " WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
+                    (after, mask, limit),
+                ),
             )
-        ]
+        )
         upto = rows[-1].seq if len(rows) == limit else max(self._t_committed, after)
         return rows, upto
 
@@ -842,10 +879,11 @@ class OutboxQueue:
     """One destination's view of the outbox, as a publisher ``SendQueue``.
 
     Rows are read from the outbox in ``seq`` order (live rows straight after their commit,
-    a backlog in chunks of ``prefetch``). Non-durable messages (retained state snapshots,
-    status) are pushed in memory, coalesced per topic, and go out after the rows committed
-    before them. A row sent more than ``delayed_after`` seconds after it was committed, or
-    left from a previous run, carries ``"delayed": true``.
+    a backlog in chunks of ``prefetch``, kept topped up to ``prefetch`` rows, or to 50
+    batches in batch mode so a drain fills the publisher's window). Non-durable messages
+    (retained state snapshots, status) are pushed in memory, coalesced per topic, and go out
+    after the rows committed before them. A row sent more than ``delayed_after`` seconds
+    after it was committed, or left from a previous run, carries ``"delayed": true``.
     """
 
     def __init__(
@@ -870,6 +908,9 @@ class OutboxQueue:
         self._clock = clock
         self._delayed_after = delayed_after
         self._prefetch = prefetch
+        # Rows kept ready: one batch message takes up to ``batch_max`` of them, and a
+        # publisher window of batches needs more than one chunk to stay full.
+        self._hold = max(prefetch, 50 * batch_max) if route.batch else prefetch
         self._batch_topic = batch_topic
         self._batch_max = batch_max
         self._secret = secret
@@ -901,7 +942,7 @@ class OutboxQueue:
             self.waker()
 
     def _on_commit(self, batch: list[_Pending], previous: int, upto: int) -> None:
-        if not self._fetching and self._cursor == previous and len(self._rows) < self._prefetch:
+        if not self._fetching and self._cursor == previous and len(self._rows) < self._hold:
             mask = 1 << self._o.bits[self.name]
             for p in batch:
                 if p.bits & mask:
@@ -915,7 +956,7 @@ class OutboxQueue:
     def _maybe_fetch(self) -> None:
         if self._fetching or self._cursor >= self._o.committed_upto:
             return
-        if len(self._rows) >= self._prefetch:
+        if len(self._rows) >= self._hold:
             return
         self._fetching = True
         self._fetch_task = asyncio.get_running_loop().create_task(
