@@ -41,6 +41,9 @@ from gateway.model import Quality, Sample, Value
 
 log = structlog.get_logger(__name__)
 
+_new = tuple.__new__
+_GOOD = Quality.GOOD
+
 #: Exception codes after which a block bridging several signals is split, for good: the
 #: device refuses part of the range (illegal address, illegal value when the count crosses
 #: a hole, and device failure, which some devices answer for unimplemented registers).
@@ -178,10 +181,18 @@ class ModbusAdapter:
             pending = retry
         source_time = self._clock()
         self._track_problems(problems)
+        machine = self._machine
+        if not problems:
+            # The usual poll. tuple.__new__ builds the named tuple without the call through
+            # its generated __new__: 7 instead of 16 us for 30 signals.
+            return [
+                _new(Sample, (machine, name, values[name], source_time, _GOOD))
+                for name in self._signals
+            ]
         return [
-            Sample(self._machine, name, None, source_time, Quality.BAD)
+            Sample(machine, name, None, source_time, Quality.BAD)
             if name in problems
-            else Sample(self._machine, name, values[name], source_time, Quality.GOOD)
+            else Sample(machine, name, values[name], source_time, Quality.GOOD)
             for name in self._signals
         ]
 
