@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import os
+import queue
 import random
 import resource
 import shutil
@@ -29,6 +30,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -502,24 +504,36 @@ def drain_once(
         result: dict[str, Any] = _line(gw, "result")
         gw.wait(30)
         # The gateway has every PUBACK; the subscriber may still be reading its socket.
-        complete: float | None = None
-        sub_deadline = time.time() + 30
-        assert sub.stdout is not None
-        os.set_blocking(sub.stdout.fileno(), False)
-        buf = ""
-        while complete is None and time.time() < sub_deadline:
-            chunk = sub.stdout.read() or ""
-            buf += chunk
-            for raw in buf.splitlines():
+        # Its lines are read on a thread: a non-blocking text pipe cannot be read portably.
+        lines: queue.SimpleQueue[dict[str, Any]] = queue.SimpleQueue()
+
+        def pump() -> None:
+            assert sub.stdout is not None
+            for raw in sub.stdout:
                 with contextlib.suppress(ValueError):
                     doc = json.loads(raw)
-                    if isinstance(doc, dict) and "complete" in doc:
-                        complete = doc["complete"]
-            if complete is None:
-                time.sleep(0.05)
-        os.set_blocking(sub.stdout.fileno(), True)
+                    if isinstance(doc, dict):
+                        lines.put(doc)
+
+        reader = threading.Thread(target=pump, name="drain-subscriber-lines", daemon=True)
+        reader.start()
+        complete: float | None = None
+        final: dict[str, Any] | None = None
+        sub_deadline = time.time() + 30
+        while complete is None and time.time() < sub_deadline:
+            with contextlib.suppress(queue.Empty):
+                doc = lines.get(timeout=0.2)
+                if "complete" in doc:
+                    complete = doc["complete"]
         sub.send_signal(signal.SIGTERM)
-        final: dict[str, Any] = _line(sub, "final")
+        final_deadline = time.time() + 30
+        while final is None and time.time() < final_deadline:
+            with contextlib.suppress(queue.Empty):
+                doc = lines.get(timeout=0.2)
+                if "final" in doc:
+                    final = doc["final"]
+        if final is None:
+            raise RuntimeError("the subscriber did not report its final counts")
         sub.wait(10)
     finally:
         for p in (sub, gw):
