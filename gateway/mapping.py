@@ -58,13 +58,18 @@ class Mapper:
         out: list[Sample] = []
         problems: list[MappingProblem] = []
         plain = self._plain
+        append = out.append
+        isfinite = math.isfinite
         for sample in batch:
-            if sample.signal in plain:
-                value = sample.value
-                # Same outcome as map_value() for a signal without map, scale or offset.
-                if value is not None and (type(value) is not float or math.isfinite(value)):
-                    out.append(sample)
-                    continue
+            value = sample[2]  # .value, without the descriptor (every sample of every poll)
+            # Same outcome as map_value() for a signal without map, scale or offset.
+            if (
+                sample[1] in plain
+                and value is not None
+                and (type(value) is not float or isfinite(value))
+            ):
+                append(sample)
+                continue
             cfg = self.signals.get(sample.signal)
             if cfg is None or sample.quality is Quality.BAD:
                 out.append(sample)

@@ -458,28 +458,33 @@ class MachineTracker:
         """Validate and parse the samples the tracker uses, grouped by signal, in order."""
         batch: dict[str, list[Any]] = {}
         wrap = self.settings.counter_wrap
+        me = self.machine
+        good = Quality.GOOD
         any_good = False
         for s in samples:
-            if s.machine != self.machine:
-                self._reject(s, f"sample for machine {s.machine!r}", now)
+            # One unpack instead of an attribute lookup per field: this runs for every
+            # sample of every poll, telemetry included.
+            machine, signal, raw, source_time, quality = s
+            if machine != me:
+                self._reject(s, f"sample for machine {machine!r}", now)
                 continue
-            if s.quality is not Quality.GOOD:
+            if quality is not good:
                 continue  # keep the last good value
             any_good = True
-            if s.signal not in _USED_SIGNALS:
+            if signal not in _USED_SIGNALS:
                 continue  # telemetry, program, operator...: not the tracker's business
-            last = self._last_time.get(s.signal)
-            if last is not None and s.source_time < last:
+            last = self._last_time.get(signal)
+            if last is not None and source_time < last:
                 continue  # late replay (e.g. after an OPC UA reconnect): newer value known
             try:
-                value = self._parse(s.signal, s.value, wrap)
+                value = self._parse(signal, raw, wrap)
             except ValueError as exc:
                 self._reject(s, str(exc), now)
                 continue
-            self._last_time[s.signal] = s.source_time
-            if s.signal in _COUNT_SIGNALS:
-                value = (value, s.source_time)
-            batch.setdefault(s.signal, []).append(value)
+            self._last_time[signal] = source_time
+            if signal in _COUNT_SIGNALS:
+                value = (value, source_time)
+            batch.setdefault(signal, []).append(value)
         if any_good and not batch:
             batch["_alive"] = []
         return batch
