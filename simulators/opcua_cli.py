@@ -3,6 +3,10 @@
 ``add_arguments(parser, kind)`` fills an argparse parser for ``kind`` ("cnc" or "robot"),
 ``run`` serves the machines until cancelled. ``python -m simulators.opcua_cli cnc`` runs it
 on its own.
+
+``cnc --latency-probe PERIOD`` turns each machine's order id (``ActiveProgram/JobIdentifier``)
+into the latency probe: it changes about every PERIOD seconds to ``L<epoch ms of the change>``
+(see :class:`simulators.opcua_server.LatencyProbe`); ``bench.latency_opcua`` measures with it.
 """
 
 from __future__ import annotations
@@ -10,15 +14,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import structlog
 
+from simulators import cnc
 from simulators.cliargs import add_common_arguments, load_script, positive_int, run_main
 from simulators.cnc import CncModel
 from simulators.opcua_common import EngineModel
-from simulators.opcua_server import OpcUaMachineServer, trusted_dir
+from simulators.opcua_server import LatencyProbe, OpcUaMachineServer, trusted_dir
 from simulators.robot import RobotModel
 
 log = structlog.get_logger(__name__)
@@ -28,6 +34,13 @@ KINDS: dict[str, tuple[Callable[..., EngineModel], int]] = {
     "cnc": (CncModel, 4840),
     "robot": (RobotModel, 4850),
 }
+
+
+#: Node carrying the order id per kind: the one the latency probe drives (the robot has none).
+PROBE_KEYS: dict[str, str] = {"cnc": cnc.K_JOB_ID}
+
+#: Golden-ratio fraction: spreads the probe phases of many machines evenly over a period.
+_GOLDEN = (math.sqrt(5) - 1) / 2
 
 
 #: Built-in gateway profile -> simulator kind that matches it (for ``shopfloor demo``).
@@ -63,6 +76,31 @@ def _user(text: str) -> tuple[str, str]:
     return name, password
 
 
+def probe_period(text: str) -> float:
+    """Argparse type of ``--latency-probe``: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"the probe period must be > 0 seconds, got {text}")
+    return value
+
+
+def probe_for(kind: str, period: float | None, port: int) -> LatencyProbe | None:
+    """The latency probe of the machine on ``port`` (``None`` without a period).
+
+    Each port gets its own phase, so machines in one or several processes do not all
+    change at the same instant.
+    """
+    if period is None:
+        return None
+    key = PROBE_KEYS.get(kind)
+    if key is None:
+        raise ValueError(f"the {kind} simulator has no order id node for a latency probe")
+    return LatencyProbe(key, period, phase=(port * _GOLDEN) % 1.0)
+
+
 def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
     """Add the options of the ``kind`` simulator ("cnc" or "robot") to ``parser``."""
     if kind not in KINDS:
@@ -89,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
         default=None,
         help="require this user name and password (repeatable); default: anonymous",
     )
+    if kind in PROBE_KEYS:
+        parser.add_argument(
+            "--latency-probe",
+            metavar="PERIOD",
+            type=probe_period,
+            default=None,
+            help="latency probe: the order id changes about every PERIOD seconds to "
+            "L<epoch ms of the change> (default: off, the order id follows the scenario)",
+        )
 
 
 def machine_names(kind: str, count: int) -> list[str]:
@@ -107,17 +154,23 @@ async def run(args: argparse.Namespace) -> int:
     if code:
         return code
     users = dict(args.user) if args.user else None
-    servers = [
-        OpcUaMachineServer(
-            factory(script, seed=args.seed, name=name),
-            host=args.host,
-            port=args.port + index,
-            security=args.secure,
-            users=users,
-            speed=args.speed,
-        )
-        for index, name in enumerate(machine_names(kind, args.machines))
-    ]
+    period = getattr(args, "latency_probe", None)
+    try:
+        servers = [
+            OpcUaMachineServer(
+                factory(script, seed=args.seed, name=name),
+                host=args.host,
+                port=args.port + index,
+                security=args.secure,
+                users=users,
+                speed=args.speed,
+                probe=probe_for(kind, period, args.port + index),
+            )
+            for index, name in enumerate(machine_names(kind, args.machines))
+        ]
+    except ValueError as exc:
+        log.error("invalid simulator set-up", error=str(exc))
+        return 2
     try:
         async with contextlib.AsyncExitStack() as stack:
             for server in servers:
@@ -130,6 +183,7 @@ async def run(args: argparse.Namespace) -> int:
                 seed=args.seed,
                 speed=args.speed,
                 trusted_certificates=str(trusted_dir(args.secure)) if args.secure else None,
+                latency_probe=period,
             )
             # Runs until the caller cancels this task (Ctrl-C, SIGTERM in the gateway's CLI).
             await asyncio.Event().wait()

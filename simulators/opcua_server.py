@@ -7,6 +7,13 @@ changed, each with the wall-clock SourceTimestamp of the change. ``stop()``/``st
 close and reopen the listener on the same port while the scenario keeps going (a pulled
 network cable); ``remove_node(key)`` makes a node answer BadNodeIdUnknown.
 
+Latency probe (``probe=LatencyProbe(key, period)``): one String node (the CNC's order id,
+``JobIdentifier``) no longer follows the scenario but changes on a jittered schedule
+(:func:`simulators.load.change_time`, the Modbus load simulator's schedule) to
+``L<epoch ms of the change>``, written the moment it is due, with that instant as its
+SourceTimestamp. A subscriber in another process takes its receive time minus the stamp:
+change -> arrival, without sharing a clock with anything but the host.
+
 Security (``security=DIR``): on first start the server creates ``DIR/<name>-key.pem`` and a
 self-signed ``DIR/<name>-cert.der`` (DER), and the folder ``DIR/trusted/``. Only the
 Basic256Sha256 SignAndEncrypt endpoint is offered, and only clients whose certificate (DER or
@@ -21,8 +28,11 @@ import asyncio
 import contextlib
 import datetime as dt
 import hmac
+import math
 import socket
+import time
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -40,6 +50,7 @@ from asyncua.ua.attribute_ids import AttributeIds
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
+from simulators.load import change_time
 from simulators.opcua_common import (
     AddressSpace,
     NodeSpec,
@@ -85,6 +96,50 @@ async def ensure_certificates(directory: Path, name: str) -> tuple[Path, Path]:
         {"commonName": f"shopfloor simulator {name}", "organizationName": "Shopfloor Gateway"},
     )
     return cert, key
+
+
+@dataclass(frozen=True, slots=True)
+class LatencyProbe:
+    """Schedule of the latency probe: node ``key`` changes every ``period`` s (jittered).
+
+    Change ``k`` is due at ``change_time(origin + phase * period, period, k)``: one per
+    ``period`` slot, in its first half, at a fixed pseudo-random place. ``origin`` is wall-clock
+    epoch seconds (0: the schedule is the same in every process); ``phase`` (a fraction of
+    ``period``) shifts one machine's changes against another's.
+    """
+
+    key: str
+    period: float
+    phase: float = 0.0
+    origin: float = 0.0
+
+    def __post_init__(self) -> None:
+        """Refuse a schedule that cannot run."""
+        if not self.key:
+            raise ValueError("latency probe: the node key must not be empty")
+        period = self.period
+        if not (isinstance(period, int | float) and math.isfinite(period) and period > 0):
+            raise ValueError(
+                f"latency probe period must be a number of seconds > 0, got {period!r}"
+            )
+        if not 0 <= self.phase < 1:
+            raise ValueError(f"latency probe phase must be in [0, 1), got {self.phase!r}")
+        if not math.isfinite(self.origin):
+            raise ValueError(f"latency probe origin must be finite, got {self.origin!r}")
+
+    def next_change(self, t: float) -> float:
+        """The first change instant strictly after wall time ``t`` (pure)."""
+        start = self.origin + self.phase * self.period
+        k = max(0, math.floor((t - start) / self.period))
+        # Change k lies in [start + k*period, start + (k+0.5)*period): if it is not after t,
+        # change k+1 (in the next slot, so after t) is.
+        at = change_time(start, self.period, k)
+        return at if at > t else change_time(start, self.period, k + 1)
+
+
+def probe_value(t: float) -> str:
+    """The probe's value for a change at wall time ``t``: ``L<epoch milliseconds>``."""
+    return f"L{round(t * 1000)}"
 
 
 class _PasswordUsers(UserManager):
@@ -166,11 +221,13 @@ class OpcUaMachineServer:
         speed: float = 1.0,
         tick: float = 0.1,
         missing: Iterable[str] = (),
+        probe: LatencyProbe | None = None,
     ) -> None:
         """Check the set-up; nothing starts before ``async with``.
 
         ``missing`` lists node keys that are left out of the address space (reads of their
         NodeIds answer BadNodeIdUnknown), for tests of a device that lacks a node.
+        ``probe`` turns one String node into the latency probe (see the module docstring).
         """
         if not 1 <= port <= 65535:
             raise ValueError(f"port must be 1..65535, got {port}")
@@ -186,6 +243,12 @@ class OpcUaMachineServer:
         unknown = sorted(set(missing) - keys)
         if unknown:
             raise ValueError(f"unknown node keys in missing: {unknown}")
+        if probe is not None:
+            spec = space.variables().get(probe.key)
+            if spec is None or spec.datatype != "String":
+                raise ValueError(f"latency probe: {probe.key!r} is not a String variable")
+            if probe.key in set(missing):
+                raise ValueError(f"latency probe: {probe.key!r} is listed in missing")
         self.model = model
         self.host = host
         self.port = port
@@ -193,6 +256,7 @@ class OpcUaMachineServer:
         self.users = dict(users) if users is not None else None
         self.speed = speed
         self.tick = tick
+        self.probe = probe
         self._space: AddressSpace = space
         self._specs = space.variables()
         self._removed: set[str] = set(missing)
@@ -202,6 +266,8 @@ class OpcUaMachineServer:
         self._nodes: dict[str, Node] = {}
         self._written: dict[str, NodeValue] = {}
         self._task: asyncio.Task[None] | None = None
+        self._probe_task: asyncio.Task[None] | None = None
+        self._probe_last = ""
         self._finished = asyncio.Event()
 
     # ---- addresses -------------------------------------------------------------------
@@ -241,6 +307,16 @@ class OpcUaMachineServer:
         self._task = asyncio.create_task(
             self._run(started, offset), name=f"opcua-sim-tick[{self.model.name}]"
         )
+        if self.probe is not None:
+            self._probe_task = asyncio.create_task(
+                self._run_probe(self.probe), name=f"opcua-sim-probe[{self.model.name}]"
+            )
+            log.info(
+                "opcua simulator latency probe",
+                machine=self.model.name,
+                node=self.probe.key,
+                period=self.probe.period,
+            )
         return self
 
     async def __aexit__(
@@ -249,10 +325,14 @@ class OpcUaMachineServer:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        """Stop the tick task first (nothing writes while the server closes), then it."""
+        """Stop the tick and probe tasks first (nothing writes while the server closes), then it."""
         task, self._task = self._task, None
+        probe, self._probe_task = self._probe_task, None
         try:
-            await stop_task(task)
+            try:
+                await stop_task(probe)
+            finally:
+                await stop_task(task)
         finally:
             await self.stop()
             self._server = None
@@ -357,7 +437,12 @@ class OpcUaMachineServer:
         )
         self._nodes = {"": root}
         values = self.model.values()
-        now = dt.datetime.now(dt.UTC)
+        wall = time.time()
+        now = dt.datetime.fromtimestamp(wall, dt.UTC)
+        if self.probe is not None:
+            # The probe's first value: a change at start-up, stamped like every later one.
+            self._probe_last = probe_value(wall)
+            values[self.probe.key] = self._probe_last
         for spec in space.nodes:
             if spec.key in self._removed:
                 continue
@@ -422,7 +507,10 @@ class OpcUaMachineServer:
         server = self._require()
         values = self.model.values()
         stamp = dt.datetime.now(dt.UTC)
+        probe_key = self.probe.key if self.probe is not None else None
         for key, value in values.items():
+            if key == probe_key:
+                continue  # the probe task owns this node
             if self._written.get(key) == value and type(self._written.get(key)) is type(value):
                 continue
             self._written[key] = value
@@ -434,6 +522,31 @@ class OpcUaMachineServer:
             await server.write_attribute_value(
                 node.nodeid,
                 _data_value(_variant(spec, value), stamp),
+            )
+
+    async def _run_probe(self, probe: LatencyProbe) -> None:
+        """Write ``L<epoch ms>`` to the probe node at every due change, until cancelled."""
+        server = self._require()
+        spec = self._specs[probe.key]
+        after = time.time()
+        while True:
+            due = probe.next_change(after)
+            await asyncio.sleep(max(0.0, due - time.time()))
+            # The loop may wake a hair before ``due``: never take the same change twice.
+            after = max(due, time.time())
+            node = self._nodes.get(probe.key)
+            if node is None:
+                continue  # removed on purpose: nothing to change
+            # Stamp the instant of the write, not the schedule's: a late wake-up of this
+            # loop must not count as delivery latency.
+            wall = time.time()
+            value = probe_value(wall)
+            if value == self._probe_last:
+                continue  # a second change within the same millisecond (tiny periods)
+            self._probe_last = value
+            await server.write_attribute_value(
+                node.nodeid,
+                _data_value(_variant(spec, value), dt.datetime.fromtimestamp(wall, dt.UTC)),
             )
 
     def _check_finished(self) -> None:
