@@ -150,8 +150,10 @@ class OpcUaConnectionConfig(BaseModel):
     #: choke on large requests).
     max_nodes_per_read: int | None = Field(default=None, ge=1)
     max_monitored_items_per_call: int | None = Field(default=None, ge=1)
-    #: Seconds to wait for further notifications before yielding a batch.
-    coalesce: float = Field(default=0.005, ge=0, le=1, allow_inf_nan=False)
+    #: Seconds to wait for further notifications before yielding a batch. 0 (the default)
+    #: still takes every notification already received (one publish response carries all
+    #: of a subscription's changes) without adding a wait to each change's latency.
+    coalesce: float = Field(default=0.0, ge=0, le=1, allow_inf_nan=False)
 
     @field_validator("url")
     @classmethod
