@@ -245,8 +245,13 @@ def write_config(
     log_level: str = "info",
     timeout: float = 1.0,
     tracker: str = "{counter_mode: lifetime}",
+    history_url: str | None = None,
 ) -> Path:
-    """A gateway config reading every device of the load simulator with one profile."""
+    """A gateway config reading every device of the load simulator with one profile.
+
+    ``history_url``: also write events and every poll's telemetry to this InfluxDB v2 write
+    endpoint (the ``influxdb:`` section), so every tag read goes somewhere.
+    """
     lines = [
         f"gateway: {{id: gw-bench, site: {SITE}, topic_prefix: {PREFIX}}}",
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 30}}",
@@ -260,6 +265,10 @@ def write_config(
     ]
     for name, sig in signals.items():
         lines.append(f"      {name}: {json.dumps(sig)}")
+    if history_url is not None:
+        lines.append(
+            f"influxdb: {{url: '{history_url}', org: bench, bucket: bench, batch_size: 5000}}"
+        )
     lines.append("machines:")
     for i, d in enumerate(devices):
         lines += [

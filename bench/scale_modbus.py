@@ -36,7 +36,7 @@ from bench.common import (
     write_config,
 )
 from simulators.load import LoadDevice, signal_map
-from tests.brokers import MosquittoBroker
+from tests.brokers import MosquittoBroker, VictoriaMetrics
 
 
 async def run_one(
@@ -50,10 +50,14 @@ async def run_one(
     work: Path,
     profile: bool = False,
     settle: float | None = None,
+    history: bool = False,
 ) -> dict[str, Any]:
     """One scenario; returns its figures."""
     broker = MosquittoBroker(work / "broker")
     broker.start()
+    vm = VictoriaMetrics(work / "history") if history else None
+    if vm is not None:
+        vm.start()
     try:
         base = free_port_range(devices)
         args = [f"--devices={devices}", f"--signals={signals}", f"--base-port={base}"]
@@ -84,6 +88,7 @@ async def run_one(
                 poll=poll,
                 # Dead and stalled devices: a short timeout, like a commissioned site.
                 timeout=0.5,
+                history_url=vm.url if vm is not None else None,
             )
             ok = {d["name"] for d in sim.devices if d["mode"] == "ok"}
             async with (
@@ -123,6 +128,8 @@ async def run_one(
         polls = poll_figures(sim.requests("ok"), poll, t0, t1)
     finally:
         broker.stop()
+        if vm is not None:
+            vm.stop()
     span = t1 - t0
     return {
         "all_connected": up,
@@ -157,6 +164,12 @@ def main() -> None:
         "--all-down",
         action="store_true",
         help="also run the largest size with every device dead or stalled (reconnect CPU)",
+    )
+    p.add_argument(
+        "--history",
+        action="store_true",
+        help="also run the largest size with InfluxDB history on (victoria-metrics): "
+        "every poll's telemetry written out",
     )
     p.add_argument("--name", default="scale_modbus")
     p.add_argument(
@@ -198,6 +211,17 @@ def main() -> None:
                 ),
                 (f"{label} tags per CPU-second", r["tags_per_cpu_s"], ""),
                 (f"{label} load simulator CPU", r["simulator_cpu_fraction"], ""),
+            ]
+        if args.history:
+            label = f"{sizes[-1]}x{args.signals} with history"
+            work = Path(tmp) / "history"
+            work.mkdir()
+            r = await_run(sizes[-1], args, 0.0, 0.0, work, history=True)
+            results[label] = r
+            rows += [
+                (f"{label}: gateway CPU", r["cpu_fraction"], ""),
+                (f"{label}: RSS MiB", r["rss_mib"], ""),
+                (f"{label}: missed deadlines", r["missed_deadlines"], "0"),
             ]
         if args.all_down:
             label = f"{sizes[-1]}x{args.signals} all down"
@@ -244,6 +268,7 @@ def await_run(
     stall: float,
     work: Path,
     settle: float | None = None,
+    history: bool = False,
 ) -> dict[str, Any]:
     """Run one scenario on a fresh event loop."""
     return asyncio.run(
@@ -258,6 +283,7 @@ def await_run(
             work,
             args.profile,
             settle,
+            history,
         )
     )
 

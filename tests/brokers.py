@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import NamedTuple, Self
+from typing import Any, NamedTuple, Self
 
 import aiomqtt
 
@@ -299,3 +301,64 @@ class Subscriber:
     def payloads(self, topic: str | None = None) -> list[bytes]:
         """Payloads received so far, optionally for one topic only."""
         return [m.payload for m in self.messages if topic is None or m.topic == topic]
+
+
+class VictoriaMetrics:
+    """A private victoria-metrics on a loopback port, storing under ``directory``."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        binary = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
+        if not Path(binary).exists():
+            raise RuntimeError(
+                "victoria-metrics not found: `make test` installs it (Debian package "
+                "victoria-metrics), or run `apt-get install victoria-metrics`"
+            )
+        self.binary = binary
+        self.port = port or free_port()
+        self.directory = directory
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self._proc = subprocess.Popen(
+            [
+                self.binary,
+                f"-httpListenAddr=127.0.0.1:{self.port}",
+                f"-storageDataPath={self.directory}",
+                "-search.latencyOffset=0s",
+                "-retentionPeriod=100y",
+                "-loggerLevel=ERROR",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"victoria-metrics exited with {self._proc.returncode}")
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(self.url + "/health", timeout=1) as resp,
+            ):
+                if resp.status == 200:
+                    return
+            # Polling the port: victoria-metrics has no readiness notification.
+            time.sleep(0.02)
+        raise RuntimeError("victoria-metrics did not become ready in 10 s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait(5)
+        self._proc = None
+
+    def export(self, match: str = '{__name__=~"shopfloor_.*"}') -> list[dict[str, Any]]:
+        with urllib.request.urlopen(self.url + "/internal/force_flush", timeout=5):
+            pass
+        data = f"match[]={urllib.request.quote(match)}".encode()
+        with urllib.request.urlopen(self.url + "/api/v1/export", data=data, timeout=5) as resp:
+            return [json.loads(line) for line in resp.read().splitlines() if line.strip()]

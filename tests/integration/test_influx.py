@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
-import shutil
-import subprocess
 import threading
 import time
-import urllib.request
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,7 +37,7 @@ from gateway.influx import (
 )
 from gateway.metrics import Metrics
 from gateway.model import Event, Location, Quality, Sample
-from tests.brokers import free_port
+from tests.brokers import VictoriaMetrics
 
 LOC = Location("plant-1", "sewing", "line-1", "sew-01")
 FAST = Backoff(base=0.01, cap=0.05, floor=0.005)
@@ -384,68 +380,6 @@ def test_memory_queue_requeue_keeps_order() -> None:
 
 
 # ---------------------------------------------------------------------------- a real server
-
-
-class VictoriaMetrics:
-    """A private victoria-metrics on a loopback port, storing under ``directory``."""
-
-    def __init__(self, directory: Path, port: int | None = None) -> None:
-        binary = shutil.which("victoria-metrics") or "/usr/bin/victoria-metrics"
-        if not Path(binary).exists():
-            pytest.fail(
-                "victoria-metrics not found: `make test` installs it (Debian package "
-                "victoria-metrics), or run `apt-get install victoria-metrics`",
-                pytrace=False,
-            )
-        self.binary = binary
-        self.port = port or free_port()
-        self.directory = directory
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def start(self) -> None:
-        self._proc = subprocess.Popen(
-            [
-                self.binary,
-                f"-httpListenAddr=127.0.0.1:{self.port}",
-                f"-storageDataPath={self.directory}",
-                "-search.latencyOffset=0s",
-                "-retentionPeriod=100y",
-                "-loggerLevel=ERROR",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            if self._proc.poll() is not None:
-                raise RuntimeError(f"victoria-metrics exited with {self._proc.returncode}")
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(self.url + "/health", timeout=1) as resp,
-            ):
-                if resp.status == 200:
-                    return
-            # Polling the port: victoria-metrics has no readiness notification.
-            time.sleep(0.02)
-        raise RuntimeError("victoria-metrics did not become ready in 10 s")
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
-        self._proc = None
-
-    def export(self, match: str = '{__name__=~"shopfloor_.*"}') -> list[dict[str, Any]]:
-        with urllib.request.urlopen(self.url + "/internal/force_flush", timeout=5):
-            pass
-        data = f"match[]={urllib.request.quote(match)}".encode()
-        with urllib.request.urlopen(self.url + "/api/v1/export", data=data, timeout=5) as resp:
-            return [json.loads(line) for line in resp.read().splitlines() if line.strip()]
 
 
 @pytest.fixture

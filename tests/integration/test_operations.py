@@ -16,9 +16,8 @@ from pathlib import Path
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel
-from tests.brokers import MosquittoBroker, Received, Subscriber
+from tests.brokers import MosquittoBroker, Received, Subscriber, VictoriaMetrics
 from tests.gatewayproc import events, gateway_process, short
-from tests.integration.test_influx import VictoriaMetrics
 
 PREFIX = "ops"
 SITE = "plant-1"
