@@ -551,6 +551,9 @@ def _compile(
     profiles = _load_profiles(config, src, config_path, errors)
     machines: list[MachinePlan] = []
     seen: dict[str, int] = {}
+    # Validated profile signals, shared by every machine that takes them unchanged: the
+    # models are frozen, and one copy per machine cost about 23 KiB per machine.
+    shared_signals: dict[tuple[str, int], tuple[object, SignalConfig]] = {}
     for i, m in enumerate(config.machines):
         base: Path_ = ("machines", i)
         if m.id in seen:
@@ -565,7 +568,7 @@ def _compile(
             )
             continue
         seen[m.id] = i
-        plan = _compile_machine(config, m, base, src, profiles, errors)
+        plan = _compile_machine(config, m, base, src, profiles, errors, shared_signals)
         if plan is not None:
             machines.append(plan)
     if errors:
@@ -854,6 +857,7 @@ def _compile_machine(
     src: Located,
     profiles: Mapping[str, _ProfileSource],
     errors: list[SourceError],
+    shared: dict[tuple[str, int], tuple[object, SignalConfig]] | None = None,
 ) -> MachinePlan | None:
     n_errors = len(errors)
     profile: _ProfileSource | None = None
@@ -910,14 +914,14 @@ def _compile_machine(
     connection = _validate(spec.connection_model, conn_raw, src, (*base, "connection"), errors)
 
     # Merge signals: profile first, machine entries replace whole signals, null removes.
-    merged: dict[str, tuple[dict[str, Any] | None, Located, Path_]] = {}
+    merged: dict[str, tuple[dict[str, Any] | None, Located, Path_, bool]] = {}
     if profile is not None:
         for name, body in profile.profile.signals.items():
-            merged[name] = (body, profile.src, (*profile.base, "signals", name))
+            merged[name] = (body, profile.src, (*profile.base, "signals", name), True)
     for name, body in m.signals.items():
-        merged[name] = (body, src, (*base, "signals", name))
+        merged[name] = (body, src, (*base, "signals", name), False)
     signals: dict[str, SignalConfig] = {}
-    for name, (body, ssrc, spath) in merged.items():
+    for name, (body, ssrc, spath, from_profile) in merged.items():
         if body is None:
             continue
         if not _SIGNAL_RE.match(name):
@@ -930,7 +934,16 @@ def _compile_machine(
                 )
             )
             continue
-        sig = _validate(spec.signal_model, body, ssrc, spath, errors)
+        key = (spec.name, id(body))
+        hit = shared.get(key) if shared is not None else None
+        if hit is not None and hit[0] is body:
+            sig: SignalConfig | None = hit[1]
+        else:
+            sig = _validate(spec.signal_model, body, ssrc, spath, errors)
+            if sig is not None and shared is not None and from_profile:
+                # Only a profile's bodies are shared (the entry keeps the body alive, so its
+                # id is not reused); a machine's own entries are validated each time.
+                shared[key] = (body, sig)
         if sig is None:
             continue
         problem = _check_canonical(name, sig)
