@@ -99,13 +99,15 @@ soak: $(VENV)/.installed-test mosquitto
 # Benchmarks (not part of `make test`): modest defaults, about five minutes in all. Each one
 # takes its own arguments, e.g. `$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30`.
 # Figures print as tables and land in bench/results/*.json; docs/performance.md has the last run.
-bench: $(VENV)/.installed-test mosquitto
+bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.core
 	$(BIN)/python -m bench.startup
+	$(BIN)/python -m bench.modbus_plan
+	$(BIN)/python -m bench.modbus_client
+	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 30,115 --window 15 --floor
 	$(BIN)/python -m bench.latency --window 20
-	$(BIN)/python -m bench.scale_modbus --devices 200,500 --signals 20 --window 20
-	$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30 --window 20 --faulty 0.1 --name scale_neuron
+	$(BIN)/python -m bench.latency_opcua
+	$(BIN)/python -m bench.scale_modbus --devices 200,500 --signals 30 --window 20 --faulty 0.1 --all-down --history --name scale_neuron
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.scale_opcua
-	@if [ -f bench/modbus_plan.py ]; then $(BIN)/python -m bench.modbus_plan; fi
-	@if [ -f bench/outbox.py ]; then $(BIN)/python -m bench.outbox; fi
+	$(BIN)/python -m bench.outbox
