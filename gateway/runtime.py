@@ -63,7 +63,7 @@ from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.routing import Route, Subject, accepts, machine_visible, redact_payload, state_view
 from gateway.systemd import Notifier
-from gateway.tracker import CommandResult, MachineTracker
+from gateway.tracker import CommandResult, MachineTracker, Rejection
 
 log = structlog.get_logger(__name__)
 
@@ -737,9 +737,21 @@ class Gateway:
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
         self._emit(m, m.tracker.observe(mapped, now))
+        rejections = m.tracker.drain_rejections()
+        if rejections or m.rejections_logged:
+            self._log_rejections(m, rejections)
+        if self.telemetry is not None:
+            # The operator badge is personal data: it never goes into the history.
+            values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
+            point = telemetry_point(m.plan.location, values, m.tracker.order_id)
+            if point is not None:
+                self.telemetry.submit(point)
+
+    @staticmethod
+    def _log_rejections(m: _Machine, rejections: Sequence[Rejection]) -> None:
+        """Warn once per signal and episode, like the mapping's problems."""
         rejected = set()
-        for r in m.tracker.drain_rejections():
-            # Once per signal and episode, like the mapping's problems above.
+        for r in rejections:
             rejected.add(r.signal)
             if r.signal not in m.rejections_logged:
                 m.rejections_logged.add(r.signal)
@@ -751,12 +763,6 @@ class Gateway:
                     reason=r.reason,
                 )
         m.rejections_logged &= rejected
-        if self.telemetry is not None:
-            # The operator badge is personal data: it never goes into the history.
-            values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
-            point = telemetry_point(m.plan.location, values, m.tracker.order_id)
-            if point is not None:
-                self.telemetry.submit(point)
 
     def _emit(self, m: _Machine, events: Sequence[Event], *, persist: bool = False) -> None:
         """Commit events with the tracker state (outbox), then refresh the retained state."""

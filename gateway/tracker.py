@@ -258,6 +258,8 @@ class MachineTracker:
         self._commands: dict[str, CommandResult] = {}
         self._updated_at: float | None = None
         self._rejections: list[Rejection] = []
+        #: Last text value per signal and what it parsed to (a repeated text skips parsing).
+        self._parsed_text: dict[str, tuple[str, Any]] = {}
 
     # ------------------------------------------------------------------ public API
 
@@ -476,11 +478,18 @@ class MachineTracker:
             last = self._last_time.get(signal)
             if last is not None and source_time < last:
                 continue  # late replay (e.g. after an OPC UA reconnect): newer value known
-            try:
-                value = self._parse(signal, raw, wrap)
-            except ValueError as exc:
-                self._reject(s, str(exc), now)
-                continue
+            memo = self._parsed_text.get(signal) if type(raw) is str else None
+            if memo is not None and memo[0] == raw:
+                # The same text as last time (state and order id, every poll): already valid.
+                value = memo[1]
+            else:
+                try:
+                    value = self._parse(signal, raw, wrap)
+                except ValueError as exc:
+                    self._reject(s, str(exc), now)
+                    continue
+                if type(raw) is str:
+                    self._parsed_text[signal] = (raw, value)
             self._last_time[signal] = source_time
             if signal in _COUNT_SIGNALS:
                 value = (value, source_time)
