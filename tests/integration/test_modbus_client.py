@@ -357,7 +357,7 @@ async def test_stall_then_recovery_on_the_same_tcp_connection() -> None:
         started = time.monotonic()
         with pytest.raises(NoResponse, match=r"within 0.2 s reading holding 0..0 of unit 1"):
             await holding(line, within=0.2)
-        assert 0.15 < time.monotonic() - started < 1.0
+        assert 0.15 < time.monotonic() - started < 3.0  # loose: the machine may be busy
         assert await holding(line) == [42]
         assert dev.connections == 1
 
@@ -414,7 +414,7 @@ async def test_truncated_frame_then_close_is_connection_lost() -> None:
         started = time.monotonic()
         with pytest.raises(ConnectionLost, match="closed by the device while reading holding"):
             await holding(line, 0, 3, within=5.0)
-        assert time.monotonic() - started < 2.0  # the hang-up, not the timeout, ends it
+        assert time.monotonic() - started < 4.0  # the hang-up, not the 5 s timeout, ends it
 
 
 async def test_peer_closing_mid_request_fails_it_at_once_and_the_line_reconnects() -> None:
@@ -429,7 +429,7 @@ async def test_peer_closing_mid_request_fails_it_at_once_and_the_line_reconnects
         started = time.monotonic()
         with pytest.raises(ConnectionLost, match="closed by the device"):
             await holding(line, within=5.0)
-        assert time.monotonic() - started < 2.0
+        assert time.monotonic() - started < 4.0  # well before the 5 s timeout
         # The unit that saw the drop is told at once; the read after that reconnects.
         with pytest.raises(ConnectionLost, match="is closed"):
             await holding(line)
