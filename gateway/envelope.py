@@ -205,27 +205,36 @@ class _Unconvertible(Exception):
 
 
 def _convert(value: Any) -> Any:
-    # The fast walk of convert_times (every state message goes through it): no paths.
-    if isinstance(value, Mapping):
+    # The fast walk of convert_times (every event and state message goes through it): no
+    # paths, and exact type checks first, since an ABC isinstance (Mapping) per value costs
+    # more than the rest of the walk. Subclasses still take the isinstance branches.
+    t = type(value)
+    if t is dict or (t is not list and t is not tuple and isinstance(value, Mapping)):
         out: dict[str, Any] = {}
         for k, v in value.items():
             if type(k) is not str:
                 raise _Unconvertible
-            if (
-                (k.endswith(("_at", "_since")) or k in _TIME_KEYS)
-                and isinstance(v, int | float)
-                and not isinstance(v, bool)
-            ):
-                try:
-                    out[k] = format_time(v)
-                except ValueError:
-                    raise _Unconvertible from None
-            elif isinstance(v, Mapping | list | tuple):
+            tv = type(v)
+            if tv is str or v is None or tv is bool:
+                out[k] = v
+            elif k.endswith(("_at", "_since")) or k in _TIME_KEYS:
+                if tv is float or tv is int or (isinstance(v, int | float) and tv is not bool):
+                    try:
+                        out[k] = format_time(v)
+                    except ValueError:
+                        raise _Unconvertible from None
+                elif tv is dict or tv is list or isinstance(v, Mapping | tuple | list):
+                    out[k] = _convert(v)
+                else:
+                    out[k] = v
+            elif tv is int or tv is float:
+                out[k] = v
+            elif tv is dict or tv is list or isinstance(v, Mapping | tuple | list):
                 out[k] = _convert(v)
             else:
                 out[k] = v
         return out
-    if isinstance(value, list | tuple):
+    if t is list or t is tuple or isinstance(value, list | tuple):
         return [_convert(v) for v in value]
     return value
 
@@ -250,9 +259,13 @@ def _convert_explained(value: Any, _path: str) -> Any:
     return value
 
 
+#: One encoder for every payload: ``json.dumps`` with options builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def _dumps(obj: Mapping[str, Any], what: str) -> bytes:
     try:
-        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+        text = _ENCODER.encode(obj)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{what} is not JSON-serialisable: {exc}") from None
     return text.encode("utf-8")

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -61,7 +62,15 @@ from gateway.metrics import Metrics
 from gateway.model import Event, Location, Sample
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
-from gateway.routing import Route, Subject, accepts, machine_visible, redact_payload, state_view
+from gateway.routing import (
+    Route,
+    RouteRules,
+    Subject,
+    accepts,
+    machine_visible,
+    redact_payload,
+    state_view,
+)
 from gateway.systemd import Notifier
 from gateway.tracker import CommandResult, MachineTracker, Rejection
 
@@ -773,39 +782,69 @@ class Gateway:
         state = m.tracker.export_state()
         self._learn_customers(machine, state)
         customers = self._customers.get(machine, {})
+        gateway_id = self.plan.gateway_id
+        everywhere = self._unrouted()
+        created = self._clock()
+        debug = _debug_enabled()
         entries: list[Entry] = []
         for event in events:
             event_id = new_event_id(event.time, self._rng.getrandbits(74))
-            payload = encode_event(event, loc, gateway_id=self.plan.gateway_id, event_id=event_id)
+            payload = encode_event(event, loc, gateway_id=gateway_id, event_id=event_id)
             order_id = event.data.get("order_id")
             order_id = order_id if isinstance(order_id, str) else None
-            subject = Subject(machine, "event", event.type, order_id, customers.get(order_id or ""))
+            if everywhere is not None:
+                names = everywhere
+            else:
+                subject = Subject(
+                    machine, "event", event.type, order_id, customers.get(order_id or "")
+                )
+                names = (
+                    frozenset(d.name for d in self.destinations if accepts(d.route.rules, subject))
+                    | self._sinks
+                )
             entries.append(
                 Entry(
                     machine=machine,
                     topic=self.topics.event(loc, event.type),
                     payload=payload,
-                    destinations=frozenset(
-                        d.name for d in self.destinations if accepts(d.route.rules, subject)
-                    )
-                    | self._sinks,
+                    destinations=names,
                     event_type=event.type,
                     order_id=order_id,
-                    created=self._clock(),
+                    created=created,
                 )
             )
-            self.events_emitted += 1
+            if debug:
+                log.debug(
+                    "event.emitted",
+                    machine=machine,
+                    type=event.type,
+                    sequence=event.sequence,
+                    order_id=order_id,
+                )
+        self.events_emitted += len(events)
+        for event in events:
             self.metrics.event_emitted(event.type)
-            log.debug(
-                "event.emitted",
-                machine=machine,
-                type=event.type,
-                sequence=event.sequence,
-                order_id=order_id,
-            )
         self.outbox.append(entries, {machine: state})
         if events:
             self._publish_state(m, m.tracker.snapshot(), events[-1].time)
+
+    def _unrouted(self) -> frozenset[str] | None:
+        """Every destination and sink, when no destination filters events; else None.
+
+        The common case (destinations without routing rules) needs no per-event routing.
+        """
+        key = self.destinations
+        cached: tuple[object, frozenset[str] | None] | None = getattr(self, "_unrouted_memo", None)
+        if cached is not None and cached[0] is key:
+            return cached[1]
+        rules = RouteRules()
+        names = (
+            frozenset(d.name for d in key) | self._sinks
+            if all(d.route.rules == rules for d in key)
+            else None
+        )
+        self._unrouted_memo = (key, names)
+        return names
 
     def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
         """Retained state to every destination that may see the machine, order filtered."""
@@ -814,11 +853,18 @@ class Gateway:
         order_id = order.get("order_id") if isinstance(order, dict) else None
         customer = self._customers.get(m.plan.id, {}).get(order_id) if order_id else None
         topic = self.topics.state(loc)
+        # Destinations that see the whole snapshot (the common case: all) share one encoding.
+        shared: bytes | None = None
         for d in self.destinations:
             if not machine_visible(d.route.rules, m.plan.id):
                 continue
             view = state_view(d.route.rules, snapshot, customer)
-            payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
+            if view is not snapshot:
+                payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
+            elif shared is None:
+                payload = shared = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
+            else:
+                payload = shared
             payload = redact_payload(payload, d.route.operator, self._secret)
             self.publishers[d.name].submit(Message(topic, payload, 1, True))
 
@@ -826,3 +872,12 @@ class Gateway:
         for d in self.destinations:
             if machine_visible(d.route.rules, machine):
                 self.publishers[d.name].submit(Message(self.topics.state(loc), b"", 1, True))
+
+
+#: The stdlib logger behind ``log``: its level decides whether a debug line goes anywhere.
+_stdlog = logging.getLogger(__name__)
+
+
+def _debug_enabled() -> bool:
+    """Whether this module's debug lines are wanted (checked before building one per event)."""
+    return _stdlog.isEnabledFor(logging.DEBUG)
