@@ -7,7 +7,10 @@ One :class:`MqttPublisher` per destination broker. Producers call :meth:`submit`
 Delivery contract:
 
 * A message leaves the queue only after the broker acknowledged it (QoS 1: PUBACK;
-  QoS 0: once written). Order is kept; up to ``window`` publishes are in flight at once.
+  QoS 0: once written). An MQTT 5 PUBACK with a failure reason (0x80 and up, e.g. not
+  authorised by the broker's ACL) is no acknowledgement: the link ends with the reason in
+  the log and the message is sent again after the reconnect backoff. Order is kept; up to
+  ``window`` publishes are in flight at once.
   When the connection drops, un-acknowledged messages are sent again after the
   reconnect, so duplicates are possible within the window (consumers deduplicate by
   event id).
@@ -362,6 +365,18 @@ class _Link:
             return
         entry = self.flight.pop(mid, None)
         if entry is not None:
+            if getattr(reason_code, "is_failure", False):
+                # MQTT 5: the broker refused the message (0x80 and up, e.g. 0x87 not
+                # authorised, 0x97 quota exceeded): it was not delivered. Never ack it: the
+                # link ends, the message is requeued and sent again after the reconnect
+                # backoff; meanwhile the backlog grows where the health check sees it.
+                if self.failure is None:
+                    self.failure = (
+                        f"the broker refused a message: {reason_code} (reason code "
+                        f"{int(reason_code.value)}; check the broker's ACL for this client)"
+                    )
+                    self._wake()
+                return
             self._acked(entry[0])
         elif self._chained is not None:
             self._chained(client, userdata, mid, reason_code, properties)

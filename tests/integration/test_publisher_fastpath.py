@@ -352,3 +352,36 @@ async def test_a_message_paho_refuses_is_dropped_not_retried(mosquitto: Mosquitt
 def test_window_must_fit_the_mqtt_packet_ids() -> None:
     with pytest.raises(ValueError, match="window"):
         BrokerSettings("h", window=70_000, max_queue=100_000)
+
+
+async def test_a_message_the_broker_refuses_is_kept_and_sent_again(tmp_path: Path) -> None:
+    # MQTT 5: Mosquitto answers a publish its ACL denies with PUBACK reason 0x87 (not
+    # authorised). That message was not delivered: it must not leave the queue, the link
+    # ends with the reason in the log, and once the ACL allows it the message goes out.
+    acl = tmp_path / "acl"
+    acl.write_text(f"topic readwrite {STATUS}\ntopic readwrite fp/open/#\n")
+    broker = MosquittoBroker(tmp_path / "broker", extra_config=f"acl_file {acl}")
+    broker.start()
+    try:
+        pub = MqttPublisher(settings(broker.port, protocol="5"), name="acl")
+        with structlog.testing.capture_logs() as logs:
+            async with running(pub):
+                await until(lambda: pub.connected)
+                pub.submit(Message("fp/open/a", b"m0", qos=1))
+                pub.submit(Message("fp/closed/b", b"m1", qos=1))
+                await until(lambda: any("refused a message" in str(e) for e in logs), 10)
+                # Not acknowledged, so not gone: still pending, and after it the rest waits.
+                assert pub.pending >= 1
+                # The site fixes the ACL (a broker restart reads it again): the message
+                # goes out again and this time the broker accepts it.
+                acl.write_text(f"topic readwrite {STATUS}\ntopic readwrite fp/#\n")
+                broker.stop()
+                broker.start()
+                await until(lambda: pub.pending == 0, 15)
+                assert pub.dropped == 0
+        lost = [e for e in logs if e.get("event") == "mqtt.broker_connection_lost"]
+        assert lost, logs
+        assert "refused a message" in str(lost[0]["error"]), lost[0]
+        assert "ACL" in str(lost[0]["error"]), lost[0]
+    finally:
+        broker.stop()
