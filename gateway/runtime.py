@@ -283,6 +283,8 @@ class Gateway:
         self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
         self.metrics.configure(m.id for m in plan.machines)
         self._sinks = frozenset(sink_names)
+        # (destinations list, every destination and sink name) when none filters events.
+        self._unrouted_memo: tuple[object, frozenset[str] | None] | None = None
         self._outbox_limit = ob.max_events
         self.health: HealthServer | None = (
             HealthServer(self.metrics, *plan.health_listen) if plan.health_listen else None
@@ -834,7 +836,7 @@ class Gateway:
         The common case (destinations without routing rules) needs no per-event routing.
         """
         key = self.destinations
-        cached: tuple[object, frozenset[str] | None] | None = getattr(self, "_unrouted_memo", None)
+        cached = self._unrouted_memo
         if cached is not None and cached[0] is key:
             return cached[1]
         rules = RouteRules()
