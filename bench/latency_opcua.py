@@ -28,7 +28,6 @@ import asyncio
 import contextlib
 import json
 import random
-import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -42,7 +41,6 @@ from asyncua.ua.attribute_ids import AttributeIds
 
 from bench.common import (
     PREFIX,
-    ROOT,
     SITE,
     cpu_seconds,
     free_port_range,
@@ -55,9 +53,9 @@ from bench.common import (
     summary_ms,
     wait_connected,
 )
+from bench.scale_opcua import simulators as cnc_simulators
 from simulators import cnc
 from tests.brokers import MosquittoBroker
-from tests.gatewayproc import stop
 
 #: Interval pairs (sampling, publishing) of issue #8, seconds.
 DEFAULT_INTERVALS = "0.1:0.1,0.25:0.5,1.0:1.0"
@@ -98,62 +96,6 @@ class Seen:
 
 
 # ------------------------------------------------------------------ processes
-
-
-@contextlib.asynccontextmanager
-async def simulators(
-    work: Path, processes: int, machines: int, base: int, period: float, speed: float
-) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Start the CNC simulator processes with the probe; wait until every port accepts."""
-    procs: list[asyncio.subprocess.Process] = []
-    try:
-        for i in range(processes):
-            with (work / f"sim-{i}.log").open("wb") as log:
-                procs.append(
-                    await asyncio.create_subprocess_exec(
-                        sys.executable,
-                        "-m",
-                        "simulators.opcua_cli",
-                        "cnc",
-                        f"--machines={machines}",
-                        f"--port={base + i * machines}",
-                        f"--seed={i}",
-                        f"--speed={speed}",
-                        f"--latency-probe={period}",
-                        cwd=ROOT,
-                        stdin=asyncio.subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=asyncio.subprocess.STDOUT,
-                    )
-                )
-        # Building an asyncua server costs about a second of CPU: allow for it.
-        try:
-            async with asyncio.timeout(30 + 2 * processes * machines):
-                for port in range(base, base + processes * machines):
-                    await _wait_port(port, procs)
-        except RuntimeError as exc:
-            logs = " | ".join((work / f"sim-{i}.log").read_text()[-500:] for i in range(processes))
-            raise RuntimeError(f"{exc}: {logs}") from exc
-        yield procs
-    finally:
-        await asyncio.gather(*(stop(proc) for proc in procs))
-
-
-async def _wait_port(port: int, procs: list[asyncio.subprocess.Process]) -> None:
-    """Return once 127.0.0.1:``port`` accepts a connection (a simulator died: raise)."""
-    while True:
-        dead = [p for p in procs if p.returncode is not None]
-        if dead:
-            raise RuntimeError(f"a simulator process exited with {dead[0].returncode}")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.2)  # a readiness poll of another process, not a test
-            continue
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-        return
 
 
 def machine_id(index: int) -> str:
@@ -310,8 +252,9 @@ async def run_pair(
                 if stamp is not None and machine is not None:
                     gw_seen.add(machine, stamp, arrived, parse_time(event["time"]))
 
-            async with simulators(
-                work, args.processes, args.machines, base, period, args.speed
+            probe = [f"--latency-probe={period}"]
+            async with cnc_simulators(
+                work, args.processes, args.machines, base, args.speed, probe
             ) as sims:
                 config = write_config(
                     work / "gateway.yaml",

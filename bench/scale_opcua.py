@@ -21,7 +21,7 @@ import contextlib
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,34 +50,44 @@ ITEMS_PER_MACHINE = 11
 
 @contextlib.asynccontextmanager
 async def simulators(
-    work: Path, processes: int, machines: int, base: int, speed: float
+    work: Path,
+    processes: int,
+    machines: int,
+    base: int,
+    speed: float,
+    extra: Sequence[str] = (),
 ) -> AsyncIterator[list[asyncio.subprocess.Process]]:
-    """Start the simulator processes and wait until every machine's port accepts."""
+    """Start the CNC simulator processes (``extra``: more options for each); wait until
+    every machine's port accepts."""
     procs: list[asyncio.subprocess.Process] = []
     try:
         for i in range(processes):
-            log = (work / f"sim-{i}.log").open("wb")
-            procs.append(
-                await asyncio.create_subprocess_exec(
-                    sys.executable,
-                    "-m",
-                    "simulators.opcua_cli",
-                    "cnc",
-                    f"--machines={machines}",
-                    f"--port={base + i * machines}",
-                    f"--seed={i}",
-                    f"--speed={speed}",
-                    cwd=ROOT,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=asyncio.subprocess.STDOUT,
+            with (work / f"sim-{i}.log").open("wb") as log:
+                procs.append(
+                    await asyncio.create_subprocess_exec(
+                        sys.executable,
+                        "-m",
+                        "simulators.opcua_cli",
+                        "cnc",
+                        f"--machines={machines}",
+                        f"--port={base + i * machines}",
+                        f"--seed={i}",
+                        f"--speed={speed}",
+                        *extra,
+                        cwd=ROOT,
+                        stdin=asyncio.subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=asyncio.subprocess.STDOUT,
+                    )
                 )
-            )
-            log.close()
         # Building an asyncua server costs about a second of CPU: allow for it.
-        async with asyncio.timeout(30 + 2 * processes * machines):
-            for port in range(base, base + processes * machines):
-                await _wait_port(port, procs)
+        try:
+            async with asyncio.timeout(30 + 2 * processes * machines):
+                for port in range(base, base + processes * machines):
+                    await _wait_port(port, procs)
+        except RuntimeError as exc:
+            logs = " | ".join((work / f"sim-{i}.log").read_text()[-500:] for i in range(processes))
+            raise RuntimeError(f"{exc}: {logs}") from exc
         yield procs
     finally:
         await asyncio.gather(*(stop(proc) for proc in procs))
