@@ -242,6 +242,14 @@ class TcpClient(asyncio.Protocol):
 
     def _fail(self, reason: str, *, garbled: bool = False) -> None:
         """Mark the connection broken, fail its pending requests, drop it."""
+        # Abort, not close: after garbage, nothing more should be read or written.
+        self._end(reason, garbled=garbled, abort=True)
+
+    def close(self) -> None:
+        """Close the connection; pending requests fail with :class:`ConnectionLost`."""
+        self._end("closed by the gateway", garbled=False, abort=False)
+
+    def _end(self, reason: str, *, garbled: bool, abort: bool) -> None:
         if self._broken is None:
             self._broken = reason
             self._garbled = garbled
@@ -251,17 +259,7 @@ class TcpClient(asyncio.Protocol):
                 future.set_exception(_Broken())
         transport = self._transport
         if transport is not None and not transport.is_closing():
-            # Abort, not close: after garbage, nothing more should be read or written.
-            transport.abort()
-
-    def close(self) -> None:
-        """Close the connection; pending requests fail with :class:`ConnectionLost`."""
-        if self._broken is None:
-            self._broken = "closed by the gateway"
-        pending, self._pending = self._pending, {}
-        for future in pending.values():
-            if not future.done():
-                future.set_exception(_Broken())
-        transport = self._transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
+            if abort:
+                transport.abort()
+            else:
+                transport.close()

@@ -132,8 +132,8 @@ def rtu_request(unit_id: int, function: int, start: int, count: int) -> bytes:
     return body + bytes((crc & 0xFF, crc >> 8))
 
 
-class MbapReader:
-    """Splits a Modbus TCP byte stream into response frames, however TCP segments it."""
+class _StreamReader:
+    """A byte stream split into frames: what is left of an incomplete frame waits here."""
 
     __slots__ = ("_buffer",)
 
@@ -145,6 +145,12 @@ class MbapReader:
     def pending(self) -> int:
         """Bytes held back as the start of an incomplete frame."""
         return len(self._buffer)
+
+
+class MbapReader(_StreamReader):
+    """Splits a Modbus TCP byte stream into response frames, however TCP segments it."""
+
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Response]:
         """The frames completed by ``data``; raise :class:`FrameError` on invalid framing."""
@@ -173,19 +179,10 @@ class MbapReader:
         return out
 
 
-class RtuReader:
+class RtuReader(_StreamReader):
     """Splits an RTU byte stream into responses to reads (function codes 1..4)."""
 
-    __slots__ = ("_buffer",)
-
-    def __init__(self) -> None:
-        """Start with an empty buffer."""
-        self._buffer = b""
-
-    @property
-    def pending(self) -> int:
-        """Bytes held back as the start of an incomplete frame."""
-        return len(self._buffer)
+    __slots__ = ()
 
     def feed(self, data: bytes) -> list[Response]:
         """The frames completed by ``data``; raise :class:`FrameError` on invalid framing."""
