@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -359,6 +360,6 @@ class VictoriaMetrics:
     def export(self, match: str = '{__name__=~"shopfloor_.*"}') -> list[dict[str, Any]]:
         with urllib.request.urlopen(self.url + "/internal/force_flush", timeout=5):
             pass
-        data = f"match[]={urllib.request.quote(match)}".encode()
+        data = f"match[]={urllib.parse.quote(match)}".encode()
         with urllib.request.urlopen(self.url + "/api/v1/export", data=data, timeout=5) as resp:
             return [json.loads(line) for line in resp.read().splitlines() if line.strip()]

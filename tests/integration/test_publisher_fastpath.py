@@ -11,8 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -23,6 +22,7 @@ import structlog
 from gateway.backoff import Backoff
 from gateway.publisher import BrokerSettings, Message, MqttPublisher
 from tests.brokers import MosquittoBroker, Received, Subscriber
+from tests.integration.test_publisher import numbered, running, until
 
 pytestmark = pytest.mark.integration
 
@@ -47,30 +47,6 @@ def settings(port: int, **overrides: Any) -> BrokerSettings:
     }
     values.update(overrides)
     return BrokerSettings(**values)
-
-
-@asynccontextmanager
-async def running(pub: MqttPublisher) -> AsyncIterator[asyncio.Task[None]]:
-    """Run the publisher in a task; close it (bounded) and reap the task afterwards."""
-    task = asyncio.create_task(pub.run(), name="publisher")
-    try:
-        yield task
-    finally:
-        await pub.close(timeout=2.0)
-        async with asyncio.timeout(3):
-            await task
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:  # noqa: ASYNC109
-    """Wait until ``cond()`` holds, re-checking every millisecond (no event to wait on)."""
-    async with asyncio.timeout(timeout):
-        while not cond():  # noqa: ASYNC110 - publisher state has no change notification
-            await asyncio.sleep(0.001)
-
-
-def numbered(messages: list[Received]) -> list[int]:
-    """The numbers of ``m<n>`` payloads in arrival order."""
-    return [int(m.payload[1:]) for m in messages if m.payload.startswith(b"m")]
 
 
 def covers(n: int) -> Callable[[list[Received]], bool]:
