@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import enum
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -17,6 +15,7 @@ from hypothesis import strategies as st
 from gateway.envelope import _convert, _convert_explained, _dumps, convert_times, encode_state
 from gateway.model import Location
 from gateway.outbox import Entry, Outbox
+from tests.unit import test_outbox
 
 KEYS = st.sampled_from(["state", "started_at", "state_since", "eta", "due", "good", "order", "x"])
 NUMBERS = st.one_of(
@@ -76,21 +75,6 @@ def test_state_fixed_keys_still_win_over_snapshot_keys() -> None:
     assert body["state"] == "idle"
 
 
-@contextlib.asynccontextmanager
-async def running(path: Path) -> AsyncIterator[Outbox]:
-    ob = Outbox(path, ["a"], commit_window=0)
-    await ob.open()
-    task = asyncio.create_task(ob.run())
-    try:
-        yield ob
-    finally:
-        await ob.flush()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await ob.close()
-
-
 def entry(n: int, event_type: str | None) -> Entry:
     return Entry("m1", f"t/{n}", b"{}", frozenset({"a"}), event_type=event_type)
 
@@ -128,3 +112,8 @@ async def test_each_commit_runs_in_the_durability_mode_it_needs(tmp_path: Path) 
         await ob.flush()
         assert await synchronous(ob) == full
         assert (ob.stats.commits, ob.stats.fsyncs) == (6, 3)
+
+
+def running(path: Path) -> contextlib.AbstractAsyncContextManager[Outbox]:
+    """An open outbox for destination ``a`` that commits acknowledgements at once."""
+    return test_outbox.running(path, ["a"], commit_window=0)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.routing import Route
+from tests.unit import test_outbox
 
 
 def entry(n: int, type_: str | None = "order.started", machine: str = "m1") -> Entry:
@@ -26,22 +27,6 @@ def entry(n: int, type_: str | None = "order.started", machine: str = "m1") -> E
         order_id="PO-1",
         created=1000.0,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(path: Path, **kw: float) -> AsyncIterator[Outbox]:
-    """An open outbox with its writer task, closed afterwards."""
-    ob = Outbox(path, ["a"], **kw)  # type: ignore[arg-type]
-    await ob.open()
-    task = asyncio.create_task(ob.run())
-    try:
-        yield ob
-    finally:
-        await ob.flush()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await ob.close()
 
 
 async def take_all(q: OutboxQueue, expect: int) -> list[tuple[int, int]]:
@@ -159,3 +144,8 @@ def test_bad_coalescing_settings_are_refused(tmp_path: Path) -> None:
         Outbox(tmp_path / "x.db", ["a"], commit_window=-1)
     with pytest.raises(ValueError, match="commit_rows"):
         Outbox(tmp_path / "x.db", ["a"], commit_rows=0)
+
+
+def running(path: Path, **kw: float) -> contextlib.AbstractAsyncContextManager[Outbox]:
+    """An open outbox for destination ``a`` with its writer task, closed afterwards."""
+    return test_outbox.running(path, ["a"], **kw)

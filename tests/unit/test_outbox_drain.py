@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
-from gateway.outbox import Entry, Outbox, OutboxQueue, Row, seq_runs
+from gateway.outbox import Entry, OutboxQueue, Row, seq_runs
 from gateway.publisher import Message
 from gateway.routing import Route
+from tests.unit.test_outbox import running
 
 
 def event(
@@ -34,23 +35,6 @@ def event(
         order_id=order_id,
         created=1000.0,
     )
-
-
-@contextlib.asynccontextmanager
-async def running(
-    path: Path, dests: Sequence[str] = ("a", "b"), **kw: object
-) -> AsyncIterator[Outbox]:
-    ob = Outbox(path, dests, **kw)  # type: ignore[arg-type]
-    await ob.open()
-    task = asyncio.create_task(ob.run())
-    try:
-        yield ob
-    finally:
-        await ob.flush()
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await ob.close()
 
 
 async def drain(q: OutboxQueue, expect: int) -> list[Message]:
