@@ -24,6 +24,7 @@ is only accepted when it belongs to the request on the wire:
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -117,6 +118,48 @@ class _SerialConn:
 _Conn = TcpClient | _SerialConn
 
 
+class _SlotPool:
+    """The connection slots of a line, handed out first come, first served.
+
+    A unit that re-enters at once after a failure queues behind the units already waiting,
+    so it cannot starve them. Cheaper than ``asyncio.Semaphore`` plus a free list on the
+    per-poll path: a free slot with nobody waiting is taken without a future.
+    """
+
+    __slots__ = ("_free", "_waiters")
+
+    def __init__(self, size: int) -> None:
+        """``size`` slots, numbered 0..size-1, all free."""
+        self._free = list(range(size))
+        self._waiters: collections.deque[asyncio.Future[int]] = collections.deque()
+
+    async def take(self) -> int:
+        """A free slot's number, waiting in line for one if needed."""
+        if self._free and not self._waiters:
+            return self._free.pop()
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            return await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Handed a slot just as the wait was cancelled: pass it on.
+                self.give(waiter.result())
+            else:
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            raise
+
+    def give(self, index: int) -> None:
+        """Return slot ``index``: to the longest waiter, or to the free list."""
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(index)
+                return
+        self._free.append(index)
+
+
 class Line:
     """One endpoint's connection(s) and the lock that serialises the units behind it."""
 
@@ -127,10 +170,7 @@ class Line:
         self.refs = 0
         slots = connection.max_concurrent_requests
         self._conns: list[_Conn | None] = [None] * slots
-        # A semaphore, not a queue: its waiters are served first come, first served, so a
-        # unit that re-enters at once after a failure cannot starve the others of the line.
-        self._slots = asyncio.Semaphore(slots)
-        self._free = list(range(slots))
+        self._slots = _SlotPool(slots)
         self._connect_lock = asyncio.Lock()
         self._frame_gap = connection.serial.frame_gap() if connection.serial else 0.0
         self._last_io = 0.0
@@ -251,8 +291,7 @@ class Line:
         """
         # The slot is taken inline rather than through _slot(): this is the per-poll hot path.
         slots = self._slots
-        await slots.acquire()
-        index = self._free.pop()
+        index = await slots.take()
         try:
             conn = self._conns[index]
             if conn is not None and conn.usable and not self._frame_gap:
@@ -263,20 +302,18 @@ class Line:
                     return await self._attempts(index, unit_id, area, start, count, reply_within, 2)
             return await self._attempts(index, unit_id, area, start, count, reply_within, 1)
         finally:
-            self._free.append(index)
-            slots.release()
+            slots.give(index)
             if self._frame_gap:
                 self._last_io = asyncio.get_running_loop().time()
 
     @contextlib.asynccontextmanager
     async def _slot(self) -> AsyncIterator[int]:
         """Hold one connection slot of the line (fairly, in arrival order)."""
-        async with self._slots:
-            index = self._free.pop()
-            try:
-                yield index
-            finally:
-                self._free.append(index)
+        index = await self._slots.take()
+        try:
+            yield index
+        finally:
+            self._slots.give(index)
 
     def _mismatch(self, conn: _Conn, unit_id: int, exc: MismatchError, attempt: int) -> None:
         """Log a response to another request and mark its connection for reopening."""

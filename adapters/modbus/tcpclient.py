@@ -36,6 +36,7 @@ from adapters.base import ConnectError, ConnectionLost
 from adapters.modbus.config import RegisterArea
 from adapters.modbus.wire import (
     FUNCTION_CODES,
+    MBAP_READ,
     FrameError,
     MbapReader,
     ReadResult,
@@ -96,6 +97,8 @@ class TcpClient(asyncio.Protocol):
         self._loop = asyncio.get_running_loop()
         self._pending: dict[int, asyncio.Future[Response]] = {}
         self._transaction = 0
+        #: (unit, function, start, count) of reads whose request was validated once.
+        self._checked: set[tuple[int, int, int, int]] = set()
         self._transport: asyncio.Transport | None = None
         # Why the connection is unusable: None while it is fine.
         self._broken: str | None = None
@@ -199,7 +202,14 @@ class TcpClient(asyncio.Protocol):
                 raise RuntimeError("an RTU connection carries one request at a time")
         else:
             key = self._transaction = (self._transaction + 1) & 0xFFFF
-            frame = mbap_request(key, unit_id, function, start, count)
+            read = (unit_id, function, start, count)
+            if read in self._checked:
+                # Checked once by mbap_request already; a poll repeats the same reads.
+                frame = MBAP_READ.pack(key, 0, 6, unit_id, function, start, count)
+            else:
+                frame = mbap_request(key, unit_id, function, start, count)
+                if len(self._checked) < 1024:
+                    self._checked.add(read)
         future: asyncio.Future[Response] = self._loop.create_future()
         pending = self._pending
         pending[key] = future

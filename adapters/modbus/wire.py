@@ -45,7 +45,9 @@ MAX_RTU_FRAME = 256
 _MAX_BYTE_COUNT = 250
 
 _MBAP = struct.Struct(">HHHB")
-_MBAP_READ = struct.Struct(">HHHBBHH")
+#: A whole Modbus TCP read request: MBAP header (transaction, protocol 0, length 6, unit)
+#: and the PDU (function, start, count).
+MBAP_READ = struct.Struct(">HHHBBHH")
 _RTU_READ = struct.Struct(">BBHH")
 
 
@@ -121,7 +123,7 @@ def mbap_request(transaction: int, unit_id: int, function: int, start: int, coun
     _check_read(unit_id, function, start, count)
     if not 0 <= transaction <= 0xFFFF:
         raise ValueError(f"transaction id must be 0..65535, got {transaction}")
-    return _MBAP_READ.pack(transaction, 0, 6, unit_id, function, start, count)
+    return MBAP_READ.pack(transaction, 0, 6, unit_id, function, start, count)
 
 
 def rtu_request(unit_id: int, function: int, start: int, count: int) -> bytes:
