@@ -104,7 +104,8 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.startup
 	$(BIN)/python -m bench.modbus_plan
 	$(BIN)/python -m bench.modbus_client
-	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 30,115 --window 15 --floor
+	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 30 --window 12 --layers floor,client,line,poll,samples,full
+	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 115 --window 15
 	$(BIN)/python -m bench.latency --window 20
 	$(BIN)/python -m bench.latency_opcua
 	$(BIN)/python -m bench.scale_modbus --devices 200,500 --signals 30 --window 20 --faulty 0.1 --all-down --history --name scale_neuron

@@ -28,8 +28,10 @@ from typing import Any, cast
 import uvloop
 
 from adapters.base import first_deadline, next_deadline, poll_phase
+from adapters.modbus import line as lines
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from adapters.modbus.tcpclient import TcpClient
 from adapters.modbus.wire import MbapReader, mbap_request
 from bench.common import free_port_range, load_sim, raise_fd_limit, report
 from gateway.mapping import Mapper
@@ -72,6 +74,61 @@ async def _floor_machine(
         deadline, _ = next_deadline(deadline, loop.time(), poll)
 
 
+#: What each ``--layers`` step adds on top of the one before (CPU per poll, this machine).
+LAYERS = {
+    "floor": "send the request, wait for one response frame (no client)",
+    "client": "the gateway's TcpClient.read",
+    "line": "the shared line's read (slot, connection checks)",
+    "poll": "ModbusAdapter._poll: plan, decode, samples",
+    "samples": "ModbusAdapter.samples(): the async generator the supervisor iterates",
+    "full": "plus mapping and the order tracker (the default)",
+}
+
+
+async def _layer_machine(
+    layer: str,
+    name: str,
+    port: int,
+    registers: int,
+    sigs: dict[str, ModbusSignalConfig],
+    poll: float,
+    phase: float,
+    count: Callable[[], None],
+) -> None:
+    """One device read the way ``layer`` says, on the gateway's schedule."""
+    loop = asyncio.get_running_loop()
+    if layer == "floor":
+        await _floor_machine(port, registers, poll, phase, count)
+        return
+    conn = ModbusConnectionConfig(host="127.0.0.1", port=port, timeout=2.0)
+    adapter = ModbusAdapter(name, conn, sigs, poll, start_offset=phase)
+    client = line = None
+    if layer == "client":
+        client = await TcpClient.connect("127.0.0.1", port, framing="mbap", connect_within=2.0)
+    elif layer == "line":
+        line = await lines.acquire(conn)
+    async with contextlib.AsyncExitStack() as stack:
+        if layer in ("poll", "samples"):
+            await stack.enter_async_context(adapter)
+        if layer == "samples":
+            async for _ in adapter.samples():
+                count()
+            return
+        deadline = first_deadline(loop.time(), poll, phase)
+        while True:
+            delay = deadline - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if client is not None:
+                await client.read(1, "holding", 0, registers, 2.0)
+            elif line is not None:
+                await line.read(1, "holding", 0, registers, reply_within=2.0)
+            else:
+                await adapter._poll()
+            count()
+            deadline, _ = next_deadline(deadline, loop.time(), poll)
+
+
 async def run(
     devices: int,
     signals: int,
@@ -79,7 +136,7 @@ async def run(
     window: float,
     work: Path,
     spread: str = "slots",
-    floor: bool = False,
+    layer: str = "full",
 ) -> dict[str, Any]:
     """One measurement; returns its figures."""
     base = free_port_range(devices)
@@ -120,9 +177,18 @@ async def run(
 
         tasks = [
             asyncio.create_task(
-                _floor_machine(d["port"], registers, poll, phase(i, d["name"]), counted)
-                if floor
-                else machine(d["name"], d["port"], phase(i, d["name"]))
+                machine(d["name"], d["port"], phase(i, d["name"]))
+                if layer == "full"
+                else _layer_machine(
+                    layer,
+                    d["name"],
+                    d["port"],
+                    registers,
+                    sigs,
+                    poll,
+                    phase(i, d["name"]),
+                    counted,
+                )
             )
             for i, d in enumerate(sim.devices)
         ]
@@ -170,10 +236,10 @@ def main() -> None:
         help="poll phases: the gateway's slots (adapters.base.POLL_SLOT), or evenly spread",
     )
     p.add_argument(
-        "--floor",
-        action="store_true",
-        help="also measure the I/O floor: the same schedule sending a request and waiting "
-        "for its response, without client, decoding, mapping or tracker",
+        "--layers",
+        default="full",
+        help="comma-separated steps to measure, each adding to the one before: "
+        + "; ".join(f"{k}: {v}" for k, v in LAYERS.items()),
     )
     p.add_argument("--name", default="acquisition")
     args = p.parse_args()
@@ -182,15 +248,17 @@ def main() -> None:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-acq-") as tmp:
         for signals in (int(s) for s in args.signals.split(",")):
-            for floor in (False, True) if args.floor else (False,):
-                work = Path(tmp) / f"s{signals}{'-floor' if floor else ''}"
+            for layer in args.layers.split(","):
+                if layer not in LAYERS:
+                    p.error(f"--layers: unknown step {layer!r} (known: {', '.join(LAYERS)})")
+                work = Path(tmp) / f"s{signals}-{layer}"
                 work.mkdir()
                 r = uvloop.run(
-                    run(args.devices, signals, args.poll, args.window, work, args.spread, floor)
+                    run(args.devices, signals, args.poll, args.window, work, args.spread, layer)
                 )
                 label = f"{args.devices} devices x {signals} tags @ {args.poll}s"
-                if floor:
-                    label += ", I/O floor"
+                if layer != "full":
+                    label += f", {layer}"
                 results[label] = r
                 rows += [
                     (f"{label}: tags/s", r["tags_per_s"], ""),
@@ -198,7 +266,7 @@ def main() -> None:
                     (
                         f"{label}: tags per CPU-second",
                         r["tags_per_cpu_s"],
-                        "" if floor else ">= 250,000 (dense)",
+                        ">= 250,000 (dense)" if layer == "full" else "",
                     ),
                     (f"{label}: CPU us per poll", r["cpu_us_per_poll"], ""),
                 ]
