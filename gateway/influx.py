@@ -44,7 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from gateway.backoff import Backoff
 from gateway.metrics import BacklogClock, Metrics
 from gateway.model import Event, Location, MachineState, Quality, Sample
-from gateway.sendqueue import MemorySinkQueue, SinkQueue
+from gateway.sendqueue import FlushWaiters, MemorySinkQueue, SinkQueue
 
 log = structlog.get_logger(__name__)
 
@@ -433,7 +433,7 @@ class SinkRunner(Generic[T]):
         self.dropped = 0
         self.rejected = 0
         self.failures = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flush_waiters = FlushWaiters(self._queue)
 
     # -- state --
 
@@ -490,30 +490,12 @@ class SinkRunner(Generic[T]):
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
         """Wait until everything submitted so far is stored; False on timeout."""
-        target = self._queue.last_key
-        oldest = self._queue.oldest_key()
-        if oldest is None or oldest > target:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (target, fut)
-        self._flush_waiters.append(entry)
+        # Wake the runner: it does not wait for a full batch while somebody flushes.
         self._wake.set()
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with contextlib.suppress(ValueError):
-                self._flush_waiters.remove(entry)
+        return await self._flush_waiters.wait(timeout)
 
     def _progress(self) -> None:
-        if self._flush_waiters:
-            oldest = self._queue.oldest_key()
-            for target, fut in self._flush_waiters:
-                if (oldest is None or oldest > target) and not fut.done():
-                    fut.set_result(None)
+        self._flush_waiters.progress()
 
     # -- lifecycle --
 

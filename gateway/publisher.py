@@ -58,7 +58,7 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
 from gateway.backoff import Backoff
-from gateway.sendqueue import MemorySinkQueue, SinkQueue
+from gateway.sendqueue import FlushWaiters, MemorySinkQueue, SinkQueue
 
 log = structlog.get_logger(__name__)
 
@@ -452,7 +452,7 @@ class MqttPublisher:
         self._dropped = 0
         self._overflowing = False
         self._episode_dropped = 0
-        self._flush_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        self._flush_waiters = FlushWaiters(self._queue)
 
     # -- public state --
 
@@ -525,31 +525,12 @@ class MqttPublisher:
 
     async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
         """Wait until everything submitted so far is acknowledged; False on timeout."""
-        target = self._queue.last_key
-        oldest = self._queue.oldest_key()
-        if oldest is None or oldest > target:
-            return True
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (target, fut)
-        self._flush_waiters.append(entry)
-        try:
-            async with asyncio.timeout(timeout):
-                await fut
-            return True
-        except TimeoutError:
-            return False
-        finally:
-            with contextlib.suppress(ValueError):
-                self._flush_waiters.remove(entry)
+        return await self._flush_waiters.wait(timeout)
 
     def _progress(self) -> None:
         self._wake.set()
         self._check_overflow_end()
-        if self._flush_waiters:
-            oldest = self._queue.oldest_key()
-            for target, fut in self._flush_waiters:
-                if (oldest is None or oldest > target) and not fut.done():
-                    fut.set_result(None)
+        self._flush_waiters.progress()
 
     # -- lifecycle --
 

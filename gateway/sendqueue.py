@@ -8,8 +8,10 @@ in-flight item back in front, in order, after a lost connection. The durable out
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections import OrderedDict
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -139,3 +141,45 @@ class MemorySinkQueue(Generic[T]):
     def __len__(self) -> int:
         """Unsent plus in flight."""
         return len(self._unsent) + len(self._inflight)
+
+
+class FlushWaiters:
+    """Callers waiting until everything submitted to a queue so far has left it (acked).
+
+    The sender calls :meth:`progress` whenever items were acknowledged.
+    """
+
+    def __init__(self, queue: SinkQueue[Any]) -> None:
+        """Waiters on ``queue``."""
+        self._queue = queue
+        self._waiting: list[tuple[int, asyncio.Future[None]]] = []
+
+    def __bool__(self) -> bool:
+        """True while somebody waits."""
+        return bool(self._waiting)
+
+    async def wait(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
+        """Wait until every item pushed so far is acknowledged; False on timeout."""
+        target = self._queue.last_key
+        oldest = self._queue.oldest_key()
+        if oldest is None or oldest > target:
+            return True
+        entry = (target, asyncio.get_running_loop().create_future())
+        self._waiting.append(entry)
+        try:
+            async with asyncio.timeout(timeout):
+                await entry[1]
+            return True
+        except TimeoutError:
+            return False
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(entry)
+
+    def progress(self) -> None:
+        """Release the waiters whose items have all been acknowledged."""
+        if self._waiting:
+            oldest = self._queue.oldest_key()
+            for target, fut in self._waiting:
+                if (oldest is None or oldest > target) and not fut.done():
+                    fut.set_result(None)
