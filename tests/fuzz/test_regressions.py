@@ -9,10 +9,6 @@ written as JSON. Tracker restore let AttributeError and OverflowError out. Outbo
 crash or a bad disk: wrong-typed cells, absurd seqs, unknown routing bits, unreadable
 bookkeeping and a failed read each escaped as a raw exception, stalled a queue, or (routing
 bits) reached a destination the row was not routed to.
-
-A test marked ``xfail(strict=True)`` documents a finding that is not fixed yet in a module
-this suite does not own; once it is fixed the test passes, strict xfail turns that into a
-failure, and the marker must go.
 """
 
 from __future__ import annotations

@@ -175,8 +175,12 @@ async def test_batch_drain_of_a_backlog_is_complete_and_in_order(tmp_path: Path)
                 key, msg = item
                 doc = json.loads(msg.payload)
                 # One row alone goes to its own topic; more go as a batch of at most 100.
-                docs = doc if msg.topic == "t/batch" else [doc]
-                assert 1 <= len(docs) <= 100
+                if msg.topic == "t/batch":
+                    assert 2 <= len(doc) <= 100, len(doc)
+                    docs = doc
+                else:
+                    assert isinstance(doc, dict), doc
+                    docs = [doc]
                 seen += [d["n"] for d in docs]
                 q.ack(key)
         await ob.flush()
