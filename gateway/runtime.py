@@ -283,8 +283,13 @@ class Gateway:
         self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
         self.metrics.configure(m.id for m in plan.machines)
         self._sinks = frozenset(sink_names)
-        # (destinations list, every destination and sink name) when none filters events.
-        self._unrouted_memo: tuple[object, frozenset[str] | None] | None = None
+        # Every destination and sink when no destination filters events (the common case:
+        # no per-event routing then); None when some do.
+        self._everywhere: frozenset[str] | None = (
+            frozenset(d.name for d in self.destinations) | self._sinks
+            if all(d.route.rules == RouteRules() for d in self.destinations)
+            else None
+        )
         self._outbox_limit = ob.max_events
         self.health: HealthServer | None = (
             HealthServer(self.metrics, *plan.health_listen) if plan.health_listen else None
@@ -785,7 +790,7 @@ class Gateway:
         self._learn_customers(machine, state)
         customers = self._customers.get(machine, {})
         gateway_id = self.plan.gateway_id
-        everywhere = self._unrouted()
+        everywhere = self._everywhere
         created = self._clock()
         debug = _debug_enabled()
         entries: list[Entry] = []
@@ -815,6 +820,7 @@ class Gateway:
                     created=created,
                 )
             )
+            self.metrics.event_emitted(event.type)
             if debug:
                 log.debug(
                     "event.emitted",
@@ -824,29 +830,9 @@ class Gateway:
                     order_id=order_id,
                 )
         self.events_emitted += len(events)
-        for event in events:
-            self.metrics.event_emitted(event.type)
         self.outbox.append(entries, {machine: state})
         if events:
             self._publish_state(m, m.tracker.snapshot(), events[-1].time)
-
-    def _unrouted(self) -> frozenset[str] | None:
-        """Every destination and sink, when no destination filters events; else None.
-
-        The common case (destinations without routing rules) needs no per-event routing.
-        """
-        key = self.destinations
-        cached = self._unrouted_memo
-        if cached is not None and cached[0] is key:
-            return cached[1]
-        rules = RouteRules()
-        names = (
-            frozenset(d.name for d in key) | self._sinks
-            if all(d.route.rules == rules for d in key)
-            else None
-        )
-        self._unrouted_memo = (key, names)
-        return names
 
     def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
         """Retained state to every destination that may see the machine, order filtered."""
