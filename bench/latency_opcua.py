@@ -40,8 +40,6 @@ from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 
 from bench.common import (
-    PREFIX,
-    SITE,
     cpu_seconds,
     free_port_range,
     gateway,
@@ -53,6 +51,7 @@ from bench.common import (
     summary_ms,
     wait_connected,
 )
+from bench.scale_opcua import machine_id, write_config
 from bench.scale_opcua import simulators as cnc_simulators
 from simulators import cnc
 from tests.brokers import MosquittoBroker
@@ -96,41 +95,6 @@ class Seen:
 
 
 # ------------------------------------------------------------------ processes
-
-
-def machine_id(index: int) -> str:
-    """Gateway machine id of the simulated machine number ``index``."""
-    return f"cnc-{index:03d}"
-
-
-def write_config(
-    path: Path,
-    *,
-    broker_port: int,
-    ports: list[int],
-    sampling: float,
-    publishing: float,
-    coalesce: float | None = None,
-) -> Path:
-    """A gateway config reading every simulated machine with the umati profile."""
-    lines = [
-        f"gateway: {{id: gw-bench, site: {SITE}, topic_prefix: {PREFIX}}}",
-        f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 30}}",
-        "logging: {level: info, format: json}",
-        "machines:",
-    ]
-    for i, port in enumerate(ports):
-        lines += [
-            f"  - id: {machine_id(i)}",
-            "    area: machining",
-            f"    line: line-{i // 20:02d}",
-            "    profile: machine-tool-umati",
-            f'    connection: {{protocol: opcua, url: "opc.tcp://127.0.0.1:{port}/", '
-            f"sampling_interval: {sampling}, publishing_interval: {publishing}"
-            + (f", coalesce: {coalesce}}}" if coalesce is not None else "}"),
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------ reference client

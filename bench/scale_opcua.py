@@ -110,10 +110,26 @@ async def _wait_port(port: int, procs: list[asyncio.subprocess.Process]) -> None
         return
 
 
+def machine_id(index: int) -> str:
+    """Gateway machine id of the simulated machine number ``index``."""
+    return f"cnc-{index:03d}"
+
+
 def write_config(
-    path: Path, *, broker_port: int, ports: list[int], publishing_interval: float
+    path: Path,
+    *,
+    broker_port: int,
+    ports: list[int],
+    publishing: float,
+    sampling: float | None = None,
+    coalesce: float | None = None,
 ) -> Path:
     """A gateway config reading every simulated machine with the umati profile."""
+    options = f"publishing_interval: {publishing}"
+    if sampling is not None:
+        options += f", sampling_interval: {sampling}"
+    if coalesce is not None:
+        options += f", coalesce: {coalesce}"
     lines = [
         f"gateway: {{id: gw-bench, site: {SITE}, topic_prefix: {PREFIX}}}",
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 30}}",
@@ -122,12 +138,11 @@ def write_config(
     ]
     for i, port in enumerate(ports):
         lines += [
-            f"  - id: cnc-{i:03d}",
+            f"  - id: {machine_id(i)}",
             "    area: machining",
             f"    line: line-{i // 20:02d}",
             "    profile: machine-tool-umati",
-            f'    connection: {{protocol: opcua, url: "opc.tcp://127.0.0.1:{port}/", '
-            f"publishing_interval: {publishing_interval}}}",
+            f'    connection: {{protocol: opcua, url: "opc.tcp://127.0.0.1:{port}/", {options}}}',
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -153,9 +168,9 @@ async def run_one(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 work / "gateway.yaml",
                 broker_port=broker.port,
                 ports=list(range(base, base + n)),
-                publishing_interval=args.publishing_interval,
+                publishing=args.publishing_interval,
             )
-            names = {f"cnc-{i:03d}" for i in range(n)}
+            names = {machine_id(i) for i in range(n)}
             async with (
                 subscriber(broker.port, on_event) as arrivals,
                 gateway(config, work / "gateway.log") as gw,
