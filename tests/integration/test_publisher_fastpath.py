@@ -21,8 +21,8 @@ import structlog
 
 from gateway.backoff import Backoff
 from gateway.publisher import BrokerSettings, Message, MqttPublisher
-from tests.brokers import MosquittoBroker, Received, Subscriber
-from tests.integration.test_publisher import numbered, running, until
+from tests.brokers import MosquittoBroker, Subscriber
+from tests.integration.test_publisher import covers, first_occurrences, numbered, running, until
 
 pytestmark = pytest.mark.integration
 
@@ -47,30 +47,6 @@ def settings(port: int, **overrides: Any) -> BrokerSettings:
     }
     values.update(overrides)
     return BrokerSettings(**values)
-
-
-def covers(n: int) -> Callable[[list[Received]], bool]:
-    """A wait_for predicate: every ``m0`` .. ``m<n-1>`` arrived (incremental)."""
-    seen: set[int] = set()
-    done = 0
-
-    def pred(messages: list[Received]) -> bool:
-        nonlocal done
-        seen.update(numbered(messages[done:]))
-        done = len(messages)
-        return len(seen) >= n and seen >= set(range(n))
-
-    return pred
-
-
-def first_occurrences(values: list[int]) -> list[int]:
-    seen: set[int] = set()
-    out = []
-    for v in values:
-        if v not in seen:
-            seen.add(v)
-            out.append(v)
-    return out
 
 
 class _Frames:

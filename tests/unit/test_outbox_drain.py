@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import Entry, OutboxQueue, Row, seq_runs
-from gateway.publisher import Message
+from gateway.outbox import Entry, Row, seq_runs
 from gateway.routing import Route
-from tests.unit.test_outbox import running
+from tests.unit.test_outbox import drain, running
 
 
 def event(
@@ -35,23 +34,6 @@ def event(
         order_id=order_id,
         created=1000.0,
     )
-
-
-async def drain(q: OutboxQueue, expect: int) -> list[Message]:
-    """Take and acknowledge messages until ``expect`` came out."""
-    got: list[Message] = []
-    ready = asyncio.Event()
-    q.waker = ready.set
-    async with asyncio.timeout(10):
-        while len(got) < expect:
-            item = q.take()
-            if item is None:
-                ready.clear()
-                await ready.wait()
-                continue
-            got.append(item[1])
-            q.ack(item[0])
-    return got
 
 
 @pytest.mark.parametrize(
