@@ -104,6 +104,7 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.startup
 	$(BIN)/python -m bench.modbus_plan
 	$(BIN)/python -m bench.modbus_client
+	$(BIN)/python -m bench.wakeups
 	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 30 --window 12 --layers floor,client,line,poll,samples,full
 	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 115 --window 15
 	$(BIN)/python -m bench.latency --window 20

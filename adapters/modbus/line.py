@@ -26,8 +26,10 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import structlog
 from pymodbus.client import AsyncModbusSerialClient
@@ -174,7 +176,14 @@ class Line:
         self._connect_lock = asyncio.Lock()
         self._frame_gap = connection.serial.frame_gap() if connection.serial else 0.0
         self._last_io = 0.0
-        self._log = log.bind(endpoint=self.endpoint)
+        #: Where the line sits in the pool (set by :func:`acquire`).
+        self.key: tuple[int, str] | None = None
+
+    @functools.cached_property
+    def _log(self) -> Any:
+        # Bound on first use: a line to a dead device is built and dropped on every
+        # reconnect attempt and mostly never logs.
+        return log.bind(endpoint=self.endpoint)
 
     @property
     def where(self) -> str:
@@ -190,8 +199,14 @@ class Line:
         """Open the first connection if none is up; raise :class:`ConnectError` on failure."""
         if self.connected:
             return
-        async with self._slot() as index:
+        # The slot is taken inline rather than through _slot(): a dead device's reconnect
+        # attempts pass here hundreds of times a minute on a large floor.
+        slots = self._slots
+        index = await slots.take()
+        try:
             await self._open(index)
+        finally:
+            slots.give(index)
 
     async def _open(self, index: int) -> _Conn:
         """Connect slot ``index`` (closing what was there) within the timeout."""
@@ -401,6 +416,7 @@ async def acquire(connection: ModbusConnectionConfig) -> Line:
     line = _LINES.get(key)
     if line is None:
         line = _LINES[key] = Line(connection)
+        line.key = key
     elif _line_settings(line.connection) != _line_settings(connection):
         line._log.warning(
             "modbus.line_settings_differ",
@@ -419,10 +435,8 @@ def release(line: Line) -> None:
     """Drop one reference; the last one closes the line."""
     line.refs -= 1
     if line.refs <= 0:
-        with contextlib.suppress(KeyError):
-            for key, value in list(_LINES.items()):
-                if value is line:
-                    del _LINES[key]
+        if line.key is not None and _LINES.get(line.key) is line:
+            del _LINES[line.key]
         line.close()
 
 
