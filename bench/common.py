@@ -13,11 +13,13 @@ import json
 import math
 import os
 import platform
+import re
 import resource
 import shutil
 import socket
 import sys
 import time
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -26,6 +28,7 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.metrics import histogram_quantile
 from tests.gatewayproc import stop
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -246,8 +249,11 @@ def write_config(
     timeout: float = 1.0,
     tracker: str = "{counter_mode: lifetime}",
     history_url: str | None = None,
+    health_port: int | None = None,
 ) -> Path:
     """A gateway config reading every device of the load simulator with one profile.
+
+    ``health_port``: serve /metrics there (off when ``None``), for :func:`delivery_times`.
 
     ``history_url``: also write events and every poll's telemetry to this InfluxDB v2 write
     endpoint (the ``influxdb:`` section), so every tag read goes somewhere.
@@ -257,6 +263,9 @@ def write_config(
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 30}}",
         f"logging: {{level: {log_level}, format: json}}",
         f"tracker: {tracker}",
+        f"health: {{listen: '127.0.0.1:{health_port}'}}"
+        if health_port is not None
+        else "health: {listen: null}",
         "profiles:",
         "  load-box:",
         "    protocol: modbus",
@@ -281,6 +290,47 @@ def write_config(
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return r.read().decode()  # type: ignore[no-any-return]
+
+
+_BUCKET = re.compile(
+    r'^shopfloor_event_delivery_seconds_bucket\{[^}]*le="([^"]+)"[^}]*\} (\S+)$', re.M
+)
+
+
+async def delivery_buckets(port: int) -> dict[float, float]:
+    """Cumulative ``le -> count`` of the gateway's ``shopfloor_event_delivery_seconds``."""
+    text = await asyncio.to_thread(_metrics_text, port)
+    out: dict[float, float] = {}
+    for le, count in _BUCKET.findall(text):
+        bound = math.inf if le == "+Inf" else float(le)
+        out[bound] = out.get(bound, 0.0) + float(count)
+    return out
+
+
+def delivery_times(before: dict[float, float], after: dict[float, float]) -> dict[str, Any]:
+    """The gateway's own emitted -> PUBACK figures between two :func:`delivery_buckets` reads.
+
+    p50 / p99 are interpolated within the histogram's buckets (1 ms wide up to 5 ms);
+    ``within_5ms`` is the share of events acknowledged within 5 ms (exact: a bucket bound).
+    """
+    delta = [(le, after[le] - before.get(le, 0.0)) for le in sorted(after)]
+    n = delta[-1][1] if delta else 0.0
+    if n <= 0:
+        return {"n": 0}
+    p50 = histogram_quantile(0.5, delta)
+    p99 = histogram_quantile(0.99, delta)
+    within = dict(delta).get(0.005, 0.0) / n
+    return {
+        "n": int(n),
+        "p50_ms": round(1000 * (p50 or 0.0), 2),
+        "p99_ms": round(1000 * (p99 or 0.0), 2),
+        "within_5ms": round(within, 4),
+    }
 
 
 # ------------------------------------------------------------------ subscriber

@@ -21,6 +21,10 @@ Exported (all prefixed ``shopfloor_``)::
     destination_backlog{destination}            messages waiting (outbox rows)
     destination_oldest_pending_age_seconds{destination}
     events_total{type}                          events emitted by type
+    event_delivery_seconds{destination}         histogram: from an event's emission (its
+                                                sample in hand) to the destination's
+                                                acknowledgement (PUBACK); a few ms live, a
+                                                drained backlog's age after an outage
     asyncio_tasks                               tasks alive on the gateway's event loop
                                                 (flat over time; a rise is a leak)
 
@@ -34,6 +38,7 @@ one required destination connected or buffering within its limits.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import time
 from collections import deque
@@ -42,7 +47,12 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from gateway import __version__
@@ -189,6 +199,67 @@ class BacklogClock:
 # ---------------------------------------------------------------------------- the shell side
 
 
+#: Upper bounds (seconds) of the delivery histogram: fine around the few milliseconds a
+#: live event takes, coarse up to the hour a drained backlog may be old.
+DELIVERY_BUCKETS = (
+    0.001, 0.002, 0.003, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+)  # fmt: skip
+
+
+class Histogram:
+    """Counts of observations per bucket (Prometheus style, cumulative on output)."""
+
+    __slots__ = ("bounds", "count", "counts", "total")
+
+    def __init__(self, bounds: Iterable[float] = DELIVERY_BUCKETS) -> None:
+        """Empty; ``bounds`` are the buckets' upper bounds, increasing (+Inf is implied)."""
+        self.bounds = tuple(bounds)
+        if list(self.bounds) != sorted(set(self.bounds)):
+            raise ValueError("histogram bounds must increase")
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        """Count one observation (negative clock steps count as 0)."""
+        value = max(0.0, value)
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """``(le, count of observations <= le)`` per bucket, ``+Inf`` last."""
+        out: list[tuple[str, int]] = []
+        running = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            running += n
+            out.append(("+Inf" if bound == math.inf else repr(bound), running))
+        return out
+
+
+def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> float | None:
+    """Prometheus' ``histogram_quantile``: ``q`` from cumulative ``(le, count)`` pairs.
+
+    Linear within the bucket that holds the quantile; ``None`` without observations. A
+    quantile in the ``+Inf`` bucket is the highest finite bound.
+    """
+    pairs = sorted(buckets)
+    if not pairs or pairs[-1][1] <= 0:
+        return None
+    rank = q * pairs[-1][1]
+    lower, below = 0.0, 0.0
+    for le, count in pairs:
+        if count >= rank:
+            if math.isinf(le):
+                return lower
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
 @dataclass(slots=True)
 class _Device:
     connected: bool = False
@@ -202,6 +273,7 @@ class _State:
     devices: dict[str, _Device] = field(default_factory=dict)
     destinations: dict[str, DestinationView] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
+    delivery: dict[str, Histogram] = field(default_factory=dict)
     config_loaded: bool = False
     outbox_writable: bool = True
 
@@ -302,9 +374,17 @@ class Metrics:
         old = self._s.destinations.get(name) or DestinationView(name=name)
         self._s.destinations[name] = replace(old, published_total=old.published_total + n)
 
+    def delivery(self, name: str) -> Histogram:
+        """The delivery-time histogram of destination ``name`` (its queue observes into it)."""
+        hist = self._s.delivery.get(name)
+        if hist is None:
+            hist = self._s.delivery[name] = Histogram()
+        return hist
+
     def forget_destination(self, name: str) -> None:
         """Drop a destination removed by a config reload."""
         self._s.destinations.pop(name, None)
+        self._s.delivery.pop(name, None)
 
     # -- reading --
 
@@ -418,6 +498,15 @@ class Metrics:
             d_back.add_metric([name], d.backlog)
             d_age.add_metric([name], d.oldest_age or 0.0)
         yield from (d_conn, d_pub, d_drop, d_back, d_age)
+
+        delivery = HistogramMetricFamily(
+            "shopfloor_event_delivery_seconds",
+            "From an event's emission (its sample in hand) to the destination's acknowledgement.",
+            labels=["destination"],
+        )
+        for name, hist in sorted(s.delivery.items()):
+            delivery.add_metric([name], hist.cumulative(), sum_value=hist.total)
+        yield delivery
 
         events = CounterMetricFamily(
             "shopfloor_events", "Events emitted, by type.", labels=["type"]

@@ -936,6 +936,8 @@ class OutboxQueue:
         self._inflight_msgs: dict[int, Message] = {}
         #: Called when something becomes sendable (the publisher's wake-up).
         self.waker: Callable[[], None] | None = None
+        #: Called with each acknowledged row's delivery time (emitted -> acknowledged, s).
+        self.on_delivered: Callable[[float], None] | None = None
         self.sent_rows = 0
 
     # -- outbox side --
@@ -1054,6 +1056,11 @@ class OutboxQueue:
         if isinstance(item, list):
             self.sent_rows += len(item)
             self._o.ack(self.name, [r.seq for r in item])
+            observe = self.on_delivered
+            if observe is not None:
+                now = self._clock()
+                for row in item:
+                    observe(now - row.created)
 
     def requeue(self) -> None:
         """Everything in flight goes back in front, in order (superseded states dropped)."""

@@ -289,6 +289,8 @@ class Gateway:
             self.telemetry = SinkRunner(telemetry_sink, name=f"{INFLUX}.telemetry", clock=clock)
         self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
         self.metrics.configure(m.id for m in plan.machines)
+        for name, queue in self.queues.items():
+            queue.on_delivered = self.metrics.delivery(name).observe
         self._sinks = frozenset(sink_names)
         # Every destination and sink when no destination filters events (the common case:
         # no per-event routing then); None when some do.

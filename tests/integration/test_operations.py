@@ -13,6 +13,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel
@@ -44,6 +46,19 @@ async def wait_http(url: str, status: int, within: float = 15.0) -> str:
             return last[1]
         await asyncio.sleep(0.1)
     raise AssertionError(f"{url}: wanted {status}, last answer {last}")
+
+
+def delivery_histograms(text: str) -> dict[str, dict[str, float]]:
+    """``shopfloor_event_delivery_seconds`` buckets: destination -> le -> cumulative count."""
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name != "shopfloor_event_delivery_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_bucket"):
+                le = sample.labels["le"]
+                out.setdefault(sample.labels["destination"], {})[le] = sample.value
+    return out
 
 
 async def test_health_metrics_status_and_history(
@@ -83,6 +98,21 @@ async def test_health_metrics_status_and_history(
         assert 'machine="sew-01"' in metrics
         assert "order.completed" in metrics
         assert "process_resident_memory_bytes" in metrics or "process_" in metrics
+
+        # Every event the subscriber has is acknowledged and timed, each within a second
+        # on loopback; nothing reached the history yet (it is down).
+        received = len(events(sub.messages))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 10
+        while True:
+            delivery = delivery_histograms(metrics)
+            if delivery.get("default", {}).get("+Inf", 0) >= received:
+                break
+            assert loop.time() < deadline, (received, delivery)
+            await asyncio.sleep(0.2)
+            metrics = await wait_http(base + "/metrics", 200)
+        assert delivery["default"]["1.0"] == delivery["default"]["+Inf"], delivery
+        assert delivery.get("influxdb", {}).get("+Inf", 0) == 0, delivery
 
         # The retained status carries the health summary for platforms that cannot scrape.
         status = f"{PREFIX}/{SITE}/gateway/gw-ops/status"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -10,9 +11,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.metrics import (
     BacklogClock,
     DestinationView,
+    Histogram,
     Metrics,
     destination_ok,
     evaluate_health,
+    histogram_quantile,
 )
 
 
@@ -222,3 +225,65 @@ async def test_task_count_is_exported_on_the_event_loop() -> None:
 
 def test_task_count_is_left_out_without_an_event_loop() -> None:
     assert ("shopfloor_asyncio_tasks", ()) not in samples(make())
+
+
+def test_histogram_counts_per_bucket_and_renders_cumulatively() -> None:
+    m = make()
+    hist = m.delivery("plant")
+    for seconds in (0.0004, 0.0021, 0.0021, 0.004, 0.012, 45.0, 7200.0, -0.5):
+        hist.observe(seconds)
+    got = samples(m)
+    bucket = "shopfloor_event_delivery_seconds_bucket"
+
+    def le(bound: str) -> float:
+        return got[(bucket, (("destination", "plant"), ("le", bound)))]
+
+    # -0.5 (a clock step back) counts as 0; 7200 s is beyond the last bound.
+    assert le("0.001") == 2
+    assert le("0.002") == 2
+    assert le("0.003") == 4
+    assert le("0.005") == 5
+    assert le("0.015") == 6
+    assert le("60.0") == 7
+    assert le("3600.0") == 7
+    assert le("+Inf") == 8
+    assert got[("shopfloor_event_delivery_seconds_count", (("destination", "plant"),))] == 8
+    assert got[
+        ("shopfloor_event_delivery_seconds_sum", (("destination", "plant"),))
+    ] == pytest.approx(0.0004 + 0.0042 + 0.004 + 0.012 + 45.0 + 7200.0)
+
+
+def test_a_destination_removed_by_a_reload_loses_its_histogram() -> None:
+    m = make()
+    m.delivery("gone").observe(0.001)
+    m.forget_destination("gone")
+    assert not [k for k in samples(m) if ("destination", "gone") in k[1]]
+
+
+def test_histogram_bounds_must_increase() -> None:
+    with pytest.raises(ValueError, match="increase"):
+        Histogram((0.1, 0.05))
+
+
+@pytest.mark.parametrize(
+    ("q", "buckets", "expected"),
+    [
+        # 100 observations: 50 up to 1 ms, 40 more up to 2 ms, 10 more up to 5 ms.
+        (0.5, [(0.001, 50), (0.002, 90), (0.005, 100), (math.inf, 100)], 0.001),
+        (0.7, [(0.001, 50), (0.002, 90), (0.005, 100), (math.inf, 100)], 0.0015),
+        (0.99, [(0.001, 50), (0.002, 90), (0.005, 100), (math.inf, 100)], 0.0047),
+        # In the +Inf bucket: the highest finite bound.
+        (0.99, [(0.001, 50), (math.inf, 100)], 0.001),
+        # Nothing observed.
+        (0.5, [(0.001, 0), (math.inf, 0)], None),
+        (0.5, [], None),
+    ],
+)
+def test_histogram_quantile_interpolates_like_prometheus(
+    q: float, buckets: list[tuple[float, float]], expected: float | None
+) -> None:
+    got = histogram_quantile(q, buckets)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected)

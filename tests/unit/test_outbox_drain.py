@@ -205,3 +205,30 @@ async def test_a_batch_destination_keeps_fifty_batches_ready(tmp_path: Path) -> 
         assert len(single._rows) == 1000
         assert len(batched._rows) == 1000  # 50 batches of 20 fit in one chunk
         assert len(wide._rows) == 5000
+
+
+async def test_each_acknowledged_row_reports_its_delivery_time(tmp_path: Path) -> None:
+    now = [1000.0]
+    async with running(tmp_path / "ob.db", ["a"]) as ob:
+        ob.append([event(n, dests=["a"]) for n in range(1, 4)])  # created at 1000.0
+        await ob.flush()
+        single = ob.queue(Route("a"), clock=lambda: now[0])
+        seen: list[float] = []
+        single.on_delivered = seen.append
+        single.start()
+        now[0] = 1000.004
+        await drain(single, 3)
+        assert seen == pytest.approx([0.004] * 3)
+    async with running(tmp_path / "ob2.db", ["a"]) as ob:
+        ob.append([event(n, dests=["a"]) for n in range(1, 6)])
+        await ob.flush()
+        batched = ob.queue(
+            Route("a", batch=True), batch_topic="t/batch", batch_max=100, clock=lambda: now[0]
+        )
+        seen.clear()
+        batched.on_delivered = seen.append
+        batched.start()
+        now[0] = 1002.5
+        # One PUBACK for the batch: every row in it was delivered then.
+        await drain(batched, 1)
+        assert seen == pytest.approx([2.5] * 5)
