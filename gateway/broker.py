@@ -68,6 +68,8 @@ def mosquitto_config(host: str, port: int, *, as_root: bool) -> str:
         f"listener {port} {host}",
         "allow_anonymous true",
         "persistence false",
+        # PUBACKs and events leave at once, not after Nagle's wait for the previous ACK.
+        "set_tcp_nodelay true",
         # Errors and warnings only: the file is read back when start-up fails.
         "log_dest stderr",
         "log_type error",
