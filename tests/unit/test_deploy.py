@@ -210,6 +210,7 @@ def test_dashboard_queries_only_metrics_the_gateway_writes() -> None:
                     "shopfloor_device_",
                     "shopfloor_destination_",
                     "shopfloor_events_",
+                    "shopfloor_event_delivery_",
                     "process_",
                 )
             ), name
