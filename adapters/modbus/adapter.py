@@ -142,8 +142,15 @@ class ModbusAdapter:
         if self._line is None:
             raise RuntimeError("ModbusAdapter.samples() needs 'async with adapter:' first")
         loop = asyncio.get_running_loop()
-        # The start offset is a phase on the loop's clock (see adapters.base.poll_phase).
-        deadline = first_deadline(loop.time(), self._interval, self._start_offset)
+        interval = self._interval
+        # The first read at once: a device that is back (or a hung one that takes TCP but
+        # never answers) is known within one round trip, and the reconnect attempts of many
+        # devices, which end on the same whole second, read and time out together.
+        batch = await self._poll()
+        yield batch
+        # Then on the device's phase grid of the loop clock (adapters.base.poll_phase), at
+        # least half an interval after that first read.
+        deadline = first_deadline(loop.time() + interval / 2, interval, self._start_offset)
         while True:
             delay = deadline - loop.time()
             if delay > 0:
@@ -151,7 +158,7 @@ class ModbusAdapter:
             batch = await self._poll()
             yield batch
             # The consumer's time counts too: reads never overlap, missed ticks are skipped.
-            deadline, skipped = next_deadline(deadline, loop.time(), self._interval)
+            deadline, skipped = next_deadline(deadline, loop.time(), interval)
             if skipped:
                 self._log.debug("modbus.ticks_skipped", skipped=skipped)
 
