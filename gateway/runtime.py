@@ -678,6 +678,9 @@ class Gateway:
                                 )
                             episode = _Episode()
                         self._on_batch(m, batch)
+                        # Not kept while the adapter waits for the next poll (see
+                        # ModbusAdapter.samples: young samples make the collector's passes long).
+                        del batch
                         task = asyncio.current_task()
                         if task is not None and task.cancelling():
                             # Python 3.11's wait_for (inside the device libraries) can

@@ -146,8 +146,10 @@ class ModbusAdapter:
         # The first read at once: a device that is back (or a hung one that takes TCP but
         # never answers) is known within one round trip, and the reconnect attempts of many
         # devices, which end on the same whole second, read and time out together.
-        batch = await self._poll()
-        yield batch
+        # Yielded without a local name: a batch kept alive by this frame until the next poll
+        # would sit in the collector's youngest generation (15,000 samples at 500 devices)
+        # and make each of its passes a 10 ms pause of the loop.
+        yield await self._poll()
         # Then on the device's phase grid of the loop clock (adapters.base.poll_phase), at
         # least half an interval after that first read.
         deadline = first_deadline(loop.time() + interval / 2, interval, self._start_offset)
@@ -155,8 +157,7 @@ class ModbusAdapter:
             delay = deadline - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            batch = await self._poll()
-            yield batch
+            yield await self._poll()
             # The consumer's time counts too: reads never overlap, missed ticks are skipped.
             deadline, skipped = next_deadline(deadline, loop.time(), interval)
             if skipped:

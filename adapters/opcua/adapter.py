@@ -635,6 +635,7 @@ class OpcUaAdapter:
                     batch = await self._next_batch()
                     if batch:
                         yield batch
+                    del batch  # not kept while waiting (see ModbusAdapter.samples)
         except (UaError, ConnectionError, OSError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {_explain(exc)}") from exc
 
