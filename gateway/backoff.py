@@ -54,8 +54,8 @@ def aligned(now: float, delay: float, *, grid: float = 1.0, above: float = ALIGN
     """``delay``, stretched (by less than ``grid``) so the wait ends on a multiple of ``grid``.
 
     Waking a sleeping process is what a retry costs most on a small PC: a refused connect
-    takes ~25 us of CPU when many run back to back but ~450 us when each runs alone
-    (``bench.scale_modbus --all-down``). Retries of a long outage end on the same whole
+    takes ~21 us of CPU when many run back to back but ~500 us when each runs alone
+    (``python -m bench.wakeups``). Retries of a long outage end on the same whole
     seconds, so the devices of a floor that is switched off share the wake-ups. Short
     delays (the first retries after a cut) stay as drawn: there the wait matters more.
     """

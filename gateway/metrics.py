@@ -210,7 +210,7 @@ DELIVERY_BUCKETS = (
 class Histogram:
     """Counts of observations per bucket (Prometheus style, cumulative on output)."""
 
-    __slots__ = ("bounds", "count", "counts", "total")
+    __slots__ = ("bounds", "counts", "total")
 
     def __init__(self, bounds: Iterable[float] = DELIVERY_BUCKETS) -> None:
         """Empty; ``bounds`` are the buckets' upper bounds, increasing (+Inf is implied)."""
@@ -218,14 +218,12 @@ class Histogram:
         if list(self.bounds) != sorted(set(self.bounds)):
             raise ValueError("histogram bounds must increase")
         self.counts = [0] * (len(self.bounds) + 1)
-        self.count = 0
         self.total = 0.0
 
     def observe(self, value: float) -> None:
         """Count one observation (negative clock steps count as 0)."""
         value = max(0.0, value)
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
-        self.count += 1
         self.total += value
 
     def cumulative(self) -> list[tuple[str, int]]:

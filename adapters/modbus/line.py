@@ -28,7 +28,7 @@ import collections
 import contextlib
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -199,8 +199,7 @@ class Line:
         """Open the first connection if none is up; raise :class:`ConnectError` on failure."""
         if self.connected:
             return
-        # The slot is taken inline rather than through _slot(): a dead device's reconnect
-        # attempts pass here hundreds of times a minute on a large floor.
+        # One slot of the line, fairly (in arrival order) like every read.
         slots = self._slots
         index = await slots.take()
         try:
@@ -304,7 +303,7 @@ class Line:
         when the unit stays silent for ``reply_within`` seconds and :class:`ConnectionLost` when
         the line drops; a response to another request reconnects and retries once.
         """
-        # The slot is taken inline rather than through _slot(): this is the per-poll hot path.
+        # Held for the whole exchange; the pool serves waiting units in arrival order.
         slots = self._slots
         index = await slots.take()
         try:
@@ -320,15 +319,6 @@ class Line:
             slots.give(index)
             if self._frame_gap:
                 self._last_io = asyncio.get_running_loop().time()
-
-    @contextlib.asynccontextmanager
-    async def _slot(self) -> AsyncIterator[int]:
-        """Hold one connection slot of the line (fairly, in arrival order)."""
-        index = await self._slots.take()
-        try:
-            yield index
-        finally:
-            self._slots.give(index)
 
     def _mismatch(self, conn: _Conn, unit_id: int, exc: MismatchError, attempt: int) -> None:
         """Log a response to another request and mark its connection for reopening."""
