@@ -27,9 +27,16 @@ HOST = "127.0.0.1"
 
 @asynccontextmanager
 async def modbus_client(
-    port: int, request_timeout: float = 1.0
+    port: int, request_timeout: float = 5.0
 ) -> AsyncIterator[AsyncModbusTcpClient]:
-    """A connected client without retries, closed on exit."""
+    """A connected client without retries, closed on exit.
+
+    The timeout only catches a server that never answers: the client, the servers and the
+    simulator's clock share this test's event loop, so a paused test machine (a loaded CI
+    host, a VM's stolen time) delays an answer that is on its way. With 1 s, one such pause
+    made a late answer arrive just after pymodbus gave up ("received pdu without a
+    corresponding request").
+    """
     client = AsyncModbusTcpClient(
         HOST, port=port, timeout=request_timeout, retries=0, reconnect_delay=0.5
     )
@@ -151,7 +158,8 @@ async def test_a_stopped_station_refuses_connections_until_started_again() -> No
         StationSpec("sew-02", free_port(), StationModel(slow_script())),
     ]
     async with asyncio.timeout(10), SimulatedFloor(specs, speed=1e-6) as floor:
-        async with modbus_client(specs[0].port, request_timeout=0.2) as client:
+        # pymodbus notices the dropped connection only when the request times out.
+        async with modbus_client(specs[0].port, request_timeout=1.0) as client:
             await read_snapshot(client)
             await floor.stop_station("sew-01")
             assert not floor.is_serving("sew-01")
