@@ -8,6 +8,10 @@ process (``simulators.load``), so only the gateway side's CPU is counted (``proc
 of this process). No outbox and no MQTT: those are per event, not per tag, and measured by
 ``bench.scale_modbus``, ``bench.publish`` and ``bench.outbox``.
 
+``--layers`` builds a poll's CPU up step by step (``LAYERS``); the ``memory`` step runs the
+``full`` step's Python with no I/O at all, so the difference between the two is what the
+sockets, the wake-ups and the idle gaps between polls cost on this machine.
+
 Each device is one dense block (3 fixed signals + uint16 telemetry filling the registers up
 to ``--signals``; 115 signals make one full 125-register read).
 
@@ -37,6 +41,7 @@ from bench.common import free_port_range, load_sim, raise_fd_limit, report
 from gateway.mapping import Mapper
 from gateway.tracker import MachineTracker, TrackerSettings
 from simulators.load import LoadDevice, signal_map
+from simulators.load import registers as load_registers
 
 
 class _FloorProtocol(asyncio.Protocol):
@@ -82,7 +87,70 @@ LAYERS = {
     "poll": "ModbusAdapter._poll: plan, decode, samples",
     "samples": "ModbusAdapter.samples(): the async generator the supervisor iterates",
     "full": "plus mapping and the order tracker (the default)",
+    "memory": "the full step's Python alone: responses from memory, machines back to back",
 }
+
+
+class _MemoryLine:
+    """A line that answers every read at once from a register list (the ``memory`` step)."""
+
+    def __init__(self) -> None:
+        self.words: list[int] = []
+
+    async def read(
+        self, unit_id: int, area: str, start: int, count: int, *, reply_within: float
+    ) -> list[int]:
+        return self.words[start : start + count]
+
+
+async def _memory(devices: int, signals: int, window: float) -> dict[str, Any]:
+    """The ``full`` step's work with no I/O and no idle gaps: what the Python of a poll costs.
+
+    Every machine has its own adapter, mapping and tracker as in ``full``; each round polls
+    all of them back to back from memory, the registers those of the load simulator one
+    second later than the round before (counts and telemetry move as on the wire).
+    """
+    sigs = {
+        k: ModbusSignalConfig.model_validate(v)
+        for k, v in signal_map(LoadDevice("x", 1, signals=signals)).items()
+    }
+    machines = []
+    for i in range(devices):
+        name = f"m{i:04d}"
+        conn = ModbusConnectionConfig(host="127.0.0.1", port=1 + i, timeout=2.0)
+        adapter = ModbusAdapter(name, conn, sigs, 1.0)
+        line = _MemoryLine()
+        adapter._line = cast(Any, line)
+        tracker = MachineTracker(name, TrackerSettings(counter_mode="lifetime"))
+        device = LoadDevice(name, 1, signals=signals)
+        machines.append((device, line, adapter, Mapper(sigs), tracker))
+    t0 = time.time()
+    polls = events = 0
+    cpu = 0.0
+    second = 0
+    while cpu < window:
+        second += 1
+        for device, line, *_ in machines:
+            line.words = load_registers(device, t0 + second)
+        c0 = time.process_time()
+        now = t0 + second
+        for _, _, adapter, mapper, tracker in machines:
+            mapped, _ = mapper.apply(await adapter._poll())
+            events += len(tracker.observe(mapped, now))
+        cpu += time.process_time() - c0
+        polls += devices
+    return {
+        "devices": devices,
+        "signals": signals,
+        "poll_s": 0.0,
+        "window_s": round(cpu, 2),
+        "polls_per_s": round(polls / cpu, 1),
+        "tags_per_s": round(polls * signals / cpu),
+        "cpu_fraction": 1.0,
+        "tags_per_cpu_s": round(polls * signals / cpu),
+        "cpu_us_per_poll": round(1e6 * cpu / polls, 1),
+        "events": events,
+    }
 
 
 async def _layer_machine(
@@ -139,6 +207,8 @@ async def run(
     layer: str = "full",
 ) -> dict[str, Any]:
     """One measurement; returns its figures."""
+    if layer == "memory":
+        return await _memory(devices, signals, window)
     base = free_port_range(devices)
     args = [f"--devices={devices}", f"--signals={signals}", f"--base-port={base}"]
     async with load_sim(work, *args) as sim:
