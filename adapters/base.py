@@ -74,13 +74,17 @@ def check_timing(poll_interval: float, start_offset: float) -> None:
 
 
 #: Width of one poll phase slot, seconds. Devices are spread over the interval in slots of
-#: this width rather than at arbitrary instants: every wake-up of the event loop costs tens
-#: of microseconds on a small PC (the timer, epoll, a context switch), so ten devices that
-#: share a slot cost one wake-up instead of ten, while 20 slots a second still keep a floor of
+#: this width rather than at arbitrary instants: what a poll costs depends less on its work
+#: than on how often the process wakes (after an idle gap the same Python runs two to four
+#: times slower: ``bench.acquisition --layers memory --memory-gap``), so devices that share a
+#: slot share one wake-up of the event loop, while ten slots a second still keep a floor of
 #: devices from hitting the network in one burst. Measured at 500 devices polled once a
-#: second (``bench.acquisition``): 334 us of CPU per poll spread evenly, 200 us in 20 ms
-#: slots, 167 us in 50 ms slots, no better beyond.
-POLL_SLOT = 0.05
+#: second: 334 us of CPU per poll spread evenly, 200 us in 20 ms slots, 167 us in 50 ms slots
+#: (``bench.acquisition``); end to end (``bench.scale_modbus``, interleaved runs) 100 ms slots
+#: took 13% less of a core than 50 ms at 500 devices and 22% less at 200, with the same p99
+#: from sample to PUBACK (a slot's events share a commit: the p50 rose by about 1.4 ms);
+#: 200 ms slots saved little more and doubled that p99.
+POLL_SLOT = 0.1
 
 
 def poll_phase(key: str, interval: float) -> float:

@@ -277,6 +277,7 @@ def test_poll_phases_are_slots_within_one_interval_and_stable() -> None:
     assert all(abs(p / POLL_SLOT - round(p / POLL_SLOT)) < 1e-9 for p in phases)
     assert len(phases) == round(1.0 / POLL_SLOT)
     assert poll_phase("m001", 1.0) == poll_phase("m001", 1.0)
-    assert {poll_phase(f"m{i}", 0.1) for i in range(100)} == {0.0, 0.05}
-    # An interval shorter than one slot: everyone at phase 0.
+    assert {poll_phase(f"m{i}", 2 * POLL_SLOT) for i in range(100)} == {0.0, POLL_SLOT}
+    # An interval of one slot or shorter: everyone at phase 0.
+    assert {poll_phase(f"m{i}", POLL_SLOT) for i in range(100)} == {0.0}
     assert poll_phase("m001", 0.005) == 0.0
