@@ -80,10 +80,10 @@ def check_timing(poll_interval: float, start_offset: float) -> None:
 #: slot share one wake-up of the event loop, while ten slots a second still keep a floor of
 #: devices from hitting the network in one burst. Measured at 500 devices polled once a
 #: second: 334 us of CPU per poll spread evenly, 200 us in 20 ms slots, 167 us in 50 ms slots
-#: (``bench.acquisition``); end to end (``bench.scale_modbus``, interleaved runs) 100 ms slots
-#: took 13% less of a core than 50 ms at 500 devices and 22% less at 200, with the same p99
-#: from sample to PUBACK (a slot's events share a commit: the p50 rose by about 1.4 ms);
-#: 200 ms slots saved little more and doubled that p99.
+#: (``bench.acquisition``); end to end (``bench.scale_modbus``, interleaved pairs) 100 ms slots
+#: took 11% less of a core than 50 ms at 500 devices and 20% less at 200, with the same p99
+#: from sample to PUBACK at 500 and 1-2 ms more at 200 (a slot's events share a commit: the
+#: p50 rose by about 1 ms); 200 ms slots saved little more and doubled the p99.
 POLL_SLOT = 0.1
 
 
