@@ -261,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:
+        # `make soak` writes var/soak.json, and var/ is not part of a fresh clone.
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text + "\n")
     return 0 if report["ok"] else 1
 
