@@ -106,6 +106,8 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.modbus_client
 	$(BIN)/python -m bench.wakeups
 	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 30 --window 12 --layers floor,client,line,poll,samples,full
+	$(BIN)/python -m bench.acquisition --devices 500 --signals 30 --window 8 --layers memory --name acquisition_memory
+	$(BIN)/python -m bench.acquisition --devices 500 --signals 30 --window 8 --layers memory --memory-gap 50:0.1 --name acquisition_memory_gap
 	$(BIN)/python -m bench.acquisition --devices 500 --poll 1.0 --signals 115 --window 15
 	$(BIN)/python -m bench.latency --window 20
 	$(BIN)/python -m bench.latency_opcua
