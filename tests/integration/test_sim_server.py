@@ -95,6 +95,7 @@ async def test_floor_serves_each_station_on_its_port() -> None:
             assert decode_registers(response.registers).order_id == generated.order_id
 
 
+@pytest.mark.usefixtures("no_gc_pause")
 async def test_live_counts_reach_the_client_and_end_equal_to_truth() -> None:
     script: list[Step] = [
         RunOrder("PO-7", target=20, piece_seconds=0.5, scrap_every=4),
