@@ -61,4 +61,6 @@ def aligned(now: float, delay: float, *, grid: float = 1.0, above: float = ALIGN
     """
     if delay < above:
         return delay
-    return math.ceil((now + delay) / grid) * grid - now
+    # max(): when now + delay lands on the grid, rounding can make the difference a hair
+    # shorter than delay (now=2.2e-16, delay=2.0 gives 1.9999999999999998).
+    return max(delay, math.ceil((now + delay) / grid) * grid - now)
