@@ -87,7 +87,8 @@ LAYERS = {
     "poll": "ModbusAdapter._poll: plan, decode, samples",
     "samples": "ModbusAdapter.samples(): the async generator the supervisor iterates",
     "full": "plus mapping and the order tracker (the default)",
-    "memory": "the full step's Python alone: responses from memory, machines back to back",
+    "memory": "the full step's Python alone: responses from memory, machines back to back "
+    "(or in batches with idle gaps: --memory-gap)",
 }
 
 
@@ -147,16 +148,30 @@ async def _memory(
         cpu += time.process_time() - c0
         polls += devices
     wall = time.perf_counter() - started
+    return _figures(devices, signals, 0.0, wall, cpu, polls, polls * signals, events)
+
+
+def _figures(
+    devices: int,
+    signals: int,
+    poll: float,
+    wall: float,
+    cpu: float,
+    polls: int,
+    tags: int,
+    events: int,
+) -> dict[str, Any]:
+    """One measurement's figures from its counts, wall and CPU seconds."""
     return {
         "devices": devices,
         "signals": signals,
-        "poll_s": 0.0,
+        "poll_s": poll,
         "window_s": round(wall, 2),
         "polls_per_s": round(polls / wall, 1),
-        "tags_per_s": round(polls * signals / wall),
+        "tags_per_s": round(tags / wall),
         "cpu_fraction": round(cpu / wall, 4),
-        "tags_per_cpu_s": round(polls * signals / cpu),
-        "cpu_us_per_poll": round(1e6 * cpu / polls, 1),
+        "tags_per_cpu_s": round(tags / max(cpu, 1e-9)),
+        "cpu_us_per_poll": round(1e6 * cpu / max(polls, 1), 1),
         "events": events,
     }
 
@@ -286,19 +301,9 @@ async def run(
                 t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.gather(*tasks, return_exceptions=True)
-    cpu, wall = c1 - c0, t1 - t0
-    return {
-        "devices": devices,
-        "signals": signals,
-        "poll_s": poll,
-        "window_s": round(wall, 2),
-        "polls_per_s": round(counts["polls"] / wall, 1),
-        "tags_per_s": round(counts["tags"] / wall),
-        "cpu_fraction": round(cpu / wall, 4),
-        "tags_per_cpu_s": round(counts["tags"] / max(cpu, 1e-9)),
-        "cpu_us_per_poll": round(1e6 * cpu / max(counts["polls"], 1), 1),
-        "events": counts["events"],
-    }
+    return _figures(
+        devices, signals, poll, t1 - t0, c1 - c0, counts["polls"], counts["tags"], counts["events"]
+    )
 
 
 def main() -> None:
@@ -324,8 +329,8 @@ def main() -> None:
         "--memory-gap",
         default="",
         metavar="K:S",
-        help="memory step only: sleep S seconds after every K polls (e.g. 25:0.05, the "
-        "gateway's 25 devices per 50 ms slot at 500 devices); default back to back",
+        help="memory step only: sleep S seconds after every K polls (e.g. 50:0.1, the "
+        "gateway's 50 devices per 100 ms slot at 500 devices); default back to back",
     )
     p.add_argument("--name", default="acquisition")
     args = p.parse_args()

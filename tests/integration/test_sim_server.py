@@ -32,10 +32,10 @@ async def modbus_client(
     """A connected client without retries, closed on exit.
 
     The timeout only catches a server that never answers: the client, the servers and the
-    simulator's clock share this test's event loop, so a paused test machine (a loaded CI
-    host, a VM's stolen time) delays an answer that is on its way. With 1 s, one such pause
-    made a late answer arrive just after pymodbus gave up ("received pdu without a
-    corresponding request").
+    simulator's clock share this test's event loop, so a pause of the whole process (a full
+    collection of the suite's heap, see ``no_gc_pause``; a loaded host) delays an answer that
+    is on its way. With 1 s, one such pause made a late answer arrive just after pymodbus gave
+    up ("received pdu without a corresponding request").
     """
     client = AsyncModbusTcpClient(
         HOST, port=port, timeout=request_timeout, retries=0, reconnect_delay=0.5
