@@ -25,7 +25,7 @@ Exported (all prefixed ``shopfloor_``)::
                                                 sample in hand) to the destination's
                                                 acknowledgement (PUBACK); a few ms live, a
                                                 drained backlog's age after an outage
-    asyncio_tasks                               tasks alive on the gateway's event loops
+    asyncio_tasks                               tasks alive on the gateway's event loop
                                                 (flat over time; a rise is a leak)
 
 plus ``process_*`` (resident memory, CPU, open files) from prometheus-client's
@@ -298,8 +298,6 @@ class Metrics:
         self._max_fill = max_fill
         self._max_age = max_pending_age
         self._s = _State()
-        #: Tasks on event loops besides the one rendering (the gateway's delivery loop).
-        self.other_tasks: Callable[[], int] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -517,11 +515,9 @@ class Metrics:
 
         tasks = _tasks_alive()
         if tasks is not None:
-            if self.other_tasks is not None:
-                tasks += self.other_tasks()
             yield GaugeMetricFamily(
                 "shopfloor_asyncio_tasks",
-                "Tasks alive on the gateway's event loops (flat over time; a rise is a leak).",
+                "Tasks alive on the gateway's event loop (flat over time; a rise is a leak).",
                 value=tasks,
             )
 

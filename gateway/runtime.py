@@ -1,23 +1,14 @@
 """The imperative shell: wires adapters, mapping, trackers and the publisher together.
 
-Task layout: the main loop (one root ``asyncio.TaskGroup``) polls and decides; the delivery
-loop (:mod:`gateway.delivery`, its own thread) commits and sends::
+Task layout (one root ``asyncio.TaskGroup``)::
 
-    main loop
-      device[<id>]         one supervisor per machine: connect, read, map, track, emit
-      ticker               time-driven tracker work (progress interval, ETA) once a second
-      commands             the downlink: order commands from platforms
-      influxdb.telemetry   optional: every read to the history, through memory
-      health               /healthz and /metrics on a local port; sd_notify watchdog pings
-      delivery             waits for the delivery loop's work below (its failure ends all)
-    delivery loop
-      outbox               commits events with their tracker state (SQLite, worker thread)
-      publisher[<name>]    one per destination: connect / reconnect / send its outbox queue
-      influxdb             optional history sink, fed from its own outbox position
-
-The main loop hands events and retained state over with :meth:`DeliveryLoop.post` and never
-waits for a commit or an acknowledgement: a burst of polls no longer delays the events
-emitted at its start, and commits and PUBACKs no longer wake the polling loop.
+    outbox               commits events with their tracker state (SQLite, worker thread)
+    publisher[<name>]    one per destination: connect / reconnect / send its outbox queue
+    device[<id>]         one supervisor per machine: connect, read, map, track, emit
+    ticker               time-driven tracker work (progress interval, ETA) once a second
+    commands             the downlink: order commands from platforms
+    influxdb             optional history sink, fed from its own outbox position
+    health               /healthz and /metrics on a local port; sd_notify watchdog pings
 
 Device supervisors never let an ordinary exception escape (a TaskGroup would cancel all
 siblings): the first failure of an episode is logged at warning, repeats at debug, the
@@ -62,7 +53,6 @@ from gateway.config import (
     OutboxPlan,
     load_config,
 )
-from gateway.delivery import DeliveryLoop
 from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
@@ -298,11 +288,6 @@ class Gateway:
             self._influx_sinks.append(telemetry_sink)
             self.telemetry = SinkRunner(telemetry_sink, name=f"{INFLUX}.telemetry", clock=clock)
         self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
-        #: Where the outbox, the queues and the publishers run (everything after emission).
-        self.delivery = DeliveryLoop("delivery")
-        self.metrics.other_tasks = self.delivery.tasks
-        self._outbox_task: asyncio.Task[None] | None = None
-        self._delivery_tasks: list[asyncio.Task[None]] = []
         self.metrics.configure(m.id for m in plan.machines)
         for name, queue in self.queues.items():
             queue.on_delivered = self.metrics.delivery(name).observe
@@ -353,13 +338,6 @@ class Gateway:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then shut down in order."""
-        self.delivery.start()
-        try:
-            await self._run(stop)
-        finally:
-            self.delivery.stop()
-
-    async def _run(self, stop: asyncio.Event) -> None:
         log.info(
             "gateway.starting",
             gateway_id=self.plan.gateway_id,
@@ -370,7 +348,7 @@ class Gateway:
         )
         for warning in self.plan.warnings:
             log.warning("config.insecure", detail=warning)
-        await self.delivery.call(self.outbox.open(), name="outbox-open")
+        await self.outbox.open()
         self.metrics.set_outbox_writable(True)
         # Destinations are "buffering within limits" until their first connect: the
         # health check is ready from the start, as the outbox holds what they miss.
@@ -388,13 +366,16 @@ class Gateway:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
                 # Not supervised: a failing outbox ends the TaskGroup and the gateway.
-                delivering = tg.create_task(
-                    self.delivery.call(self._deliver(), name="delivery"), name="delivery"
-                )
-                if self.telemetry is not None:
-                    publisher_tasks.append(
-                        asyncio.create_task(self.telemetry.run(), name=self.telemetry.name)
-                    )
+                outbox_task = tg.create_task(self.outbox.run(), name="outbox")
+                for q in self.queues.values():
+                    q.start()
+                publisher_tasks = [
+                    asyncio.create_task(pub.run(), name=f"publisher[{name}]")
+                    for name, pub in self.publishers.items()
+                ]
+                for runner in (self.influx, self.telemetry):
+                    if runner is not None:
+                        publisher_tasks.append(asyncio.create_task(runner.run(), name=runner.name))
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
@@ -427,20 +408,17 @@ class Gateway:
                     t.cancel()
                 ticker.cancel()
                 await asyncio.wait([*self._device_tasks.values(), ticker])
-                # Everything the trackers emitted is committed before the publishers' grace;
-                # then the delivery loop's work ends (``delivering`` returns).
-                await asyncio.gather(
-                    self.delivery.call(self._drain(), name="delivery-drain"),
-                    self._close_telemetry(publisher_tasks),
-                )
-                await delivering
+                # Everything the trackers emitted is committed before the publishers' grace.
+                await self.outbox.flush()
+                await self._close_publishers(publisher_tasks)
+                await self.outbox.flush()
+                outbox_task.cancel()
         finally:
             for m in self.machines.values():
                 if m.status.connected:
                     m.status.connected = False
-            await self._close_telemetry(publisher_tasks)
-            if self.delivery.running:
-                await self.delivery.call(self._close_delivery(), name="delivery-close")
+            await self._close_publishers(publisher_tasks)
+            await self.outbox.close()
             for sink in self._influx_sinks:
                 with contextlib.suppress(Exception):
                     sink.close()
@@ -455,62 +433,18 @@ class Gateway:
                 unsent={n: self.outbox.backlog(n) for n in self.publishers},
             )
 
-    # -- on the delivery loop --
-
-    async def _deliver(self) -> None:
-        """Commit and send until :meth:`_drain` ends it; raises what ends the outbox."""
-        self._outbox_task = asyncio.create_task(self.outbox.run(), name="outbox")
-        for q in self.queues.values():
-            q.start()
-        self._delivery_tasks = [
-            asyncio.create_task(pub.run(), name=f"publisher[{name}]")
-            for name, pub in self.publishers.items()
-        ]
-        if self.influx is not None:
-            self._delivery_tasks.append(
-                asyncio.create_task(self.influx.run(), name=self.influx.name)
-            )
-        try:
-            await self._outbox_task
-        except asyncio.CancelledError:
-            me = asyncio.current_task()
-            if me is not None and me.cancelling():
-                raise
-            # Cancelled by _drain once everything was committed: the normal end.
-
-    async def _drain(self) -> None:
-        """Commit what was emitted, give the publishers their grace, commit their acks."""
-        await self.outbox.flush()
-        await self._close_publishers()
-        await self.outbox.flush()
-        if self._outbox_task is not None:
-            self._outbox_task.cancel()
-
-    async def _close_delivery(self) -> None:
-        """Whatever still runs on the delivery loop ends; the outbox closes."""
-        await self._close_publishers()
-        task = self._outbox_task
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await self.outbox.close()
-
-    async def _close_publishers(self) -> None:
+    async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
         closing = [pub.close(timeout=self._grace) for pub in self.publishers.values()]
-        if self.influx is not None:
-            closing.append(self.influx.close(self._grace))
+        for runner in (self.influx, self.telemetry):
+            if runner is not None:
+                closing.append(runner.close(self._grace))
         await asyncio.gather(*closing, return_exceptions=True)
-        await _cancel_all(self._delivery_tasks)
-
-    # -- on the main loop --
-
-    async def _close_telemetry(self, tasks: list[asyncio.Task[None]]) -> None:
-        if self.telemetry is not None:
-            with contextlib.suppress(Exception):
-                await self.telemetry.close(self._grace)
-        await _cancel_all(tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
 
     def _restore_trackers(self) -> list[str]:
         restored: list[str] = []
@@ -693,8 +627,7 @@ class Gateway:
                 limit=self._outbox_limit,
             )
         if self.influx is not None:
-            # Its queue is the outbox's, read where it is written.
-            self.delivery.post(self.influx.report, self.metrics)
+            self.influx.report(self.metrics)
 
     def _publish_status(self, now: float) -> None:
         """Refresh the retained online status when a destination's backlog changed."""
@@ -711,7 +644,7 @@ class Gateway:
                 now=now,
                 extra={**self.metrics.summary(now), "backlog": backlog},
             )
-            self.delivery.post(pub.submit, Message(self.topics.status(), payload, 1, True))
+            pub.submit(Message(self.topics.status(), payload, 1, True))
 
     async def _supervise(self, m: _Machine) -> None:
         plan = m.plan
@@ -909,7 +842,7 @@ class Gateway:
                     order_id=order_id,
                 )
         self.events_emitted += len(events)
-        self.delivery.post(self.outbox.append, entries, {machine: state})
+        self.outbox.append(entries, {machine: state})
         if events:
             self._publish_state(m, m.tracker.snapshot(), events[-1].time)
 
@@ -933,23 +866,12 @@ class Gateway:
             else:
                 payload = shared
             payload = redact_payload(payload, d.route.operator, self._secret)
-            self.delivery.post(self.publishers[d.name].submit, Message(topic, payload, 1, True))
+            self.publishers[d.name].submit(Message(topic, payload, 1, True))
 
     def _clear_state(self, machine: str, loc: Location) -> None:
         for d in self.destinations:
             if machine_visible(d.route.rules, machine):
-                self.delivery.post(
-                    self.publishers[d.name].submit, Message(self.topics.state(loc), b"", 1, True)
-                )
-
-
-async def _cancel_all(tasks: list[asyncio.Task[None]]) -> None:
-    """Cancel the tasks and wait until each has ended."""
-    for t in tasks:
-        t.cancel()
-    for t in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
+                self.publishers[d.name].submit(Message(self.topics.state(loc), b"", 1, True))
 
 
 #: The stdlib logger behind ``log``: its level decides whether a debug line goes anywhere.
