@@ -215,14 +215,21 @@ class GatewayProc:
 
 
 @contextlib.asynccontextmanager
-async def gateway(config: Path, log: Path, *extra: str) -> AsyncIterator[GatewayProc]:
-    """``python -m gateway run -c FILE``; SIGTERM at the end (killed if it lingers)."""
+async def gateway(
+    config: Path, log: Path, *extra: str, stages: Path | None = None
+) -> AsyncIterator[GatewayProc]:
+    """``python -m gateway run -c FILE``; SIGTERM at the end (killed if it lingers).
+
+    ``stages``: run it through :mod:`bench.stages`, which writes each event's stage times
+    to that file when the gateway exits.
+    """
+    launcher = ["bench.stages", str(stages)] if stages is not None else ["gateway"]
     with log.open("wb") as out:
         started = time.time()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway",
+            *launcher,
             "run",
             "-c",
             str(config),

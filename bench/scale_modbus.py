@@ -39,6 +39,8 @@ from bench.common import (
     wait_connected,
     write_config,
 )
+from bench.stages import summarise as summarise_stages
+from bench.stages import table as stage_rows
 from simulators.load import LoadDevice, signal_map
 from simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics
@@ -56,8 +58,10 @@ async def run_one(
     profile: bool = False,
     settle: float | None = None,
     history: bool = False,
+    stages: bool = False,
 ) -> dict[str, Any]:
     """One scenario; returns its figures."""
+    stage_file = work / "stages.json" if stages else None
     broker = MosquittoBroker(work / "broker")
     broker.start()
     vm = VictoriaMetrics(work / "history") if history else None
@@ -100,7 +104,7 @@ async def run_one(
             ok = {d["name"] for d in sim.devices if d["mode"] == "ok"}
             async with (
                 subscriber(broker.port, on_event) as arrivals,
-                gateway(config, work / "gateway.log") as gw,
+                gateway(config, work / "gateway.log", stages=stage_file) as gw,
             ):
                 up = await wait_connected(arrivals, ok, timeout=30 + devices * 0.05)
                 if not up:
@@ -140,7 +144,11 @@ async def run_one(
         if vm is not None:
             vm.stop()
     span = t1 - t0
+    extra: dict[str, Any] = {}
+    if stage_file is not None and stage_file.exists():
+        extra["stages"] = summarise_stages(stage_file, t0, t1)
     return {
+        **extra,
         "all_connected": up,
         "connected_after_s": round(connected_after, 2),
         "window_s": round(span, 2),
@@ -191,6 +199,12 @@ def main() -> None:
     p.add_argument(
         "--profile", action="store_true", help="py-spy the gateway over the window (needs py-spy)"
     )
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="time every event's stages, emission to PUBACK (bench.stages): where the "
+        "gateway-added latency goes",
+    )
     args = p.parse_args()
     raise_fd_limit()
     results: dict[str, Any] = {}
@@ -240,6 +254,8 @@ def main() -> None:
                 (f"{label} tags per CPU-second", r["tags_per_cpu_s"], ""),
                 (f"{label} load simulator CPU", r["simulator_cpu_fraction"], ""),
             ]
+            if "stages" in r:
+                rows += stage_rows(r["stages"], label)
         if args.history:
             label = f"{sizes[-1]}x{args.signals} with history"
             work = Path(tmp) / "history"
@@ -313,6 +329,7 @@ def await_run(
             args.profile,
             settle,
             history,
+            args.stages,
         )
     )
 
