@@ -13,6 +13,10 @@ when the gateway exits::
     sent        the publisher took it from its queue and handed it to paho
     acked       the broker's PUBACK was processed (``OutboxQueue.ack``)
 
+With several destinations an event's ``sent`` and ``acked`` are those of the first
+destination to get there. Commits started anywhere but ``_write_once`` (none in the product)
+would leave their events out.
+
 ``bench.scale_modbus --stages`` starts the gateway this way and prints :func:`summarise`
 over its measuring window. The wrappers cost a few microseconds per event (a clock read
 and a dict store per stage), so compare CPU figures only between runs that both use them.
