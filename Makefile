@@ -96,7 +96,7 @@ fuzz: $(VENV)/.installed-test
 soak: $(VENV)/.installed-test mosquitto
 	$(BIN)/python -m bench.soak --duration $(SOAK_SECONDS) --json var/soak.json
 
-# Benchmarks (not part of `make test`): modest defaults, about 15 minutes in all. Each one
+# Benchmarks (not part of `make test`): modest defaults, about 25 minutes in all. Each one
 # takes its own arguments, e.g. `$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30`.
 # Figures print as tables and land in bench/results/*.json; docs/performance.md has the last run.
 bench: $(VENV)/.installed-test mosquitto victoria-metrics
