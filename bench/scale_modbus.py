@@ -144,11 +144,7 @@ async def run_one(
         if vm is not None:
             vm.stop()
     span = t1 - t0
-    extra: dict[str, Any] = {}
-    if stage_file is not None and stage_file.exists():
-        extra["stages"] = summarise_stages(stage_file, t0, t1)
-    return {
-        **extra,
+    figures: dict[str, Any] = {
         "all_connected": up,
         "connected_after_s": round(connected_after, 2),
         "window_s": round(span, 2),
@@ -167,6 +163,9 @@ async def run_one(
         "latency_sample_to_puback": delivery_times(d0, d1),
         "tags_per_cpu_s": round(polls["polls"] * signals / max(c1 - c0, 1e-9)),
     }
+    if stage_file is not None and stage_file.exists():
+        figures["stages"] = summarise_stages(stage_file, t0, t1)
+    return figures
 
 
 def main() -> None:

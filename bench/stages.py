@@ -1,7 +1,7 @@
 """Where an event's time goes, stage by stage, from its emission to the broker's PUBACK.
 
 ``python -m bench.stages OUT.json run -c FILE`` runs the gateway exactly as
-``python -m gateway run -c FILE`` does, with timing wrappers around five methods of the
+``python -m gateway run -c FILE`` does, with timing wrappers around four methods of the
 outbox (nothing in the product changes), and writes every event's stage times to OUT.json
 when the gateway exits::
 
@@ -119,17 +119,14 @@ def dump(path: Path) -> None:
     path.write_text(json.dumps(complete))
 
 
-def _pct(values: Sequence[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def summarise(path: Path, start: float, end: float) -> dict[str, Any]:
     """Per-stage p50/p90/p99 (ms) of the events emitted in ``[start, end]``.
 
     ``slowest_1pct_ms`` is the mean of each stage over the slowest 1% of events: what the
     p99 is made of.
     """
+    from bench.common import percentile  # not at import: this module runs in the gateway
+
     data: dict[str, list[float]] = json.loads(path.read_text())
     events = [t for t in data.values() if start <= t[0] <= end]
     out: dict[str, Any] = {"events": len(events)}
@@ -142,9 +139,9 @@ def summarise(path: Path, start: float, end: float) -> dict[str, Any]:
     spans["total"] = [(t[-1] - t[0]) * 1000 for t in events]
     out["stages_ms"] = {
         name: {
-            "p50": round(_pct(v, 0.5), 2),
-            "p90": round(_pct(v, 0.9), 2),
-            "p99": round(_pct(v, 0.99), 2),
+            "p50": round(percentile(v, 50), 2),
+            "p90": round(percentile(v, 90), 2),
+            "p99": round(percentile(v, 99), 2),
         }
         for name, v in spans.items()
     }
@@ -166,7 +163,7 @@ def table(summary: dict[str, Any], label: str) -> list[tuple[str, Any, str]]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None, run: Callable[[list[str]], int] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``OUT.json`` then the gateway's own arguments."""
     args = list(sys.argv[1:] if argv is None else argv)
     if not args:
@@ -174,11 +171,9 @@ def main(argv: Sequence[str] | None = None, run: Callable[[list[str]], int] | No
     out = Path(args.pop(0))
     install()
     atexit.register(dump, out)
-    if run is None:
-        from gateway.cli import main as gateway_main
+    from gateway.cli import main as gateway_main
 
-        return gateway_main(args)
-    return run(args)
+    return gateway_main(args)
 
 
 if __name__ == "__main__":
