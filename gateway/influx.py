@@ -234,17 +234,35 @@ def _escape(text: str, chars: str) -> str:
     return text
 
 
+#: Escaped names and tag values: the same few hundred strings come back with every poll, and
+#: escaping them was half of :func:`to_line` (``_escape`` is six ``str.replace`` calls).
+_ESCAPED: dict[tuple[str, str], str] = {}
+_ESCAPED_MAX = 10_000
+
+
+def _escape_cached(text: str, chars: str) -> str:
+    key = (text, chars)
+    hit = _ESCAPED.get(key)
+    if hit is None:
+        hit = _escape(text, chars)
+        if len(_ESCAPED) >= _ESCAPED_MAX:
+            _ESCAPED.clear()  # bounded: order ids as tags are an open set
+        _ESCAPED[key] = hit
+    return hit
+
+
 def to_line(point: Point) -> str:
     """InfluxDB line protocol, millisecond precision; ``ValueError`` for an unwritable point."""
     if not point.measurement:
         raise ValueError("point has no measurement")
     if not math.isfinite(point.time):
         raise ValueError(f"point time is not finite: {point.time!r}")
-    parts = [_escape(point.measurement, ", ")]
+    escape = _escape_cached
+    parts = [escape(point.measurement, ", ")]
     for key in sorted(point.tags):
         tag = point.tags[key]
         if key and tag:  # empty tag values are not allowed; leaving the tag out is the same
-            parts.append(f"{_escape(key, ',= ')}={_escape(tag, ',= ')}")
+            parts.append(f"{escape(key, ',= ')}={escape(tag, ',= ')}")
     fields = []
     for key in sorted(point.fields):
         value = point.fields[key]
@@ -258,7 +276,7 @@ def to_line(point: Point) -> str:
             text = repr(value)
         else:
             text = '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-        fields.append(f"{_escape(key, ',= ')}={text}")
+        fields.append(f"{escape(key, ',= ')}={text}")
     if not fields:
         raise ValueError(f"point {point.measurement} has no fields")
     return f"{','.join(parts)} {','.join(fields)} {round(point.time * 1000)}"
