@@ -141,21 +141,23 @@ def test_line_protocol_escaping(point: Point, line: str | None) -> None:
         assert text == 'm b=true,i=3i,s="a b" 2000'
 
 
-def test_escaped_names_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
-    import gateway.influx as influx
+def test_escaped_names_are_remembered_within_a_bound() -> None:
+    from gateway.influx import _escape_cached
 
-    monkeypatch.setattr(influx, "_ESCAPED", {})
-    monkeypatch.setattr(influx, "_ESCAPED_MAX", 8)
+    _escape_cached.cache_clear()
     point = Point("m m", {"order": "PO 1"}, {"f,1": 1.0}, 1.0)
     first = to_line(point)
     assert to_line(point) == first == "m\\ m,order=PO\\ 1 f\\,1=1.0 1000"
+    assert _escape_cached.cache_info().hits >= 4
     # The same text under another escape set is another entry, not a wrong hit.
     assert to_line(Point("a,b", {"a,b": "x"}, {"a,b": 1.0}, 1.0)) == "a\\,b,a\\,b=x a\\,b=1.0 1000"
     for i in range(50):  # an open set of order ids as tag values
         assert to_line(Point("m", {"order": f"PO {i}"}, {"v": 1.0}, 1.0)).startswith(
             f"m,order=PO\\ {i} "
         )
-    assert len(influx._ESCAPED) <= 8
+    info = _escape_cached.cache_info()
+    assert info.maxsize == 10_000
+    assert info.currsize <= info.maxsize
 
 
 @pytest.mark.parametrize(
