@@ -216,14 +216,24 @@ class GatewayProc:
 
 @contextlib.asynccontextmanager
 async def gateway(
-    config: Path, log: Path, *extra: str, stages: Path | None = None
+    config: Path,
+    log: Path,
+    *extra: str,
+    stages: Path | None = None,
+    handover: Path | None = None,
 ) -> AsyncIterator[GatewayProc]:
     """``python -m gateway run -c FILE``; SIGTERM at the end (killed if it lingers).
 
     ``stages``: run it through :mod:`bench.stages`, which writes each event's stage times
-    to that file when the gateway exits.
+    to that file when the gateway exits. ``handover``: run it through :mod:`bench.handover`,
+    whose separate delivery process writes its figures to that file.
     """
-    launcher = ["bench.stages", str(stages)] if stages is not None else ["gateway"]
+    if stages is not None:
+        launcher = ["bench.stages", str(stages)]
+    elif handover is not None:
+        launcher = ["bench.handover", str(handover)]
+    else:
+        launcher = ["gateway"]
     with log.open("wb") as out:
         started = time.time()
         proc = await asyncio.create_subprocess_exec(

@@ -39,6 +39,8 @@ from bench.common import (
     wait_connected,
     write_config,
 )
+from bench.handover import summarise as summarise_handover
+from bench.handover import table as handover_rows
 from bench.stages import summarise as summarise_stages
 from bench.stages import table as stage_rows
 from simulators.load import LoadDevice, signal_map
@@ -59,9 +61,11 @@ async def run_one(
     settle: float | None = None,
     history: bool = False,
     stages: bool = False,
+    handover: bool = False,
 ) -> dict[str, Any]:
     """One scenario; returns its figures."""
     stage_file = work / "stages.json" if stages else None
+    handover_file = work / "handover.json" if handover else None
     broker = MosquittoBroker(work / "broker")
     broker.start()
     vm = VictoriaMetrics(work / "history") if history else None
@@ -104,7 +108,9 @@ async def run_one(
             ok = {d["name"] for d in sim.devices if d["mode"] == "ok"}
             async with (
                 subscriber(broker.port, on_event) as arrivals,
-                gateway(config, work / "gateway.log", stages=stage_file) as gw,
+                gateway(
+                    config, work / "gateway.log", stages=stage_file, handover=handover_file
+                ) as gw,
             ):
                 up = await wait_connected(arrivals, ok, timeout=30 + devices * 0.05)
                 if not up:
@@ -165,6 +171,8 @@ async def run_one(
     }
     if stage_file is not None and stage_file.exists():
         figures["stages"] = summarise_stages(stage_file, t0, t1)
+    if handover_file is not None and handover_file.exists():
+        figures["handover"] = summarise_handover(handover_file, t0, t1)
     return figures
 
 
@@ -204,7 +212,15 @@ def main() -> None:
         help="time every event's stages, emission to PUBACK (bench.stages): where the "
         "gateway-added latency goes",
     )
+    p.add_argument(
+        "--handover",
+        action="store_true",
+        help="hand every event over at emission to a separate delivery process "
+        "(bench.handover) and time it: what splitting delivery off the polling loop would give",
+    )
     args = p.parse_args()
+    if args.stages and args.handover:
+        p.error("--stages and --handover each wrap the gateway; use one at a time")
     raise_fd_limit()
     results: dict[str, Any] = {}
     rows: list[tuple[str, Any, str]] = []
@@ -255,6 +271,8 @@ def main() -> None:
             ]
             if "stages" in r:
                 rows += stage_rows(r["stages"], label)
+            if "handover" in r:
+                rows += handover_rows(r["handover"], label)
         if args.history:
             label = f"{sizes[-1]}x{args.signals} with history"
             work = Path(tmp) / "history"
@@ -329,6 +347,7 @@ def await_run(
             settle,
             history,
             args.stages,
+            args.handover,
         )
     )
 
