@@ -248,28 +248,139 @@ def to_line(point: Point) -> str:
     if not math.isfinite(point.time):
         raise ValueError(f"point time is not finite: {point.time!r}")
     escape = _escape_cached
-    parts = [escape(point.measurement, ", ")]
-    for key in sorted(point.tags):
-        tag = point.tags[key]
-        if key and tag:  # empty tag values are not allowed; leaving the tag out is the same
-            parts.append(f"{escape(key, ',= ')}={escape(tag, ',= ')}")
     fields = []
     for key in sorted(point.fields):
         value = point.fields[key]
-        if isinstance(value, bool):
-            text = "true" if value else "false"
-        elif isinstance(value, int):
-            text = f"{value}i"
-        elif isinstance(value, float):
-            if not math.isfinite(value):
-                continue
-            text = repr(value)
-        else:
-            text = '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
-        fields.append(f"{escape(key, ',= ')}={text}")
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        fields.append(f"{escape(key, ',= ')}={_field_text(value)}")
     if not fields:
         raise ValueError(f"point {point.measurement} has no fields")
-    return f"{','.join(parts)} {','.join(fields)} {round(point.time * 1000)}"
+    return f"{_head(point.measurement, point.tags)} {','.join(fields)} {round(point.time * 1000)}"
+
+
+def _head(measurement: str, tags: Mapping[str, str]) -> str:
+    """A line's measurement and tags."""
+    escape = _escape_cached
+    parts = [escape(measurement, ", ")]
+    for key in sorted(tags):
+        tag = tags[key]
+        if key and tag:  # empty tag values are not allowed; leaving the tag out is the same
+            parts.append(f"{escape(key, ',= ')}={escape(tag, ',= ')}")
+    return ",".join(parts)
+
+
+#: In a :class:`TelemetryLine` layout, the place of the ``state_code`` field derived from
+#: ``state`` (not a sample of its own).
+_STATE_CODE = -1
+
+
+class TelemetryLine:
+    """One machine's telemetry as line protocol, built straight from a poll's samples.
+
+    The same text as ``to_line(telemetry_point(location, samples, order_id))`` with the
+    ``skip`` signals left out, for a fraction of the cost, and no point in between. Every
+    poll repeats the measurement and tags, the escaped field names and their sorted order,
+    so those are worked out once per machine, again only when the order, the location or
+    the signals change. One per machine, used on the event loop.
+    """
+
+    __slots__ = ("_head", "_key", "_layout", "_names", "_skip")
+
+    def __init__(self, skip: frozenset[str] = frozenset()) -> None:
+        """A line builder that leaves the ``skip`` signals out (e.g. personal data)."""
+        self._skip = skip
+        self._key: tuple[Location, str | None] | None = None
+        self._head = ""
+        self._names: list[str] | None = None
+        #: (index of the sample in the batch, or _STATE_CODE; escaped name and "="), by name.
+        self._layout: list[tuple[int, str]] = []
+
+    def line(
+        self, location: Location, samples: Sequence[Sample], order_id: str | None = None
+    ) -> str | None:
+        """The poll's line; ``None`` when no sample has a value a field can hold."""
+        key = (location, order_id)
+        if key != self._key:
+            self._head = _head(MEASUREMENT_TELEMETRY, _location_tags(location, order_id))
+            self._key = key
+        names = [s[1] for s in samples]
+        if names != self._names:
+            if "state_code" in names or len(set(names)) != len(names):
+                # A signal of that name or a repeated one: the general path settles it.
+                point = telemetry_point(
+                    location, [s for s in samples if s[1] not in self._skip], order_id
+                )
+                return to_line(point) if point is not None else None
+            self._plan(names)
+        fields: list[str] = []
+        append = fields.append
+        newest = 0.0
+        state: Any = None
+        bad = Quality.BAD
+        isfinite = math.isfinite
+        for index, name in self._layout:
+            if index == _STATE_CODE:
+                if isinstance(state, str) and state in STATE_CODES:
+                    append(f"{name}{float(STATE_CODES[state])!r}")
+                continue
+            s = samples[index]
+            value: Any = s[2]
+            if value is None or s[4] is bad:
+                continue
+            if s[3] > newest:
+                newest = s[3]
+            kind = type(value)
+            if kind is int:
+                number = float(value)
+                if isfinite(number):
+                    append(f"{name}{number!r}")
+            elif kind is float:
+                if isfinite(value):
+                    append(f"{name}{value!r}")
+            elif kind is str:
+                if name == "state=":
+                    state = value
+                append(name + _quoted(value))
+            elif kind is bool:
+                append(f"{name}{'true' if value else 'false'}")
+            else:
+                # Subclasses (an IntEnum, a str enum): as field_value() sees them.
+                field = field_value(value)
+                if isinstance(field, str) and name == "state=":
+                    state = field
+                if field is not None:
+                    append(f"{name}{_field_text(field)}")
+        if not fields or newest == math.inf:
+            # A source clock at infinity has no line (the general path's sink refuses it).
+            return None
+        return f"{self._head} {','.join(fields)} {round(newest * 1000)}"
+
+    def _plan(self, names: list[str]) -> None:
+        escape = _escape_cached
+        keyed = [(name, i) for i, name in enumerate(names) if name not in self._skip]
+        if any(name == "state" for name, _ in keyed):
+            keyed.append(("state_code", _STATE_CODE))
+        keyed.sort()
+        # state_code comes after state in sorted order, so state is known when it is due.
+        self._layout = [(i, escape(name, ",= ") + "=") for name, i in keyed]
+        self._names = names
+
+
+def _field_text(value: FieldValue) -> str:
+    """A field value in line protocol (a float must be finite)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return f"{value}i"
+    return _quoted(value)
+
+
+def _quoted(text: str) -> str:
+    """A string field value: quoted, with a newline (which would end the line) as a space."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
 
 
 # ---------------------------------------------------------------------------- sinks
@@ -311,13 +422,19 @@ class InfluxSink:
         )
         self._write = self._client.write_api(write_options=SYNCHRONOUS)
 
-    def write(self, batch: Sequence[Point]) -> None:
-        """Write a batch; ``SinkRejected`` on HTTP 400/413/422, the HTTP error otherwise."""
+    def write(self, batch: Sequence[Point | str]) -> None:
+        """Write a batch of points or finished lines (:class:`TelemetryLine`).
+
+        ``SinkRejected`` on HTTP 400/413/422, the HTTP error otherwise.
+        """
         from influxdb_client.domain.write_precision import WritePrecision
         from influxdb_client.rest import ApiException
 
         lines = []
         for p in batch:
+            if isinstance(p, str):
+                lines.append(p)
+                continue
             try:
                 lines.append(to_line(p))
             except ValueError as exc:

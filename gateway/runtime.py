@@ -56,7 +56,7 @@ from gateway.config import (
 from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
-from gateway.influx import EnvelopeSink, InfluxSink, SinkRunner, telemetry_point
+from gateway.influx import EnvelopeSink, InfluxSink, SinkRunner, TelemetryLine
 from gateway.mapping import Mapper
 from gateway.metrics import Metrics
 from gateway.model import Event, Location, Sample
@@ -77,6 +77,10 @@ from gateway.tracker import CommandResult, MachineTracker, Rejection
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
+
+
+#: Signals that identify a person; they stay inside the gateway.
+PERSONAL_SIGNALS = frozenset({"operator"})
 
 
 @dataclass(slots=True)
@@ -109,6 +113,9 @@ class _Machine:
     rejections_logged: set[str] = field(default_factory=set)
     #: For machines that map no ``state`` signal: a state derived from the counters.
     derived_state: StateFromCounts | None = None
+    #: The history's line for each poll; the operator badge is personal data and never
+    #: goes into the history.
+    telemetry_line: TelemetryLine = field(default_factory=lambda: TelemetryLine(PERSONAL_SIGNALS))
 
     def __post_init__(self) -> None:
         self.refresh_derived()
@@ -127,8 +134,6 @@ _CUSTOMERS_PER_MACHINE = 64
 STATUS_INTERVAL = 10.0
 #: Outbox position name of the InfluxDB history sink.
 INFLUX = "influxdb"
-#: Signals that identify a person; they stay inside the gateway.
-PERSONAL_SIGNALS = frozenset({"operator"})
 
 
 def broker_settings(
@@ -769,11 +774,9 @@ class Gateway:
         if rejections or m.rejections_logged:
             self._log_rejections(m, rejections)
         if self.telemetry is not None:
-            # The operator badge is personal data: it never goes into the history.
-            values = [x for x in mapped if x.signal not in PERSONAL_SIGNALS]
-            point = telemetry_point(m.plan.location, values, m.tracker.order_id)
-            if point is not None:
-                self.telemetry.submit(point)
+            line = m.telemetry_line.line(m.plan.location, mapped, m.tracker.order_id)
+            if line is not None:
+                self.telemetry.submit(line)
 
     @staticmethod
     def _log_rejections(m: _Machine, rejections: Sequence[Rejection]) -> None:
