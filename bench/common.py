@@ -28,6 +28,7 @@ from typing import Any
 
 import aiomqtt
 
+from gateway.influx import SINK_NAME
 from gateway.metrics import histogram_quantile
 from tests.gatewayproc import stop
 
@@ -319,7 +320,7 @@ _LABEL = re.compile(r'(\w+)="([^"]*)"')
 
 
 async def delivery_buckets(
-    port: int, *, skip: tuple[str, ...] = ("influxdb",)
+    port: int, *, skip: tuple[str, ...] = (SINK_NAME,)
 ) -> dict[float, float]:
     """Cumulative ``le -> count`` of the gateway's ``shopfloor_event_delivery_seconds``.
 

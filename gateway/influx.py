@@ -53,6 +53,8 @@ T = TypeVar("T")
 T_contra = TypeVar("T_contra", contravariant=True)
 FieldValue = bool | int | float | str
 
+#: The history sink's name: its outbox position, its label in /metrics, its logs' destination.
+SINK_NAME = "influxdb"
 MEASUREMENT_TELEMETRY = "shopfloor_telemetry"
 MEASUREMENT_MACHINE = "shopfloor_machine"
 MEASUREMENT_ORDER = "shopfloor_order"
@@ -533,7 +535,7 @@ class SinkRunner(Generic[T]):
         self,
         sink: Sink[T],
         *,
-        name: str = "influxdb",
+        name: str = SINK_NAME,
         settings: RunnerSettings | None = None,
         queue: SinkQueue[T] | None = None,
         clock: Callable[[], float] = time.time,
@@ -767,4 +769,4 @@ def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
         max_queue=config.max_queue,
         write_timeout=config.timeout * 2 + 1,
     )
-    return SinkRunner(InfluxSink(config), name="influxdb", settings=settings)
+    return SinkRunner(InfluxSink(config), name=SINK_NAME, settings=settings)

@@ -56,7 +56,7 @@ from gateway.config import (
 from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
-from gateway.influx import EnvelopeSink, InfluxSink, SinkRunner, TelemetryLine
+from gateway.influx import SINK_NAME, EnvelopeSink, InfluxSink, SinkRunner, TelemetryLine
 from gateway.mapping import Mapper
 from gateway.metrics import Metrics
 from gateway.model import Event, Location, Sample
@@ -132,8 +132,6 @@ class _Machine:
 _CUSTOMERS_PER_MACHINE = 64
 #: How often the retained status is refreshed with the outbox backlog, in seconds.
 STATUS_INTERVAL = 10.0
-#: Outbox position name of the InfluxDB history sink.
-INFLUX = "influxdb"
 
 
 def broker_settings(
@@ -251,7 +249,7 @@ class Gateway:
         self.started_at = clock()
         self.destinations = destinations(plan)
         ob = outbox_plan(plan)
-        sink_names = [INFLUX] if plan.influxdb is not None else []
+        sink_names = [SINK_NAME] if plan.influxdb is not None else []
         self.outbox = Outbox(
             ob.path, [d.name for d in self.destinations] + sink_names, max_events=ob.max_events
         )
@@ -279,19 +277,21 @@ class Gateway:
         self.influx: SinkRunner[Any] | None = None
         self._influx_sinks: list[InfluxSink] = []
         if plan.influxdb is not None:
-            iq = self.outbox.queue(Route(INFLUX), clock=clock, delayed_after=ob.delayed_after)
+            iq = self.outbox.queue(Route(SINK_NAME), clock=clock, delayed_after=ob.delayed_after)
             events_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(events_sink)
-            self.influx = SinkRunner(EnvelopeSink(events_sink), name=INFLUX, queue=iq, clock=clock)
+            self.influx = SinkRunner(
+                EnvelopeSink(events_sink), name=SINK_NAME, queue=iq, clock=clock
+            )
             iq.waker = self.influx.notify
-            self.queues[INFLUX] = iq
+            self.queues[SINK_NAME] = iq
         #: Telemetry (every read) goes to the history through memory only: in an outage it
         #: is the first thing to give up, as the outbox's overflow policy says.
         self.telemetry: SinkRunner[Any] | None = None
         if plan.influxdb is not None and plan.influxdb.telemetry:
             telemetry_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(telemetry_sink)
-            self.telemetry = SinkRunner(telemetry_sink, name=f"{INFLUX}.telemetry", clock=clock)
+            self.telemetry = SinkRunner(telemetry_sink, name=f"{SINK_NAME}.telemetry", clock=clock)
         self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
         self.metrics.configure(m.id for m in plan.machines)
         for name, queue in self.queues.items():
