@@ -6,6 +6,7 @@ memory are read from ``/proc/<pid>`` and nothing of the load generators counts a
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -444,6 +445,22 @@ def parse_time(text: str) -> float:
 # ------------------------------------------------------------------ profiling
 
 
+#: What a benchmark says when ``--profile`` is asked for without py-spy installed.
+PY_SPY_MISSING = "--profile needs py-spy, which is not installed: .venv/bin/pip install py-spy"
+
+
+def py_spy() -> str | None:
+    """The py-spy executable, on PATH or beside this Python; ``None`` when there is none."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    return spy if os.access(spy, os.X_OK) else None
+
+
+def check_profiler(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Stop at once, with what to install, if ``--profile`` cannot run (not after a run)."""
+    if getattr(args, "profile", False) and py_spy() is None:
+        parser.error(PY_SPY_MISSING)
+
+
 async def start_profiler(
     pid: int, seconds: float, enabled: bool, label: str
 ) -> asyncio.subprocess.Process | None:
@@ -451,7 +468,9 @@ async def start_profiler(
     stacks; ``python -m bench.hotspots FILE`` summarises them)."""
     if not enabled:
         return None
-    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    spy = py_spy()
+    if spy is None:
+        raise RuntimeError(PY_SPY_MISSING)
     RESULTS.mkdir(parents=True, exist_ok=True)
     out = RESULTS / f"profile-{label}.txt"
     return await asyncio.create_subprocess_exec(

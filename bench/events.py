@@ -30,7 +30,7 @@ from typing import Any
 
 import uvloop
 
-from bench.common import report, start_profiler, write_config
+from bench.common import check_profiler, report, start_profiler, write_config
 from gateway import logs
 from gateway.config import load_config
 from gateway.model import Sample
@@ -252,6 +252,7 @@ def main() -> None:
         "--profile", action="store_true", help="py-spy one events phase (bench/results/)"
     )
     args = p.parse_args()
+    check_profiler(p, args)
     logs.configure("warning")
     with tempfile.TemporaryDirectory(prefix="bench-events-") as tmp:
         broker = MosquittoBroker(Path(tmp) / "broker")

@@ -40,6 +40,7 @@ from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 
 from bench.common import (
+    check_profiler,
     cpu_seconds,
     free_port_range,
     gateway,
@@ -316,6 +317,7 @@ def main() -> None:
     p.add_argument("--name", default="latency_opcua")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during each pair")
     args = p.parse_args()
+    check_profiler(p, args)
     if args.processes < 1 or args.machines < 1 or args.window <= 0:
         p.error("--processes, --machines and --window must be positive")
     try:

@@ -492,7 +492,11 @@ def drain_once(
             args += ["--batch", str(batch)]
         gw = _spawn(*args)
         if profile is not None:
-            exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+            from bench.common import PY_SPY_MISSING, py_spy
+
+            exe = py_spy()
+            if exe is None:
+                raise RuntimeError(PY_SPY_MISSING)
             spy = subprocess.Popen(
                 [
                     *(exe, "record", "--pid", str(gw.pid), "--rate", "250", "--format", "raw"),
@@ -621,6 +625,9 @@ def main() -> None:
     p.add_argument("--gateway-worker", nargs=2, metavar=("DB", "PORT"), help=argparse.SUPPRESS)
     p.add_argument("--subscriber-worker", nargs=2, metavar=("PORT", "FILE"), help=argparse.SUPPRESS)
     args = p.parse_args()
+    from bench.common import check_profiler
+
+    check_profiler(p, args)
     if args.gateway_worker:
         import uvloop
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
+    check_profiler,
     cpu_seconds,
     delivery_buckets,
     delivery_times,
@@ -219,6 +220,7 @@ def main() -> None:
         "(bench.handover) and time it: what splitting delivery off the polling loop would give",
     )
     args = p.parse_args()
+    check_profiler(p, args)
     if args.stages and args.handover:
         p.error("--stages and --handover each wrap the gateway; use one at a time")
     if args.handover and (args.history or args.faulty or args.all_down):

@@ -29,6 +29,7 @@ from bench.common import (
     PREFIX,
     ROOT,
     SITE,
+    check_profiler,
     cpu_seconds,
     free_port_range,
     gateway,
@@ -232,6 +233,7 @@ def main() -> None:
     p.add_argument("--name", default="scale_opcua")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during the window")
     args = p.parse_args()
+    check_profiler(p, args)
     if args.processes < 1 or args.machines < 1:
         p.error("--processes and --machines must be at least 1")
     raise_fd_limit()
