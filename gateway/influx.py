@@ -332,6 +332,8 @@ class TelemetryLine:
                 continue
             if s[3] > newest:
                 newest = s[3]
+            # field_value() and _field_text() inlined for the exact types a device gives:
+            # calling them per field costs as much as the general path this replaces.
             kind = type(value)
             if kind is int:
                 number = float(value)
