@@ -682,29 +682,38 @@ class SinkRunner(Generic[T]):
             self._queue.requeue()
 
     async def _next_batch(self) -> list[tuple[int, T]]:
+        """The next batch: the first item, then up to ``flush_interval`` for it to fill.
+
+        Every turn that takes nothing awaits a wake-up: a queue may count items it cannot
+        hand out yet (the outbox counts rows still being committed or read back, and both
+        land through the event loop), so "something is pending" is never a reason to try
+        again at once. Returns ``[]`` only when stopping.
+        """
         s = self.settings
         loop = asyncio.get_running_loop()
-        # Wait for the first item, then up to flush_interval for the batch to fill.
-        while self._unsent() == 0:
-            if self._stop.is_set():
-                return []
+        batch: list[tuple[int, T]] = []
+        deadline: float | None = None
+        while True:
+            while len(batch) < s.batch_size and (item := self._queue.take()) is not None:
+                batch.append(item)
+            if len(batch) >= s.batch_size:
+                return batch
+            if batch:
+                if self._closing or self._flush_waiters or self._stop.is_set():
+                    return batch
+                if deadline is None:
+                    deadline = loop.time() + s.flush_interval
+                elif loop.time() >= deadline:
+                    return batch
+            elif self._stop.is_set():
+                return batch
             self._wake.clear()
-            await self._wake.wait()
-        deadline = loop.time() + s.flush_interval
-        while self._unsent() < s.batch_size and not self._closing and not self._flush_waiters:
-            self._wake.clear()
+            if deadline is None:
+                await self._wake.wait()
+                continue
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
                     await self._wake.wait()
-            if loop.time() >= deadline:
-                break
-        batch: list[tuple[int, T]] = []
-        while len(batch) < s.batch_size and (item := self._queue.take()) is not None:
-            batch.append(item)
-        return batch
-
-    def _unsent(self) -> int:
-        return len(self._queue) - self._queue.in_flight
 
     async def _write(self, batch: list[tuple[int, T]]) -> None:
         items = [item for _, item in batch]
