@@ -14,11 +14,14 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import structlog
 
 from gateway import __version__, logs
+
+if TYPE_CHECKING:
+    from gateway.loopwatch import LoopWatch
 
 log = structlog.get_logger(__name__)
 
@@ -128,16 +131,40 @@ def main(argv: Sequence[str] | None = None) -> int:
 # ---------------------------------------------------------------------------- helpers
 
 
-def run_async(factory: Callable[[asyncio.Event], Awaitable[int]]) -> int:
-    """Run a coroutine on uvloop when available; SIGTERM/SIGINT set the stop event."""
+def run_async(
+    factory: Callable[[asyncio.Event], Awaitable[int]],
+    *,
+    watch: LoopWatch | None = None,
+    deadline: float = 10.0,
+) -> int:
+    """Run a coroutine on uvloop when available; SIGTERM/SIGINT set the stop event.
+
+    With a ``watch`` (the daemon), the signals are caught by a Python-level handler rather
+    than the loop's: it runs in the main thread between two bytecodes even while a bug keeps
+    the loop from turning, arms the watch's hard deadline (``deadline`` seconds), and then
+    asks the loop to stop. However the shutdown goes, the process ends in time.
+    """
 
     async def wrapper() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(sig, stop.set)
-        return await factory(stop)
+        if watch is None:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError):
+                    loop.add_signal_handler(sig, stop.set)
+        else:
+
+            def on_signal(signum: int, frame: object) -> None:
+                watch.arm(deadline, signal.Signals(signum).name)
+                loop.call_soon_threadsafe(stop.set)
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, on_signal)
+        try:
+            return await factory(stop)
+        finally:
+            if watch is not None:
+                watch.close()
 
     try:
         import uvloop
@@ -215,17 +242,20 @@ def cmd_run(args: argparse.Namespace) -> int:
         json=_json(args.log_format or plan.log_format),
         levels=plan.log_levels,
     )
-    from gateway.runtime import Gateway
+    from gateway.loopwatch import LoopWatch
+    from gateway.runtime import SHUTDOWN_DEADLINE, Gateway
+
+    watch = LoopWatch()
 
     async def go(stop: asyncio.Event) -> int:
-        gateway = Gateway(plan)
+        gateway = Gateway(plan, watch=watch)
         with contextlib.suppress(NotImplementedError):
             # SIGHUP (and `systemctl reload`) re-reads the config file.
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.request_reload)
         await gateway.run(stop)
         return EXIT_OK
 
-    return run_async(go)
+    return run_async(go, watch=watch, deadline=SHUTDOWN_DEADLINE)
 
 
 def _json(fmt: str | None) -> bool | None:

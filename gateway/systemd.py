@@ -140,27 +140,51 @@ class Notifier:
             self._sock.close()
             self._sock = None
 
-    async def keepalive(self, status: Callable[[], str] | None = None) -> None:
+    async def keepalive(
+        self,
+        status: Callable[[], str] | None = None,
+        *,
+        healthy: Callable[[], bool] | None = None,
+    ) -> None:
         """Ping the watchdog (and refresh the status line) until cancelled.
 
         Runs on the event loop on purpose: if the loop hangs, the pings stop and systemd
-        restarts the service. Returns at once when the watchdog is off and there is no
-        status to refresh.
+        restarts the service. ``healthy`` gates each ping too: a loop that turns but
+        lags by seconds, or a gateway whose core task died, is not fed either. Returns at
+        once when the watchdog is off and there is no status to refresh.
         """
         interval = self.watchdog
         if interval is None and (status is None or not self.enabled):
             return
         period = interval if interval is not None else 10.0
         last_status = ""
+        withheld = False
         while True:
             if interval is not None:
-                self.ping()
+                if healthy is None or _safe_healthy(healthy):
+                    self.ping()
+                    if withheld:
+                        log.info("systemd.watchdog_resumed")
+                    withheld = False
+                elif not withheld:
+                    # Once per episode; systemd restarts the service if it lasts.
+                    withheld = True
+                    log.warning("systemd.watchdog_withheld", reason="gateway not healthy")
             if status is not None:
                 text = _safe_status(status)
                 if text and text != last_status:
                     self.status(text)
                     last_status = text
             await asyncio.sleep(period)
+
+
+def _safe_healthy(healthy: Callable[[], bool]) -> bool:
+    # A bug in the check must not look like a hung gateway.
+    try:
+        return bool(healthy())
+    except Exception:
+        log.exception("systemd.health_check_failed")
+        return True
 
 
 def _safe_status(status: Callable[[], str]) -> str:
