@@ -191,6 +191,9 @@ class HealthConfig(_Model):
 
     #: ``host:port`` (an IP address; ``[v6]:port``), or null to switch the endpoint off.
     listen: str | None = "127.0.0.1:9108"
+    #: Not ready once a destination's oldest undelivered event is older than this (seconds)
+    #: and it acknowledged nothing for as long: disconnected, or connected but stuck.
+    max_pending_age: float = Field(default=60.0, gt=0, le=86_400)
 
     @field_validator("listen")
     @classmethod
@@ -339,6 +342,8 @@ class GatewayPlan:
     redaction_secret: SecretStr | None = field(default=None, repr=False)
     #: ``(host, port)`` of ``/healthz`` and ``/metrics``; ``None`` = off.
     health_listen: tuple[str, int] | None = None
+    #: Readiness bound on the oldest undelivered event (``health.max_pending_age``).
+    health_max_pending_age: float = 60.0
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
@@ -616,6 +621,7 @@ def _compile(
         outbox=outbox,
         redaction_secret=secret,
         health_listen=parse_listen(config.health.listen) if config.health.listen else None,
+        health_max_pending_age=config.health.max_pending_age,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
     )

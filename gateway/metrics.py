@@ -27,12 +27,16 @@ Exported (all prefixed ``shopfloor_``)::
                                                 drained backlog's age after an outage
     asyncio_tasks                               tasks alive on the gateway's event loop
                                                 (flat over time; a rise is a leak)
+    event_loop_lag_seconds                      worst lateness of the loop in the last second
+    event_loop_stalls_total                     times the loop did not turn for over 1 s
 
 plus ``process_*`` (resident memory, CPU, open files) from prometheus-client's
 ``ProcessCollector``.
 
-Readiness (:func:`evaluate_health`) is pure: config loaded, outbox writable, and at least
-one required destination connected or buffering within its limits.
+Readiness (:func:`evaluate_health`) is pure: config loaded, outbox writable, every core
+task alive, the event loop turning, and at least one required destination delivering or
+buffering within its limits (a connected destination that acknowledges nothing while its
+oldest pending message ages past ``max_pending_age`` is not delivering).
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ class DestinationView:
     limit: int | None = None
     #: Whether readiness depends on it (MQTT brokers yes, the optional history sink no).
     required: bool = True
+    #: When it last made progress: acknowledged something, or had nothing to send.
+    progress_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,14 +107,33 @@ class HealthReport:
 
 
 def destination_ok(
-    d: DestinationView, *, max_fill: float = DEFAULT_MAX_FILL, max_age: float | None = None
+    d: DestinationView,
+    *,
+    max_fill: float = DEFAULT_MAX_FILL,
+    max_age: float | None = None,
+    now: float | None = None,
 ) -> tuple[bool, str]:
-    """Whether a destination is connected or buffering within limits, and why not."""
+    """Whether a destination delivers, or buffers within limits, and why not.
+
+    Connected is not enough: a broker that takes the connection but acknowledges nothing
+    (dropped PUBACKs) is stuck once its oldest pending message is older than ``max_age``
+    and nothing was acknowledged for that long. A connected destination draining an old
+    backlog makes progress and stays usable.
+    """
+    old = max_age is not None and d.oldest_age is not None and d.oldest_age > max_age
     if d.connected:
+        if old and d.backlog > 0 and now is not None and max_age is not None:
+            idle = None if d.progress_at is None else now - d.progress_at
+            if idle is None or idle > max_age:
+                return False, (
+                    f"{d.name}: connected but nothing acknowledged for "
+                    f"{max_age:g} s or more; oldest pending message is "
+                    f"{d.oldest_age:.0f} s old"
+                )
         return True, ""
     if d.limit is not None and d.backlog >= max_fill * d.limit:
         return False, f"{d.name}: disconnected and backlog {d.backlog} near its limit {d.limit}"
-    if max_age is not None and d.oldest_age is not None and d.oldest_age > max_age:
+    if old:
         return False, (
             f"{d.name}: disconnected and oldest pending message is "
             f"{d.oldest_age:.0f} s old (limit {max_age:g} s)"
@@ -123,10 +148,14 @@ def evaluate_health(
     destinations: Iterable[DestinationView],
     max_fill: float = DEFAULT_MAX_FILL,
     max_age: float | None = None,
+    now: float | None = None,
+    dead_tasks: Iterable[str] = (),
+    loop_stalled: bool = False,
 ) -> HealthReport:
-    """Ready when the config is loaded, the outbox writable, and a destination is usable.
+    """Ready when the config is loaded, the outbox writable, every core task alive, the event
+    loop turning, and a destination usable.
 
-    A destination is usable when connected, or disconnected but still buffering within
+    A destination is usable when it delivers, or is disconnected but still buffering within
     limits (backlog below ``max_fill`` of its bound, oldest pending younger than
     ``max_age``): a short broker outage is what the outbox is for, not a reason to
     restart the gateway.
@@ -136,10 +165,15 @@ def evaluate_health(
         problems.append("config not loaded")
     if not outbox_writable:
         problems.append("outbox not writable")
+    dead = sorted(dead_tasks)
+    for name in dead:
+        problems.append(f"task {name} has ended")
+    if loop_stalled:
+        problems.append("the event loop is stalled")
     required = [d for d in destinations if d.required]
     usable = False
     for d in required:
-        ok, why = destination_ok(d, max_fill=max_fill, max_age=max_age)
+        ok, why = destination_ok(d, max_fill=max_fill, max_age=max_age, now=now)
         usable = usable or ok
         if not ok:
             problems.append(why)
@@ -148,6 +182,7 @@ def evaluate_health(
     checks = {
         "config": config_loaded,
         "outbox": outbox_writable,
+        "tasks": not dead and not loop_stalled,
         "destinations": usable,
     }
     return HealthReport(ready=all(checks.values()), checks=checks, problems=tuple(problems))
@@ -274,6 +309,9 @@ class _State:
     delivery: dict[str, Histogram] = field(default_factory=dict)
     config_loaded: bool = False
     outbox_writable: bool = True
+    #: Worst event-loop lag of the last report period, and stalls over 1 s so far.
+    loop_lag: float = 0.0
+    loop_stalls: int = 0
 
 
 class Metrics:
@@ -298,6 +336,10 @@ class Metrics:
         self._max_fill = max_fill
         self._max_age = max_pending_age
         self._s = _State()
+        #: Names of core tasks that ended by themselves (set by the runtime).
+        self.dead_tasks: Callable[[], Iterable[str]] = tuple
+        #: Whether the event loop is stalled right now (set by the runtime's loop watch).
+        self.loop_stalled: Callable[[], bool] = bool
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Collector(self))
         if process:
@@ -356,15 +398,20 @@ class Metrics:
     ) -> None:
         """Latest state of one destination; totals are absolute (monotonic) counts."""
         old = self._s.destinations.get(name)
+        published = _total(published_total, old.published_total if old else 0)
+        progress_at = old.progress_at if old else None
+        if backlog <= 0 or old is None or published != old.published_total:
+            progress_at = self._clock()
         self._s.destinations[name] = DestinationView(
             name=name,
             connected=connected,
             backlog=max(0, backlog),
             oldest_age=finite_or_none(oldest_age),
-            published_total=_total(published_total, old.published_total if old else 0),
+            published_total=published,
             dropped_total=_total(dropped_total, old.dropped_total if old else 0),
             limit=limit,
             required=required,
+            progress_at=progress_at,
         )
 
     def published(self, name: str, n: int = 1) -> None:
@@ -394,7 +441,15 @@ class Metrics:
             destinations=self._s.destinations.values(),
             max_fill=self._max_fill,
             max_age=self._max_age,
+            now=self._clock(),
+            dead_tasks=self.dead_tasks(),
+            loop_stalled=self.loop_stalled(),
         )
+
+    def loop_lag(self, seconds: float, stalls: int) -> None:
+        """The worst event-loop lag of the last period, and the stalls seen so far."""
+        self._s.loop_lag = max(0.0, seconds) if math.isfinite(seconds) else 0.0
+        self._s.loop_stalls = stalls
 
     def summary(self, now: float | None = None) -> dict[str, Any]:
         """The health summary for the retained status topic and ``/healthz``."""
@@ -512,6 +567,18 @@ class Metrics:
         for type_, n in sorted(s.events.items()):
             events.add_metric([type_], n)
         yield events
+
+        yield GaugeMetricFamily(
+            "shopfloor_event_loop_lag_seconds",
+            "Worst lateness of the event loop over the last second (a blocked loop stops "
+            "polls and publishing alike).",
+            value=s.loop_lag,
+        )
+        yield CounterMetricFamily(
+            "shopfloor_event_loop_stalls",
+            "Times the event loop did not turn for more than a second.",
+            value=s.loop_stalls,
+        )
 
         tasks = _tasks_alive()
         if tasks is not None:

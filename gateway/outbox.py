@@ -1094,6 +1094,20 @@ class OutboxQueue:
             candidates.append((self._cursor + 1) << _KEY_SHIFT)
         return min(candidates) if candidates else None
 
+    def oldest_created(self) -> float | None:
+        """When the oldest row not yet acknowledged was committed; ``None`` when none is read.
+
+        Rows are read in ``seq`` order, so the oldest unacknowledged row is in flight or
+        first in line; rows not read yet (a fetch under way) are younger than those.
+        """
+        oldest: float | None = self._rows[0].created if self._rows else None
+        for item in self._inflight.values():
+            if isinstance(item, list) and item:
+                created = item[0].created
+                if oldest is None or created < oldest:
+                    oldest = created
+        return oldest
+
     @property
     def last_key(self) -> int:
         """Key of the newest message pushed or row appended."""

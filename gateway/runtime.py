@@ -56,7 +56,15 @@ from gateway.config import (
 from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
-from gateway.influx import SINK_NAME, EnvelopeSink, InfluxSink, SinkRunner, TelemetryLine
+from gateway.influx import (
+    SINK_NAME,
+    EnvelopeSink,
+    InfluxSink,
+    SinkRunner,
+    TelemetryLine,
+    settings_for,
+)
+from gateway.loopwatch import LoopWatch
 from gateway.mapping import Mapper
 from gateway.metrics import Metrics
 from gateway.model import Event, Location, Sample
@@ -182,6 +190,10 @@ def broker_settings(
 
 #: Seconds after which a shutdown that has not finished logs what it is waiting for.
 SLOW_SHUTDOWN = 5.0
+#: Seconds from SIGTERM (or a core task's failure) to the end of the process, whatever a
+#: task does: the publishers' grace, the outbox's last commit and a margin. Past it the
+#: loop watch ends the process (exit code 70); systemd's TimeoutStopSec is longer.
+SHUTDOWN_DEADLINE = 10.0
 
 
 async def _report_slow_shutdown() -> None:
@@ -239,8 +251,15 @@ class Gateway:
         backoff: Backoff | None = None,
         shutdown_grace: float = 3.0,
         rng: random.Random | None = None,
+        watch: LoopWatch | None = None,
     ) -> None:
         self.plan = plan
+        #: Event-loop lag, stall reports and the hard shutdown deadline (``shopfloor run``).
+        self.watch = watch
+        #: Tasks the gateway cannot work without, by name; one that ends by itself while
+        #: running makes the gateway unready (and, with an error, ends it).
+        self._core: dict[str, asyncio.Task[Any]] = {}
+        self._stopping = False
         self._clock = clock
         self._backoff = backoff or DEVICE_BACKOFF
         self._grace = shutdown_grace
@@ -281,7 +300,11 @@ class Gateway:
             events_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(events_sink)
             self.influx = SinkRunner(
-                EnvelopeSink(events_sink), name=SINK_NAME, queue=iq, clock=clock
+                EnvelopeSink(events_sink),
+                name=SINK_NAME,
+                queue=iq,
+                clock=clock,
+                settings=settings_for(plan.influxdb),
             )
             iq.waker = self.influx.notify
             self.queues[SINK_NAME] = iq
@@ -291,8 +314,23 @@ class Gateway:
         if plan.influxdb is not None and plan.influxdb.telemetry:
             telemetry_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(telemetry_sink)
-            self.telemetry = SinkRunner(telemetry_sink, name=f"{SINK_NAME}.telemetry", clock=clock)
-        self.metrics = Metrics(gateway_id=plan.gateway_id, started_at=self.started_at, clock=clock)
+            # Bounded in count and bytes: a history database slower than the load loses
+            # its oldest telemetry first (counted), never an event, never a poll.
+            self.telemetry = SinkRunner(
+                telemetry_sink,
+                name=f"{SINK_NAME}.telemetry",
+                clock=clock,
+                settings=settings_for(plan.influxdb),
+            )
+        self.metrics = Metrics(
+            gateway_id=plan.gateway_id,
+            started_at=self.started_at,
+            clock=clock,
+            max_pending_age=plan.health_max_pending_age,
+        )
+        self.metrics.dead_tasks = self.dead_tasks
+        if watch is not None:
+            self.metrics.loop_stalled = lambda: not watch.healthy()
         self.metrics.configure(m.id for m in plan.machines)
         for name, queue in self.queues.items():
             queue.on_delivered = self.metrics.delivery(name).observe
@@ -370,30 +408,39 @@ class Gateway:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                if self.watch is not None:
+                    self.watch.start()
+                    self._core_task(tg.create_task(self.watch.run(), name="loop-watch"))
                 # Not supervised: a failing outbox ends the TaskGroup and the gateway.
-                outbox_task = tg.create_task(self.outbox.run(), name="outbox")
+                outbox_task = self._core_task(tg.create_task(self.outbox.run(), name="outbox"))
                 for q in self.queues.values():
                     q.start()
                 publisher_tasks = [
-                    asyncio.create_task(pub.run(), name=f"publisher[{name}]")
+                    self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
                 for runner in (self.influx, self.telemetry):
                     if runner is not None:
-                        publisher_tasks.append(asyncio.create_task(runner.run(), name=runner.name))
+                        publisher_tasks.append(
+                            self._core_task(asyncio.create_task(runner.run(), name=runner.name))
+                        )
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
                     self._publish_state(m, m.tracker.snapshot(), self._clock())
                 for m in self.machines.values():
                     self._start_device(m)
-                ticker = tg.create_task(self._tick(), name="ticker")
+                ticker = self._core_task(tg.create_task(self._tick(), name="ticker"))
                 listeners = [
-                    tg.create_task(c.run(), name=f"commands[{c.name}]") for c in self.listeners
+                    self._core_task(tg.create_task(c.run(), name=f"commands[{c.name}]"))
+                    for c in self.listeners
                 ]
-                reloader = tg.create_task(self._reloader(), name="reloader")
+                reloader = self._core_task(tg.create_task(self._reloader(), name="reloader"))
+                # The watchdog is fed only while the gateway is healthy: a stalled loop or a
+                # dead core task stops the pings, and systemd restarts the service.
                 keepalive = tg.create_task(
-                    self.notifier.keepalive(self.metrics.status_line), name="watchdog"
+                    self.notifier.keepalive(self.metrics.status_line, healthy=self.alive),
+                    name="watchdog",
                 )
                 self.notifier.ready(self.metrics.status_line())
                 # Everything built at start-up (modules, config, plans) lives as long as the
@@ -401,6 +448,9 @@ class Gateway:
                 # otherwise walk all of it every few minutes and stall the loop for tens of ms.
                 gc.freeze()
                 await stop.wait()
+                self._stopping = True
+                if self.watch is not None:
+                    self.watch.arm(SHUTDOWN_DEADLINE, "shutdown")
                 log.info("gateway.stopping")
                 slow = asyncio.create_task(_report_slow_shutdown(), name="shutdown-watch")
                 self.notifier.stopping()
@@ -418,7 +468,10 @@ class Gateway:
                 await self._close_publishers(publisher_tasks)
                 await self.outbox.flush()
                 outbox_task.cancel()
+                if "loop-watch" in self._core:
+                    self._core["loop-watch"].cancel()
         finally:
+            self._stopping = True
             for m in self.machines.values():
                 if m.status.connected:
                     m.status.connected = False
@@ -437,6 +490,42 @@ class Gateway:
                 events=self.events_emitted,
                 unsent={n: self.outbox.backlog(n) for n in self.publishers},
             )
+
+    def _core_task(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        """Track a task the gateway cannot work without (see :meth:`dead_tasks`)."""
+        self._core[task.get_name()] = task
+        task.add_done_callback(self._core_task_done)
+        return task
+
+    def _core_task_done(self, task: asyncio.Task[Any]) -> None:
+        if self._stopping or task.cancelled():
+            return
+        error = task.exception()
+        if error is None:
+            log.error("gateway.task_ended", task=task.get_name())
+            return
+        # The task group now cancels everything and the gateway exits with the error;
+        # a task that swallows its cancel must not keep the process alive for ever.
+        log.error(
+            "gateway.task_failed",
+            task=task.get_name(),
+            error=f"{type(error).__name__}: {error}",
+            deadline_s=SHUTDOWN_DEADLINE,
+        )
+        if self.watch is not None:
+            self.watch.arm(SHUTDOWN_DEADLINE, f"task {task.get_name()} failed")
+
+    def dead_tasks(self) -> list[str]:
+        """Core tasks that ended although the gateway was not stopping (for readiness)."""
+        if self._stopping:
+            return []
+        return [name for name, task in self._core.items() if task.done()]
+
+    def alive(self) -> bool:
+        """Whether the systemd watchdog may be fed: the loop turns, no core task ended."""
+        if self.watch is not None and not self.watch.healthy():
+            return False
+        return not self.dead_tasks()
 
     async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
@@ -624,15 +713,26 @@ class Gateway:
     def _report(self, now: float) -> None:
         """Destination figures into the metrics (once a second)."""
         for name, pub in self.publishers.items():
+            queue = self.queues[name]
             self.metrics.destination_state(
                 name,
                 connected=pub.connected,
                 backlog=self.outbox.backlog(name),
+                oldest_age=self._oldest_age(queue, now),
+                published_total=queue.sent_rows,
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
-        if self.influx is not None:
-            self.influx.report(self.metrics)
+        for runner in (self.influx, self.telemetry):
+            if runner is not None:
+                runner.report(self.metrics)
+        if self.watch is not None:
+            self.metrics.loop_lag(self.watch.take_worst_lag(), self.watch.stalls)
+
+    @staticmethod
+    def _oldest_age(queue: OutboxQueue, now: float) -> float | None:
+        created = queue.oldest_created()
+        return None if created is None else max(0.0, now - created)
 
     def _publish_status(self, now: float) -> None:
         """Refresh the retained online status when a destination's backlog changed."""

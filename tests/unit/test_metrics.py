@@ -162,7 +162,7 @@ def test_health_needs_config_outbox_and_one_usable_destination() -> None:
     assert not evaluate_health(config_loaded=True, outbox_writable=False, destinations=[up]).ready
     report = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[full])
     assert not report.ready
-    assert report.checks == {"config": True, "outbox": True, "destinations": False}
+    assert report.checks == {"config": True, "outbox": True, "tasks": True, "destinations": False}
     none = evaluate_health(config_loaded=True, outbox_writable=True, destinations=[])
     assert not none.ready and none.problems == ("no destination configured",)
 
@@ -183,7 +183,7 @@ def test_metrics_health_and_ready_gauge() -> None:
     m.set_outbox_writable(False)
     assert m.health().as_json() == {
         "status": "unavailable",
-        "checks": {"config": True, "outbox": False, "destinations": True},
+        "checks": {"config": True, "outbox": False, "tasks": True, "destinations": True},
         "problems": ["outbox not writable"],
     }
     assert samples(m)[("shopfloor_gateway_ready", ())] == 0
@@ -287,3 +287,36 @@ def test_histogram_quantile_interpolates_like_prometheus(
         assert got is None
     else:
         assert got == pytest.approx(expected)
+
+
+def test_a_connected_destination_that_acknowledges_nothing_is_not_usable() -> None:
+    now = [1000.0]
+    m = Metrics(gateway_id="gw", started_at=0.0, clock=lambda: now[0], max_pending_age=60)
+    m.configure(["a"])
+    m.destination_state("mqtt", connected=True, backlog=5, oldest_age=1.0, published_total=10)
+    assert m.health().ready
+    # 61 s later, still connected, nothing more acknowledged, the oldest event 61 s old.
+    now[0] += 61
+    m.destination_state("mqtt", connected=True, backlog=50, oldest_age=61.0, published_total=10)
+    report = m.health()
+    assert not report.ready
+    assert "connected but nothing acknowledged" in report.problems[0]
+    # Draining an old backlog is progress: ready again.
+    now[0] += 1
+    m.destination_state("mqtt", connected=True, backlog=40, oldest_age=62.0, published_total=20)
+    assert m.health().ready
+
+
+def test_an_ended_core_task_or_a_stalled_loop_makes_the_gateway_unready() -> None:
+    m = Metrics(gateway_id="gw", started_at=0.0, clock=lambda: 0.0)
+    m.configure(["a"])
+    m.destination_state("mqtt", connected=True, backlog=0)
+    assert m.health().ready
+    m.dead_tasks = lambda: ["commands[default]"]
+    report = m.health()
+    assert not report.ready and report.checks["tasks"] is False
+    assert report.problems == ("task commands[default] has ended",)
+    m.dead_tasks = tuple
+    m.loop_stalled = lambda: True
+    assert m.health().problems == ("the event loop is stalled",)
+    assert b"shopfloor_event_loop_lag_seconds" in m.render()
