@@ -33,6 +33,9 @@ DEFAULT_LISTEN = "127.0.0.1:9108"
 #: The classic text format every Prometheus version reads (what ``generate_latest`` writes).
 METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 MAX_HEADER_BYTES = 8192
+#: Requests served at once; more are closed at once. Slow or idle clients must not use up
+#: the process's file descriptors, which the MQTT links and the outbox need.
+MAX_CONNECTIONS = 64
 
 _REASONS = {
     200: "OK",
@@ -112,9 +115,14 @@ class HealthServer:
         port: int = 9108,
         *,
         request_timeout: float = 5.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         """Nothing listens until :meth:`start`; port 0 picks a free port."""
         self.metrics = metrics
+        self._max_connections = max_connections
+        #: Connections being served now, and those closed unanswered for being too many.
+        self.active = 0
+        self.refused = 0
         self.host = host
         self._port = port
         self._timeout = request_timeout
@@ -195,6 +203,23 @@ class HealthServer:
         return response(200 if report.ready else 503, text, "application/json", head=head)
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.active >= self._max_connections:
+            self.refused += 1
+            if self.refused == 1 or self.refused % 1000 == 0:
+                log.warning(
+                    "health.too_many_connections",
+                    limit=self._max_connections,
+                    refused_total=self.refused,
+                )
+            writer.transport.abort()
+            return
+        self.active += 1
+        try:
+            await self._serve(reader, writer)
+        finally:
+            self.active -= 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             try:
                 async with asyncio.timeout(self._timeout):

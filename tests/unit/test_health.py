@@ -180,3 +180,27 @@ async def test_urllib_sees_503_as_an_error_like_a_healthcheck_would(server: Heal
         await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)
     assert info.value.code == 503
     info.value.close()
+
+
+async def test_slow_clients_beyond_the_cap_are_closed_at_once_not_held() -> None:
+    # 1,100 slow connections once took every file descriptor of the process.
+    metrics = Metrics(gateway_id="gw-1", started_at=0.0, process=False)
+    async with HealthServer(metrics, "127.0.0.1", 0, request_timeout=1.0, max_connections=8) as srv:
+        slow = []
+        async with asyncio.timeout(10):
+            for _ in range(40):
+                slow.append(await asyncio.open_connection("127.0.0.1", srv.port))
+            # Past the cap, connections are closed unanswered at once (EOF, not a 1 s wait).
+            closed = 0
+            for reader, _ in slow[8:]:
+                async with asyncio.timeout(0.5):
+                    closed += (await reader.read()) == b""
+            assert closed == 32
+            assert srv.active <= 8
+            assert srv.refused >= 32
+            # The slow ones time out; the server answers again.
+            for reader, _ in slow[:8]:
+                assert (await reader.read()).startswith(b"HTTP/1.1 408 ")
+            assert (await raw(srv, get("/metrics")))[0] == 200
+        for _, writer in slow:
+            writer.close()
