@@ -90,8 +90,12 @@ class InfluxConfig(BaseModel):
     token: SecretStr | None = None
     batch_size: int = Field(default=1000, ge=1, le=50_000)
     flush_interval: float = Field(default=1.0, gt=0, le=300)
-    #: Points kept in memory while InfluxDB is unreachable (the outbox replaces this).
+    #: Telemetry lines (one per poll) held in memory while InfluxDB is slow or unreachable;
+    #: beyond this or ``max_queue_mib`` the oldest are dropped and counted. Events are not
+    #: held here: they wait in the durable outbox and are never dropped for telemetry.
     max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
+    #: Memory bound of that telemetry queue, in MiB.
+    max_queue_mib: float = Field(default=16.0, ge=0.1, le=4096)
     timeout: float = Field(default=10.0, gt=0, le=300)
     telemetry: bool = True
     ca_file: str | None = None
@@ -516,6 +520,8 @@ class RunnerSettings:
     batch_size: int = 1000
     flush_interval: float = 1.0
     max_queue: int = 100_000
+    #: Memory bound of the runner's own queue (text items weighed by length); ``None``: none.
+    max_bytes: int | None = None
     #: Upper bound on one write, on top of the client's own HTTP timeout.
     write_timeout: float = 30.0
     backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
@@ -528,6 +534,19 @@ class RunnerSettings:
             raise ValueError(f"flush_interval must be > 0 s, got {self.flush_interval!r}")
         if not (math.isfinite(self.write_timeout) and self.write_timeout > 0):
             raise ValueError(f"write_timeout must be > 0 s, got {self.write_timeout!r}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+
+
+#: Bytes an item takes beyond its text: the str object, its queue and dict entries.
+ITEM_OVERHEAD = 120
+
+
+def item_bytes(item: object) -> int:
+    """Memory an item of a runner's queue takes, roughly: text by its length."""
+    if isinstance(item, str | bytes):
+        return len(item) + ITEM_OVERHEAD
+    return 1000 + ITEM_OVERHEAD
 
 
 class SinkRunner(Generic[T]):
@@ -548,7 +567,13 @@ class SinkRunner(Generic[T]):
         self.name = name
         self.settings = settings or RunnerSettings()
         self._queue: SinkQueue[T] = (
-            queue if queue is not None else MemorySinkQueue(self.settings.max_queue)
+            queue
+            if queue is not None
+            else MemorySinkQueue(
+                self.settings.max_queue,
+                max_weight=self.settings.max_bytes,
+                weigh=item_bytes if self.settings.max_bytes is not None else None,
+            )
         )
         self._clock = clock
         self._rng = rng or random.Random()
@@ -562,6 +587,8 @@ class SinkRunner(Generic[T]):
         self.dropped = 0
         self.rejected = 0
         self.failures = 0
+        #: Dropped count when the current overflow episode began; ``None`` outside one.
+        self._overflow_from: int | None = None
         self._flush_waiters = FlushWaiters(self._queue)
 
     # -- state --
@@ -611,8 +638,15 @@ class SinkRunner(Generic[T]):
             self._log.exception("influx.submit_failed")
             return
         if dropped:
-            if not self.dropped:
-                self._log.warning("influx.queue_overflow", max_queue=self.settings.max_queue)
+            if self._overflow_from is None:
+                # Once per episode: the database is slower than the load, or down.
+                self._overflow_from = self.dropped
+                self._log.warning(
+                    "influx.queue_overflow",
+                    max_queue=self.settings.max_queue,
+                    max_bytes=self.settings.max_bytes,
+                    hint="the oldest items are dropped first; events wait in the outbox",
+                )
             self.dropped += dropped
             self._progress()
         self._wake.set()
@@ -760,6 +794,9 @@ class SinkRunner(Generic[T]):
         self.written += n
         self._ok = True
         self._progress()
+        if self._overflow_from is not None and len(self._queue) <= self.settings.batch_size:
+            self._log.info("influx.queue_recovered", dropped=self.dropped - self._overflow_from)
+            self._overflow_from = None
 
     async def _pause(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -772,12 +809,17 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
-    """A runner writing to InfluxDB as the config says (the runtime's one-liner)."""
-    settings = RunnerSettings(
+def settings_for(config: InfluxConfig) -> RunnerSettings:
+    """The runner settings an ``influxdb:`` section asks for."""
+    return RunnerSettings(
         batch_size=config.batch_size,
         flush_interval=config.flush_interval,
         max_queue=config.max_queue,
+        max_bytes=round(config.max_queue_mib * 1024 * 1024),
         write_timeout=config.timeout * 2 + 1,
     )
-    return SinkRunner(InfluxSink(config), name=SINK_NAME, settings=settings)
+
+
+def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
+    """A runner writing to InfluxDB as the config says (the runtime's one-liner)."""
+    return SinkRunner(InfluxSink(config), name=SINK_NAME, settings=settings_for(config))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Generic, Protocol, TypeVar
 
 T = TypeVar("T")
@@ -55,17 +56,35 @@ class SinkQueue(Protocol[T]):
 
 
 class MemorySinkQueue(Generic[T]):
-    """In-memory :class:`SinkQueue` that drops the oldest unsent items beyond ``max_len``.
+    """In-memory :class:`SinkQueue` that drops the oldest unsent items beyond its bounds.
+
+    Bounded by a count (``max_len``) and, with a ``weigh`` function, by the items' total
+    weight (``max_weight``, e.g. bytes of text): whichever is reached first drops the oldest
+    unsent items. Items in flight count towards both and are never dropped.
 
     Subclasses change what is dropped first (:meth:`_victim`) and keep their own indexes
     in step through :meth:`_forget_unsent` and :meth:`_restore`.
     """
 
-    def __init__(self, max_len: int) -> None:
+    def __init__(
+        self,
+        max_len: int,
+        *,
+        max_weight: int | None = None,
+        weigh: Callable[[T], int] | None = None,
+    ) -> None:
         """A queue holding at most ``max_len`` items (in flight ones included)."""
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
+        if (max_weight is None) != (weigh is None):
+            raise ValueError("max_weight and weigh go together")
+        if max_weight is not None and max_weight < 1:
+            raise ValueError(f"max_weight must be >= 1, got {max_weight}")
         self._max = max_len
+        self._max_weight = max_weight
+        self._weigh = weigh
+        #: Total weight of the items held (unsent and in flight); 0 without ``weigh``.
+        self.weight = 0
         self._seq = 0
         self._unsent: OrderedDict[int, T] = OrderedDict()
         self._inflight: dict[int, T] = {}
@@ -74,16 +93,25 @@ class MemorySinkQueue(Generic[T]):
         """Add an item at the end."""
         self._seq += 1
         self._unsent[self._seq] = item
+        if self._weigh is not None:
+            self.weight += self._weigh(item)
         self._added(self._seq, item)
         return self._bound()
 
     def _added(self, key: int, item: T) -> None:
         """Hook: an item entered the unsent part."""
 
+    def _over(self) -> bool:
+        if len(self) > self._max:
+            return True
+        return self._max_weight is not None and self.weight > self._max_weight
+
     def _bound(self) -> int:
         dropped = 0
-        while len(self) > self._max and self._unsent:
-            self._forget_unsent(self._victim())
+        while self._unsent and self._over():
+            item = self._forget_unsent(self._victim())
+            if self._weigh is not None:
+                self.weight -= self._weigh(item)
             dropped += 1
         return dropped
 
@@ -109,7 +137,9 @@ class MemorySinkQueue(Generic[T]):
 
     def ack(self, key: int) -> None:
         """Forget a stored item (unknown keys are ignored)."""
-        self._inflight.pop(key, None)
+        item = self._inflight.pop(key, None)
+        if item is not None and self._weigh is not None:
+            self.weight -= self._weigh(item)
 
     def requeue(self) -> None:
         """Put in-flight items back in front, in key order."""
@@ -118,6 +148,8 @@ class MemorySinkQueue(Generic[T]):
             if self._restore(key, item):
                 self._unsent[key] = item
                 self._unsent.move_to_end(key, last=False)
+            elif self._weigh is not None:
+                self.weight -= self._weigh(item)
 
     def oldest_key(self) -> int | None:
         """Smallest key held."""
