@@ -62,7 +62,7 @@ class LoopWatch:
         *,
         interval: float = 0.25,
         stall_after: float = 1.0,
-        check_every: float = 0.1,
+        check_every: float = 0.25,
         clock: Callable[[], float] = time.monotonic,
         exit_process: Callable[[int], object] = os._exit,
     ) -> None:
