@@ -19,6 +19,7 @@ overrides single signals (``signals: {stitch_rate: null}`` removes one).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -416,9 +417,10 @@ def _substitute_env(
             nonlocal used
             if m.group(0) == "$$":
                 return "$"
-            used = True
             name, default = m.group(1), m.group(2)
             if name in env:
+                # Only values from the environment are hidden: a default is in the file.
+                used = True
                 return env[name]
             if default is not None:
                 return default
@@ -571,7 +573,7 @@ class _Hidden:
         for written in src.substituted.values():
             for m in _ENV_RE.finditer(written):
                 name = m.group(1)
-                value = env.get(name, m.group(2)) if name else None
+                value = env.get(name) if name else None
                 if value:
                     self._add(value, f"${{{name}}}")
         self._walk(data, ())
@@ -751,6 +753,20 @@ def _compile(
         anonymous = b.username is None and (b.tls is None or b.tls.cert_file is None)
         if anonymous and not _is_loopback(b.host):
             warnings.append(f"destination {d.name}: anonymous MQTT to {b.host}")
+    for d in destinations:
+        if d.broker.tls is not None and not d.broker.tls.verify_hostname:
+            warnings.append(
+                f"destination {d.name}: tls.verify_hostname is false: any certificate from the "
+                f"trusted CAs is accepted for {d.broker.host}, so another server holding one "
+                "can pose as the broker"
+            )
+    health = parse_listen(config.health.listen) if config.health.listen else None
+    if health is not None and not _is_loopback(health[0]):
+        warnings.append(
+            f"health.listen {config.health.listen}: /healthz and /metrics (machine and order "
+            "counts, without authentication) are open to the network; use 127.0.0.1 unless a "
+            "scraper on another machine needs them"
+        )
     for mp in machines:
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
     return GatewayPlan(
@@ -766,7 +782,7 @@ def _compile(
         destinations=tuple(destinations),
         outbox=outbox,
         redaction_secret=secret,
-        health_listen=parse_listen(config.health.listen) if config.health.listen else None,
+        health_listen=health,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
     )
@@ -1002,7 +1018,17 @@ def _has_userinfo(url: str) -> bool:
 
 
 def _is_loopback(host: str) -> bool:
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    """Whether ``host`` is this machine: ``localhost`` or a loopback address (127/8, ::1).
+
+    A name is not resolved here: ``127.mqtt.partner.example`` is a name like any other.
+    """
+    name = host.strip().rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _compile_machine(
