@@ -417,6 +417,7 @@ class _Link:
         "_timeout",
         "_timer",
         "_wake",
+        "acked",
         "failure",
         "failure_key",
         "flight",
@@ -437,6 +438,8 @@ class _Link:
         self.paho: paho.Client = client._client
         #: Packet id -> (queue key, loop time handed to paho); insertion order is send order.
         self.flight: dict[int, tuple[int, float]] = {}
+        #: Messages of this link the broker acknowledged (QoS 0: written).
+        self.acked = 0
         #: Why the link counts as lost (set by the watchdog), else None.
         self.failure: str | None = None
         #: The :class:`Cause` key of ``failure``.
@@ -507,6 +510,7 @@ class _Link:
 
     def _acked(self, key: int) -> None:
         self._ack(key)
+        self.acked += 1
         if not self._progress_due:
             # One read carries many PUBACKs: wake the pump and the flush waiters once.
             self._progress_due = True
@@ -577,6 +581,9 @@ class MqttPublisher:
         self._dropped = 0
         #: Why the broker cannot be reached now; ``None`` while connected.
         self._last_cause: Cause | None = None
+        # Acknowledged by links that ended, plus the current link's own count.
+        self._published = 0
+        self._link: _Link | None = None
         self._overflowing = False
         self._episode_dropped = 0
         self._flush_waiters = FlushWaiters(self._queue)
@@ -597,6 +604,12 @@ class MqttPublisher:
     def dropped(self) -> int:
         """Messages dropped because the queue was full (or invalid)."""
         return self._dropped
+
+    @property
+    def published(self) -> int:
+        """Messages the broker acknowledged since start (QoS 0: written), status included."""
+        link = self._link
+        return self._published + (link.acked if link is not None else 0)
 
     # -- producer side --
 
@@ -820,6 +833,7 @@ class MqttPublisher:
                     await client.publish(
                         s.status_topic, s.online_payload, qos=1, retain=True, timeout=math.inf
                     )
+                self._published += 1
         except BaseException:
             _drop_socket(client)
             raise
@@ -834,6 +848,7 @@ class MqttPublisher:
             progress=self._progress,
             wake=self._wake.set,
         )
+        self._link = link
         reason: Cause | None = None
         try:
             try:
@@ -858,6 +873,8 @@ class MqttPublisher:
             self._connected = False
             # Late PUBACKs of this connection must not ack what is requeued below.
             link.close()
+            self._published += link.acked
+            self._link = None
             self._queue.requeue()
         if reason is not None:
             _drop_socket(client)
@@ -875,6 +892,7 @@ class MqttPublisher:
                         s.status_topic, s.offline_payload, qos=1, retain=True, timeout=math.inf
                     )
                 offline_sent = True
+                self._published += 1
             async with asyncio.timeout(s.connect_timeout):
                 await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:

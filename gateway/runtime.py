@@ -628,6 +628,7 @@ class Gateway:
                 name,
                 connected=pub.connected,
                 backlog=self.outbox.backlog(name),
+                published_total=pub.published,
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
