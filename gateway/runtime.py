@@ -59,7 +59,7 @@ from gateway.health import HealthServer
 from gateway.influx import SINK_NAME, EnvelopeSink, InfluxSink, SinkRunner, TelemetryLine
 from gateway.mapping import Mapper
 from gateway.metrics import Metrics
-from gateway.model import Event, Location, Sample
+from gateway.model import Event, Location, Quality, Sample
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.routing import (
@@ -749,7 +749,13 @@ class Gateway:
         m.status.polls += 1
         now = self._clock()
         m.status.last_sample_at = now
-        self.metrics.device_polled(m.plan.id, True, now)
+        if len(batch) >= len(m.plan.signals) and all(s[4] is not Quality.GOOD for s in batch):
+            # A poll in which no signal could be read (a device answering every read with
+            # an exception) is a failed read, even though the device answered.
+            m.status.read_errors += 1
+            self.metrics.device_polled(m.plan.id, False)
+        else:
+            self.metrics.device_polled(m.plan.id, True, now)
         mapped, problems = m.mapper.apply(batch)
         for p in problems:
             # Once per signal until it maps cleanly again: a wrong map would otherwise log
