@@ -579,8 +579,6 @@ class MqttPublisher:
         self._running = False
         self._closed = False
         self._dropped = 0
-        #: Why the broker cannot be reached now; ``None`` while connected.
-        self._last_cause: Cause | None = None
         # Acknowledged by links that ended, plus the current link's own count.
         self._published = 0
         self._link: _Link | None = None
@@ -716,7 +714,6 @@ class MqttPublisher:
 
         def failed(event: str, cause: Cause, **fields: Any) -> None:
             nonlocal outage_warned
-            self._last_cause = cause
             if cause.key in warned:
                 self._log.debug(event, cause=cause.key, error=cause.text, **fields)
                 return
@@ -753,7 +750,6 @@ class MqttPublisher:
                 connected_at = loop.time()
                 outage_since = None
                 outage_warned = False
-                self._last_cause = None
                 lost = await self._serve(client)
                 if lost is None:
                     return  # closed cleanly
