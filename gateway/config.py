@@ -19,10 +19,11 @@ overrides single signals (``signals: {stitch_rate: null}`` removes one).
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -44,7 +45,15 @@ from gateway.model import CANONICAL_SIGNALS, Location, MachineState
 from gateway.routing import OperatorPolicy, Route, RouteRules
 from gateway.signals import SignalConfig
 from gateway.tracker import TrackerSettings
-from gateway.yamlsource import Located, Path_, SourceError, format_path, load, lookup
+from gateway.yamlsource import (
+    Located,
+    Path_,
+    SourceError,
+    format_path,
+    load,
+    lookup,
+    strip_url_credentials,
+)
 
 #: Built-in profiles shipped with the project.
 #: ``gateway/data`` is a link to the checkout's ``config/`` folder, so the profiles are the
@@ -122,6 +131,17 @@ class BrokerConfig(_Model):
     def _empty_is_unset(cls, value: Any) -> Any:
         # ``${MQTT_USERNAME:-}`` with the variable unset means "no credentials".
         return None if value == "" else value
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        # Not quoted back: a URL here often carries a password (mqtts://user:pw@host).
+        if "://" in value or "@" in value or "/" in value or any(c.isspace() for c in value):
+            raise ValueError(
+                "host is a host name or IP address, not a URL: put the port in 'port', "
+                "credentials in 'username'/'password', and use 'tls:' for mqtts"
+            )
+        return value
 
 
 class RoutingConfig(_Model):
@@ -377,13 +397,15 @@ def load_config(path: str | Path, env: Mapping[str, str] | None = None) -> Gatew
         )
     errors: list[SourceError] = []
     src.data = _substitute_env(src.data, (), env, src, errors)
+    hidden = _Hidden(src.data, src, env)
     config = _validate(Config, src.data, src, (), errors)
     if config is None or errors:
-        raise ConfigError(errors)
+        raise ConfigError(hidden.errors(errors))
     plan = _compile(config, src, Path(path), errors)
     if errors or plan is None:
-        raise ConfigError(errors)
-    return plan
+        raise ConfigError(hidden.errors(errors))
+    # Warnings are printed by check and logged at start: the same rule as for errors.
+    return replace(plan, warnings=tuple(hidden.scrub(w) for w in plan.warnings))
 
 
 def _substitute_env(
@@ -394,12 +416,16 @@ def _substitute_env(
     if isinstance(data, list):
         return [_substitute_env(v, (*path, i), env, src, errors) for i, v in enumerate(data)]
     if isinstance(data, str) and "$" in data:
+        used = False
 
         def repl(m: re.Match[str]) -> str:
+            nonlocal used
             if m.group(0) == "$$":
                 return "$"
             name, default = m.group(1), m.group(2)
             if name in env:
+                # Only values from the environment are hidden: a default is in the file.
+                used = True
                 return env[name]
             if default is not None:
                 return default
@@ -414,7 +440,12 @@ def _substitute_env(
             )
             return ""
 
-        return _ENV_RE.sub(repl, data)
+        text = _ENV_RE.sub(repl, data)
+        if used:
+            # Error messages show the reference as written, never what it stood for: a
+            # ${MQTT_PASSWORD} put in the wrong field must not end up on a terminal or in a log.
+            src.substituted[path] = data
+        return text
     return data
 
 
@@ -433,7 +464,7 @@ def _errors_from(exc: ValidationError, data: Any, src: Located, base: Path_) -> 
     for err in exc.errors(include_url=False):
         loc = _data_path(data, tuple(err["loc"]))
         full = (*base, *loc)
-        msg = _message(err)
+        msg = _message(err, _hidden_as(full, src))
         out.append(SourceError(src.file, src.line_of(full), format_path(full), msg))
     return out
 
@@ -479,7 +510,115 @@ def _known_keys() -> list[str]:
     return sorted({name for model in models for name in model.model_fields})
 
 
-def _message(err: Mapping[str, Any]) -> str:
+def _secret_keys() -> frozenset[str]:
+    """Names of every ``SecretStr`` field in the config models, nested ones included."""
+    names: set[str] = {"password", "secret", "token", "private_key_password"}
+    todo: list[type[BaseModel]] = [Config, InfluxConfig]
+    todo += [spec.connection_model for spec in PROTOCOLS.values()]
+    seen: set[type[BaseModel]] = set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            for arg in _type_parts(info.annotation):
+                if arg is SecretStr:
+                    names.add(name)
+                elif isinstance(arg, type) and issubclass(arg, BaseModel):
+                    todo.append(arg)
+    return frozenset(names)
+
+
+def _type_parts(annotation: Any) -> list[Any]:
+    out, todo = [], [annotation]
+    while todo:
+        t = todo.pop()
+        out.append(t)
+        todo.extend(getattr(t, "__args__", ()))
+    return out
+
+
+_SECRET_KEYS: frozenset[str] | None = None
+
+
+def _is_secret_path(path: Path_) -> bool:
+    global _SECRET_KEYS
+    if _SECRET_KEYS is None:
+        _SECRET_KEYS = _secret_keys()
+    names = [p for p in path if isinstance(p, str)]
+    return bool(names) and names[-1] in _SECRET_KEYS
+
+
+def _hidden_as(path: Path_, src: Located) -> str | None:
+    """How to refer to the value at ``path`` when it must not be shown; ``None``: show it."""
+    written = src.substituted.get(path)
+    if written is not None:
+        return f"{written!r}, its value not shown"
+    if _is_secret_path(path):
+        return "a value that is not shown: it is a secret"
+    return None
+
+
+class _Hidden:
+    """Values no config message may contain: secrets as written and ``${VAR}`` values.
+
+    Validators and cross-field checks quote values (``'x' is not a valid identifier``,
+    ``broker HOST is on another machine``); a secret put in the wrong field, or a
+    substituted value quoted by another field's check, would be printed by ``check`` and
+    logged by a rejected reload. Every message passes through :meth:`scrub` first.
+    """
+
+    #: Shorter values are too likely to occur by chance ("1", "on"); the field-level rule
+    #: (no "got" for a secret or substituted field) still covers them where they are wrong.
+    MIN_LEN = 3
+
+    def __init__(self, data: Any, src: Located, env: Mapping[str, str]) -> None:
+        self._labels: dict[str, str] = {}
+        for written in src.substituted.values():
+            for m in _ENV_RE.finditer(written):
+                name = m.group(1)
+                value = env.get(name) if name else None
+                if value:
+                    self._add(value, f"${{{name}}}")
+        self._walk(data, ())
+        # Longest first, so a value containing another is replaced whole.
+        self._order = sorted(self._labels, key=len, reverse=True)
+
+    def _add(self, value: str, label: str) -> None:
+        if len(value) >= self.MIN_LEN:
+            self._labels.setdefault(value, label)
+
+    def _walk(self, data: Any, path: Path_) -> None:
+        if isinstance(data, Mapping):
+            for k, v in data.items():
+                self._walk(v, (*path, str(k)))
+        elif isinstance(data, list):
+            for i, v in enumerate(data):
+                self._walk(v, (*path, i))
+        elif (
+            isinstance(data, str | int | float)
+            and not isinstance(data, bool)
+            and _is_secret_path(path)
+        ):
+            self._add(str(data), "***")
+
+    def scrub(self, text: str) -> str:
+        """``text`` with every hidden value replaced by its label."""
+        for value in self._order:
+            if value in text:
+                text = text.replace(value, self._labels[value])
+        return text
+
+    def errors(self, errors: Iterable[SourceError]) -> list[SourceError]:
+        """The same errors, scrubbed."""
+        return [
+            SourceError(e.file, e.line, e.path, self.scrub(e.message)) if self._order else e
+            for e in errors
+        ]
+
+
+def _message(err: Mapping[str, Any], hidden: str | None = None) -> str:
     kind = err["type"]
     msg = str(err["msg"])
     if kind == "extra_forbidden":
@@ -493,7 +632,10 @@ def _message(err: Mapping[str, Any]) -> str:
         msg = msg[len("Value error, ") :]
     value = err.get("input")
     if kind not in {"missing"} and isinstance(value, str | int | float | bool) and value != "":
-        shown = repr(value)
+        if hidden is not None:
+            # A validator that quoted the value is scrubbed later (see _Hidden).
+            return msg if str(value) in msg else f"{msg} (got {hidden})"
+        shown = repr(strip_url_credentials(value) if isinstance(value, str) else value)
         if len(shown) > 60:
             shown = shown[:57] + "..."
         if shown not in msg:
@@ -591,6 +733,17 @@ def _compile(
                 "operator: pseudonymise needs a site secret (redaction.secret or secret_file)",
             )
         )
+    if config.influxdb is not None and _has_userinfo(config.influxdb.url):
+        path = ("influxdb", "url")
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path),
+                format_path(path),
+                "put credentials in 'token' (for InfluxDB 1.x: 'user:password'), "
+                "not in the url: the url is logged",
+            )
+        )
     if errors or not destinations:
         return None
     warnings = []
@@ -605,6 +758,20 @@ def _compile(
         anonymous = b.username is None and (b.tls is None or b.tls.cert_file is None)
         if anonymous and not _is_loopback(b.host):
             warnings.append(f"destination {d.name}: anonymous MQTT to {b.host}")
+    for d in destinations:
+        if d.broker.tls is not None and not d.broker.tls.verify_hostname:
+            warnings.append(
+                f"destination {d.name}: tls.verify_hostname is false: any certificate from the "
+                f"trusted CAs is accepted for {d.broker.host}, so another server holding one "
+                "can pose as the broker"
+            )
+    health = parse_listen(config.health.listen) if config.health.listen else None
+    if health is not None and not _is_loopback(health[0]):
+        warnings.append(
+            f"health.listen {config.health.listen}: /healthz and /metrics (machine and order "
+            "counts, without authentication) are open to the network; use 127.0.0.1 unless a "
+            "scraper on another machine needs them"
+        )
     for mp in machines:
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
     return GatewayPlan(
@@ -620,7 +787,7 @@ def _compile(
         destinations=tuple(destinations),
         outbox=outbox,
         redaction_secret=secret,
-        health_listen=parse_listen(config.health.listen) if config.health.listen else None,
+        health_listen=health,
         health_max_pending_age=config.health.max_pending_age,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
@@ -852,8 +1019,22 @@ def _compile_destinations(
     return out
 
 
+def _has_userinfo(url: str) -> bool:
+    return strip_url_credentials(url) != url
+
+
 def _is_loopback(host: str) -> bool:
-    return host in {"localhost", "::1"} or host.startswith("127.")
+    """Whether ``host`` is this machine: ``localhost`` or a loopback address (127/8, ::1).
+
+    A name is not resolved here: ``127.mqtt.partner.example`` is a name like any other.
+    """
+    name = host.strip().rstrip(".").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name.removeprefix("[").removesuffix("]")).is_loopback
+    except ValueError:
+        return False
 
 
 def _compile_machine(

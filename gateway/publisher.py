@@ -110,6 +110,9 @@ class BrokerSettings:
     protocol: Literal["3.1.1", "5"] = "3.1.1"
     #: A PUBACK later than this means the link is stuck: reconnect and resend.
     ack_timeout: float = 30.0
+    #: A link up this long (seconds) ends an outage for good: a cause seen before it is
+    #: logged at warning again; links closed sooner count towards a session takeover.
+    stable_after: float = 30.0
 
     def __post_init__(self) -> None:
         """Reject settings that cannot work, with a message naming the field."""
@@ -124,7 +127,7 @@ class BrokerSettings:
             raise ValueError(f"max_queue ({self.max_queue}) must be >= window ({self.window})")
         if self.keepalive < 1:
             raise ValueError(f"keepalive must be >= 1 s, got {self.keepalive}")
-        for name in ("connect_timeout", "ack_timeout"):
+        for name in ("connect_timeout", "ack_timeout", "stable_after"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
@@ -201,6 +204,78 @@ class MemoryQueue(MemorySinkQueue[Message]):
 
 class _LinkLost(Exception):
     """The broker connection broke (internal: caught by the reconnect loop)."""
+
+    def __init__(self, text: str, cause: str = "link") -> None:
+        super().__init__(text)
+        #: A :class:`Cause` key: ``closed`` when the broker or the network ended it.
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why a connection failed or ended: a short stable ``key`` and words for the log.
+
+    The key decides what is logged at warning: each new key once per outage, repeats at
+    debug, so an operator sees every *change* of cause (the broker down, then a rotated
+    password) and not a line per retry.
+    """
+
+    key: str
+    text: str
+
+
+#: MQTT reason codes (MQTT 5 numbering; paho maps the 3.1.1 CONNACK codes onto these).
+_RC_BAD_CREDENTIALS = 0x86
+_RC_NOT_AUTHORIZED = 0x87
+_RC_CLIENT_ID = 0x85
+_RC_SESSION_TAKEN_OVER = 0x8E
+
+
+def _takeover(client_id: str, text: str) -> Cause:
+    return Cause(
+        "session-taken-over",
+        f"session taken over: another client connects with client id {client_id!r} and the "
+        f"broker keeps only one ({text}); give every client its own client_id",
+    )
+
+
+def classify(exc: BaseException, client_id: str) -> Cause:
+    """The cause of a failed connect or a lost link, from the exception and what it wraps."""
+    if isinstance(exc, _LinkLost):
+        return Cause(exc.cause, str(exc))
+    rc = getattr(exc, "rc", None)
+    value = getattr(rc, "value", rc)
+    if isinstance(value, int) and not isinstance(exc, OSError):
+        words = str(rc)
+        if value in (_RC_BAD_CREDENTIALS, _RC_NOT_AUTHORIZED):
+            return Cause(
+                "not-authorized",
+                f"{words}: the broker refuses the credentials (a rotated password? check "
+                "username and password or password_file)",
+            )
+        if value == _RC_CLIENT_ID:
+            return Cause("client-id", f"{words}: the broker refuses client id {client_id!r}")
+        if value == _RC_SESSION_TAKEN_OVER:
+            return _takeover(client_id, words)
+        return Cause(f"refused-{value}", f"the broker refused the connection: {words}")
+    # aiomqtt turns socket errors into a plain MqttError("...") raised from None; the
+    # original error is still its __context__.
+    inner: BaseException | None = exc
+    for _ in range(4):
+        if inner is None or isinstance(inner, OSError):
+            break
+        inner = inner.__cause__ or inner.__context__
+    if isinstance(inner, ssl.SSLError):
+        return Cause("tls", f"TLS handshake failed: {_describe(inner)}")
+    if isinstance(inner, ConnectionRefusedError):
+        return Cause("refused", "connection refused: is the broker running on that port?")
+    if isinstance(inner, socket.gaierror):
+        return Cause("name", f"host name not resolved: {_describe(inner)}")
+    if isinstance(inner, TimeoutError) or isinstance(exc, TimeoutError):
+        return Cause("timeout", "no answer from the broker within connect_timeout")
+    if isinstance(inner, OSError):
+        return Cause("network", _describe(inner))
+    return Cause("other", _describe(exc))
 
 
 class _StopRequested(Exception):
@@ -342,7 +417,9 @@ class _Link:
         "_timeout",
         "_timer",
         "_wake",
+        "acked",
         "failure",
+        "failure_key",
         "flight",
         "paho",
     )
@@ -361,8 +438,12 @@ class _Link:
         self.paho: paho.Client = client._client
         #: Packet id -> (queue key, loop time handed to paho); insertion order is send order.
         self.flight: dict[int, tuple[int, float]] = {}
+        #: Messages of this link the broker acknowledged (QoS 0: written).
+        self.acked = 0
         #: Why the link counts as lost (set by the watchdog), else None.
         self.failure: str | None = None
+        #: The :class:`Cause` key of ``failure``.
+        self.failure_key = "link"
         self._timeout = ack_timeout
         self._ack = ack
         self._progress = progress
@@ -416,6 +497,7 @@ class _Link:
                 # link ends, the message is requeued and sent again after the reconnect
                 # backoff; meanwhile the backlog grows where the health check sees it.
                 if self.failure is None:
+                    self.failure_key = "message-refused"
                     self.failure = (
                         f"the broker refused a message: {reason_code} (reason code "
                         f"{int(reason_code.value)}; check the broker's ACL for this client)"
@@ -428,6 +510,7 @@ class _Link:
 
     def _acked(self, key: int) -> None:
         self._ack(key)
+        self.acked += 1
         if not self._progress_due:
             # One read carries many PUBACKs: wake the pump and the flush waiters once.
             self._progress_due = True
@@ -450,6 +533,7 @@ class _Link:
         sent = next(iter(self.flight.values()))[1]
         if sent <= armed_for:
             # Still the message (or one of its burst) the timer was armed for.
+            self.failure_key = "no-ack"
             self.failure = f"no acknowledgement within {self._timeout} s"
             self._wake()
             return
@@ -495,6 +579,9 @@ class MqttPublisher:
         self._running = False
         self._closed = False
         self._dropped = 0
+        # Acknowledged by links that ended, plus the current link's own count.
+        self._published = 0
+        self._link: _Link | None = None
         self._overflowing = False
         self._episode_dropped = 0
         self._flush_waiters = FlushWaiters(self._queue)
@@ -515,6 +602,12 @@ class MqttPublisher:
     def dropped(self) -> int:
         """Messages dropped because the queue was full (or invalid)."""
         return self._dropped
+
+    @property
+    def published(self) -> int:
+        """Messages the broker acknowledged since start (QoS 0: written), status included."""
+        link = self._link
+        return self._published + (link.acked if link is not None else 0)
 
     # -- producer side --
 
@@ -610,6 +703,24 @@ class MqttPublisher:
         loop = asyncio.get_running_loop()
         attempts = 0
         outage_since: float | None = None
+        # Causes already logged at warning since the link was last stable: a repeat goes to
+        # debug. An outage with a warning ends with an info line; one of repeats only, such
+        # as a link flapping for the same known reason, ends at debug.
+        warned: set[str] = set()
+        outage_warned = False
+        # Links in a row that the broker closed soon after accepting them: the sign of a
+        # second client with our client id (a 3.1.1 broker just closes the old connection).
+        closed_early = 0
+
+        def failed(event: str, cause: Cause, **fields: Any) -> None:
+            nonlocal outage_warned
+            if cause.key in warned:
+                self._log.debug(event, cause=cause.key, error=cause.text, **fields)
+                return
+            warned.add(cause.key)
+            outage_warned = True
+            self._log.warning(event, cause=cause.key, error=cause.text, **fields)
+
         try:
             while not self._stop.is_set():
                 client = self._make_client()
@@ -617,19 +728,18 @@ class MqttPublisher:
                     await self._connect(client)
                 except Exception as exc:  # any failure to connect is one more attempt
                     attempts += 1
+                    closed_early = 0
                     if outage_since is None:
                         outage_since = loop.time()
-                        self._log.warning(
-                            "mqtt.broker_unreachable", error=_describe(exc), attempt=attempts
-                        )
-                    else:
-                        self._log.debug(
-                            "mqtt.broker_unreachable", error=_describe(exc), attempt=attempts
-                        )
+                    failed(
+                        "mqtt.broker_unreachable",
+                        classify(exc, self._s.client_id),
+                        attempt=attempts,
+                    )
                     await self._pause(self._s.backoff.delay(attempts - 1))
                     continue
                 if outage_since is not None:
-                    self._log.info(
+                    (self._log.info if outage_warned else self._log.debug)(
                         "mqtt.broker_reconnected",
                         outage_s=round(loop.time() - outage_since, 3),
                         attempts=attempts,
@@ -639,16 +749,31 @@ class MqttPublisher:
                     self._log.info("mqtt.broker_connected", pending=self.pending)
                 connected_at = loop.time()
                 outage_since = None
+                outage_warned = False
                 lost = await self._serve(client)
                 if lost is None:
                     return  # closed cleanly
+                stable = loop.time() - connected_at > self._s.stable_after
+                if stable:
+                    warned.clear()
+                    closed_early = 0
                 # A link that dies right after connecting keeps the attempt count, so a
                 # flapping broker meets a growing backoff rather than a reconnect storm.
                 if loop.time() - connected_at > self._s.backoff.cap:
                     attempts = 0
                 attempts += 1
                 outage_since = loop.time()
-                self._log.warning("mqtt.broker_connection_lost", error=lost, pending=self.pending)
+                if lost.key == "closed" and not stable:
+                    closed_early += 1
+                    if closed_early >= 2:
+                        lost = _takeover(
+                            self._s.client_id,
+                            f"the broker closed {closed_early} connections in a row soon "
+                            "after accepting them",
+                        )
+                elif lost.key != "closed":
+                    closed_early = 0
+                failed("mqtt.broker_connection_lost", lost, pending=self.pending)
                 await self._pause(self._s.backoff.delay(attempts - 1))
         finally:
             self._connected = False
@@ -704,11 +829,12 @@ class MqttPublisher:
                     await client.publish(
                         s.status_topic, s.online_payload, qos=1, retain=True, timeout=math.inf
                     )
+                self._published += 1
         except BaseException:
             _drop_socket(client)
             raise
 
-    async def _serve(self, client: aiomqtt.Client) -> str | None:
+    async def _serve(self, client: aiomqtt.Client) -> Cause | None:
         """Send until the link breaks (returns why) or close() stops it (returns None)."""
         self._connected = True
         link = _Link(
@@ -718,7 +844,8 @@ class MqttPublisher:
             progress=self._progress,
             wake=self._wake.set,
         )
-        reason: str | None = None
+        self._link = link
+        reason: Cause | None = None
         try:
             try:
                 async with asyncio.TaskGroup() as tg:
@@ -728,11 +855,12 @@ class MqttPublisher:
             except* _StopRequested:
                 pass
             except* (_LinkLost, aiomqtt.MqttError, OSError) as group:
-                reason = "; ".join(_describe(e) for e in group.exceptions)
+                causes = [classify(e, self._s.client_id) for e in group.exceptions]
+                reason = Cause(causes[0].key, "; ".join(c.text for c in causes))
             except* Exception as group:
                 # A bug must not end publishing for good: log it and reconnect.
                 self._log.error("mqtt.publisher_error", exc_info=group)
-                reason = "internal error"
+                reason = Cause("internal", "internal error")
         except asyncio.CancelledError:
             # Cancelled without close(): skip the DISCONNECT so the broker sends the will.
             _drop_socket(client)
@@ -741,6 +869,8 @@ class MqttPublisher:
             self._connected = False
             # Late PUBACKs of this connection must not ack what is requeued below.
             link.close()
+            self._published += link.acked
+            self._link = None
             self._queue.requeue()
         if reason is not None:
             _drop_socket(client)
@@ -758,6 +888,7 @@ class MqttPublisher:
                         s.status_topic, s.offline_payload, qos=1, retain=True, timeout=math.inf
                     )
                 offline_sent = True
+                self._published += 1
             async with asyncio.timeout(s.connect_timeout):
                 await client.__aexit__(None, None, None)
         except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
@@ -774,9 +905,23 @@ class MqttPublisher:
     async def _watch(self, client: aiomqtt.Client) -> None:
         # We subscribe to nothing: the iterator only ends, with MqttError, when the
         # connection drops, which is the one public disconnect signal aiomqtt 2 offers.
-        async for _ in client.messages:
-            pass
-        raise _LinkLost("message stream ended")
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError:
+            # "Disconnected during message iteration" says nothing: the disconnect itself
+            # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
+            gone = client._disconnected
+            exc = gone.exception() if gone.done() and not gone.cancelled() else None
+            value = getattr(getattr(exc, "rc", None), "value", None)
+            if value == _RC_SESSION_TAKEN_OVER:
+                raise _LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
+            raise _LinkLost(
+                "connection closed by the broker or the network"
+                + (f" ({_describe(exc)})" if exc is not None else ""),
+                "closed",
+            ) from None
+        raise _LinkLost("message stream ended", "closed")
 
     async def _pump(self, link: _Link) -> None:
         # The hot path: no task, future or timeout per message. paho queues the packets and
@@ -789,7 +934,7 @@ class MqttPublisher:
         loop = asyncio.get_running_loop()
         while True:
             if link.failure is not None:
-                raise _LinkLost(link.failure)
+                raise _LinkLost(link.failure, link.failure_key)
             if queue.in_flight < window and (item := queue.take()) is not None:
                 now = loop.time()
                 while item is not None:
@@ -802,7 +947,7 @@ class MqttPublisher:
                         self._reject(key, msg, exc)
                     else:
                         if info.rc != paho.MQTT_ERR_SUCCESS:
-                            raise _LinkLost(link.refused(info.rc))
+                            raise _LinkLost(link.refused(info.rc), "closed")
                         mid = info.mid
                         if mid in flight:
                             # paho's packet ids wrapped onto one still unacknowledged.

@@ -67,7 +67,7 @@ from gateway.influx import (
 from gateway.loopwatch import LoopWatch
 from gateway.mapping import Mapper
 from gateway.metrics import Metrics
-from gateway.model import Event, Location, Sample
+from gateway.model import Event, Location, Quality, Sample
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.routing import (
@@ -719,7 +719,7 @@ class Gateway:
                 connected=pub.connected,
                 backlog=self.outbox.backlog(name),
                 oldest_age=self._oldest_age(queue, now),
-                published_total=queue.sent_rows,
+                published_total=pub.published,
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
@@ -848,7 +848,13 @@ class Gateway:
         m.status.polls += 1
         now = self._clock()
         m.status.last_sample_at = now
-        self.metrics.device_polled(m.plan.id, True, now)
+        if len(batch) >= len(m.plan.signals) and all(s[4] is not Quality.GOOD for s in batch):
+            # A poll in which no signal could be read (a device answering every read with
+            # an exception) is a failed read, even though the device answered.
+            m.status.read_errors += 1
+            self.metrics.device_polled(m.plan.id, False)
+        else:
+            self.metrics.device_polled(m.plan.id, True, now)
         mapped, problems = m.mapper.apply(batch)
         for p in problems:
             # Once per signal until it maps cleanly again: a wrong map would otherwise log

@@ -7,6 +7,7 @@ duplicate keys, which plain YAML silently resolves to the last one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,15 @@ from typing import Any
 import yaml
 
 Path_ = tuple[str | int, ...]
+
+#: ``scheme:[//]user:password@`` in any text: the userinfo part of a URL. Greedy up to the
+#: last ``@`` of the word, so a password with an unescaped ``@`` is removed whole.
+_URL_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*:/{0,2})[^\s'\"<>]*@")
+
+
+def strip_url_credentials(text: str) -> str:
+    """``opc.tcp://user:pw@host:4840`` → ``opc.tcp://host:4840``, wherever it occurs in ``text``."""
+    return _URL_USERINFO.sub(r"\1", text) if "@" in text else text
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,6 +35,11 @@ class SourceError:
     line: int | None
     path: str
     message: str
+
+    def __post_init__(self) -> None:
+        # Messages quote URLs from the config; their credentials must never be printed or
+        # logged, whichever validator wrote the message.
+        object.__setattr__(self, "message", strip_url_credentials(self.message))
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line is not None else self.file
@@ -39,6 +54,9 @@ class Located:
     data: Any
     lines: dict[Path_, int] = field(default_factory=dict)
     errors: list[SourceError] = field(default_factory=list)
+    #: Paths whose value came (partly) from ``${VAR}`` substitution → the text as written.
+    #: Error messages name the variable there and never show the value.
+    substituted: dict[Path_, str] = field(default_factory=dict)
 
     def line_of(self, path: Path_) -> int | None:
         """The line of the deepest known prefix of ``path``."""

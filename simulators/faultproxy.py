@@ -13,6 +13,9 @@ misbehave the way shop-floor networks do:
               arrive meanwhile are discarded, as a hung device never answers them
 ``cut``       every open connection is closed at once (both sides)
 ``refuse``    new connections are accepted and closed at once (device rebooting)
+``exception`` Modbus only: every request is answered by the proxy with exception ``code``
+              (default 4, server device failure) instead of reaching the device (a PLC
+              in STOP, a gateway whose serial side is dead)
 ``heal``      all faults end, pending frame faults are forgotten
 ============  =======================================================================
 
@@ -34,6 +37,7 @@ A plan file (YAML or JSON)::
       - {at: 30, fault: cut}
       - {at: 35, fault: drop, direction: down, count: 1}
       - {at: 40, fault: late, seconds: 2.5}
+      - {at: 50, fault: exception, code: 4, duration: 5}
 """
 
 from __future__ import annotations
@@ -54,13 +58,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 log = structlog.get_logger(__name__)
 
-FaultKind = Literal["latency", "delay", "late", "drop", "stall", "cut", "refuse", "heal"]
+FaultKind = Literal[
+    "latency", "delay", "late", "drop", "stall", "cut", "refuse", "exception", "heal"
+]
 #: ``up`` is client → device (requests), ``down`` is device → client (answers).
 Direction = Literal["up", "down", "both"]
 Framing = Literal["modbus", "opcua", "raw"]
 
 #: Faults that last (they have an end); the others act once when they start.
-WINDOW_FAULTS: frozenset[str] = frozenset({"latency", "stall", "refuse"})
+WINDOW_FAULTS: frozenset[str] = frozenset({"latency", "stall", "refuse", "exception"})
 
 #: Largest frame accepted before the stream is treated as raw bytes (OPC UA's default
 #: receive buffer is 64 KiB; a Modbus TCP ADU is at most 260 bytes).
@@ -88,6 +94,8 @@ class FaultStep(BaseModel):
     #: Frames affected by ``drop``, ``delay`` and ``late``.
     count: int = Field(default=1, ge=1, le=1_000_000)
     direction: Direction = "both"
+    #: Modbus exception code the ``exception`` fault answers with.
+    code: int = Field(default=4, ge=1, le=127)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -155,7 +163,7 @@ def parse_command(text: str) -> FaultStep:
 
     Forms: ``latency SECONDS [DURATION] [up|down|both]``, ``delay SECONDS [COUNT] [dir]``,
     ``late SECONDS [COUNT]``, ``drop [COUNT] [dir]``, ``stall [DURATION]``, ``cut``,
-    ``refuse [DURATION]``, ``heal``.
+    ``refuse [DURATION]``, ``exception [CODE] [DURATION]``, ``heal``.
     """
     words = text.split()
     if not words:
@@ -176,6 +184,7 @@ def parse_command(text: str) -> FaultStep:
         "drop": ("count",),
         "stall": ("duration",),
         "refuse": ("duration",),
+        "exception": ("code", "duration"),
         "cut": (),
         "heal": (),
     }.get(kind)
@@ -184,7 +193,7 @@ def parse_command(text: str) -> FaultStep:
     if len(numbers) > len(names):
         raise PlanError(f"{kind} takes at most {len(names)} number(s): {' '.join(names)}")
     for name, number in zip(names, numbers, strict=False):
-        fields[name] = int(number) if name == "count" else number
+        fields[name] = int(number) if name in ("count", "code") else number
     if kind == "late" and direction == "both":
         fields["direction"] = "down"
     try:
@@ -193,7 +202,7 @@ def parse_command(text: str) -> FaultStep:
         raise PlanError(_describe(exc)) from None
 
 
-_KINDS = ("latency", "delay", "late", "drop", "stall", "cut", "refuse", "heal")
+_KINDS = ("latency", "delay", "late", "drop", "stall", "cut", "refuse", "exception", "heal")
 
 
 def _describe(exc: ValidationError) -> str:
@@ -282,6 +291,17 @@ def _frame_size(buffer: bytes, pos: int, framing: Framing) -> int | None:
     return size
 
 
+def exception_reply(request: bytes, code: int) -> bytes | None:
+    """The Modbus TCP exception response to ``request`` (same transaction, unit, function).
+
+    ``None`` for a frame too short to be a request.
+    """
+    if len(request) < 8:
+        return None
+    function = request[7] & 0x7F
+    return request[:4] + (3).to_bytes(2, "big") + request[6:7] + bytes((function | 0x80, code))
+
+
 # ---------------------------------------------------------------------------- fault state
 
 
@@ -308,6 +328,8 @@ class FaultState:
     latency: dict[str, float] = field(default_factory=lambda: {"up": 0.0, "down": 0.0})
     stalled: bool = False
     refusing: bool = False
+    #: While set, Modbus requests are answered with this exception code by the proxy.
+    excepting: int | None = None
     pending: dict[str, deque[_Pending]] = field(
         default_factory=lambda: {"up": deque(), "down": deque()}
     )
@@ -315,6 +337,7 @@ class FaultState:
     forwarded: int = 0
     dropped: int = 0
     delayed: int = 0
+    excepted: int = 0
 
     def apply(self, action: Action) -> bool:
         """Apply a timeline action; True when every open connection must be cut now."""
@@ -323,6 +346,7 @@ class FaultState:
         if step.fault == "heal":
             self.latency = {"up": 0.0, "down": 0.0}
             self.stalled = self.refusing = False
+            self.excepting = None
             self.pending = {"up": deque(), "down": deque()}
             return False
         if step.fault == "cut":
@@ -334,6 +358,8 @@ class FaultState:
             self.stalled = action.start
         elif step.fault == "refuse":
             self.refusing = action.start
+        elif step.fault == "exception":
+            self.excepting = step.code if action.start else None
         elif step.fault == "drop":
             for d in dirs:
                 self.pending[d].append(_Pending("drop", step.count))
@@ -430,6 +456,8 @@ class _Link:
                     now = loop.time()
                     if direction == "up":
                         self.proxy.request_times.append(now)
+                        if self._answer_with_exception(frame):
+                            continue
                     verdict = self.proxy.state.decide(direction, now)
                     if verdict.reason and verdict.reason != "latency":
                         log.debug(
@@ -447,6 +475,18 @@ class _Link:
             deliver.cancel()
             with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
                 await deliver
+
+    def _answer_with_exception(self, frame: bytes) -> bool:
+        """Answer a request here with the ``exception`` fault's code; False: not now."""
+        code = self.proxy.state.excepting
+        if code is None or self.proxy.framing != "modbus" or self.proxy.state.stalled:
+            return False
+        reply = exception_reply(frame, code)
+        if reply is None:
+            return False
+        self.proxy.state.excepted += 1
+        self.client[1].write(reply)
+        return True
 
     async def _deliver(
         self, queue: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter

@@ -12,7 +12,13 @@ Quality mapping, per cycle and per signal:
 - value decoded: ``Quality.GOOD``;
 - Modbus exception response for the signal's own request, or a :class:`DecodeError`:
   ``Quality.BAD`` with ``value=None`` (the other signals stay good);
-- timeout, closed socket or garbled framing: the whole cycle fails with ``ConnectionLost``.
+- timeout, closed socket or garbled framing: the whole cycle fails with ``ConnectionLost``;
+- every request of a cycle answered with an exception response: the device answers but
+  delivers nothing (a PLC in STOP, a converter whose serial side is dead). The cycle's
+  samples are all ``BAD`` (the runtime counts such a poll as a read error), and after
+  :data:`REFUSED_POLLS_OFFLINE` such cycles in a row the cycle fails with ``ConnectionLost``
+  naming the exception, so the machine goes offline; it stays offline across reconnects
+  (the first refused cycle fails at once) until a read is answered again.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ _GOOD = Quality.GOOD
 #: Busy, acknowledge and gateway codes are transient, so they only mark the block's signals
 #: bad for the cycle.
 SPLIT_CODES = frozenset({2, 3, 4})
+
+#: Polls in a row in which the device refused every read before the machine counts as
+#: offline: one busy or acknowledge answer must not flap the machine's state.
+REFUSED_POLLS_OFFLINE = 3
 
 #: Names of the exception codes (MODBUS Application Protocol v1.1b3, section 7).
 EXCEPTION_NAMES = {
@@ -107,6 +117,8 @@ class ModbusAdapter:
         self._line: Line | None = None
         # Signals currently bad, with the reason first seen: one warning per episode.
         self._bad: dict[str, str] = {}
+        # Polls in a row in which every read was refused; kept across reconnects.
+        self._refused_polls = 0
         self._log = log.bind(machine=machine, device=self._where, unit_id=connection.unit_id)
 
     @property
@@ -167,8 +179,11 @@ class ModbusAdapter:
         """Run the plan once and turn the responses into one sample per signal."""
         values: dict[str, Value] = {}
         problems: dict[str, str] = {}
-        pending = list(self._plan)
+        plan = self._plan
+        pending = list(plan)
         sent = 0
+        answered = False
+        refusals: set[int] = set()
         while pending:
             if self._connection.max_concurrent_requests > 1 and not self._connection.request_delay:
                 results = await self._read_all(pending)
@@ -181,12 +196,20 @@ class ModbusAdapter:
                     sent += 1
             retry: list[ReadRequest] = []
             for request, result in zip(pending, results, strict=True):
+                if isinstance(result, ExceptionResponse):
+                    refusals.add(result.code)
+                else:
+                    answered = True
                 parts = self._maybe_split(request, result)
                 if parts:
                     retry.extend(parts)
                     continue
                 self._collect(request, result, values, problems)
             pending = retry
+        if answered or not plan:
+            self._refused_polls = 0
+        else:
+            self._refused(plan, refusals)
         source_time = self._clock()
         self._track_problems(problems)
         machine = self._machine
@@ -203,6 +226,24 @@ class ModbusAdapter:
             else Sample(machine, name, values[name], source_time, Quality.GOOD)
             for name in self._signals
         ]
+
+    def _refused(self, plan: tuple[ReadRequest, ...], codes: set[int]) -> None:
+        """Every read of this poll was refused: undo its splits; offline after a few polls.
+
+        A split is for a device that refuses part of a range. One that refuses everything
+        says nothing about the range, and splitting would leave a one-register-per-read
+        plan behind once it answers again.
+        """
+        if self._plan != plan:
+            self._plan = plan
+            self._log.debug("modbus.block_split_undone", reason="every read refused")
+        self._refused_polls += 1
+        if self._refused_polls >= REFUSED_POLLS_OFFLINE:
+            names = ", ".join(describe_exception(c) for c in sorted(codes))
+            raise ConnectionLost(
+                f"the device answers every read with exception {names} "
+                f"({self._refused_polls} polls in a row)"
+            )
 
     async def _read_all(self, requests: list[ReadRequest]) -> list[ReadResult]:
         """Read concurrently (the line bounds how many are in flight)."""

@@ -160,16 +160,18 @@ class OpcUaConnectionConfig(BaseModel):
     def _url(cls, value: str) -> str:
         """An ``opc.tcp://host:port`` URL with a host."""
         parsed = urlparse(value.strip())
+        # Quoted without its user:password part: these messages are printed and logged.
+        shown = repr(_without_credentials(value.strip()))
         if parsed.scheme != "opc.tcp":
-            raise ValueError(f"url {value!r} must start with opc.tcp://")
+            raise ValueError(f"url {shown} must start with opc.tcp://")
         if not parsed.hostname:
-            raise ValueError(f"url {value!r} has no host")
+            raise ValueError(f"url {shown} has no host")
         try:
             parsed.port  # noqa: B018  (raises for a non-numeric or out-of-range port)
         except ValueError:
-            raise ValueError(f"url {value!r} has an invalid port") from None
+            raise ValueError(f"url {shown} has an invalid port") from None
         if parsed.username or parsed.password:
-            raise ValueError("put credentials in username/password, not in the url")
+            raise ValueError(f"put credentials in username/password, not in the url (use {shown})")
         return value.strip()
 
     @field_validator("root")
@@ -314,6 +316,15 @@ def insecure_reasons(connection: OpcUaConnectionConfig) -> list[str]:
             "(a man in the middle can pose as the server)"
         )
     return reasons
+
+
+def _without_credentials(url: str) -> str:
+    """``url`` with its ``user:password@`` removed (up to the last ``@`` before the path)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def _is_loopback(host: str) -> bool:

@@ -13,6 +13,7 @@ from simulators.faultproxy import (
     Action,
     FaultState,
     PlanError,
+    exception_reply,
     parse_command,
     parse_plan,
     split_frames,
@@ -145,6 +146,8 @@ def test_bad_plans_say_what_is_wrong(data: object, message: str) -> None:
         ("drop 3 down", "drop", "count", 3),
         ("late 2", "late", "direction", "down"),
         ("cut", "cut", "count", 1),
+        ("exception", "exception", "code", 4),
+        ("exception 6 2.5", "exception", "duration", 2.5),
     ],
 )
 def test_commands(text: str, fault: str, field: str, value: object) -> None:
@@ -157,3 +160,21 @@ def test_commands(text: str, fault: str, field: str, value: object) -> None:
 def test_bad_commands_are_refused(text: str) -> None:
     with pytest.raises(PlanError):
         parse_command(text)
+
+
+def test_an_exception_reply_keeps_transaction_unit_and_function() -> None:
+    request = mbap(0x1234, bytes([3, 0, 10, 0, 5]), unit=7)
+    assert exception_reply(request, 4) == mbap(0x1234, bytes([0x83, 4]), unit=7)
+    assert exception_reply(request[:7], 4) is None
+
+
+def test_the_exception_fault_is_a_window_that_heal_ends() -> None:
+    state = FaultState()
+    step = parse_command("exception 6")
+    state.apply(Action(0.0, step))
+    assert state.excepting == 6
+    state.apply(Action(1.0, step, start=False))
+    assert state.excepting is None
+    state.apply(Action(2.0, step))
+    state.apply(Action(3.0, parse_command("heal")))
+    assert state.excepting is None

@@ -1,0 +1,78 @@
+"""What counts as "this machine", and which weaker settings ``check`` and the start-up warn of."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway import cli
+from gateway.config import ConfigError, load_config
+
+HEAD = "gateway: {id: gw-1, site: plant-1}\n"
+MACHINES = (
+    "machines:\n"
+    "  - {id: a, area: x, line: y, profile: sewing-station,"
+    " connection: {protocol: modbus, host: 127.0.0.1}}\n"
+)
+
+
+def _cfg(tmp_path: Path, text: str) -> Path:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(HEAD + text + MACHINES)
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "host", ["127.mqtt.partner.example", "127.0.0.1.nip.example", "localhost.partner.example"]
+)
+def test_a_name_that_only_looks_local_is_a_remote_broker(tmp_path: Path, host: str) -> None:
+    cfg = _cfg(tmp_path, f"broker: {{host: {host}}}\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, env={})
+    assert any("on another machine" in e.message for e in info.value.errors)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "localhost", "::1"])
+def test_loopback_brokers_need_no_tls(tmp_path: Path, host: str) -> None:
+    plan = load_config(_cfg(tmp_path, f"broker: {{host: '{host}'}}\n"), env={})
+    assert plan.warnings == ()
+
+
+def test_hostname_verification_off_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    cfg = _cfg(
+        tmp_path,
+        "broker: {host: mqtt.partner.example, username: u, password: p,"
+        " tls: {verify_hostname: false}}\n",
+    )
+    plan = load_config(cfg, env={})
+    [warning] = plan.warnings
+    assert "verify_hostname" in warning and "mqtt.partner.example" in warning
+    assert cli.main(["check", "-c", str(cfg)]) == 0
+    assert "warning: " + warning in capsys.readouterr().out
+
+
+def test_hostname_verification_on_is_silent(tmp_path: Path) -> None:
+    cfg = _cfg(
+        tmp_path, "broker: {host: mqtt.partner.example, username: u, password: p, tls: {}}\n"
+    )
+    assert load_config(cfg, env={}).warnings == ()
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9108", "'[::]:9108'", "192.0.2.7:9108"])
+def test_a_health_endpoint_open_to_the_network_is_a_warning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], listen: str
+) -> None:
+    cfg = _cfg(tmp_path, f"broker: {{host: 127.0.0.1}}\nhealth: {{listen: {listen}}}\n")
+    [warning] = load_config(cfg, env={}).warnings
+    assert "health" in warning and "/metrics" in warning
+    assert cli.main(["check", "-c", str(cfg)]) == 0
+    assert "warning: " + warning in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:9108", "'[::1]:9108'", "null"])
+def test_a_local_health_endpoint_is_silent(tmp_path: Path, listen: str) -> None:
+    cfg = _cfg(tmp_path, f"broker: {{host: 127.0.0.1}}\nhealth: {{listen: {listen}}}\n")
+    assert load_config(cfg, env={}).warnings == ()
