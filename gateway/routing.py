@@ -132,6 +132,21 @@ def state_view(
     return {**snapshot, "order": None}
 
 
+def idle_operator_policies(routes: Iterable[Route], badge_machines: Iterable[str]) -> list[str]:
+    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed."""
+    machines = list(badge_machines)
+    out = []
+    for r in routes:
+        if r.operator == "drop" or any(machine_visible(r.rules, m) for m in machines):
+            continue
+        where = "no machine" if not machines else "no machine this destination sees"
+        out.append(
+            f"destination {r.name}: operator: {r.operator} never acts, {where} maps an "
+            "`operator` signal (map the badge reader, or leave the policy at drop)"
+        )
+    return out
+
+
 def pseudonym(secret: bytes, value: object) -> str:
     """Stable keyed pseudonym of a worker id: same input and secret, same output."""
     digest = hmac.new(secret, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
