@@ -9,6 +9,7 @@ learn nothing about who sewed.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -126,3 +127,62 @@ async def test_the_operator_policy_decides_who_sees_who_worked(tmp_path: Path) -
     for m in seen["portal"]:
         assert b"operator" not in m.payload and BADGE.encode() not in m.payload, m.topic
         assert pseudonym.encode() not in m.payload, m.topic
+
+
+async def test_attribution_survives_a_gateway_restart_without_the_downtime(
+    tmp_path: Path,
+) -> None:
+    broker = MosquittoBroker(tmp_path / "mes")
+    port = free_port()
+    script = [Idle(4.0), RunOrder("PO-9", target=30, piece_seconds=0.2), Idle(60)]
+    cfg = tmp_path / "gw.yaml"
+    destination = {"name": "mes", "host": broker.host, "port": broker.port, "operator": "pass"}
+    cfg.write_text(
+        "\n".join(
+            [
+                f"gateway: {{id: gw-attr, site: {SITE}, topic_prefix: {PREFIX}}}",
+                f"state_dir: {tmp_path / 'state'}",
+                "logging: {level: info, format: json}",
+                "destinations:",
+                f"  - {json.dumps(destination)}",
+                "machines:",
+                "  - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,"
+                " poll_interval: 0.1,"
+                f" connection: {{protocol: modbus, host: 127.0.0.1, port: {port}}}}}",
+            ]
+        )
+        + "\n"
+    )
+    down = 1.5
+    broker.start()
+    try:
+        station = StationModel(script, name="sew-01", operator=BADGE)
+        async with (
+            Subscriber(broker.host, broker.port, f"{PREFIX}/+/+/+/+/event/#") as mes,
+            SimulatedFloor([StationSpec("sew-01", port, station)]),
+        ):
+
+            def progressed(ms: list[Received]) -> bool:
+                return any(
+                    short(e) == "order.progress" and e["data"]["good"] >= 5 for e in events(ms)
+                )
+
+            async with gateway_process(cfg, tmp_path / "gw1.log"):
+                await mes.wait_for(progressed, timeout=30)
+            # gateway_process kills the gateway without a goodbye; the station sews on
+            # while it is down (the outage is part of the scenario, not a wait).
+            await asyncio.sleep(down)
+            async with gateway_process(cfg, tmp_path / "gw2.log"):
+                await mes.wait_for(lambda ms: bool(completed(ms)), timeout=30)
+            seen = list(mes.messages)
+    finally:
+        broker.stop()
+
+    assert_valid(seen)
+    (done,) = completed(seen)
+    (share,) = done["operators"]
+    # Every piece of the order, those sewn while the gateway was down included ...
+    assert (share["operator"], share["good"]) == (BADGE, done["good"])
+    assert done["good"] >= 30
+    # ... but not the time the gateway could not see the machine.
+    assert share["seconds"] <= done["duration_s"] - down, done
