@@ -19,6 +19,9 @@ gateway adds on top of server and library (the two subscriptions publish on thei
 so single changes cannot be paired, only distributions compared).
 
     python -m bench.latency_opcua --intervals 0.1:0.1,0.25:0.5,1:1 --window 30
+
+``default`` as the sampling (``default:0.5``) leaves ``sampling_interval`` out of the
+gateway's config, so the adapter's default is what is measured.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 
+from adapters.opcua.config import sampling_for
 from bench.common import (
     check_profiler,
     cpu_seconds,
@@ -189,12 +193,14 @@ def _on_publish(index: int, seen: Seen) -> Callable[[ua.PublishResult], None]:
 
 
 async def run_pair(
-    args: argparse.Namespace, sampling: float, publishing: float, coalesce: float | None
+    args: argparse.Namespace, configured: float | None, publishing: float, coalesce: float | None
 ) -> dict[str, Any]:
     """Measure one (sampling, publishing) pair; returns its figures.
 
+    ``configured`` ``None`` leaves the sampling interval to the adapter's default;
     ``coalesce`` sets the adapter's ``coalesce`` (``None``: its default).
     """
+    sampling = sampling_for(configured, publishing)
     n = args.processes * args.machines
     # At most one change per publishing cycle and machine: every change is measured alone.
     period = max(args.min_period, args.changes_every * publishing)
@@ -225,7 +231,7 @@ async def run_pair(
                     work / "gateway.yaml",
                     broker_port=broker.port,
                     ports=ports,
-                    sampling=sampling,
+                    sampling=configured,
                     publishing=publishing,
                     coalesce=coalesce,
                 )
@@ -263,6 +269,7 @@ async def run_pair(
     ref_wire = [arrival - published for arrival, published in ref_changes.values()]
     return {
         "sampling_interval_s": sampling,
+        "sampling_configured": configured is not None,
         "publishing_interval_s": publishing,
         "coalesce_s": coalesce,
         "machines": n,
@@ -282,15 +289,16 @@ async def run_pair(
     }
 
 
-def parse_intervals(text: str) -> list[tuple[float, float]]:
-    """``"0.1:0.1,0.25:0.5"`` -> ``[(0.1, 0.1), (0.25, 0.5)]``; raises ``ValueError``."""
-    pairs = []
+def parse_intervals(text: str) -> list[tuple[float | None, float]]:
+    """``"0.1:0.1,default:0.5"`` -> ``[(0.1, 0.1), (None, 0.5)]``; raises ``ValueError``."""
+    pairs: list[tuple[float | None, float]] = []
     for part in text.split(","):
         s, sep, p = part.partition(":")
         if not sep:
             raise ValueError(f"expected SAMPLING:PUBLISHING, got {part!r}")
-        sampling, publishing = float(s), float(p)
-        if not (0 <= sampling < 3600 and 0 < publishing < 3600):
+        sampling = None if s.strip() == "default" else float(s)
+        publishing = float(p)
+        if not ((sampling is None or 0 <= sampling < 3600) and 0 < publishing < 3600):
             raise ValueError(f"intervals out of range in {part!r}")
         pairs.append((sampling, publishing))
     return pairs
@@ -299,7 +307,11 @@ def parse_intervals(text: str) -> list[tuple[float, float]]:
 def main() -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--intervals", default=DEFAULT_INTERVALS, help="SAMPLING:PUBLISHING,... (s)")
+    p.add_argument(
+        "--intervals",
+        default=DEFAULT_INTERVALS,
+        help="SAMPLING:PUBLISHING,... (s); SAMPLING 'default' = the adapter's default",
+    )
     p.add_argument("--processes", type=int, default=2, help="simulator processes")
     p.add_argument("--machines", type=int, default=5, help="machines per simulator process")
     p.add_argument("--window", type=float, default=30.0, help="measured seconds per pair")
@@ -331,7 +343,10 @@ def main() -> None:
     runs = [(s, pub, c) for s, pub in pairs for c in coalesces]
     for sampling, publishing, coalesce in runs:
         r = asyncio.run(run_pair(args, sampling, publishing, coalesce))
-        key = f"S={sampling:g}s P={publishing:g}s"
+        shown = "default" if sampling is None else f"{sampling:g}s"
+        key = f"S={shown} P={publishing:g}s"
+        if sampling is None:
+            key += f" (={r['sampling_interval_s']:g}s)"
         if coalesce is not None:
             key += f" coalesce={coalesce:g}s"
         scenarios[key] = r

@@ -42,7 +42,7 @@ from adapters.registry import PROTOCOLS, ProtocolSpec
 from gateway.health import parse_listen
 from gateway.influx import InfluxConfig
 from gateway.model import CANONICAL_SIGNALS, Location, MachineState
-from gateway.routing import OperatorPolicy, Route, RouteRules
+from gateway.routing import OperatorPolicy, Route, RouteRules, idle_operator_policies
 from gateway.signals import SignalConfig
 from gateway.tracker import TrackerSettings
 from gateway.yamlsource import (
@@ -774,6 +774,8 @@ def _compile(
         )
     for mp in machines:
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
+    badges = [mp.id for mp in machines if "operator" in mp.signals]
+    warnings += idle_operator_policies((d.route for d in destinations), badges)
     return GatewayPlan(
         source=src.file,
         gateway_id=config.gateway.id,

@@ -25,6 +25,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from gateway.attribution import MAX_OPERATOR_LEN
 from gateway.envelope import EVENT_TYPE_PREFIX, SCHEMA_PREFIX, format_time
 from gateway.model import MachineState
 from gateway.tracker import (
@@ -167,6 +168,44 @@ class MachineAlarmCleared(_Outbound):
     )
 
 
+class OperatorShare(_Outbound):
+    """One operator's part of an order: logged-in time and pieces counted meanwhile."""
+
+    operator: (
+        Annotated[
+            str, Field(min_length=1, max_length=MAX_OPERATOR_LEN, pattern=_NO_CONTROL_PATTERN)
+        ]
+        | None
+    ) = Field(
+        description=(
+            "The badge as the machine shows it (destinations with `operator: pass`) or its "
+            "pseudonym `op-` + 16 hex digits, stable per site secret (`operator: "
+            "pseudonymise`); null for time and pieces with nobody logged in."
+        ),
+        examples=["op-3f2a9c0d4e5b6a71"],
+    )
+    seconds: Seconds = Field(
+        description=(
+            "Seconds the operator was logged in while the order ran and the gateway "
+            "observed the machine (time the machine or the gateway was unreachable is "
+            "nobody's)."
+        ),
+        examples=[1260.0],
+    )
+    good: Count = Field(description="Good pieces counted while the operator was logged in.")
+    scrap: Count = Field(description="Scrap pieces counted while the operator was logged in.")
+
+
+_OPERATORS_DESCRIPTION = (
+    "Who worked on the order, in order of first appearance; the shares add up to the "
+    "order's counts from the first badge read on. Present only for machines that map an "
+    "`operator` signal and only at destinations whose operator policy is `pass` or "
+    "`pseudonymise`: absent everywhere else."
+)
+#: The ``operators`` field of order events and the state's order; absent when not allowed.
+Operators = Annotated[list[OperatorShare] | None, Field(description=_OPERATORS_DESCRIPTION)]
+
+
 class OrderStarted(_Outbound):
     """``order.started``: an order began running on the machine."""
 
@@ -208,6 +247,7 @@ class OrderProgress(_Outbound):
     )
     due: Timestamp | None = Field(description="Due time (platform orders), else null.")
     started_at: Timestamp = Field(description="When the order started.")
+    operators: Operators = None
 
 
 class OrderCompleted(_Outbound):
@@ -229,6 +269,7 @@ class OrderCompleted(_Outbound):
     started_at: Timestamp = Field(description="When the order started.")
     completed_at: Timestamp = Field(description="When it completed (same as event time).")
     duration_s: Seconds = Field(description="completed_at - started_at in seconds.")
+    operators: Operators = None
 
 
 class OrderAtRisk(_Outbound):
@@ -380,6 +421,7 @@ class OrderView(_Outbound):
     started_at: Timestamp = Field(description="When the order started.")
     completed_at: Timestamp | None = Field(description="When it completed; null while running.")
     overrun: Count = Field(description="Good pieces counted after the order completed.")
+    operators: Operators = None
 
 
 class Alarm(_Outbound):

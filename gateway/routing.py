@@ -14,10 +14,13 @@ about a machine goes to a destination:
   machine carries the running order only if that order is visible too (:func:`state_view`),
   so a platform never learns another platform's order ids.
 
-Redaction of the ``operator`` signal (workers' personal data) is per destination:
-``drop`` (the default) removes it, ``pseudonymise`` replaces it with a keyed hash
-(HMAC-SHA256 with the site secret, so the same worker gets the same pseudonym and nobody
-without the secret can reverse it), ``pass`` sends it unchanged.
+Redaction of workers' personal data is per destination: the ``operator`` badge anywhere
+in a payload and the ``operators`` attribution of order events (who worked on the order,
+for how long, pieces each; see :mod:`gateway.attribution`). ``drop`` (the default) removes
+both, the attribution as a whole (pieces per anonymous worker still single people out);
+``pseudonymise`` replaces each badge with a keyed hash (HMAC-SHA256 with the site secret,
+so the same worker gets the same pseudonym and nobody without the secret can reverse it);
+``pass`` sends them unchanged.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ SubjectKind = Literal["event", "state", "telemetry"]
 
 #: The signal that names a worker; redacted according to the destination's policy.
 OPERATOR_KEY = "operator"
+#: The per-order attribution: a list of shares, each with an ``operator`` key.
+OPERATORS_KEY = "operators"
 #: MQTT content type of a CloudEvents batch (JSON array of structured events).
 BATCH_CONTENT_TYPE = "application/cloudevents-batch+json"
 
@@ -127,6 +132,21 @@ def state_view(
     return {**snapshot, "order": None}
 
 
+def idle_operator_policies(routes: Iterable[Route], badge_machines: Iterable[str]) -> list[str]:
+    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed."""
+    machines = list(badge_machines)
+    out = []
+    for r in routes:
+        if r.operator == "drop" or any(machine_visible(r.rules, m) for m in machines):
+            continue
+        where = "no machine" if not machines else "no machine this destination sees"
+        out.append(
+            f"destination {r.name}: operator: {r.operator} never acts, {where} maps an "
+            "`operator` signal (map the badge reader, or leave the policy at drop)"
+        )
+    return out
+
+
 def pseudonym(secret: bytes, value: object) -> str:
     """Stable keyed pseudonym of a worker id: same input and secret, same output."""
     digest = hmac.new(secret, str(value).encode("utf-8"), hashlib.sha256).hexdigest()
@@ -134,12 +154,14 @@ def pseudonym(secret: bytes, value: object) -> str:
 
 
 def redact(value: Any, policy: OperatorPolicy, secret: bytes | None) -> Any:
-    """Apply the operator policy to every ``operator`` key at any depth; returns new data."""
+    """Apply the operator policy to every ``operator(s)`` key at any depth; returns new data."""
     if policy == "pass":
         return value
     if isinstance(value, Mapping):
         out: dict[str, Any] = {}
         for k, v in value.items():
+            if k == OPERATORS_KEY and (policy == "drop" or secret is None):
+                continue
             if k == OPERATOR_KEY and v is not None:
                 if policy == "drop":
                     continue
@@ -157,7 +179,8 @@ def redact(value: Any, policy: OperatorPolicy, secret: bytes | None) -> Any:
 
 def redact_payload(payload: bytes, policy: OperatorPolicy, secret: bytes | None) -> bytes:
     """Redact a JSON payload; untouched (same bytes) when it cannot name an operator."""
-    if policy == "pass" or b'"operator"' not in payload:
+    # '"operator' finds both keys, "operator" and "operators".
+    if policy == "pass" or b'"operator' not in payload:
         return payload
     try:
         doc = json.loads(payload)

@@ -43,6 +43,7 @@ from gateway.envelope import (
     new_event_id,
 )
 from gateway.model import Event, Location, Quality, Sample
+from gateway.routing import redact_payload
 from gateway.tracker import MachineTracker, TrackerSettings
 
 JSON_SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -135,7 +136,12 @@ def _shift() -> tuple[list[Event], list[tuple[str, dict[str, Any], bytes]], dict
     good = 65_500  # a 16-bit lifetime counter close to its wrap
     t = _T0
     events += tracker.observe(
-        [_sample("state", "idle", t), _sample("good_count", good, t), _sample("alarm_code", 0, t)],
+        [
+            _sample("state", "idle", t),
+            _sample("good_count", good, t),
+            _sample("alarm_code", 0, t),
+            _sample("operator", "B-1042", t),
+        ],
         t,
     )
     t += 240
@@ -158,6 +164,8 @@ def _shift() -> tuple[list[Event], list[tuple[str, dict[str, Any], bytes]], dict
         batch = [_sample("good_count", good, t)]
         if minute == 1:
             batch.append(_sample("state", "running", t))
+        if minute == 10:
+            batch.append(_sample("operator", "B-2077", t))  # a shift change mid-order
         events += tracker.observe(batch, t)
     # A thread break: alarm and fault in one poll, cleared five minutes later.
     t += 30
@@ -209,6 +217,10 @@ _PREFERRED: dict[str, Callable[[Mapping[str, Any]], bool]] = {
 }
 
 
+#: The examples show badges as a destination with ``operator: pseudonymise`` sees them.
+_EXAMPLE_SECRET = b"example-site-secret"
+
+
 def example_messages() -> dict[str, dict[str, Any]]:
     """Real example payloads, keyed like :func:`json_schemas` (events as full envelopes)."""
     events, exchanges, snapshot, snapshot_time = _shift()
@@ -218,6 +230,7 @@ def example_messages() -> dict[str, dict[str, Any]]:
     for event in events:
         event_id = new_event_id(event.time, rng.getrandbits(74))
         payload = encode_event(event, EXAMPLE_LOCATION, gateway_id=gw, event_id=event_id)
+        payload = redact_payload(payload, "pseudonymise", _EXAMPLE_SECRET)
         encoded.append((event, json.loads(payload)))
     out: dict[str, dict[str, Any]] = {}
     for short in EVENT_TYPES:
@@ -227,9 +240,8 @@ def example_messages() -> dict[str, dict[str, Any]]:
         prefer = _PREFERRED.get(short)
         chosen = [d for d in candidates if prefer(d["data"])] if prefer else []
         out[short] = (chosen or sorted(candidates, key=lambda d: _null_count(d["data"])))[0]
-    out["state"] = json.loads(
-        encode_state(snapshot, EXAMPLE_LOCATION, gateway_id=gw, now=snapshot_time)
-    )
+    state = encode_state(snapshot, EXAMPLE_LOCATION, gateway_id=gw, now=snapshot_time)
+    out["state"] = json.loads(redact_payload(state, "pseudonymise", _EXAMPLE_SECRET))
     started = _T0 - 3600
     out["status"] = json.loads(
         encode_status(

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
+from gateway.attribution import Attribution, parse_operator
 from gateway.counters import CounterState, advance, parse_count
 from gateway.model import Event, MachineState, Quality, Sample
 
@@ -48,7 +49,7 @@ STATE_VERSION = 1
 _DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
 _COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
 _USED_SIGNALS = frozenset(
-    {"state", "order_id", "target_count", "alarm_code", "alarm_text", *_COUNT_SIGNALS}
+    {"state", "order_id", "target_count", "alarm_code", "alarm_text", "operator", *_COUNT_SIGNALS}
 )
 
 
@@ -260,6 +261,8 @@ class MachineTracker:
         self._rejections: list[Rejection] = []
         #: Last text value per signal and what it parsed to (a repeated text skips parsing).
         self._parsed_text: dict[str, tuple[str, Any]] = {}
+        #: Who works on the order (the badge); see gateway.attribution.
+        self._attribution = Attribution()
 
     # ------------------------------------------------------------------ public API
 
@@ -283,6 +286,11 @@ class MachineTracker:
         if self._connected is not True:
             # Good data is proof the device is reachable, even if the shell has not said so.
             out += self.connection(True, now, "data_received")
+        # The badge before the order id and the counts, like the order id before the counts:
+        # pieces read in the same batch as a new badge are the new operator's.
+        for badge in batch.get("operator", []):
+            self._attribution.badge(badge, now)
+        self._attribution.observed(now)
         targets = batch.get("target_count", [])
         if targets:
             self._device_target = targets[-1] or None
@@ -290,7 +298,11 @@ class MachineTracker:
             self._on_device_order(order_id, now, out)
         if targets:
             self._on_device_target(now)
+        order = self._order
+        before = (order.good, order.scrap) if order is not None and order.running else None
         self._on_counts(batch, now)
+        if order is not None and before is not None:
+            self._attribution.credit(order.good - before[0], order.scrap - before[1])
         self._after_counts(now, out)
         texts = batch.get("alarm_text", [])
         if texts:
@@ -313,6 +325,8 @@ class MachineTracker:
         if self._connected is connected:
             return []
         self._connected = connected
+        if not connected:
+            self._attribution.pause(now)
         out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
@@ -365,6 +379,7 @@ class MachineTracker:
                 "started_at": order.started_at,
                 "completed_at": order.completed_at,
                 "overrun": order.overrun,
+                **self._operators(now),
             }
         return {
             "machine": self.machine,
@@ -408,6 +423,7 @@ class MachineTracker:
             "recent_orders": list(self._recent_orders),
             "commands": {k: [r.accepted, r.reason] for k, r in self._commands.items()},
             "updated_at": self._updated_at,
+            "attribution": self._attribution.export(),
         }
 
     @classmethod
@@ -442,6 +458,9 @@ class MachineTracker:
                 str(k): CommandResult(bool(a), str(r)) for k, (a, r) in state["commands"].items()
             }
             t._updated_at = _opt_float(state["updated_at"])
+            # Absent in state written before attribution existed.
+            running = t._order is not None and t._order.running
+            t._attribution = Attribution.restore(state.get("attribution"), t._updated_at, running)
         # AttributeError: a list where a mapping belongs; OverflowError: int(inf), float(10**400).
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"tracker state for {machine!r} is malformed: {exc!r}") from exc
@@ -515,6 +534,8 @@ class MachineTracker:
             return target
         if signal == "alarm_code":
             return _parse_int(value, "alarm_code")
+        if signal == "operator":
+            return parse_operator(value)
         return _clean_text(value, "alarm_text", MAX_TEXT_LEN)  # alarm_text
 
     def _on_counts(self, batch: dict[str, list[Any]], now: float) -> None:
@@ -690,6 +711,7 @@ class MachineTracker:
                 self._counters[name] = replace(c, value=0)
         order.history.append((now, 0))
         self._order = order
+        self._attribution.begin_order(now)
         out.append(
             self._event(
                 "order.started",
@@ -717,6 +739,7 @@ class MachineTracker:
     def _complete(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
         order = self._order
         assert order is not None and order.running
+        self._attribution.end_order(now)
         if (order.good, order.scrap) != (order.progress_good, order.progress_scrap):
             self._progress(order, now, out)
         order.completed_at = now
@@ -735,6 +758,7 @@ class MachineTracker:
                 started_at=order.started_at,
                 completed_at=now,
                 duration_s=round(max(0.0, now - order.started_at), 3),
+                **self._operators(now),
             )
         )
 
@@ -773,6 +797,7 @@ class MachineTracker:
                 eta=_eta(order, rate, now),
                 due=order.due,
                 started_at=order.started_at,
+                **self._operators(now),
             )
         )
 
@@ -867,6 +892,11 @@ class MachineTracker:
         return CommandResult(True, "cancelled")
 
     # ------------------------------------------------------------------ helpers
+
+    def _operators(self, now: float) -> dict[str, Any]:
+        """``operators`` of the order for its events, absent while no badge was ever read."""
+        view = self._attribution.view(now)
+        return {} if view is None else {"operators": view}
 
     def _event(self, type_: str, now: float, **data: Any) -> Event:
         self._seq += 1

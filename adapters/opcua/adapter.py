@@ -54,7 +54,7 @@ from asyncua.ua.uaerrors import UaError, UaStatusCodeError
 
 from adapters.base import ConnectError, ConnectionLost, check_timing, next_deadline
 from adapters.opcua import security
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig, sampling_for
 from adapters.opcua.nodes import (
     BrowsePath,
     NodeAddress,
@@ -167,11 +167,7 @@ class OpcUaAdapter:
         self._start_offset = start_offset
         self._clock = clock
         self._publishing = connection.publishing_interval or poll_interval
-        self._sampling = (
-            connection.sampling_interval
-            if connection.sampling_interval is not None
-            else self._publishing
-        )
+        self._sampling = sampling_for(connection.sampling_interval, self._publishing)
         self._targets: dict[str, _Target] = {
             name: _Target(
                 signal=name,
@@ -210,6 +206,11 @@ class OpcUaAdapter:
     def machine(self) -> str:
         """The machine this adapter reads."""
         return self._machine
+
+    @property
+    def intervals(self) -> tuple[float, float]:
+        """``(sampling, publishing)`` intervals in seconds that subscriptions ask for."""
+        return self._sampling, self._publishing
 
     @property
     def monitored_items(self) -> int:

@@ -191,3 +191,22 @@ machines:
     path.write_text(body.replace("nsu=urn:m;s=Counters.Good", "ns=2;q=1"))
     with pytest.raises(ConfigError, match=r"gw\.yaml:1[0-9].*i=, s=, g= or b="):
         load_config(path, env={})
+
+
+@pytest.mark.parametrize(
+    ("kw", "poll", "expected"),
+    [
+        # Sampling as slowly as publishing doubled the worst-case latency: a quarter.
+        ({}, 1.0, (0.25, 1.0)),
+        ({"publishing_interval": 0.5}, 1.0, (0.125, 0.5)),
+        ({"publishing_interval": 0.5, "sampling_interval": 0}, 1.0, (0.0, 0.5)),
+        ({"sampling_interval": 2.0}, 1.0, (2.0, 1.0)),
+    ],
+)
+def test_default_sampling_is_a_quarter_of_the_publishing_interval(
+    kw: dict[str, Any], poll: float, expected: tuple[float, float]
+) -> None:
+    adapter = PROTOCOLS["opcua"].create(
+        "m", connection(**kw), {"s": OpcUaSignalConfig(node_id="i=2258")}, poll, 0.0
+    )
+    assert adapter.intervals == expected  # type: ignore[attr-defined]

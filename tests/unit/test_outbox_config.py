@@ -109,3 +109,30 @@ def test_password_file_content_never_in_errors(
     with pytest.raises(ConfigError) as info:
         load_config(write(tmp_path, "destinations: [{name: x, host: a, password_file: pw}]\n"))
     assert SECRET not in str(info.value)
+
+
+def test_check_warns_about_an_operator_policy_that_can_never_act(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # sew-01's profile maps the badge; sew-02 has no badge reader.
+    body = (
+        "redaction: {secret: k}\n"
+        "destinations:\n"
+        "  - {name: mes, host: 127.0.0.1, operator: pass, routing: {machines: ['sew-01']}}\n"
+        "  - {name: pay, host: 127.0.0.1, operator: pseudonymise,\n"
+        "     routing: {machines: ['sew-02']}}\n"
+        "  - {name: portal, host: 127.0.0.1}\n"
+    )
+    machines = MACHINES + (
+        "  - id: sew-02\n    area: sewing\n    line: line-1\n    profile: sewing-station\n"
+        "    connection: {protocol: modbus, host: 127.0.0.1, port: 5021}\n"
+        "    signals: {operator: null}\n"
+    )
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("gateway: {id: gw-1, site: plant-1}\n" + body + machines)
+    assert cli.main(["check", "-c", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    warned = [line for line in out.splitlines() if "never acts" in line]
+    assert len(warned) == 1, out
+    assert "destination pay: operator: pseudonymise never acts" in warned[0]
+    assert "no machine this destination sees maps an `operator` signal" in warned[0]

@@ -87,3 +87,20 @@ def test_payload_helpers() -> None:
     assert json.loads(mark_delayed(raw))["delayed"] is True
     assert mark_delayed(mark_delayed(raw)) == mark_delayed(raw)
     assert json.loads(batch_payload([raw, raw])) == [json.loads(raw)] * 2
+
+
+def test_order_attribution_is_removed_whole_or_pseudonymised() -> None:
+    shares = [
+        {"operator": "anna", "seconds": 60.0, "good": 5, "scrap": 1},
+        {"operator": None, "seconds": 5.0, "good": 1, "scrap": 0},
+    ]
+    raw = json.dumps({"data": {"good": 6, "operators": shares}}).encode()
+    # Pieces per (anonymous) worker are personal data too: the whole list goes.
+    assert json.loads(redact_payload(raw, "drop", None)) == {"data": {"good": 6}}
+    assert json.loads(redact_payload(raw, "pseudonymise", None)) == {"data": {"good": 6}}
+    assert redact_payload(raw, "pass", None) is raw
+    pseud = json.loads(redact_payload(raw, "pseudonymise", b"site-secret"))
+    assert pseud["data"]["operators"] == [
+        {**shares[0], "operator": pseudonym(b"site-secret", "anna")},
+        shares[1],
+    ]

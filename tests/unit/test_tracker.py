@@ -195,11 +195,19 @@ def test_late_state_sample_is_ignored() -> None:
     assert tr.observe(batch(5, state="idle"), T0 + 11) == []
 
 
-def test_operator_and_program_never_reach_events_or_snapshot() -> None:
+def test_program_never_reaches_events_and_the_badge_only_the_order_operators() -> None:
     tr = tracker()
     events = obs(tr, 0, state="running", order_id="A", operator="Jane Doe", program="P1")
-    assert "Jane" not in json.dumps([dict(e.data) for e in events])
-    assert "Jane" not in json.dumps(tr.snapshot())
+    events += obs(tr, 60, good_count=3)
+    assert "P1" not in json.dumps([dict(e.data) for e in events])
+    assert "P1" not in json.dumps(tr.snapshot())
+    # The badge is kept for the order's attribution only (redacted per destination).
+    for data in [*(dict(e.data) for e in events), tr.snapshot()["order"]]:
+        rest = {k: v for k, v in data.items() if k != "operators"}
+        assert "Jane" not in json.dumps(rest)
+    assert tr.snapshot()["order"]["operators"] == [
+        {"operator": "Jane Doe", "seconds": 60.0, "good": 3, "scrap": 0}
+    ]
 
 
 # ---------------------------------------------------------------- order lifecycle (device)
