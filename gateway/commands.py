@@ -158,6 +158,7 @@ def handle(
     machines: Mapping[str, Location],
     target: CommandTarget,
     rules: RouteRules = _ALL,
+    destination: str = "",
     topic: str,
     payload: bytes,
     retained: bool,
@@ -207,7 +208,13 @@ def handle(
     scoped, why = scope(rules, machine, cmd, target)
     if scoped is None:
         return reject(why, cmd.command_id or None, cmd.order_id)
-    cmd = scoped
+    # Command ids are the destination's own; a scoped destination's answers name no other
+    # platform's orders.
+    cmd = (
+        replace(scoped, origin=destination, private=rules.order_scoped)
+        if isinstance(scoped, AssignOrder)
+        else replace(scoped, origin=destination)
+    )
     result = target.apply_command(machine, cmd, now)
     (log.info if result.accepted else log.warning)(
         "command.accepted" if result.accepted else "command.rejected",
@@ -363,6 +370,7 @@ class CommandListener:
                 machines=self._machines,
                 target=self._target,
                 rules=self._rules,
+                destination=self.name,
                 topic=str(message.topic),
                 payload=bytes(payload),
                 retained=bool(message.retain),

@@ -100,7 +100,9 @@ def test_handle_runs_a_scoped_command_with_the_customer_filled_in() -> None:
         ACME_ONLY, TOPIC, {"command_id": "c", "order_id": "SO-1", "target": 5}, runtime
     )
     assert answer["accepted"] is True
-    assert runtime.applied == [AssignOrder("SO-1", 5, customer="acme", command_id="c")]
+    assert runtime.applied == [
+        AssignOrder("SO-1", 5, customer="acme", command_id="c", private=True)
+    ]
 
 
 @pytest.mark.parametrize(
