@@ -644,6 +644,8 @@ class Gateway:
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
+        for c in self.listeners:
+            self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
         if self.influx is not None:
             self.influx.report(self.metrics)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+import urllib.request
 from pathlib import Path
 
 import aiomqtt
@@ -87,12 +88,14 @@ async def test_floods_and_huge_payloads_leave_memory_bounded(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     port = free_port()
+    health = free_port()
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(
         f"gateway: {{id: gw-mem, site: {SITE}, topic_prefix: {PREFIX}}}\n"
         f"state_dir: {tmp_path / 'state'}\n"
         f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
         "logging: {level: info, format: json}\n"
+        f"health: {{listen: '127.0.0.1:{health}'}}\n"
         "tracker: {order_source: platform}\n"
         "machines:\n"
         "  - {id: box-01, area: sewing, line: line-1, profile: sewing-station,"
@@ -128,6 +131,26 @@ async def test_floods_and_huge_payloads_leave_memory_bounded(
         assert after["accepted"] is True, after
         rss, peak = peak_kb(gw.pid)
         assert gw.returncode is None
+
+        def inbox_drops(text: str) -> float:
+            for line in text.splitlines():
+                if (
+                    line.startswith("shopfloor_commands_dropped_total{")
+                    and 'reason="inbox"' in line
+                ):
+                    return float(line.rsplit(" ", 1)[1])
+            return 0.0
+
+        async def scrape() -> str:
+            url = f"http://127.0.0.1:{health}/metrics"
+            return await asyncio.to_thread(
+                lambda: urllib.request.urlopen(url, timeout=5).read().decode()
+            )
+
+        # The metrics are refreshed once a second; /metrics has nothing to wait on but a poll.
+        async with asyncio.timeout(10):
+            while not inbox_drops(await scrape()):  # noqa: ASYNC110 - bounded by the timeout
+                await asyncio.sleep(0.2)
     growth = peak - before
     print(f"peak RSS {before} -> {peak} KiB (+{growth}), now {rss} KiB")
     assert growth < MAX_GROWTH_KB, f"peak RSS grew by {growth} KiB during the flood"
