@@ -65,6 +65,8 @@ from gateway.publisher import BrokerSettings, tls_context
 from gateway.routing import RouteRules, machine_visible, order_visible
 from gateway.tracker import AssignOrder, CancelOrder, CommandResult
 
+#: The answer to a retained command (it would run again on every reconnect).
+RETAINED = "retained commands are not accepted; publish commands with retain=false"
 #: Seconds without a dropped command that end a flood episode.
 FLOOD_QUIET = 1.0
 #: Messages waiting between the MQTT connection and the handler; beyond it they are
@@ -84,6 +86,9 @@ MAX_LOGGED_TEXT = 200
 LISTENER_BACKOFF = Backoff(base=0.5, cap=5.0, jitter=0.5)
 #: A connection that held this long ends an outage: the next failure starts a new one.
 STABLE_AFTER = 30.0
+#: Connections lost soon after they were made before the listener warns of a flapping
+#: session (once per outage).
+FLAPS_TO_WARN = 3
 #: A destination without routing rules sees everything.
 _ALL = RouteRules()
 
@@ -248,12 +253,15 @@ def handle(
             if known is None
             else f"machine {machine} is at {known.area}/{known.line}, not {place}"
         )
-    if retained:
-        return reject("retained commands are not accepted; publish commands with retain=false")
     try:
         cmd = decode_command(command, payload)
     except CommandError as exc:
+        if retained:
+            # Never run, whatever it holds; the ids found help the platform match the answer.
+            return reject(RETAINED, exc.command_id, exc.order_id)
         return reject(str(exc), exc.command_id, exc.order_id)
+    if retained:
+        return reject(RETAINED, cmd.command_id or None, cmd.order_id)
     scoped, why = scope(rules, machine, cmd, target)
     if scoped is None:
         return reject(why, cmd.command_id or None, cmd.order_id)
@@ -407,14 +415,17 @@ class CommandListener:
         """Listen until cancelled; reconnects with backoff and never raises otherwise.
 
         A failure is logged at warning once per cause and outage (``Not authorized`` after
-        a password rotation, a session taken over by a client-id collision), repeats at
-        debug. An outage ends when a connection has held for :data:`STABLE_AFTER` seconds,
-        so a flapping connection does not start a new one (and a new warning) each time.
+        a password rotation, the broker gone), repeats at debug; connections that keep
+        dropping soon after they were made (a client-id collision: Mosquitto closes a session
+        taken over without a reason) get one warning that names the client id. An outage
+        ends when a connection has held for :data:`STABLE_AFTER` seconds, so a flapping
+        connection does not start a new one (and a new warning) each time.
         """
         attempt = 0
         down_since: float | None = None
         causes: set[str] = set()
         connected_at: float | None = None
+        flaps = 0
         while True:
             try:
                 async with self._client() as client:
@@ -455,7 +466,19 @@ class CommandListener:
                 now = self._clock()
                 if connected_at is not None and now - connected_at >= STABLE_AFTER:
                     # The last connection held: this failure starts a new outage.
-                    attempt, causes = 0, set()
+                    attempt, causes, flaps = 0, set(), 0
+                elif connected_at is not None:
+                    flaps += 1
+                    if flaps == FLAPS_TO_WARN:
+                        # Mosquitto closes a session taken over without telling why; a
+                        # connection that keeps dropping right after it was made is the sign.
+                        self._log.warning(
+                            "command.listener_unstable",
+                            lost_soon_after_connect=flaps,
+                            client_id=f"{self._s.client_id}-cmd",
+                            hint="another client with this client id (a second gateway with "
+                            "the same config?) may be taking the session over",
+                        )
                 connected_at = None
                 if down_since is None:
                     down_since = now

@@ -198,5 +198,21 @@ async def test_two_destinations_on_one_broker_answer_each_command_once(
         answers = [json.loads(m.payload) for m in replies.messages]
         ids = [a["command_id"] for a in answers]
         assert ids == ["c-1", "c-2"], answers
+
+        # A retained command published while the gateway listens is refused, not run: the
+        # subscription keeps the retain flag of live messages (retain as published).
+        await platform.publish(
+            f"{CMD}/assign-order",
+            json.dumps({"command_id": "c-3", "order_id": "SO-3", "target": 5}),
+            qos=1,
+            retain=True,
+        )
+        got = await replies.wait_for(
+            lambda ms: any(json.loads(m.payload)["command_id"] == "c-3" for m in ms), timeout=10
+        )
+        retained = next(json.loads(m.payload) for m in got if b'"c-3"' in m.payload)
+        assert retained["accepted"] is False, retained
+        assert "retained commands are not accepted" in retained["reason"]
+        await platform.publish(f"{CMD}/assign-order", b"", qos=1, retain=True)
     log = (tmp_path / "gw.log").read_text()
     assert "destination audit: takes no commands" in log
