@@ -77,6 +77,8 @@ INBOX_SIZE = 256
 #: for the topic and properties, so an over-long command still gets its "exceeds" answer
 #: while a 100 MB one never reaches the gateway.
 MAX_PACKET_SIZE = MAX_COMMAND_BYTES + 4_096
+#: Answers waiting for their PUBACK at once; beyond it an answer is dropped (counted).
+MAX_REPLIES_IN_FLIGHT = 64
 #: MQTT 5 Receive Maximum: QoS 1 commands the broker may have in flight to the gateway.
 RECEIVE_MAXIMUM = 64
 #: Longest text from a topic (machine, command name, topic) put in a log line or answer.
@@ -366,12 +368,18 @@ class CommandListener:
         self._last_drop = 0.0
         self._inbox_flood = False
         self._inbox: _Inbox | None = None
+        self._last_inbox_drop = 0.0
+        #: Answers being published (each waits for its PUBACK in its own task).
+        self._replies: set[asyncio.Task[None]] = set()
+        #: Answers not sent because too many were waiting for the broker.
+        self.replies_dropped = 0
         self._v5 = True
         self.subscribed = asyncio.Event()
 
     def _inbox_full(self) -> None:
         """A message found the inbox full: count it, warn once per flood."""
         self.inbox_dropped += 1
+        self._last_inbox_drop = self._clock()
         if not self._inbox_flood:
             self._inbox_flood = True
             self._log.warning(
@@ -444,12 +452,17 @@ class CommandListener:
                             outage_s=round(self._clock() - down_since, 1),
                         )
                     down_since = None
-                    async for message in client.messages:
-                        await self._on_message(client, message)
-                        if _being_cancelled():
-                            # Python 3.11's wait_for (inside aiomqtt) can swallow a cancel
-                            # that coincides with a completion; honour it here.
-                            raise asyncio.CancelledError
+                    try:
+                        async for message in client.messages:
+                            await self._on_message(client, message)
+                            if _being_cancelled():
+                                # Python 3.11's wait_for (inside aiomqtt) can swallow a
+                                # cancel that coincides with a completion; honour it here.
+                                raise asyncio.CancelledError
+                    finally:
+                        # Answers still waiting for this connection die with it.
+                        for task in list(self._replies):
+                            task.cancel()
             except asyncio.CancelledError:
                 raise
             except aiomqtt.MqttError as exc:
@@ -511,7 +524,14 @@ class CommandListener:
 
     async def _on_message(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         now = self._clock()
-        if self._inbox_flood and self._inbox is not None and self._inbox.empty():
+        # Like the rate limit's flood: over after a quiet second, so one flood is one warning
+        # even when the handler empties the inbox now and then.
+        if (
+            self._inbox_flood
+            and now - self._last_inbox_drop >= FLOOD_QUIET
+            and self._inbox is not None
+            and self._inbox.empty()
+        ):
             self._inbox_flood = False
             self._log.info("command.inbox_recovered", dropped_total=self.inbox_dropped)
         if not self._bucket.take(now):
@@ -552,6 +572,18 @@ class CommandListener:
         if reply is None:
             return
         self.handled += 1
+        if len(self._replies) >= MAX_REPLIES_IN_FLIGHT:
+            # The broker does not acknowledge our answers (a flood in front of them): this
+            # one is lost like any unacknowledged answer; the platform resends by command_id.
+            self.replies_dropped += 1
+            return
+        # Sent by its own task: waiting here for each PUBACK, which queues behind whatever
+        # a flood put in front of it, would leave the inbox unread meanwhile.
+        task = asyncio.create_task(self._answer(client, reply))
+        self._replies.add(task)
+        task.add_done_callback(self._replies.discard)
+
+    async def _answer(self, client: aiomqtt.Client, reply: Reply) -> None:
         properties = None
         if self._v5 and reply.correlation_data is not None:
             properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
