@@ -40,7 +40,8 @@ MAX_TEXT_LEN = 256
 MAX_QUEUE = 1_000
 #: Finished order ids remembered to reject a platform re-assigning one by mistake.
 RECENT_ORDERS = 1_000
-#: Command ids remembered so a redelivered command (MQTT is at least once) is idempotent.
+#: Command ids remembered per destination so a redelivered command (MQTT is at least
+#: once) is idempotent.
 RECENT_COMMANDS = 1_000
 #: The answer to an order-scoped platform whose order id is running, queued or done here:
 #: the same words whoever's order it is, so no platform learns of another's orders.
@@ -353,9 +354,22 @@ class MachineTracker:
             result = self._cancel(cmd, now, out)
         if key:
             self._commands[key] = result
-            while len(self._commands) > RECENT_COMMANDS:
-                del self._commands[next(iter(self._commands))]
+            if len(self._commands) > RECENT_COMMANDS:
+                self._forget_commands(f"{cmd.origin}/")
         return result, out
+
+    def _forget_commands(self, prefix: str) -> None:
+        """Keep the last :data:`RECENT_COMMANDS` ids per destination.
+
+        Per destination, so one platform's many commands never push another's out (its
+        resent command would lose its first verdict).
+        """
+        mine = [k for k in self._commands if k.startswith(prefix)]
+        if len(mine) > RECENT_COMMANDS:
+            del self._commands[mine[0]]
+        # A bound on the whole table too (ids from before they were per destination).
+        while len(self._commands) > 4 * RECENT_COMMANDS:
+            del self._commands[next(iter(self._commands))]
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready current state, published retained for late joiners."""

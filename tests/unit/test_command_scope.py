@@ -12,7 +12,14 @@ import structlog
 from gateway.commands import LISTENER_BACKOFF, TokenBucket, handle, reply_topic, scope
 from gateway.model import Location
 from gateway.routing import RouteRules
-from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.tracker import (
+    RECENT_COMMANDS,
+    AssignOrder,
+    CancelOrder,
+    CommandResult,
+    MachineTracker,
+    TrackerSettings,
+)
 
 LOC = Location("plant-1", "sewing", "line-1", "sew-01")
 MACHINES = {"sew-01": LOC, "sew-02": Location("plant-1", "sewing", "line-1", "sew-02")}
@@ -199,3 +206,19 @@ def test_the_listener_waits_at_most_five_seconds_between_attempts() -> None:
     assert max(LISTENER_BACKOFF.ceiling(n) for n in range(100)) == 5.0
     rng = random.Random(1)
     assert all(LISTENER_BACKOFF.delay(n, rng) <= 5.0 for n in range(1_000))
+
+
+def test_one_platforms_many_commands_never_push_out_anothers_verdicts() -> None:
+    tracker = MachineTracker("sew-01", TrackerSettings(order_source="platform"))
+    first, _ = tracker.command(AssignOrder("A-1", 5, command_id="a-1", origin="acme"), 1.0)
+    assert first == CommandResult(True, "started")
+    # zeta sends more commands than the table keeps (each one refused, each one remembered).
+    for i in range(RECENT_COMMANDS + 10):
+        tracker.command(CancelOrder(f"Z-{i}", command_id=f"z-{i}", origin="zeta"), 2.0)
+    again, events = tracker.command(AssignOrder("A-1", 5, command_id="a-1", origin="acme"), 3.0)
+    assert again == CommandResult(True, "duplicate command: started") and events == []
+    # zeta's own oldest ids are the ones forgotten.
+    old, _ = tracker.command(CancelOrder("Z-0", command_id="z-0", origin="zeta"), 4.0)
+    assert old == CommandResult(False, "unknown order 'Z-0'")
+    recent, _ = tracker.command(CancelOrder("Z-999", command_id="z-999", origin="zeta"), 4.0)
+    assert recent.reason.startswith("duplicate command: ")
