@@ -1135,6 +1135,7 @@ def redacted(plan: GatewayPlan) -> dict[str, Any]:
                 },
                 "batch": d.route.batch,
                 "operator": d.route.operator,
+                "commands": d.commands,
             }
             for d in plan.destinations
         ],

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config
+from gateway.config import ConfigError, load_config, redacted
 from gateway.runtime import Gateway
 
 MACHINES = """
@@ -118,3 +118,18 @@ async def test_only_owning_destinations_get_a_listener(tmp_path: Path) -> None:
         assert gateway.commands is gateway.listeners[0]
     finally:
         await gateway.outbox.close()
+
+
+def test_the_effective_config_shows_who_takes_commands(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        "destinations:\n"
+        "  - {name: mes, host: 127.0.0.1, port: 1883}\n"
+        "  - {name: audit, host: 127.0.0.1, port: 1883, client_id: a}\n" + MACHINES
+    )
+    shown = redacted(load_config(p, env={}))
+    assert [(d["name"], d["commands"]) for d in shown["destinations"]] == [
+        ("mes", True),
+        ("audit", False),
+    ]
