@@ -871,12 +871,14 @@ class Gateway:
         order_id = order.get("order_id") if isinstance(order, dict) else None
         customer = self._customers.get(m.plan.id, {}).get(order_id) if order_id else None
         topic = self.topics.state(loc)
+        # Order-scoped destinations count only the waiting orders they may see.
+        queue = m.tracker.queued_orders() if self._everywhere is None else None
         # Destinations that see the whole snapshot (the common case: all) share one encoding.
         shared: bytes | None = None
         for d in self.destinations:
             if not machine_visible(d.route.rules, m.plan.id):
                 continue
-            view = state_view(d.route.rules, snapshot, customer)
+            view = state_view(d.route.rules, snapshot, customer, queue)
             if view is not snapshot:
                 payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
             elif shared is None:

@@ -358,6 +358,10 @@ class MachineTracker:
                 self._forget_commands(f"{cmd.origin}/")
         return result, out
 
+    def queued_orders(self) -> list[tuple[str, str | None]]:
+        """The waiting platform orders, in queue order: (order id, customer)."""
+        return [(q.order_id, q.customer) for q in self._queue]
+
     def _forget_commands(self, prefix: str) -> None:
         """Keep the last :data:`RECENT_COMMANDS` ids per destination.
 

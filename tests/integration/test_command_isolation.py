@@ -79,6 +79,7 @@ async def test_command_ids_verdicts_and_order_ids_stay_with_their_platform(
             Subscriber(acme.host, acme.port, f"{PREFIX}/+/+/+/+/event/#") as sub_a,
             Subscriber(acme.host, acme.port, REPLIES) as replies_a,
             Subscriber(zeta.host, zeta.port, REPLIES) as replies_z,
+            Subscriber(zeta.host, zeta.port, f"{PREFIX}/+/+/+/+/state") as state_z,
             SimulatedFloor([StationSpec("box-01", port, StationModel(script, name="box-01"))]),
             gateway_process(cfg, tmp_path / "gw.log"),
             aiomqtt.Client(acme.host, acme.port, identifier="platform-acme") as platform_a,
@@ -146,6 +147,21 @@ async def test_command_ids_verdicts_and_order_ids_stay_with_their_platform(
             assert short(mine[-1]) == "order.completed"
             # Nothing of zeta's orders ever reached acme.
             assert all("ZETA" not in json.dumps(e["data"]) for e in events(sub_a.messages))
+
+            # zeta's retained state counts only zeta's waiting orders (none by now), never
+            # acme's 70: not even the length of the queue tells of another platform.
+            last = mine[-1]["sequence"]
+
+            def states(ms: list[Received]) -> list[dict[str, Any]]:
+                return [json.loads(m.payload) for m in ms if m.payload]
+
+            got = await state_z.wait_for(
+                lambda ms: any(st["sequence"] >= last for st in states(ms)), timeout=10
+            )
+            assert all(st["queued"] <= 1 for st in states(got)), [
+                st["queued"] for st in states(got)
+            ]
+            assert states(got)[-1]["queued"] == 0
     finally:
         acme.stop()
         zeta.stop()
