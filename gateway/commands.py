@@ -295,10 +295,10 @@ def handle(
 
 
 def _cause(exc: BaseException) -> str:
-    """What went wrong, with the broker's reason when aiomqtt wraps it.
+    """What went wrong, with the underlying reason when aiomqtt wraps it.
 
-    A session taken over shows only as "Disconnected during message iteration"; the
-    DISCONNECT reason ("Session taken over") is in the exception's cause.
+    A lost connection shows only as "Disconnected during message iteration"; the reason
+    (a broker's MQTT 5 DISCONNECT reason code, when it sends one) is in the cause.
     """
     text = str(exc) or type(exc).__name__
     cause = exc.__cause__
