@@ -42,7 +42,13 @@ from adapters.registry import PROTOCOLS, ProtocolSpec
 from gateway.health import parse_listen
 from gateway.influx import InfluxConfig
 from gateway.model import CANONICAL_SIGNALS, Location, MachineState
-from gateway.routing import OperatorPolicy, Route, RouteRules, idle_operator_policies
+from gateway.routing import (
+    OperatorPolicy,
+    Route,
+    RouteRules,
+    idle_operator_policies,
+    machine_visible,
+)
 from gateway.signals import SignalConfig
 from gateway.tracker import TrackerSettings
 from gateway.yamlsource import (
@@ -162,6 +168,10 @@ class DestinationConfig(BrokerConfig):
     batch: bool = False
     #: What happens to the ``operator`` signal: dropped, pseudonymised, or passed on.
     operator: Literal["drop", "pseudonymise", "pass"] = "drop"
+    #: Whether order commands are taken from this destination's broker. Unset: yes, unless
+    #: a destination listed before it already owns the commands of the same machines (see
+    #: :func:`_command_owners`).
+    commands: bool | None = None
 
 
 class OutboxConfig(_Model):
@@ -318,6 +328,8 @@ class DestinationPlan:
     name: str
     broker: BrokerPlan
     route: Route
+    #: Whether this destination's broker is listened to for order commands.
+    commands: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -744,9 +756,10 @@ def _compile(
                 "not in the url: the url is logged",
             )
         )
+    warnings: list[str] = []
+    destinations = _command_owners(config, destinations, machines, src, errors, warnings)
     if errors or not destinations:
         return None
-    warnings = []
     for d in destinations:
         if d.broker.tls is None and not _is_loopback(d.broker.host):
             warnings.append(
@@ -1025,6 +1038,83 @@ def _has_userinfo(url: str) -> bool:
     return strip_url_credentials(url) != url
 
 
+def _command_clash(a: DestinationPlan, b: DestinationPlan, machines: Iterable[MachinePlan]) -> str:
+    """Why ``a`` and ``b`` may not both take commands for some machine ("" when they may)."""
+    shared = next(
+        (
+            m.id
+            for m in machines
+            if machine_visible(a.route.rules, m.id) and machine_visible(b.route.rules, m.id)
+        ),
+        None,
+    )
+    if shared is None:
+        return ""
+    if (a.broker.host, a.broker.port) == (b.broker.host, b.broker.port):
+        return (
+            f"both take commands for machine {shared} on {a.broker.host}:{a.broker.port}, "
+            "so every command would be run and answered twice"
+        )
+    unscoped = [d.name for d in (a, b) if not d.route.rules.order_scoped]
+    if unscoped:
+        return (
+            f"both take commands for machine {shared}, and {unscoped[0]} sees every order of it "
+            "(only destinations scoped by routing.customers or order_ids may share a machine's "
+            "commands)"
+        )
+    return ""
+
+
+def _command_owners(
+    config: Config,
+    destinations: list[DestinationPlan],
+    machines: list[MachinePlan],
+    src: Located,
+    errors: list[SourceError],
+    warnings: list[str],
+) -> list[DestinationPlan]:
+    """Decide which destinations take order commands; at most one owner per machine.
+
+    A machine's commands are owned by one destination, or shared by order-scoped destinations
+    on different brokers (each can touch only its own customers' orders). Destinations with
+    ``commands: true`` come first and may not clash (a config error names both); an unset
+    one takes commands unless it clashes with an owner, and then takes none, with a warning.
+    """
+    explicit: dict[str, tuple[bool | None, Path_]] = {
+        d.name: (d.commands, ("destinations", i, "commands"))
+        for i, d in enumerate(config.destinations)
+    }
+    owners: list[DestinationPlan] = []
+    decided: dict[str, bool] = {}
+    ordered = [d for d in destinations if explicit.get(d.name, (None, ()))[0] is True]
+    ordered += [d for d in destinations if explicit.get(d.name, (None, ()))[0] is None]
+    for d in ordered:
+        wanted, where = explicit.get(d.name, (None, ()))
+        clash = next(((o, why) for o in owners if (why := _command_clash(o, d, machines))), None)
+        if clash is None:
+            owners.append(d)
+            decided[d.name] = True
+            continue
+        owner, why = clash
+        decided[d.name] = False
+        if wanted is True:
+            errors.append(
+                SourceError(
+                    src.file,
+                    src.line_of(where),
+                    format_path(where),
+                    f"destinations {owner.name} and {d.name} {why}; set commands: false on one "
+                    "of them",
+                )
+            )
+        else:
+            warnings.append(
+                f"destination {d.name}: takes no commands: it and {owner.name} {why}; "
+                f"{owner.name} owns them (set commands: true/false to choose)"
+            )
+    return [replace(d, commands=decided.get(d.name, False)) for d in destinations]
+
+
 def _is_loopback(host: str) -> bool:
     """Whether ``host`` is this machine: ``localhost`` or a loopback address (127/8, ::1).
 
@@ -1240,6 +1330,7 @@ def redacted(plan: GatewayPlan) -> dict[str, Any]:
                 },
                 "batch": d.route.batch,
                 "operator": d.route.operator,
+                "commands": d.commands,
             }
             for d in plan.destinations
         ],

@@ -513,8 +513,11 @@ class AssignOrderCommand(_Inbound):
     target: int = Field(ge=1, le=MAX_TARGET, description="Good pieces to make.", examples=[200])
     due: AwareDatetime | None = Field(
         default=None,
-        description="Due time, RFC 3339 with offset; drives `order.at_risk`.",
-        examples=["2026-11-22T14:00:00Z"],
+        description=(
+            "Due time, RFC 3339 with offset; drives `order.at_risk`. A due time already "
+            "past is accepted (a late order is still made) and the answer's reason says so."
+        ),
+        examples=["2036-11-22T14:00:00Z"],
     )
     customer: str | None = Field(
         default=None,
@@ -526,9 +529,12 @@ class AssignOrderCommand(_Inbound):
         default=None,
         min_length=1,
         max_length=MAX_COMMAND_ID_LEN,
+        # Echoed in answers and logs: no control characters (a newline forges log lines).
+        pattern=_NO_CONTROL_PATTERN,
         description=(
             "Makes the command idempotent: a redelivered command with the same id gets the "
-            "first answer again and changes nothing. Echoed in the response."
+            "first answer again and changes nothing. Echoed in the response. No control "
+            "characters."
         ),
         examples=["c-0001"],
     )
@@ -552,6 +558,7 @@ class CancelOrderCommand(_Inbound):
         default=None,
         min_length=1,
         max_length=MAX_COMMAND_ID_LEN,
+        pattern=_NO_CONTROL_PATTERN,
         description="As for assign-order: makes the command idempotent, echoed in the response.",
         examples=["c-0002"],
     )

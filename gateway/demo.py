@@ -76,7 +76,8 @@ async def _play_platform(gateway: Gateway, plan: GatewayPlan) -> None:
     if not targets:
         return
     try:
-        await asyncio.wait_for(gateway.commands.subscribed.wait(), timeout=30)
+        if gateway.commands is not None:
+            await asyncio.wait_for(gateway.commands.subscribed.wait(), timeout=30)
         async with aiomqtt.Client(
             plan.broker.host, plan.broker.port, identifier="demo-platform"
         ) as c:

@@ -21,6 +21,9 @@ Exported (all prefixed ``shopfloor_``)::
     destination_backlog{destination}            messages waiting (outbox rows)
     destination_oldest_pending_age_seconds{destination}
     events_total{type}                          events emitted by type
+    commands_dropped_total{destination,reason}  commands dropped unanswered: ``rate`` (over
+                                                the listener's rate limit) or ``inbox``
+                                                (its queue was full: a flood)
     event_delivery_seconds{destination}         histogram: from an event's emission (its
                                                 sample in hand) to the destination's
                                                 acknowledgement (PUBACK); a few ms live, a
@@ -307,6 +310,7 @@ class _State:
     destinations: dict[str, DestinationView] = field(default_factory=dict)
     events: dict[str, int] = field(default_factory=dict)
     delivery: dict[str, Histogram] = field(default_factory=dict)
+    commands_dropped: dict[tuple[str, str], int] = field(default_factory=dict)
     config_loaded: bool = False
     outbox_writable: bool = True
     #: Worst event-loop lag of the last report period, and stalls over 1 s so far.
@@ -413,6 +417,11 @@ class Metrics:
             required=required,
             progress_at=progress_at,
         )
+
+    def commands_dropped(self, destination: str, *, rate: int, inbox: int) -> None:
+        """The command listener's running totals of dropped commands."""
+        self._s.commands_dropped[(destination, "rate")] = rate
+        self._s.commands_dropped[(destination, "inbox")] = inbox
 
     def published(self, name: str, n: int = 1) -> None:
         """``n`` messages to ``name`` were acknowledged (push-style alternative to totals)."""
@@ -579,6 +588,14 @@ class Metrics:
             "Times the event loop did not turn for more than a second.",
             value=s.loop_stalls,
         )
+        dropped = CounterMetricFamily(
+            "shopfloor_commands_dropped",
+            "Commands dropped without an answer: over the rate limit, or the inbox was full.",
+            labels=["destination", "reason"],
+        )
+        for (destination, reason), n in sorted(s.commands_dropped.items()):
+            dropped.add_metric([destination, reason], n)
+        yield dropped
 
         tasks = _tasks_alive()
         if tasks is not None:

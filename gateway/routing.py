@@ -120,16 +120,29 @@ def destinations_for(routes: Sequence[Route], subject: Subject) -> frozenset[str
 
 
 def state_view(
-    rules: RouteRules, snapshot: Mapping[str, Any], customer: str | None
+    rules: RouteRules,
+    snapshot: Mapping[str, Any],
+    customer: str | None,
+    queue: Sequence[tuple[str, str | None]] | None = None,
 ) -> Mapping[str, Any]:
-    """The state snapshot as this destination may see it (the order hidden if not visible)."""
+    """The state snapshot as this destination may see it (the order hidden if not visible).
+
+    With the machine's ``queue`` ((order id, customer) pairs), an order-scoped destination's
+    ``queued`` counts only the waiting orders it may see: the length of the whole queue would
+    tell it of other platforms' orders.
+    """
+    view = snapshot
+    if rules.order_scoped and queue is not None:
+        mine = sum(1 for order_id, who in queue if order_visible(rules, order_id, who))
+        if mine != snapshot.get("queued"):
+            view = {**view, "queued": mine}
     order = snapshot.get("order")
     if not isinstance(order, Mapping):
-        return snapshot
+        return view
     order_id = order.get("order_id")
     if order_visible(rules, order_id if isinstance(order_id, str) else None, customer):
-        return snapshot
-    return {**snapshot, "order": None}
+        return view
+    return {**view, "order": None}
 
 
 def idle_operator_policies(routes: Iterable[Route], badge_machines: Iterable[str]) -> list[str]:

@@ -136,8 +136,9 @@ class _Machine:
             self.derived_state = StateFromCounts(self.plan.id)
 
 
-#: How many order-to-customer entries are remembered per machine, for routing.
-_CUSTOMERS_PER_MACHINE = 64
+#: How many finished orders keep their customer per machine, for routing (the running and
+#: queued orders always keep theirs).
+_FINISHED_CUSTOMERS = 64
 #: How often the retained status is refreshed with the outbox backlog, in seconds.
 STATUS_INTERVAL = 10.0
 
@@ -358,8 +359,9 @@ class Gateway:
         self.events_emitted = 0
         #: Where each machine lives; shared with the command listener and kept current.
         self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
-        #: One command listener per destination: each platform sends its commands to its own
-        #: broker, and each is held to its destination's routing rules.
+        #: One command listener per destination that takes commands (the config allows one
+        #: owner per machine and broker): each platform sends its commands to its own broker,
+        #: and each is held to its destination's routing rules.
         self.listeners = [
             CommandListener(
                 broker_settings(plan, self.topics, self.started_at, d),
@@ -371,8 +373,10 @@ class Gateway:
                 name=d.name,
             )
             for d in self.destinations
+            if d.commands
         ]
-        self.commands = self.listeners[0]
+        #: The first command listener; ``None`` when no destination takes commands.
+        self.commands: CommandListener | None = self.listeners[0] if self.listeners else None
         self._tg: asyncio.TaskGroup | None = None
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_requested = asyncio.Event()
@@ -557,19 +561,28 @@ class Gateway:
         return restored
 
     def _learn_customers(self, machine: str, state: dict[str, Any]) -> None:
-        """Remember which customer assigned which order (the tracker state knows)."""
+        """Remember which customer assigned which order (the tracker state knows).
+
+        Every order the tracker still holds (the current one and the whole queue) keeps its
+        customer, or its events would stop reaching its platform; only finished orders are
+        forgotten, the oldest first, beyond :data:`_FINISHED_CUSTOMERS`.
+        """
         known = self._customers.setdefault(machine, {})
         order = state.get("order")
         orders = [order] if isinstance(order, dict) else []
         orders += [q for q in state.get("queue") or [] if isinstance(q, dict)]
+        live: dict[str, str | None] = {}
         for o in orders:
             order_id = o.get("order_id")
             if isinstance(order_id, str):
-                known.pop(order_id, None)
                 customer = o.get("customer")
-                known[order_id] = customer if isinstance(customer, str) else None
-        while len(known) > _CUSTOMERS_PER_MACHINE:
+                live[order_id] = customer if isinstance(customer, str) else None
+        for order_id in live:
+            known.pop(order_id, None)
+        # What is left is finished (late events of those still route), oldest first.
+        for _ in range(len(known) - _FINISHED_CUSTOMERS):
             del known[next(iter(known))]
+        known.update(live)
 
     def backlog(self) -> dict[str, int]:
         """Events stored per destination and not yet acknowledged by its broker."""
@@ -723,6 +736,8 @@ class Gateway:
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
+        for c in self.listeners:
+            self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
         for runner in (self.influx, self.telemetry):
             if runner is not None:
                 runner.report(self.metrics)
@@ -962,12 +977,14 @@ class Gateway:
         order_id = order.get("order_id") if isinstance(order, dict) else None
         customer = self._customers.get(m.plan.id, {}).get(order_id) if order_id else None
         topic = self.topics.state(loc)
+        # Order-scoped destinations count only the waiting orders they may see.
+        queue = m.tracker.queued_orders() if self._everywhere is None else None
         # Destinations that see the whole snapshot (the common case: all) share one encoding.
         shared: bytes | None = None
         for d in self.destinations:
             if not machine_visible(d.route.rules, m.plan.id):
                 continue
-            view = state_view(d.route.rules, snapshot, customer)
+            view = state_view(d.route.rules, snapshot, customer, queue)
             if view is not snapshot:
                 payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
             elif shared is None:

@@ -41,8 +41,12 @@ MAX_TEXT_LEN = 256
 MAX_QUEUE = 1_000
 #: Finished order ids remembered to reject a platform re-assigning one by mistake.
 RECENT_ORDERS = 1_000
-#: Command ids remembered so a redelivered command (MQTT is at least once) is idempotent.
+#: Command ids remembered per destination so a redelivered command (MQTT is at least
+#: once) is idempotent.
 RECENT_COMMANDS = 1_000
+#: The answer to an order-scoped platform whose order id is running, queued or done here:
+#: the same words whoever's order it is, so no platform learns of another's orders.
+ORDER_ID_TAKEN = "order id is in use on this machine: choose a new order id"
 MAX_REJECTIONS = 100
 STATE_VERSION = 1
 
@@ -103,6 +107,11 @@ class AssignOrder:
     due: float | None = None
     customer: str | None = None
     command_id: str = ""
+    #: The destination the command came through: command ids are unique per destination.
+    origin: str = ""
+    #: The destination sees only its own orders: the answer names no other order's state
+    #: and counts no queue.
+    private: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,6 +120,8 @@ class CancelOrder:
 
     order_id: str
     command_id: str = ""
+    #: As for :class:`AssignOrder`.
+    origin: str = ""
 
 
 Command = AssignOrder | CancelOrder
@@ -343,8 +354,11 @@ class MachineTracker:
 
     def command(self, cmd: Command, now: float) -> tuple[CommandResult, list[Event]]:
         """Apply a platform order command; return the verdict and the events it caused."""
-        if cmd.command_id and cmd.command_id in self._commands:
-            first = self._commands[cmd.command_id]
+        # Each platform picks its own command ids: two platforms may use the same one, and
+        # neither may get (or cause) the other's verdict. Destination names hold no '/'.
+        key = f"{cmd.origin}/{cmd.command_id}" if cmd.command_id else ""
+        if key and key in self._commands:
+            first = self._commands[key]
             return CommandResult(first.accepted, f"duplicate command: {first.reason}"), []
         out: list[Event] = []
         self._updated_at = now
@@ -352,11 +366,28 @@ class MachineTracker:
             result = self._assign(cmd, now, out)
         else:
             result = self._cancel(cmd, now, out)
-        if cmd.command_id:
-            self._commands[cmd.command_id] = result
-            while len(self._commands) > RECENT_COMMANDS:
-                del self._commands[next(iter(self._commands))]
+        if key:
+            self._commands[key] = result
+            if len(self._commands) > RECENT_COMMANDS:
+                self._forget_commands(f"{cmd.origin}/")
         return result, out
+
+    def queued_orders(self) -> list[tuple[str, str | None]]:
+        """The waiting platform orders, in queue order: (order id, customer)."""
+        return [(q.order_id, q.customer) for q in self._queue]
+
+    def _forget_commands(self, prefix: str) -> None:
+        """Keep the last :data:`RECENT_COMMANDS` ids per destination.
+
+        Per destination, so one platform's many commands never push another's out (its
+        resent command would lose its first verdict).
+        """
+        mine = [k for k in self._commands if k.startswith(prefix)]
+        if len(mine) > RECENT_COMMANDS:
+            del self._commands[mine[0]]
+        # A bound on the whole table too (ids from before they were per destination).
+        while len(self._commands) > 4 * RECENT_COMMANDS:
+            del self._commands[next(iter(self._commands))]
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready current state, published retained for late joiners."""
@@ -858,12 +889,16 @@ class MachineTracker:
         ):
             return CommandResult(False, "customer must be a string of at most 256 characters")
         current = self._order
+        clash = ""
         if current is not None and current.order_id == order_id and current.running:
-            return CommandResult(False, f"order {order_id} is already running")
-        if any(q.order_id == order_id for q in self._queue):
-            return CommandResult(False, f"order {order_id} is already queued")
-        if order_id in self._recent_orders:
-            return CommandResult(False, f"order {order_id} already ran on this machine")
+            clash = f"order {order_id} is already running"
+        elif any(q.order_id == order_id for q in self._queue):
+            clash = f"order {order_id} is already queued"
+        elif order_id in self._recent_orders:
+            clash = f"order {order_id} already ran on this machine"
+        if clash:
+            # The order may be another platform's: one neutral answer for every clash.
+            return CommandResult(False, ORDER_ID_TAKEN if cmd.private else clash)
         if len(self._queue) >= MAX_QUEUE:
             return CommandResult(False, f"queue full ({MAX_QUEUE} orders)")
         self._queue.append(
@@ -873,7 +908,10 @@ class MachineTracker:
         order = self._order
         if order is not None and order.order_id == order_id and order.running:
             return CommandResult(True, "started")
-        return CommandResult(True, f"queued at position {len(self._queue)}")
+        # The queue holds other platforms' orders too: a private answer does not count it.
+        return CommandResult(
+            True, "queued" if cmd.private else f"queued at position {len(self._queue)}"
+        )
 
     def _cancel(self, cmd: CancelOrder, now: float, out: list[Event]) -> CommandResult:
         if self.settings.order_source == "device":

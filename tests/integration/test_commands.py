@@ -234,9 +234,10 @@ async def test_mqtt5_response_topic_and_correlation_data(
             protocol=aiomqtt.ProtocolVersion.V5,
         ) as platform,
     ):
-        await platform.subscribe("platform-v5/replies", qos=1)
+        mine = cmd_topic("box-01", "assign-order") + "/response/platform-v5"
+        await platform.subscribe(mine, qos=1)
         props = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
-        props.ResponseTopic = "platform-v5/replies"
+        props.ResponseTopic = mine
         props.CorrelationData = b"corr-42"
         body = json.dumps({"order_id": "SO-1", "target": 3})
         loop = asyncio.get_running_loop()
@@ -254,7 +255,7 @@ async def test_mqtt5_response_topic_and_correlation_data(
                         break
             except TimeoutError:
                 continue
-        assert str(answer.topic) == "platform-v5/replies"
+        assert str(answer.topic) == mine
         assert answer.properties is not None
         assert answer.properties.CorrelationData == b"corr-42"
         doc = json.loads(answer.payload)  # type: ignore[arg-type]

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import random
 from dataclasses import dataclass, field
 
 import pytest
+import structlog
 
-from gateway.commands import TokenBucket, handle, reply_topic, scope
+from gateway.commands import LISTENER_BACKOFF, TokenBucket, handle, reply_topic, scope
 from gateway.model import Location
 from gateway.routing import RouteRules
-from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.tracker import (
+    RECENT_COMMANDS,
+    AssignOrder,
+    CancelOrder,
+    CommandResult,
+    MachineTracker,
+    TrackerSettings,
+)
 
 LOC = Location("plant-1", "sewing", "line-1", "sew-01")
 MACHINES = {"sew-01": LOC, "sew-02": Location("plant-1", "sewing", "line-1", "sew-02")}
@@ -100,20 +109,28 @@ def test_handle_runs_a_scoped_command_with_the_customer_filled_in() -> None:
         ACME_ONLY, TOPIC, {"command_id": "c", "order_id": "SO-1", "target": 5}, runtime
     )
     assert answer["accepted"] is True
-    assert runtime.applied == [AssignOrder("SO-1", 5, customer="acme", command_id="c")]
+    assert runtime.applied == [
+        AssignOrder("SO-1", 5, customer="acme", command_id="c", private=True)
+    ]
 
 
 @pytest.mark.parametrize(
     ("requested", "expected"),
     [
         (None, TOPIC + "/response"),
-        ("platform/replies", "platform/replies"),
+        (TOPIC + "/response", TOPIC + "/response"),
+        (TOPIC + "/response/platform-7", TOPIC + "/response/platform-7"),
+        # Anywhere else, inside the gateway's tree or outside it: the default.
+        ("platform/replies", TOPIC + "/response"),
+        ("other-gateway/plant-1/sewing/line-1/sew-01/event/order.started", TOPIC + "/response"),
         ("sf/plant-1/sewing/line-1/sew-01/event/order.started", TOPIC + "/response"),
-        ("sf/plant-1/x/response", "sf/plant-1/x/response"),
+        ("sf/plant-1/x/response", TOPIC + "/response"),
+        (TOPIC + "/responses", TOPIC + "/response"),
+        (TOPIC + "/response/#", TOPIC + "/response"),
         ("replies/#", TOPIC + "/response"),
     ],
 )
-def test_reply_topic_never_points_into_the_gateways_tree(
+def test_reply_topic_stays_in_the_commands_response_tree(
     requested: str | None, expected: str
 ) -> None:
     assert reply_topic("sf", TOPIC, requested) == expected
@@ -124,3 +141,84 @@ def test_token_bucket_allows_bursts_then_the_rate() -> None:
     assert [bucket.take(0.0) for _ in range(6)] == [True] * 5 + [False]
     assert bucket.take(0.1) is True  # one token back after 0.1 s at 10/s
     assert bucket.take(0.1) is False
+
+
+def _reply(topic: str, body: bytes, runtime: FakeRuntime | None = None) -> dict:
+    reply = handle(
+        prefix="sf",
+        machines=MACHINES,
+        target=runtime or FakeRuntime(),
+        topic=topic,
+        payload=body,
+        retained=False,
+        response_topic=None,
+        correlation_data=None,
+        now=2_000_000_000.0,
+    )
+    assert reply is not None
+    return dict(json.loads(reply.payload))
+
+
+@pytest.mark.parametrize("command_id", ["c-1\nforged log line", "c\x00", "tab\there", "del\x7f"])
+def test_command_ids_with_control_characters_are_refused(command_id: str) -> None:
+    runtime = FakeRuntime()
+    body = json.dumps({"command_id": command_id, "order_id": "SO-1", "target": 5}).encode()
+    answer = _reply(TOPIC, body, runtime)
+    assert answer["accepted"] is False and "command_id" in answer["reason"]
+    assert answer["command_id"] is None  # never echoed
+    assert runtime.applied == []
+
+
+def test_topic_text_from_outside_is_clipped_in_logs_and_answers() -> None:
+    huge = "m" * 20_000
+    topic = f"sf/plant-1/{'a' * 5_000}/line-1/{huge}/cmd/{'x' * 5_000}"
+    with structlog.testing.capture_logs() as logs:
+        reply = handle(
+            prefix="sf",
+            machines=MACHINES,
+            target=FakeRuntime(),
+            topic=topic,
+            payload=b"{}",
+            retained=False,
+            response_topic=None,
+            correlation_data=None,
+            now=1.0,
+        )
+    assert reply is not None
+    (line,) = logs
+    assert all(len(str(v)) <= 300 for v in line.values()), {k: len(str(v)) for k, v in line.items()}
+    assert len(reply.payload) < 1_000
+
+
+def test_a_past_due_time_is_accepted_with_a_warning() -> None:
+    body = {"command_id": "c", "order_id": "SO-1", "target": 5, "due": "2026-01-01T00:00:00Z"}
+    answer = _reply(TOPIC, json.dumps(body).encode())
+    assert answer["accepted"] is True
+    assert answer["reason"] == (
+        "started; due 2026-01-01T00:00:00.000Z is already past: the order is late"
+    )
+    body["due"] = "2036-01-01T00:00:00Z"
+    body["command_id"] = "c2"
+    assert _reply(TOPIC, json.dumps(body).encode())["reason"] == "started"
+
+
+def test_the_listener_waits_at_most_five_seconds_between_attempts() -> None:
+    assert max(LISTENER_BACKOFF.ceiling(n) for n in range(100)) == 5.0
+    rng = random.Random(1)
+    assert all(LISTENER_BACKOFF.delay(n, rng) <= 5.0 for n in range(1_000))
+
+
+def test_one_platforms_many_commands_never_push_out_anothers_verdicts() -> None:
+    tracker = MachineTracker("sew-01", TrackerSettings(order_source="platform"))
+    first, _ = tracker.command(AssignOrder("A-1", 5, command_id="a-1", origin="acme"), 1.0)
+    assert first == CommandResult(True, "started")
+    # zeta sends more commands than the table keeps (each one refused, each one remembered).
+    for i in range(RECENT_COMMANDS + 10):
+        tracker.command(CancelOrder(f"Z-{i}", command_id=f"z-{i}", origin="zeta"), 2.0)
+    again, events = tracker.command(AssignOrder("A-1", 5, command_id="a-1", origin="acme"), 3.0)
+    assert again == CommandResult(True, "duplicate command: started") and events == []
+    # zeta's own oldest ids are the ones forgotten.
+    old, _ = tracker.command(CancelOrder("Z-0", command_id="z-0", origin="zeta"), 4.0)
+    assert old == CommandResult(False, "unknown order 'Z-0'")
+    recent, _ = tracker.command(CancelOrder("Z-999", command_id="z-999", origin="zeta"), 4.0)
+    assert recent.reason.startswith("duplicate command: ")

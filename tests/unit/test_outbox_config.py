@@ -45,7 +45,7 @@ def test_destinations_with_routing_files_and_secrets(tmp_path: Path) -> None:
         "destinations:\n"
         "  - {name: acme, host: 127.0.0.1, username: gw, password_file: pw, protocol: '5',\n"
         "     routing: {customers: [acme], machines: ['sew-*']}, operator: pseudonymise}\n"
-        "  - {name: all, host: 127.0.0.2, batch: true, operator: pass}\n",
+        "  - {name: all, host: 127.0.0.2, batch: true, operator: pass, commands: false}\n",
     )
     plan = load_config(cfg, env={"SITE_SECRET": "k"})
     acme, everyone = plan.destinations
