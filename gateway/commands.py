@@ -69,6 +69,10 @@ from gateway.tracker import AssignOrder, CancelOrder, CommandResult
 RETAINED = "retained commands are not accepted; publish commands with retain=false"
 #: Seconds without a dropped command that end a flood episode.
 FLOOD_QUIET = 1.0
+#: Seconds without an inbox drop that end an inbox flood. Longer than ``FLOOD_QUIET``: the
+#: broker hands a flood over in bursts, and on a busy host the handler empties the inbox
+#: between two of them; one flood must still be one warning.
+INBOX_QUIET = 5.0
 #: Messages waiting between the MQTT connection and the handler; beyond it they are
 #: dropped. At the packet limit below that is at most ~5 MiB, and a burst of 200
 #: commands (the rate limit's burst) still fits.
@@ -524,11 +528,11 @@ class CommandListener:
 
     async def _on_message(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         now = self._clock()
-        # Like the rate limit's flood: over after a quiet second, so one flood is one warning
+        # Like the rate limit's flood: over after a quiet spell, so one flood is one warning
         # even when the handler empties the inbox now and then.
         if (
             self._inbox_flood
-            and now - self._last_inbox_drop >= FLOOD_QUIET
+            and now - self._last_inbox_drop >= INBOX_QUIET
             and self._inbox is not None
             and self._inbox.empty()
         ):
