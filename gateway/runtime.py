@@ -83,6 +83,11 @@ Clock = Callable[[], float]
 PERSONAL_SIGNALS = frozenset({"operator"})
 
 
+#: Distinct causes logged at warning per outage at most (a cause text that varies on every
+#: attempt must not turn into one warning per retry).
+_CAUSES_LOGGED = 5
+
+
 @dataclass(slots=True)
 class _Episode:
     """Bookkeeping for 'log once per outage'."""
@@ -90,6 +95,8 @@ class _Episode:
     failing_since: float | None = None
     attempts: int = 0
     last_reason: str = ""
+    #: Causes already logged at warning in this outage (one warning per cause).
+    causes: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -706,7 +713,13 @@ class Gateway:
             self._connected(m, False, reason)
             if episode.failing_since is None:
                 episode.failing_since = self._clock()
+                episode.causes.add(reason)
                 bound.warning("device.unreachable", error=reason)
+            elif reason not in episode.causes and len(episode.causes) < _CAUSES_LOGGED:
+                # The device answers differently now (e.g. it is back but refuses the
+                # gateway's certificate): the operator needs the new cause, once.
+                episode.causes.add(reason)
+                bound.warning("device.unreachable_cause", error=reason, attempts=episode.attempts)
             else:
                 bound.debug("device.still_unreachable", error=reason, attempts=episode.attempts)
             delay = self._backoff.delay(episode.attempts, self._rng)

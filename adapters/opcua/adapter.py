@@ -47,10 +47,11 @@ from asyncua.common.subscription import (
     SubEvent,
     Subscription,
 )
+from asyncua.common.utils import NotEnoughData
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
-from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStructParsingError
 
 from adapters.base import ConnectError, ConnectionLost, check_timing, next_deadline
 from adapters.opcua import security
@@ -237,9 +238,11 @@ class OpcUaAdapter:
         client.name = f"Shopfloor Gateway ({self._machine})"
         client.description = client.name
         client.product_uri = "urn:shopfloor-gateway"
+        handshake = False
         try:
             async with asyncio.timeout(conn.timeout):
                 await security.apply(client, conn, self._clock())
+            handshake = conn.security.policy != "None"
             # The handshake is several requests plus RSA work: allow two timeouts.
             async with asyncio.timeout(conn.timeout * 2):
                 await client.connect()
@@ -248,7 +251,7 @@ class OpcUaAdapter:
             # tasks before the session is active).
             client.disconnect_socket()
             if isinstance(exc, Exception):
-                raise self._connect_error(exc) from exc
+                raise self._connect_error(exc, secured_handshake=handshake) from exc
             raise
         self._client = client
         try:
@@ -320,9 +323,17 @@ class OpcUaAdapter:
             client.disconnect_socket()
         self._log.debug("opcua.closed")
 
-    def _connect_error(self, exc: Exception) -> ConnectError:
-        """Translate a failed connect into a :class:`ConnectError` that says what to do."""
+    def _connect_error(self, exc: Exception, *, secured_handshake: bool = False) -> ConnectError:
+        """Translate a failed connect into a :class:`ConnectError` that says what to do.
+
+        ``secured_handshake``: the server answered the unsecured endpoint discovery just
+        before, and the failure came during the secured channel and session set-up.
+        """
         conn = self._conn
+        if secured_handshake and is_handshake_breakoff(exc):
+            message = channel_refusal_message(conn, exc)
+            self._note_refusal("opcua.certificate_refused", message)
+            return ConnectError(message)
         if isinstance(exc, ConnectError):
             if isinstance(exc, security.UntrustedServerError | security.SecuritySetupError):
                 self._note_refusal("opcua.server_refused", str(exc))
@@ -349,11 +360,9 @@ class OpcUaAdapter:
                 self._note_refusal("opcua.auth_refused", message)
                 return ConnectError(message)
             if code in _CERT_CODES:
-                cert = conn.security.certificate
                 message = (
-                    f"server {conn.url} refused the gateway's certificate ({name}): trust "
-                    f"{str(cert)!r} on the server (usually by moving it from the server's "
-                    "rejected to its trusted certificate folder)"
+                    f"server {conn.url} refused the gateway's certificate ({name}): "
+                    f"{_trust_hint(conn)}"
                 )
                 self._note_refusal("opcua.certificate_refused", message)
                 return ConnectError(message)
@@ -812,6 +821,47 @@ class OpcUaAdapter:
             return task.result()
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {what} failed: {_explain(exc)}") from exc
+
+
+def is_handshake_breakoff(exc: BaseException) -> bool:
+    """Whether a failed secured connect looks like a server breaking off the handshake.
+
+    Servers that refuse the client certificate at OpenSecureChannel answer in several ways:
+    an ERR message with a status (a :class:`UaStatusCodeError`, handled by its code), a
+    ServiceFault where the channel response belongs (asyncua fails to parse it,
+    ``NotEnoughData``, and then trips a bare ``AssertionError``), or simply closing the
+    socket. The last two carry no reason; the endpoint discovery just before succeeded on
+    the same address, so the certificate is by far the likeliest cause.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return False
+    return isinstance(
+        exc,
+        AssertionError
+        | NotEnoughData
+        | UaStructParsingError
+        | ConnectionError
+        | asyncio.IncompleteReadError
+        | EOFError,
+    )
+
+
+def _trust_hint(conn: OpcUaConnectionConfig) -> str:
+    """How to make the server trust the gateway's certificate."""
+    return (
+        f"trust {str(conn.security.certificate)!r} on the server (usually by moving it from "
+        "the server's rejected to its trusted certificate folder)"
+    )
+
+
+def channel_refusal_message(conn: OpcUaConnectionConfig, exc: BaseException) -> str:
+    """The message for a secured handshake the server broke off without a status."""
+    what = type(exc).__name__
+    return (
+        f"server {conn.url} broke off the secure channel ({conn.security.policy}) without a "
+        f"reason (asyncua: {what}); servers do this when they do not trust the gateway's "
+        f"certificate: {_trust_hint(conn)}"
+    )
 
 
 async def _reap(task: asyncio.Future[Any]) -> None:
