@@ -301,3 +301,44 @@ async def _forwarder(port: int, target: int) -> asyncio.Server:
         await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
 
     return await asyncio.start_server(handle, "127.0.0.1", port)
+
+
+def json_lines(out: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in out.getvalue().splitlines() if x.strip()]
+
+
+async def test_retries_log_each_library_warning_once_and_tracebacks_as_text(
+    secure: Secure, real_log: io.StringIO, refusing_channel: None
+) -> None:
+    """Three refused attempts through the real log pipeline: no line per retry."""
+    secure.distrust_client()
+    adapter = OpcUaAdapter("cnc-c4", secure.connection(), signals(), 1.0)
+    for _ in range(3):
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectError):
+                await adapter.__aenter__()
+    lines = json_lines(real_log)
+    loud = [(e["logger"], e["event"]) for e in lines if e["level"] in ("warning", "error")]
+    assert len(loud) == len(set(loud)), loud
+    assert ("adapters.opcua.adapter", "opcua.certificate_refused") in loud
+    # asyncua's own report of the broken-off channel carries its traceback as text.
+    (parsing,) = [e for e in lines if "while parsing message from server" in e["event"]]
+    assert "exc_info" not in parsing
+    assert "Traceback (most recent call last)" in parsing["exception"]
+    assert "NotEnoughData" in parsing["exception"]
+    assert "<traceback object" not in real_log.getvalue()
+
+
+async def test_a_refused_session_does_not_log_service_faults_per_retry(
+    secure: Secure, real_log: io.StringIO
+) -> None:
+    secure.distrust_client()
+    adapter = OpcUaAdapter("cnc-c5", secure.connection(), signals(), 1.0)
+    for _ in range(3):
+        async with asyncio.timeout(10):
+            with pytest.raises(ConnectError):
+                await adapter.__aenter__()
+    lines = json_lines(real_log)
+    assert not [e for e in lines if e["event"].startswith("ServiceFault")], lines
+    refused = [e for e in lines if e["event"] == "opcua.certificate_refused"]
+    assert [e["level"] for e in refused] == ["warning"]
