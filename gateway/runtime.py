@@ -320,10 +320,9 @@ class Gateway:
         self.publisher = self.publishers[self.destinations[0].name]
         self._customers: dict[str, dict[str, str | None]] = {}
         self._status_sent: dict[str, int] = {}
-        self.machines: dict[str, _Machine] = {
-            m.id: _Machine(m, MachineTracker(m.id, m.tracker), Mapper(m.signals))
-            for m in plan.machines
-        }
+        #: The order as a tag of the telemetry history (a series per order) or a field.
+        self._order_tag = plan.influxdb is not None and plan.influxdb.order_tag
+        self.machines: dict[str, _Machine] = {m.id: self._new_machine(m) for m in plan.machines}
         self.events_emitted = 0
         #: Where each machine lives; shared with the command listener and kept current.
         self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
@@ -600,7 +599,7 @@ class Gateway:
             self._start_device(m)
         for machine in added:
             plan = fresh[machine]
-            m = _Machine(plan, MachineTracker(plan.id, plan.tracker), Mapper(plan.signals))
+            m = self._new_machine(plan)
             self.machines[machine] = m
             self.locations[machine] = plan.location
             self._start_device(m)
@@ -658,6 +657,15 @@ class Gateway:
             )
             pub.submit(Message(self.topics.status(), payload, 1, True))
 
+    def _new_machine(self, plan: MachinePlan) -> _Machine:
+        """A machine's runtime state; its history line never carries personal signals."""
+        return _Machine(
+            plan,
+            MachineTracker(plan.id, plan.tracker),
+            Mapper(plan.signals),
+            telemetry_line=TelemetryLine(PERSONAL_SIGNALS, order_tag=self._order_tag),
+        )
+
     async def _supervise(self, m: _Machine) -> None:
         plan = m.plan
         episode = _Episode()
@@ -689,7 +697,14 @@ class Gateway:
                                     attempts=episode.attempts,
                                 )
                             episode = _Episode()
-                        self._on_batch(m, batch)
+                        acq = getattr(adapter, "acquisition", None)
+                        self._on_batch(
+                            m, batch, notification=acq is not None and acq.kind == "notification"
+                        )
+                        if acq is not None:
+                            self.metrics.device_poll_timing(
+                                plan.id, acq.seconds, acq.missed_deadlines
+                            )
                         # Not kept while the adapter waits for the next poll (see
                         # ModbusAdapter.samples: young samples make the collector's passes long).
                         del batch
@@ -757,11 +772,13 @@ class Gateway:
         self.metrics.device_connected(m.plan.id, connected)
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
-    def _on_batch(self, m: _Machine, batch: Sequence[Sample]) -> None:
+    def _on_batch(
+        self, m: _Machine, batch: Sequence[Sample], *, notification: bool = False
+    ) -> None:
         m.status.polls += 1
         now = self._clock()
         m.status.last_sample_at = now
-        self.metrics.device_polled(m.plan.id, True, now)
+        self.metrics.device_polled(m.plan.id, True, now, notification=notification)
         mapped, problems = m.mapper.apply(batch)
         for p in problems:
             # Once per signal until it maps cleanly again: a wrong map would otherwise log

@@ -53,7 +53,7 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStructParsingError
 
-from adapters.base import ConnectError, ConnectionLost, check_timing, next_deadline
+from adapters.base import Acquisition, ConnectError, ConnectionLost, check_timing, next_deadline
 from adapters.opcua import security
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from adapters.opcua.nodes import (
@@ -206,6 +206,8 @@ class OpcUaAdapter:
         #: CreateMonitoredItems service calls sent (all sessions).
         self.monitor_requests = 0
         self._log = log.bind(machine=machine, url=connection.url)
+        #: Whether the latest batch was a read (and how long it took) or notifications.
+        self.acquisition = Acquisition()
 
     @property
     def machine(self) -> str:
@@ -629,24 +631,35 @@ class OpcUaAdapter:
             await asyncio.sleep(self._start_offset)
         try:
             deadline = loop.time()
-            yield await self._read_all()
+            yield await self._timed_read(loop)
             if self._conn.mode == "polling":
                 while True:
                     deadline, skipped = next_deadline(deadline, loop.time(), self._interval)
                     if skipped:
+                        self.acquisition.missed_deadlines += skipped
                         self._log.debug("opcua.ticks_skipped", skipped=skipped)
                     delay = deadline - loop.time()
                     if delay > 0:
                         await self._sleep(delay)
-                    yield await self._read_all()
+                    yield await self._timed_read(loop)
             else:
                 while True:
                     batch = await self._next_batch()
                     if batch:
+                        self.acquisition.kind = "notification"
+                        self.acquisition.seconds = None
                         yield batch
                     del batch  # not kept while waiting (see ModbusAdapter.samples)
         except (UaError, ConnectionError, OSError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {_explain(exc)}") from exc
+
+    async def _timed_read(self, loop: asyncio.AbstractEventLoop) -> list[Sample]:
+        """One full Read, kept in :attr:`acquisition` as a poll with its duration."""
+        started = loop.time()
+        batch = await self._read_all()
+        self.acquisition.kind = "poll"
+        self.acquisition.seconds = loop.time() - started
+        return batch
 
     async def _sleep(self, delay: float) -> None:
         """Sleep, but end at once with :class:`ConnectionLost` when the link drops."""
