@@ -229,32 +229,12 @@ class OpcUaAdapter:
     async def __aenter__(self) -> Self:
         """Connect, resolve and subscribe within timeouts; raise :class:`ConnectError`."""
         conn = self._conn
-        client = Client(
-            conn.url,
-            timeout=conn.timeout,
-            watchdog_intervall=conn.watchdog_interval,
-            auto_reconnect=False,
-        )
-        client.session_timeout = round(conn.session_timeout * 1000)
-        client.application_uri = security.default_application_uri(conn)
-        client.name = f"Shopfloor Gateway ({self._machine})"
-        client.description = client.name
-        client.product_uri = "urn:shopfloor-gateway"
-        handshake = False
+        client = new_client(conn, self._machine)
         try:
-            async with asyncio.timeout(conn.timeout):
-                await security.apply(client, conn, self._clock())
-            handshake = conn.security.policy != "None"
-            # The handshake is several requests plus RSA work: allow two timeouts.
-            async with asyncio.timeout(conn.timeout * 2):
-                await client.connect()
-        except BaseException as exc:
-            # A failed attempt must not keep a socket (connect() starts no background
-            # tasks before the session is active).
-            client.disconnect_socket()
-            if isinstance(exc, Exception):
-                raise self._connect_error(exc, secured_handshake=handshake) from exc
-            raise
+            await connect(client, conn, self._clock())
+        except ConnectFailed as failed:
+            error = self._connect_error(failed.cause, secured_handshake=failed.secured_handshake)
+            raise error from failed.cause
         self._client = client
         try:
             self._lost = asyncio.get_running_loop().create_future()
@@ -328,52 +308,12 @@ class OpcUaAdapter:
     def _connect_error(self, exc: Exception, *, secured_handshake: bool = False) -> ConnectError:
         """Translate a failed connect into a :class:`ConnectError` that says what to do.
 
-        ``secured_handshake``: the server answered the unsecured endpoint discovery just
-        before, and the failure came during the secured channel and session set-up.
+        Refusals are logged once per cause (see :func:`explain_connect_error`).
         """
-        conn = self._conn
-        if secured_handshake and is_handshake_breakoff(exc):
-            message = channel_refusal_message(conn, exc)
-            self._note_refusal("opcua.certificate_refused", message)
-            return ConnectError(message)
-        if isinstance(exc, ConnectError):
-            if isinstance(exc, security.UntrustedServerError | security.SecuritySetupError):
-                self._note_refusal("opcua.server_refused", str(exc))
-            return exc
-        if isinstance(exc, TimeoutError):
-            return ConnectError(f"cannot connect to {conn.url}: no answer within {conn.timeout} s")
-        if isinstance(exc, UaStatusCodeError):
-            code = exc.code
-            name = ua.StatusCode(code).name
-            if code in _AUTH_CODES:
-                who = (
-                    f"user {conn.username!r}"
-                    if conn.username
-                    else "the certificate user identity"
-                    if conn.user_certificate
-                    else "anonymous access"
-                )
-                hint = (
-                    "check username and password"
-                    if conn.username
-                    else "configure username/password or a user certificate the server accepts"
-                )
-                message = f"server {conn.url} refused {who} ({name}): {hint}"
-                self._note_refusal("opcua.auth_refused", message)
-                return ConnectError(message)
-            if code in _CERT_CODES:
-                message = (
-                    f"server {conn.url} refused the gateway's certificate ({name}): "
-                    f"{_trust_hint(conn)}"
-                )
-                self._note_refusal("opcua.certificate_refused", message)
-                return ConnectError(message)
-            return ConnectError(f"server {conn.url} refused the session: {name}")
-        if isinstance(exc, UaError):
-            return ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
-        if isinstance(exc, OSError | ConnectionError):
-            return ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
-        return ConnectError(f"cannot connect to {conn.url}: {type(exc).__name__}: {exc}")
+        event, error = explain_connect_error(self._conn, exc, secured_handshake=secured_handshake)
+        if event is not None:
+            self._note_refusal(event, str(error))
+        return error
 
     def _note_refusal(self, event: str, message: str) -> None:
         """Log a refusal at warning once per cause; repeats at debug."""
@@ -834,6 +774,101 @@ class OpcUaAdapter:
             return task.result()
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {what} failed: {_explain(exc)}") from exc
+
+
+def explain_connect_error(
+    conn: OpcUaConnectionConfig, exc: Exception, *, secured_handshake: bool = False
+) -> tuple[str | None, ConnectError]:
+    """A failed connect as a :class:`ConnectError` that says what to do, and its log event.
+
+    The event (``opcua.certificate_refused``, ``opcua.auth_refused``,
+    ``opcua.server_refused``) is ``None`` for causes that are not refusals.
+    ``secured_handshake``: the server answered the unsecured endpoint discovery just
+    before, and the failure came during the secured channel and session set-up.
+    """
+    if secured_handshake and is_handshake_breakoff(exc):
+        return "opcua.certificate_refused", ConnectError(channel_refusal_message(conn, exc))
+    if isinstance(exc, ConnectError):
+        if isinstance(exc, security.UntrustedServerError | security.SecuritySetupError):
+            return "opcua.server_refused", exc
+        return None, exc
+    if isinstance(exc, TimeoutError):
+        return None, ConnectError(
+            f"cannot connect to {conn.url}: no answer within {conn.timeout} s"
+        )
+    if isinstance(exc, UaStatusCodeError):
+        code = exc.code
+        name = ua.StatusCode(code).name
+        if code in _AUTH_CODES:
+            who = (
+                f"user {conn.username!r}"
+                if conn.username
+                else "the certificate user identity"
+                if conn.user_certificate
+                else "anonymous access"
+            )
+            hint = (
+                "check username and password"
+                if conn.username
+                else "configure username/password or a user certificate the server accepts"
+            )
+            message = f"server {conn.url} refused {who} ({name}): {hint}"
+            return "opcua.auth_refused", ConnectError(message)
+        if code in _CERT_CODES:
+            message = (
+                f"server {conn.url} refused the gateway's certificate ({name}): {_trust_hint(conn)}"
+            )
+            return "opcua.certificate_refused", ConnectError(message)
+        return None, ConnectError(f"server {conn.url} refused the session: {name}")
+    if isinstance(exc, UaError | OSError | ConnectionError):
+        return None, ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
+    return None, ConnectError(f"cannot connect to {conn.url}: {type(exc).__name__}: {exc}")
+
+
+def new_client(conn: OpcUaConnectionConfig, name: str) -> Client:
+    """An asyncua client as the gateway configures it (no own reconnects, its identity)."""
+    client = Client(
+        conn.url,
+        timeout=conn.timeout,
+        watchdog_intervall=conn.watchdog_interval,
+        auto_reconnect=False,
+    )
+    client.session_timeout = round(conn.session_timeout * 1000)
+    client.application_uri = security.default_application_uri(conn)
+    client.name = f"Shopfloor Gateway ({name})"
+    client.description = client.name
+    client.product_uri = "urn:shopfloor-gateway"
+    return client
+
+
+async def connect(client: Client, conn: OpcUaConnectionConfig, now: float) -> None:
+    """Security set-up, server check and session, within the timeouts; raise ConnectError.
+
+    A failed attempt keeps no socket. Refusals are not logged here (the caller decides).
+    """
+    handshake = False
+    try:
+        async with asyncio.timeout(conn.timeout):
+            await security.apply(client, conn, now)
+        handshake = conn.security.policy != "None"
+        # The handshake is several requests plus RSA work: allow two timeouts.
+        async with asyncio.timeout(conn.timeout * 2):
+            await client.connect()
+    except BaseException as exc:
+        # connect() starts no background tasks before the session is active.
+        client.disconnect_socket()
+        if isinstance(exc, Exception):
+            raise ConnectFailed(exc, secured_handshake=handshake) from exc
+        raise
+
+
+class ConnectFailed(Exception):
+    """A failed connect, with where it failed (for :func:`explain_connect_error`)."""
+
+    def __init__(self, cause: Exception, *, secured_handshake: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.secured_handshake = secured_handshake
 
 
 def is_handshake_breakoff(exc: BaseException) -> bool:
