@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Literal, Protocol, Self
 
 from gateway.model import Sample
 
@@ -42,6 +43,18 @@ class ConnectionLost(AdapterError):
 
 class DecodeError(AdapterError):
     """One value could not be decoded; it becomes a bad-quality sample."""
+
+
+@dataclass(slots=True)
+class Acquisition:
+    """How an adapter's latest batch was acquired, for the metrics (``adapter.acquisition``)."""
+
+    #: ``poll`` (a read the adapter timed) or ``notification`` (pushed by a subscription).
+    kind: Literal["poll", "notification"] = "poll"
+    #: Seconds the read behind the latest batch took (``None`` for notifications).
+    seconds: float | None = None
+    #: Poll deadlines missed so far (ticks skipped because a read or its consumer overran).
+    missed_deadlines: int = 0
 
 
 class Adapter(Protocol):

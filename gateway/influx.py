@@ -3,7 +3,8 @@
 Three layers, so the durable outbox can take the queue's place:
 
 * **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
-  :class:`Point` (measurement, tags ``site area line machine order``, fields, time);
+  :class:`Point` (measurement, tags ``site area line machine``, plus ``order`` on events
+  and, with ``order_tag``, on telemetry; fields, time);
   :func:`to_line` renders InfluxDB line protocol.
 * **Sink**: anything with ``write(batch) -> None`` that raises on failure
   (:class:`SinkRejected` when the server refuses the data itself, anything else when it is
@@ -14,7 +15,9 @@ Three layers, so the durable outbox can take the queue's place:
   An item leaves the queue only after the sink accepted it, so an InfluxDB outage loses
   nothing the queue can hold; give it an outbox cursor and it loses nothing at all.
 
-Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal),
+Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal, the
+order as the ``order_id`` field so orders do not multiply its series; a tag with
+``order_tag: true``, see docs/scaling.md),
 ``shopfloor_machine`` (``machine.*`` events) and ``shopfloor_order`` (``order.*`` events),
 tagged with ``type`` as well. Numbers are written as floats (InfluxDB refuses a field that
 changes type between int and float, and ``percent`` is 50 in one event and 42.5 in the next);
@@ -98,6 +101,9 @@ class InfluxConfig(BaseModel):
     max_queue_mib: float = Field(default=16.0, ge=0.1, le=4096)
     timeout: float = Field(default=10.0, gt=0, le=300)
     telemetry: bool = True
+    #: The order as a tag of the telemetry series (one new series per signal and order:
+    #: cardinality grows with every order), instead of the ``order_id`` string field.
+    order_tag: bool = False
     ca_file: str | None = None
     verify_tls: bool = True
 
@@ -174,10 +180,22 @@ def event_point(event: Event, location: Location) -> Point:
     return Point(measurement, tags, fields, event.time)
 
 
+#: The telemetry field that carries the order while it is not a tag (``order_tag: false``).
+ORDER_FIELD = "order_id"
+
+
 def telemetry_point(
-    location: Location, samples: Sequence[Sample], order_id: str | None = None
+    location: Location,
+    samples: Sequence[Sample],
+    order_id: str | None = None,
+    *,
+    order_tag: bool = False,
 ) -> Point | None:
-    """One point for one device read: a field per good sample; ``None`` when none is."""
+    """One point for one device read: a field per good sample; ``None`` when none is.
+
+    The order is the ``order_id`` string field (the series key stays one per machine and
+    signal), or with ``order_tag`` a tag (a new series per order).
+    """
     values: dict[str, Any] = {}
     newest = 0.0
     for s in samples:
@@ -188,7 +206,10 @@ def telemetry_point(
     fields = _fields(values)
     if not fields:
         return None
-    return Point(MEASUREMENT_TELEMETRY, _location_tags(location, order_id), fields, newest)
+    if not order_tag and order_id and ORDER_FIELD not in fields:
+        fields[ORDER_FIELD] = order_id
+    tags = _location_tags(location, order_id if order_tag else None)
+    return Point(MEASUREMENT_TELEMETRY, tags, fields, newest)
 
 
 def envelope_point(payload: bytes) -> Point | None:
@@ -277,8 +298,9 @@ def _head(measurement: str, tags: Mapping[str, str]) -> str:
 
 
 #: In a :class:`TelemetryLine` layout, the place of the ``state_code`` field derived from
-#: ``state`` (not a sample of its own).
+#: ``state`` (not a sample of its own), and of the ``order_id`` field.
 _STATE_CODE = -1
+_ORDER = -2
 
 
 class TelemetryLine:
@@ -291,11 +313,15 @@ class TelemetryLine:
     the signals change. One per machine, used on the event loop.
     """
 
-    __slots__ = ("_head", "_key", "_layout", "_names", "_skip")
+    __slots__ = ("_head", "_key", "_layout", "_names", "_order_tag", "_skip")
 
-    def __init__(self, skip: frozenset[str] = frozenset()) -> None:
-        """A line builder that leaves the ``skip`` signals out (e.g. personal data)."""
+    def __init__(self, skip: frozenset[str] = frozenset(), *, order_tag: bool = False) -> None:
+        """A line builder that leaves the ``skip`` signals out (e.g. personal data).
+
+        ``order_tag``: the order as a tag (see :func:`telemetry_point`), else a field.
+        """
         self._skip = skip
+        self._order_tag = order_tag
         self._key: tuple[Location, str | None] | None = None
         self._head = ""
         self._names: list[str] | None = None
@@ -306,16 +332,24 @@ class TelemetryLine:
         self, location: Location, samples: Sequence[Sample], order_id: str | None = None
     ) -> str | None:
         """The poll's line; ``None`` when no sample has a value a field can hold."""
-        key = (location, order_id)
+        tagged = order_id if self._order_tag else None
+        key = (location, tagged)
         if key != self._key:
-            self._head = _head(MEASUREMENT_TELEMETRY, _location_tags(location, order_id))
+            self._head = _head(MEASUREMENT_TELEMETRY, _location_tags(location, tagged))
             self._key = key
         names = [s[1] for s in samples]
         if names != self._names:
-            if "state_code" in names or len(set(names)) != len(names):
+            if (
+                "state_code" in names
+                or (not self._order_tag and ORDER_FIELD in names)
+                or len(set(names)) != len(names)
+            ):
                 # A signal of that name or a repeated one: the general path settles it.
                 point = telemetry_point(
-                    location, [s for s in samples if s[1] not in self._skip], order_id
+                    location,
+                    [s for s in samples if s[1] not in self._skip],
+                    order_id,
+                    order_tag=self._order_tag,
                 )
                 return to_line(point) if point is not None else None
             self._plan(names)
@@ -325,10 +359,15 @@ class TelemetryLine:
         state: Any = None
         bad = Quality.BAD
         isfinite = math.isfinite
+        order_field = 0
         for index, name in self._layout:
-            if index == _STATE_CODE:
-                if isinstance(state, str) and state in STATE_CODES:
-                    append(f"{name}{float(STATE_CODES[state])!r}")
+            if index < 0:
+                if index == _STATE_CODE:
+                    if isinstance(state, str) and state in STATE_CODES:
+                        append(f"{name}{float(STATE_CODES[state])!r}")
+                elif order_id:
+                    append(name + _quoted(order_id))
+                    order_field = 1
                 continue
             s = samples[index]
             value: Any = s[2]
@@ -359,7 +398,7 @@ class TelemetryLine:
                     state = field
                 if field is not None:
                     append(f"{name}{_field_text(field)}")
-        if not fields or newest == math.inf:
+        if len(fields) == order_field or newest == math.inf:
             # A source clock at infinity has no line (the general path's sink refuses it).
             return None
         return f"{self._head} {','.join(fields)} {round(newest * 1000)}"
@@ -369,6 +408,8 @@ class TelemetryLine:
         keyed = [(name, i) for i, name in enumerate(names) if name not in self._skip]
         if any(name == "state" for name, _ in keyed):
             keyed.append(("state_code", _STATE_CODE))
+        if not self._order_tag:
+            keyed.append((ORDER_FIELD, _ORDER))
         keyed.sort()
         # state_code comes after state in sorted order, so state is known when it is due.
         self._layout = [(i, escape(name, ",= ") + "=") for name, i in keyed]

@@ -12,13 +12,18 @@ Exported (all prefixed ``shopfloor_``)::
     gateway_start_time_seconds                  process start (epoch)
     gateway_ready                               1 when /healthz says ready
     device_connected{machine}                   1 connected, 0 not
-    device_polls_total{machine}                 successful reads (batches)
+    device_polls_total{machine}                 reads (polls) that returned samples
+    device_notifications_total{machine}         notification batches of a subscription
+                                                (OPC UA), counted apart from polls
     device_read_errors_total{machine}           failed reads and connects
+    device_missed_deadlines_total{machine}      poll deadlines skipped because a read (or
+                                                its processing) overran the interval
+    device_poll_duration_seconds{machine}       histogram: how long one poll's reads took
     device_last_sample_age_seconds{machine}     absent until the first sample
     destination_connected{destination}          MQTT broker or sink link up
     destination_published_total{destination}    messages acknowledged (rate() = publish rate)
     destination_dropped_total{destination}      messages lost to a full queue
-    destination_backlog{destination}            messages waiting (outbox rows)
+    destination_backlog_messages{destination}   messages waiting (outbox rows)
     destination_oldest_pending_age_seconds{destination}
     events_total{type}                          events emitted by type
     commands_dropped_total{destination,reason}  commands dropped unanswered: ``rate`` (over
@@ -237,6 +242,10 @@ class BacklogClock:
 # ---------------------------------------------------------------------------- the shell side
 
 
+#: Upper bounds (seconds) of the poll duration histogram: few buckets, since it is per
+#: machine (12 series each); a Modbus read is milliseconds, a timeout seconds.
+POLL_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
 #: Upper bounds (seconds) of the delivery histogram: fine around the few milliseconds a
 #: live event takes, coarse up to the hour a drained backlog may be old.
 DELIVERY_BUCKETS = (
@@ -300,8 +309,13 @@ def histogram_quantile(q: float, buckets: Iterable[tuple[float, float]]) -> floa
 class _Device:
     connected: bool = False
     polls: int = 0
+    notifications: int = 0
     read_errors: int = 0
     last_sample_at: float | None = None
+    missed_deadlines: int = 0
+    #: The adapter's own cumulative count at the last update (a new adapter restarts at 0).
+    missed_seen: int = 0
+    poll_duration: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS))
 
 
 @dataclass(slots=True)
@@ -373,14 +387,31 @@ class Metrics:
         """The device answers (True) or cannot be reached (False)."""
         self._device(machine).connected = connected
 
-    def device_polled(self, machine: str, ok: bool, at: float | None = None) -> None:
-        """One read finished: ``ok`` with samples (at time ``at``), or failed."""
+    def device_polled(
+        self, machine: str, ok: bool, at: float | None = None, *, notification: bool = False
+    ) -> None:
+        """One read finished: ``ok`` with samples (at time ``at``), or failed.
+
+        ``notification``: the samples came from a subscription, not from a poll.
+        """
         dev = self._device(machine)
         if ok:
-            dev.polls += 1
+            if notification:
+                dev.notifications += 1
+            else:
+                dev.polls += 1
             dev.last_sample_at = self._clock() if at is None else at
         else:
             dev.read_errors += 1
+
+    def device_poll_timing(self, machine: str, seconds: float | None, missed_total: int) -> None:
+        """A poll's duration (``None``: not a poll) and the adapter's missed deadlines so far."""
+        dev = self._device(machine)
+        if seconds is not None:
+            dev.poll_duration.observe(seconds)
+        new = missed_total - dev.missed_seen if missed_total >= dev.missed_seen else missed_total
+        dev.missed_deadlines += new
+        dev.missed_seen = missed_total
 
     # -- events and destinations --
 
@@ -508,7 +539,24 @@ class Metrics:
             "shopfloor_device_connected", "1 while the device answers.", labels=["machine"]
         )
         polls = CounterMetricFamily(
-            "shopfloor_device_polls", "Successful device reads.", labels=["machine"]
+            "shopfloor_device_polls",
+            "Device reads (polls) that returned samples.",
+            labels=["machine"],
+        )
+        notes = CounterMetricFamily(
+            "shopfloor_device_notifications",
+            "Notification batches from a device subscription (OPC UA).",
+            labels=["machine"],
+        )
+        missed = CounterMetricFamily(
+            "shopfloor_device_missed_deadlines",
+            "Poll deadlines skipped because a read or its processing overran the interval.",
+            labels=["machine"],
+        )
+        duration = HistogramMetricFamily(
+            "shopfloor_device_poll_duration_seconds",
+            "How long one poll's reads took.",
+            labels=["machine"],
         )
         errors = CounterMetricFamily(
             "shopfloor_device_read_errors",
@@ -523,10 +571,15 @@ class Metrics:
         for name, dev in sorted(s.devices.items()):
             conn.add_metric([name], 1 if dev.connected else 0)
             polls.add_metric([name], dev.polls)
+            notes.add_metric([name], dev.notifications)
             errors.add_metric([name], dev.read_errors)
+            missed.add_metric([name], dev.missed_deadlines)
+            duration.add_metric(
+                [name], dev.poll_duration.cumulative(), sum_value=dev.poll_duration.total
+            )
             if dev.last_sample_at is not None:
                 age.add_metric([name], max(0.0, now - dev.last_sample_at))
-        yield from (conn, polls, errors, age)
+        yield from (conn, polls, notes, errors, missed, duration, age)
 
         d_conn = GaugeMetricFamily(
             "shopfloor_destination_connected",
@@ -544,7 +597,7 @@ class Metrics:
             labels=["destination"],
         )
         d_back = GaugeMetricFamily(
-            "shopfloor_destination_backlog",
+            "shopfloor_destination_backlog_messages",
             "Messages waiting for the destination.",
             labels=["destination"],
         )

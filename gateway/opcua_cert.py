@@ -2,7 +2,8 @@
 
 The certificate follows OPC 10000-6, 6.2.2: the application URI in the SubjectAltName (it
 must equal the client's ``application_uri``, which the adapter reads from this certificate
-by default), the host name as a DNS name, key usages for signing and encryption, and the
+by default), this machine's host name (asyncua checks it) and any ``--hostname`` as DNS
+names, key usages for signing and encryption, and the
 ``clientAuth`` extended key usage. The key is written with mode 0600.
 """
 
@@ -12,6 +13,7 @@ import argparse
 import os
 import socket
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -32,8 +34,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--hostname",
-        default=socket.gethostname(),
-        help="DNS name of this machine for the certificate (default: this host's name)",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help=(
+            "another DNS name of this machine for the certificate, e.g. the name or FQDN the "
+            "server knows it by (repeatable); this machine's own host name "
+            f"({socket.gethostname()}) is always included, as the OPC UA client checks it"
+        ),
     )
     parser.add_argument(
         "--common-name", default=None, help="subject CN (default: the application URI)"
@@ -51,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     if not 1 <= args.days <= 36500:
         _err("error: --days must be between 1 and 36500")
         return 2
+    extra: list[str] = list(args.hostname or [])
+    bad = [name for name in extra if not name or any(ch.isspace() or ch in "/:" for ch in name)]
+    if bad:
+        _err(f"error: --hostname {bad[0]!r} is not a DNS name (e.g. edge-01.plant.example)")
+        return 2
     out: Path = args.out
     cert_path, key_path = out / CERT_NAME, out / KEY_NAME
     existing = [p for p in (cert_path, key_path) if p.exists()]
@@ -58,8 +71,9 @@ def run(args: argparse.Namespace) -> int:
         names = ", ".join(str(p) for p in existing)
         _err(f"error: {names} already exist; pass --force to replace them")
         return 2
+    hostnames = host_names(extra)
     cert_pem, key_pem = make_certificate(
-        uri, args.hostname, common_name=args.common_name or uri, days=args.days
+        uri, hostnames, common_name=args.common_name or uri, days=args.days
     )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -68,17 +82,34 @@ def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"error: cannot write to {out}: {exc.strerror}")
         return 2
-    _out(f"wrote {cert_path} and {key_path} (mode 0600)")
+    _out(f"wrote {cert_path} and {key_path} (mode 0600); DNS names: {', '.join(hostnames)}")
     _out("next: give the server the certificate (its trusted folder), then set in the config:")
     _out(f"  security: {{certificate: {cert_path}, private_key: {key_path}, ...}}")
     log.info("opcua.certificate_created", certificate=str(cert_path), application_uri=uri)
     return 0
 
 
+def host_names(extra: Sequence[str] = ()) -> list[str]:
+    """This machine's host name first, then the extra names (duplicates dropped).
+
+    asyncua checks the client certificate against ``socket.gethostname()`` on every
+    connect (a warning each time it is missing), so that name is always in; servers that
+    check the client's DNS name want the name they know the machine by: the extras.
+    """
+    names: list[str] = []
+    for name in (socket.gethostname(), *extra):
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
 def make_certificate(
-    application_uri: str, hostname: str, *, common_name: str, days: int
+    application_uri: str, hostname: str | Sequence[str], *, common_name: str, days: int
 ) -> tuple[bytes, bytes]:
-    """A self-signed OPC UA application certificate and its RSA-2048 key, both PEM."""
+    """A self-signed OPC UA application certificate and its RSA-2048 key, both PEM.
+
+    ``hostname``: one DNS name or several for the SubjectAltName.
+    """
     from asyncua.crypto import cert_gen
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -86,8 +117,9 @@ def make_certificate(
 
     key = cert_gen.generate_private_key()
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(application_uri)]
-    if hostname:
-        names.append(x509.DNSName(hostname))
+    for name in [hostname] if isinstance(hostname, str) else hostname:
+        if name:
+            names.append(x509.DNSName(name))
     cert = cert_gen.generate_self_signed_app_certificate(
         key, common_name, {}, names, extended=[ExtendedKeyUsageOID.CLIENT_AUTH], days=days
     )

@@ -19,9 +19,10 @@ import math
 import re
 import struct
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TextIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -38,7 +39,13 @@ from adapters.modbus.config import (
     parse_ref,
 )
 
+if TYPE_CHECKING:
+    from adapters.opcua.config import OpcUaConnectionConfig
+
 log = structlog.get_logger(__name__)
+
+#: Environment variable with the OPC UA password for ``probe opcua --username``.
+PASSWORD_ENV = "SHOPFLOOR_OPCUA_PASSWORD"
 
 _AREA_ALIASES: dict[str, RegisterArea] = {
     "holding": "holding",
@@ -321,6 +328,51 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--depth", type=int, default=6, help="levels below Objects (default 6)")
     o.add_argument("--timeout", type=float, default=5.0, help="seconds per request (default 5)")
     o.add_argument("--emit-config", action="store_true", help="print a config snippet at the end")
+    # The same meaning as the connection's config keys (adapters/opcua/README.md).
+    sec = o.add_argument_group("security and identity (as the connection's config keys)")
+    sec.add_argument(
+        "--policy",
+        default="None",
+        help="security.policy: None (default), Basic256Sha256, Aes128_Sha256_RsaOaep, "
+        "Aes256_Sha256_RsaPss",
+    )
+    sec.add_argument(
+        "--security-mode",
+        default=None,
+        metavar="MODE",
+        help="security.mode: SignAndEncrypt (default with a policy) or Sign",
+    )
+    sec.add_argument("--certificate", type=Path, help="security.certificate (the gateway's)")
+    sec.add_argument("--private-key", type=Path, help="security.private_key")
+    sec.add_argument(
+        "--trust",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="security.trust: the server's certificate or a directory of them; repeatable",
+    )
+    sec.add_argument(
+        "--allow-untrusted",
+        action="store_true",
+        help="security.allow_untrusted: accept an unknown server certificate (commissioning)",
+    )
+    sec.add_argument(
+        "--rejected-dir",
+        type=Path,
+        help="security.rejected_dir: save a refused server certificate here",
+    )
+    sec.add_argument("--application-uri", help="application_uri (default: from the certificate)")
+    sec.add_argument(
+        "--username", help=f"username (the password from --password-file or ${PASSWORD_ENV})"
+    )
+    sec.add_argument(
+        "--password-file",
+        type=Path,
+        help="file holding the password (first line); never on the command line",
+    )
+    sec.add_argument("--user-certificate", type=Path, help="user_certificate (X.509 identity)")
+    sec.add_argument("--user-private-key", type=Path, help="user_private_key")
 
 
 async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
@@ -435,37 +487,237 @@ async def _scan(line: Any, units: range, patience: float, out: TextIO) -> list[i
     return found
 
 
+def opcua_connection(args: argparse.Namespace, env: Mapping[str, str]) -> OpcUaConnectionConfig:
+    """The probe's options as the adapter's connection config; ``ValueError`` says what to fix."""
+    from pydantic import ValidationError
+
+    from adapters.opcua.config import OpcUaConnectionConfig
+
+    body: dict[str, Any] = {"url": args.endpoint, "timeout": args.timeout}
+    security: dict[str, Any] = {"policy": args.policy}
+    for key in ("certificate", "private_key", "rejected_dir"):
+        if getattr(args, key) is not None:
+            security[key] = getattr(args, key)
+    if args.security_mode is not None:
+        security["mode"] = args.security_mode
+    if args.trust:
+        security["trust"] = tuple(args.trust)
+    if args.allow_untrusted:
+        security["allow_untrusted"] = True
+    body["security"] = security
+    for key in ("application_uri", "user_certificate", "user_private_key"):
+        if getattr(args, key) is not None:
+            body[key] = getattr(args, key)
+    if args.username is not None:
+        body["username"] = args.username
+        body["password"] = _password(args.password_file, env)
+    elif args.password_file is not None:
+        raise ValueError("--password-file needs --username")
+    try:
+        return OpcUaConnectionConfig(**body)
+    except ValidationError as exc:
+        problems = "; ".join(_option_error(e) for e in exc.errors())
+        raise ValueError(problems) from None
+
+
+def _password(path: Path | None, env: Mapping[str, str]) -> str:
+    """The password from a file (first line) or the environment; never from argv."""
+    if path is not None:
+        try:
+            text = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise ValueError(f"--password-file: cannot read {str(path)!r}: {exc.strerror}") from exc
+        if not text or not text[0]:
+            raise ValueError(f"--password-file: {str(path)!r} is empty")
+        return text[0]
+    password = env.get(PASSWORD_ENV)
+    if not password:
+        raise ValueError(
+            f"--username needs a password: --password-file FILE, or set ${PASSWORD_ENV}"
+        )
+    return password
+
+
+#: Config keys to the probe options that set them, for error messages.
+_OPTION_OF = {
+    "policy": "--policy",
+    "mode": "--security-mode",
+    "certificate": "--certificate",
+    "private_key": "--private-key",
+    "trust": "--trust",
+    "rejected_dir": "--rejected-dir",
+    "application_uri": "--application-uri",
+    "url": "endpoint",
+}
+
+
+def _option_error(error: Mapping[str, Any]) -> str:
+    """One validation error in the probe's words (option names, not config paths)."""
+    where = [str(p) for p in error.get("loc", ()) if not isinstance(p, int)]
+    option = next((_OPTION_OF[w] for w in reversed(where) if w in _OPTION_OF), None)
+    message = str(error.get("msg", "invalid")).removeprefix("Value error, ")
+    if option:
+        return f"{option}: {message}"
+    if "security" in where:
+        # A rule across several keys: name the probe's options for them.
+        return (
+            f"{message} (probe options: --policy, --security-mode, --certificate, "
+            "--private-key, --trust, --allow-untrusted)"
+        )
+    return message
+
+
+def opcua_snippet(
+    connection: OpcUaConnectionConfig,
+    variables: Sequence[tuple[Sequence[str], str]],
+) -> tuple[str, dict[str, str]]:
+    """A machine config for the browsed variables, and the signal name of every NodeId.
+
+    ``variables``: (browse path as names, portable NodeId) per variable. Every variable
+    gets a signal of its own: names are the browse name, qualified by as many parent names
+    as it takes to be unique (``lamp_green_signalon``), never dropped. The connection keeps
+    the security and identity options given, with the password as a placeholder.
+    """
+    names = unique_signal_names([path for path, _ in variables])
+    signals = {
+        name: {"node_id": node_id} for name, (_, node_id) in zip(names, variables, strict=True)
+    }
+    conn: dict[str, Any] = {"protocol": "opcua", "url": connection.url}
+    sec = connection.security
+    if sec.policy != "None":
+        security: dict[str, Any] = {"policy": sec.policy, "mode": sec.effective_mode}
+        for key in ("certificate", "private_key", "rejected_dir"):
+            if getattr(sec, key) is not None:
+                security[key] = str(getattr(sec, key))
+        if sec.trust:
+            security["trust"] = [str(p) for p in sec.trust]
+        if sec.allow_untrusted:
+            security["allow_untrusted"] = True
+        conn["security"] = security
+    if connection.application_uri:
+        conn["application_uri"] = connection.application_uri
+    if connection.username is not None:
+        conn["username"] = connection.username
+        conn["password"] = "${OPCUA_PASSWORD}"
+    if connection.user_certificate is not None and connection.user_private_key is not None:
+        conn["user_certificate"] = str(connection.user_certificate)
+        conn["user_private_key"] = str(connection.user_private_key)
+    machine = {
+        "id": "new-machine",
+        "area": "area-1",
+        "line": "line-1",
+        "connection": conn,
+        "signals": signals,
+    }
+    header = (
+        f"# Generated by shopfloor probe: {len(signals)} signals for {len(variables)} variables.\n"
+        "# Keep the signals you need and rename them (state, good_count, ...); NodeIds are in\n"
+        "# the portable nsu= form (namespace by URI).\n"
+    )
+    return header + yaml.safe_dump({"machines": [machine]}, sort_keys=False), dict(
+        zip((v[1] for v in variables), names, strict=True)
+    )
+
+
+def _snake(text: str) -> str:
+    return re.sub(r"[^a-z0-9_]+", "_", text.lower()).strip("_")
+
+
+def unique_signal_names(paths: Sequence[Sequence[str]]) -> list[str]:
+    """A config signal name per browse path, all distinct.
+
+    The last browse name alone where it is unique; where several share it, each takes its
+    parents' names in front until they differ; what still collides (names that differ
+    only in characters a signal name cannot hold) gets ``_2``, ``_3``...
+    """
+    parts = [
+        [_snake(name.split(":", 1)[-1]) or "value" for name in path] or ["value"] for path in paths
+    ]
+    depth = [1] * len(parts)
+
+    def name(i: int) -> str:
+        return "_".join(p for p in parts[i][-depth[i] :] if p)
+
+    while True:
+        groups: dict[str, list[int]] = {}
+        for i in range(len(parts)):
+            groups.setdefault(name(i), []).append(i)
+        grow = [
+            i for same in groups.values() if len(same) > 1 for i in same if depth[i] < len(parts[i])
+        ]
+        if not grow:
+            break
+        for i in grow:
+            depth[i] += 1
+    out: list[str] = []
+    taken: set[str] = set()
+    for i in range(len(parts)):
+        base = name(i)
+        if not base[0].isalpha():
+            base = f"n_{base}"
+        candidate, n = base, 1
+        while candidate in taken:
+            n += 1
+            candidate = f"{base}_{n}"
+        taken.add(candidate)
+        out.append(candidate)
+    return out
+
+
+def portable_node_id(node_id: Any, namespaces: Sequence[str]) -> str:
+    """``nsu=<namespace URI>;s=...`` for a server namespace; ``i=2258`` for namespace 0."""
+    text = str(node_id.to_string())
+    index = int(node_id.NamespaceIndex)
+    if index == 0 or index >= len(namespaces):
+        return text
+    identifier = text.split(";", 1)[1] if text.startswith("ns=") else text
+    return f"nsu={namespaces[index]};{identifier}"
+
+
 async def _run_opcua(args: argparse.Namespace, out: TextIO) -> int:
+    import os
+    import time
+
     from asyncua import ua
-    from asyncua.client.client import Client
     from asyncua.ua.uaerrors import UaError
 
-    client = Client(args.endpoint, timeout=args.timeout)
+    from adapters.opcua.adapter import ConnectFailed, connect, explain_connect_error, new_client
+
     try:
-        async with asyncio.timeout(args.timeout * 2):
-            await client.connect()
-    except (TimeoutError, OSError) as exc:
-        reason = "no answer" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
-        out.write(
-            f"error: cannot connect to {args.endpoint}: {reason}. Try: check host and port "
-            "(4840 is the default), that the server runs, and the path after the port.\n"
+        connection = opcua_connection(args, os.environ)
+    except ValueError as exc:
+        out.write(f"error: {exc}\n")
+        return 2
+    client = new_client(connection, "probe")
+    try:
+        await connect(client, connection, time.time())
+    except ConnectFailed as failed:
+        event, error = explain_connect_error(
+            connection, failed.cause, secured_handshake=failed.secured_handshake
         )
+        tip = ""
+        if event is None and isinstance(failed.cause, TimeoutError | OSError):
+            tip = (
+                " Try: check host and port (4840 is the default), that the server runs, and "
+                "the path after the port."
+            )
+        out.write(f"error: {error}.{tip}\n")
         return 1
-    except UaError as exc:
-        out.write(f"error: {args.endpoint} refused the session: {exc}. Try: security settings.\n")
-        return 1
-    variables: list[tuple[str, str]] = []
+    variables: list[tuple[list[str], str]] = []
     try:
+        namespaces = list(await client.get_namespace_array())
         root = client.nodes.objects
         needle = args.find.lower() if args.find else None
 
-        async def walk(node: Any, depth: int, prefix: str) -> None:
+        async def walk(node: Any, depth: int, prefix: str, names: list[str]) -> None:
             if depth > args.depth:
                 return
             for child in await node.get_children(refs=33):  # hierarchical references
-                name = (await child.read_browse_name()).to_string()
+                browse = await child.read_browse_name()
+                name = browse.to_string()
                 node_class = await child.read_node_class()
                 path = f"{prefix}/{name}" if prefix else name
+                here = [*names, str(browse.Name)]
                 line = f"{'  ' * depth}{name}  [{child.nodeid.to_string()}]"
                 if node_class == ua.NodeClass.Variable:
                     try:
@@ -474,33 +726,17 @@ async def _run_opcua(args: argparse.Namespace, out: TextIO) -> int:
                         line += f"  {variant.VariantType.name} = {variant.Value!r}"
                     except UaError as exc:
                         line += f"  (unreadable: {exc})"
-                    variables.append((path, child.nodeid.to_string()))
+                    if needle is None or needle in name.lower():
+                        variables.append((here, portable_node_id(child.nodeid, namespaces)))
                 if needle is None or needle in name.lower():
                     out.write((line if needle is None else f"{path}  {line.strip()}") + "\n")
                 if node_class == ua.NodeClass.Object and not name.startswith("0:Server"):
-                    await walk(child, depth + 1, path)
+                    await walk(child, depth + 1, path, here)
 
-        await walk(root, 0, "")
+        await walk(root, 0, "", [])
     finally:
         await client.disconnect()
     if args.emit_config:
-        hits = [v for v in variables if not args.find or args.find.lower() in v[0].lower()]
-        signals = {
-            re.sub(r"[^a-z0-9_]+", "_", path.rsplit("/", 1)[-1].split(":")[-1].lower()).strip("_")
-            or "value": {"node_id": node_id}
-            for path, node_id in hits
-        }
-        snippet = {
-            "machines": [
-                {
-                    "id": "new-machine",
-                    "area": "area-1",
-                    "line": "line-1",
-                    "connection": {"protocol": "opcua", "url": args.endpoint},
-                    "signals": signals,
-                }
-            ]
-        }
-        out.write("# Generated by shopfloor probe: keep the signals you need, rename them.\n")
-        out.write(yaml.safe_dump(snippet, sort_keys=False))
+        snippet, _ = opcua_snippet(connection, variables)
+        out.write(snippet)
     return 0

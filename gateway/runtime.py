@@ -91,6 +91,11 @@ Clock = Callable[[], float]
 PERSONAL_SIGNALS = frozenset({"operator"})
 
 
+#: Distinct causes logged at warning per outage at most (a cause text that varies on every
+#: attempt must not turn into one warning per retry).
+_CAUSES_LOGGED = 5
+
+
 @dataclass(slots=True)
 class _Episode:
     """Bookkeeping for 'log once per outage'."""
@@ -98,6 +103,8 @@ class _Episode:
     failing_since: float | None = None
     attempts: int = 0
     last_reason: str = ""
+    #: Causes already logged at warning in this outage (one warning per cause).
+    causes: set[str] = field(default_factory=set)
 
 
 @dataclass(slots=True)
@@ -352,10 +359,9 @@ class Gateway:
         self.publisher = self.publishers[self.destinations[0].name]
         self._customers: dict[str, dict[str, str | None]] = {}
         self._status_sent: dict[str, int] = {}
-        self.machines: dict[str, _Machine] = {
-            m.id: _Machine(m, MachineTracker(m.id, m.tracker), Mapper(m.signals))
-            for m in plan.machines
-        }
+        #: The order as a tag of the telemetry history (a series per order) or a field.
+        self._order_tag = plan.influxdb is not None and plan.influxdb.order_tag
+        self.machines: dict[str, _Machine] = {m.id: self._new_machine(m) for m in plan.machines}
         self.events_emitted = 0
         #: Where each machine lives; shared with the command listener and kept current.
         self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
@@ -695,7 +701,7 @@ class Gateway:
             self._start_device(m)
         for machine in added:
             plan = fresh[machine]
-            m = _Machine(plan, MachineTracker(plan.id, plan.tracker), Mapper(plan.signals))
+            m = self._new_machine(plan)
             self.machines[machine] = m
             self.locations[machine] = plan.location
             self._start_device(m)
@@ -766,6 +772,15 @@ class Gateway:
             )
             pub.submit(Message(self.topics.status(), payload, 1, True))
 
+    def _new_machine(self, plan: MachinePlan) -> _Machine:
+        """A machine's runtime state; its history line never carries personal signals."""
+        return _Machine(
+            plan,
+            MachineTracker(plan.id, plan.tracker),
+            Mapper(plan.signals),
+            telemetry_line=TelemetryLine(PERSONAL_SIGNALS, order_tag=self._order_tag),
+        )
+
     async def _supervise(self, m: _Machine) -> None:
         plan = m.plan
         episode = _Episode()
@@ -797,7 +812,14 @@ class Gateway:
                                     attempts=episode.attempts,
                                 )
                             episode = _Episode()
-                        self._on_batch(m, batch)
+                        acq = getattr(adapter, "acquisition", None)
+                        self._on_batch(
+                            m, batch, notification=acq is not None and acq.kind == "notification"
+                        )
+                        if acq is not None:
+                            self.metrics.device_poll_timing(
+                                plan.id, acq.seconds, acq.missed_deadlines
+                            )
                         # Not kept while the adapter waits for the next poll (see
                         # ModbusAdapter.samples: young samples make the collector's passes long).
                         del batch
@@ -821,7 +843,13 @@ class Gateway:
             self._connected(m, False, reason)
             if episode.failing_since is None:
                 episode.failing_since = self._clock()
+                episode.causes.add(reason)
                 bound.warning("device.unreachable", error=reason)
+            elif reason not in episode.causes and len(episode.causes) < _CAUSES_LOGGED:
+                # The device answers differently now (e.g. it is back but refuses the
+                # gateway's certificate): the operator needs the new cause, once.
+                episode.causes.add(reason)
+                bound.warning("device.unreachable_cause", error=reason, attempts=episode.attempts)
             else:
                 bound.debug("device.still_unreachable", error=reason, attempts=episode.attempts)
             delay = self._backoff.delay(episode.attempts, self._rng)
@@ -859,7 +887,9 @@ class Gateway:
         self.metrics.device_connected(m.plan.id, connected)
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
-    def _on_batch(self, m: _Machine, batch: Sequence[Sample]) -> None:
+    def _on_batch(
+        self, m: _Machine, batch: Sequence[Sample], *, notification: bool = False
+    ) -> None:
         m.status.polls += 1
         now = self._clock()
         m.status.last_sample_at = now
@@ -869,7 +899,7 @@ class Gateway:
             m.status.read_errors += 1
             self.metrics.device_polled(m.plan.id, False)
         else:
-            self.metrics.device_polled(m.plan.id, True, now)
+            self.metrics.device_polled(m.plan.id, True, now, notification=notification)
         mapped, problems = m.mapper.apply(batch)
         for p in problems:
             # Once per signal until it maps cleanly again: a wrong map would otherwise log

@@ -40,6 +40,7 @@ from typing import Any, Self
 import structlog
 from asyncua import ua
 from asyncua.common.node import Node
+from asyncua.common.utils import ServiceError
 from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.permission_rules import User, UserRole
 from asyncua.crypto.truststore import TrustStore
@@ -47,6 +48,7 @@ from asyncua.crypto.validator import CertificateValidator, CertificateValidatorO
 from asyncua.server.server import Server
 from asyncua.server.user_managers import UserManager
 from asyncua.ua.attribute_ids import AttributeIds
+from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
@@ -175,7 +177,12 @@ class _TrustFolderValidator:
         )
 
     async def __call__(self, cert: x509.Certificate, app: ua.ApplicationDescription) -> None:
-        await self._store.load_trust()
+        try:
+            await self._store.load_trust()
+        except ValueError as exc:
+            # asyncua refuses to build an empty store; an empty trusted folder (the state
+            # right after the first start) means "trust nobody", not an internal error.
+            raise ServiceError(StatusCodes.BadCertificateUntrusted) from exc
         await self._validator.validate(cert, app)
 
 

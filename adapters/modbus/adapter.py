@@ -31,7 +31,13 @@ from typing import Self
 
 import structlog
 
-from adapters.base import ConnectionLost, check_timing, first_deadline, next_deadline
+from adapters.base import (
+    Acquisition,
+    ConnectionLost,
+    check_timing,
+    first_deadline,
+    next_deadline,
+)
 from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import BlockDecoder
@@ -120,6 +126,8 @@ class ModbusAdapter:
         # Polls in a row in which every read was refused; kept across reconnects.
         self._refused_polls = 0
         self._log = log.bind(machine=machine, device=self._where, unit_id=connection.unit_id)
+        #: The latest poll's duration and the deadlines missed (read by the metrics).
+        self.acquisition = Acquisition()
 
     @property
     def machine(self) -> str:
@@ -161,7 +169,7 @@ class ModbusAdapter:
         # Yielded without a local name: a batch kept alive by this frame until the next poll
         # would sit in the collector's youngest generation (15,000 samples at 500 devices)
         # and make each of its passes a 10 ms pause of the loop.
-        yield await self._poll()
+        yield await self._timed_poll(loop)
         # Then on the device's phase grid of the loop clock (adapters.base.poll_phase), at
         # least half an interval after that first read.
         deadline = first_deadline(loop.time() + interval / 2, interval, self._start_offset)
@@ -169,11 +177,20 @@ class ModbusAdapter:
             delay = deadline - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
-            yield await self._poll()
+            yield await self._timed_poll(loop)
             # The consumer's time counts too: reads never overlap, missed ticks are skipped.
             deadline, skipped = next_deadline(deadline, loop.time(), interval)
             if skipped:
+                self.acquisition.missed_deadlines += skipped
                 self._log.debug("modbus.ticks_skipped", skipped=skipped)
+
+    async def _timed_poll(self, loop: asyncio.AbstractEventLoop) -> list[Sample]:
+        """One poll, its duration kept in :attr:`acquisition` for the metrics."""
+        started = loop.time()
+        try:
+            return await self._poll()
+        finally:
+            self.acquisition.seconds = loop.time() - started
 
     async def _poll(self) -> list[Sample]:
         """Run the plan once and turn the responses into one sample per signal."""

@@ -47,12 +47,13 @@ from asyncua.common.subscription import (
     SubEvent,
     Subscription,
 )
+from asyncua.common.utils import NotEnoughData
 from asyncua.ua.attribute_ids import AttributeIds
 from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
-from asyncua.ua.uaerrors import UaError, UaStatusCodeError
+from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStructParsingError
 
-from adapters.base import ConnectError, ConnectionLost, check_timing, next_deadline
+from adapters.base import Acquisition, ConnectError, ConnectionLost, check_timing, next_deadline
 from adapters.opcua import security
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig, sampling_for
 from adapters.opcua.nodes import (
@@ -201,6 +202,8 @@ class OpcUaAdapter:
         #: CreateMonitoredItems service calls sent (all sessions).
         self.monitor_requests = 0
         self._log = log.bind(machine=machine, url=connection.url)
+        #: Whether the latest batch was a read (and how long it took) or notifications.
+        self.acquisition = Acquisition()
 
     @property
     def machine(self) -> str:
@@ -227,30 +230,12 @@ class OpcUaAdapter:
     async def __aenter__(self) -> Self:
         """Connect, resolve and subscribe within timeouts; raise :class:`ConnectError`."""
         conn = self._conn
-        client = Client(
-            conn.url,
-            timeout=conn.timeout,
-            watchdog_intervall=conn.watchdog_interval,
-            auto_reconnect=False,
-        )
-        client.session_timeout = round(conn.session_timeout * 1000)
-        client.application_uri = security.default_application_uri(conn)
-        client.name = f"Shopfloor Gateway ({self._machine})"
-        client.description = client.name
-        client.product_uri = "urn:shopfloor-gateway"
+        client = new_client(conn, self._machine)
         try:
-            async with asyncio.timeout(conn.timeout):
-                await security.apply(client, conn, self._clock())
-            # The handshake is several requests plus RSA work: allow two timeouts.
-            async with asyncio.timeout(conn.timeout * 2):
-                await client.connect()
-        except BaseException as exc:
-            # A failed attempt must not keep a socket (connect() starts no background
-            # tasks before the session is active).
-            client.disconnect_socket()
-            if isinstance(exc, Exception):
-                raise self._connect_error(exc) from exc
-            raise
+            await connect(client, conn, self._clock())
+        except ConnectFailed as failed:
+            error = self._connect_error(failed.cause, secured_handshake=failed.secured_handshake)
+            raise error from failed.cause
         self._client = client
         try:
             self._lost = asyncio.get_running_loop().create_future()
@@ -321,49 +306,15 @@ class OpcUaAdapter:
             client.disconnect_socket()
         self._log.debug("opcua.closed")
 
-    def _connect_error(self, exc: Exception) -> ConnectError:
-        """Translate a failed connect into a :class:`ConnectError` that says what to do."""
-        conn = self._conn
-        if isinstance(exc, ConnectError):
-            if isinstance(exc, security.UntrustedServerError | security.SecuritySetupError):
-                self._note_refusal("opcua.server_refused", str(exc))
-            return exc
-        if isinstance(exc, TimeoutError):
-            return ConnectError(f"cannot connect to {conn.url}: no answer within {conn.timeout} s")
-        if isinstance(exc, UaStatusCodeError):
-            code = exc.code
-            name = ua.StatusCode(code).name
-            if code in _AUTH_CODES:
-                who = (
-                    f"user {conn.username!r}"
-                    if conn.username
-                    else "the certificate user identity"
-                    if conn.user_certificate
-                    else "anonymous access"
-                )
-                hint = (
-                    "check username and password"
-                    if conn.username
-                    else "configure username/password or a user certificate the server accepts"
-                )
-                message = f"server {conn.url} refused {who} ({name}): {hint}"
-                self._note_refusal("opcua.auth_refused", message)
-                return ConnectError(message)
-            if code in _CERT_CODES:
-                cert = conn.security.certificate
-                message = (
-                    f"server {conn.url} refused the gateway's certificate ({name}): trust "
-                    f"{str(cert)!r} on the server (usually by moving it from the server's "
-                    "rejected to its trusted certificate folder)"
-                )
-                self._note_refusal("opcua.certificate_refused", message)
-                return ConnectError(message)
-            return ConnectError(f"server {conn.url} refused the session: {name}")
-        if isinstance(exc, UaError):
-            return ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
-        if isinstance(exc, OSError | ConnectionError):
-            return ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
-        return ConnectError(f"cannot connect to {conn.url}: {type(exc).__name__}: {exc}")
+    def _connect_error(self, exc: Exception, *, secured_handshake: bool = False) -> ConnectError:
+        """Translate a failed connect into a :class:`ConnectError` that says what to do.
+
+        Refusals are logged once per cause (see :func:`explain_connect_error`).
+        """
+        event, error = explain_connect_error(self._conn, exc, secured_handshake=secured_handshake)
+        if event is not None:
+            self._note_refusal(event, str(error))
+        return error
 
     def _note_refusal(self, event: str, message: str) -> None:
         """Log a refusal at warning once per cause; repeats at debug."""
@@ -621,24 +572,35 @@ class OpcUaAdapter:
             await asyncio.sleep(self._start_offset)
         try:
             deadline = loop.time()
-            yield await self._read_all()
+            yield await self._timed_read(loop)
             if self._conn.mode == "polling":
                 while True:
                     deadline, skipped = next_deadline(deadline, loop.time(), self._interval)
                     if skipped:
+                        self.acquisition.missed_deadlines += skipped
                         self._log.debug("opcua.ticks_skipped", skipped=skipped)
                     delay = deadline - loop.time()
                     if delay > 0:
                         await self._sleep(delay)
-                    yield await self._read_all()
+                    yield await self._timed_read(loop)
             else:
                 while True:
                     batch = await self._next_batch()
                     if batch:
+                        self.acquisition.kind = "notification"
+                        self.acquisition.seconds = None
                         yield batch
                     del batch  # not kept while waiting (see ModbusAdapter.samples)
         except (UaError, ConnectionError, OSError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {_explain(exc)}") from exc
+
+    async def _timed_read(self, loop: asyncio.AbstractEventLoop) -> list[Sample]:
+        """One full Read, kept in :attr:`acquisition` as a poll with its duration."""
+        started = loop.time()
+        batch = await self._read_all()
+        self.acquisition.kind = "poll"
+        self.acquisition.seconds = loop.time() - started
+        return batch
 
     async def _sleep(self, delay: float) -> None:
         """Sleep, but end at once with :class:`ConnectionLost` when the link drops."""
@@ -813,6 +775,142 @@ class OpcUaAdapter:
             return task.result()
         except (ConnectionError, OSError, TimeoutError) as exc:
             raise ConnectionLost(f"{self._conn.url}: {what} failed: {_explain(exc)}") from exc
+
+
+def explain_connect_error(
+    conn: OpcUaConnectionConfig, exc: Exception, *, secured_handshake: bool = False
+) -> tuple[str | None, ConnectError]:
+    """A failed connect as a :class:`ConnectError` that says what to do, and its log event.
+
+    The event (``opcua.certificate_refused``, ``opcua.auth_refused``,
+    ``opcua.server_refused``) is ``None`` for causes that are not refusals.
+    ``secured_handshake``: the server answered the unsecured endpoint discovery just
+    before, and the failure came during the secured channel and session set-up.
+    """
+    if secured_handshake and is_handshake_breakoff(exc):
+        return "opcua.certificate_refused", ConnectError(channel_refusal_message(conn, exc))
+    if isinstance(exc, ConnectError):
+        if isinstance(exc, security.UntrustedServerError | security.SecuritySetupError):
+            return "opcua.server_refused", exc
+        return None, exc
+    if isinstance(exc, TimeoutError):
+        return None, ConnectError(
+            f"cannot connect to {conn.url}: no answer within {conn.timeout} s"
+        )
+    if isinstance(exc, UaStatusCodeError):
+        code = exc.code
+        name = ua.StatusCode(code).name
+        if code in _AUTH_CODES:
+            who = (
+                f"user {conn.username!r}"
+                if conn.username
+                else "the certificate user identity"
+                if conn.user_certificate
+                else "anonymous access"
+            )
+            hint = (
+                "check username and password"
+                if conn.username
+                else "configure username/password or a user certificate the server accepts"
+            )
+            message = f"server {conn.url} refused {who} ({name}): {hint}"
+            return "opcua.auth_refused", ConnectError(message)
+        if code in _CERT_CODES:
+            message = (
+                f"server {conn.url} refused the gateway's certificate ({name}): {_trust_hint(conn)}"
+            )
+            return "opcua.certificate_refused", ConnectError(message)
+        return None, ConnectError(f"server {conn.url} refused the session: {name}")
+    if isinstance(exc, UaError | OSError | ConnectionError):
+        return None, ConnectError(f"cannot connect to {conn.url}: {_explain(exc)}")
+    return None, ConnectError(f"cannot connect to {conn.url}: {type(exc).__name__}: {exc}")
+
+
+def new_client(conn: OpcUaConnectionConfig, name: str) -> Client:
+    """An asyncua client as the gateway configures it (no own reconnects, its identity)."""
+    client = Client(
+        conn.url,
+        timeout=conn.timeout,
+        watchdog_intervall=conn.watchdog_interval,
+        auto_reconnect=False,
+    )
+    client.session_timeout = round(conn.session_timeout * 1000)
+    client.application_uri = security.default_application_uri(conn)
+    client.name = f"Shopfloor Gateway ({name})"
+    client.description = client.name
+    client.product_uri = "urn:shopfloor-gateway"
+    return client
+
+
+async def connect(client: Client, conn: OpcUaConnectionConfig, now: float) -> None:
+    """Security set-up, server check and session, within the timeouts; raise ConnectError.
+
+    A failed attempt keeps no socket. Refusals are not logged here (the caller decides).
+    """
+    handshake = False
+    try:
+        async with asyncio.timeout(conn.timeout):
+            await security.apply(client, conn, now)
+        handshake = conn.security.policy != "None"
+        # The handshake is several requests plus RSA work: allow two timeouts.
+        async with asyncio.timeout(conn.timeout * 2):
+            await client.connect()
+    except BaseException as exc:
+        # connect() starts no background tasks before the session is active.
+        client.disconnect_socket()
+        if isinstance(exc, Exception):
+            raise ConnectFailed(exc, secured_handshake=handshake) from exc
+        raise
+
+
+class ConnectFailed(Exception):
+    """A failed connect, with where it failed (for :func:`explain_connect_error`)."""
+
+    def __init__(self, cause: Exception, *, secured_handshake: bool) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+        self.secured_handshake = secured_handshake
+
+
+def is_handshake_breakoff(exc: BaseException) -> bool:
+    """Whether a failed secured connect looks like a server breaking off the handshake.
+
+    Servers that refuse the client certificate at OpenSecureChannel answer in several ways:
+    an ERR message with a status (a :class:`UaStatusCodeError`, handled by its code), a
+    ServiceFault where the channel response belongs (asyncua fails to parse it,
+    ``NotEnoughData``, and then trips a bare ``AssertionError``), or simply closing the
+    socket. The last two carry no reason; the endpoint discovery just before succeeded on
+    the same address, so the certificate is by far the likeliest cause.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        return False
+    return isinstance(
+        exc,
+        AssertionError
+        | NotEnoughData
+        | UaStructParsingError
+        | ConnectionError
+        | asyncio.IncompleteReadError
+        | EOFError,
+    )
+
+
+def _trust_hint(conn: OpcUaConnectionConfig) -> str:
+    """How to make the server trust the gateway's certificate."""
+    return (
+        f"trust {str(conn.security.certificate)!r} on the server (usually by moving it from "
+        "the server's rejected to its trusted certificate folder)"
+    )
+
+
+def channel_refusal_message(conn: OpcUaConnectionConfig, exc: BaseException) -> str:
+    """The message for a secured handshake the server broke off without a status."""
+    what = type(exc).__name__
+    return (
+        f"server {conn.url} broke off the secure channel ({conn.security.policy}) without a "
+        f"reason (asyncua: {what}); servers do this when they do not trust the gateway's "
+        f"certificate: {_trust_hint(conn)}"
+    )
 
 
 async def _reap(task: asyncio.Future[Any]) -> None:

@@ -115,13 +115,17 @@ def test_telemetry_point_uses_good_samples_only() -> None:
     assert p is not None
     assert p.measurement == "shopfloor_telemetry"
     assert p.time == 10.2
-    assert p.tags["order"] == "PO-1"
+    assert "order" not in p.tags, "every order would add a series per signal"
     assert p.fields == {
         "stitch_rate": 812.5,
         "state": "running",
         "state_code": float(STATE_CODES["running"]),
         "spindle": 3.0,
+        "order_id": "PO-1",
     }
+    tagged = telemetry_point(LOC, samples, order_id="PO-1", order_tag=True)
+    assert tagged is not None and tagged.tags["order"] == "PO-1"
+    assert "order_id" not in tagged.fields
     assert telemetry_point(LOC, [Sample("m", "x", None, 1.0, Quality.BAD)]) is None
 
 
@@ -465,6 +469,8 @@ async def test_points_reach_a_real_v2_write_server_and_read_back(
     assert got["shopfloor_order_target"][0]["values"] == [6]
     assert got["shopfloor_machine_state_code"][0]["values"] == [STATE_CODES["running"]]
     assert got["shopfloor_telemetry_stitch_rate"][0]["values"] == [800]
+    # The telemetry series key has no order: orders do not multiply its series.
+    assert "order" not in got["shopfloor_telemetry_stitch_rate"][0]["metric"]
     # Millisecond timestamps survive the trip.
     assert got["shopfloor_order_good"][0]["timestamps"][0] in (
         round(now * 1000),

@@ -61,6 +61,18 @@ def delivery_histograms(text: str) -> dict[str, dict[str, float]]:
     return out
 
 
+def device_samples(text: str, machine: str) -> dict[str, float]:
+    """One machine's ``shopfloor_device_*`` samples (histogram buckets left out)."""
+    return {
+        sample.name: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if family.name.startswith("shopfloor_device_")
+        and sample.labels.get("machine") == machine
+        and "le" not in sample.labels
+    }
+
+
 async def test_health_metrics_status_and_history(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
@@ -98,6 +110,14 @@ async def test_health_metrics_status_and_history(
         assert 'machine="sew-01"' in metrics
         assert "order.completed" in metrics
         assert "process_resident_memory_bytes" in metrics or "process_" in metrics
+        device = device_samples(metrics, "sew-01")
+        # Modbus polls: counted as polls, each one timed; a subscription's batches apart.
+        polls = device["shopfloor_device_polls_total"]
+        assert polls >= 1, device
+        assert device["shopfloor_device_notifications_total"] == 0
+        assert device["shopfloor_device_poll_duration_seconds_count"] == polls, device
+        assert 0 < device["shopfloor_device_poll_duration_seconds_sum"] < polls * 0.5, device
+        assert "shopfloor_device_missed_deadlines_total" in device
 
         # Every event the subscriber has is acknowledged and timed, each within a second
         # on loopback; nothing reached the history yet (it is down).
@@ -150,6 +170,9 @@ async def test_health_metrics_status_and_history(
                 )
                 await asyncio.sleep(0.2)
             assert done[0]["metric"].get("order") == "PO-H1"
+            # Telemetry series are keyed without the order (influxdb.order_tag: false).
+            tele = [r for r in rows if r["metric"]["__name__"].startswith("shopfloor_telemetry")]
+            assert not [r for r in tele if "order" in r["metric"]], tele[:2]
             # The operator badge is personal data: it never reaches the history.
             assert not any("operator" in n for n in names), names
         finally:

@@ -63,6 +63,37 @@ def test_device_metrics_follow_polls_errors_and_connection() -> None:
     assert ("shopfloor_device_last_sample_age_seconds", two) not in s
 
 
+def test_polls_and_subscription_notifications_are_counted_apart() -> None:
+    m = make()
+    m.configure(["cnc-01"])
+    m.device_polled("cnc-01", True)  # the full Read after connecting
+    for _ in range(3):
+        m.device_polled("cnc-01", True, notification=True)
+    s = samples(m)
+    one = (("machine", "cnc-01"),)
+    assert s[("shopfloor_device_polls_total", one)] == 1
+    assert s[("shopfloor_device_notifications_total", one)] == 3
+
+
+def test_poll_duration_and_missed_deadlines() -> None:
+    m = make()
+    m.configure(["sew-01"])
+    m.device_poll_timing("sew-01", 0.004, 0)
+    m.device_poll_timing("sew-01", 0.3, 2)
+    m.device_poll_timing("sew-01", None, 2)  # a notification: no duration, nothing new
+    m.device_poll_timing("sew-01", 0.02, 5)
+    # A reload gives the machine a new adapter, whose count starts again at 0.
+    m.device_poll_timing("sew-01", 0.02, 1)
+    s = samples(m)
+    one = (("machine", "sew-01"),)
+    assert s[("shopfloor_device_missed_deadlines_total", one)] == 6
+    assert s[("shopfloor_device_poll_duration_seconds_count", one)] == 4
+    assert s[("shopfloor_device_poll_duration_seconds_sum", one)] == pytest.approx(0.344)
+    le = (("le", "0.005"), ("machine", "sew-01"))
+    assert s[("shopfloor_device_poll_duration_seconds_bucket", le)] == 1
+    assert s[("shopfloor_device_poll_duration_seconds_bucket", (("le", "+Inf"), *one))] == 4
+
+
 def test_gateway_identity_events_and_process_memory() -> None:
     m = make()
     m.event_emitted("order.started")
@@ -84,7 +115,8 @@ def test_destination_metrics_and_publish_totals() -> None:
     s = samples(m)
     d = (("destination", "default"),)
     assert s[("shopfloor_destination_connected", d)] == 1
-    assert s[("shopfloor_destination_backlog", d)] == 12
+    assert s[("shopfloor_destination_backlog_messages", d)] == 12
+    assert not [k for k in s if k[0] == "shopfloor_destination_backlog"]
     assert s[("shopfloor_destination_oldest_pending_age_seconds", d)] == 3.5
     assert s[("shopfloor_destination_published_total", d)] == 45
     assert s[("shopfloor_destination_dropped_total", d)] == 2

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import socket
 import stat
 from pathlib import Path
 
@@ -136,7 +137,9 @@ def test_opcua_cert_writes_a_usable_pair(tmp_path: Path) -> None:
     cert = x509.load_pem_x509_certificate((out / "client-cert.pem").read_bytes())
     assert application_uri_of(cert) == "urn:edge-1:shopfloor"
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert san.get_values_for_type(x509.DNSName) == ["edge-1"]
+    # This host's name (asyncua checks the client certificate against it) and the name the
+    # server knows the machine by.
+    assert san.get_values_for_type(x509.DNSName) == [socket.gethostname(), "edge-1"]
     key_file = out / "client-key.pem"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
     key = serialization.load_pem_private_key(key_file.read_bytes(), None)
@@ -155,3 +158,8 @@ def test_opcua_cert_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixt
     args = parser.parse_args(["--out", str(tmp_path), "--application-uri", "shopfloor"])
     assert opcua_cert.run(args) == 2
     assert "not a URI" in capsys.readouterr().err
+    args = parser.parse_args(
+        ["--out", str(tmp_path), "--application-uri", "urn:a:b", "--hostname", "edge 1"]
+    )
+    assert opcua_cert.run(args) == 2
+    assert "not a DNS name" in capsys.readouterr().err

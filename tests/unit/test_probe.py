@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import argparse
+from pathlib import Path
+
 import pytest
 import yaml
 
 from adapters.base import ConnectError, ConnectionLost
+from gateway import probe
 from gateway.probe import (
+    PASSWORD_ENV,
     ReadSpec,
     explain,
     modbus_snippet,
+    opcua_connection,
+    opcua_snippet,
     parse_endpoint,
     parse_read,
     render_registers,
+    unique_signal_names,
 )
 
 
@@ -85,3 +93,75 @@ def test_snippet_is_a_loadable_machine() -> None:
     }
     assert machine["signals"]["holding_1"] == {"ref": "40002", "type": "uint16"}
     assert machine["signals"]["coil_3"] == {"ref": "00004"}
+
+
+def test_signal_names_are_unique_and_qualified_only_where_needed() -> None:
+    paths = [
+        ["MachineTool", "Production", "ActiveProgram", "Name"],
+        ["MachineTool", "Identification", "Name"],
+        ["MachineTool", "Monitoring", "Stacklight", "Lamp_Green", "SignalOn"],
+        ["MachineTool", "Monitoring", "Stacklight", "Lamp_Red", "SignalOn"],
+        ["MachineTool", "Production", "PartsGood"],
+        ["A", "Temp-1"],
+        ["B", "Temp 1"],  # the same once made a signal name, all the way up
+        ["1Axis"],
+    ]
+    names = unique_signal_names(paths)
+    assert names == [
+        "activeprogram_name",
+        "identification_name",
+        "lamp_green_signalon",
+        "lamp_red_signalon",
+        "partsgood",
+        "a_temp_1",
+        "b_temp_1",
+        "n_1axis",
+    ]
+    assert unique_signal_names([["X", "v"], ["v"], ["v"]]) == ["x_v", "v", "v_2"]
+
+
+def _opcua_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    probe.add_arguments(parser)
+    return parser.parse_args(["opcua", "opc.tcp://10.0.0.7:4840", *argv])
+
+
+def test_probe_options_mean_what_the_config_keys_mean(tmp_path: Path) -> None:
+    secret = tmp_path / "pw"
+    secret.write_text("s3cret\n")
+    conn = opcua_connection(
+        _opcua_args(
+            "--policy", "Basic256Sha256", "--certificate", "c.pem", "--private-key", "k.pem",
+            "--trust", "server.der", "--username", "gw", "--password-file", str(secret),
+        ),
+        {},
+    )  # fmt: skip
+    assert conn.security.policy == "Basic256Sha256"
+    assert conn.security.effective_mode == "SignAndEncrypt"
+    assert conn.security.trust == (Path("server.der"),)
+    assert conn.password is not None and conn.password.get_secret_value() == "s3cret"
+    from_env = opcua_connection(_opcua_args("--username", "gw"), {PASSWORD_ENV: "pw2"})
+    assert from_env.password is not None and from_env.password.get_secret_value() == "pw2"
+    snippet, _ = opcua_snippet(conn, [(["Machine", "State"], "nsu=urn:m;s=State")])
+    text = snippet
+    assert "s3cret" not in text and "${OPCUA_PASSWORD}" in text
+    machine = yaml.safe_load(text)["machines"][0]
+    assert machine["connection"]["security"]["trust"] == ["server.der"]
+    assert machine["signals"] == {"state": {"node_id": "nsu=urn:m;s=State"}}
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--policy", "Basic256Sha256"], {}, "--certificate"),
+        (["--policy", "Basic256"], {}, "deprecated"),
+        (["--username", "gw"], {}, PASSWORD_ENV),
+        (["--password-file", "pw"], {}, "needs --username"),
+        (["--security-mode", "Sign"], {}, "needs a security policy"),
+    ],
+)
+def test_bad_probe_options_say_what_to_fix(
+    argv: list[str], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        opcua_connection(_opcua_args(*argv), env)

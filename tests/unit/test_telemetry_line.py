@@ -25,9 +25,12 @@ class Colour(enum.StrEnum):
     RUNNING = "running"  # a state value as an enum member still gets its state_code
 
 
-def general(loc: Location, samples: list[Sample], order_id: str | None) -> str | None:
+def general(
+    loc: Location, samples: list[Sample], order_id: str | None, order_tag: bool = False
+) -> str | None:
     """What the gateway wrote before: a point from the kept samples, then its line."""
-    point = telemetry_point(loc, [s for s in samples if s.signal not in PERSONAL], order_id)
+    kept = [s for s in samples if s.signal not in PERSONAL]
+    point = telemetry_point(loc, kept, order_id, order_tag=order_tag)
     return to_line(point) if point is not None else None
 
 
@@ -41,7 +44,19 @@ values = st.one_of(
     st.sampled_from([Mode.AUTO, Colour.RED, Colour.RUNNING]),
 )
 names = st.sampled_from(
-    ["state", "state_code", "operator", "t 1", "a,b", "x=y", 'q"', "back\\slash", "good_count", "z"]
+    [
+        "state",
+        "state_code",
+        "order_id",
+        "operator",
+        "t 1",
+        "a,b",
+        "x=y",
+        'q"',
+        "back\\slash",
+        "good_count",
+        "z",
+    ]
 )
 samples = st.lists(
     st.tuples(names, values, st.floats(0, 2e9), st.sampled_from(list(Quality))),
@@ -56,17 +71,20 @@ samples = st.lists(
         st.tuples(samples, st.sampled_from([None, "", "PO 1", "PO,2"]), st.booleans()),
         min_size=1,
         max_size=4,
-    )
+    ),
+    order_tag=st.booleans(),
 )
 def test_same_line_as_the_general_path(
     polls: list[tuple[list[tuple[str, object, float, Quality]], str | None, bool]],
+    order_tag: bool,
 ) -> None:
     # One builder over several polls: its remembered layout must follow what changes.
-    builder = TelemetryLine(PERSONAL)
+    builder = TelemetryLine(PERSONAL, order_tag=order_tag)
     for rows, order_id, other_place in polls:
         loc = OTHER if other_place else LOC
         batch = [Sample("m", n, v, t, q) for n, v, t, q in rows]  # type: ignore[arg-type]
-        assert builder.line(loc, batch, order_id) == general(loc, batch, order_id)
+        expected = general(loc, batch, order_id, order_tag)
+        assert builder.line(loc, batch, order_id) == expected
 
 
 def test_a_steady_machine_reuses_its_layout() -> None:
@@ -80,9 +98,10 @@ def test_a_steady_machine_reuses_its_layout() -> None:
         Sample("m", "spindle", None, 12.0, Quality.BAD),
     ]
     first = builder.line(LOC, batch, "PO-1")
+    # The order is a field: one series per machine and signal, whatever the orders.
     assert first == (
-        "shopfloor_telemetry,area=hall\\ 1,line=line\\,2,machine=sew\\=01,order=PO-1,"
-        'site=plant-a note="say \\"hi\\" ",state="running",'
+        "shopfloor_telemetry,area=hall\\ 1,line=line\\,2,machine=sew\\=01,"
+        'site=plant-a note="say \\"hi\\" ",order_id="PO-1",state="running",'
         f"state_code={float(STATE_CODES['running'])!r},stitch_rate=812.0 11000"
     )
     layout = builder._layout
@@ -96,3 +115,24 @@ def test_a_steady_machine_reuses_its_layout() -> None:
     assert builder.line(LOC, [Sample("m", "spindle", None, 1.0, Quality.BAD)], None) is None
     # A source time at infinity is not a line (it is not a crash of the poll either).
     assert builder.line(LOC, [Sample("m", "spindle", 1, math.inf)], None) is None
+
+
+def test_the_order_as_a_tag_when_configured() -> None:
+    batch = [Sample("m", "stitch_rate", 812, 10.0)]
+    tagged = TelemetryLine(PERSONAL, order_tag=True).line(LOC, batch, "PO-1")
+    assert tagged == (
+        "shopfloor_telemetry,area=hall\\ 1,line=line\\,2,machine=sew\\=01,order=PO-1,"
+        "site=plant-a stitch_rate=812.0 10000"
+    )
+    # Two orders, one series key by default.
+    builder = TelemetryLine(PERSONAL)
+    heads = {
+        (builder.line(LOC, batch, order) or "").partition(" order_id")[0].partition(" stitch")[0]
+        for order in ("PO-1", "PO-2", None)
+    }
+    assert heads == {
+        "shopfloor_telemetry,area=hall\\ 1,line=line\\,2,machine=sew\\=01,site=plant-a"
+    }
+    # The order alone is no line.
+    bad = [Sample("m", "spindle", None, 1.0, Quality.BAD)]
+    assert builder.line(LOC, bad, "PO-1") is None
