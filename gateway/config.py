@@ -182,8 +182,15 @@ class TrackerConfig(_Model):
     order_source: Literal["device", "platform", "device_then_platform"] | None = None
     #: Seconds of production history needed before a rate (and so an ETA) is given.
     rate_min_span: float | None = Field(default=None, ge=0, le=86_400)
-    #: A counter moving more than this in one reading is re-based, not counted.
+    #: A fixed largest counter step in one reading; unset derives it from
+    #: ``max_rate_per_hour`` and the time since the last reading (docs/tracker.md).
     max_counter_jump: int | None = Field(default=None, ge=1, le=2**32)
+    #: Fastest the machine can count, pieces per hour per counter (bounds a plausible step).
+    max_rate_per_hour: float | None = Field(default=None, gt=0, le=100_000_000)
+    #: Consecutive agreeing readings that confirm a counter reset or a large jump.
+    counter_confirm: int | None = Field(default=None, ge=1, le=10)
+    #: A counter drop by at most this many counts is a glitch, not a reset.
+    counter_glitch: int | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class HealthConfig(_Model):
@@ -972,7 +979,10 @@ def _compile_machine(
             )
     poll = m.poll_interval or (profile.profile.poll_interval if profile else None)
     tracker = _tracker_settings(
-        config.tracker, profile.profile.tracker if profile else None, m.tracker
+        poll or DEFAULT_POLL_INTERVAL,
+        config.tracker,
+        profile.profile.tracker if profile else None,
+        m.tracker,
     )
     if len(errors) != n_errors or connection is None:
         return None
@@ -1008,8 +1018,8 @@ def _check_canonical(name: str, sig: SignalConfig) -> str | None:
     return None
 
 
-def _tracker_settings(*layers: TrackerConfig | None) -> TrackerSettings:
-    values: dict[str, Any] = {}
+def _tracker_settings(poll_interval: float, *layers: TrackerConfig | None) -> TrackerSettings:
+    values: dict[str, Any] = {"poll_interval": poll_interval}
     for layer in layers:
         if layer is None:
             continue

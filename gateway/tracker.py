@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, replace
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
-from gateway.counters import CounterState, advance, parse_count
+from gateway.counters import CounterRule, CounterState, advance, parse_count
 from gateway.model import Event, MachineState, Quality, Sample
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
@@ -48,7 +48,15 @@ STATE_VERSION = 1
 _DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
 _COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
 _USED_SIGNALS = frozenset(
-    {"state", "order_id", "target_count", "alarm_code", "alarm_text", *_COUNT_SIGNALS}
+    {
+        "state",
+        "order_id",
+        "target_count",
+        "alarm_code",
+        "alarm_text",
+        "counter_reset",
+        *_COUNT_SIGNALS,
+    }
 )
 
 
@@ -66,10 +74,19 @@ class TrackerSettings:
     order_source: OrderSource = "device"
     #: The rate needs at least this much history (capped at ``rate_window``) to be shown.
     rate_min_span: float = 60.0
-    #: A counter that moves by more than this in one reading was replaced or re-based
-    #: (a new controller, a restored backup), not producing: the reading becomes the new
-    #: baseline and is reported, instead of crediting millions of pieces to an order.
-    max_counter_jump: int = 1_000_000
+    #: A fixed largest counter step in one reading. ``None`` (the default) derives it from
+    #: ``max_rate_per_hour`` and the time since the last accepted reading (at least
+    #: ``poll_interval``). A larger step is held until confirmed, then taken as a replaced or
+    #: re-based counter (a new controller, a restored backup): nothing of it is credited.
+    max_counter_jump: int | None = None
+    #: Fastest the machine can count (pieces per hour, per counter).
+    max_rate_per_hour: float = 36_000.0
+    #: Seconds between polls (the shortest time a counter step is judged over).
+    poll_interval: float = 1.0
+    #: Consecutive agreeing readings that confirm a reset or a large jump.
+    counter_confirm: int = 2
+    #: A drop by at most this many counts is a glitch, not a reset (unless signalled).
+    counter_glitch: int = 10
 
     def __post_init__(self) -> None:
         """Reject settings that would make the tracker misbehave."""
@@ -81,8 +98,16 @@ class TrackerSettings:
             raise ValueError("rate_window must be > 0")
         if not self.rate_min_span >= 0:
             raise ValueError("rate_min_span must be >= 0")
-        if self.max_counter_jump < 1:
-            raise ValueError("max_counter_jump must be >= 1")
+        if self.max_counter_jump is not None and self.max_counter_jump < 1:
+            raise ValueError("max_counter_jump must be >= 1 (or unset)")
+        if not self.max_rate_per_hour > 0:
+            raise ValueError("max_rate_per_hour must be > 0")
+        if not self.poll_interval > 0:
+            raise ValueError("poll_interval must be > 0")
+        if not 1 <= self.counter_confirm <= 10:
+            raise ValueError("counter_confirm must be 1..10 readings")
+        if self.counter_glitch < 0:
+            raise ValueError("counter_glitch must be >= 0")
         if self.counter_wrap is not None and self.counter_wrap < 2:
             raise ValueError("counter_wrap must be >= 2 (e.g. 65536)")
         if self.counter_mode not in ("per_order", "lifetime"):
@@ -260,6 +285,11 @@ class MachineTracker:
         self._rejections: list[Rejection] = []
         #: Last text value per signal and what it parsed to (a repeated text skips parsing).
         self._parsed_text: dict[str, tuple[str, Any]] = {}
+        self._rules = {name: self._rule_for(name) for name in _COUNT_SIGNALS}
+        #: Counters whose next drop is a reset the device signalled (order change, changeover,
+        #: reconnect after a possible reboot, reset bit).
+        self._reset_hint: set[str] = set()
+        self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
 
     # ------------------------------------------------------------------ public API
 
@@ -267,6 +297,11 @@ class MachineTracker:
     def order_id(self) -> str | None:
         """The order the machine works on now (running or just completed), if any."""
         return self._order.order_id if self._order is not None else None
+
+    @property
+    def rejected_readings(self) -> dict[str, int]:
+        """Counter readings rejected as glitches since start, per signal (a metric)."""
+        return dict(self._rejected_readings)
 
     @property
     def sequence(self) -> int:
@@ -290,12 +325,17 @@ class MachineTracker:
             self._on_device_order(order_id, now, out)
         if targets:
             self._on_device_target(now)
+        states = batch.get("state", [])
+        if ("setup" in states if states else self._state == "setup") or any(
+            batch.get("counter_reset", ())
+        ):
+            # The device says its counters restart: a drop now is a reset, not a glitch.
+            self._reset_hint.update(_COUNT_SIGNALS)
         self._on_counts(batch, now)
         self._after_counts(now, out)
         texts = batch.get("alarm_text", [])
         if texts:
             self._device_alarm_text = texts[-1]
-        states = batch.get("state", [])
         final_state = states[-1] if states else self._state
         for code in batch.get("alarm_code", []):
             self._on_alarm(code, final_state, now, out)
@@ -313,6 +353,9 @@ class MachineTracker:
         if self._connected is connected:
             return []
         self._connected = connected
+        if connected:
+            # The device may have rebooted while unreachable: its counters may restart.
+            self._reset_hint.update(_COUNT_SIGNALS)
         out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
@@ -398,7 +441,12 @@ class MachineTracker:
             "device_alarm_text": self._device_alarm_text,
             "device_order_id": self._device_order_id,
             "device_target": self._device_target,
-            "counters": {k: [c.value, c.source_time] for k, c in self._counters.items()},
+            "counters": {
+                k: [c.value, c.source_time, [list(p) for p in c.pending], c.anchor]
+                for k, c in self._counters.items()
+            },
+            "reset_hint": sorted(self._reset_hint),
+            "rejected_readings": dict(self._rejected_readings),
             "last_time": dict(self._last_time),
             "order": _order_to_dict(self._order),
             "queue": [
@@ -432,8 +480,17 @@ class MachineTracker:
             t._device_order_id = _opt(state["device_order_id"], str)
             t._device_target = _opt(state["device_target"], int)
             for name in _COUNT_SIGNALS:
-                value, when = state["counters"][name]
-                t._counters[name] = CounterState(_opt(value, int), _opt_float(when))
+                # A state saved before glitch filtering has only [value, time].
+                value, when, *more = state["counters"][name]
+                pending = tuple((int(v), float(w)) for v, w in (more[0] if more else ()))
+                anchor = bool(more[1]) if len(more) > 1 else False
+                t._counters[name] = CounterState(
+                    _opt(value, int), _opt_float(when), pending, anchor
+                )
+            t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
+            for name, n in state.get("rejected_readings", {}).items():
+                if name in t._rejected_readings:
+                    t._rejected_readings[name] = int(n)
             t._last_time = {str(k): float(v) for k, v in state["last_time"].items()}
             t._order = _order_from_dict(state["order"])
             t._queue = [_Queued(**q) for q in state["queue"]]
@@ -508,6 +565,12 @@ class MachineTracker:
             return value.strip().lower()
         if signal == "order_id":
             return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
+        if signal == "counter_reset":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError(f"counter_reset must be a bit (true/false, 0/1), got {value!r}")
         if signal == "target_count":
             target = parse_count(value)
             if target > MAX_TARGET:
@@ -520,23 +583,34 @@ class MachineTracker:
     def _on_counts(self, batch: dict[str, list[Any]], now: float) -> None:
         order = self._order
         before = (order.good, order.scrap) if order is not None else None
-        wrap = self.settings.counter_wrap
+        hints = self._reset_hint
         for signal in _COUNT_SIGNALS:
-            for value, when in batch.get(signal, []):
-                step = advance(self._counters[signal], value, when, wrap)
+            readings = batch.get(signal)
+            if not readings:
+                continue
+            rule = self._rules[signal]
+            for value, when in readings:
+                reset = signal in hints
+                step = advance(self._counters[signal], value, when, rule, reset)
+                if not step.applied:
+                    continue
+                if not step.state.pending:
+                    hints.discard(signal)  # kept across a glitch until a reading is accepted
                 self._counters[signal] = step.state
-                if step.delta > self.settings.max_counter_jump:
+                if step.rejected:
+                    self._rejected_readings[signal] += step.rejected
+                    self._reject_reading(signal, value, when, step)
+                if step.rebased:
                     self._rejections.append(
                         Rejection(
                             signal,
                             str(value),
-                            f"counter jumped by {step.delta} in one reading (more than "
-                            f"max_counter_jump {self.settings.max_counter_jump}): taken as a "
-                            "replaced or re-based counter, not as production",
+                            f"counter jumped by {step.rebased}, more than the machine can make "
+                            "(max_rate_per_hour / max_counter_jump), and stayed there: taken as "
+                            "a replaced or re-based counter, not as production",
                             when,
                         )
                     )
-                    continue
                 if step.delta and order is not None:
                     self._credit(order, signal, step.delta)
         if order is None or not order.running:
@@ -547,6 +621,32 @@ class MachineTracker:
         if before != (order.good, order.scrap) and order.good != order.history[-1][1]:
             order.history.append((now, order.good))
             _prune(order, now, self.settings.rate_window)
+
+    def _reject_reading(self, signal: str, value: int, when: float, step: Any) -> None:
+        if len(self._rejections) >= MAX_REJECTIONS:
+            del self._rejections[0]
+        base = step.state.value
+        self._rejections.append(
+            Rejection(
+                signal,
+                str(value),
+                f"counter reading disagrees with the baseline {base} and was not confirmed "
+                f"by {self.settings.counter_confirm} consecutive readings: taken as a glitch "
+                f"({step.rejected} reading(s) rejected)",
+                when,
+            )
+        )
+
+    def _rule_for(self, signal: str) -> CounterRule:
+        s = self.settings
+        return CounterRule(
+            wrap=s.counter_wrap,
+            confirm=s.counter_confirm,
+            glitch=s.counter_glitch,
+            max_rate=s.max_rate_per_hour / 3600.0,
+            poll_interval=s.poll_interval,
+            max_jump=s.max_counter_jump,
+        )
 
     def _credit(self, order: _Order, signal: str, delta: int) -> None:
         if not order.running:
@@ -623,6 +723,8 @@ class MachineTracker:
         if order_id == self._device_order_id:
             return
         self._device_order_id = order_id
+        # A new job on the device: its counters may restart with it.
+        self._reset_hint.update(_COUNT_SIGNALS)
         if policy == "platform":
             return  # recorded only: the platform decides what runs
         order = self._order
@@ -687,7 +789,7 @@ class MachineTracker:
             # the gateway starts mid-order) are pieces of this order.
             for name in _COUNT_SIGNALS:
                 c = self._counters[name]
-                self._counters[name] = replace(c, value=0)
+                self._counters[name] = replace(c, value=0, pending=(), anchor=True)
         order.history.append((now, 0))
         self._order = order
         out.append(

@@ -291,7 +291,13 @@ def test_counts_in_the_same_batch_as_a_new_order_belong_to_it() -> None:
 def test_gateway_started_mid_order_per_order_counter_counts_what_is_there() -> None:
     tr = tracker(counter_mode="per_order")
     events = obs(tr, 0, order_id="A", good_count=37, target_count=100)
-    assert pick(events, "good")[1:] == [("order.started", 0), ("order.progress", 37)]
+    assert pick(events, "good")[1:] == [("order.started", 0)]
+    # More than one poll's worth of pieces: credited once the next reading confirms it (a
+    # glitch on the very first reading must not count).
+    assert pick(obs(tr, 1, good_count=37), "good") == [("order.progress", 37)]
+    small = tracker(counter_mode="per_order")
+    events = obs(small, 0, order_id="A", good_count=3, target_count=100)
+    assert pick(events, "good")[1:] == [("order.started", 0), ("order.progress", 3)]
 
 
 def test_lifetime_counter_counts_from_the_order_start() -> None:
@@ -368,14 +374,24 @@ def test_complete_on_target_disabled() -> None:
     ("settings", "readings", "good"),
     [
         ({}, [0, 5, 5, 5], 5),  # duplicates
-        ({}, [0, 5, 2, 4], 9),  # reset mid-order: 5 + 2 + 2
-        ({}, [0, 5, 0, 3], 8),  # reset to zero
+        ({}, [0, 15, 2, 4], 19),  # reset mid-order, confirmed by the next read: 15 + 4
+        ({}, [0, 15, 0, 3], 18),  # reset to zero
+        ({}, [0, 5, 2, 4, 6], 6),  # a drop by a few counts is a glitch: the baseline stands
         ({"counter_wrap": 65536}, [65530, 65535, 3], 65530 + 5 + 4),  # per_order + wrap
         ({"counter_mode": "lifetime", "counter_wrap": 65536}, [65530, 65535, 3], 9),
-        ({"counter_mode": "lifetime"}, [1000, 1010, 4], 14),  # lifetime + reset
+        ({"counter_mode": "lifetime"}, [1000, 1010, 4, 4], 14),  # lifetime + reset
         ({"counter_mode": "lifetime", "counter_wrap": 100}, [90, 99, 10], 20),
     ],
-    ids=["dupes", "reset", "reset-zero", "wrap-per-order", "wrap-lifetime", "lifetime", "w100"],
+    ids=[
+        "dupes",
+        "reset",
+        "reset-zero",
+        "glitch",
+        "wrap-per-order",
+        "wrap-lifetime",
+        "lifetime",
+        "w100",
+    ],
 )
 def test_counter_rules(settings: dict[str, Any], readings: list[int], good: int) -> None:
     tr = tracker(**settings)
