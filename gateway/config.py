@@ -22,7 +22,7 @@ import difflib
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -43,7 +43,7 @@ from gateway.influx import InfluxConfig
 from gateway.model import CANONICAL_SIGNALS, Location, MachineState
 from gateway.routing import OperatorPolicy, Route, RouteRules
 from gateway.signals import SignalConfig
-from gateway.tracker import TrackerSettings
+from gateway.tracker import COUNTER_SIGNALS, TrackerSettings
 from gateway.yamlsource import Located, Path_, SourceError, format_path, load, lookup
 
 #: Built-in profiles shipped with the project.
@@ -984,6 +984,13 @@ def _compile_machine(
         profile.profile.tracker if profile else None,
         m.tracker,
     )
+    rules = tuple(
+        (name, sig.mode, None if sig.wrap is None else 2**sig.wrap)
+        for name, sig in signals.items()
+        if name in COUNTER_SIGNALS and (sig.mode is not None or sig.wrap is not None)
+    )
+    if rules:
+        tracker = replace(tracker, counter_rules=rules)
     if len(errors) != n_errors or connection is None:
         return None
     return MachinePlan(
@@ -1015,6 +1022,11 @@ def _check_canonical(name: str, sig: SignalConfig) -> str | None:
             return f"map_default must be a machine state ({', '.join(_STATES)})"
     if name in CANONICAL_SIGNALS and name.endswith("_count") and sig.map is not None:
         return "a counter cannot have a map; use scale/offset"
+    if (sig.mode is not None or sig.wrap is not None) and name not in COUNTER_SIGNALS:
+        return (
+            "mode and wrap belong to a counter signal "
+            f"({', '.join(sorted(COUNTER_SIGNALS))}), not to {name!r}"
+        )
     return None
 
 

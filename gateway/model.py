@@ -55,6 +55,8 @@ CANONICAL_SIGNALS: frozenset[str] = frozenset(
         "alarm_code",
         "alarm_text",
         "operator",
+        # A reset bit: while set, a counter drop is a reset, not a glitch.
+        "counter_reset",
     }
 )
 

@@ -47,6 +47,9 @@ STATE_VERSION = 1
 
 _DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
 _COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
+#: The device counters the tracker reads; each may have its own mode and wrap.
+COUNTER_SIGNALS = frozenset(_COUNT_SIGNALS)
+CounterMode = Literal["per_order", "lifetime"]
 _USED_SIGNALS = frozenset(
     {
         "state",
@@ -87,6 +90,10 @@ class TrackerSettings:
     counter_confirm: int = 2
     #: A drop by at most this many counts is a glitch, not a reset (unless signalled).
     counter_glitch: int = 10
+    #: Per counter signal: ``(signal, mode or None, wrap modulus or None)``; ``None`` takes
+    #: ``counter_mode`` / ``counter_wrap`` (e.g. a per-order good counter next to a
+    #: lifetime scrap counter that wraps at 16 bits).
+    counter_rules: tuple[tuple[str, CounterMode | None, int | None], ...] = ()
 
     def __post_init__(self) -> None:
         """Reject settings that would make the tracker misbehave."""
@@ -108,6 +115,14 @@ class TrackerSettings:
             raise ValueError("counter_confirm must be 1..10 readings")
         if self.counter_glitch < 0:
             raise ValueError("counter_glitch must be >= 0")
+        for signal, mode, wrap in self.counter_rules:
+            if signal not in COUNTER_SIGNALS:
+                raise ValueError(f"counter_rules: {signal!r} is not a counter signal")
+            if mode not in (None, "per_order", "lifetime"):
+                raise ValueError(f"counter_rules: unknown mode {mode!r} for {signal}")
+            if wrap is not None and wrap < 2:
+                raise ValueError(f"counter_rules: wrap of {signal} must be >= 2 (e.g. 65536)")
+
         if self.counter_wrap is not None and self.counter_wrap < 2:
             raise ValueError("counter_wrap must be >= 2 (e.g. 65536)")
         if self.counter_mode not in ("per_order", "lifetime"):
@@ -116,6 +131,20 @@ class TrackerSettings:
             raise ValueError(f"unknown scrap_source {self.scrap_source!r}")
         if self.order_source not in ("device", "platform", "device_then_platform"):
             raise ValueError(f"unknown order_source {self.order_source!r}")
+
+    def mode_of(self, signal: str) -> CounterMode:
+        """The counter mode of ``signal`` (its own rule, else ``counter_mode``)."""
+        for name, mode, _ in self.counter_rules:
+            if name == signal and mode is not None:
+                return mode
+        return self.counter_mode
+
+    def wrap_of(self, signal: str) -> int | None:
+        """The wrap modulus of ``signal`` (its own rule, else ``counter_wrap``)."""
+        for name, _, wrap in self.counter_rules:
+            if name == signal and wrap is not None:
+                return wrap
+        return self.counter_wrap
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +315,10 @@ class MachineTracker:
         #: Last text value per signal and what it parsed to (a repeated text skips parsing).
         self._parsed_text: dict[str, tuple[str, Any]] = {}
         self._rules = {name: self._rule_for(name) for name in _COUNT_SIGNALS}
+        self._wraps = {name: rule.wrap for name, rule in self._rules.items()}
+        self._per_order = tuple(
+            name for name in _COUNT_SIGNALS if settings.mode_of(name) == "per_order"
+        )
         #: Counters whose next drop is a reset the device signalled (order change, changeover,
         #: reconnect after a possible reboot, reset bit).
         self._reset_hint: set[str] = set()
@@ -516,7 +549,7 @@ class MachineTracker:
     def _usable(self, samples: Sequence[Sample], now: float) -> dict[str, list[Any]]:
         """Validate and parse the samples the tracker uses, grouped by signal, in order."""
         batch: dict[str, list[Any]] = {}
-        wrap = self.settings.counter_wrap
+        wraps = self._wraps
         me = self.machine
         good = Quality.GOOD
         any_good = False
@@ -541,7 +574,7 @@ class MachineTracker:
                 value = memo[1]
             else:
                 try:
-                    value = self._parse(signal, raw, wrap)
+                    value = self._parse(signal, raw, wraps.get(signal))
                 except ValueError as exc:
                     self._reject(s, str(exc), now)
                     continue
@@ -640,7 +673,7 @@ class MachineTracker:
     def _rule_for(self, signal: str) -> CounterRule:
         s = self.settings
         return CounterRule(
-            wrap=s.counter_wrap,
+            wrap=s.wrap_of(signal),
             confirm=s.counter_confirm,
             glitch=s.counter_glitch,
             max_rate=s.max_rate_per_hour / 3600.0,
@@ -784,10 +817,10 @@ class MachineTracker:
     ) -> None:
         order = _Order(order_id, source, target, due, customer, started_at=now)
         order.progress_time = now
-        if source == "device" and self.settings.counter_mode == "per_order":
+        if source == "device":
             # A per-order device counter belongs to this order: whatever it shows (also when
             # the gateway starts mid-order) are pieces of this order.
-            for name in _COUNT_SIGNALS:
+            for name in self._per_order:
                 c = self._counters[name]
                 self._counters[name] = replace(c, value=0, pending=(), anchor=True)
         order.history.append((now, 0))
