@@ -178,6 +178,29 @@ class TrackerConfig(_Model):
     )
     scrap_source: Literal["counter", "total_minus_good", "none"] | None = None
     complete_on_target: bool | None = None
+    #: What completes an order: any of good_reached, total_reached, device_ended (with
+    #: order_changed, always). Unset: good_reached and order_changed.
+    complete_when: (
+        list[Literal["good_reached", "total_reached", "device_ended", "order_changed"]] | None
+    ) = Field(default=None, min_length=1)
+
+    @field_validator("complete_when")
+    @classmethod
+    def _completion(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if "order_changed" not in value:
+            raise ValueError(
+                "must include order_changed: a machine that moved to another order has "
+                "ended this one"
+            )
+        if {"good_reached", "total_reached"} <= set(value):
+            raise ValueError(
+                "good_reached and total_reached together: the target has one basis, good "
+                "pieces or all pieces"
+            )
+        return value
+
     #: Which order source wins when the device and the platform both name one.
     order_source: Literal["device", "platform", "device_then_platform"] | None = None
     #: Seconds of production history needed before a rate (and so an ETA) is given.
@@ -1039,6 +1062,8 @@ def _tracker_settings(poll_interval: float, *layers: TrackerConfig | None) -> Tr
             values[key] = value
     if "counter_wrap" in values:
         values["counter_wrap"] = 2 ** int(values["counter_wrap"])
+    if "complete_when" in values:
+        values["complete_when"] = tuple(dict.fromkeys(values["complete_when"]))
     return TrackerSettings(**values)
 
 

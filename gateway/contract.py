@@ -86,8 +86,9 @@ Seconds = Annotated[float, Field(ge=0)]
 
 OrderSourceName = Literal["device", "platform"]
 CompletionReasonName = Literal[
-    "target_reached", "order_changed", "order_cleared", "cancelled", "replaced"
+    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
 ]
+CompletionRuleName = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
 
 
 class _Outbound(BaseModel):
@@ -194,13 +195,18 @@ class OrderProgress(_Outbound):
     )
     percent: Annotated[float, Field(ge=0)] | None = Field(
         description=(
-            "100 * good / target, two decimals; null without a target. May exceed 100 when "
-            "the gateway does not complete orders on target."
+            "100 * pieces / target, two decimals, on the target's basis: good pieces, or all "
+            "pieces (good + scrap) on a machine that completes on `total_reached`; null "
+            "without a target. May exceed 100 when the gateway does not complete orders on "
+            "target."
         ),
         examples=[42.5],
     )
     rate_per_hour: Annotated[float, Field(ge=0)] | None = Field(
-        description="Good pieces per hour over a sliding window; null until enough history.",
+        description=(
+            "Pieces per hour on the target's basis (good, or all pieces) over a sliding "
+            "window; null until enough history."
+        ),
         examples=[118.2],
     )
     eta: Timestamp | None = Field(
@@ -216,10 +222,20 @@ class OrderCompleted(_Outbound):
     order_id: OrderId = Field(description="The order that completed.")
     reason: CompletionReasonName = Field(
         description=(
-            "`target_reached`, `order_changed` (the device switched to another order), "
-            "`order_cleared` (the device cleared its order id), `cancelled` (cancel-order) "
-            "or `replaced` (a device order took over from a platform order)."
+            "`target_reached`, `device_ended` (the machine reported its job ended), "
+            "`order_changed` (the device switched to another order), `order_cleared` (the "
+            "device cleared its order id), `cancelled` (cancel-order) or `replaced` (a device "
+            "order took over from a platform order). Treat a reason you do not know as other."
         )
+    )
+    rule: CompletionRuleName | None = Field(
+        description=(
+            "The machine's completion rule that fired (its profile's `complete_when`): "
+            "`good_reached` (good >= target), `total_reached` (good + scrap >= target, as "
+            "OPC 40501 counts runs), `device_ended` or `order_changed` (also for "
+            "`order_cleared`); null for `cancelled` and `replaced`."
+        ),
+        examples=["total_reached"],
     )
     good: Count = Field(description="Final good pieces.")
     scrap: Count = Field(description="Final scrap pieces.")

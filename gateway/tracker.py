@@ -28,8 +28,16 @@ from gateway.model import Event, MachineState, Quality, Sample
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
 CompletionReason = Literal[
-    "target_reached", "order_changed", "order_cleared", "cancelled", "replaced"
+    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
 ]
+#: What may complete an order (``complete_when``); ``order_changed`` is always among them.
+CompletionRule = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
+COMPLETION_RULES: tuple[CompletionRule, ...] = (
+    "good_reached",
+    "total_reached",
+    "device_ended",
+    "order_changed",
+)
 
 #: Largest target quantity accepted from a device or the platform.
 MAX_TARGET = 10_000_000
@@ -58,6 +66,7 @@ _USED_SIGNALS = frozenset(
         "alarm_code",
         "alarm_text",
         "counter_reset",
+        "order_ended",
         *_COUNT_SIGNALS,
     }
 )
@@ -73,6 +82,8 @@ class TrackerSettings:
     counter_mode: Literal["per_order", "lifetime"] = "per_order"
     counter_wrap: int | None = None
     scrap_source: Literal["counter", "total_minus_good", "none"] = "counter"
+    #: Shorthand kept for older configs: false drops good_reached/total_reached from the
+    #: default ``complete_when``.
     complete_on_target: bool = True
     order_source: OrderSource = "device"
     #: The rate needs at least this much history (capped at ``rate_window``) to be shown.
@@ -94,6 +105,10 @@ class TrackerSettings:
     #: ``counter_mode`` / ``counter_wrap`` (e.g. a per-order good counter next to a
     #: lifetime scrap counter that wraps at 16 bits).
     counter_rules: tuple[tuple[str, CounterMode | None, int | None], ...] = ()
+    #: What completes an order, any of :data:`COMPLETION_RULES`; ``None``: good_reached
+    #: (if ``complete_on_target``) and order_changed. ``total_reached`` makes the target,
+    #: ``percent``, the rate and the ETA count every piece (good and scrap).
+    complete_when: tuple[CompletionRule, ...] | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that would make the tracker misbehave."""
@@ -115,6 +130,22 @@ class TrackerSettings:
             raise ValueError("counter_confirm must be 1..10 readings")
         if self.counter_glitch < 0:
             raise ValueError("counter_glitch must be >= 0")
+        if self.complete_when is not None:
+            unknown = [r for r in self.complete_when if r not in COMPLETION_RULES]
+            if unknown:
+                raise ValueError(
+                    f"complete_when: unknown rule(s) {unknown}; use {', '.join(COMPLETION_RULES)}"
+                )
+            if "order_changed" not in self.complete_when:
+                raise ValueError(
+                    "complete_when must include order_changed: a machine that moved to "
+                    "another order has ended this one"
+                )
+            if {"good_reached", "total_reached"} <= set(self.complete_when):
+                raise ValueError(
+                    "complete_when: good_reached and total_reached together; the target has "
+                    "one basis, good pieces or all pieces"
+                )
         for signal, mode, wrap in self.counter_rules:
             if signal not in COUNTER_SIGNALS:
                 raise ValueError(f"counter_rules: {signal!r} is not a counter signal")
@@ -131,6 +162,13 @@ class TrackerSettings:
             raise ValueError(f"unknown scrap_source {self.scrap_source!r}")
         if self.order_source not in ("device", "platform", "device_then_platform"):
             raise ValueError(f"unknown order_source {self.order_source!r}")
+
+    @property
+    def completion(self) -> tuple[CompletionRule, ...]:
+        """The rules in force (``complete_when`` or the default it stands for)."""
+        if self.complete_when is not None:
+            return self.complete_when
+        return ("good_reached", "order_changed") if self.complete_on_target else ("order_changed",)
 
     def mode_of(self, signal: str) -> CounterMode:
         """The counter mode of ``signal`` (its own rule, else ``counter_mode``)."""
@@ -217,18 +255,28 @@ class _Order:
     #: (time, good) points for the sliding-window rate; the first is the anchor.
     history: list[tuple[float, int]] = field(default_factory=list)
 
+    #: Count the target is measured in: good pieces, or all pieces (``total_reached``).
+    total_basis: bool = False
+
     @property
     def running(self) -> bool:
         return self.completed_at is None
+
+    @property
+    def done(self) -> int:
+        """Pieces on the target's basis: good, or all (the total counter or good + scrap)."""
+        if self.total_basis:
+            return max(self.total, self.good + self.scrap)
+        return self.good
 
 
 _ORDER_FIELDS = tuple(f.name for f in dataclass_fields(_Order))
 
 
-def _percent(good: int, target: int | None) -> float | None:
+def _percent(done: int, target: int | None) -> float | None:
     if not target:
         return None
-    return round(100.0 * good / target, 2)
+    return round(100.0 * done / target, 2)
 
 
 def _rate(order: _Order, now: float, settings: TrackerSettings) -> float | None:
@@ -243,7 +291,7 @@ def _rate(order: _Order, now: float, settings: TrackerSettings) -> float | None:
     span = settings.rate_window if t0 <= start else now - t0
     if span <= 0 or span < min(settings.rate_min_span, settings.rate_window):
         return None
-    return round((order.good - g0) * 3600.0 / span, 2)
+    return round((order.done - g0) * 3600.0 / span, 2)
 
 
 def _prune(order: _Order, now: float, window: float) -> None:
@@ -259,7 +307,7 @@ def _prune(order: _Order, now: float, window: float) -> None:
 def _eta(order: _Order, rate: float | None, now: float) -> float | None:
     if not order.target or not rate or rate <= 0:
         return None
-    remaining = order.target - order.good
+    remaining = order.target - order.done
     if remaining <= 0:
         return None
     return round(now + remaining * 3600.0 / rate, 3)
@@ -323,6 +371,10 @@ class MachineTracker:
         #: reconnect after a possible reboot, reset bit).
         self._reset_hint: set[str] = set()
         self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
+        self._completion = frozenset(settings.completion)
+        self._total_basis = "total_reached" in self._completion
+        #: Last ``order_ended`` read from the device (``None``: never read).
+        self._device_ended: bool | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -366,6 +418,9 @@ class MachineTracker:
             self._reset_hint.update(_COUNT_SIGNALS)
         self._on_counts(batch, now)
         self._after_counts(now, out)
+        ended = batch.get("order_ended")
+        if ended:
+            self._on_order_ended(ended, now, out)
         texts = batch.get("alarm_text", [])
         if texts:
             self._device_alarm_text = texts[-1]
@@ -434,7 +489,7 @@ class MachineTracker:
                 "good": order.good,
                 "scrap": order.scrap,
                 "target": order.target,
-                "percent": _percent(order.good, order.target),
+                "percent": _percent(order.done, order.target),
                 "rate_per_hour": rate,
                 "eta": _eta(order, rate, now) if order.running else None,
                 "due": order.due,
@@ -479,6 +534,7 @@ class MachineTracker:
                 for k, c in self._counters.items()
             },
             "reset_hint": sorted(self._reset_hint),
+            "device_ended": self._device_ended,
             "rejected_readings": dict(self._rejected_readings),
             "last_time": dict(self._last_time),
             "order": _order_to_dict(self._order),
@@ -521,6 +577,7 @@ class MachineTracker:
                     _opt(value, int), _opt_float(when), pending, anchor
                 )
             t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
+            t._device_ended = _opt(state.get("device_ended"), bool)
             for name, n in state.get("rejected_readings", {}).items():
                 if name in t._rejected_readings:
                     t._rejected_readings[name] = int(n)
@@ -598,12 +655,12 @@ class MachineTracker:
             return value.strip().lower()
         if signal == "order_id":
             return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
-        if signal == "counter_reset":
+        if signal in ("counter_reset", "order_ended"):
             if isinstance(value, bool):
                 return value
             if isinstance(value, int) and value in (0, 1):
                 return bool(value)
-            raise ValueError(f"counter_reset must be a bit (true/false, 0/1), got {value!r}")
+            raise ValueError(f"{signal} must be a bit (true/false, 0/1), got {value!r}")
         if signal == "target_count":
             target = parse_count(value)
             if target > MAX_TARGET:
@@ -651,8 +708,9 @@ class MachineTracker:
         if self.settings.scrap_source == "total_minus_good":
             # Never backwards: good and total may come from different polls.
             order.scrap = max(order.scrap, order.total - order.good)
-        if before != (order.good, order.scrap) and order.good != order.history[-1][1]:
-            order.history.append((now, order.good))
+        done = order.done
+        if before != (order.good, order.scrap) and done != order.history[-1][1]:
+            order.history.append((now, done))
             _prune(order, now, self.settings.rate_window)
 
     def _reject_reading(self, signal: str, value: int, when: float, step: Any) -> None:
@@ -697,11 +755,29 @@ class MachineTracker:
         order = self._order
         if order is None or not order.running:
             return
-        if self.settings.complete_on_target and order.target and order.good >= order.target:
-            self._complete("target_reached", now, out)
+        rules = self._completion
+        if order.target and (
+            ("good_reached" in rules and order.good >= order.target)
+            or ("total_reached" in rules and order.done >= order.target)
+        ):
+            rule: CompletionRule = "good_reached" if "good_reached" in rules else "total_reached"
+            self._complete("target_reached", now, out, rule)
             self._start_next(now, out)
         else:
             self._maybe_progress(order, now, out)
+
+    def _on_order_ended(self, values: list[bool], now: float, out: list[Event]) -> None:
+        for ended in values:
+            # Only the change to ended counts: a job state still "Ended" from the previous
+            # job (its new state not read yet) must not end the next one.
+            rising = ended and self._device_ended is False
+            self._device_ended = ended
+            order = self._order
+            if not rising or "device_ended" not in self._completion:
+                continue
+            if order is not None and order.running:
+                self._complete("device_ended", now, out, "device_ended")
+                self._start_next(now, out)
 
     def _on_state(self, state: str, now: float, out: list[Event]) -> None:
         if state == self._state:
@@ -802,7 +878,8 @@ class MachineTracker:
         """Complete the running order with ``reason`` (or drop a completed one) and clear it."""
         order = self._order
         if order is not None and order.running:
-            self._complete(reason, now, out)
+            changed = reason in ("order_changed", "order_cleared")
+            self._complete(reason, now, out, "order_changed" if changed else None)
         self._order = None
 
     def _start(
@@ -815,7 +892,9 @@ class MachineTracker:
         now: float,
         out: list[Event],
     ) -> None:
-        order = _Order(order_id, source, target, due, customer, started_at=now)
+        order = _Order(
+            order_id, source, target, due, customer, started_at=now, total_basis=self._total_basis
+        )
         order.progress_time = now
         if source == "device":
             # A per-order device counter belongs to this order: whatever it shows (also when
@@ -849,7 +928,13 @@ class MachineTracker:
         q = self._queue.pop(0)
         self._start(q.order_id, "platform", q.target, q.due, q.customer, now, out)
 
-    def _complete(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
+    def _complete(
+        self,
+        reason: CompletionReason,
+        now: float,
+        out: list[Event],
+        rule: CompletionRule | None = None,
+    ) -> None:
         order = self._order
         assert order is not None and order.running
         if (order.good, order.scrap) != (order.progress_good, order.progress_scrap):
@@ -864,6 +949,7 @@ class MachineTracker:
                 now,
                 order_id=order.order_id,
                 reason=reason,
+                rule=rule,
                 good=order.good,
                 scrap=order.scrap,
                 target=order.target,
@@ -876,7 +962,7 @@ class MachineTracker:
     def _maybe_progress(self, order: _Order, now: float, out: list[Event]) -> None:
         if (order.good, order.scrap) == (order.progress_good, order.progress_scrap):
             return
-        percent = _percent(order.good, order.target)
+        percent = _percent(order.done, order.target)
         if (
             not order.progress_sent
             or (
@@ -890,7 +976,7 @@ class MachineTracker:
     def _progress(self, order: _Order, now: float, out: list[Event]) -> None:
         _prune(order, now, self.settings.rate_window)
         rate = _rate(order, now, self.settings)
-        percent = _percent(order.good, order.target)
+        percent = _percent(order.done, order.target)
         order.progress_sent = True
         order.progress_time = now
         order.progress_good, order.progress_scrap = order.good, order.scrap
