@@ -97,6 +97,33 @@ class _Outbound(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+class _Observed(_Outbound):
+    """Fields every order event carries about the periods the gateway did not observe."""
+
+    gap_free: bool = Field(
+        description=(
+            "True when the gateway observed the order without a gap so far. False when part "
+            "of it went unobserved: the device was unreachable or the gateway was down. Its "
+            "counts are then still the device's counts, but what happened inside the gap "
+            "(when pieces were made, short stops) is unknown."
+        )
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the order's life the gateway did not observe (0 when `gap_free`). "
+            "For an order first seen right after a gap it is the whole gap: it started "
+            "somewhere inside it."
+        ),
+        examples=[61.0],
+    )
+    gap_started_at: Timestamp | None = Field(
+        description="Start of the first unobserved period of the order; null when gap free."
+    )
+    gap_ended_at: Timestamp | None = Field(
+        description="End of the last unobserved period of the order; null when gap free."
+    )
+
+
 class _Inbound(BaseModel):
     """Base of downlink commands: strict types, unknown fields rejected."""
 
@@ -115,8 +142,18 @@ class MachineStateChanged(_Outbound):
         examples=["running"],
     )
     previous_duration_s: Seconds | None = Field(
-        description="Seconds spent in the previous state; null when there was none.",
+        description=(
+            "Seconds the previous state was observed; null when there was none. Time the "
+            "gateway did not observe (it was down) is not counted in: see `unobserved_s`."
+        ),
         examples=[754.5],
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the previous state the gateway did not observe (0 normally). The "
+            "state may have changed at any time inside them."
+        ),
+        examples=[0.0],
     )
     reason: Literal["device", "alarm", "offline"] = Field(
         description=(
@@ -163,12 +200,23 @@ class MachineAlarmCleared(_Outbound):
     code: int = Field(description="The alarm code that cleared.", examples=[17])
     text: str = Field(max_length=MAX_TEXT_LEN, description="Its last known text.")
     duration_s: Seconds | None = Field(
-        description="Seconds the alarm was active; null when its start is unknown.",
+        description=(
+            "Seconds the alarm was observed active; null when its start is unknown. Time the "
+            "gateway did not observe (device unreachable, gateway down) is not counted in."
+        ),
         examples=[95.0],
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the alarm's span the gateway did not observe (0 normally): it may "
+            "have cleared at any time inside them, so it lasted at least `duration_s` and at "
+            "most `duration_s + unobserved_s`."
+        ),
+        examples=[0.0],
     )
 
 
-class OrderStarted(_Outbound):
+class OrderStarted(_Observed):
     """``order.started``: an order began running on the machine."""
 
     order_id: OrderId = Field(description="Order id from the device or the platform.")
@@ -184,7 +232,7 @@ class OrderStarted(_Outbound):
     started_at: Timestamp = Field(description="When the order started (same as event time).")
 
 
-class OrderProgress(_Outbound):
+class OrderProgress(_Observed):
     """``order.progress``: counts moved (emitted by percent step or time interval)."""
 
     order_id: OrderId = Field(description="The running order.")
@@ -216,7 +264,7 @@ class OrderProgress(_Outbound):
     started_at: Timestamp = Field(description="When the order started.")
 
 
-class OrderCompleted(_Outbound):
+class OrderCompleted(_Observed):
     """``order.completed``: the order stopped running; sent exactly once per started order."""
 
     order_id: OrderId = Field(description="The order that completed.")
@@ -247,7 +295,7 @@ class OrderCompleted(_Outbound):
     duration_s: Seconds = Field(description="completed_at - started_at in seconds.")
 
 
-class OrderAtRisk(_Outbound):
+class OrderAtRisk(_Observed):
     """``order.at_risk``: the order will probably miss its due time (sent once per episode)."""
 
     order_id: OrderId = Field(description="The running order.")
@@ -261,7 +309,7 @@ class OrderAtRisk(_Outbound):
     )
 
 
-class OrderBackOnTrack(_Outbound):
+class OrderBackOnTrack(_Observed):
     """``order.back_on_track``: an order at risk is expected in time again."""
 
     order_id: OrderId = Field(description="The running order.")

@@ -50,6 +50,8 @@ MAX_QUEUE = 1_000
 RECENT_ORDERS = 1_000
 #: Command ids remembered so a redelivered command (MQTT is at least once) is idempotent.
 RECENT_COMMANDS = 1_000
+#: Closed unobserved periods remembered to keep them out of alarm and state durations.
+RECENT_GAPS = 16
 MAX_REJECTIONS = 100
 STATE_VERSION = 1
 
@@ -257,6 +259,11 @@ class _Order:
 
     #: Count the target is measured in: good pieces, or all pieces (``total_reached``).
     total_basis: bool = False
+    #: Seconds of the order's life the gateway did not observe, and the bounds of the
+    #: unobserved period(s): start of the first, end of the last.
+    unobserved_s: float = 0.0
+    gap_started_at: float | None = None
+    gap_ended_at: float | None = None
 
     @property
     def running(self) -> bool:
@@ -271,6 +278,23 @@ class _Order:
 
 
 _ORDER_FIELDS = tuple(f.name for f in dataclass_fields(_Order))
+
+
+def _add_gap(order: _Order, gap: tuple[float, float]) -> None:
+    order.unobserved_s = round(order.unobserved_s + gap[1] - gap[0], 3)
+    if order.gap_started_at is None:
+        order.gap_started_at = gap[0]
+    order.gap_ended_at = gap[1]
+
+
+def _gap_fields(order: _Order) -> dict[str, Any]:
+    """What every order event says about the gaps the order spans."""
+    return {
+        "gap_free": order.gap_started_at is None,
+        "unobserved_s": order.unobserved_s,
+        "gap_started_at": order.gap_started_at,
+        "gap_ended_at": order.gap_ended_at,
+    }
 
 
 def _percent(done: int, target: int | None) -> float | None:
@@ -375,6 +399,13 @@ class MachineTracker:
         self._total_basis = "total_reached" in self._completion
         #: Last ``order_ended`` read from the device (``None``: never read).
         self._device_ended: bool | None = None
+        #: ``now`` of the last batch with usable data: the device was observed until then.
+        self._seen_at: float | None = None
+        #: Start of the unobserved period in progress (device unreachable, gateway down).
+        self._gap_start: float | None = None
+        #: Recent closed gaps ``(start, end)``; the one closed by the current batch.
+        self._gaps: list[tuple[float, float]] = []
+        self._gap_now: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -400,6 +431,8 @@ class MachineTracker:
         self._updated_at = now
         if not batch:
             return out
+        if self._gap_start is not None:
+            self._end_gap(now)
         if self._connected is not True:
             # Good data is proof the device is reachable, even if the shell has not said so.
             out += self.connection(True, now, "data_received")
@@ -433,6 +466,8 @@ class MachineTracker:
         for state in states:
             self._on_state(state, now, out)
         self._check_risk(now, out)
+        self._seen_at = now
+        self._gap_now = None
         return out
 
     def connection(self, connected: bool, now: float, reason: str = "") -> list[Event]:
@@ -441,6 +476,9 @@ class MachineTracker:
         if self._connected is connected:
             return []
         self._connected = connected
+        if not connected and self._gap_start is None:
+            # Unobserved from the last data on (the loss is noticed only after a timeout).
+            self._gap_start = self._seen_at if self._seen_at is not None else now
         if connected:
             # The device may have rebooted while unreachable: its counters may restart.
             self._reset_hint.update(_COUNT_SIGNALS)
@@ -535,6 +573,9 @@ class MachineTracker:
             },
             "reset_hint": sorted(self._reset_hint),
             "device_ended": self._device_ended,
+            "seen_at": self._seen_at,
+            "gap_start": self._gap_start,
+            "gaps": [list(g) for g in self._gaps],
             "rejected_readings": dict(self._rejected_readings),
             "last_time": dict(self._last_time),
             "order": _order_to_dict(self._order),
@@ -549,9 +590,19 @@ class MachineTracker:
 
     @classmethod
     def restore(
-        cls, machine: str, settings: TrackerSettings, state: dict[str, Any]
+        cls,
+        machine: str,
+        settings: TrackerSettings,
+        state: dict[str, Any],
+        *,
+        downtime: bool = True,
     ) -> MachineTracker:
-        """Rebuild a tracker from :meth:`export_state` output; raise ``ValueError`` if invalid."""
+        """Rebuild a tracker from :meth:`export_state` output; raise ``ValueError`` if invalid.
+
+        ``downtime``: the state comes from a gateway that stopped, so the time from the last
+        data it saw to the next is unobserved (a gap, when longer than two polls). False for
+        a tracker rebuilt in a running gateway: then the restore changes no later event.
+        """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"tracker state for {machine!r}: unsupported or missing version")
         if state.get("machine") != machine:
@@ -578,6 +629,10 @@ class MachineTracker:
                 )
             t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
             t._device_ended = _opt(state.get("device_ended"), bool)
+            t._seen_at = _opt_float(state.get("seen_at"))
+            t._gaps = [(float(a), float(b)) for a, b in state.get("gaps", [])][-RECENT_GAPS:]
+            # Nothing was observed between the saved state and whatever comes next: a gap
+            # from the last data seen (or, in an older state, the last call).
             for name, n in state.get("rejected_readings", {}).items():
                 if name in t._rejected_readings:
                     t._rejected_readings[name] = int(n)
@@ -589,6 +644,10 @@ class MachineTracker:
                 str(k): CommandResult(bool(a), str(r)) for k, (a, r) in state["commands"].items()
             }
             t._updated_at = _opt_float(state["updated_at"])
+            gap_start = _opt_float(state.get("gap_start"))
+            if gap_start is None and downtime:
+                gap_start = t._seen_at if t._seen_at is not None else t._updated_at
+            t._gap_start = gap_start
         # AttributeError: a list where a mapping belongs; OverflowError: int(inf), float(10**400).
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"tracker state for {machine!r} is malformed: {exc!r}") from exc
@@ -739,6 +798,29 @@ class MachineTracker:
             max_jump=s.max_counter_jump,
         )
 
+    def _end_gap(self, now: float) -> None:
+        """Observation resumed: record the gap and charge it to the order it spans."""
+        start = self._gap_start
+        self._gap_start = None
+        # A short pause (a config reload rebuilding the tracker, one slow poll) is no gap.
+        if start is None or now - start <= max(2.0 * self.settings.poll_interval, 2.0):
+            return
+        gap = (start, now)
+        self._gaps.append(gap)
+        if len(self._gaps) > RECENT_GAPS:
+            del self._gaps[0]
+        self._gap_now = gap
+        order = self._order
+        if order is not None and order.running:
+            _add_gap(order, gap)
+
+    def _unobserved(self, since: float, now: float) -> float:
+        """Seconds of ``[since, now]`` inside known gaps."""
+        total = 0.0
+        for start, end in self._gaps:
+            total += max(0.0, min(end, now) - max(start, since))
+        return total
+
     def _credit(self, order: _Order, signal: str, delta: int) -> None:
         if not order.running:
             if signal == "good_count":
@@ -788,6 +870,12 @@ class MachineTracker:
     def _set_state(self, state: str, reason: str, now: float, out: list[Event]) -> None:
         previous, since = self._state, self._state_since
         self._state, self._state_since = state, now
+        # Offline is itself what was observed of a gap; other states exclude gaps.
+        unseen = (
+            0.0
+            if since is None or previous == MachineState.OFFLINE.value
+            else self._unobserved(since, now)
+        )
         order = self._order
         out.append(
             self._event(
@@ -795,7 +883,10 @@ class MachineTracker:
                 now,
                 state=state,
                 previous=previous,
-                previous_duration_s=None if since is None else round(max(0.0, now - since), 3),
+                previous_duration_s=None
+                if since is None
+                else round(max(0.0, now - since - unseen), 3),
+                unobserved_s=round(unseen, 3),
                 reason=reason,
                 order_id=order.order_id if order is not None and order.running else None,
             )
@@ -806,13 +897,16 @@ class MachineTracker:
             return
         if self._alarm_code:
             since = self._alarm_since
+            unseen = 0.0 if since is None else self._unobserved(since, now)
             out.append(
                 self._event(
                     "machine.alarm.cleared",
                     now,
                     code=self._alarm_code,
                     text=self._alarm_text,
-                    duration_s=None if since is None else round(max(0.0, now - since), 3),
+                    # Only what was observed: the alarm may have cleared at any time in a gap.
+                    duration_s=None if since is None else round(max(0.0, now - since - unseen), 3),
+                    unobserved_s=round(unseen, 3),
                 )
             )
         self._alarm_code, self._alarm_since = code, now
@@ -896,6 +990,9 @@ class MachineTracker:
             order_id, source, target, due, customer, started_at=now, total_basis=self._total_basis
         )
         order.progress_time = now
+        if self._gap_now is not None:
+            # First seen right after a gap: the order started somewhere inside it.
+            _add_gap(order, self._gap_now)
         if source == "device":
             # A per-order device counter belongs to this order: whatever it shows (also when
             # the gateway starts mid-order) are pieces of this order.
@@ -915,6 +1012,7 @@ class MachineTracker:
                 good=0,
                 scrap=0,
                 started_at=now,
+                **_gap_fields(order),
             )
         )
 
@@ -956,6 +1054,7 @@ class MachineTracker:
                 started_at=order.started_at,
                 completed_at=now,
                 duration_s=round(max(0.0, now - order.started_at), 3),
+                **_gap_fields(order),
             )
         )
 
@@ -994,6 +1093,7 @@ class MachineTracker:
                 eta=_eta(order, rate, now),
                 due=order.due,
                 started_at=order.started_at,
+                **_gap_fields(order),
             )
         )
 
@@ -1016,13 +1116,19 @@ class MachineTracker:
                     eta=eta,
                     due=order.due,
                     late_by_s=round(late_by, 3),
+                    **_gap_fields(order),
                 )
             )
         elif order.at_risk and eta is not None and not late:
             order.at_risk = False
             out.append(
                 self._event(
-                    "order.back_on_track", now, order_id=order.order_id, eta=eta, due=order.due
+                    "order.back_on_track",
+                    now,
+                    order_id=order.order_id,
+                    eta=eta,
+                    due=order.due,
+                    **_gap_fields(order),
                 )
             )
 

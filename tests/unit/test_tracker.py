@@ -20,6 +20,8 @@ from gateway.tracker import (
 
 M = "sew-01"
 T0 = 1_700_000_000.0
+#: What every order event says of an order observed without gaps (tests/unit/test_gaps.py).
+GAP_FREE = {"gap_free": True, "unobserved_s": 0.0, "gap_started_at": None, "gap_ended_at": None}
 
 
 def batch(t: float, quality: Quality = Quality.GOOD, **signals: Any) -> list[Sample]:
@@ -79,6 +81,7 @@ def test_first_state_has_no_previous() -> None:
                 "state": "running",
                 "previous": None,
                 "previous_duration_s": None,
+                "unobserved_s": 0.0,
                 "reason": "device",
                 "order_id": None,
             },
@@ -220,6 +223,7 @@ def test_order_lifecycle_from_the_device() -> None:
                 "good": 0,
                 "scrap": 0,
                 "started_at": T0,
+                **GAP_FREE,
             },
         )
     ]
@@ -468,6 +472,7 @@ def test_alarm_raised_and_cleared() -> None:
                 "state": "fault",
                 "previous": "running",
                 "previous_duration_s": 10.0,
+                "unobserved_s": 0.0,
                 "reason": "alarm",
                 "order_id": None,
             },
@@ -591,6 +596,7 @@ def test_platform_queue_runs_orders_one_after_the_other() -> None:
                 "good": 0,
                 "scrap": 0,
                 "started_at": T0 + 1,
+                **GAP_FREE,
             },
         )
     ]
@@ -711,7 +717,7 @@ def test_export_and_restore_continue_where_they_left_off() -> None:
     obs(tr, 0, state="running", good_count=0, alarm_code=5, alarm_text="x")
     obs(tr, 1, good_count=4)
     saved = json.loads(json.dumps(tr.export_state()))
-    back = MachineTracker.restore(M, settings, saved)
+    back = MachineTracker.restore(M, settings, saved, downtime=False)
     assert back.snapshot() == tr.snapshot()
     assert back.export_state() == tr.export_state()
     later_a = obs(tr, 2, good_count=12) + tr.tick(T0 + 200)
