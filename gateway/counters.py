@@ -110,7 +110,7 @@ class Step(NamedTuple):
 
     ``delta`` pieces are credited; ``rejected`` readings were given up as glitches (this one
     or earlier pending ones); ``rebased`` is the jump not credited when a counter was
-    confirmed re-based (0 otherwise).
+    confirmed re-based (0 otherwise); ``reset`` says the counter was taken as reset.
     """
 
     state: CounterState
@@ -118,6 +118,7 @@ class Step(NamedTuple):
     applied: bool
     rejected: int = 0
     rebased: int = 0
+    reset: bool = False
 
 
 _DEFAULT_RULE = CounterRule()
@@ -198,7 +199,7 @@ def advance(
         given_up = 0
     elif reset and kind in ("glitch", "reset"):
         # A signalled reset: whatever the counter shows now was made since.
-        return Step(CounterState(value, source_time), value, True, given_up)
+        return Step(CounterState(value, source_time), value, True, given_up, 0, True)
     elif kind == "glitch":
         # The baseline stands; earlier pending readings were glitches too.
         return Step(CounterState(base, state.source_time, (), state.anchor), 0, True, given_up + 1)
@@ -216,7 +217,7 @@ def advance(
         if kind != "reset":
             return Step(accepted, value, True, given_up)
         # Confirmed reset: the pieces on the counter now were made since the reset.
-        return Step(accepted, value, True, given_up)
+        return Step(accepted, value, True, given_up, 0, True)
     # Confirmed jump beyond what the machine can make: a replaced or re-based counter.
     # Only the growth since the jump is production.
     return Step(accepted, value - first, True, given_up, pieces)

@@ -394,6 +394,8 @@ class MachineTracker:
         #: Counters whose next drop is a reset the device signalled (order change, changeover,
         #: reconnect after a possible reboot, reset bit).
         self._reset_hint: set[str] = set()
+        #: Counters reset while the running order ran (before the device showed a new id).
+        self._reset_in_order: set[str] = set()
         self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
         self._completion = frozenset(settings.completion)
         self._total_basis = "total_reached" in self._completion
@@ -572,6 +574,7 @@ class MachineTracker:
                 for k, c in self._counters.items()
             },
             "reset_hint": sorted(self._reset_hint),
+            "reset_in_order": sorted(self._reset_in_order),
             "device_ended": self._device_ended,
             "seen_at": self._seen_at,
             "gap_start": self._gap_start,
@@ -628,6 +631,9 @@ class MachineTracker:
                     _opt(value, int), _opt_float(when), pending, anchor
                 )
             t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
+            t._reset_in_order = {str(h) for h in state.get("reset_in_order", [])} & set(
+                _COUNT_SIGNALS
+            )
             t._device_ended = _opt(state.get("device_ended"), bool)
             t._seen_at = _opt_float(state.get("seen_at"))
             t._gaps = [(float(a), float(b)) for a, b in state.get("gaps", [])][-RECENT_GAPS:]
@@ -760,6 +766,8 @@ class MachineTracker:
                             when,
                         )
                     )
+                if step.reset and order is not None and order.running:
+                    self._reset_in_order.add(signal)
                 if step.delta and order is not None:
                     self._credit(order, signal, step.delta)
         if order is None or not order.running:
@@ -995,10 +1003,14 @@ class MachineTracker:
             _add_gap(order, self._gap_now)
         if source == "device":
             # A per-order device counter belongs to this order: whatever it shows (also when
-            # the gateway starts mid-order) are pieces of this order.
+            # the gateway starts mid-order) are pieces of this order. Unless it was reset while
+            # the previous order id was still shown: the pieces since were counted for that
+            # order already, and counting them again here would count them twice.
             for name in self._per_order:
-                c = self._counters[name]
-                self._counters[name] = replace(c, value=0, pending=(), anchor=True)
+                if name not in self._reset_in_order:
+                    c = self._counters[name]
+                    self._counters[name] = replace(c, value=0, pending=(), anchor=True)
+        self._reset_in_order.clear()
         order.history.append((now, 0))
         self._order = order
         out.append(

@@ -255,3 +255,25 @@ def test_glitches_never_change_the_per_order_counts(
             order_id,
             order,
         )
+
+
+def test_a_reset_before_the_new_order_id_counts_no_piece_twice() -> None:
+    tr = MachineTracker(M, TrackerSettings())
+    steps: list[dict[str, Any]] = [
+        {"order_id": "A", "good_count": 0},
+        {"good_count": 15},
+        {"good_count": 0},  # the operator resets the counter for the next job ...
+        {"good_count": 0},
+        {"good_count": 1},  # ... a piece is made, still under A's id ...
+        {"order_id": "B", "good_count": 1},  # ... then the new job's id is scanned
+        {"good_count": 3},
+    ]
+    done: dict[str, int] = {}
+    for i, values in enumerate(steps):
+        t = T0 + 2 * i
+        for e in tr.observe([Sample(M, k, v, t) for k, v in values.items()], t):
+            if e.type == "order.completed":
+                done[e.data["order_id"]] = e.data["good"]
+    # The piece made after the reset went to A (its id was shown); B has only its own.
+    assert done == {"A": 16}
+    assert good(tr) == 2

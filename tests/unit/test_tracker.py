@@ -757,10 +757,16 @@ def test_restore_rejects_a_broken_order() -> None:
 CASES = Path(__file__).parent.parent / "cases"
 
 
+def _frozen(value: Any) -> Any:
+    """YAML lists as the tuples TrackerSettings holds."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
 def run_case(folder: Path) -> list[dict[str, Any]]:
     """Replay ``samples.jsonl`` of a golden case; return its events as JSON-ready dicts."""
     cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    tr = MachineTracker(M, TrackerSettings(**cfg))
+    settings = TrackerSettings(**{k: _frozen(v) for k, v in cfg.items()})
+    tr = MachineTracker(M, settings)
     events: list[Event] = []
     for line in (folder / "samples.jsonl").read_text().splitlines():
         step = json.loads(line)
@@ -769,9 +775,16 @@ def run_case(folder: Path) -> list[dict[str, Any]]:
             events += tr.connection(step["connection"], now, step.get("reason", ""))
         elif step.get("tick"):
             events += tr.tick(now)
+        elif step.get("restart"):
+            # The gateway stops and starts again from its saved state (JSON, as on disk).
+            saved = json.loads(json.dumps(tr.export_state()))
+            tr = MachineTracker.restore(M, settings, saved)
         else:
             when = now + step.get("source_offset", 0.0)
-            samples = [Sample(M, k, v, when) for k, v in step["samples"].items()]
+            pairs = step["samples"]
+            # A list of [signal, value] pairs holds several readings of one signal in a batch.
+            items = pairs if isinstance(pairs, list) else list(pairs.items())
+            samples = [Sample(M, k, v, when) for k, v in items]
             events += tr.observe(samples, now)
     return [
         {"type": e.type, "sequence": e.sequence, "time": e.time, "data": dict(e.data)}
