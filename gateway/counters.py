@@ -24,7 +24,7 @@ examples):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 #: Largest counter value accepted from a device; anything above is a decoding error.
@@ -79,6 +79,15 @@ class CounterRule:
     #: Fixed largest step in one reading; ``None`` derives it from the rate and the time.
     max_jump: int | None = None
 
+    #: The smallest limit: a step up to this is plausible whatever the time (computed).
+    floor: int = field(init=False, default=0)
+
+    def __post_init__(self) -> None:
+        """Compute ``floor`` once: the fast path of :func:`advance` compares with it."""
+        limit = self.limit(0.0)
+        assert limit is not None
+        object.__setattr__(self, "floor", limit)
+
     def limit(self, elapsed: float | None) -> int | None:
         """Largest plausible increase after ``elapsed`` seconds (``None``: unbounded)."""
         if self.max_jump is not None:
@@ -89,14 +98,14 @@ class CounterRule:
         return math.ceil(self.max_rate * max(elapsed, self.poll_interval)) + self.glitch
 
 
-@dataclass(frozen=True, slots=True)
-class CounterState:
+class CounterState(NamedTuple):
     """The accepted baseline of one device counter, and readings awaiting confirmation.
 
     ``value`` is ``None`` before the first reading. ``anchor`` marks a baseline set to 0 by
     an order start (a per-order counter): the next reading is the order's, whatever it shows.
     ``pending`` holds ``(value, source_time)`` readings that disagree with the baseline and
-    agree with each other: a reset or a re-based counter not yet confirmed.
+    agree with each other: a reset or a re-based counter not yet confirmed. A named tuple,
+    not a dataclass: one is built per counter reading, and a tuple is built fastest.
     """
 
     value: int | None = None
@@ -179,6 +188,8 @@ def advance(
     if not state.pending and base <= value:
         # Fast path, the common case: the counter stood still or moved forward a little.
         step = value - base
+        if step <= rule.floor:
+            return Step(CounterState(value, source_time), step, True)
         since = state.source_time
         if state.anchor:
             limit = rule.limit(0.0)

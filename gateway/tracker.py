@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
@@ -399,6 +399,8 @@ class MachineTracker:
         self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
         self._completion = frozenset(settings.completion)
         self._total_basis = "total_reached" in self._completion
+        self._on_good = "good_reached" in self._completion
+        self._on_total = self._total_basis
         #: Last ``order_ended`` read from the device (``None``: never read).
         self._device_ended: bool | None = None
         #: ``now`` of the last batch with usable data: the device was observed until then.
@@ -446,11 +448,11 @@ class MachineTracker:
         if targets:
             self._on_device_target(now)
         states = batch.get("state", [])
-        if ("setup" in states if states else self._state == "setup") or any(
-            batch.get("counter_reset", ())
+        if ("setup" in states if states else self._state == "setup") or (
+            "counter_reset" in batch and any(batch["counter_reset"])
         ):
             # The device says its counters restart: a drop now is a reset, not a glitch.
-            self._reset_hint.update(_COUNT_SIGNALS)
+            self._hint_reset()
         self._on_counts(batch, now)
         self._after_counts(now, out)
         ended = batch.get("order_ended")
@@ -483,7 +485,7 @@ class MachineTracker:
             self._gap_start = self._seen_at if self._seen_at is not None else now
         if connected:
             # The device may have rebooted while unreachable: its counters may restart.
-            self._reset_hint.update(_COUNT_SIGNALS)
+            self._hint_reset()
         out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
@@ -744,56 +746,88 @@ class MachineTracker:
             if not readings:
                 continue
             rule = self._rules[signal]
+            counters = self._counters
+            floor = rule.floor
             for value, when in readings:
-                reset = signal in hints
-                step = advance(self._counters[signal], value, when, rule, reset)
-                if not step.applied:
-                    continue
-                if not step.state.pending:
-                    hints.discard(signal)  # kept across a glitch until a reading is accepted
-                self._counters[signal] = step.state
-                if step.rejected:
-                    self._rejected_readings[signal] += step.rejected
-                    self._reject_reading(signal, value, when, step)
-                if step.rebased:
-                    self._rejections.append(
-                        Rejection(
-                            signal,
-                            str(value),
-                            f"counter jumped by {step.rebased}, more than the machine can make "
-                            "(max_rate_per_hour / max_counter_jump), and stayed there: taken as "
-                            "a replaced or re-based counter, not as production",
-                            when,
-                        )
+                c = counters[signal]
+                base, since = c.value, c.source_time
+                if (
+                    base is not None
+                    and base <= value <= base + floor
+                    and not c.pending
+                    and (since is None or when >= since)
+                ):
+                    # advance()'s fast path inline (this runs for every counter reading): a
+                    # small step forward is always plausible.
+                    counters[signal] = CounterState(value, when)
+                    delta = value - base
+                    if hints:
+                        hints.discard(signal)
+                else:
+                    state, delta, applied, rejected, rebased, reset = advance(
+                        c, value, when, rule, signal in hints
                     )
-                if step.reset and order is not None and order.running:
-                    self._reset_in_order.add(signal)
-                if step.delta and order is not None:
-                    self._credit(order, signal, step.delta)
+                    if not applied:
+                        continue
+                    counters[signal] = state
+                    if hints and not state.pending:
+                        hints.discard(signal)  # kept across a glitch until one is accepted
+                    if rejected or rebased or reset:
+                        self._unusual_step(signal, value, when, state, rejected, rebased, reset)
+                if delta and order is not None:
+                    self._credit(order, signal, delta)
         if order is None or not order.running:
             return
         if self.settings.scrap_source == "total_minus_good":
             # Never backwards: good and total may come from different polls.
             order.scrap = max(order.scrap, order.total - order.good)
-        done = order.done
+        done = order.done if order.total_basis else order.good
         if before != (order.good, order.scrap) and done != order.history[-1][1]:
             order.history.append((now, done))
             _prune(order, now, self.settings.rate_window)
 
-    def _reject_reading(self, signal: str, value: int, when: float, step: Any) -> None:
+    def _unusual_step(
+        self,
+        signal: str,
+        value: int,
+        when: float,
+        state: CounterState,
+        rejected: int,
+        rebased: int,
+        reset: bool,
+    ) -> None:
+        """Record a glitch, a re-based counter or a reset (off the common path)."""
+        if rejected:
+            self._rejected_readings[signal] += rejected
+            self._add_rejection(
+                Rejection(
+                    signal,
+                    str(value),
+                    f"counter reading disagrees with the baseline {state.value} and was not "
+                    f"confirmed by {self.settings.counter_confirm} consecutive readings: taken "
+                    f"as a glitch ({rejected} reading(s) rejected)",
+                    when,
+                )
+            )
+        if rebased:
+            self._add_rejection(
+                Rejection(
+                    signal,
+                    str(value),
+                    f"counter jumped by {rebased}, more than the machine can make "
+                    "(max_rate_per_hour / max_counter_jump), and stayed there: taken as "
+                    "a replaced or re-based counter, not as production",
+                    when,
+                )
+            )
+        order = self._order
+        if reset and order is not None and order.running:
+            self._reset_in_order.add(signal)
+
+    def _add_rejection(self, rejection: Rejection) -> None:
         if len(self._rejections) >= MAX_REJECTIONS:
             del self._rejections[0]
-        base = step.state.value
-        self._rejections.append(
-            Rejection(
-                signal,
-                str(value),
-                f"counter reading disagrees with the baseline {base} and was not confirmed "
-                f"by {self.settings.counter_confirm} consecutive readings: taken as a glitch "
-                f"({step.rejected} reading(s) rejected)",
-                when,
-            )
-        )
+        self._rejections.append(rejection)
 
     def _rule_for(self, signal: str) -> CounterRule:
         s = self.settings
@@ -822,6 +856,11 @@ class MachineTracker:
         if order is not None and order.running:
             _add_gap(order, gap)
 
+    def _hint_reset(self) -> None:
+        """The device may restart its counters now: a drop is a reset, not a glitch."""
+        # Only counters read before: a hint for a counter never read would stay for ever.
+        self._reset_hint.update(n for n, c in self._counters.items() if c.value is not None)
+
     def _unobserved(self, since: float, now: float) -> float:
         """Seconds of ``[since, now]`` inside known gaps."""
         total = 0.0
@@ -845,12 +884,11 @@ class MachineTracker:
         order = self._order
         if order is None or not order.running:
             return
-        rules = self._completion
-        if order.target and (
-            ("good_reached" in rules and order.good >= order.target)
-            or ("total_reached" in rules and order.done >= order.target)
+        target = order.target
+        if target and (
+            (self._on_good and order.good >= target) or (self._on_total and order.done >= target)
         ):
-            rule: CompletionRule = "good_reached" if "good_reached" in rules else "total_reached"
+            rule: CompletionRule = "good_reached" if self._on_good else "total_reached"
             self._complete("target_reached", now, out, rule)
             self._start_next(now, out)
         else:
@@ -935,7 +973,7 @@ class MachineTracker:
             return
         self._device_order_id = order_id
         # A new job on the device: its counters may restart with it.
-        self._reset_hint.update(_COUNT_SIGNALS)
+        self._hint_reset()
         if policy == "platform":
             return  # recorded only: the platform decides what runs
         order = self._order
@@ -1009,7 +1047,7 @@ class MachineTracker:
             for name in self._per_order:
                 if name not in self._reset_in_order:
                     c = self._counters[name]
-                    self._counters[name] = replace(c, value=0, pending=(), anchor=True)
+                    self._counters[name] = c._replace(value=0, pending=(), anchor=True)
         self._reset_in_order.clear()
         order.history.append((now, 0))
         self._order = order
@@ -1073,7 +1111,7 @@ class MachineTracker:
     def _maybe_progress(self, order: _Order, now: float, out: list[Event]) -> None:
         if (order.good, order.scrap) == (order.progress_good, order.progress_scrap):
             return
-        percent = _percent(order.done, order.target)
+        percent = _percent(order.done if order.total_basis else order.good, order.target)
         if (
             not order.progress_sent
             or (
