@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from gateway.config import ConfigError, load_config
 from gateway.model import Event, Sample
 from gateway.tracker import MachineTracker, TrackerSettings
 
@@ -100,3 +102,40 @@ def test_good_reached_is_the_default_and_named() -> None:
 def test_completion_rules_are_validated(rules: tuple[str, ...], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrackerSettings(complete_when=rules)  # type: ignore[arg-type]
+
+
+def _config(tmp_path: Path, tracker: str, profile: str = "machine-tool-umati") -> Path:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        "broker: {host: 127.0.0.1}\n"
+        "machines:\n"
+        "  - id: cnc-01\n"
+        "    area: a\n"
+        "    line: l\n"
+        f"    profile: {profile}\n"
+        "    connection: {protocol: opcua, url: 'opc.tcp://127.0.0.1:4840/'}\n"
+        f"    tracker: {tracker}\n"
+    )
+    return cfg
+
+
+def test_the_umati_profile_completes_as_opc_40501_means(tmp_path: Path) -> None:
+    (machine,) = load_config(_config(tmp_path, "{}"), env={}).machines
+    assert machine.tracker.completion == ("total_reached", "device_ended", "order_changed")
+    assert "order_ended" in machine.signals
+
+
+@pytest.mark.parametrize(
+    ("tracker", "message"),
+    [
+        ("{complete_when: [good_reached]}", "order_changed"),
+        ("{complete_when: [good_reached, total_reached, order_changed]}", "one basis"),
+        ("{complete_when: [when_done, order_changed]}", "complete_when"),
+    ],
+)
+def test_completion_rules_in_the_config_are_validated(
+    tmp_path: Path, tracker: str, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(_config(tmp_path, tracker), env={})
