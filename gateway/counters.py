@@ -102,7 +102,8 @@ class CounterState(NamedTuple):
     """The accepted baseline of one device counter, and readings awaiting confirmation.
 
     ``value`` is ``None`` before the first reading. ``anchor`` marks a baseline set to 0 by
-    an order start (a per-order counter): the next reading is the order's, whatever it shows.
+    an order start (a per-order counter): what the counter shows is the order's; more than a
+    poll's worth is held like any jump, and once confirmed credited in full, not re-based.
     ``pending`` holds ``(value, source_time)`` readings that disagree with the baseline and
     agree with each other: a reset or a re-based counter not yet confirmed. A named tuple,
     not a dataclass: one is built per counter reading, and a tuple is built fastest.
