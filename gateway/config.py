@@ -50,7 +50,7 @@ from gateway.routing import (
     machine_visible,
 )
 from gateway.signals import SignalConfig
-from gateway.tracker import TrackerSettings
+from gateway.tracker import COUNTER_SIGNALS, TrackerSettings
 from gateway.yamlsource import (
     Located,
     Path_,
@@ -208,12 +208,42 @@ class TrackerConfig(_Model):
     )
     scrap_source: Literal["counter", "total_minus_good", "none"] | None = None
     complete_on_target: bool | None = None
+    #: What completes an order: any of good_reached, total_reached, device_ended (with
+    #: order_changed, always). Unset: good_reached and order_changed.
+    complete_when: (
+        list[Literal["good_reached", "total_reached", "device_ended", "order_changed"]] | None
+    ) = Field(default=None, min_length=1)
+
+    @field_validator("complete_when")
+    @classmethod
+    def _completion(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if "order_changed" not in value:
+            raise ValueError(
+                "must include order_changed: a machine that moved to another order has "
+                "ended this one"
+            )
+        if {"good_reached", "total_reached"} <= set(value):
+            raise ValueError(
+                "good_reached and total_reached together: the target has one basis, good "
+                "pieces or all pieces"
+            )
+        return value
+
     #: Which order source wins when the device and the platform both name one.
     order_source: Literal["device", "platform", "device_then_platform"] | None = None
     #: Seconds of production history needed before a rate (and so an ETA) is given.
     rate_min_span: float | None = Field(default=None, ge=0, le=86_400)
-    #: A counter moving more than this in one reading is re-based, not counted.
+    #: A fixed largest counter step in one reading; unset derives it from
+    #: ``max_rate_per_hour`` and the time since the last reading (docs/tracker.md).
     max_counter_jump: int | None = Field(default=None, ge=1, le=2**32)
+    #: Fastest the machine can count, pieces per hour per counter (bounds a plausible step).
+    max_rate_per_hour: float | None = Field(default=None, gt=0, le=100_000_000)
+    #: Consecutive agreeing readings that confirm a counter reset or a large jump.
+    counter_confirm: int | None = Field(default=None, ge=1, le=10)
+    #: A counter drop by at most this many counts is a glitch, not a reset.
+    counter_glitch: int | None = Field(default=None, ge=0, le=1_000_000)
 
 
 class HealthConfig(_Model):
@@ -1251,8 +1281,18 @@ def _compile_machine(
             )
     poll = m.poll_interval or (profile.profile.poll_interval if profile else None)
     tracker = _tracker_settings(
-        config.tracker, profile.profile.tracker if profile else None, m.tracker
+        poll or DEFAULT_POLL_INTERVAL,
+        config.tracker,
+        profile.profile.tracker if profile else None,
+        m.tracker,
     )
+    rules = tuple(
+        (name, sig.mode, None if sig.wrap is None else 2**sig.wrap)
+        for name, sig in signals.items()
+        if name in COUNTER_SIGNALS and (sig.mode is not None or sig.wrap is not None)
+    )
+    if rules:
+        tracker = replace(tracker, counter_rules=rules)
     if len(errors) != n_errors or connection is None:
         return None
     return MachinePlan(
@@ -1284,11 +1324,16 @@ def _check_canonical(name: str, sig: SignalConfig) -> str | None:
             return f"map_default must be a machine state ({', '.join(_STATES)})"
     if name in CANONICAL_SIGNALS and name.endswith("_count") and sig.map is not None:
         return "a counter cannot have a map; use scale/offset"
+    if (sig.mode is not None or sig.wrap is not None) and name not in COUNTER_SIGNALS:
+        return (
+            "mode and wrap belong to a counter signal "
+            f"({', '.join(sorted(COUNTER_SIGNALS))}), not to {name!r}"
+        )
     return None
 
 
-def _tracker_settings(*layers: TrackerConfig | None) -> TrackerSettings:
-    values: dict[str, Any] = {}
+def _tracker_settings(poll_interval: float, *layers: TrackerConfig | None) -> TrackerSettings:
+    values: dict[str, Any] = {"poll_interval": poll_interval}
     for layer in layers:
         if layer is None:
             continue
@@ -1296,6 +1341,8 @@ def _tracker_settings(*layers: TrackerConfig | None) -> TrackerSettings:
             values[key] = value
     if "counter_wrap" in values:
         values["counter_wrap"] = 2 ** int(values["counter_wrap"])
+    if "complete_when" in values:
+        values["complete_when"] = tuple(dict.fromkeys(values["complete_when"]))
     return TrackerSettings(**values)
 
 

@@ -87,14 +87,42 @@ Seconds = Annotated[float, Field(ge=0)]
 
 OrderSourceName = Literal["device", "platform"]
 CompletionReasonName = Literal[
-    "target_reached", "order_changed", "order_cleared", "cancelled", "replaced"
+    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
 ]
+CompletionRuleName = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
 
 
 class _Outbound(BaseModel):
     """Base of everything the gateway sends: exact shape, unknown fields are drift."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class _Observed(_Outbound):
+    """Fields every order event carries about the periods the gateway did not observe."""
+
+    gap_free: bool = Field(
+        description=(
+            "True when the gateway observed the order without a gap so far. False when part "
+            "of it went unobserved: the device was unreachable or the gateway was down. Its "
+            "counts are then still the device's counts, but what happened inside the gap "
+            "(when pieces were made, short stops) is unknown."
+        )
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the order's life the gateway did not observe (0 when `gap_free`). "
+            "For an order first seen right after a gap it is the whole gap: it started "
+            "somewhere inside it."
+        ),
+        examples=[61.0],
+    )
+    gap_started_at: Timestamp | None = Field(
+        description="Start of the first unobserved period of the order; null when gap free."
+    )
+    gap_ended_at: Timestamp | None = Field(
+        description="End of the last unobserved period of the order; null when gap free."
+    )
 
 
 class _Inbound(BaseModel):
@@ -115,8 +143,18 @@ class MachineStateChanged(_Outbound):
         examples=["running"],
     )
     previous_duration_s: Seconds | None = Field(
-        description="Seconds spent in the previous state; null when there was none.",
+        description=(
+            "Seconds the previous state was observed; null when there was none. Time the "
+            "gateway did not observe (it was down) is not counted in: see `unobserved_s`."
+        ),
         examples=[754.5],
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the previous state the gateway did not observe (0 normally). The "
+            "state may have changed at any time inside them."
+        ),
+        examples=[0.0],
     )
     reason: Literal["device", "alarm", "offline"] = Field(
         description=(
@@ -163,8 +201,19 @@ class MachineAlarmCleared(_Outbound):
     code: int = Field(description="The alarm code that cleared.", examples=[17])
     text: str = Field(max_length=MAX_TEXT_LEN, description="Its last known text.")
     duration_s: Seconds | None = Field(
-        description="Seconds the alarm was active; null when its start is unknown.",
+        description=(
+            "Seconds the alarm was observed active; null when its start is unknown. Time the "
+            "gateway did not observe (device unreachable, gateway down) is not counted in."
+        ),
         examples=[95.0],
+    )
+    unobserved_s: Seconds = Field(
+        description=(
+            "Seconds of the alarm's span the gateway did not observe (0 normally): it may "
+            "have cleared at any time inside them, so it lasted at least `duration_s` and at "
+            "most `duration_s + unobserved_s`."
+        ),
+        examples=[0.0],
     )
 
 
@@ -206,7 +255,7 @@ _OPERATORS_DESCRIPTION = (
 Operators = Annotated[list[OperatorShare] | None, Field(description=_OPERATORS_DESCRIPTION)]
 
 
-class OrderStarted(_Outbound):
+class OrderStarted(_Observed):
     """``order.started``: an order began running on the machine."""
 
     order_id: OrderId = Field(description="Order id from the device or the platform.")
@@ -222,7 +271,7 @@ class OrderStarted(_Outbound):
     started_at: Timestamp = Field(description="When the order started (same as event time).")
 
 
-class OrderProgress(_Outbound):
+class OrderProgress(_Observed):
     """``order.progress``: counts moved (emitted by percent step or time interval)."""
 
     order_id: OrderId = Field(description="The running order.")
@@ -233,13 +282,18 @@ class OrderProgress(_Outbound):
     )
     percent: Annotated[float, Field(ge=0)] | None = Field(
         description=(
-            "100 * good / target, two decimals; null without a target. May exceed 100 when "
-            "the gateway does not complete orders on target."
+            "100 * pieces / target, two decimals, on the target's basis: good pieces, or all "
+            "pieces (good + scrap) on a machine that completes on `total_reached`; null "
+            "without a target. May exceed 100 when the gateway does not complete orders on "
+            "target."
         ),
         examples=[42.5],
     )
     rate_per_hour: Annotated[float, Field(ge=0)] | None = Field(
-        description="Good pieces per hour over a sliding window; null until enough history.",
+        description=(
+            "Pieces per hour on the target's basis (good, or all pieces) over a sliding "
+            "window; null until enough history."
+        ),
         examples=[118.2],
     )
     eta: Timestamp | None = Field(
@@ -250,16 +304,26 @@ class OrderProgress(_Outbound):
     operators: Operators = None
 
 
-class OrderCompleted(_Outbound):
+class OrderCompleted(_Observed):
     """``order.completed``: the order stopped running; sent exactly once per started order."""
 
     order_id: OrderId = Field(description="The order that completed.")
     reason: CompletionReasonName = Field(
         description=(
-            "`target_reached`, `order_changed` (the device switched to another order), "
-            "`order_cleared` (the device cleared its order id), `cancelled` (cancel-order) "
-            "or `replaced` (a device order took over from a platform order)."
+            "`target_reached`, `device_ended` (the machine reported its job ended), "
+            "`order_changed` (the device switched to another order), `order_cleared` (the "
+            "device cleared its order id), `cancelled` (cancel-order) or `replaced` (a device "
+            "order took over from a platform order). Treat a reason you do not know as other."
         )
+    )
+    rule: CompletionRuleName | None = Field(
+        description=(
+            "The machine's completion rule that fired (its profile's `complete_when`): "
+            "`good_reached` (good >= target), `total_reached` (good + scrap >= target, as "
+            "OPC 40501 counts runs), `device_ended` or `order_changed` (also for "
+            "`order_cleared`); null for `cancelled` and `replaced`."
+        ),
+        examples=["total_reached"],
     )
     good: Count = Field(description="Final good pieces.")
     scrap: Count = Field(description="Final scrap pieces.")
@@ -272,7 +336,7 @@ class OrderCompleted(_Outbound):
     operators: Operators = None
 
 
-class OrderAtRisk(_Outbound):
+class OrderAtRisk(_Observed):
     """``order.at_risk``: the order will probably miss its due time (sent once per episode)."""
 
     order_id: OrderId = Field(description="The running order.")
@@ -286,7 +350,7 @@ class OrderAtRisk(_Outbound):
     )
 
 
-class OrderBackOnTrack(_Outbound):
+class OrderBackOnTrack(_Observed):
     """``order.back_on_track``: an order at risk is expected in time again."""
 
     order_id: OrderId = Field(description="The running order.")

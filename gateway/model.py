@@ -55,6 +55,10 @@ CANONICAL_SIGNALS: frozenset[str] = frozenset(
         "alarm_code",
         "alarm_text",
         "operator",
+        # A reset bit: while set, a counter drop is a reset, not a glitch.
+        "counter_reset",
+        # True when the device says the running order (job) ended: complete_when device_ended.
+        "order_ended",
     }
 )
 

@@ -689,7 +689,10 @@ class Gateway:
             m = self.machines[machine]
             plan = fresh[machine]
             if plan.tracker != m.plan.tracker:
-                m.tracker = MachineTracker.restore(machine, plan.tracker, m.tracker.export_state())
+                # Rebuilt with new settings while running: nothing went unobserved.
+                m.tracker = MachineTracker.restore(
+                    machine, plan.tracker, m.tracker.export_state(), downtime=False
+                )
             if plan.location != m.plan.location:
                 self._clear_state(machine, m.plan.location)
                 self.locations[machine] = plan.location

@@ -51,7 +51,8 @@ ASYNCAPI_VERSION = "3.0.0"
 #: Version of the MQTT bindings objects used in the AsyncAPI document.
 MQTT_BINDING_VERSION = "0.2.0"
 #: ``info.version`` of the AsyncAPI document: major = contract version, minor = additions.
-API_VERSION = f"{contract.CONTRACT_VERSION}.0.0"
+#: Minor 1: order.completed ``rule`` and ``device_ended``; gap fields on order events.
+API_VERSION = f"{contract.CONTRACT_VERSION}.1.0"
 ASYNCAPI_FILE = "asyncapi.json"
 EXAMPLES_FILE = "examples.json"
 

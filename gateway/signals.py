@@ -7,6 +7,8 @@ by :mod:`gateway.mapping` after the adapter decoded the raw value.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -24,3 +26,8 @@ class SignalConfig(BaseModel):
     offset: float = 0.0
     #: Absolute deadband for numeric telemetry: smaller changes are not forwarded.
     deadband: float = Field(default=0.0, ge=0.0)
+    #: Counters only: whether this counter restarts per order or counts for ever (default:
+    #: the tracker's ``counter_mode``).
+    mode: Literal["per_order", "lifetime"] | None = None
+    #: Counters only: bits after which this counter wraps to 0 (default: ``counter_wrap``).
+    wrap: Literal[16, 32] | None = None

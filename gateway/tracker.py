@@ -19,18 +19,26 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 from gateway.attribution import Attribution, parse_operator
-from gateway.counters import CounterState, advance, parse_count
+from gateway.counters import CounterRule, CounterState, advance, parse_count
 from gateway.model import Event, MachineState, Quality, Sample
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
 CompletionReason = Literal[
-    "target_reached", "order_changed", "order_cleared", "cancelled", "replaced"
+    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
 ]
+#: What may complete an order (``complete_when``); ``order_changed`` is always among them.
+CompletionRule = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
+COMPLETION_RULES: tuple[CompletionRule, ...] = (
+    "good_reached",
+    "total_reached",
+    "device_ended",
+    "order_changed",
+)
 
 #: Largest target quantity accepted from a device or the platform.
 MAX_TARGET = 10_000_000
@@ -47,13 +55,28 @@ RECENT_COMMANDS = 1_000
 #: The answer to an order-scoped platform whose order id is running, queued or done here:
 #: the same words whoever's order it is, so no platform learns of another's orders.
 ORDER_ID_TAKEN = "order id is in use on this machine: choose a new order id"
+#: Closed unobserved periods remembered to keep them out of alarm and state durations.
+RECENT_GAPS = 16
 MAX_REJECTIONS = 100
 STATE_VERSION = 1
 
 _DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
 _COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
+#: The device counters the tracker reads; each may have its own mode and wrap.
+COUNTER_SIGNALS = frozenset(_COUNT_SIGNALS)
+CounterMode = Literal["per_order", "lifetime"]
 _USED_SIGNALS = frozenset(
-    {"state", "order_id", "target_count", "alarm_code", "alarm_text", "operator", *_COUNT_SIGNALS}
+    {
+        "state",
+        "order_id",
+        "target_count",
+        "alarm_code",
+        "alarm_text",
+        "counter_reset",
+        "order_ended",
+        "operator",
+        *_COUNT_SIGNALS,
+    }
 )
 
 
@@ -67,14 +90,33 @@ class TrackerSettings:
     counter_mode: Literal["per_order", "lifetime"] = "per_order"
     counter_wrap: int | None = None
     scrap_source: Literal["counter", "total_minus_good", "none"] = "counter"
+    #: Shorthand kept for older configs: false drops good_reached/total_reached from the
+    #: default ``complete_when``.
     complete_on_target: bool = True
     order_source: OrderSource = "device"
     #: The rate needs at least this much history (capped at ``rate_window``) to be shown.
     rate_min_span: float = 60.0
-    #: A counter that moves by more than this in one reading was replaced or re-based
-    #: (a new controller, a restored backup), not producing: the reading becomes the new
-    #: baseline and is reported, instead of crediting millions of pieces to an order.
-    max_counter_jump: int = 1_000_000
+    #: A fixed largest counter step in one reading. ``None`` (the default) derives it from
+    #: ``max_rate_per_hour`` and the time since the last accepted reading (at least
+    #: ``poll_interval``). A larger step is held until confirmed, then taken as a replaced or
+    #: re-based counter (a new controller, a restored backup): nothing of it is credited.
+    max_counter_jump: int | None = None
+    #: Fastest the machine can count (pieces per hour, per counter).
+    max_rate_per_hour: float = 36_000.0
+    #: Seconds between polls (the shortest time a counter step is judged over).
+    poll_interval: float = 1.0
+    #: Consecutive agreeing readings that confirm a reset or a large jump.
+    counter_confirm: int = 2
+    #: A drop by at most this many counts is a glitch, not a reset (unless signalled).
+    counter_glitch: int = 10
+    #: Per counter signal: ``(signal, mode or None, wrap modulus or None)``; ``None`` takes
+    #: ``counter_mode`` / ``counter_wrap`` (e.g. a per-order good counter next to a
+    #: lifetime scrap counter that wraps at 16 bits).
+    counter_rules: tuple[tuple[str, CounterMode | None, int | None], ...] = ()
+    #: What completes an order, any of :data:`COMPLETION_RULES`; ``None``: good_reached
+    #: (if ``complete_on_target``) and order_changed. ``total_reached`` makes the target,
+    #: ``percent``, the rate and the ETA count every piece (good and scrap).
+    complete_when: tuple[CompletionRule, ...] | None = None
 
     def __post_init__(self) -> None:
         """Reject settings that would make the tracker misbehave."""
@@ -86,8 +128,40 @@ class TrackerSettings:
             raise ValueError("rate_window must be > 0")
         if not self.rate_min_span >= 0:
             raise ValueError("rate_min_span must be >= 0")
-        if self.max_counter_jump < 1:
-            raise ValueError("max_counter_jump must be >= 1")
+        if self.max_counter_jump is not None and self.max_counter_jump < 1:
+            raise ValueError("max_counter_jump must be >= 1 (or unset)")
+        if not self.max_rate_per_hour > 0:
+            raise ValueError("max_rate_per_hour must be > 0")
+        if not self.poll_interval > 0:
+            raise ValueError("poll_interval must be > 0")
+        if not 1 <= self.counter_confirm <= 10:
+            raise ValueError("counter_confirm must be 1..10 readings")
+        if self.counter_glitch < 0:
+            raise ValueError("counter_glitch must be >= 0")
+        if self.complete_when is not None:
+            unknown = [r for r in self.complete_when if r not in COMPLETION_RULES]
+            if unknown:
+                raise ValueError(
+                    f"complete_when: unknown rule(s) {unknown}; use {', '.join(COMPLETION_RULES)}"
+                )
+            if "order_changed" not in self.complete_when:
+                raise ValueError(
+                    "complete_when must include order_changed: a machine that moved to "
+                    "another order has ended this one"
+                )
+            if {"good_reached", "total_reached"} <= set(self.complete_when):
+                raise ValueError(
+                    "complete_when: good_reached and total_reached together; the target has "
+                    "one basis, good pieces or all pieces"
+                )
+        for signal, mode, wrap in self.counter_rules:
+            if signal not in COUNTER_SIGNALS:
+                raise ValueError(f"counter_rules: {signal!r} is not a counter signal")
+            if mode not in (None, "per_order", "lifetime"):
+                raise ValueError(f"counter_rules: unknown mode {mode!r} for {signal}")
+            if wrap is not None and wrap < 2:
+                raise ValueError(f"counter_rules: wrap of {signal} must be >= 2 (e.g. 65536)")
+
         if self.counter_wrap is not None and self.counter_wrap < 2:
             raise ValueError("counter_wrap must be >= 2 (e.g. 65536)")
         if self.counter_mode not in ("per_order", "lifetime"):
@@ -96,6 +170,27 @@ class TrackerSettings:
             raise ValueError(f"unknown scrap_source {self.scrap_source!r}")
         if self.order_source not in ("device", "platform", "device_then_platform"):
             raise ValueError(f"unknown order_source {self.order_source!r}")
+
+    @property
+    def completion(self) -> tuple[CompletionRule, ...]:
+        """The rules in force (``complete_when`` or the default it stands for)."""
+        if self.complete_when is not None:
+            return self.complete_when
+        return ("good_reached", "order_changed") if self.complete_on_target else ("order_changed",)
+
+    def mode_of(self, signal: str) -> CounterMode:
+        """The counter mode of ``signal`` (its own rule, else ``counter_mode``)."""
+        for name, mode, _ in self.counter_rules:
+            if name == signal and mode is not None:
+                return mode
+        return self.counter_mode
+
+    def wrap_of(self, signal: str) -> int | None:
+        """The wrap modulus of ``signal`` (its own rule, else ``counter_wrap``)."""
+        for name, _, wrap in self.counter_rules:
+            if name == signal and wrap is not None:
+                return wrap
+        return self.counter_wrap
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,18 +270,50 @@ class _Order:
     #: (time, good) points for the sliding-window rate; the first is the anchor.
     history: list[tuple[float, int]] = field(default_factory=list)
 
+    #: Count the target is measured in: good pieces, or all pieces (``total_reached``).
+    total_basis: bool = False
+    #: Seconds of the order's life the gateway did not observe, and the bounds of the
+    #: unobserved period(s): start of the first, end of the last.
+    unobserved_s: float = 0.0
+    gap_started_at: float | None = None
+    gap_ended_at: float | None = None
+
     @property
     def running(self) -> bool:
         return self.completed_at is None
+
+    @property
+    def done(self) -> int:
+        """Pieces on the target's basis: good, or all (the total counter or good + scrap)."""
+        if self.total_basis:
+            return max(self.total, self.good + self.scrap)
+        return self.good
 
 
 _ORDER_FIELDS = tuple(f.name for f in dataclass_fields(_Order))
 
 
-def _percent(good: int, target: int | None) -> float | None:
+def _add_gap(order: _Order, gap: tuple[float, float]) -> None:
+    order.unobserved_s = round(order.unobserved_s + gap[1] - gap[0], 3)
+    if order.gap_started_at is None:
+        order.gap_started_at = gap[0]
+    order.gap_ended_at = gap[1]
+
+
+def _gap_fields(order: _Order) -> dict[str, Any]:
+    """What every order event says about the gaps the order spans."""
+    return {
+        "gap_free": order.gap_started_at is None,
+        "unobserved_s": order.unobserved_s,
+        "gap_started_at": order.gap_started_at,
+        "gap_ended_at": order.gap_ended_at,
+    }
+
+
+def _percent(done: int, target: int | None) -> float | None:
     if not target:
         return None
-    return round(100.0 * good / target, 2)
+    return round(100.0 * done / target, 2)
 
 
 def _rate(order: _Order, now: float, settings: TrackerSettings) -> float | None:
@@ -201,7 +328,7 @@ def _rate(order: _Order, now: float, settings: TrackerSettings) -> float | None:
     span = settings.rate_window if t0 <= start else now - t0
     if span <= 0 or span < min(settings.rate_min_span, settings.rate_window):
         return None
-    return round((order.good - g0) * 3600.0 / span, 2)
+    return round((order.done - g0) * 3600.0 / span, 2)
 
 
 def _prune(order: _Order, now: float, window: float) -> None:
@@ -217,7 +344,7 @@ def _prune(order: _Order, now: float, window: float) -> None:
 def _eta(order: _Order, rate: float | None, now: float) -> float | None:
     if not order.target or not rate or rate <= 0:
         return None
-    remaining = order.target - order.good
+    remaining = order.target - order.done
     if remaining <= 0:
         return None
     return round(now + remaining * 3600.0 / rate, 3)
@@ -274,6 +401,30 @@ class MachineTracker:
         self._parsed_text: dict[str, tuple[str, Any]] = {}
         #: Who works on the order (the badge); see gateway.attribution.
         self._attribution = Attribution()
+        self._rules = {name: self._rule_for(name) for name in _COUNT_SIGNALS}
+        self._wraps = {name: rule.wrap for name, rule in self._rules.items()}
+        self._per_order = tuple(
+            name for name in _COUNT_SIGNALS if settings.mode_of(name) == "per_order"
+        )
+        #: Counters whose next drop is a reset the device signalled (order change, changeover,
+        #: reconnect after a possible reboot, reset bit).
+        self._reset_hint: set[str] = set()
+        #: Counters reset while the running order ran (before the device showed a new id).
+        self._reset_in_order: set[str] = set()
+        self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
+        self._completion = frozenset(settings.completion)
+        self._total_basis = "total_reached" in self._completion
+        self._on_good = "good_reached" in self._completion
+        self._on_total = self._total_basis
+        #: Last ``order_ended`` read from the device (``None``: never read).
+        self._device_ended: bool | None = None
+        #: ``now`` of the last batch with usable data: the device was observed until then.
+        self._seen_at: float | None = None
+        #: Start of the unobserved period in progress (device unreachable, gateway down).
+        self._gap_start: float | None = None
+        #: Recent closed gaps ``(start, end)``; the one closed by the current batch.
+        self._gaps: list[tuple[float, float]] = []
+        self._gap_now: tuple[float, float] | None = None
 
     # ------------------------------------------------------------------ public API
 
@@ -281,6 +432,11 @@ class MachineTracker:
     def order_id(self) -> str | None:
         """The order the machine works on now (running or just completed), if any."""
         return self._order.order_id if self._order is not None else None
+
+    @property
+    def rejected_readings(self) -> dict[str, int]:
+        """Counter readings rejected as glitches since start, per signal (a metric)."""
+        return dict(self._rejected_readings)
 
     @property
     def sequence(self) -> int:
@@ -294,6 +450,8 @@ class MachineTracker:
         self._updated_at = now
         if not batch:
             return out
+        if self._gap_start is not None:
+            self._end_gap(now)
         if self._connected is not True:
             # Good data is proof the device is reachable, even if the shell has not said so.
             out += self.connection(True, now, "data_received")
@@ -309,16 +467,24 @@ class MachineTracker:
             self._on_device_order(order_id, now, out)
         if targets:
             self._on_device_target(now)
+        states = batch.get("state", [])
+        if ("setup" in states if states else self._state == "setup") or (
+            "counter_reset" in batch and any(batch["counter_reset"])
+        ):
+            # The device says its counters restart: a drop now is a reset, not a glitch.
+            self._hint_reset()
         order = self._order
         before = (order.good, order.scrap) if order is not None and order.running else None
         self._on_counts(batch, now)
         if order is not None and before is not None:
             self._attribution.credit(order.good - before[0], order.scrap - before[1])
         self._after_counts(now, out)
+        ended = batch.get("order_ended")
+        if ended:
+            self._on_order_ended(ended, now, out)
         texts = batch.get("alarm_text", [])
         if texts:
             self._device_alarm_text = texts[-1]
-        states = batch.get("state", [])
         final_state = states[-1] if states else self._state
         for code in batch.get("alarm_code", []):
             self._on_alarm(code, final_state, now, out)
@@ -328,6 +494,8 @@ class MachineTracker:
         for state in states:
             self._on_state(state, now, out)
         self._check_risk(now, out)
+        self._seen_at = now
+        self._gap_now = None
         return out
 
     def connection(self, connected: bool, now: float, reason: str = "") -> list[Event]:
@@ -338,6 +506,12 @@ class MachineTracker:
         self._connected = connected
         if not connected:
             self._attribution.pause(now)
+        if not connected and self._gap_start is None:
+            # Unobserved from the last data on (the loss is noticed only after a timeout).
+            self._gap_start = self._seen_at if self._seen_at is not None else now
+        if connected:
+            # The device may have rebooted while unreachable: its counters may restart.
+            self._hint_reset()
         out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
@@ -403,7 +577,7 @@ class MachineTracker:
                 "good": order.good,
                 "scrap": order.scrap,
                 "target": order.target,
-                "percent": _percent(order.good, order.target),
+                "percent": _percent(order.done, order.target),
                 "rate_per_hour": rate,
                 "eta": _eta(order, rate, now) if order.running else None,
                 "due": order.due,
@@ -444,7 +618,17 @@ class MachineTracker:
             "device_alarm_text": self._device_alarm_text,
             "device_order_id": self._device_order_id,
             "device_target": self._device_target,
-            "counters": {k: [c.value, c.source_time] for k, c in self._counters.items()},
+            "counters": {
+                k: [c.value, c.source_time, [list(p) for p in c.pending], c.anchor]
+                for k, c in self._counters.items()
+            },
+            "reset_hint": sorted(self._reset_hint),
+            "reset_in_order": sorted(self._reset_in_order),
+            "device_ended": self._device_ended,
+            "seen_at": self._seen_at,
+            "gap_start": self._gap_start,
+            "gaps": [list(g) for g in self._gaps],
+            "rejected_readings": dict(self._rejected_readings),
             "last_time": dict(self._last_time),
             "order": _order_to_dict(self._order),
             "queue": [
@@ -459,9 +643,19 @@ class MachineTracker:
 
     @classmethod
     def restore(
-        cls, machine: str, settings: TrackerSettings, state: dict[str, Any]
+        cls,
+        machine: str,
+        settings: TrackerSettings,
+        state: dict[str, Any],
+        *,
+        downtime: bool = True,
     ) -> MachineTracker:
-        """Rebuild a tracker from :meth:`export_state` output; raise ``ValueError`` if invalid."""
+        """Rebuild a tracker from :meth:`export_state` output; raise ``ValueError`` if invalid.
+
+        ``downtime``: the state comes from a gateway that stopped, so the time from the last
+        data it saw to the next is unobserved (a gap, when longer than two polls). False for
+        a tracker rebuilt in a running gateway: then the restore changes no later event.
+        """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
             raise ValueError(f"tracker state for {machine!r}: unsupported or missing version")
         if state.get("machine") != machine:
@@ -479,8 +673,25 @@ class MachineTracker:
             t._device_order_id = _opt(state["device_order_id"], str)
             t._device_target = _opt(state["device_target"], int)
             for name in _COUNT_SIGNALS:
-                value, when = state["counters"][name]
-                t._counters[name] = CounterState(_opt(value, int), _opt_float(when))
+                # A state saved before glitch filtering has only [value, time].
+                value, when, *more = state["counters"][name]
+                pending = tuple((int(v), float(w)) for v, w in (more[0] if more else ()))
+                anchor = bool(more[1]) if len(more) > 1 else False
+                t._counters[name] = CounterState(
+                    _opt(value, int), _opt_float(when), pending, anchor
+                )
+            t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
+            t._reset_in_order = {str(h) for h in state.get("reset_in_order", [])} & set(
+                _COUNT_SIGNALS
+            )
+            t._device_ended = _opt(state.get("device_ended"), bool)
+            t._seen_at = _opt_float(state.get("seen_at"))
+            t._gaps = [(float(a), float(b)) for a, b in state.get("gaps", [])][-RECENT_GAPS:]
+            # Nothing was observed between the saved state and whatever comes next: a gap
+            # from the last data seen (or, in an older state, the last call).
+            for name, n in state.get("rejected_readings", {}).items():
+                if name in t._rejected_readings:
+                    t._rejected_readings[name] = int(n)
             t._last_time = {str(k): float(v) for k, v in state["last_time"].items()}
             t._order = _order_from_dict(state["order"])
             t._queue = [_Queued(**q) for q in state["queue"]]
@@ -492,6 +703,10 @@ class MachineTracker:
             # Absent in state written before attribution existed.
             running = t._order is not None and t._order.running
             t._attribution = Attribution.restore(state.get("attribution"), t._updated_at, running)
+            gap_start = _opt_float(state.get("gap_start"))
+            if gap_start is None and downtime:
+                gap_start = t._seen_at if t._seen_at is not None else t._updated_at
+            t._gap_start = gap_start
         # AttributeError: a list where a mapping belongs; OverflowError: int(inf), float(10**400).
         except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ValueError(f"tracker state for {machine!r} is malformed: {exc!r}") from exc
@@ -509,7 +724,7 @@ class MachineTracker:
     def _usable(self, samples: Sequence[Sample], now: float) -> dict[str, list[Any]]:
         """Validate and parse the samples the tracker uses, grouped by signal, in order."""
         batch: dict[str, list[Any]] = {}
-        wrap = self.settings.counter_wrap
+        wraps = self._wraps
         me = self.machine
         good = Quality.GOOD
         any_good = False
@@ -534,7 +749,7 @@ class MachineTracker:
                 value = memo[1]
             else:
                 try:
-                    value = self._parse(signal, raw, wrap)
+                    value = self._parse(signal, raw, wraps.get(signal))
                 except ValueError as exc:
                     self._reject(s, str(exc), now)
                     continue
@@ -558,6 +773,12 @@ class MachineTracker:
             return value.strip().lower()
         if signal == "order_id":
             return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
+        if signal in ("counter_reset", "order_ended"):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError(f"{signal} must be a bit (true/false, 0/1), got {value!r}")
         if signal == "target_count":
             target = parse_count(value)
             if target > MAX_TARGET:
@@ -572,33 +793,133 @@ class MachineTracker:
     def _on_counts(self, batch: dict[str, list[Any]], now: float) -> None:
         order = self._order
         before = (order.good, order.scrap) if order is not None else None
-        wrap = self.settings.counter_wrap
+        hints = self._reset_hint
         for signal in _COUNT_SIGNALS:
-            for value, when in batch.get(signal, []):
-                step = advance(self._counters[signal], value, when, wrap)
-                self._counters[signal] = step.state
-                if step.delta > self.settings.max_counter_jump:
-                    self._rejections.append(
-                        Rejection(
-                            signal,
-                            str(value),
-                            f"counter jumped by {step.delta} in one reading (more than "
-                            f"max_counter_jump {self.settings.max_counter_jump}): taken as a "
-                            "replaced or re-based counter, not as production",
-                            when,
-                        )
+            readings = batch.get(signal)
+            if not readings:
+                continue
+            rule = self._rules[signal]
+            counters = self._counters
+            floor = rule.floor
+            for value, when in readings:
+                c = counters[signal]
+                base, since = c.value, c.source_time
+                if (
+                    base is not None
+                    and base <= value <= base + floor
+                    and not c.pending
+                    and (since is None or when >= since)
+                ):
+                    # advance()'s fast path inline (this runs for every counter reading): a
+                    # small step forward is always plausible.
+                    counters[signal] = CounterState(value, when)
+                    delta = value - base
+                    if hints:
+                        hints.discard(signal)
+                else:
+                    state, delta, applied, rejected, rebased, reset = advance(
+                        c, value, when, rule, signal in hints
                     )
-                    continue
-                if step.delta and order is not None:
-                    self._credit(order, signal, step.delta)
+                    if not applied:
+                        continue
+                    counters[signal] = state
+                    if hints and not state.pending:
+                        hints.discard(signal)  # kept across a glitch until one is accepted
+                    if rejected or rebased or reset:
+                        self._unusual_step(signal, value, when, state, rejected, rebased, reset)
+                if delta and order is not None:
+                    self._credit(order, signal, delta)
         if order is None or not order.running:
             return
         if self.settings.scrap_source == "total_minus_good":
             # Never backwards: good and total may come from different polls.
             order.scrap = max(order.scrap, order.total - order.good)
-        if before != (order.good, order.scrap) and order.good != order.history[-1][1]:
-            order.history.append((now, order.good))
+        done = order.done if order.total_basis else order.good
+        if before != (order.good, order.scrap) and done != order.history[-1][1]:
+            order.history.append((now, done))
             _prune(order, now, self.settings.rate_window)
+
+    def _unusual_step(
+        self,
+        signal: str,
+        value: int,
+        when: float,
+        state: CounterState,
+        rejected: int,
+        rebased: int,
+        reset: bool,
+    ) -> None:
+        """Record a glitch, a re-based counter or a reset (off the common path)."""
+        if rejected:
+            self._rejected_readings[signal] += rejected
+            self._add_rejection(
+                Rejection(
+                    signal,
+                    str(value),
+                    f"counter reading disagrees with the baseline {state.value} and was not "
+                    f"confirmed by {self.settings.counter_confirm} consecutive readings: taken "
+                    f"as a glitch ({rejected} reading(s) rejected)",
+                    when,
+                )
+            )
+        if rebased:
+            self._add_rejection(
+                Rejection(
+                    signal,
+                    str(value),
+                    f"counter jumped by {rebased}, more than the machine can make "
+                    "(max_rate_per_hour / max_counter_jump), and stayed there: taken as "
+                    "a replaced or re-based counter, not as production",
+                    when,
+                )
+            )
+        order = self._order
+        if reset and order is not None and order.running:
+            self._reset_in_order.add(signal)
+
+    def _add_rejection(self, rejection: Rejection) -> None:
+        if len(self._rejections) >= MAX_REJECTIONS:
+            del self._rejections[0]
+        self._rejections.append(rejection)
+
+    def _rule_for(self, signal: str) -> CounterRule:
+        s = self.settings
+        return CounterRule(
+            wrap=s.wrap_of(signal),
+            confirm=s.counter_confirm,
+            glitch=s.counter_glitch,
+            max_rate=s.max_rate_per_hour / 3600.0,
+            poll_interval=s.poll_interval,
+            max_jump=s.max_counter_jump,
+        )
+
+    def _end_gap(self, now: float) -> None:
+        """Observation resumed: record the gap and charge it to the order it spans."""
+        start = self._gap_start
+        self._gap_start = None
+        # A short pause (a config reload rebuilding the tracker, one slow poll) is no gap.
+        if start is None or now - start <= max(2.0 * self.settings.poll_interval, 2.0):
+            return
+        gap = (start, now)
+        self._gaps.append(gap)
+        if len(self._gaps) > RECENT_GAPS:
+            del self._gaps[0]
+        self._gap_now = gap
+        order = self._order
+        if order is not None and order.running:
+            _add_gap(order, gap)
+
+    def _hint_reset(self) -> None:
+        """The device may restart its counters now: a drop is a reset, not a glitch."""
+        # Only counters read before: a hint for a counter never read would stay for ever.
+        self._reset_hint.update(n for n, c in self._counters.items() if c.value is not None)
+
+    def _unobserved(self, since: float, now: float) -> float:
+        """Seconds of ``[since, now]`` inside known gaps."""
+        total = 0.0
+        for start, end in self._gaps:
+            total += max(0.0, min(end, now) - max(start, since))
+        return total
 
     def _credit(self, order: _Order, signal: str, delta: int) -> None:
         if not order.running:
@@ -616,11 +937,28 @@ class MachineTracker:
         order = self._order
         if order is None or not order.running:
             return
-        if self.settings.complete_on_target and order.target and order.good >= order.target:
-            self._complete("target_reached", now, out)
+        target = order.target
+        if target and (
+            (self._on_good and order.good >= target) or (self._on_total and order.done >= target)
+        ):
+            rule: CompletionRule = "good_reached" if self._on_good else "total_reached"
+            self._complete("target_reached", now, out, rule)
             self._start_next(now, out)
         else:
             self._maybe_progress(order, now, out)
+
+    def _on_order_ended(self, values: list[bool], now: float, out: list[Event]) -> None:
+        for ended in values:
+            # Only the change to ended counts: a job state still "Ended" from the previous
+            # job (its new state not read yet) must not end the next one.
+            rising = ended and self._device_ended is False
+            self._device_ended = ended
+            order = self._order
+            if not rising or "device_ended" not in self._completion:
+                continue
+            if order is not None and order.running:
+                self._complete("device_ended", now, out, "device_ended")
+                self._start_next(now, out)
 
     def _on_state(self, state: str, now: float, out: list[Event]) -> None:
         if state == self._state:
@@ -631,6 +969,12 @@ class MachineTracker:
     def _set_state(self, state: str, reason: str, now: float, out: list[Event]) -> None:
         previous, since = self._state, self._state_since
         self._state, self._state_since = state, now
+        # Offline is itself what was observed of a gap; other states exclude gaps.
+        unseen = (
+            0.0
+            if since is None or previous == MachineState.OFFLINE.value
+            else self._unobserved(since, now)
+        )
         order = self._order
         out.append(
             self._event(
@@ -638,7 +982,10 @@ class MachineTracker:
                 now,
                 state=state,
                 previous=previous,
-                previous_duration_s=None if since is None else round(max(0.0, now - since), 3),
+                previous_duration_s=None
+                if since is None
+                else round(max(0.0, now - since - unseen), 3),
+                unobserved_s=round(unseen, 3),
                 reason=reason,
                 order_id=order.order_id if order is not None and order.running else None,
             )
@@ -649,13 +996,16 @@ class MachineTracker:
             return
         if self._alarm_code:
             since = self._alarm_since
+            unseen = 0.0 if since is None else self._unobserved(since, now)
             out.append(
                 self._event(
                     "machine.alarm.cleared",
                     now,
                     code=self._alarm_code,
                     text=self._alarm_text,
-                    duration_s=None if since is None else round(max(0.0, now - since), 3),
+                    # Only what was observed: the alarm may have cleared at any time in a gap.
+                    duration_s=None if since is None else round(max(0.0, now - since - unseen), 3),
+                    unobserved_s=round(unseen, 3),
                 )
             )
         self._alarm_code, self._alarm_since = code, now
@@ -675,6 +1025,8 @@ class MachineTracker:
         if order_id == self._device_order_id:
             return
         self._device_order_id = order_id
+        # A new job on the device: its counters may restart with it.
+        self._hint_reset()
         if policy == "platform":
             return  # recorded only: the platform decides what runs
         order = self._order
@@ -719,7 +1071,8 @@ class MachineTracker:
         """Complete the running order with ``reason`` (or drop a completed one) and clear it."""
         order = self._order
         if order is not None and order.running:
-            self._complete(reason, now, out)
+            changed = reason in ("order_changed", "order_cleared")
+            self._complete(reason, now, out, "order_changed" if changed else None)
         self._order = None
 
     def _start(
@@ -732,14 +1085,23 @@ class MachineTracker:
         now: float,
         out: list[Event],
     ) -> None:
-        order = _Order(order_id, source, target, due, customer, started_at=now)
+        order = _Order(
+            order_id, source, target, due, customer, started_at=now, total_basis=self._total_basis
+        )
         order.progress_time = now
-        if source == "device" and self.settings.counter_mode == "per_order":
+        if self._gap_now is not None:
+            # First seen right after a gap: the order started somewhere inside it.
+            _add_gap(order, self._gap_now)
+        if source == "device":
             # A per-order device counter belongs to this order: whatever it shows (also when
-            # the gateway starts mid-order) are pieces of this order.
-            for name in _COUNT_SIGNALS:
-                c = self._counters[name]
-                self._counters[name] = replace(c, value=0)
+            # the gateway starts mid-order) are pieces of this order. Unless it was reset while
+            # the previous order id was still shown: the pieces since were counted for that
+            # order already, and counting them again here would count them twice.
+            for name in self._per_order:
+                if name not in self._reset_in_order:
+                    c = self._counters[name]
+                    self._counters[name] = c._replace(value=0, pending=(), anchor=True)
+        self._reset_in_order.clear()
         order.history.append((now, 0))
         self._order = order
         self._attribution.begin_order(now)
@@ -754,6 +1116,7 @@ class MachineTracker:
                 good=0,
                 scrap=0,
                 started_at=now,
+                **_gap_fields(order),
             )
         )
 
@@ -767,7 +1130,13 @@ class MachineTracker:
         q = self._queue.pop(0)
         self._start(q.order_id, "platform", q.target, q.due, q.customer, now, out)
 
-    def _complete(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
+    def _complete(
+        self,
+        reason: CompletionReason,
+        now: float,
+        out: list[Event],
+        rule: CompletionRule | None = None,
+    ) -> None:
         order = self._order
         assert order is not None and order.running
         self._attribution.end_order(now)
@@ -783,6 +1152,7 @@ class MachineTracker:
                 now,
                 order_id=order.order_id,
                 reason=reason,
+                rule=rule,
                 good=order.good,
                 scrap=order.scrap,
                 target=order.target,
@@ -790,13 +1160,14 @@ class MachineTracker:
                 completed_at=now,
                 duration_s=round(max(0.0, now - order.started_at), 3),
                 **self._operators(now),
+                **_gap_fields(order),
             )
         )
 
     def _maybe_progress(self, order: _Order, now: float, out: list[Event]) -> None:
         if (order.good, order.scrap) == (order.progress_good, order.progress_scrap):
             return
-        percent = _percent(order.good, order.target)
+        percent = _percent(order.done if order.total_basis else order.good, order.target)
         if (
             not order.progress_sent
             or (
@@ -810,7 +1181,7 @@ class MachineTracker:
     def _progress(self, order: _Order, now: float, out: list[Event]) -> None:
         _prune(order, now, self.settings.rate_window)
         rate = _rate(order, now, self.settings)
-        percent = _percent(order.good, order.target)
+        percent = _percent(order.done, order.target)
         order.progress_sent = True
         order.progress_time = now
         order.progress_good, order.progress_scrap = order.good, order.scrap
@@ -829,6 +1200,7 @@ class MachineTracker:
                 due=order.due,
                 started_at=order.started_at,
                 **self._operators(now),
+                **_gap_fields(order),
             )
         )
 
@@ -851,13 +1223,19 @@ class MachineTracker:
                     eta=eta,
                     due=order.due,
                     late_by_s=round(late_by, 3),
+                    **_gap_fields(order),
                 )
             )
         elif order.at_risk and eta is not None and not late:
             order.at_risk = False
             out.append(
                 self._event(
-                    "order.back_on_track", now, order_id=order.order_id, eta=eta, due=order.due
+                    "order.back_on_track",
+                    now,
+                    order_id=order.order_id,
+                    eta=eta,
+                    due=order.due,
+                    **_gap_fields(order),
                 )
             )
 

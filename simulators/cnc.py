@@ -333,10 +333,12 @@ class CncModel(EngineModel):
             K_PROGRAM_STATE: PRODUCTION_STATES[state_number],
             K_PROGRAM_STATE_NUMBER: state_number,
             K_JOB_IDENTIFIER: show.order_id,
-            # One part per program run: runs and parts count alike.
+            # One part per program run: runs and parts count alike. RunsPlanned counts every
+            # run, good and scrap (OPC 40501): the runs the job needs for its good target at
+            # its scrap rate, so RunsCompleted reaches it when the job ends.
             K_RUNS_COMPLETED: parts,
-            K_RUNS_PLANNED: show.target,
-            K_RUNS_PLANNED_VALID: show.target > 0,
+            K_RUNS_PLANNED: show.planned,
+            K_RUNS_PLANNED_VALID: show.planned > 0,
             K_PARTS_COMPLETED: parts,
             K_PARTS_GOOD: show.good,
             K_JOB_STATE: PRODUCTION_STATES[job_state],

@@ -23,6 +23,7 @@ from simulators.scenario import (
     RunOrder,
     Step,
     Stop,
+    pieces_to_reach,
     validate_script,
 )
 
@@ -55,6 +56,9 @@ class ProductionSnapshot:
     scrap: int = 0
     #: Target shown on the device (0 when the step hides it).
     target: int = 0
+    #: Pieces (good and scrap) the order is planned to take to reach its target at its
+    #: scrap cadence, as OPC 40501 ``RunsPlanned`` counts runs (0 when the target is hidden).
+    planned: int = 0
     alarm_code: int = 0
     #: Seconds the last piece took (0 before the first piece of an order).
     cycle_time: float = 0.0
@@ -210,7 +214,7 @@ class ProductionEngine:
         alarm = step.alarm_code if isinstance(step, Fault) else 0
         show = replace(show, activity=activity, state=state, alarm_code=alarm, nominal_cycle=0.0)
         if isinstance(step, Idle) and step.clear_order:
-            show = replace(show, order_id="", good=0, scrap=0, target=0, cycle_time=0.0)
+            show = replace(show, order_id="", good=0, scrap=0, target=0, planned=0, cycle_time=0.0)
         self._show = show
 
     def _start_run(self, step: RunOrder, at: float) -> None:
@@ -227,6 +231,7 @@ class ProductionEngine:
             state=MachineState.RUNNING,
             alarm_code=0,
             target=step.target if step.target_on_device else 0,
+            planned=pieces_to_reach(step.target, step.scrap_every) if step.target_on_device else 0,
             nominal_cycle=step.piece_seconds,
         )
         self._step_pieces = 0

@@ -89,7 +89,12 @@ async def test_cnc_order_survives_a_server_restart(
     done = next(e["data"] for e in stream if short(e) == "order.completed")
     assert done["order_id"] == "JOB-881"
     assert done["reason"] == "target_reached"
+    # RunsPlanned counts scrap runs too (OPC 40501): the order completes when the job's runs
+    # are done, at once, and its percent reaches 100.
+    assert done["rule"] == "total_reached"
     assert (done["good"], done["scrap"]) == (truth.good, truth.scrap)
+    percents = [e["data"]["percent"] for e in stream if short(e) == "order.progress"]
+    assert percents[-1] == 100.0
     goods = [e["data"]["good"] for e in stream if short(e) == "order.progress"]
     assert goods == sorted(goods)
     seqs = [e["sequence"] for e in stream]

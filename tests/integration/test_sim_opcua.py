@@ -136,7 +136,9 @@ async def test_cnc_profile_nodes_resolve_and_read(frozen_cnc: OpcUaMachineServer
     read = await check_profile_reads(frozen_cnc, "machine-tool-umati.yaml", aliases)
     assert read["state"] == "Running"
     assert (read["order_id"], read["good_count"], read["total_count"]) == ("PO-24117", 3, 3)
-    assert read["target_count"] == 8
+    # RunsPlanned counts every run (OPC 40501): 8 good at every fourth run scrap take 10.
+    assert read["target_count"] == 10
+    assert read["order_ended"] == "Running"  # the job's state, mapped to a bit by the profile
     assert read["program"] == cnc.program_for("PO-24117")
 
 

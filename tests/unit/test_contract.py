@@ -118,6 +118,10 @@ def test_outbound_schemas_forbid_unknown_fields(validators: dict[str, Any]) -> N
         "good": 0,
         "scrap": 0,
         "started_at": "2026-11-22T06:00:00.000Z",
+        "gap_free": True,
+        "unobserved_s": 0.0,
+        "gap_started_at": None,
+        "gap_ended_at": None,
     }
     assert errors(validators["order.started"], data) == []
     # A customer name must never reach an event: the schema would catch the drift.
@@ -326,11 +330,15 @@ def test_examples_validate(validators: dict[str, Any]) -> None:
 
 def test_parse_event_checks_consistency() -> None:
     ev = Event(
-        LOC.machine, "machine.alarm.cleared", T0, 3, {"code": 1, "text": "", "duration_s": 1}
+        LOC.machine,
+        "machine.alarm.cleared",
+        T0,
+        3,
+        {"code": 1, "text": "", "duration_s": 1, "unobserved_s": 0.0},
     )
     doc = json.loads(encode_event(ev, LOC, gateway_id=GW, event_id=new_event_id(T0, 1)))
     _env, data = parse_event(json.dumps(doc).encode())
-    assert data == contract.MachineAlarmCleared(code=1, text="", duration_s=1.0)
+    assert data == contract.MachineAlarmCleared(code=1, text="", duration_s=1.0, unobserved_s=0.0)
     with pytest.raises(ValueError, match="does not match type"):
         parse_event(json.dumps({**doc, "dataschema": "urn:shopfloor:schema:v1:order.started"}))
     with pytest.raises(ValueError, match="duration_s"):

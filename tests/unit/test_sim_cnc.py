@@ -57,7 +57,8 @@ def test_scripted_run_counts_parts_per_job() -> None:
     assert values[cnc.K_PROGRAM_STATE_NUMBER] == 1
     assert values[cnc.K_JOB_ID] == values[cnc.K_JOB_IDENTIFIER] == "PO-1"
     assert values[cnc.K_PROGRAM] == cnc.program_for("PO-1")
-    assert values[cnc.K_RUNS_PLANNED] == 5 and values[cnc.K_RUNS_PLANNED_VALID] is True
+    # RunsPlanned counts every run (OPC 40501): 5 good at every third run scrap take 7.
+    assert values[cnc.K_RUNS_PLANNED] == 7 and values[cnc.K_RUNS_PLANNED_VALID] is True
     assert values[cnc.K_PARTS_GOOD] == 0 and values[cnc.K_SPINDLE_ROTATING] is True
 
     model.advance(20.0)  # two parts, then the stop begins

@@ -20,6 +20,8 @@ from gateway.tracker import (
 
 M = "sew-01"
 T0 = 1_700_000_000.0
+#: What every order event says of an order observed without gaps (tests/unit/test_gaps.py).
+GAP_FREE = {"gap_free": True, "unobserved_s": 0.0, "gap_started_at": None, "gap_ended_at": None}
 
 
 def batch(t: float, quality: Quality = Quality.GOOD, **signals: Any) -> list[Sample]:
@@ -79,6 +81,7 @@ def test_first_state_has_no_previous() -> None:
                 "state": "running",
                 "previous": None,
                 "previous_duration_s": None,
+                "unobserved_s": 0.0,
                 "reason": "device",
                 "order_id": None,
             },
@@ -228,6 +231,7 @@ def test_order_lifecycle_from_the_device() -> None:
                 "good": 0,
                 "scrap": 0,
                 "started_at": T0,
+                **GAP_FREE,
             },
         )
     ]
@@ -299,7 +303,13 @@ def test_counts_in_the_same_batch_as_a_new_order_belong_to_it() -> None:
 def test_gateway_started_mid_order_per_order_counter_counts_what_is_there() -> None:
     tr = tracker(counter_mode="per_order")
     events = obs(tr, 0, order_id="A", good_count=37, target_count=100)
-    assert pick(events, "good")[1:] == [("order.started", 0), ("order.progress", 37)]
+    assert pick(events, "good")[1:] == [("order.started", 0)]
+    # More than one poll's worth of pieces: credited once the next reading confirms it (a
+    # glitch on the very first reading must not count).
+    assert pick(obs(tr, 1, good_count=37), "good") == [("order.progress", 37)]
+    small = tracker(counter_mode="per_order")
+    events = obs(small, 0, order_id="A", good_count=3, target_count=100)
+    assert pick(events, "good")[1:] == [("order.started", 0), ("order.progress", 3)]
 
 
 def test_lifetime_counter_counts_from_the_order_start() -> None:
@@ -376,14 +386,24 @@ def test_complete_on_target_disabled() -> None:
     ("settings", "readings", "good"),
     [
         ({}, [0, 5, 5, 5], 5),  # duplicates
-        ({}, [0, 5, 2, 4], 9),  # reset mid-order: 5 + 2 + 2
-        ({}, [0, 5, 0, 3], 8),  # reset to zero
+        ({}, [0, 15, 2, 4], 19),  # reset mid-order, confirmed by the next read: 15 + 4
+        ({}, [0, 15, 0, 3], 18),  # reset to zero
+        ({}, [0, 5, 2, 4, 6], 6),  # a drop by a few counts is a glitch: the baseline stands
         ({"counter_wrap": 65536}, [65530, 65535, 3], 65530 + 5 + 4),  # per_order + wrap
         ({"counter_mode": "lifetime", "counter_wrap": 65536}, [65530, 65535, 3], 9),
-        ({"counter_mode": "lifetime"}, [1000, 1010, 4], 14),  # lifetime + reset
+        ({"counter_mode": "lifetime"}, [1000, 1010, 4, 4], 14),  # lifetime + reset
         ({"counter_mode": "lifetime", "counter_wrap": 100}, [90, 99, 10], 20),
     ],
-    ids=["dupes", "reset", "reset-zero", "wrap-per-order", "wrap-lifetime", "lifetime", "w100"],
+    ids=[
+        "dupes",
+        "reset",
+        "reset-zero",
+        "glitch",
+        "wrap-per-order",
+        "wrap-lifetime",
+        "lifetime",
+        "w100",
+    ],
 )
 def test_counter_rules(settings: dict[str, Any], readings: list[int], good: int) -> None:
     tr = tracker(**settings)
@@ -460,6 +480,7 @@ def test_alarm_raised_and_cleared() -> None:
                 "state": "fault",
                 "previous": "running",
                 "previous_duration_s": 10.0,
+                "unobserved_s": 0.0,
                 "reason": "alarm",
                 "order_id": None,
             },
@@ -583,6 +604,7 @@ def test_platform_queue_runs_orders_one_after_the_other() -> None:
                 "good": 0,
                 "scrap": 0,
                 "started_at": T0 + 1,
+                **GAP_FREE,
             },
         )
     ]
@@ -703,7 +725,7 @@ def test_export_and_restore_continue_where_they_left_off() -> None:
     obs(tr, 0, state="running", good_count=0, alarm_code=5, alarm_text="x")
     obs(tr, 1, good_count=4)
     saved = json.loads(json.dumps(tr.export_state()))
-    back = MachineTracker.restore(M, settings, saved)
+    back = MachineTracker.restore(M, settings, saved, downtime=False)
     assert back.snapshot() == tr.snapshot()
     assert back.export_state() == tr.export_state()
     later_a = obs(tr, 2, good_count=12) + tr.tick(T0 + 200)
@@ -743,10 +765,16 @@ def test_restore_rejects_a_broken_order() -> None:
 CASES = Path(__file__).parent.parent / "cases"
 
 
+def _frozen(value: Any) -> Any:
+    """YAML lists as the tuples TrackerSettings holds."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
+
+
 def run_case(folder: Path) -> list[dict[str, Any]]:
     """Replay ``samples.jsonl`` of a golden case; return its events as JSON-ready dicts."""
     cfg = yaml.safe_load((folder / "config.yaml").read_text()) or {}
-    tr = MachineTracker(M, TrackerSettings(**cfg))
+    settings = TrackerSettings(**{k: _frozen(v) for k, v in cfg.items()})
+    tr = MachineTracker(M, settings)
     events: list[Event] = []
     for line in (folder / "samples.jsonl").read_text().splitlines():
         step = json.loads(line)
@@ -755,9 +783,16 @@ def run_case(folder: Path) -> list[dict[str, Any]]:
             events += tr.connection(step["connection"], now, step.get("reason", ""))
         elif step.get("tick"):
             events += tr.tick(now)
+        elif step.get("restart"):
+            # The gateway stops and starts again from its saved state (JSON, as on disk).
+            saved = json.loads(json.dumps(tr.export_state()))
+            tr = MachineTracker.restore(M, settings, saved)
         else:
             when = now + step.get("source_offset", 0.0)
-            samples = [Sample(M, k, v, when) for k, v in step["samples"].items()]
+            pairs = step["samples"]
+            # A list of [signal, value] pairs holds several readings of one signal in a batch.
+            items = pairs if isinstance(pairs, list) else list(pairs.items())
+            samples = [Sample(M, k, v, when) for k, v in items]
             events += tr.observe(samples, now)
     return [
         {"type": e.type, "sequence": e.sequence, "time": e.time, "data": dict(e.data)}
