@@ -333,3 +333,32 @@ async def test_second_instance_on_one_state_dir_refuses_to_start(tmp_path: Path)
     assert code == 0, out
     async with _running(config, tmp_path / "second.log") as second:
         await _lock_holder(lock, second)
+
+
+# ---------------------------------------------------------------------------- the demo
+
+
+def _demo_config(tmp: Path, health: str) -> Path:
+    """The demo's config with free ports everywhere and the given health address."""
+    text = (ROOT / "config" / "demo.yaml").read_text()
+    for old in ("11883", "15020", "15021", "15022", "14840", "14850"):
+        text = text.replace(old, str(free_port()))
+    text = text.replace("state_dir: ${SHOPFLOOR_DEMO_STATE:-../var/demo}", "state_dir: state")
+    path = tmp / "demo.yaml"
+    path.write_text(text + f"health: {{listen: '{health}'}}\n")
+    return path
+
+
+async def test_demo_refuses_a_taken_metrics_port_before_starting(tmp_path: Path) -> None:
+    # The finding: with 9108 taken, the demo ran and the only trace was a warning in its log.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        config = _demo_config(tmp_path, f"127.0.0.1:{port}")
+        code, out = await _cli(
+            "demo", "-c", str(config), "--duration", "3", "--log-file", str(tmp_path / "d.log")
+        )
+    assert code == 1, out
+    assert f"port 127.0.0.1:{port} for /healthz and /metrics (health.listen) is in use" in out
+    assert "Traceback" not in out
