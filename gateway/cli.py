@@ -186,7 +186,7 @@ def cmd_check(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     from gateway import preflight
 
-    problems = preflight.check(plan)
+    problems = preflight.check(plan, devices=True)
     if problems:
         _out(f"{args.config}: {len(problems)} problem(s) found:", sys.stderr)
         for err in problems:

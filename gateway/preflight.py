@@ -26,7 +26,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from gateway.config import GatewayPlan
 from gateway.yamlsource import Located, Path_, SourceError, format_path, load
@@ -139,8 +139,12 @@ class _Report:
         self.problems.append(SourceError(self.src.file, line, format_path(path), message))
 
 
-def check(plan: GatewayPlan) -> list[SourceError]:
+def check(plan: GatewayPlan, *, devices: bool = False) -> list[SourceError]:
     """Every reason ``run`` would fail at start with this plan on this machine.
+
+    With ``devices``, also the OPC UA certificate, key and trust files, which ``run`` only
+    loads when it connects to that machine (which then stays offline, the others run):
+    ``check`` reports them, ``run`` does not refuse to start for them.
 
     Nothing is left behind: the state dir is probed with a temporary file, ports with a
     socket that is closed again, the lock with a shared lock that is released at once.
@@ -149,6 +153,8 @@ def check(plan: GatewayPlan) -> list[SourceError]:
     report = _Report(src, [])
     _check_packages(plan, report)
     _check_tls(plan, report)
+    if devices:
+        _check_device_files(plan, report)
     state_ok = _check_state_dir(plan, report)
     if state_ok:
         _check_lock(plan, report)
@@ -249,6 +255,77 @@ def _check_tls(plan: GatewayPlan, report: _Report) -> None:
                 )
         if reason is not None:
             report.add(("influxdb", "ca_file"), reason)
+
+
+def _check_device_files(plan: GatewayPlan, report: _Report) -> None:
+    for i, m in enumerate(plan.machines):
+        if m.protocol.name != "opcua":
+            continue
+        conn: Any = m.connection
+        sec = conn.security
+        base: Path_ = ("machines", i, "connection")
+        if sec.policy != "None":
+            password = sec.private_key_password
+            key_pw = password.get_secret_value().encode() if password is not None else None
+            if sec.certificate is not None:
+                _load_certificate(report, (*base, "security", "certificate"), sec.certificate)
+            if sec.private_key is not None:
+                _load_key(report, (*base, "security", "private_key"), sec.private_key, key_pw)
+            from adapters.opcua.security import SecuritySetupError, load_trust
+
+            try:
+                load_trust(sec.trust)
+            except SecuritySetupError as exc:
+                report.add((*base, "security", "trust"), str(exc).removeprefix("security.trust: "))
+        if conn.user_certificate is not None:
+            _load_certificate(report, (*base, "user_certificate"), conn.user_certificate)
+        if conn.user_private_key is not None:
+            _load_key(report, (*base, "user_private_key"), conn.user_private_key, None)
+
+
+def _load_certificate(report: _Report, where: Path_, path: Path) -> None:
+    from cryptography import x509
+
+    reason = _readable(str(path))
+    if reason is None:
+        data = path.read_bytes()
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                x509.load_pem_x509_certificate(data)
+            else:
+                x509.load_der_x509_certificate(data)
+        except ValueError as exc:
+            reason = f"{path} is not a certificate in PEM or DER ({_short(exc)})"
+    if reason is not None:
+        report.add(where, reason)
+
+
+def _load_key(report: _Report, where: Path_, path: Path, password: bytes | None) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    reason = _readable(str(path))
+    if reason is None:
+        data = path.read_bytes()
+        try:
+            if data.lstrip().startswith(b"-----BEGIN"):
+                serialization.load_pem_private_key(data, password)
+            else:
+                serialization.load_der_private_key(data, password)
+        except (ValueError, TypeError) as exc:
+            reason = (
+                f"{path} is not a usable private key in PEM or DER ({_short(exc)}); an encrypted "
+                "key needs private_key_password"
+            )
+    if reason is not None:
+        report.add(where, reason)
+
+
+def _short(exc: Exception) -> str:
+    """The first clause of a cryptography error (the rest is parser internals)."""
+    text = str(exc)
+    for stop in (". ", " {", ": ParseError"):
+        text = text.split(stop, 1)[0]
+    return text
 
 
 def _state_field(report: _Report) -> Path_:

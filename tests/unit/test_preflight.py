@@ -76,3 +76,58 @@ def test_take_lock_creates_the_state_dir_and_check_leaves_nothing(tmp_path: Path
         assert refused.path == "state_dir"
     assert preflight.check(plan) == []
     assert sorted(p.name for p in (tmp_path / "state").iterdir()) == ["shopfloor-outbox.db.lock"]
+
+
+def test_check_loads_the_opcua_certificate_key_and_trust_files(tmp_path: Path) -> None:
+    # run loads these only when it connects (that machine stays offline); check says so first.
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    good_key = tmp_path / "key.pem"
+    good_key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pw"),
+        )
+    )
+    (tmp_path / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nnope\n")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    (trust / "server.der").write_bytes(b"\x30\x03\x02\x01\x00")
+    security = (
+        "{policy: Basic256Sha256, certificate: cert.pem, private_key: key.pem, trust: [trusted]}"
+    )
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-1, site: plant-1}\nstate_dir: state\nhealth: {listen: null}\n"
+        "broker: {host: 127.0.0.1}\n"
+        "machines:\n"
+        "  - id: cnc-1\n    area: x\n    line: y\n    profile: machine-tool-umati\n"
+        "    connection:\n      url: opc.tcp://127.0.0.1:4840\n"
+        f"      security: {security}\n"
+    )
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # the adapter reads these paths as given, like run in its directory
+    try:
+        plan = load_config(cfg, env={})
+        assert preflight.check(plan) == []  # not what stops run
+        problems = {p.path: p for p in preflight.check(plan, devices=True)}
+    finally:
+        os.chdir(cwd)
+    assert set(problems) == {
+        "machines[0].connection.security.certificate",
+        "machines[0].connection.security.private_key",
+        "machines[0].connection.security.trust",
+    }
+    assert {p.line for p in problems.values()} == {12}, problems
+    assert (
+        "cert.pem is not a certificate"
+        in problems["machines[0].connection.security.certificate"].message
+    )
+    assert (
+        "needs private_key_password"
+        in problems["machines[0].connection.security.private_key"].message
+    )
+    assert "server.der" in problems["machines[0].connection.security.trust"].message
