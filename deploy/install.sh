@@ -80,6 +80,10 @@ if ! getent passwd shopfloor >/dev/null; then
     --shell /usr/sbin/nologin --comment "Shopfloor Gateway" shopfloor
 fi
 
+# systemd's StateDirectory= would create it at the first start; made now, `shopfloor check`
+# run as the gateway's user finds the state dir it will write to.
+install -d -m 0750 -o shopfloor -g shopfloor /var/lib/shopfloor
+
 say "installing the gateway into $PREFIX"
 if [ ! -x "$PREFIX/bin/python" ]; then
   python3 -m venv "$PREFIX"

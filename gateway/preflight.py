@@ -155,10 +155,11 @@ def check(plan: GatewayPlan, *, devices: bool = False) -> list[SourceError]:
     _check_tls(plan, report)
     if devices:
         _check_device_files(plan, report)
-    state_ok = _check_state_dir(plan, report)
-    if state_ok:
-        _check_lock(plan, report)
-    _check_health_port(plan, report)
+    running = _check_state_dir(plan, report) and _check_lock(plan, report)
+    if not running:
+        # A gateway running on this state dir holds its own health port: saying so twice
+        # would only suggest a second, unrelated conflict.
+        _check_health_port(plan, report)
     return report.problems
 
 
@@ -356,11 +357,15 @@ def _check_state_dir(plan: GatewayPlan, report: _Report) -> bool:
     try:
         fd, probe = tempfile.mkstemp(prefix=".shopfloor-check-", dir=existing)
     except OSError as exc:
-        report.add(
-            where,
-            f"the state dir {directory} is not writable "
-            f"({exc.strerror or exc}: {existing}); {hint}",
-        )
+        why = f"{exc.strerror or exc}: {existing}"
+        if existing == directory:
+            report.add(where, f"the state dir {directory} is not writable ({why}); {hint}")
+        else:
+            report.add(
+                where,
+                f"the state dir {directory} does not exist and cannot be created ({why}); "
+                f"create it for the gateway's user (deploy/install.sh does), or {hint}",
+            )
         return False
     os.close(fd)
     with contextlib.suppress(OSError):
@@ -375,10 +380,18 @@ def _check_state_dir(plan: GatewayPlan, report: _Report) -> bool:
     return existing == directory
 
 
-def _check_lock(plan: GatewayPlan, report: _Report) -> None:
+def _check_lock(plan: GatewayPlan, report: _Report) -> bool:
+    """Whether a gateway runs on this state dir (reported as a problem)."""
     held = holder(lock_path(plan))
-    if held is not None:
-        report.add(_state_field(report), already_running_message(held))
+    if held is None:
+        return False
+    report.add(
+        _state_field(report),
+        already_running_message(held)
+        + "; to check a change for the running gateway before `systemctl reload "
+        "shopfloor`, use `shopfloor check --config-only`",
+    )
+    return True
 
 
 def take_lock(plan: GatewayPlan) -> InstanceLock | SourceError:

@@ -313,6 +313,13 @@ async def test_second_instance_on_one_state_dir_refuses_to_start(tmp_path: Path)
     # The finding: two instances on one state dir both started; one crashed 4 s later with
     # "UNIQUE constraint failed: messages.seq".
     config = _config(tmp_path)
+    # The first gateway holds its health port too: check must not report it as a second,
+    # unrelated problem.
+    config.write_text(
+        config.read_text().replace(
+            "health: {listen: null}", f"health: {{listen: '127.0.0.1:{free_port()}'}}"
+        )
+    )
     lock = tmp_path / "state" / ("shopfloor-outbox.db" + LOCK_SUFFIX)
     where = f"{config}:{_line_of(config, 'state_dir:')}: state_dir: "
     async with _running(config, tmp_path / "first.log") as first:
@@ -321,6 +328,10 @@ async def test_second_instance_on_one_state_dir_refuses_to_start(tmp_path: Path)
         code, out = await _cli("check", "-c", str(config))
         assert code == 2, out
         assert f"{where}already running (pid {first.pid})" in out, out
+        assert "1 problem(s) found" in out, out
+        # A change for the running gateway is checked without what only a start needs.
+        code, out = await _cli("check", "--config-only", "-c", str(config))
+        assert code == 0, out
 
         code, out = await _cli("run", "-c", str(config), within=20)
         assert code == 1, out
