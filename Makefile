@@ -118,3 +118,12 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.events
 	$(BIN)/python -m bench.scale_opcua
 	$(BIN)/python -m bench.outbox
+
+# `make image-test`: build deploy/Containerfile for real and run the image as its own user
+# on a config dir made as install.sh makes it (minutes; not part of `make test`). Needs
+# root; installs buildah, podman and debootstrap; see tests/image/test_container_image.py.
+.PHONY: image-test
+image-test: $(VENV)/.installed-test mosquitto
+	@command -v buildah >/dev/null && command -v podman >/dev/null && command -v debootstrap >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq buildah podman debootstrap >/dev/null; }
+	SHOPFLOOR_IMAGE_TEST=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/image

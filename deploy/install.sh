@@ -5,13 +5,16 @@
 #
 # What it does (each step is safe to repeat; an upgrade is the same command):
 #   1. installs python3-venv if missing,
-#   2. creates the system user `shopfloor`,
+#   2. creates the system group `shopfloor` with gid 10001 (the group the container image
+#      runs as, so the image can read /etc/shopfloor) and the system user `shopfloor`,
 #   3. creates a virtual environment in /opt/shopfloor and installs the gateway into it,
 #   4. puts an example config in /etc/shopfloor/ (never overwrites yours),
 #   5. installs and enables the systemd unit (starts it only when asked: --start).
 #
 # Options: --prefix DIR (default /opt/shopfloor), --config-dir DIR (default /etc/shopfloor),
-#          --with-influxdb (the optional history sink), --start, --no-systemd.
+#          --with-influxdb (the optional history sink), --start, --no-systemd,
+#          --gid GID (group id of `shopfloor`, default 10001; build the image with the same
+#          --build-arg GID=GID if you change it).
 set -eu
 
 PREFIX=/opt/shopfloor
@@ -19,6 +22,9 @@ CONFIG_DIR=/etc/shopfloor
 EXTRAS=""
 START=no
 SYSTEMD=yes
+# The container image (deploy/Containerfile) runs as uid 10001, gid 10001: a host group
+# with that gid lets the image read the 0640 root:shopfloor files of the config dir.
+GID=10001
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 while [ $# -gt 0 ]; do
@@ -28,7 +34,8 @@ while [ $# -gt 0 ]; do
     --with-influxdb) EXTRAS="[influxdb]"; shift ;;
     --start) START=yes; shift ;;
     --no-systemd) SYSTEMD=no; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --gid) GID=$2; shift 2 ;;
+    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
     *) echo "install.sh: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
 done
@@ -50,11 +57,32 @@ if ! python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv
 fi
 
+case "$GID" in
+  ''|*[!0-9]*) echo "install.sh: --gid needs a number, got '$GID'" >&2; exit 2 ;;
+esac
+if ! getent group shopfloor >/dev/null; then
+  if getent group "$GID" >/dev/null; then
+    echo "install.sh: gid $GID is taken by group $(getent group "$GID" | cut -d: -f1);" \
+      "choose a free one with --gid (and build the image with --build-arg GID=...)" >&2
+    exit 1
+  fi
+  say "creating system group shopfloor (gid $GID)"
+  groupadd --system --gid "$GID" shopfloor
+fi
+HAVE_GID=$(getent group shopfloor | cut -d: -f3)
+if [ "$HAVE_GID" != "$GID" ]; then
+  echo "    note: group shopfloor has gid $HAVE_GID, not $GID: a container reads" \
+    "$CONFIG_DIR only if built with --build-arg GID=$HAVE_GID (docs/deploy.md)"
+fi
 if ! getent passwd shopfloor >/dev/null; then
   say "creating system user shopfloor"
-  useradd --system --user-group --home-dir /var/lib/shopfloor --no-create-home \
+  useradd --system --gid shopfloor --home-dir /var/lib/shopfloor --no-create-home \
     --shell /usr/sbin/nologin --comment "Shopfloor Gateway" shopfloor
 fi
+
+# systemd's StateDirectory= would create it at the first start; made now, `shopfloor check`
+# run as the gateway's user finds the state dir it will write to.
+install -d -m 0750 -o shopfloor -g shopfloor /var/lib/shopfloor
 
 say "installing the gateway into $PREFIX"
 if [ ! -x "$PREFIX/bin/python" ]; then

@@ -72,6 +72,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate a config file and print every mistake")
     p.add_argument("-c", "--config", required=True, help="path of the YAML config")
+    p.add_argument(
+        "--config-only",
+        action="store_true",
+        help="check the file alone, not what `run` needs from this machine (packages, TLS "
+        "files, state dir, ports, another gateway): e.g. a change for a running gateway "
+        "before `systemctl reload`",
+    )
 
     p = sub.add_parser("simulate", help="start simulated machines")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
@@ -203,21 +210,38 @@ def _load(path: str) -> Any:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """``shopfloor check``: validate and summarise, never a traceback."""
+    """``shopfloor check``: validate and summarise, never a traceback.
+
+    Beyond the file itself, everything ``run`` needs at start is checked on this machine
+    (:mod:`gateway.preflight`): what passes here does not stop ``run``.
+    """
     plan = _load(args.config)
     if plan is None:
+        return EXIT_USAGE
+    from gateway import preflight
+
+    problems = [] if args.config_only else preflight.check(plan, devices=True)
+    if problems:
+        _out(f"{args.config}: {len(problems)} problem(s) found:", sys.stderr)
+        for err in problems:
+            _out(f"  {err}", sys.stderr)
         return EXIT_USAGE
     protocols: dict[str, int] = {}
     for m in plan.machines:
         protocols[m.protocol.name] = protocols.get(m.protocol.name, 0) + 1
     kinds = ", ".join(f"{n} {p}" for p, n in sorted(protocols.items()))
-    b = plan.broker
     _out(f"{args.config}: OK")
     _out(f"  gateway {plan.gateway_id} at site {plan.site}, topics under {plan.topic_prefix}/")
-    _out(
-        f"  broker {b.host}:{b.port} ({'TLS' if b.tls else 'plain TCP'}), client id {b.client_id}"
-        + (f", user {b.username}, password set" if b.password is not None else "")
-    )
+    for d in plan.destinations:
+        b = d.broker
+        name = "broker" if d.name == "default" else f"destination {d.name}:"
+        _out(
+            f"  {name} {b.host}:{b.port} ({'TLS' if b.tls else 'plain TCP'}), "
+            f"client id {b.client_id}"
+            + (f", user {b.username}, password set" if b.password is not None else "")
+        )
+    if plan.outbox is not None:
+        _out(f"  outbox {plan.outbox.path}")
     _out(f"  {len(plan.machines)} machine(s): {kinds}")
     for m in plan.machines:
         loc = m.location
@@ -231,7 +255,12 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """``shopfloor run``: the daemon."""
+    """``shopfloor run``: the daemon.
+
+    Whatever would stop it at start (:mod:`gateway.preflight`, the checks ``check`` makes
+    too) ends it with one line per problem and exit code 1, never a traceback. The state
+    dir's lock is taken before the outbox opens and held until the process ends.
+    """
     logs.configure(args.log_level or "info", json=_json(args.log_format))
     plan = _load(args.config)
     if plan is None:
@@ -242,13 +271,36 @@ def cmd_run(args: argparse.Namespace) -> int:
         json=_json(args.log_format or plan.log_format),
         levels=plan.log_levels,
     )
+    from gateway import preflight
+
+    problems = preflight.check(plan)
+    if problems:
+        for err in problems:
+            _out(f"cannot start: {err}", sys.stderr)
+        return EXIT_FAILURE
+    # Another gateway may have started since the check: the lock is what decides.
+    lock = preflight.take_lock(plan)
+    if not isinstance(lock, preflight.InstanceLock):
+        _out(f"cannot start: {lock}", sys.stderr)
+        return EXIT_FAILURE
+    with lock:
+        return _run_gateway(plan)
+
+
+def _run_gateway(plan: Any) -> int:
     from gateway.loopwatch import LoopWatch
     from gateway.runtime import SHUTDOWN_DEADLINE, Gateway
 
     watch = LoopWatch()
 
     async def go(stop: asyncio.Event) -> int:
-        gateway = Gateway(plan, watch=watch)
+        try:
+            gateway = Gateway(plan, watch=watch)
+        except (ValueError, ImportError, OSError) as exc:
+            # What the start-up checks cover, changed since (a file replaced meanwhile).
+            log.error("gateway.start_failed", error=f"{type(exc).__name__}: {exc}")
+            _out(f"cannot start: {plan.source}: {exc}", sys.stderr)
+            return EXIT_FAILURE
         with contextlib.suppress(NotImplementedError):
             # SIGHUP (and `systemctl reload`) re-reads the config file.
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.request_reload)

@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
 import sys
 import time
 from pathlib import Path
@@ -38,13 +37,13 @@ def _say(text: str) -> None:
 
 
 def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
+    from gateway.preflight import port_problem
+
+    return port_problem(host, port) is None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
 
 
 def _endpoint(connection: object) -> tuple[str, int]:
@@ -60,6 +59,9 @@ def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
     out = [("broker", plan.broker.host, plan.broker.port)]
     for m in plan.machines:
         out.append((m.id, *_endpoint(m.connection)))
+    if plan.health_listen is not None and plan.health_listen[1] != 0:
+        # A taken metrics port only warned in the log file, where nobody looks during a demo.
+        out.append(("/healthz and /metrics (health.listen)", *plan.health_listen))
     return out
 
 
@@ -96,12 +98,11 @@ async def _play_platform(gateway: Gateway, plan: GatewayPlan) -> None:
 
 
 async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> int:
-    """Run the demo until ``stop`` is set (Ctrl-C) or ``--duration`` passed."""
-    from gateway import watch
-    from simulators.modbus_server import SimulatedFloor, StationSpec
-    from simulators.opcua_cli import server_for_profile
-    from simulators.sewing import StationModel
+    """Run the demo until ``stop`` is set (Ctrl-C) or ``--duration`` passed.
 
+    Every port it needs (broker, simulators, ``/healthz`` and ``/metrics``) is checked free
+    before anything starts, and the state dir's lock is taken as ``shopfloor run`` does.
+    """
     config_path = Path(getattr(args, "config", None) or DEMO_CONFIG)
     try:
         plan = load_config(
@@ -115,6 +116,23 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
         for name, h, p in busy:
             _say(f"port {h}:{p} for {name} is in use; is another demo running? (stop it first)")
         return 1
+    from gateway import preflight
+
+    # Ports are not all a demo holds: its outbox is one per state dir too.
+    lock = preflight.take_lock(plan)
+    if not isinstance(lock, preflight.InstanceLock):
+        _say(f"cannot start the demo: {lock}")
+        return 1
+    with lock:
+        return await _run_locked(args, stop, log_path, plan)
+
+
+async def _run_locked(
+    args: argparse.Namespace, stop: asyncio.Event, log_path: Path, plan: GatewayPlan
+) -> int:
+    from simulators.modbus_server import SimulatedFloor, StationSpec
+    from simulators.opcua_cli import server_for_profile
+    from simulators.sewing import StationModel
 
     stations = [
         StationSpec(
@@ -137,8 +155,15 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
             _say(f"no simulator for machine {m.id} (profile {m.profile}); it will show offline")
         else:
             opcua_servers.append(server)
+    from gateway import watch
+
     b = plan.broker
     prefix = plan.topic_prefix
+    metrics = (
+        f"    Metrics: http://{_url_host(plan.health_listen[0])}:{plan.health_listen[1]}/metrics"
+        if plan.health_listen is not None
+        else ""
+    )
     try:
         async with contextlib.AsyncExitStack() as stack:
             broker = await stack.enter_async_context(EmbeddedBroker(b.host, b.port))
@@ -155,7 +180,7 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
                 f"{len(opcua_servers)} OPC UA machines, "
                 f"{broker.kind} broker on {b.host}:{b.port}. Ctrl-C stops everything.\n"
                 f"Subscribe yourself: mosquitto_sub -h {b.host} -p {b.port} -t "
-                f"'{prefix}/#' -v    Gateway logs: {log_path}"
+                f"'{prefix}/#' -v    Gateway logs: {log_path}{metrics}"
             )
             view_task = asyncio.create_task(
                 watch.watch(b.host, b.port, prefix, header=header), name="watch"

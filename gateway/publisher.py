@@ -102,6 +102,9 @@ class BrokerSettings:
     online_payload: bytes = b""
     will_payload: bytes = b""
     offline_payload: bytes = b""
+    #: Builds the offline status when the publisher says goodbye, so that its ``time`` is
+    #: the shutdown's; ``offline_payload`` when unset.
+    offline_status: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
     max_queue: int = 100_000
     window: int = 100
     connect_timeout: float = 5.0
@@ -884,8 +887,9 @@ class MqttPublisher:
         try:
             if s.status_topic:
                 async with asyncio.timeout(max(s.connect_timeout, 1.0)):
+                    goodbye = s.offline_status() if s.offline_status else s.offline_payload
                     await client.publish(
-                        s.status_topic, s.offline_payload, qos=1, retain=True, timeout=math.inf
+                        s.status_topic, goodbye, qos=1, retain=True, timeout=math.inf
                     )
                 offline_sent = True
                 self._published += 1

@@ -155,8 +155,13 @@ def broker_settings(
     topics: Topics,
     started_at: float,
     destination: DestinationPlan | None = None,
+    clock: Clock = time.time,
 ) -> BrokerSettings:
-    """Translate one destination's broker (default: the first) into publisher settings."""
+    """Translate one destination's broker (default: the first) into publisher settings.
+
+    The offline status of a clean shutdown is built when it is sent (``clock()`` then), so
+    its ``time`` says when the gateway stopped; the last will's is the registration time.
+    """
     b = destination.broker if destination is not None else plan.broker
     tls = (
         TlsSettings(
@@ -169,13 +174,13 @@ def broker_settings(
         else None
     )
 
-    def status(state: str, reason: str | None) -> bytes:
+    def status(state: str, reason: str | None, now: float = started_at) -> bytes:
         return encode_status(
             state,  # type: ignore[arg-type]
             gateway_id=plan.gateway_id,
             version=__version__,
             started_at=started_at,
-            now=started_at,
+            now=now,
             reason=reason,
         )
 
@@ -191,6 +196,7 @@ def broker_settings(
         online_payload=status("online", None),
         will_payload=status("offline", "connection lost"),
         offline_payload=status("offline", "shutdown"),
+        offline_status=lambda: status("offline", "shutdown", clock()),
         max_queue=b.max_queue,
         protocol=b.protocol,
     )
@@ -294,7 +300,9 @@ class Gateway:
                 secret=secret,
             )
             pub = MqttPublisher(
-                broker_settings(plan, self.topics, self.started_at, d), name=d.name, queue=q
+                broker_settings(plan, self.topics, self.started_at, d, clock),
+                name=d.name,
+                queue=q,
             )
             q.waker = pub.notify
             self.publishers[d.name] = pub

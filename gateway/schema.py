@@ -249,6 +249,16 @@ def example_messages() -> dict[str, dict[str, Any]]:
             "online", gateway_id=gw, version=EXAMPLE_VERSION, started_at=started, now=started
         )
     )
+    out["status-heartbeat"] = json.loads(
+        encode_status(
+            "online",
+            gateway_id=gw,
+            version=EXAMPLE_VERSION,
+            started_at=started,
+            now=_T0,
+            extra={"uptime_s": 3600.0, "devices_online": 5, "devices_total": 6, "backlog": 0},
+        )
+    )
     out["status-offline"] = json.loads(
         encode_status(
             "offline",

@@ -98,6 +98,7 @@ async def test_a_command_flood_does_not_slow_polling_or_publishing(
             "\n".join(
                 [
                     f"gateway: {{id: gw-flood, site: {SITE}, topic_prefix: {PREFIX}}}",
+                    "health: {listen: null}",  # 9108 may be taken: run would refuse
                     f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}",
                     "logging: {level: info, format: json}",
                     "tracker: {progress_step_percent: 0.001, progress_interval: 1}",

@@ -52,6 +52,7 @@ def config(path: Path, broker_port: int, ports: dict[str, int]) -> Path:
     )
     path.write_text(
         f"gateway: {{id: gw-cmd, site: {SITE}, topic_prefix: {PREFIX}}}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {broker_port}}}\n"
         "logging: {level: debug, format: json}\n"
         "tracker:\n"

@@ -50,6 +50,7 @@ def write_config(path: Path, destinations: Sequence[dict[str, Any]], ports: dict
     """A gateway config with explicit destinations and a private state directory."""
     lines = [
         f"gateway: {{id: gw-dlv, site: {SITE}, topic_prefix: {PREFIX}}}",
+        "health: {listen: null}",  # 9108 may be taken: run would refuse
         f"state_dir: {path.parent / 'state'}",
         # Live events go out within milliseconds; an outage of seconds makes them late.
         "outbox: {delayed_after: 1.0}",

@@ -70,6 +70,7 @@ def write_config(
     """A gateway config for the stations, as a user would write it."""
     lines = [
         f"gateway: {{id: gw-e2e, site: {SITE}, topic_prefix: {PREFIX}}}",
+        "health: {listen: null}",  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 5}}",
         "logging: {level: debug, format: json}",
         "tracker: {progress_step_percent: 20, progress_interval: 5}",
@@ -321,6 +322,8 @@ async def test_unreachable_broker_at_start_then_clean_shutdown(tmp_path: Path) -
                 )
                 offline = [json.loads(m.payload) for m in sub.messages if m.topic == status]
                 assert offline[-1]["reason"] == "shutdown"
+                # The goodbye says when the gateway stopped, not when it started.
+                assert offline[-1]["time"] > offline[-1]["started_at"], offline[-1]
     finally:
         broker.stop()
     log = log_path.read_text()

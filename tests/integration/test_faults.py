@@ -48,6 +48,7 @@ def _stations(count: int) -> list[StationSpec]:
 def _config(path: Path, broker_port: int, ports: dict[str, int]) -> Path:
     lines = [
         f"gateway: {{id: gw-faults, site: {SITE}, topic_prefix: {PREFIX}}}",
+        "health: {listen: null}",  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {broker_port}, keepalive: 5}}",
         "logging: {level: info, format: json}",
         "machines:",

@@ -36,6 +36,7 @@ async def test_cnc_order_survives_a_server_restart(
     cfg = tmp_path / "gw.yaml"
     cfg.write_text(
         f"gateway: {{id: gw-opcua, site: {SITE}, topic_prefix: {PREFIX}}}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
         "logging: {level: debug, format: json}\n"
         "tracker: {progress_step_percent: 10, progress_interval: 2}\n"

@@ -45,6 +45,7 @@ async def test_each_platform_sees_and_controls_only_its_own_orders(tmp_path: Pat
         "\n".join(
             [
                 f"gateway: {{id: gw-priv, site: {SITE}, topic_prefix: {PREFIX}}}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 f"state_dir: {tmp_path / 'state'}",
                 "logging: {level: info, format: json}",
                 "tracker: {order_source: platform, progress_step_percent: 20}",

@@ -28,6 +28,7 @@ def machine(name: str, port: int, poll: float = 0.1) -> str:
 def write(path: Path, broker_port: int, machines: str) -> None:
     path.write_text(
         f"gateway: {{id: gw-reload, site: {SITE}, topic_prefix: {PREFIX}}}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {broker_port}}}\n"
         "logging: {level: info, format: json}\n"
         "tracker: {progress_step_percent: 10, progress_interval: 1}\n"

@@ -37,6 +37,7 @@ def _config(path: Path, broker_port: int, station_port: int) -> None:
         "\n".join(
             [
                 f"gateway: {{id: gw-sec, site: {SITE}, topic_prefix: {PREFIX}}}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 "broker:",
                 "  host: 127.0.0.1",
                 f"  port: {broker_port}",

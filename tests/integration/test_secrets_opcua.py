@@ -30,6 +30,7 @@ SITE = "plant-u"
 def _config(path: Path, prefix: str, broker_port: int, server_port: int) -> None:
     path.write_text(
         f"gateway: {{id: gw-secua, site: {SITE}, topic_prefix: {prefix}}}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"broker: {{host: 127.0.0.1, port: {broker_port}}}\n"
         "logging: {level: debug, format: json}\n"
         "machines:\n"

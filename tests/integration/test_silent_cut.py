@@ -38,6 +38,7 @@ async def test_silent_cut_is_noticed_and_loses_nothing(
         cfg = tmp_path / "gw.yaml"
         cfg.write_text(
             "gateway: {id: gw-cut, site: plant-1, topic_prefix: cut}\n"
+            "health: {listen: null}\n"  # 9108 may be taken: run would refuse
             f"broker: {{host: 127.0.0.1, port: {proxy.port}, keepalive: {KEEPALIVE}}}\n"
             "logging: {level: info, format: json}\n"
             "tracker: {progress_step_percent: 5, progress_interval: 1}\n"

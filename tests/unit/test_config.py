@@ -87,6 +87,8 @@ def test_env_references_and_secret_never_printed(
     cfg.write_text(
         "gateway: {id: gw-1, site: plant-1}\n"
         "broker: {host: 127.0.0.1, username: '${MQTT_USER}', password: '${MQTT_PASS}'}\n"
+        # check also tries the health port: keep it off so another process cannot fail this.
+        "health: {listen: null}\n"
         "machines:\n"
         "  - {id: a, area: x, line: y, profile: sewing-station,"
         " connection: {protocol: modbus, host: 127.0.0.1}}\n"

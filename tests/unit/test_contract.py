@@ -324,7 +324,13 @@ def test_examples_validate(validators: dict[str, Any]) -> None:
             assert errors(validators["envelope"], doc) == []
             assert errors(validators[name], doc["data"]) == []
         else:
-            target = "command-response" if name.endswith("-response") else name.split("-off")[0]
+            target = (
+                "command-response"
+                if name.endswith("-response")
+                else "status"
+                if name.startswith("status")
+                else name
+            )
             assert errors(validators[target], doc) == [], name
 
 

@@ -132,6 +132,25 @@ def test_install_script_is_valid_posix_shell() -> None:
     assert "deploy/config/gateway.yaml" in text
 
 
+def test_install_group_id_is_the_one_the_image_runs_as() -> None:
+    # install.sh makes /etc/shopfloor root:shopfloor 0750 and its files 0640; the image's
+    # user reads them through the mount only if its group id is that group's.
+    script = (DEPLOY / "install.sh").read_text()
+    (default_gid,) = re.findall(r"^GID=(\d+)$", script, re.M)
+    assert re.search(r"groupadd --system --gid \"\$GID\" shopfloor", script)
+    assert "useradd --system --gid shopfloor" in script
+    assert re.search(r"install -d -m 0750 -o root -g shopfloor", script)
+    inst = containerfile_instructions()
+    args = dict(rest.partition("=")[::2] for word, rest in inst if word == "ARG")
+    assert args["GID"] == default_gid
+    (run,) = [rest for word, rest in inst if word == "RUN" and "groupadd" in rest]
+    assert 'groupadd --system --gid "${GID}" shopfloor' in run
+    assert "--uid 10001 --gid shopfloor" in run
+    assert [rest for word, rest in inst if word == "USER"][-1] == "shopfloor:shopfloor"
+    doc = (ROOT / "docs" / "deploy.md").read_text()
+    assert f"gid {default_gid}" in doc and "--build-arg GID=" in doc
+
+
 # ---------------------------------------------------------------------------- container
 
 
@@ -148,8 +167,10 @@ def containerfile_instructions() -> list[tuple[str, str]]:
 
 def test_containerfile_slim_non_root_healthcheck_same_entry_point() -> None:
     inst = containerfile_instructions()
+    args = dict(rest.partition("=")[::2] for word, rest in inst if word == "ARG")
     froms = [rest for word, rest in inst if word == "FROM"]
-    assert froms and all("slim" in f for f in froms)
+    assert froms and all(f.split()[0] == "${BASE}" for f in froms)
+    assert "slim" in args["BASE"]
     users = [rest for word, rest in inst if word == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     health = [rest for word, rest in inst if word == "HEALTHCHECK"]

@@ -69,7 +69,9 @@ def test_plain_tcp_to_a_remote_host_is_a_warning_in_check(
         tmp_path,
         "destinations:\n"
         f"  - {{name: cloud, host: mqtt.example.com, username: u, password: {SECRET},"
-        " allow_insecure: true}\n",
+        " allow_insecure: true}\n"
+        # check also tries the health port: keep it off so another process cannot fail this.
+        "health: {listen: null}\n",
     )
     assert cli.main(["check", "-c", str(cfg)]) == 0
     out = capsys.readouterr()
