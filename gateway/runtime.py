@@ -210,6 +210,31 @@ SLOW_SHUTDOWN = 5.0
 SHUTDOWN_DEADLINE = 10.0
 
 
+#: Seconds the listeners, devices and ticker get to end when cancelled at shutdown.
+STOP_TASKS_WITHIN = 3.0
+
+
+async def finish(tasks: Sequence[asyncio.Task[Any]], within: float) -> None:
+    """Cancel ``tasks`` and wait until they end, cancelling again those that swallowed it.
+
+    On Python 3.11 a cancel that lands as a library's ``wait_for`` completes can be lost
+    (seen in aiomqtt's message iteration): the task then waits on as if nothing happened.
+    Repeating the cancel every half second ends it; past ``within`` the rest are left to the
+    shutdown deadline, with a warning naming them.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    pending = {t for t in tasks if not t.done()}
+    while pending:
+        for task in pending:
+            task.cancel()
+        left = deadline - loop.time()
+        if left <= 0:
+            log.warning("gateway.tasks_not_stopping", tasks=sorted(t.get_name() for t in pending))
+            return
+        _, pending = await asyncio.wait(pending, timeout=min(0.5, left))
+
+
 async def _report_slow_shutdown() -> None:
     """Log the tasks a shutdown still waits for, with where each one is stuck."""
     await asyncio.sleep(SLOW_SHUTDOWN)
@@ -474,13 +499,8 @@ class Gateway:
                 self.notifier.stopping()
                 keepalive.cancel()
                 # Stop taking orders and config changes first, then stop the devices.
-                reloader.cancel()
-                for c in listeners:
-                    c.cancel()
-                for t in self._device_tasks.values():
-                    t.cancel()
-                ticker.cancel()
-                await asyncio.wait([*self._device_tasks.values(), ticker])
+                await finish([reloader, *listeners], STOP_TASKS_WITHIN)
+                await finish([*self._device_tasks.values(), ticker], STOP_TASKS_WITHIN)
                 # Everything the trackers emitted is committed before the publishers' grace.
                 await self.outbox.flush()
                 await self._close_publishers(publisher_tasks)
