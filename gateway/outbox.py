@@ -25,8 +25,12 @@ Guarantees (see ``docs/delivery.md``):
 * Bounded by ``max_events``: beyond it telemetry is dropped first (oldest first), then
   ``order.progress`` rows a newer progress row of the same order supersedes. Lifecycle,
   state and alarm events are never dropped while the disk takes them; the outbox then
-  grows beyond the bound and says so. A full disk (SQLITE_FULL) triggers the same
-  dropping; if nothing is left to drop the batch stays in memory and is retried.
+  grows beyond the bound and says so. A full disk (SQLITE_FULL, from any statement or
+  COMMIT) never ends :meth:`Outbox.run`: the WAL is checkpointed and truncated,
+  acknowledgements are committed on their own, rows are dropped by the same policy in
+  small slices, and events that still do not fit stay in memory and are retried. A
+  preallocated reserve file next to the outbox is released so that checkpoints and
+  deletions can always proceed (``docs/delivery.md``, "A full disk").
 
 Errors other than a full disk end :meth:`Outbox.run` with :class:`OutboxError` (a read
 that fails for a destination's queue too): the outbox is not supervised, the process exits
@@ -191,6 +195,7 @@ class Stats:
     dropped_progress: int = 0
     acked: int = 0
     stored: int = 0
+    disk_full_episodes: int = 0
 
 
 @dataclass(slots=True)
@@ -209,10 +214,46 @@ class _WriteResult:
     dropped_progress: int = 0
     fsynced: bool = False
     stored: int = 0
+    #: SQLite reported a full disk during this write (even if freeing room then let it pass).
+    disk_full: bool = False
+    #: The full-disk episode goes on after this write (no room yet for the reserve).
+    full_episode: bool = False
+
+    def save(self) -> tuple[dict[int, int], int, int]:
+        """The drop and deletion counts, to put back when a transaction is rolled back."""
+        return dict(self.deleted_by_bit), self.dropped_telemetry, self.dropped_progress
+
+    def restore(self, saved: tuple[dict[int, int], int, int]) -> None:
+        """Counts as :meth:`save` took them."""
+        self.deleted_by_bit, self.dropped_telemetry, self.dropped_progress = saved
 
 
 class DiskFullError(Exception):
-    """SQLite said the disk (or its page limit) is full and nothing was left to drop."""
+    """SQLite said the disk (or its page limit) is full and nothing was left to drop.
+
+    ``result`` holds what did get committed on the way (acknowledgements, dropped rows), so
+    the counts stay right while the events wait.
+    """
+
+    def __init__(self, message: str, result: _WriteResult, acks_done: bool) -> None:
+        """The error with the partial ``result``; ``acks_done``: acknowledgements committed."""
+        super().__init__(message)
+        self.result = result
+        self.acks_done = acks_done
+
+
+def _is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL (a full disk or the page limit), from any statement, COMMIT included."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return isinstance(exc, sqlite3.Error) and code is not None and code & 0xFF == _SQLITE_FULL
+
+
+#: The reserve file (next to the outbox) is released on a full disk so that a checkpoint and
+#: the deletions of the overflow policy, which need room in the WAL too, can proceed.
+RESERVE_SUFFIX = "-reserve"
+_RESERVE_MAX = 4 << 20
+#: Rows dropped per transaction on a full disk (a handful of pages in the WAL).
+_FULL_SLICE = 16
 
 
 #: Tracker states as compact JSON (one encoder: ``json.dumps`` with options makes one a call).
@@ -285,13 +326,16 @@ class Outbox:
         max_page_count: int | None = None,
         commit_window: float = 0.05,
         commit_rows: int = 200,
+        full_quiet: float = 10.0,
     ) -> None:
         """Prepare an outbox at ``path`` for the named destinations; nothing opens yet.
 
         ``commit_window`` (seconds) and ``commit_rows`` bound how long acknowledgements wait
         for each other before their commit; events never wait. ``commit_rows`` counts
         acknowledgements (calls of :meth:`ack`, one per PUBACK), not rows: a batch message
-        of a hundred rows is one.
+        of a hundred rows is one. A full-disk episode ends once the disk has room again,
+        the rows stored are down to half of what filled it, and ``full_quiet`` seconds went
+        by without SQLite finding the disk full.
         """
         if not destinations:
             raise ValueError("an outbox needs at least one destination")
@@ -311,6 +355,7 @@ class Outbox:
         self.destinations = tuple(destinations)
         self.max_events = max_events
         self._retry_delay = retry_delay
+        self._full_quiet = full_quiet
         # Test hook: SQLite's page limit stands in for a full disk.
         self._max_page_count = max_page_count
         self._writer = _Writer("outbox-writer")
@@ -338,11 +383,24 @@ class Outbox:
         self._failure: OutboxError | None = None
         self._overflowing = False
         self._disk_full = False
+        # Set while the writer holds a batch it cannot store (a full disk): flush() returns.
+        self._held = asyncio.Event()
+        #: Events lost at close because the disk stayed full (never sent: not committed).
+        self.lost_at_close = 0
         # Thread-side state (only touched on the worker thread).
         self._t_committed = 0
         self._t_count = 0
         #: The connection's ``synchronous`` mode: FULL (True) since :meth:`_t_open`.
         self._t_fsync = True
+        self.reserve_path = self.path.with_name(self.path.name + RESERVE_SUFFIX)
+        self._t_reserve_size = 0
+        self._t_reserve_ok = False
+        self._t_reserve_tried = 0.0
+        self._wal_pages = 0
+        self._t_full_episode = False
+        #: Rows stored when the episode began: it ends at half of that (and room on disk).
+        self._t_full_level = 0
+        self._t_last_full = 0.0
 
     # ------------------------------------------------------------------ open / close
 
@@ -376,10 +434,19 @@ class Outbox:
         os.close(fd)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
-        self._db = db
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
+        self._t_size_for_disk()
+        try:
+            return self._t_open_db()
+        except sqlite3.Error as exc:
+            if not _is_full(exc) or not self._t_release_reserve():
+                raise
+            # A full disk at start: the reserve is there for this.
+            return self._t_open_db()
+
+    def _t_open_db(
+        self,
+    ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, int], int, int]:
+        db = self._t_connect()
         if self._max_page_count is not None:
             db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
         db.executescript(_SCHEMA)
@@ -455,6 +522,99 @@ class Outbox:
         self._t_count = count
         return {n: bits[n] for n in self.destinations}, trackers, backlog, last_seq, count
 
+    def _t_connect(self) -> sqlite3.Connection:
+        if self._db is not None:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.close()
+            self._db = None
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=True)
+        self._db = db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        self._t_fsync = True
+        if self._wal_pages:
+            db.execute(f"PRAGMA wal_autocheckpoint={self._wal_pages}")
+            # And the WAL file shrinks back to that after a checkpoint (it keeps its largest
+            # size otherwise), so a burst does not keep the disk full.
+            db.execute(f"PRAGMA journal_size_limit={self._wal_pages * 4096}")
+        return db
+
+    def _t_size_for_disk(self) -> None:
+        """Size the reserve file and the WAL to the filesystem the outbox lives on.
+
+        The reserve is 4 MiB, or an eighth of a small filesystem: enough for a checkpoint to
+        write what the WAL holds (SQLite checkpoints it every 1,000 pages, 4 MiB; on a small
+        filesystem every reserve's worth), then for the deletions of the overflow policy.
+        """
+        self._wal_pages = 0
+        try:
+            st = os.statvfs(self.path.parent)
+        except OSError:
+            self._t_reserve_size = _RESERVE_MAX
+        else:
+            total = st.f_blocks * st.f_frsize
+            self._t_reserve_size = max(4096, min(_RESERVE_MAX, total // 8) // 4096 * 4096)
+            if self._t_reserve_size < _RESERVE_MAX:
+                self._wal_pages = max(4, self._t_reserve_size // 4096 // 2)
+        self._t_ensure_reserve(force=True)
+
+    def _t_ensure_reserve(self, *, force: bool = False) -> bool:
+        """Put the reserve file back when the disk has room for it and as much again."""
+        if self._t_reserve_ok:
+            return True
+        now = time.monotonic()
+        if not force and now - self._t_reserve_tried < 1.0:
+            return False
+        self._t_reserve_tried = now
+        size = self._t_reserve_size
+        try:
+            if self.reserve_path.stat().st_size >= size:
+                self._t_reserve_ok = True
+                return True
+        except OSError:
+            pass
+        tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
+        try:
+            st = os.statvfs(self.path.parent)
+            if st.f_bavail * st.f_frsize < 2 * size:
+                return False
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.posix_fallocate(fd, 0, size)
+            finally:
+                os.close(fd)
+            os.replace(tmp, self.reserve_path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            return False
+        self._t_reserve_ok = True
+        return True
+
+    def _t_release_reserve(self) -> bool:
+        """Delete the reserve file to make room; True if there was one."""
+        self._t_reserve_ok = False
+        try:
+            os.unlink(self.reserve_path)
+        except OSError:
+            return False
+        log.warning("outbox.reserve_released", path=str(self.reserve_path))
+        return True
+
+    def _t_checkpoint(self, db: sqlite3.Connection) -> bool:
+        """Move the WAL into the database file and truncate it; False if there was no room.
+
+        The WAL holds every page written since the last checkpoint, most of them superseded
+        or freed; the database file needs only the live ones.
+        """
+        try:
+            busy = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise
+            return False
+        return not busy
+
     def _t_destinations(self, db: sqlite3.Connection) -> dict[str, int]:
         """The stored name-to-bit table; entries that are not a name and a usable bit go."""
         bits: dict[str, int] = {}
@@ -497,7 +657,7 @@ class Outbox:
         if self._db is not None and (self._pending or self._acks or self._pending_trackers):
             # run() may be gone already (cancelled): write the rest here.
             with contextlib.suppress(Exception):
-                await self._write_once()
+                await self._write_once(retry=False)
         self._closed = True
         await self._writer.call(self._t_close)
         self._writer.stop()
@@ -571,9 +731,18 @@ class Outbox:
         self._work.set()
 
     async def flush(self) -> None:
-        """Wait until everything appended or acknowledged so far is written."""
-        while not self._idle.is_set():
-            await self._idle.wait()
+        """Wait until everything appended or acknowledged so far is written.
+
+        Returns early while a full disk holds events back (they are retried, not waited for).
+        """
+        while not self._idle.is_set() and not self._held.is_set():
+            idle = asyncio.ensure_future(self._idle.wait())
+            held = asyncio.ensure_future(self._held.wait())
+            try:
+                await asyncio.wait([idle, held], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                idle.cancel()
+                held.cancel()
 
     # ------------------------------------------------------------------ writer
 
@@ -592,7 +761,7 @@ class Outbox:
             self._work.clear()
             await self._write_once()
 
-    async def _write_once(self) -> None:
+    async def _write_once(self, *, retry: bool = True) -> None:
         batch, self._pending = self._pending, []
         trackers, self._pending_trackers = self._pending_trackers, {}
         acks, self._acks = self._acks, {}
@@ -605,15 +774,22 @@ class Outbox:
             try:
                 result = await self._writer.call(self._t_write, batch, trackers, acks)
                 break
-            except DiskFullError:
-                if not self._disk_full:
-                    self._disk_full = True
+            except DiskFullError as exc:
+                self._account(exc.result, [], acks if exc.acks_done else {})
+                if exc.acks_done:
+                    acks = {}
+                self._disk_full_began(len(batch), exc.result)
+                if not retry:
+                    self.lost_at_close += len(batch)
                     log.error(
-                        "outbox.disk_full",
+                        "outbox.lost_at_close",
                         path=str(self.path),
-                        waiting=len(batch),
-                        detail="nothing left to drop; events are held in memory and retried",
+                        events=len(batch),
+                        detail="the disk stayed full; these events were never sent",
                     )
+                    self._idle.set()
+                    return
+                self._held.set()
                 await asyncio.sleep(self._retry_delay)
                 # Whatever arrived meanwhile joins the retry, in order.
                 batch += self._pending
@@ -626,14 +802,33 @@ class Outbox:
                 self._ack_count = 0
             except sqlite3.Error as exc:
                 raise OutboxError(f"outbox {self.path}: {exc}") from exc
-        if self._disk_full:
+        self._held.clear()
+        if result.disk_full:
+            self._disk_full_began(0, result)
+        elif self._disk_full and not result.full_episode:
+            # Over once the disk has room for the reserve again (and as much to spare).
             self._disk_full = False
-            log.info("outbox.disk_writable", path=str(self.path))
+            log.info(
+                "outbox.disk_writable",
+                path=str(self.path),
+                dropped_telemetry=self.stats.dropped_telemetry,
+                dropped_progress=self.stats.dropped_progress,
+            )
         previous = self.committed_upto
         self.committed_upto = max(previous, result.committed_upto)
         self.stats.commits += 1
         self.stats.committed += len(batch)
         self.stats.fsyncs += int(result.fsynced)
+        self._account(result, batch, acks)
+        for q in self._queues:
+            q._on_commit(batch, previous, self.committed_upto)
+        if not (self._pending or self._acks or self._pending_trackers):
+            self._idle.set()
+
+    def _account(
+        self, result: _WriteResult, batch: list[_Pending], acks: dict[int, list[int]]
+    ) -> None:
+        """Counts, backlogs and overflow logs after a write (or what part of it went in)."""
         self.stats.stored = result.stored
         for name, bit in self.bits.items():
             gone = result.deleted_by_bit.get(bit, 0)
@@ -641,17 +836,36 @@ class Outbox:
                 self._backlog[name] = max(0, self._backlog[name] - gone)
         self.stats.acked += sum(len(v) for v in acks.values())
         self._note_drops(result)
-        for q in self._queues:
-            q._on_commit(batch, previous, self.committed_upto)
-        if not (self._pending or self._acks or self._pending_trackers):
-            self._idle.set()
+
+    def _disk_full_began(self, waiting: int, result: _WriteResult) -> None:
+        """Log the start of a full-disk episode once; the episode ends in ``_write_once``."""
+        if self._disk_full:
+            return
+        self._disk_full = True
+        self.stats.disk_full_episodes += 1
+        log.error(
+            "outbox.disk_full",
+            path=str(self.path),
+            waiting=waiting,
+            stored=result.stored,
+            detail=(
+                "dropping telemetry, then superseded order.progress; other events are held"
+                " in memory and retried every"
+                f" {self._retry_delay:g} s until the disk has room"
+            ),
+        )
+
+    @property
+    def disk_full(self) -> bool:
+        """In a full-disk episode: SQLite found the disk full and it has not recovered yet."""
+        return self._disk_full
 
     def _note_drops(self, result: _WriteResult) -> None:
         dropped = result.dropped_telemetry + result.dropped_progress
         self.stats.dropped_telemetry += result.dropped_telemetry
         self.stats.dropped_progress += result.dropped_progress
         over = result.stored > self.max_events
-        if dropped and not self._overflowing:
+        if dropped and not self._overflowing and not self._disk_full:
             self._overflowing = True
             log.warning(
                 "outbox.overflow",
@@ -661,7 +875,7 @@ class Outbox:
                 dropped_progress=result.dropped_progress,
                 policy="telemetry first, then superseded order.progress; lifecycle kept",
             )
-        elif over and not self._overflowing:
+        elif over and not self._overflowing and not self._disk_full:
             self._overflowing = True
             log.warning(
                 "outbox.over_bound",
@@ -693,27 +907,124 @@ class Outbox:
             db.execute(f"PRAGMA synchronous={'FULL' if fsync else 'NORMAL'}")
             self._t_fsync = fsync
         try:
-            self._t_transaction(db, batch, trackers, acks, result)
-        except sqlite3.OperationalError as exc:
-            if getattr(exc, "sqlite_errorcode", None) != _SQLITE_FULL:
-                raise
-            # Make room the policy allows, then try once more.
-            self._t_rollback(db)
-            if not self._t_make_room(db, result, len(batch), force=True):
-                raise DiskFullError(str(exc)) from None
-            try:
+            if not self._t_fits(db, batch):
+                self._t_when_full(db, batch, trackers, acks, result)
+            else:
                 self._t_transaction(db, batch, trackers, acks, result)
-            except sqlite3.OperationalError as exc2:
-                if getattr(exc2, "sqlite_errorcode", None) != _SQLITE_FULL:
-                    raise
-                self._t_rollback(db)
-                raise DiskFullError(str(exc2)) from None
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise
+            self._t_when_full(db, batch, trackers, acks, result)
         result.fsynced = fsync
         if batch:
             self._t_committed = max(self._t_committed, batch[-1].seq)
         result.committed_upto = self._t_committed
         result.stored = self._t_count
+        if (
+            self._t_full_episode
+            and self._t_count <= self._t_full_level // 2
+            and time.monotonic() - self._t_last_full >= self._full_quiet
+            and self._t_has_room()
+        ):
+            self._t_full_episode = False
+        result.full_episode = self._t_full_episode
         return result
+
+    def _t_fits(self, db: sqlite3.Connection, batch: list[_Pending]) -> bool:
+        """Whether events may be stored now: yes, unless a full disk took the reserve.
+
+        Without the reserve, new rows may only fill free pages inside the file: a row that
+        grows the file puts a page in the WAL that a checkpoint cannot write without room,
+        and then not even deletions could proceed.
+        """
+        if not batch or self._t_reserve_ok or not self._t_full_episode:
+            return True
+        page, free = (
+            db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "freelist_count")
+        )
+        need = sum(len(p.entry.payload) + len(p.entry.topic) + 64 for p in batch)
+        return int(free) * int(page) >= 2 * need + 8 * int(page)
+
+    def _t_has_room(self) -> bool:
+        """The disk has room again: free space plus free pages inside the file.
+
+        A reserve's worth beyond the reserve file; twice that while the reserve cannot be
+        put back (the database file does not shrink, its free pages take new rows).
+        """
+        reserve = self._t_ensure_reserve()
+        db = self._db
+        assert db is not None
+        try:
+            st = os.statvfs(self.path.parent)
+            free_pages = db.execute("PRAGMA freelist_count").fetchone()[0]
+            page = db.execute("PRAGMA page_size").fetchone()[0]
+        except (OSError, sqlite3.Error):
+            return False
+        room = st.f_bavail * st.f_frsize + int(free_pages) * int(page)
+        return room >= (1 if reserve else 2) * self._t_reserve_size
+
+    def _t_when_full(
+        self,
+        db: sqlite3.Connection,
+        batch: list[_Pending],
+        trackers: dict[str, dict[str, Any]],
+        acks: dict[int, list[int]],
+        result: _WriteResult,
+    ) -> None:
+        """SQLITE_FULL: free room and store what fits, or raise :class:`DiskFullError`.
+
+        In this order: truncate the WAL; commit the acknowledgements alone (deleting rows);
+        the events again; drop rows by the overflow policy and try once more. When a
+        checkpoint or a deletion itself finds no room, the reserve file is released for it.
+        Whatever was committed on the way is in the error's ``result``.
+        """
+        result.disk_full = True
+        self._t_last_full = time.monotonic()
+        if not self._t_full_episode:
+            self._t_full_episode = True
+            self._t_full_level = self._t_count
+        self._t_rollback(db)
+
+        def attempt(step: Callable[[], Any]) -> bool:
+            """Run ``step``; on SQLITE_FULL roll back, release the reserve and try once more."""
+            for tries in range(2):
+                try:
+                    step()
+                    return True
+                except sqlite3.Error as exc:
+                    if not _is_full(exc):
+                        raise
+                    self._t_rollback(db)
+                if tries or not self._t_release_reserve():
+                    return False
+                self._t_checkpoint(db)
+            return False
+
+        if not self._t_checkpoint(db) and self._t_release_reserve():
+            self._t_checkpoint(db)
+        acks_done = False
+        if acks and (batch or trackers):
+            # Acknowledged rows free room, and must not wait for events that find none.
+            acks_done = attempt(lambda: self._t_transaction(db, [], {}, acks, result))
+        rest = {} if acks_done else acks
+        # Drop by policy now, while there is room to delete: the rows stored next reuse the
+        # freed pages instead of growing the file, and the reserve goes back at once.
+        self._t_drop_in_slices(db, result, len(batch), attempt)
+        self._t_ensure_reserve(force=True)
+        error = "database or disk is full"
+        try:
+            if not self._t_fits(db, batch):
+                raise DiskFullError(error, result, acks_done)
+            self._t_transaction(db, batch, trackers, rest, result)
+            return
+        except sqlite3.Error as exc:
+            if not _is_full(exc):
+                raise
+            self._t_rollback(db)
+            error = str(exc)
+        result.stored = self._t_count
+        result.full_episode = True
+        raise DiskFullError(error, result, acks_done)
 
     @staticmethod
     def _t_rollback(db: sqlite3.Connection) -> None:
@@ -730,6 +1041,7 @@ class Outbox:
     ) -> None:
         count = self._t_count
         deleted: dict[int, int] = {}
+        saved = result.save()
         db.execute("BEGIN IMMEDIATE")
         try:
             if batch:
@@ -785,15 +1097,44 @@ class Outbox:
             self._t_rollback(db)
             # The transaction is undone: recount from what is committed.
             self._t_count = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+            result.restore(saved)
             raise
         for bit, n in deleted.items():
             result.deleted_by_bit[bit] = result.deleted_by_bit.get(bit, 0) + n
+
+    def _t_drop_in_slices(
+        self,
+        db: sqlite3.Connection,
+        result: _WriteResult,
+        need: int,
+        attempt: Callable[[Callable[[], Any]], bool],
+    ) -> None:
+        """Drop a good share of rows by policy, a few per transaction, checkpointing between.
+
+        On a full disk a deletion needs room in the WAL as well: one of a thousand rows
+        writes hundreds of pages, one of a few rows a handful, and the truncated WAL after
+        each slice gives the room back.
+        """
+        target = max(need, 1000, self._t_count // 10)
+        dropped = 0
+        while dropped < target:
+            before = self._t_count
+            freed: list[bool] = []
+
+            def slice_(freed: list[bool] = freed) -> None:
+                freed.append(self._t_make_room(db, result, _FULL_SLICE, force=False))
+
+            if not attempt(slice_) or not any(freed):
+                break
+            dropped += before - self._t_count
+            self._t_checkpoint(db)
 
     def _t_make_room(
         self, db: sqlite3.Connection, result: _WriteResult, need: int, *, force: bool
     ) -> bool:
         """Drop rows by policy (inside or outside a transaction); True if any went."""
         own_tx = not db.in_transaction
+        saved = result.save()
         if own_tx:
             db.execute("BEGIN IMMEDIATE")
         try:
@@ -823,6 +1164,8 @@ class Outbox:
         except BaseException:
             if own_tx:
                 self._t_rollback(db)
+                self._t_count = db.execute("SELECT COUNT(*) FROM messages").fetchone()[0]
+                result.restore(saved)
             raise
         return freed > 0
 

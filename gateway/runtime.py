@@ -623,6 +623,8 @@ class Gateway:
 
     def _report(self, now: float) -> None:
         """Destination figures into the metrics (once a second)."""
+        # A full disk holds events in memory: not ready until the outbox has room again.
+        self.metrics.set_outbox_writable(not self.outbox.disk_full)
         for name, pub in self.publishers.items():
             self.metrics.destination_state(
                 name,
