@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import subprocess
+import urllib.error
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -20,6 +22,11 @@ from structlog.testing import capture_logs
 
 from gateway.outbox import Entry, Outbox, OutboxQueue
 from gateway.routing import Route
+from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from simulators.scenario import Idle, RunOrder
+from simulators.sewing import StationModel
+from tests.brokers import MosquittoBroker, Subscriber
+from tests.gatewayproc import events, gateway_process, stop
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0, reason="mounting a tmpfs (a real full disk) needs root"
@@ -164,3 +171,109 @@ async def test_a_full_tmpfs_drops_progress_holds_the_rest_and_recovers(tmp_path:
     assert ob.stats.dropped_progress > 0
     # Rows already in the send window when dropped may still go out (docs/delivery.md).
     assert len(progress) + ob.stats.dropped_progress >= m.progress
+
+
+async def wait_http(url: str, status: int, within: float = 20.0) -> dict[str, object]:
+    """Poll ``url`` until it answers ``status``; its JSON body."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    last: tuple[int, str] | None = None
+    while loop.time() < deadline:
+        with contextlib.suppress(OSError):
+            last = await asyncio.to_thread(http_get, url)
+            if last[0] == status:
+                return dict(json.loads(last[1]))
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"{url}: wanted {status}, last answer {last}")
+
+
+def http_get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def logged(log: Path) -> list[str]:
+    """The ``event`` of every JSON line of the gateway's log, in order."""
+    out = []
+    for line in log.read_text().splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict):
+                out.append(str(entry.get("event")))
+    return out
+
+
+async def wait_log(log: Path, event: str, within: float = 20.0) -> None:
+    """Wait until the gateway's JSON log has a line of ``event``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while event not in await asyncio.to_thread(logged, log):
+        assert loop.time() < deadline, f"no {event} in the log"
+        await asyncio.sleep(0.1)
+
+
+def fill(disk: Path) -> Path:
+    """Write a file until the filesystem is full (another program eating the disk)."""
+    filler = disk / "filler"
+    with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+        for _ in range(10_000):
+            f.write(b"\0" * 4096)
+    return filler
+
+
+async def test_the_gateway_process_stays_up_on_a_full_disk_and_recovers(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    port = free_port()
+    health = free_port()
+    # Orders of 100 pieces, 10 ms each: a progress event every 5 pieces (5 %).
+    script = [Idle(0.5), *(RunOrder(f"PO-D{i}", target=100, piece_seconds=0.01) for i in range(90))]
+    stations = [StationSpec("sew-01", port, StationModel(script, name="sew-01"))]
+    log = tmp_path / "gw.log"
+    with small_disk(tmp_path / "state") as disk:
+        cfg = tmp_path / "gw.yaml"
+        cfg.write_text(
+            "gateway: {id: gw-df, site: plant-1, topic_prefix: df}\n"
+            f"state_dir: {disk}\n"
+            f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
+            "logging: {level: info, format: json}\n"
+            f"health: {{listen: '127.0.0.1:{health}'}}\n"
+            "machines:\n"
+            "  - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,"
+            f" poll_interval: 0.05, connection: {{protocol: modbus, host: 127.0.0.1,"
+            f" port: {port}}}}}\n"
+        )
+        base = f"http://127.0.0.1:{health}"
+        async with (
+            Subscriber(mosquitto.host, mosquitto.port, "df/#", session="df-sub") as sub,
+            SimulatedFloor(stations),
+            gateway_process(cfg, log) as proc,
+        ):
+            await sub.wait_for(lambda ms: len(events(ms)) >= 5, timeout=20)
+            # Another program fills the disk while the broker is away: the backlog must grow.
+            filler = await asyncio.to_thread(fill, disk)
+            mosquitto.stop()
+            await wait_log(log, "outbox.disk_full")
+            body = await wait_http(base + "/healthz", 503)
+            assert body["checks"] == {"config": True, "outbox": False, "destinations": True}
+            assert proc.returncode is None
+            # Space comes back, and the broker: the held and stored events go out.
+            mosquitto.start()
+            filler.unlink()
+            await wait_log(log, "outbox.disk_writable", within=40)
+            await wait_http(base + "/healthz", 200)
+            after = len(events(sub.messages))
+            await sub.wait_for(lambda ms: len(events(ms)) > after + 20, timeout=20)
+            assert proc.returncode is None
+            await stop(proc)
+            assert proc.returncode == 0
+    assert logged(log).count("outbox.disk_full") == 1
+    assert "OutboxError" not in log.read_text()
+    # Sequence numbers are used once: one id per (machine, sequence).
+    ids: dict[tuple[str, int], str] = {}
+    for e in events(sub.messages):
+        key = (e["subject"], e["sequence"])
+        assert ids.setdefault(key, e["id"]) == e["id"], key
