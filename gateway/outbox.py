@@ -37,8 +37,14 @@ that fails for a destination's queue too): the outbox is not supervised, the pro
 non-zero and systemd restarts it. A file left by a crash or a bad disk is checked at
 :meth:`Outbox.open`: rows that cannot be sent (wrong types, a sequence number no real run
 reaches), routing bits of no known destination, unreadable destination entries, sequence
-counters and tracker states are logged and left out; damage SQLite itself reports is an
-:class:`OutboxError` naming the file.
+counters and tracker states are logged and left out. A file SQLite reports as damaged (not
+a database, malformed pages) or one found empty is moved aside under a timestamped name
+(``…db.damaged-20261206T101500Z``, its WAL next to it) with an ``outbox.damaged`` error,
+and what can still be read, row by row, goes into a new file: messages, tracker states,
+destinations, the seq counter. Whenever the sequence space may have been reset (a new or
+replaced file, an unreadable tracker state) the outbox takes a new :attr:`Outbox.epoch`,
+which every event carries; a machine whose tracker state was unreadable continues after
+the highest ``sequence`` of its stored events (:attr:`Outbox.recovered_sequences`).
 """
 
 from __future__ import annotations
@@ -78,6 +84,8 @@ KEEP = 2
 MAX_DESTINATIONS = 62
 SCHEMA_VERSION = 1
 _SQLITE_FULL = 13
+#: SQLITE_CORRUPT and SQLITE_NOTADB: the file is damaged (set aside and salvaged).
+_SQLITE_DAMAGE = frozenset({11, 26})
 #: Beyond any real run (a million events a second for 146,000 years), and far enough below
 #: SQLite's 2**63 limit that a new row can always be numbered: a larger seq is damage.
 MAX_SEQ = 2**62
@@ -242,6 +250,91 @@ class DiskFullError(Exception):
         self.acks_done = acks_done
 
 
+def _is_damage(exc: BaseException) -> bool:
+    """SQLite says the file is not a database or its content is malformed."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return (
+        isinstance(exc, sqlite3.DatabaseError)
+        and code is not None
+        and (code & 0xFF in _SQLITE_DAMAGE)
+    )
+
+
+@dataclass(slots=True)
+class _Salvage:
+    """What could be read from a damaged file, row by row."""
+
+    meta: dict[str, str] = field(default_factory=dict)
+    destinations: list[tuple[Any, Any]] = field(default_factory=list)
+    trackers: list[tuple[Any, Any]] = field(default_factory=list)
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+
+
+def _salvage(path: Path) -> _Salvage:
+    """Read what is readable of a damaged outbox file (read-only; nothing raises)."""
+    out = _Salvage()
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    except sqlite3.Error as exc:
+        out.unreadable.append(f"file: {exc}")
+        return out
+    try:
+
+        def rows(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+            return db.execute(sql, args).fetchall()
+
+        for table, into in (
+            ("meta", None),
+            ("destinations", out.destinations),
+            ("trackers", out.trackers),
+        ):
+            try:
+                got = rows(f"SELECT * FROM {table}")
+            except sqlite3.Error:
+                # Row by row, skipping what a damaged page hides.
+                got = []
+                try:
+                    top = rows(f"SELECT max(rowid) FROM {table}")[0][0] or 0
+                except sqlite3.Error as exc:
+                    out.unreadable.append(f"{table}: {exc}")
+                    continue
+                for rowid in range(1, min(int(top), 100_000) + 1):
+                    with contextlib.suppress(sqlite3.Error):
+                        got += rows(f"SELECT * FROM {table} WHERE rowid = ?", (rowid,))
+            if into is None:
+                out.meta = {str(r[0]): str(r[1]) for r in got if len(r) == 2}
+            else:
+                into.extend((r[0], r[1]) for r in got if len(r) == 2)
+        # Messages in seq order, a chunk at a time; at a damaged page, one row at a time up
+        # to it, then skip ahead in growing steps until rows read again.
+        after, step, limit = 0, 1, 500
+        for _ in range(1_000_000):
+            try:
+                chunk = rows(
+                    "SELECT * FROM messages WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)
+                )
+            except sqlite3.Error as exc:
+                if limit > 1:
+                    limit = 1
+                    continue
+                if step == 1:
+                    out.unreadable.append(f"messages after seq {after}: {exc}")
+                after += step
+                step *= 2
+                if after > MAX_SEQ:
+                    break
+                continue
+            step, limit = 1, 500
+            if not chunk:
+                break
+            out.messages += [r for r in chunk if len(r) == 9]
+            after = chunk[-1][0]
+    finally:
+        db.close()
+    return out
+
+
 def _is_full(exc: BaseException) -> bool:
     """SQLITE_FULL (a full disk or the page limit), from any statement, COMMIT included."""
     code = getattr(exc, "sqlite_errorcode", None)
@@ -387,6 +480,12 @@ class Outbox:
         self._held = asyncio.Event()
         #: Events lost at close because the disk stayed full (never sent: not committed).
         self.lost_at_close = 0
+        #: Sequence space id (``epoch`` of the contract): changes when the outbox was found
+        #: damaged, empty or missing a tracker state, so sequences may have been reset.
+        self.epoch = 0
+        #: Machines whose tracker state was unreadable: the last sequence their stored
+        #: events show (0 when none is stored).
+        self.recovered_sequences: dict[str, int] = {}
         # Thread-side state (only touched on the worker thread).
         self._t_committed = 0
         self._t_count = 0
@@ -428,33 +527,98 @@ class Outbox:
         self,
     ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, int], int, int]:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        salvage: _Salvage | None = None
+        try:
+            empty = self.path.stat().st_size == 0
+        except FileNotFoundError:
+            empty = False
+        if empty:
+            # The gateway never leaves an empty file: something emptied it (a restore, a
+            # disk). Starting afresh silently would lose the backlog and restart sequences.
+            salvage = self._t_set_aside("the file is empty (0 bytes)")
+        self._t_create()
+        self._t_size_for_disk()
+        try:
+            return self._t_open_full(salvage)
+        except sqlite3.DatabaseError as exc:
+            if not _is_damage(exc):
+                raise
+            if self._db is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.close()
+                self._db = None
+            salvage = self._t_set_aside(str(exc))
+            self._t_create()
+            return self._t_open_full(salvage)
+
+    def _t_create(self) -> None:
         # Create the file ourselves so it is 0600 from the first byte; SQLite gives the
         # -wal and -shm files the same mode as the database file.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         os.close(fd)
         with contextlib.suppress(OSError):
             os.chmod(self.path, 0o600)
-        self._t_size_for_disk()
+
+    def _t_set_aside(self, why: str) -> _Salvage:
+        """Move a damaged file (with its WAL) aside under a timestamped name; salvage it."""
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
+        n = 1
+        while aside.exists():
+            n += 1
+            aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}-{n}")
+        os.replace(self.path, aside)
+        for suffix in ("-wal", "-shm"):
+            side = self.path.with_name(self.path.name + suffix)
+            with contextlib.suppress(FileNotFoundError):
+                if suffix == "-wal":
+                    os.replace(side, aside.with_name(aside.name + suffix))
+                else:
+                    side.unlink()
+        salvage = _salvage(aside)
+        with contextlib.suppress(FileNotFoundError):
+            aside.with_name(aside.name + "-shm").unlink()
+        log.error(
+            "outbox.damaged",
+            path=str(self.path),
+            moved_to=str(aside),
+            error=why[:200],
+            salvaged_messages=len(salvage.messages),
+            salvaged_trackers=len(salvage.trackers),
+            unreadable=salvage.unreadable[:5],
+            detail=(
+                "the damaged file is kept for inspection; a new outbox holds what could be"
+                " read, and events carry a new epoch: sequences may have been reset"
+            ),
+        )
+        return salvage
+
+    def _t_open_full(
+        self, salvage: _Salvage | None
+    ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, int], int, int]:
         try:
-            return self._t_open_db()
+            return self._t_open_db(salvage)
         except sqlite3.Error as exc:
             if not _is_full(exc) or not self._t_release_reserve():
                 raise
             # A full disk at start: the reserve is there for this.
-            return self._t_open_db()
+            return self._t_open_db(salvage)
 
     def _t_open_db(
-        self,
+        self, salvage: _Salvage | None = None
     ) -> tuple[dict[str, int], dict[str, dict[str, Any]], dict[int, int], int, int]:
         db = self._t_connect()
         if self._max_page_count is not None:
             db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
         db.executescript(_SCHEMA)
         row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        fresh = row is None
         if row is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
         elif row[0] != str(SCHEMA_VERSION):
             raise sqlite3.DatabaseError(f"outbox schema {row[0]} is not {SCHEMA_VERSION}")
+        if salvage is not None:
+            self._t_restore_salvage(db, salvage)
         db.execute("BEGIN IMMEDIATE")
         try:
             bits = self._t_destinations(db)
@@ -496,6 +660,7 @@ class Outbox:
             db.execute("ROLLBACK")
             raise
         trackers: dict[str, dict[str, Any]] = {}
+        lost: list[str] = []
         for machine, text in db.execute("SELECT machine, state FROM trackers"):
             try:
                 if not isinstance(machine, str) or not isinstance(text, str | bytes):
@@ -507,7 +672,24 @@ class Outbox:
             if isinstance(state, dict):
                 trackers[machine] = state
             else:
-                log.error("outbox.tracker_state_unreadable", machine=repr(machine)[:80])
+                log.error(
+                    "outbox.tracker_state_unreadable",
+                    machine=repr(machine)[:80],
+                    detail="its sequence continues after the last stored event; new epoch",
+                )
+                lost.append(machine if isinstance(machine, str) else "")
+        self.recovered_sequences = self._t_last_sequences(db, [m for m in lost if m])
+        stored_epoch = self._t_meta_int(db, "epoch")
+        if fresh or salvage is not None or lost or stored_epoch is None:
+            # A sequence space that cannot be proven to continue the previous one (a new
+            # or replaced file, a lost tracker state) gets a new epoch, larger than before.
+            epoch = max(int(time.time() * 1000), (stored_epoch or 0) + 1)
+            if salvage is not None:
+                epoch = max(epoch, (self._t_int(salvage.meta.get("epoch")) or 0) + 1)
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+            self.epoch = epoch
+        else:
+            self.epoch = stored_epoch
         backlog = {
             bit: db.execute(
                 "SELECT COUNT(*) FROM messages WHERE pending & ?", (1 << bit,)
@@ -614,6 +796,59 @@ class Outbox:
                 raise
             return False
         return not busy
+
+    @staticmethod
+    def _t_int(value: Any) -> int | None:
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            return None
+        return n if 0 <= n <= MAX_SEQ else None
+
+    def _t_meta_int(self, db: sqlite3.Connection, key: str) -> int | None:
+        row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else self._t_int(row[0])
+
+    def _t_last_sequences(self, db: sqlite3.Connection, machines: list[str]) -> dict[str, int]:
+        """The highest ``sequence`` among each machine's stored events (0 when none)."""
+        out: dict[str, int] = {}
+        for machine in machines:
+            best = 0
+            for (payload,) in db.execute(
+                "SELECT payload FROM messages WHERE machine = ? AND cls != ?",
+                (machine, TELEMETRY),
+            ):
+                try:
+                    seq = json.loads(payload).get("sequence")
+                except (ValueError, RecursionError, AttributeError):
+                    continue
+                if type(seq) is int and best < seq <= MAX_SEQ:
+                    best = seq
+            out[machine] = best
+        return out
+
+    def _t_restore_salvage(self, db: sqlite3.Connection, salvage: _Salvage) -> None:
+        """Put the rows read from a damaged file into the new one (checked like any file)."""
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            last = self._t_int(salvage.meta.get("last_seq"))
+            if last is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('last_seq', ?)", (str(last),))
+            if (epoch := self._t_int(salvage.meta.get("epoch"))) is not None:
+                db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (str(epoch),))
+            for row in salvage.destinations:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("INSERT INTO destinations VALUES (?, ?)", row)
+            for row in salvage.trackers:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("INSERT OR REPLACE INTO trackers VALUES (?, ?)", row)
+            for msg in salvage.messages:
+                with contextlib.suppress(sqlite3.Error):
+                    db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)", msg)
+            db.execute("COMMIT")
+        except BaseException:
+            self._t_rollback(db)
+            raise
 
     def _t_destinations(self, db: sqlite3.Connection) -> dict[str, int]:
         """The stored name-to-bit table; entries that are not a name and a usable bit go."""
