@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import queue
@@ -212,6 +213,9 @@ class _Pending:
     bits: int
     cls: int
     entry: Entry
+    #: While a full disk holds events: the tracker states as of this row (a step's end),
+    #: so the held rows can be stored a part at a time, each part with its states.
+    trackers: dict[str, dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
@@ -243,11 +247,13 @@ class DiskFullError(Exception):
     the counts stay right while the events wait.
     """
 
-    def __init__(self, message: str, result: _WriteResult, acks_done: bool) -> None:
-        """The error with the partial ``result``; ``acks_done``: acknowledgements committed."""
+    def __init__(self, message: str, result: _WriteResult, acks_done: bool, done: int = 0) -> None:
+        """The error with the partial ``result``; ``acks_done``: acknowledgements committed;
+        ``done``: rows of the batch committed (a prefix, each part with its states)."""
         super().__init__(message)
         self.result = result
         self.acks_done = acks_done
+        self.done = done
 
 
 def _is_damage(exc: BaseException) -> bool:
@@ -495,6 +501,8 @@ class Outbox:
         self._t_reserve_size = 0
         self._t_reserve_ok = False
         self._t_reserve_tried = 0.0
+        #: The reserve cannot be made for another reason than room: run without it.
+        self._t_reserve_off = False
         self._wal_pages = 0
         self._t_full_episode = False
         #: Rows stored when the episode began: it ends at half of that (and room on disk).
@@ -724,9 +732,10 @@ class Outbox:
     def _t_size_for_disk(self) -> None:
         """Size the reserve file and the WAL to the filesystem the outbox lives on.
 
-        The reserve is 4 MiB, or an eighth of a small filesystem: enough for a checkpoint to
-        write what the WAL holds (SQLite checkpoints it every 1,000 pages, 4 MiB; on a small
-        filesystem every reserve's worth), then for the deletions of the overflow policy.
+        The reserve is 4 MiB, or an eighth of a small filesystem, or half of what is free
+        when the gateway starts on a nearly full disk: enough for a checkpoint to write what
+        the WAL holds (SQLite checkpoints it every 1,000 pages, 4 MiB; with a smaller reserve
+        every half reserve's worth), then for the deletions of the overflow policy.
         """
         self._wal_pages = 0
         try:
@@ -735,13 +744,22 @@ class Outbox:
             self._t_reserve_size = _RESERVE_MAX
         else:
             total = st.f_blocks * st.f_frsize
-            self._t_reserve_size = max(4096, min(_RESERVE_MAX, total // 8) // 4096 * 4096)
+            try:
+                held = self.reserve_path.stat().st_size
+            except OSError:
+                held = 0
+            free = st.f_bavail * st.f_frsize + held
+            size = min(_RESERVE_MAX, total // 8, free // 2)
+            self._t_reserve_size = max(4096, size // 4096 * 4096)
             if self._t_reserve_size < _RESERVE_MAX:
                 self._wal_pages = max(4, self._t_reserve_size // 4096 // 2)
-        self._t_ensure_reserve(force=True)
+        self._t_ensure_reserve(force=True, factor=1)
 
-    def _t_ensure_reserve(self, *, force: bool = False) -> bool:
-        """Put the reserve file back when the disk has room for it and as much again."""
+    def _t_ensure_reserve(self, *, force: bool = False, factor: int = 2) -> bool:
+        """Put the reserve file back when the disk has room for it and as much again.
+
+        (``factor`` times its size; at start, room for itself is enough.)
+        """
         if self._t_reserve_ok:
             return True
         now = time.monotonic()
@@ -758,17 +776,30 @@ class Outbox:
         tmp = self.reserve_path.with_name(self.reserve_path.name + ".tmp")
         try:
             st = os.statvfs(self.path.parent)
-            if st.f_bavail * st.f_frsize < 2 * size:
+            if st.f_bavail * st.f_frsize < factor * size:
                 return False
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.posix_fallocate(fd, 0, size)
+                try:
+                    os.posix_fallocate(fd, 0, size)
+                except OSError as exc:
+                    if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    # A filesystem without fallocate: zeros take the room as well.
+                    for _ in range(size // 65536 + 1):
+                        os.write(fd, bytes(65536))
+                    os.fsync(fd)
             finally:
                 os.close(fd)
             os.replace(tmp, self.reserve_path)
-        except OSError:
+        except OSError as exc:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and not self._t_reserve_off:
+                # Not a matter of room (permissions, a read-only mount): no reserve at all,
+                # and no holding back of events for its sake.
+                self._t_reserve_off = True
+                log.warning("outbox.reserve_unavailable", path=str(tmp), error=str(exc))
             return False
         self._t_reserve_ok = True
         return True
@@ -998,6 +1029,9 @@ class Outbox:
 
     async def _write_once(self, *, retry: bool = True) -> None:
         batch, self._pending = self._pending, []
+        # Every seq handed out so far is committed or in this batch (telemetry shed from a
+        # held batch included): readers may go up to here once it is written.
+        upto = self.assigned_upto
         trackers, self._pending_trackers = self._pending_trackers, {}
         acks, self._acks = self._acks, {}
         self._urgent.clear()
@@ -1007,12 +1041,17 @@ class Outbox:
             return
         while True:
             try:
-                result = await self._writer.call(self._t_write, batch, trackers, acks)
+                result = await self._writer.call(self._t_write, batch, trackers, acks, upto)
                 break
             except DiskFullError as exc:
                 self._account(exc.result, [], acks if exc.acks_done else {})
                 if exc.acks_done:
                     acks = {}
+                if exc.done:
+                    batch = self._committed_part(batch, exc.done)
+                elif batch and batch[-1].trackers is None:
+                    # The states as of the end of these rows, for a part-by-part store.
+                    batch[-1].trackers = dict(trackers)
                 self._disk_full_began(len(batch), exc.result)
                 if not retry:
                     self.lost_at_close += len(batch)
@@ -1026,9 +1065,14 @@ class Outbox:
                     return
                 self._held.set()
                 await asyncio.sleep(self._retry_delay)
-                # Whatever arrived meanwhile joins the retry, in order.
-                batch += self._pending
+                # Whatever arrived meanwhile joins the retry, in order; telemetry does not
+                # wait in memory (it would grow without bound while the disk stays full).
+                if self._pending and self._pending_trackers:
+                    last = self._pending[-1]
+                    last.trackers = {**(last.trackers or {}), **self._pending_trackers}
+                batch = self._shed_telemetry(batch + self._pending)
                 self._pending = []
+                upto = self.assigned_upto
                 trackers.update(self._pending_trackers)
                 self._pending_trackers = {}
                 for bit, seqs in self._acks.items():
@@ -1059,6 +1103,45 @@ class Outbox:
             q._on_commit(batch, previous, self.committed_upto)
         if not (self._pending or self._acks or self._pending_trackers):
             self._idle.set()
+
+    def _shed_telemetry(self, batch: list[_Pending]) -> list[_Pending]:
+        """The held batch without its telemetry rows (counted as dropped).
+
+        Tracker states a dropped row carried move to the row kept before it.
+        """
+        if all(p.cls != TELEMETRY for p in batch):
+            return batch
+        kept: list[_Pending] = []
+        orphan: dict[str, dict[str, Any]] = {}
+        for p in batch:
+            if p.cls != TELEMETRY:
+                if orphan:
+                    # States of dropped rows before this one: older than this row's own.
+                    p.trackers = {**orphan, **(p.trackers or {})}
+                    orphan = {}
+                kept.append(p)
+                continue
+            self.stats.dropped_telemetry += 1
+            for name, bit in self.bits.items():
+                if p.bits >> bit & 1:
+                    self._backlog[name] = max(0, self._backlog[name] - 1)
+            if p.trackers:
+                if kept:
+                    kept[-1].trackers = {**(kept[-1].trackers or {}), **p.trackers}
+                else:
+                    orphan.update(p.trackers)
+        return kept
+
+    def _committed_part(self, batch: list[_Pending], done: int) -> list[_Pending]:
+        """The first ``done`` held rows were stored: hand them to the readers; the rest."""
+        part, rest = batch[:done], batch[done:]
+        previous = self.committed_upto
+        self.committed_upto = max(previous, part[-1].seq)
+        self.stats.commits += 1
+        self.stats.committed += len(part)
+        for q in self._queues:
+            q._on_commit(part, previous, self.committed_upto)
+        return rest
 
     def _account(
         self, result: _WriteResult, batch: list[_Pending], acks: dict[int, list[int]]
@@ -1132,6 +1215,7 @@ class Outbox:
         batch: list[_Pending],
         trackers: dict[str, dict[str, Any]],
         acks: dict[int, list[int]],
+        upto: int = 0,
     ) -> _WriteResult:
         db = self._db
         assert db is not None
@@ -1151,8 +1235,7 @@ class Outbox:
                 raise
             self._t_when_full(db, batch, trackers, acks, result)
         result.fsynced = fsync
-        if batch:
-            self._t_committed = max(self._t_committed, batch[-1].seq)
+        self._t_committed = max(self._t_committed, upto, batch[-1].seq if batch else 0)
         result.committed_upto = self._t_committed
         result.stored = self._t_count
         if (
@@ -1172,7 +1255,7 @@ class Outbox:
         grows the file puts a page in the WAL that a checkpoint cannot write without room,
         and then not even deletions could proceed.
         """
-        if not batch or self._t_reserve_ok or not self._t_full_episode:
+        if not batch or self._t_reserve_ok or self._t_reserve_off:
             return True
         page, free = (
             db.execute(f"PRAGMA {p}").fetchone()[0] for p in ("page_size", "freelist_count")
@@ -1238,28 +1321,85 @@ class Outbox:
         if not self._t_checkpoint(db) and self._t_release_reserve():
             self._t_checkpoint(db)
         acks_done = False
-        if acks and (batch or trackers):
+        if acks:
             # Acknowledged rows free room, and must not wait for events that find none.
-            acks_done = attempt(lambda: self._t_transaction(db, [], {}, acks, result))
+            acks_done = attempt(
+                lambda: self._t_transaction(db, [], {}, acks, result)
+            ) or self._t_ack_in_slices(db, acks, result)
         rest = {} if acks_done else acks
         # Drop by policy now, while there is room to delete: the rows stored next reuse the
         # freed pages instead of growing the file, and the reserve goes back at once.
         self._t_drop_in_slices(db, result, len(batch), attempt)
         self._t_ensure_reserve(force=True)
-        error = "database or disk is full"
-        try:
-            if not self._t_fits(db, batch):
-                raise DiskFullError(error, result, acks_done)
-            self._t_transaction(db, batch, trackers, rest, result)
-            return
-        except sqlite3.Error as exc:
-            if not _is_full(exc):
-                raise
-            self._t_rollback(db)
-            error = str(exc)
+        error = "no room for new pages while the reserve is released"
+        if self._t_fits(db, batch):
+            try:
+                self._t_transaction(db, batch, trackers, rest, result)
+                return
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise
+                self._t_rollback(db)
+                error = str(exc)
+        # Not all at once: part by part, each part with the tracker states as of its end.
+        done = self._t_store_parts(db, batch, result)
+        if done == len(batch):
+            try:
+                self._t_transaction(db, [], trackers, rest, result)
+                return
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise
+                self._t_rollback(db)
         result.stored = self._t_count
         result.full_episode = True
-        raise DiskFullError(error, result, acks_done)
+        raise DiskFullError(error, result, acks_done, done)
+
+    def _t_ack_in_slices(
+        self, db: sqlite3.Connection, acks: dict[int, list[int]], result: _WriteResult
+    ) -> bool:
+        """Acknowledgements a few rows per transaction, checkpointing between; True if all.
+
+        Releasing hundreds of rows at once needs more room in the WAL than a full disk has.
+        A row released twice (some slices went, the rest is retried) is released once.
+        """
+        for bit, seqs in acks.items():
+            ordered = sorted(set(seqs))
+            for i in range(0, len(ordered), _FULL_SLICE):
+                try:
+                    self._t_transaction(db, [], {}, {bit: ordered[i : i + _FULL_SLICE]}, result)
+                except sqlite3.Error as exc:
+                    if not _is_full(exc):
+                        raise
+                    self._t_rollback(db)
+                    return False
+                self._t_checkpoint(db)
+        return True
+
+    def _t_store_parts(
+        self, db: sqlite3.Connection, batch: list[_Pending], result: _WriteResult
+    ) -> int:
+        """Store the longest prefix of held rows that fits, a part (up to a row with tracker
+        states) per transaction; the number of rows stored."""
+        done = 0
+        states: dict[str, dict[str, Any]] = {}
+        for i, p in enumerate(batch):
+            if p.trackers is None:
+                continue
+            states.update(p.trackers)
+            part = batch[done : i + 1]
+            if not self._t_fits(db, part):
+                break
+            try:
+                self._t_transaction(db, part, states, {}, result)
+            except sqlite3.Error as exc:
+                if not _is_full(exc):
+                    raise
+                self._t_rollback(db)
+                break
+            self._t_committed = max(self._t_committed, part[-1].seq)
+            done, states = i + 1, {}
+        return done
 
     @staticmethod
     def _t_rollback(db: sqlite3.Connection) -> None:
