@@ -11,6 +11,8 @@ Exported (all prefixed ``shopfloor_``)::
     gateway_info{gateway_id,version}            1
     gateway_start_time_seconds                  process start (epoch)
     gateway_ready                               1 when /healthz says ready
+    outbox_writable                             0 while a full disk holds events back
+    outbox_dropped_total{class}                 rows dropped by the overflow policy
     device_connected{machine}                   1 connected, 0 not
     device_polls_total{machine}                 successful reads (batches)
     device_read_errors_total{machine}           failed reads and connects
@@ -274,6 +276,7 @@ class _State:
     delivery: dict[str, Histogram] = field(default_factory=dict)
     config_loaded: bool = False
     outbox_writable: bool = True
+    outbox_dropped: dict[str, int] = field(default_factory=dict)
 
 
 class Metrics:
@@ -314,6 +317,10 @@ class Metrics:
     def set_outbox_writable(self, writable: bool) -> None:
         """The outbox's last write (or probe) succeeded or failed."""
         self._s.outbox_writable = writable
+
+    def outbox_dropped(self, telemetry: int, progress: int) -> None:
+        """Rows the outbox dropped so far, by class (totals, not increments)."""
+        self._s.outbox_dropped = {"telemetry": telemetry, "progress": progress}
 
     # -- devices --
 
@@ -440,6 +447,19 @@ class Metrics:
             "1 when the gateway is ready (see /healthz).",
             value=1 if self.health().ready else 0,
         )
+        yield GaugeMetricFamily(
+            "shopfloor_outbox_writable",
+            "0 while a full disk holds events back (outbox.disk_full), else 1.",
+            value=1 if s.outbox_writable else 0,
+        )
+        dropped = CounterMetricFamily(
+            "shopfloor_outbox_dropped",
+            "Rows the outbox dropped by its overflow policy (bound or full disk).",
+            labels=["class"],
+        )
+        for cls, n in s.outbox_dropped.items():
+            dropped.add_metric([cls], n)
+        yield dropped
         conn = GaugeMetricFamily(
             "shopfloor_device_connected", "1 while the device answers.", labels=["machine"]
         )

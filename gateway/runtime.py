@@ -633,6 +633,8 @@ class Gateway:
         """Destination figures into the metrics (once a second)."""
         # A full disk holds events in memory: not ready until the outbox has room again.
         self.metrics.set_outbox_writable(not self.outbox.disk_full)
+        stats = self.outbox.stats
+        self.metrics.outbox_dropped(stats.dropped_telemetry, stats.dropped_progress)
         for name, pub in self.publishers.items():
             self.metrics.destination_state(
                 name,

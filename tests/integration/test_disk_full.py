@@ -277,12 +277,17 @@ async def test_the_gateway_process_stays_up_on_a_full_disk_and_recovers(
             await wait_log(log, "outbox.disk_full")
             body = await wait_http(base + "/healthz", 503)
             assert body["checks"] == {"config": True, "outbox": False, "destinations": True}
+            metrics = await asyncio.to_thread(http_get, base + "/metrics")
+            assert "shopfloor_outbox_writable 0.0" in metrics[1], metrics[1][:2000]
             assert proc.returncode is None
             # Space comes back, and the broker: the held and stored events go out.
             mosquitto.start()
             filler.unlink()
             await wait_log(log, "outbox.disk_writable", within=40)
             await wait_http(base + "/healthz", 200)
+            metrics = await asyncio.to_thread(http_get, base + "/metrics")
+            assert "shopfloor_outbox_writable 1.0" in metrics[1]
+            assert 'shopfloor_outbox_dropped_total{class="progress"}' in metrics[1]
             after = len(events(sub.messages))
             await sub.wait_for(lambda ms: len(events(ms)) > after + 20, timeout=20)
             assert proc.returncode is None
