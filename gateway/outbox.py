@@ -515,7 +515,7 @@ class Outbox:
         """Create or open the file, check it, load tracker states and per-destination counts."""
         try:
             info = await self._writer.call(self._t_open)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise OutboxError(f"cannot open the outbox {self.path}: {exc}") from exc
         self.bits, self.trackers, backlog, last_seq, count = info
         self._backlog = {name: backlog.get(self.bits[name], 0) for name in self.destinations}

@@ -82,3 +82,69 @@ async def test_a_lost_tracker_state_continues_the_sequence_under_a_new_epoch(
     ids: dict[int, str] = {}
     for e in evs:
         assert ids.setdefault(e["sequence"], e["id"]) == e["id"], e["sequence"]
+
+
+def config(tmp_path: Path, broker_port: int, device_port: int, extra: str = "") -> Path:
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-dm, site: plant-1, topic_prefix: dm}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        f"broker: {{host: 127.0.0.1, port: {broker_port}}}\n"
+        "logging: {level: info, format: json}\n"
+        f"{extra}"
+        "machines:\n"
+        "  - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,"
+        " poll_interval: 0.05, connection: {protocol: modbus, host: 127.0.0.1,"
+        f" port: {device_port}}}}}\n"
+    )
+    return cfg
+
+
+def logged(log: Path) -> list[dict[str, object]]:
+    out = []
+    for line in log.read_text().splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+async def test_a_corrupt_outbox_file_is_set_aside_and_the_gateway_runs(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    port = free_port()
+    script = [Idle(0.3), RunOrder("PO-C1", target=100, piece_seconds=0.01)]
+    stations = [StationSpec("sew-01", port, StationModel(script, name="sew-01"))]
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "shopfloor-outbox.db").write_bytes(b"garbage, not SQLite " * 500)
+    cfg = config(tmp_path, mosquitto.port, port)
+    log = tmp_path / "gw.log"
+    async with (
+        Subscriber(mosquitto.host, mosquitto.port, "dm/#") as sub,
+        SimulatedFloor(stations),
+        gateway_process(cfg, log) as proc,
+    ):
+        await sub.wait_for(lambda ms: len(events(ms)) >= 3, timeout=20)
+        await stop(proc)
+        assert proc.returncode == 0
+    damaged = [e for e in logged(log) if e["event"] == "outbox.damaged"]
+    assert len(damaged) == 1 and damaged[0]["level"] == "error", damaged
+    aside = Path(str(damaged[0]["moved_to"]))
+    assert (await asyncio.to_thread(aside.read_bytes)).startswith(b"garbage, not SQLite")
+    assert all(isinstance(e["epoch"], int) for e in events(sub.messages))
+    assert "Traceback" not in log.read_text()
+
+
+async def test_an_outbox_that_cannot_be_opened_stops_with_one_clear_line(
+    mosquitto: MosquittoBroker, tmp_path: Path
+) -> None:
+    where = tmp_path / "not-a-file"
+    where.mkdir()
+    cfg = config(tmp_path, mosquitto.port, free_port(), f"outbox: {{path: '{where}'}}\n")
+    log = tmp_path / "gw.log"
+    async with gateway_process(cfg, log) as proc:
+        async with asyncio.timeout(20):
+            await proc.wait()
+    assert proc.returncode == 1
+    failed = [e for e in logged(log) if e["event"] == "outbox.failed"]
+    assert len(failed) == 1 and str(where) in str(failed[0]["error"]), logged(log)
+    assert "Traceback" not in log.read_text()
