@@ -77,6 +77,13 @@ def zero_pages(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def zero_index(path: Path) -> None:
+    """The root page of an index (page 10: the telemetry index) read as zeros."""
+    data = bytearray(path.read_bytes())
+    data[9 * 4096 : 10 * 4096] = bytes(4096)
+    path.write_bytes(bytes(data))
+
+
 def garbage_header(path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[:100] = b"this is not SQLite".ljust(100, b"?")
@@ -92,7 +99,7 @@ def empty(path: Path) -> None:
     path.write_bytes(b"")
 
 
-@pytest.mark.parametrize("damage", [truncate, zero_pages, garbage_header, empty])
+@pytest.mark.parametrize("damage", [truncate, zero_pages, zero_index, garbage_header, empty])
 async def test_a_damaged_file_is_set_aside_salvaged_and_the_epoch_changes(
     tmp_path: Path, damage: Callable[[Path], None]
 ) -> None:
@@ -117,6 +124,10 @@ async def test_a_damaged_file_is_set_aside_salvaged_and_the_epoch_changes(
         # Most of it survives: the rows and states on the pages left intact.
         assert PER_MACHINE < stored < 2 * PER_MACHINE
         assert salvaged_trackers
+    if damage is zero_index:
+        # No row was lost, only the index: everything is salvaged.
+        assert stored == 2 * PER_MACHINE
+        assert set(salvaged_trackers) == set(MACHINES)
     # The new file opens cleanly next time, with the same epoch.
     with capture_logs() as again:
         async with opened(path) as ob2:
