@@ -274,23 +274,28 @@ def _is_damage(exc: BaseException) -> bool:
 
 @dataclass(slots=True)
 class _Salvage:
-    """What could be read from a damaged file, row by row."""
+    """A damaged file set aside, and what could be read from it, row by row."""
 
+    aside: Path
+    why: str
     meta: dict[str, str] = field(default_factory=dict)
     destinations: list[tuple[Any, Any]] = field(default_factory=list)
     trackers: list[tuple[Any, Any]] = field(default_factory=list)
-    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    messages: int = 0
     unreadable: list[str] = field(default_factory=list)
 
 
-def _salvage(path: Path) -> _Salvage:
-    """Read what is readable of a damaged outbox file (read-only; nothing raises)."""
-    out = _Salvage()
+def _salvage(out: _Salvage, sink: Callable[[list[tuple[Any, ...]]], None]) -> None:
+    """Read what is readable of a damaged outbox file (read-only; nothing raises).
+
+    Small tables are kept in ``out``; messages go to ``sink`` a chunk at a time (a large
+    backlog is never held in memory as a whole).
+    """
     try:
-        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        db = sqlite3.connect(f"file:{out.aside}?mode=ro", uri=True)
     except sqlite3.Error as exc:
         out.unreadable.append(f"file: {exc}")
-        return out
+        return
     try:
 
         def rows(sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
@@ -340,11 +345,12 @@ def _salvage(path: Path) -> _Salvage:
             step, limit = 1, 500
             if not chunk:
                 break
-            out.messages += [r for r in chunk if len(r) == 9]
+            usable = [r for r in chunk if len(r) == 9]
+            sink(usable)
+            out.messages += len(usable)
             after = chunk[-1][0]
     finally:
         db.close()
-    return out
 
 
 def _is_full(exc: BaseException) -> bool:
@@ -574,7 +580,7 @@ class Outbox:
             os.chmod(self.path, 0o600)
 
     def _t_set_aside(self, why: str) -> _Salvage:
-        """Move a damaged file (with its WAL) aside under a timestamped name; salvage it."""
+        """Move a damaged file (with its WAL) aside under a timestamped name."""
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         aside = self.path.with_name(f"{self.path.name}.damaged-{stamp}")
         n = 1
@@ -589,23 +595,7 @@ class Outbox:
                     os.replace(side, aside.with_name(aside.name + suffix))
                 else:
                     side.unlink()
-        salvage = _salvage(aside)
-        with contextlib.suppress(FileNotFoundError):
-            aside.with_name(aside.name + "-shm").unlink()
-        log.error(
-            "outbox.damaged",
-            path=str(self.path),
-            moved_to=str(aside),
-            error=why[:200],
-            salvaged_messages=len(salvage.messages),
-            salvaged_trackers=len(salvage.trackers),
-            unreadable=salvage.unreadable[:5],
-            detail=(
-                "the damaged file is kept for inspection; a new outbox holds what could be"
-                " read, and events carry a new epoch: sequences may have been reset"
-            ),
-        )
-        return salvage
+        return _Salvage(aside, why)
 
     def _t_open_full(
         self, salvage: _Salvage | None
@@ -872,7 +862,25 @@ class Outbox:
         return out
 
     def _t_restore_salvage(self, db: sqlite3.Connection, salvage: _Salvage) -> None:
-        """Put the rows read from a damaged file into the new one (checked like any file)."""
+        """Put the rows readable in a damaged file into the new one (checked like any file).
+
+        Messages go in a chunk per transaction, as they are read; the rest after them.
+        """
+
+        def sink(chunk: list[tuple[Any, ...]]) -> None:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                for msg in chunk:
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?,?,?)", msg)
+                db.execute("COMMIT")
+            except BaseException:
+                self._t_rollback(db)
+                raise
+
+        _salvage(salvage, sink)
+        with contextlib.suppress(FileNotFoundError):
+            salvage.aside.with_name(salvage.aside.name + "-shm").unlink()
         db.execute("BEGIN IMMEDIATE")
         try:
             last = self._t_int(salvage.meta.get("last_seq"))
@@ -886,13 +894,23 @@ class Outbox:
             for row in salvage.trackers:
                 with contextlib.suppress(sqlite3.Error):
                     db.execute("INSERT OR REPLACE INTO trackers VALUES (?, ?)", row)
-            for msg in salvage.messages:
-                with contextlib.suppress(sqlite3.Error):
-                    db.execute("INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)", msg)
             db.execute("COMMIT")
         except BaseException:
             self._t_rollback(db)
             raise
+        log.error(
+            "outbox.damaged",
+            path=str(self.path),
+            moved_to=str(salvage.aside),
+            error=salvage.why[:200],
+            salvaged_messages=salvage.messages,
+            salvaged_trackers=len(salvage.trackers),
+            unreadable=salvage.unreadable[:5],
+            detail=(
+                "the damaged file is kept for inspection; a new outbox holds what could be"
+                " read, and events carry a new epoch: sequences may have been reset"
+            ),
+        )
 
     def _t_destinations(self, db: sqlite3.Connection) -> dict[str, int]:
         """The stored name-to-bit table; entries that are not a name and a usable bit go."""
