@@ -1322,10 +1322,11 @@ class Outbox:
     ) -> None:
         """SQLITE_FULL: free room and store what fits, or raise :class:`DiskFullError`.
 
-        In this order: truncate the WAL; commit the acknowledgements alone (deleting rows);
-        the events again; drop rows by the overflow policy and try once more. When a
-        checkpoint or a deletion itself finds no room, the reserve file is released for it.
-        Whatever was committed on the way is in the error's ``result``.
+        In this order: truncate the WAL; commit the acknowledgements alone (deleting rows,
+        in slices if need be); drop rows by the overflow policy, in slices; store the events
+        (with the reserve released, only into free pages); what does not fit at once, part
+        by part. When a checkpoint or a deletion itself finds no room, the reserve file is
+        released for it. Whatever was committed on the way is in the error's ``result``.
         """
         result.disk_full = True
         self._t_last_full = time.monotonic()
