@@ -289,6 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _run_gateway(plan: Any) -> int:
     from gateway.loopwatch import LoopWatch
+    from gateway.outbox import OutboxError
     from gateway.runtime import SHUTDOWN_DEADLINE, Gateway
 
     watch = LoopWatch()
@@ -304,10 +305,37 @@ def _run_gateway(plan: Any) -> int:
         with contextlib.suppress(NotImplementedError):
             # SIGHUP (and `systemctl reload`) re-reads the config file.
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, gateway.request_reload)
-        await gateway.run(stop)
+        try:
+            await gateway.run(stop)
+        except (OutboxError, BaseExceptionGroup) as exc:
+            # One clear line for the operator instead of a traceback (the task group wraps
+            # the error of the outbox task in a group).
+            failed = _only(exc, OutboxError)
+            if failed is None:
+                raise
+            log.error(
+                "outbox.failed",
+                error=str(failed),
+                detail="the gateway stops; it resumes from the outbox when started again",
+            )
+            return EXIT_FAILURE
         return EXIT_OK
 
     return run_async(go, watch=watch, deadline=SHUTDOWN_DEADLINE)
+
+
+def _only(exc: BaseException, kind: type[Exception]) -> Exception | None:
+    """``exc`` if it is a ``kind``, or the first of a group made of nothing else."""
+    if isinstance(exc, kind):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        match, rest = exc.split(kind)
+        if match is not None and rest is None:
+            first: BaseException = match
+            while isinstance(first, BaseExceptionGroup) and first.exceptions:
+                first = first.exceptions[0]
+            return first if isinstance(first, kind) else None
+    return None
 
 
 def _json(fmt: str | None) -> bool | None:

@@ -424,6 +424,19 @@ class EventEnvelope(_Outbound):
         description="Id of the gateway that produced the event.",
         examples=["gw-01"],
     )
+    epoch: int | None = Field(
+        default=None,
+        ge=1,
+        description=(
+            "The gateway's sequence space. It changes (to a larger number: the Unix time in "
+            "milliseconds when the new space began) whenever `sequence` may have been reset: "
+            "the gateway started with a new, emptied or damaged-and-replaced outbox, or lost a "
+            "machine's state. A consumer that tracks `sequence` starts afresh for every "
+            "machine of this `gatewayid` when `epoch` changes. Absent from gateways before it "
+            "existed."
+        ),
+        examples=[1796567886123],
+    )
     delayed: bool | None = Field(
         default=None,
         description=(

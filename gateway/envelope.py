@@ -11,9 +11,10 @@ Topics follow the ISA-95 location path of each machine::
 Segments are validated where the config is loaded; this module only joins them.
 
 Events use CloudEvents 1.0 in structured mode with two extension attributes:
-``sequence`` (per machine, from 1, a consumer sees gaps and duplicates) and
-``gatewayid``. Delivery is at least once: consumers deduplicate by ``id``, a UUIDv7
-(RFC 9562) whose text sorts by creation time.
+``sequence`` (per machine, from 1, a consumer sees gaps and duplicates),
+``gatewayid`` and ``epoch`` (the sequence space: a new epoch means sequences may have
+been reset, e.g. after a damaged outbox file was replaced). Delivery is at least once:
+consumers deduplicate by ``id``, a UUIDv7 (RFC 9562) whose text sorts by creation time.
 
 Time rule for payloads: the tracker hands over times as float epoch seconds. On the
 wire every time is an RFC 3339 UTC string with milliseconds (``2026-11-22T10:00:00.123Z``).
@@ -275,8 +276,14 @@ def _location_dict(loc: Location) -> dict[str, str]:
     return {"site": loc.site, "area": loc.area, "line": loc.line, "machine": loc.machine}
 
 
-def encode_event(event: Event, loc: Location, *, gateway_id: str, event_id: str) -> bytes:
-    """CloudEvents 1.0 structured JSON for one tracker event at location ``loc``."""
+def encode_event(
+    event: Event, loc: Location, *, gateway_id: str, event_id: str, epoch: int | None = None
+) -> bytes:
+    """CloudEvents 1.0 structured JSON for one tracker event at location ``loc``.
+
+    ``epoch`` (the outbox's sequence space, :attr:`gateway.outbox.Outbox.epoch`) goes into
+    the ``epoch`` extension attribute when given.
+    """
     if isinstance(event.sequence, bool) or not isinstance(event.sequence, int):
         raise ValueError(f"event sequence must be an int, got {event.sequence!r}")
     envelope: dict[str, Any] = {
@@ -292,6 +299,10 @@ def encode_event(event: Event, loc: Location, *, gateway_id: str, event_id: str)
         "gatewayid": gateway_id,
         "data": convert_times(event.data, _path="data."),
     }
+    if epoch is not None:
+        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
+            raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
+        envelope["epoch"] = epoch
     return _dumps(envelope, f"event {event.type} of {event.machine}")
 
 

@@ -11,6 +11,8 @@ Exported (all prefixed ``shopfloor_``)::
     gateway_info{gateway_id,version}            1
     gateway_start_time_seconds                  process start (epoch)
     gateway_ready                               1 when /healthz says ready
+    outbox_writable                             0 while a full disk holds events back
+    outbox_dropped_total{class}                 rows dropped by the overflow policy
     device_connected{machine}                   1 connected, 0 not
     device_polls_total{machine}                 reads (polls) that returned samples
     device_notifications_total{machine}         notification batches of a subscription
@@ -330,6 +332,7 @@ class _State:
     #: Worst event-loop lag of the last report period, and stalls over 1 s so far.
     loop_lag: float = 0.0
     loop_stalls: int = 0
+    outbox_dropped: dict[str, int] = field(default_factory=dict)
 
 
 class Metrics:
@@ -374,6 +377,10 @@ class Metrics:
     def set_outbox_writable(self, writable: bool) -> None:
         """The outbox's last write (or probe) succeeded or failed."""
         self._s.outbox_writable = writable
+
+    def outbox_dropped(self, telemetry: int, progress: int) -> None:
+        """Rows the outbox dropped so far, by class (totals, not increments)."""
+        self._s.outbox_dropped = {"telemetry": telemetry, "progress": progress}
 
     # -- devices --
 
@@ -535,6 +542,19 @@ class Metrics:
             "1 when the gateway is ready (see /healthz).",
             value=1 if self.health().ready else 0,
         )
+        yield GaugeMetricFamily(
+            "shopfloor_outbox_writable",
+            "0 while a full disk holds events back (outbox.disk_full), else 1.",
+            value=1 if s.outbox_writable else 0,
+        )
+        dropped = CounterMetricFamily(
+            "shopfloor_outbox_dropped",
+            "Rows the outbox dropped by its overflow policy (bound or full disk).",
+            labels=["class"],
+        )
+        for cls, n in s.outbox_dropped.items():
+            dropped.add_metric([cls], n)
+        yield dropped
         conn = GaugeMetricFamily(
             "shopfloor_device_connected", "1 while the device answers.", labels=["machine"]
         )

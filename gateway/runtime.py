@@ -80,7 +80,7 @@ from gateway.routing import (
     state_view,
 )
 from gateway.systemd import Notifier
-from gateway.tracker import CommandResult, MachineTracker, Rejection
+from gateway.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
 
 log = structlog.get_logger(__name__)
 
@@ -583,11 +583,19 @@ class Gateway:
         for machine, m in self.machines.items():
             state = self.outbox.trackers.get(machine)
             if state is None:
+                # An unreadable state: never hand out a sequence its stored events used.
+                last = self.outbox.recovered_sequences.get(machine)
+                if last:
+                    m.tracker = _tracker_at(machine, m.plan.tracker, last)
+                    log.warning("tracker.sequence_recovered", machine=machine, sequence=last)
                 continue
             try:
                 m.tracker = MachineTracker.restore(machine, m.plan.tracker, state)
             except ValueError as exc:
                 log.error("tracker.restore_failed", machine=machine, error=str(exc))
+                last = state.get("sequence")
+                if type(last) is int and last > 0:
+                    m.tracker = _tracker_at(machine, m.plan.tracker, last)
                 continue
             self._learn_customers(machine, state)
             restored.append(machine)
@@ -762,6 +770,10 @@ class Gateway:
 
     def _report(self, now: float) -> None:
         """Destination figures into the metrics (once a second)."""
+        # A full disk holds events in memory: not ready until the outbox has room again.
+        self.metrics.set_outbox_writable(not self.outbox.disk_full)
+        stats = self.outbox.stats
+        self.metrics.outbox_dropped(stats.dropped_telemetry, stats.dropped_progress)
         for name, pub in self.publishers.items():
             queue = self.queues[name]
             self.metrics.destination_state(
@@ -987,13 +999,16 @@ class Gateway:
         self._learn_customers(machine, state)
         customers = self._customers.get(machine, {})
         gateway_id = self.plan.gateway_id
+        epoch = self.outbox.epoch or None
         everywhere = self._everywhere
         created = self._clock()
         debug = _debug_enabled()
         entries: list[Entry] = []
         for event in events:
             event_id = new_event_id(event.time, self._rng.getrandbits(74))
-            payload = encode_event(event, loc, gateway_id=gateway_id, event_id=event_id)
+            payload = encode_event(
+                event, loc, gateway_id=gateway_id, event_id=event_id, epoch=epoch
+            )
             order_id = event.data.get("order_id")
             order_id = order_id if isinstance(order_id, str) else None
             if everywhere is not None:
@@ -1063,6 +1078,12 @@ class Gateway:
 
 #: The stdlib logger behind ``log``: its level decides whether a debug line goes anywhere.
 _stdlog = logging.getLogger(__name__)
+
+
+def _tracker_at(machine: str, settings: TrackerSettings, sequence: int) -> MachineTracker:
+    """A fresh tracker whose next event takes ``sequence + 1`` (its state was lost)."""
+    state = MachineTracker(machine, settings).export_state()
+    return MachineTracker.restore(machine, settings, {**state, "sequence": sequence})
 
 
 def _debug_enabled() -> bool:

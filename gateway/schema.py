@@ -58,6 +58,8 @@ EXAMPLES_FILE = "examples.json"
 
 # Where the example shift happens: illustrative names, fixed so the files are stable.
 EXAMPLE_TOPICS = Topics(prefix="shopfloor", site="plant1", gateway_id="gw-01")
+#: The examples' sequence space (``epoch``): when the example gateway's outbox began, in ms.
+EXAMPLE_EPOCH = 1_795_852_800_000
 EXAMPLE_LOCATION = Location(site="plant1", area="sewing", line="line-2", machine="sew-07")
 EXAMPLE_VERSION = "0.1.0"
 _T0 = datetime(2026, 11, 22, 6, 0, tzinfo=UTC).timestamp()
@@ -230,7 +232,9 @@ def example_messages() -> dict[str, dict[str, Any]]:
     encoded: list[tuple[Event, dict[str, Any]]] = []
     for event in events:
         event_id = new_event_id(event.time, rng.getrandbits(74))
-        payload = encode_event(event, EXAMPLE_LOCATION, gateway_id=gw, event_id=event_id)
+        payload = encode_event(
+            event, EXAMPLE_LOCATION, gateway_id=gw, event_id=event_id, epoch=EXAMPLE_EPOCH
+        )
         payload = redact_payload(payload, "pseudonymise", _EXAMPLE_SECRET)
         encoded.append((event, json.loads(payload)))
     out: dict[str, dict[str, Any]] = {}

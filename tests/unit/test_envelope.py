@@ -320,3 +320,14 @@ def test_status_online_and_offline() -> None:
 def test_status_rejects_unknown_values() -> None:
     with pytest.raises(ValueError, match="online"):
         encode_status("maybe", gateway_id="g", version="1", started_at=0, now=0)  # type: ignore[arg-type]
+
+
+def test_epoch_goes_into_the_envelope_when_given() -> None:
+    loc = Location("s", "a", "l", "m1")
+    ev = Event(machine="m1", type="order.started", time=1000.0, sequence=3, data={})
+    with_epoch = json.loads(encode_event(ev, loc, gateway_id="gw", event_id="x", epoch=17))
+    assert with_epoch["epoch"] == 17
+    assert "epoch" not in json.loads(encode_event(ev, loc, gateway_id="gw", event_id="x"))
+    for bad in (0, -1, True, "5"):
+        with pytest.raises(ValueError, match="epoch"):
+            encode_event(ev, loc, gateway_id="gw", event_id="x", epoch=bad)  # type: ignore[arg-type]
