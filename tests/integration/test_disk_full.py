@@ -276,7 +276,12 @@ async def test_the_gateway_process_stays_up_on_a_full_disk_and_recovers(
             mosquitto.stop()
             await wait_log(log, "outbox.disk_full")
             body = await wait_http(base + "/healthz", 503)
-            assert body["checks"] == {"config": True, "outbox": False, "destinations": True}
+            assert body["checks"] == {
+                "config": True,
+                "outbox": False,
+                "tasks": True,
+                "destinations": True,
+            }
             metrics = await asyncio.to_thread(http_get, base + "/metrics")
             assert "shopfloor_outbox_writable 0.0" in metrics[1], metrics[1][:2000]
             assert proc.returncode is None
