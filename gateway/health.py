@@ -33,7 +33,7 @@ import json
 import logging
 from collections.abc import Awaitable, Callable
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 
 import structlog
 from aiohttp import web
@@ -118,7 +118,8 @@ class _Guard(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports are not asyncio.Transport subclasses, yet have its methods.
+        transport = cast(asyncio.Transport, transport)
         srv = self._server
         if srv.active >= srv.max_connections:
             self._refused = True
