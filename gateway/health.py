@@ -243,7 +243,13 @@ class HealthServer:
         app = web.Application(
             client_max_size=MAX_BODY_BYTES,
             middlewares=[self._errors],
-            handler_args={"max_field_size": MAX_HEADER_BYTES, "max_line_size": MAX_HEADER_BYTES},
+            handler_args={
+                "max_field_size": MAX_HEADER_BYTES,
+                "max_line_size": MAX_HEADER_BYTES,
+                # No waiting for the rest of an unread body after answering: a slow sender
+                # must not hold a connection past the request timeout.
+                "lingering_time": 0,
+            },
         )
         app.router.add_route("*", "/healthz", self._healthz)
         app.router.add_route("*", "/metrics", self._metrics)
@@ -263,7 +269,9 @@ class HealthServer:
             resp = await handler(request)
         except web.HTTPException as exc:
             if exc.status == 405:
-                allow = exc.headers.get("Allow", "GET, HEAD")
+                allow = ", ".join(
+                    m.strip() for m in exc.headers.get("Allow", "GET,HEAD").split(",")
+                )
                 resp = _text(405, f"only {allow}\n", Allow=allow)
             elif exc.status == 404:
                 resp = _text(404, "not found\n")

@@ -243,3 +243,12 @@ def openapi() -> dict[str, Any]:
             "securitySchemes": {"token": {"type": "http", "scheme": "bearer"}},
         },
     }
+
+
+if __name__ == "__main__":  # pragma: no cover - writes docs/console-openapi.json
+    import json
+    import pathlib
+    import sys
+
+    out = pathlib.Path(sys.argv[1] if len(sys.argv) > 1 else "docs/console-openapi.json")
+    out.write_text(json.dumps(openapi(), indent=2) + "\n")

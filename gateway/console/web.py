@@ -474,8 +474,12 @@ class Console:
                 "send the console token as 'Authorization: Bearer TOKEN'",
                 **{"WWW-Authenticate": 'Bearer realm="shopfloor"'},
             )
-        async with asyncio.timeout(self._timeout):
-            payload = await request.read()
+        try:
+            async with asyncio.timeout(self._timeout):
+                payload = await request.read()
+        except TimeoutError:
+            resp = web.Response(status=408, text="request timeout\n", content_type="text/plain")
+            return resp
         machine = request.match_info["machine"]
         loc = h.locations.get(machine)
         rules, origin_name = h.console_rules()
