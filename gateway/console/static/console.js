@@ -8,6 +8,8 @@ function h(tag, attrs, ...children) {
   for (const [k, v] of Object.entries(attrs || {})) {
     if (v === null || v === undefined || v === false) continue;
     if (k === "class") el.className = v;
+    // Through the CSSOM: the page's Content-Security-Policy refuses style attributes.
+    else if (k === "style") el.style.cssText = v;
     else if (k.startsWith("on")) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? "" : v);
   }
@@ -229,11 +231,28 @@ async function showMachine(id) {
 
 // ---------------------------------------------------------------- orders, deliveries, config
 
+// Progress updates come every few percent: one line says how many, the latest shows the count.
+function orderEvents(events) {
+  const progress = events.filter((e) => e.type === "order.progress");
+  const lines = events.filter((e) => e.type !== "order.progress" || e === progress[progress.length - 1]);
+  return lines.map((e) => h("div", {}, eventText(e),
+    e.type === "order.progress" && progress.length > 1 ? ` · last of ${progress.length} progress updates` : ""));
+}
+
+function orderCounts(events) {
+  for (let i = events.length - 1; i >= 0; i--) {
+    const d = events[i].data || {};
+    if (d.good !== undefined) return `${d.good}${d.target ? ` / ${d.target}` : ""}`;
+  }
+  return "–";
+}
+
 function ordersTable(orders) {
-  return table(["machine", "order", "status", "events"], orders.map((o) => h("tr", { "data-order": o.order_id },
+  const sorted = [...orders].sort((a, b) => (a.status === "running" ? 0 : 1) - (b.status === "running" ? 0 : 1));
+  return table(["machine", "order", "status", "good / target", "events"], sorted.map((o) => h("tr", { "data-order": o.order_id },
     h("td", {}, h("a", { href: `/machines/${encodeURIComponent(o.machine)}` }, o.machine)),
-    h("td", {}, o.order_id), h("td", {}, o.status),
-    h("td", { class: "small" }, o.events.map((e) => h("div", {}, eventText(e)))))), "orders");
+    h("td", {}, o.order_id), h("td", {}, o.status), h("td", { class: "num" }, orderCounts(o.events)),
+    h("td", { class: "small" }, orderEvents(o.events)))), "orders");
 }
 
 async function showOrders() {
