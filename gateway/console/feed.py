@@ -18,6 +18,7 @@ import asyncio
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from gateway.model import Event, Sample
 
@@ -42,6 +43,8 @@ class MachineFeed:
     alarms: deque[Event] = field(default_factory=lambda: deque(maxlen=ALARMS_PER_MACHINE))
     at_risk: bool = False
     last_event: Event | None = None
+    #: ``last_event`` and its JSON-ready view (made once, reused by every push).
+    last_event_view: tuple[Event, dict[str, Any]] | None = None
 
 
 @dataclass(slots=True)
