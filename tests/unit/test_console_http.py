@@ -493,3 +493,15 @@ async def test_an_unknown_machine_page_and_asset_are_404(server: HealthServer) -
     assert (await raw(server.port, req("GET", "/api/machines/nope")))[0] == 404
     assert (await raw(server.port, req("GET", "/static/..%2Fweb.py")))[0] == 404
     assert (await raw(server.port, req("GET", "/static/feed.py")))[0] == 404
+
+
+def test_the_demo_prints_the_console_url_and_its_fresh_token() -> None:
+    from gateway.demo import DEMO_CONFIG, _ports, console_line
+
+    plan = load_config(DEMO_CONFIG, env={"SHOPFLOOR_DEMO_TOKEN": "t-1"})
+    assert console_line(plan) == "\nWeb console: http://127.0.0.1:19108/  (order token: t-1)"
+    assert ("the web console", "127.0.0.1", 19108) in _ports(plan)
+    # Run outside the demo (no token given), the demo config's console is read-only.
+    plan = load_config(DEMO_CONFIG, env={})
+    assert plan.console_token is None
+    assert console_line(plan) == "\nWeb console: http://127.0.0.1:19108/"
