@@ -911,6 +911,10 @@ class Gateway:
                 errors[runner.name] = runner.last_error
         return errors
 
+    def in_flight(self) -> dict[str, int]:
+        """Events handed to each destination and sink, not yet acknowledged (web console)."""
+        return {name: queue.in_flight for name, queue in self.queues.items()}
+
     def console_rules(self) -> tuple[RouteRules, str]:
         """The routing rules console commands are held to (``health.commands_as``)."""
         scope = self.plan.console_scope

@@ -113,6 +113,8 @@ class Delivery(_View):
     backlog: int
     oldest_unacknowledged_s: float | None
     last_error: str | None
+    sent: int = Field(description="Events sent: acknowledged plus in flight.")
+    in_flight: int = Field(description="Sent and not yet acknowledged.")
     acknowledged: int
     dropped: int
     limit: int | None

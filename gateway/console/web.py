@@ -102,6 +102,10 @@ class ConsoleHost(Protocol):
         """The last error of each destination and sink (``None``: none yet)."""
         ...
 
+    def in_flight(self) -> Mapping[str, int]:
+        """Events sent to each destination and sink, not yet acknowledged."""
+        ...
+
     def console_rules(self) -> tuple[RouteRules, str]:
         """The routing rules console commands are held to, and their origin name."""
         ...
@@ -288,6 +292,7 @@ class Console:
     def deliveries(self, request: web.Request) -> Deliveries:
         """Destinations and the history sink."""
         errors = self.host.delivery_errors()
+        flight = self.host.in_flight()
         return Deliveries(
             deliveries=[
                 Delivery(
@@ -297,6 +302,8 @@ class Console:
                     backlog=d.backlog,
                     oldest_unacknowledged_s=d.oldest_age,
                     last_error=errors.get(d.name),
+                    sent=d.published_total + flight.get(d.name, 0),
+                    in_flight=flight.get(d.name, 0),
                     acknowledged=d.published_total,
                     dropped=d.dropped_total,
                     limit=d.limit,

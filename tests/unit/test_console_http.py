@@ -95,6 +95,9 @@ class Host:
     def delivery_errors(self) -> dict[str, str | None]:
         return {"default": None, "erp": "not authorised: check username and password"}
 
+    def in_flight(self) -> dict[str, int]:
+        return {"default": 2}
+
     def console_rules(self) -> tuple[RouteRules, str]:
         for d in self.plan.destinations:
             if d.name == self.plan.console_scope:
@@ -505,3 +508,31 @@ def test_the_demo_prints_the_console_url_and_its_fresh_token() -> None:
     plan = load_config(DEMO_CONFIG, env={})
     assert plan.console_token is None
     assert console_line(plan) == "\nWeb console: http://127.0.0.1:19108/"
+
+
+async def test_deliveries_show_each_destination_and_the_history_sink(
+    server: HealthServer, host: Host
+) -> None:
+    host.metrics.destination_state("default", connected=True, backlog=3, published_total=40)
+    host.metrics.destination_state(
+        "influxdb", connected=False, backlog=9, oldest_age=12.5, dropped_total=4, required=False
+    )
+    _, _, body = await raw(server.port, req("GET", "/api/deliveries"))
+    rows = {d["name"]: d for d in json.loads(body)["deliveries"]}
+    assert rows["default"] | {"oldest_unacknowledged_s": None} == {
+        "name": "default",
+        "kind": "destination",
+        "connected": True,
+        "backlog": 3,
+        "oldest_unacknowledged_s": None,
+        "last_error": None,
+        "sent": 42,
+        "in_flight": 2,
+        "acknowledged": 40,
+        "dropped": 0,
+        "limit": None,
+    }
+    assert rows["erp"]["last_error"] == "not authorised: check username and password"
+    history = rows["influxdb"]
+    assert history["kind"] == "history" and history["connected"] is False
+    assert history["oldest_unacknowledged_s"] == 12.5 and history["dropped"] == 4

@@ -263,13 +263,13 @@ async function showOrders() {
 async function showDeliveries() {
   const d = await api("/api/deliveries");
   main().replaceChildren(h("h1", {}, "Deliveries"),
-    table(["name", "kind", "link", "backlog", "oldest unacknowledged", "acknowledged", "dropped", "last error"],
+    table(["name", "kind", "link", "backlog", "oldest unacknowledged", "sent", "acknowledged", "dropped", "last error"],
       d.deliveries.map((x) => h("tr", { id: `d-${x.name}`, "data-destination": x.name },
         h("td", {}, h("strong", {}, x.name)), h("td", {}, x.kind),
         h("td", {}, h("span", { class: `dot ${x.connected ? "on" : "off"}` }), x.connected ? "connected" : "down"),
         h("td", { class: "num" }, x.limit ? `${x.backlog} / ${x.limit}` : x.backlog),
         h("td", { class: "num" }, ago(x.oldest_unacknowledged_s)),
-        h("td", { class: "num" }, x.acknowledged), h("td", { class: "num" }, x.dropped),
+        h("td", { class: "num" }, x.sent), h("td", { class: "num" }, x.acknowledged), h("td", { class: "num" }, x.dropped),
         h("td", { class: "small" }, x.last_error || "–"))), "deliveries"));
   if (location.hash) document.getElementById(location.hash.slice(1))?.scrollIntoView();
 }
