@@ -166,6 +166,28 @@ def test_the_same_order_without_the_token_is_refused(floor: ConsoleFloor, browse
     assert not started("WEB-2")(floor.subscriber.messages)
 
 
+def test_the_config_page_shows_the_last_reload_and_no_secret(
+    floor: ConsoleFloor, browser: Any
+) -> None:
+    gw = floor.gateway
+    assert gw is not None
+    path = Path(gw.plan.source)
+    good = path.read_text()
+    path.write_text(good.replace("poll_interval: 0.2", "poll_interval: fast", 1))
+    try:
+        assert floor.call(gw.reload()) is False
+        browser.get(floor.url + "/config")
+        wait(browser, lambda d: "refused" in d.find_element(By.ID, "reload").text)
+        assert "poll_interval" in browser.find_element(By.ID, "reload-problems").text
+    finally:
+        path.write_text(good)
+    assert floor.call(gw.reload()) is True
+    browser.refresh()
+    wait(browser, lambda d: "applied" in d.find_element(By.ID, "reload").text)
+    config = browser.find_element(By.ID, "config").text
+    assert '"token": "***"' in config and TOKEN not in browser.page_source
+
+
 def test_every_page_loads_without_an_error(
     tmp_path: Path, floor: ConsoleFloor, browser: Any
 ) -> None:

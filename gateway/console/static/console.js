@@ -282,9 +282,11 @@ async function showConfig() {
       : "Read-only: no console token is configured."),
     h("h2", {}, "Last reload"),
     h("p", { id: "reload" }, r ? `${when(r.time)}: ${r.applied ? "applied" : "refused"}` : "not reloaded since the start"),
-    r && r.problems.length ? h("ul", {}, r.problems.map((p) => h("li", {}, p))) : null,
+    h("ul", { id: "reload-problems" }, r ? r.problems.map((p) => h("li", {}, p)) : []),
     h("h2", {}, "Running config (secrets masked)"),
-    h("pre", { id: "config" }, JSON.stringify(d.config, null, 2)));
+    // Lists of names (signals, routing rules) on one line each: the page stays readable.
+    h("pre", { id: "config" }, JSON.stringify(d.config, null, 2)
+      .replace(/\[\s+([^\[\]{}]*?)\s+\]/g, (_, items) => `[${items.split(/,\s+/).join(", ")}]`)));
 }
 
 // ---------------------------------------------------------------- routing and live updates
