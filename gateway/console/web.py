@@ -317,6 +317,9 @@ class Console:
         h = self.host
         last = h.feed.last_reload
         cfg = redacted(h.plan)
+        # JSON mode writes every SecretStr (the history token) as asterisks.
+        influx = h.plan.influxdb
+        cfg["influxdb"] = influx.model_dump(mode="json") if influx is not None else None
         cfg["console"] = {
             "listen": "{}:{}".format(*h.plan.health_listen) if h.plan.health_listen else None,
             "token": "***" if h.plan.console_token is not None else None,

@@ -34,6 +34,7 @@ SECRETS = {
     "ERP_PASSWORD": "erp-Pa55-44d0",
     "SITE_SECRET": "site-S3cret-90ab",
     "CONSOLE_TOKEN": TOKEN,
+    "INFLUX_TOKEN": "influx-T0k-31f7",
 }
 CONFIG = """
 gateway: {id: gw-1, site: plant-1}
@@ -47,6 +48,7 @@ destinations:
     routing: {customers: [acme]}
     operator: pseudonymise
 redaction: {secret: '${SITE_SECRET}'}
+influxdb: {url: 'http://127.0.0.1:1', org: o, bucket: b, token: '${INFLUX_TOKEN}'}
 health: {token: '${CONSOLE_TOKEN}'COMMANDS_AS}
 machines:
   - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,
@@ -459,6 +461,8 @@ async def test_no_secret_on_any_page_or_answer(server: HealthServer, host: Host)
     assert b"B-1234" not in seen
     config = json.loads((await raw(server.port, req("GET", "/api/config")))[2])
     assert config["config"]["console"]["token"] == "***"
+    assert config["config"]["influxdb"]["bucket"] == "b"
+    assert set(config["config"]["influxdb"]["token"]) == {"*"}
     assert config["writable"] is True
 
 
