@@ -9,7 +9,9 @@ of it for what aiohttp leaves to a reverse proxy:
   need;
 * a request whose head does not arrive within ``request_timeout`` gets ``408``; a head
   over :data:`MAX_HEADER_BYTES` gets ``431``;
-* one request per connection (``Connection: close``), as before.
+* one request per connection (``Connection: close``), as before, and at most
+  ``answer_timeout`` seconds from request to the end of the answer: a client that never
+  reads a large answer is cut off instead of holding its place under the cap.
 
 Endpoints:
 
@@ -116,6 +118,8 @@ class _Guard(asyncio.Protocol):
         self._seen = 0
         self._tail = b""
         self._timer: asyncio.TimerHandle | None = None
+        #: The first bytes received (the request line), to tell a live stream from the rest.
+        self._first: bytes | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, yet have its methods.
@@ -169,7 +173,20 @@ class _Guard(asyncio.Protocol):
             self._head_done = True
             if self._timer is not None:
                 self._timer.cancel()
+            first = (self._first or data).split(b"\r\n", 1)[0]
+            if b" /api/stream" not in first:
+                # A client that never reads a large answer must not hold its connection
+                # (the cap counts it) for ever: an answer has this long to be taken.
+                self._timer = asyncio.get_running_loop().call_later(
+                    self._server.answer_timeout, self._abort
+                )
+        if self._first is None:
+            self._first = data[:256]
         self._inner.data_received(data)
+
+    def _abort(self) -> None:
+        if self._transport is not None:
+            self._transport.abort()
 
     def eof_received(self) -> bool | None:
         if self._refused:
@@ -210,11 +227,14 @@ class HealthServer:
         request_timeout: float = 5.0,
         max_connections: int = MAX_CONNECTIONS,
         console: ConsoleHost | None = None,
+        answer_timeout: float = 30.0,
     ) -> None:
         """Nothing listens until :meth:`start`; port 0 picks a free port.
 
         ``console``: a :class:`gateway.console.web.ConsoleHost` to serve the web console
         and its API on the same port; ``None`` serves health and metrics only.
+        ``answer_timeout``: seconds a connection may take from its request to the end of
+        its answer (live streams excepted: a stream that stops being read is ended).
         """
         self.metrics = metrics
         self.max_connections = max_connections
@@ -224,6 +244,7 @@ class HealthServer:
         self.host = host
         self._port = port
         self.request_timeout = request_timeout
+        self.answer_timeout = answer_timeout
         self._console_host = console
         self.console: Console | None = None
         self._runner: web.AppRunner | None = None

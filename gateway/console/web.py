@@ -412,8 +412,13 @@ class Console:
                     break
                 async with asyncio.timeout(self._timeout):
                     await resp.write(chunk)
-        except (ConnectionError, TimeoutError):
-            pass  # the browser went away or stopped reading; it reconnects by itself
+        except TimeoutError:
+            # The browser stopped reading: drop the connection rather than wait for its
+            # buffer to drain (it reconnects by itself if it is still there).
+            if request.transport is not None:
+                request.transport.abort()
+        except ConnectionError:
+            pass  # the browser went away; it reconnects by itself
         finally:
             self._streams.discard(queue)
             self.host.feed.subscribers -= 1

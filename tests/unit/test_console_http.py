@@ -8,7 +8,9 @@ the running gateway behind the console is covered by tests/integration/test_cons
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -540,3 +542,27 @@ async def test_deliveries_show_each_destination_and_the_history_sink(
     history = rows["influxdb"]
     assert history["kind"] == "history" and history["connected"] is False
     assert history["oldest_unacknowledged_s"] == 12.5 and history["dropped"] == 4
+
+
+async def test_a_client_that_never_reads_its_answer_is_cut_off(host: Host) -> None:
+    # An answer far bigger than the socket buffers, to a client that stops reading.
+    size = 64_000_000
+    host.metrics.render = lambda: b"#" * size  # type: ignore[method-assign]
+    async with HealthServer(host.metrics, "127.0.0.1", 0, console=host, answer_timeout=0.5) as srv:
+        async with asyncio.timeout(10):
+            loop = asyncio.get_running_loop()
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await loop.sock_connect(sock, ("127.0.0.1", srv.port))
+            await loop.sock_sendall(sock, req("GET", "/metrics"))
+            # The client's idleness is what is tested: longer than the answer may take.
+            await asyncio.sleep(1.5)
+            got = 0
+            with contextlib.suppress(ConnectionResetError):
+                while chunk := await loop.sock_recv(sock, 1 << 20):
+                    got += len(chunk)
+            sock.close()
+            assert got < size, "the server waited for the idle client"
+            assert srv.active == 0
+            assert (await raw(srv.port, req("GET", "/api/floor")))[0] == 200
