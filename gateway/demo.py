@@ -59,8 +59,6 @@ def _endpoint(connection: object) -> tuple[str, int]:
 
 def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
     out = [("broker", plan.broker.host, plan.broker.port)]
-    if plan.health_listen is not None:
-        out.append(("the web console", *plan.health_listen))
     for m in plan.machines:
         out.append((m.id, *_endpoint(m.connection)))
     return out
