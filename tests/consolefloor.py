@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import shutil
 import sys
 import threading
@@ -48,6 +49,8 @@ def chromium() -> Any:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
+    # Belt and braces: Selenium Manager, should anything call it, stays offline.
+    os.environ.setdefault("SE_OFFLINE", "true")
     driver_path = shutil.which("chromedriver") or "/usr/bin/chromedriver"
     browser = shutil.which("chromium") or "/usr/bin/chromium"
     options = webdriver.ChromeOptions()

@@ -35,6 +35,8 @@ function ago(s) {
 }
 
 const num = (v) => (v === null || v === undefined ? "–" : String(v));
+// A device's float32 (0.4000000059604645) shown as the device meant it (0.4).
+const value = (v) => (typeof v === "number" && !Number.isInteger(v) ? String(Number(v.toPrecision(6))) : num(v));
 
 async function api(path) {
   const r = await fetch(path, { headers: { Accept: "application/json" } });
@@ -198,7 +200,7 @@ async function refreshMachine(id) {
     h("div", { class: "grid" }, machineCard(s)),
     h("h2", {}, "Signals"),
     table(["signal", "value", "quality", "source time"], d.signals.map((v) =>
-      h("tr", { "data-signal": v.signal }, h("td", {}, v.signal), h("td", { class: "num" }, num(v.value)),
+      h("tr", { "data-signal": v.signal }, h("td", {}, v.signal), h("td", { class: "num" }, value(v.value)),
         h("td", {}, v.quality), h("td", {}, when(v.source_time)))), "signals"),
     h("h2", {}, "Order queue"),
     table(["order", "customer"], d.queue.map((q) => h("tr", { "data-order": q.order_id },
