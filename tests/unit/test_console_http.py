@@ -565,3 +565,26 @@ async def test_a_client_that_never_reads_its_answer_is_cut_off(host: Host) -> No
             assert got < size, "the server waited for the idle client"
             assert srv.active == 0
             assert (await raw(srv.port, req("GET", "/api/floor")))[0] == 200
+
+
+async def test_live_streams_are_bounded_and_get_pushes(server: HealthServer, host: Host) -> None:
+    from gateway.console.web import MAX_STREAMS
+
+    streams = []
+    async with asyncio.timeout(10):
+        for _ in range(MAX_STREAMS):
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(req("GET", "/api/stream"))
+            await reader.readuntil(b"event: hello\ndata: {}\n\n")
+            streams.append((reader, writer))
+        status, _, body = await raw(server.port, req("GET", "/api/stream"))
+        assert status == 503 and b"live streams" in body
+        # A change reaches every open stream, as the machine's floor line.
+        await post(server.port, WRITES[0], assign("PO-LIVE"), **GOOD)
+        for reader, _ in streams[:3]:
+            await reader.readuntil(b"event: machines\n")
+            line = await reader.readuntil(b"\n\n")
+            rows = json.loads(line.removeprefix(b"data: "))
+            assert [(r["id"], r["order_id"]) for r in rows] == [("sew-01", "PO-LIVE")]
+    for _, writer in streams:
+        writer.close()
