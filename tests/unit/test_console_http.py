@@ -109,7 +109,18 @@ class Host:
         return RouteRules(), "console"
 
 
+_PLANS: dict[tuple[bool, str | None], GatewayPlan] = {}
+
+
 def make_plan(tmp_path: Path, *, token: bool = True, commands_as: str | None = None) -> GatewayPlan:
+    """The test config compiled (once per variant: a plan is frozen, hosts may share it)."""
+    key = (token, commands_as)
+    if key not in _PLANS:
+        _PLANS[key] = _compile(tmp_path, token=token, commands_as=commands_as)
+    return _PLANS[key]
+
+
+def _compile(tmp_path: Path, *, token: bool, commands_as: str | None) -> GatewayPlan:
     text = CONFIG.replace("COMMANDS_AS", f", commands_as: {commands_as}" if commands_as else "")
     if not token:
         text = text.replace("token: '${CONSOLE_TOKEN}'", "console: true")
