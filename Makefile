@@ -7,18 +7,18 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics venv
+.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics chromium console-screenshots venv
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/shopfloor demo
 
-test: $(VENV)/.installed-test mosquitto victoria-metrics lint typecheck
+test: $(VENV)/.installed-test mosquitto victoria-metrics chromium lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(VENV)/.installed-test mosquitto victoria-metrics
+integration: $(VENV)/.installed-test mosquitto victoria-metrics chromium
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(VENV)/.installed-test
@@ -77,6 +77,22 @@ victoria-metrics:
 	  exit 1; \
 	fi
 
+# The web console's browser tests drive Debian's Chromium headless through Debian's
+# chromedriver (Selenium is pointed at both, so it downloads nothing).
+chromium:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then \
+	  echo "installing chromium and chromium-driver (Debian packages) for the console's browser tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+	  echo "error: the console tests need a browser: run 'sudo apt-get install chromium chromium-driver' and retry" >&2; \
+	  exit 1; \
+	fi
+
+# Screenshots of every console page (docs/console/*.png), from a simulated floor.
+console-screenshots: $(VENV)/.installed-test mosquitto chromium
+	$(BIN)/python -m tests.consolefloor docs/console
+
 clean:
 	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache .hypothesis *.egg-info
 
@@ -118,6 +134,7 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.events
 	$(BIN)/python -m bench.scale_opcua
 	$(BIN)/python -m bench.outbox
+	$(BIN)/python -m bench.console
 
 # `make image-test`: build deploy/Containerfile for real and run the image as its own user
 # on a config dir made as install.sh makes it (minutes; not part of `make test`). Needs

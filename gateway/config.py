@@ -247,13 +247,27 @@ class TrackerConfig(_Model):
 
 
 class HealthConfig(_Model):
-    """The local HTTP endpoint for ``/healthz`` and ``/metrics``."""
+    """The local HTTP endpoint: ``/healthz``, ``/metrics`` and the web console."""
 
     #: ``host:port`` (an IP address; ``[v6]:port``), or null to switch the endpoint off.
     listen: str | None = "127.0.0.1:9108"
     #: Not ready once a destination's oldest undelivered event is older than this (seconds)
     #: and it acknowledged nothing for as long: disconnected, or connected but stuck.
     max_pending_age: float = Field(default=60.0, gt=0, le=86_400)
+    #: Serve the web console and its API on the same port (false: health and metrics only).
+    console: bool = True
+    #: The console's write token (``${VAR}``), or a file holding it; without one the
+    #: console is read-only. Required when ``listen`` is not a loopback address.
+    token: SecretStr | None = None
+    token_file: str | None = None
+    #: Hold console commands to this destination's routing rules (its customers, its
+    #: machines); unset: the console may address every machine and order.
+    commands_as: str | None = None
+
+    @field_validator("token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
 
     @field_validator("listen")
     @classmethod
@@ -406,6 +420,12 @@ class GatewayPlan:
     health_listen: tuple[str, int] | None = None
     #: Readiness bound on the oldest undelivered event (``health.max_pending_age``).
     health_max_pending_age: float = 60.0
+    #: Whether the web console is served beside ``/healthz`` and ``/metrics``.
+    console: bool = True
+    #: The console's write token; ``None``: the console is read-only.
+    console_token: SecretStr | None = field(default=None, repr=False)
+    #: The destination whose routing rules console commands are held to; ``None``: none.
+    console_scope: str | None = None
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
@@ -809,6 +829,33 @@ def _compile(
                 "can pose as the broker"
             )
     health = parse_listen(config.health.listen) if config.health.listen else None
+    console_token = _compile_token(config, src, config_path, errors)
+    h = config.health
+    if health is not None and h.console and console_token is None and not _is_loopback(health[0]):
+        path = ("health", "listen")
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path) or 1,
+                format_path(path),
+                f"{h.listen} is reachable from other machines: the web console there needs a "
+                "token (health.token: ${VAR} or health.token_file), or listen on 127.0.0.1, "
+                "or set health.console: false to serve only /healthz and /metrics",
+            )
+        )
+    if h.commands_as is not None and h.commands_as not in {d.name for d in destinations}:
+        path = ("health", "commands_as")
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path) or 1,
+                format_path(path),
+                f"no destination named {h.commands_as!r}; known: "
+                + ", ".join(d.name for d in destinations),
+            )
+        )
+    if errors:
+        return None
     if health is not None and not _is_loopback(health[0]):
         warnings.append(
             f"health.listen {config.health.listen}: /healthz and /metrics (machine and order "
@@ -834,6 +881,9 @@ def _compile(
         redaction_secret=secret,
         health_listen=health,
         health_max_pending_age=config.health.max_pending_age,
+        console=config.health.console,
+        console_token=console_token,
+        console_scope=config.health.commands_as,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
     )
@@ -912,6 +962,26 @@ def _compile_secret(
             r.secret_file, ("redaction", "secret_file"), src, config_path, errors
         )
     return r.secret
+
+
+def _compile_token(
+    config: Config, src: Located, config_path: Path, errors: list[SourceError]
+) -> SecretStr | None:
+    h = config.health
+    if h.token is not None and h.token_file is not None:
+        path: Path_ = ("health",)
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(path) or 1,
+                format_path(path),
+                "set token or token_file, not both",
+            )
+        )
+        return None
+    if h.token_file is not None:
+        return _read_secret_file(h.token_file, ("health", "token_file"), src, config_path, errors)
+    return h.token
 
 
 def _compile_destinations(

@@ -15,6 +15,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,16 @@ def _ports(plan: GatewayPlan) -> list[tuple[str, str, int]]:
     return out
 
 
+def console_line(plan: GatewayPlan) -> str:
+    """Where the web console is, and its token, for the demo's header."""
+    if plan.health_listen is None or not plan.console:
+        return ""
+    host, port = plan.health_listen
+    token = plan.console_token
+    tail = f"  (order token: {token.get_secret_value()})" if token is not None else ""
+    return f"\nWeb console: http://{host}:{port}/{tail}"
+
+
 async def _play_platform(gateway: Gateway, plan: GatewayPlan) -> None:
     """Act as a platform once: give every machine that takes platform orders an order.
 
@@ -106,7 +117,12 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
     config_path = Path(getattr(args, "config", None) or DEMO_CONFIG)
     try:
         plan = load_config(
-            config_path, env={"SHOPFLOOR_DEMO_STATE": str(Path.cwd() / "var" / "demo")}
+            config_path,
+            env={
+                "SHOPFLOOR_DEMO_STATE": str(Path.cwd() / "var" / "demo"),
+                # Fresh per run: the console accepts orders from whoever saw this terminal.
+                "SHOPFLOOR_DEMO_TOKEN": secrets.token_urlsafe(12),
+            },
         )
     except ConfigError as exc:
         _say(f"demo config {config_path} is broken:\n{exc}")
@@ -180,7 +196,7 @@ async def _run_locked(
                 f"{len(opcua_servers)} OPC UA machines, "
                 f"{broker.kind} broker on {b.host}:{b.port}. Ctrl-C stops everything.\n"
                 f"Subscribe yourself: mosquitto_sub -h {b.host} -p {b.port} -t "
-                f"'{prefix}/#' -v    Gateway logs: {log_path}{metrics}"
+                f"'{prefix}/#' -v    Gateway logs: {log_path}{metrics}" + console_line(plan)
             )
             view_task = asyncio.create_task(
                 watch.watch(b.host, b.port, prefix, header=header), name="watch"

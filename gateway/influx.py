@@ -628,6 +628,8 @@ class SinkRunner(Generic[T]):
         self.dropped = 0
         self.rejected = 0
         self.failures = 0
+        #: The last write failure, in words (for the web console).
+        self.last_error: str | None = None
         #: Dropped count when the current overflow episode began; ``None`` outside one.
         self._overflow_from: int | None = None
         self._flush_waiters = FlushWaiters(self._queue)
@@ -729,7 +731,7 @@ class SinkRunner(Generic[T]):
                     self._ok = False
                     self.failures += 1
                     episode.failures += 1
-                    episode.last_error = _describe(exc)
+                    episode.last_error = self.last_error = _describe(exc)
                     if episode.since is None:
                         episode.since = self._clock()
                         self._log.warning(

@@ -473,6 +473,10 @@ class Metrics:
             hist = self._s.delivery[name] = Histogram()
         return hist
 
+    def destination_views(self) -> list[DestinationView]:
+        """Every destination and sink as last reported (for the web console)."""
+        return list(self._s.destinations.values())
+
     def forget_destination(self, name: str) -> None:
         """Drop a destination removed by a config reload."""
         self._s.destinations.pop(name, None)

@@ -588,6 +588,8 @@ class MqttPublisher:
         self._overflowing = False
         self._episode_dropped = 0
         self._flush_waiters = FlushWaiters(self._queue)
+        #: The last connection or delivery failure, in words (for the web console).
+        self.last_error: str | None = None
 
     # -- public state --
 
@@ -717,6 +719,7 @@ class MqttPublisher:
 
         def failed(event: str, cause: Cause, **fields: Any) -> None:
             nonlocal outage_warned
+            self.last_error = cause.text
             if cause.key in warned:
                 self._log.debug(event, cause=cause.key, error=cause.text, **fields)
                 return

@@ -8,7 +8,8 @@ Task layout (one root ``asyncio.TaskGroup``)::
     ticker               time-driven tracker work (progress interval, ETA) once a second
     commands             the downlink: order commands from platforms
     influxdb             optional history sink, fed from its own outbox position
-    health               /healthz and /metrics on a local port; sd_notify watchdog pings
+    health               /healthz, /metrics and the web console on a local port (aiohttp);
+                         sd_notify watchdog pings
 
 Device supervisors never let an ordinary exception escape (a TaskGroup would cancel all
 siblings): the first failure of an episode is logged at warning, repeats at debug, the
@@ -53,6 +54,7 @@ from gateway.config import (
     OutboxPlan,
     load_config,
 )
+from gateway.console.feed import ConsoleFeed
 from gateway.derive import StateFromCounts
 from gateway.envelope import Topics, encode_event, encode_state, encode_status, new_event_id
 from gateway.health import HealthServer
@@ -384,8 +386,13 @@ class Gateway:
             else None
         )
         self._outbox_limit = ob.max_events
+        #: What the web console shows: a bounded copy of recent state, events and values.
+        self.feed = ConsoleFeed()
+        self.feed.configure(m.id for m in plan.machines)
         self.health: HealthServer | None = (
-            HealthServer(self.metrics, *plan.health_listen) if plan.health_listen else None
+            HealthServer(self.metrics, *plan.health_listen, console=self if plan.console else None)
+            if plan.health_listen
+            else None
         )
         self.notifier = Notifier()
         #: The first destination's publisher.
@@ -676,10 +683,12 @@ class Gateway:
                 problems=[str(e) for e in exc.errors],
                 detail="the running config stays in force; fix the file and reload again",
             )
+            self.feed.reloaded(self._clock(), False, [str(e) for e in exc.errors])
             return False
         except Exception as exc:  # an unreadable file must not stop the gateway
             self.notifier.ready(self.metrics.status_line())
             log.error("config.reload_rejected", problems=[f"{type(exc).__name__}: {exc}"])
+            self.feed.reloaded(self._clock(), False, [f"{type(exc).__name__}: {exc}"])
             return False
         frozen = [
             name
@@ -746,6 +755,8 @@ class Gateway:
             self._start_device(m)
         self.plan = new
         self.metrics.configure(fresh)
+        self.feed.configure(fresh)
+        self.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])
         self.notifier.ready(self.metrics.status_line())
         log.info(
             "config.reloaded",
@@ -925,6 +936,36 @@ class Gateway:
         """The customer an order on a machine was assigned for (``None``: none or unknown)."""
         return self._customers.get(machine, {}).get(order_id)
 
+    def queued_orders(self, machine: str) -> list[tuple[str, str | None]]:
+        """The platform orders waiting on a machine (for the web console)."""
+        m = self.machines.get(machine)
+        return m.tracker.queued_orders() if m is not None else []
+
+    def snapshot(self, machine: str) -> dict[str, Any] | None:
+        """A machine's current tracker snapshot (for the web console); ``None``: unknown."""
+        m = self.machines.get(machine)
+        return m.tracker.snapshot() if m is not None else None
+
+    def delivery_errors(self) -> dict[str, str | None]:
+        """The last error of each destination and sink (for the web console)."""
+        errors: dict[str, str | None] = {n: p.last_error for n, p in self.publishers.items()}
+        for runner in (self.influx, self.telemetry):
+            if runner is not None:
+                errors[runner.name] = runner.last_error
+        return errors
+
+    def in_flight(self) -> dict[str, int]:
+        """Events handed to each destination and sink, not yet acknowledged (web console)."""
+        return {name: queue.in_flight for name, queue in self.queues.items()}
+
+    def console_rules(self) -> tuple[RouteRules, str]:
+        """The routing rules console commands are held to (``health.commands_as``)."""
+        scope = self.plan.console_scope
+        for d in self.destinations:
+            if d.name == scope:
+                return d.route.rules, d.name
+        return RouteRules(), "console"
+
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected
         self.metrics.device_connected(m.plan.id, connected)
@@ -963,6 +1004,7 @@ class Gateway:
                 log.info("device.value_accepted", machine=m.plan.id, signal=signal)
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
+        self.feed.samples(m.plan.id, mapped)
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:
@@ -1044,6 +1086,7 @@ class Gateway:
         self.events_emitted += len(events)
         self.outbox.append(entries, {machine: state})
         if events:
+            self.feed.events(machine, events)
             self._publish_state(m, m.tracker.snapshot(), events[-1].time)
 
     def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
