@@ -355,8 +355,10 @@ def _demo_config(tmp: Path, health: str) -> Path:
     for old in ("11883", "15020", "15021", "15022", "14840", "14850"):
         text = text.replace(old, str(free_port()))
     text = text.replace("state_dir: ${SHOPFLOOR_DEMO_STATE:-../var/demo}", "state_dir: state")
+    assert "listen: 127.0.0.1:19108" in text, "the demo config's health address moved"
+    text = text.replace("listen: 127.0.0.1:19108", f"listen: '{health}'")
     path = tmp / "demo.yaml"
-    path.write_text(text + f"health: {{listen: '{health}'}}\n")
+    path.write_text(text)
     return path
 
 
