@@ -48,6 +48,7 @@ def write_config(tmp_path: Path, acme: MosquittoBroker, zeta: MosquittoBroker, p
                 f"gateway: {{id: gw-iso, site: {SITE}, topic_prefix: {PREFIX}}}",
                 f"state_dir: {tmp_path / 'state'}",
                 "logging: {level: info, format: json}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 "tracker: {order_source: platform, progress_step_percent: 10}",
                 "destinations:",
                 f"  - {destination('acme', acme)}",
@@ -178,6 +179,7 @@ async def test_two_destinations_on_one_broker_answer_each_command_once(
                 f"gateway: {{id: gw-one, site: {SITE}, topic_prefix: {PREFIX}}}",
                 f"state_dir: {tmp_path / 'state'}",
                 "logging: {level: info, format: json}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 "tracker: {order_source: platform}",
                 "destinations:",
                 f"  - {{name: mes, host: 127.0.0.1, port: {mosquitto.port}}}",

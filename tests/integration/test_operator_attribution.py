@@ -66,6 +66,7 @@ async def test_the_operator_policy_decides_who_sees_who_worked(tmp_path: Path) -
                 f"gateway: {{id: gw-attr, site: {SITE}, topic_prefix: {PREFIX}}}",
                 f"state_dir: {tmp_path / 'state'}",
                 "logging: {level: info, format: json}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 f"redaction: {{secret: {SITE_SECRET}}}",
                 "destinations:",
                 *(f"  - {json.dumps(d)}" for d in destinations),
@@ -143,6 +144,7 @@ async def test_attribution_survives_a_gateway_restart_without_the_downtime(
                 f"gateway: {{id: gw-attr, site: {SITE}, topic_prefix: {PREFIX}}}",
                 f"state_dir: {tmp_path / 'state'}",
                 "logging: {level: info, format: json}",
+                "health: {listen: null}",  # 9108 may be taken: run would refuse
                 "destinations:",
                 f"  - {json.dumps(destination)}",
                 "machines:",

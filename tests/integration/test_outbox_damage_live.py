@@ -41,6 +41,7 @@ async def test_a_lost_tracker_state_continues_the_sequence_under_a_new_epoch(
         f"state_dir: {state}\n"
         f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
         "logging: {level: info, format: json}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         "machines:\n"
         "  - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,"
         f" poll_interval: 0.05, connection: {{protocol: modbus, host: 127.0.0.1, port: {port}}}}}\n"
@@ -91,6 +92,7 @@ def config(tmp_path: Path, broker_port: int, device_port: int, extra: str = "") 
         f"state_dir: {tmp_path / 'state'}\n"
         f"broker: {{host: 127.0.0.1, port: {broker_port}}}\n"
         "logging: {level: info, format: json}\n"
+        "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"{extra}"
         "machines:\n"
         "  - {id: sew-01, area: sewing, line: line-1, profile: sewing-station,"
