@@ -34,3 +34,17 @@ def test_readme_probes_name_ports_the_demo_listens_on(tmp_path: Path) -> None:
 
 def test_the_checked_in_demo_config_is_the_one_the_demo_runs() -> None:
     assert (ROOT / "config" / "demo.yaml").read_bytes() == DEMO_CONFIG.read_bytes()
+
+
+def test_readme_names_the_ports_the_demo_checks_and_its_metrics_url(tmp_path: Path) -> None:
+    plan = load_config(DEMO_CONFIG, env={"SHOPFLOOR_DEMO_STATE": str(tmp_path)})
+    text = " ".join((ROOT / "README.md").read_text(encoding="utf-8").split())
+    listed = re.search(r"The demo checks every port it needs \(([^)]*)\)", text)
+    assert listed, "the README no longer lists the demo's ports"
+    ports: set[int] = set()
+    for first, last in re.findall(r"\b(\d{4,5})(?:-(\d{4,5}))?\b", listed.group(1)):
+        ports.update(range(int(first), int(last or first) + 1))
+    assert ports == {port for _name, _host, port in _ports(plan)}
+    metrics = re.search(r"its metrics on <http://([\d.]+):(\d+)/metrics>", text)
+    assert metrics, "the README no longer gives the demo's metrics URL"
+    assert (metrics.group(1), int(metrics.group(2))) == plan.health_listen
