@@ -232,6 +232,8 @@ _RC_BAD_CREDENTIALS = 0x86
 _RC_NOT_AUTHORIZED = 0x87
 _RC_CLIENT_ID = 0x85
 _RC_SESSION_TAKEN_OVER = 0x8E
+#: paho error codes that mean the link went away, not that the broker refused anything.
+_LINK_GONE = frozenset({MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST})
 
 
 def _takeover(client_id: str, text: str) -> Cause:
@@ -247,6 +249,10 @@ def classify(exc: BaseException, client_id: str) -> Cause:
     if isinstance(exc, _LinkLost):
         return Cause(exc.cause, str(exc))
     rc = getattr(exc, "rc", None)
+    if isinstance(rc, MQTTErrorCode) and rc in _LINK_GONE:
+        # paho's own error codes are not the broker's answer: 4 is "not connected" (the
+        # link dropped while connecting, e.g. taken over), not a CONNACK refusal.
+        return Cause("closed", f"the connection closed: {paho.error_string(rc)}")
     value = getattr(rc, "value", rc)
     if isinstance(value, int) and not isinstance(exc, OSError):
         words = str(rc)

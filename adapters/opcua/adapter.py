@@ -596,10 +596,11 @@ class OpcUaAdapter:
 
     async def _timed_read(self, loop: asyncio.AbstractEventLoop) -> list[Sample]:
         """One full Read, kept in :attr:`acquisition` as a poll with its duration."""
-        started = loop.time()
+        # perf_counter: uvloop's loop.time() is cached per turn in whole milliseconds.
+        started = time.perf_counter()
         batch = await self._read_all()
         self.acquisition.kind = "poll"
-        self.acquisition.seconds = loop.time() - started
+        self.acquisition.seconds = time.perf_counter() - started
         return batch
 
     async def _sleep(self, delay: float) -> None:

@@ -8,6 +8,7 @@ import ssl
 import aiomqtt
 import pytest
 from aiomqtt.exceptions import MqttConnectError
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -47,6 +48,10 @@ def _wrapped(exc: OSError) -> aiomqtt.MqttError:
             aiomqtt.MqttCodeError(ReasonCode(PacketTypes.DISCONNECT, identifier=0x8E)),
             "session-taken-over",
         ),
+        # paho's own codes are no broker refusal: the link went away while connecting
+        # (seen as a warning "refused-4" when a second client took the session over).
+        (aiomqtt.MqttCodeError(MQTTErrorCode.MQTT_ERR_NO_CONN), "closed"),
+        (aiomqtt.MqttCodeError(MQTTErrorCode.MQTT_ERR_CONN_LOST), "closed"),
     ],
 )
 def test_each_failure_has_a_stable_cause(exc: BaseException, key: str) -> None:
