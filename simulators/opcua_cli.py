@@ -127,6 +127,15 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
         default=None,
         help="require this user name and password (repeatable); default: anonymous",
     )
+    parser.add_argument(
+        "--plc-sampling",
+        metavar="FASTEST",
+        type=probe_period,
+        default=None,
+        help="sample each monitored item on its own timer at the client's sampling interval "
+        "(at least FASTEST seconds), like a PLC (default: off, changes are reported as "
+        "they are written)",
+    )
     if kind in PROBE_KEYS:
         parser.add_argument(
             "--latency-probe",
@@ -165,6 +174,7 @@ async def run(args: argparse.Namespace) -> int:
                 users=users,
                 speed=args.speed,
                 probe=probe_for(kind, period, args.port + index),
+                plc_sampling=args.plc_sampling,
             )
             for index, name in enumerate(machine_names(kind, args.machines))
         ]
@@ -184,6 +194,7 @@ async def run(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 trusted_certificates=str(trusted_dir(args.secure)) if args.secure else None,
                 latency_probe=period,
+                plc_sampling=args.plc_sampling,
             )
             # Runs until the caller cancels this task (Ctrl-C, SIGTERM in the gateway's CLI).
             await asyncio.Event().wait()
