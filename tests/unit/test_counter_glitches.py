@@ -277,3 +277,12 @@ def test_a_reset_before_the_new_order_id_counts_no_piece_twice() -> None:
     # The piece made after the reset went to A (its id was shown); B has only its own.
     assert done == {"A": 16}
     assert good(tr) == 2
+
+
+def test_readings_rejected_by_this_tracker_are_counted_apart_from_restored_ones() -> None:
+    tr = run([100, 101, 99, 102, 103])
+    assert tr.rejected_total == 1
+    again = MachineTracker.restore(M, TrackerSettings(), tr.export_state(), downtime=False)
+    # The per-signal count survives a restart; the process's own count starts at 0, so the
+    # metric (a Prometheus counter) does not jump by everything rejected before.
+    assert again.rejected_readings["good_count"] == 1 and again.rejected_total == 0
