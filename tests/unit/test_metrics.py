@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
 from gateway.config import load_config
 from gateway.metrics import (
@@ -395,5 +396,34 @@ async def test_the_gateway_counts_glitches_of_its_machines(tmp_path: Path) -> No
             gateway._on_batch(m, batch)
         one = (("machine", "sew-01"),)
         assert samples(gateway.metrics)[("shopfloor_device_rejected_readings_total", one)] == 2
+    finally:
+        await gateway.outbox.close()
+
+
+async def test_rejected_counter_readings_are_logged_once_per_episode(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "destinations:\n  - {name: mes, host: 127.0.0.1, port: 1883}\n"
+        "machines:\n"
+        "  - id: sew-01\n    area: sewing\n    line: line-1\n    profile: sewing-station\n"
+        "    connection: {protocol: modbus, host: 127.0.0.1, port: 5020}\n"
+    )
+    clock = Clock(1_700_000_000.0)
+    gateway = Gateway(load_config(p, env={}), clock=clock)
+    try:
+        m = gateway.machines["sew-01"]
+        # Three glitches in a row (one episode), a clean reading, then another glitch.
+        with capture_logs() as logs:
+            for good in (100, 101, 99, 98, 99, 102, 100, 103):
+                clock.now += 1
+                batch = [
+                    Sample("sew-01", "order_id", "PO-1", clock.now),
+                    Sample("sew-01", "good_count", good, clock.now),
+                ]
+                gateway._on_batch(m, batch)
+        warned = [e for e in logs if e["event"] == "tracker.value_rejected"]
+        assert [e["value"] for e in warned] == ["99", "100"], warned
     finally:
         await gateway.outbox.close()
