@@ -87,6 +87,19 @@ def probe_period(text: str) -> float:
     return value
 
 
+def sampling_floor(text: str) -> float:
+    """Argparse type of ``--plc-sampling``: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"the fastest sampling interval must be > 0 seconds, got {text}"
+        )
+    return value
+
+
 def probe_for(kind: str, period: float | None, port: int) -> LatencyProbe | None:
     """The latency probe of the machine on ``port`` (``None`` without a period).
 
@@ -130,7 +143,7 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
     parser.add_argument(
         "--plc-sampling",
         metavar="FASTEST",
-        type=probe_period,
+        type=sampling_floor,
         default=None,
         help="sample each monitored item on its own timer at the client's sampling interval "
         "(at least FASTEST seconds), like a PLC (default: off, changes are reported as "

@@ -7,6 +7,7 @@ controller; without the option a change is reported as it is written.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import itertools
 import time
@@ -17,7 +18,7 @@ import pytest_asyncio
 from asyncua import ua
 from asyncua.client.client import Client
 
-from simulators import cnc
+from simulators import cnc, opcua_cli
 from simulators.cnc import CncModel
 from simulators.modbus_server import free_port
 from simulators.opcua_server import LatencyProbe, OpcUaMachineServer
@@ -82,3 +83,14 @@ async def test_a_slow_sampling_interval_is_honoured(plc: OpcUaMachineServer) -> 
 async def test_sampling_at_the_fastest_rate_sees_every_change(plc: OpcUaMachineServer) -> None:
     gaps = await watch(plc, 0, 4)
     assert max(gaps) < 0.45, gaps
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "fast"])
+def test_the_fastest_sampling_interval_is_checked(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="seconds"):
+        opcua_cli.sampling_floor(text)
+    with pytest.raises(ValueError, match="plc_sampling"):
+        OpcUaMachineServer(
+            CncModel([RunOrder("PO-1", target=1, piece_seconds=1.0)], name="cnc-01"),
+            plc_sampling=-1.0,
+        )
