@@ -12,8 +12,9 @@ subscribes and takes, per change:
 
 As a reference, this process also subscribes to the same nodes with a plain asyncua client
 (same intervals, the raw service-level callback) and takes change -> notification, split at
-the server's PublishTime into the server's part (its publishing cycle; the asyncua server
-samples on write, so only the publishing interval counts) and the transport + decoding part.
+the server's PublishTime into the server's part (its sampling and publishing cycles; without
+``--plc-sampling`` the asyncua server samples on write, so only the publishing interval
+counts) and the transport + decoding part.
 The gateway's change -> arrival minus the reference's, percentile by percentile, is what the
 gateway adds on top of server and library (the two subscriptions publish on their own cycles,
 so single changes cannot be paired, only distributions compared).
@@ -21,7 +22,11 @@ so single changes cannot be paired, only distributions compared).
     python -m bench.latency_opcua --intervals 0.1:0.1,0.25:0.5,1:1 --window 30
 
 ``default`` as the sampling (``default:0.5``) leaves ``sampling_interval`` out of the
-gateway's config, so the adapter's default is what is measured.
+gateway's config, so the adapter's default is what is measured. ``--plc-sampling FASTEST``
+makes the simulators sample each monitored item on a timer at the requested sampling
+interval, as a PLC does (:mod:`simulators.opcua_sampling`), so the sampling interval counts:
+
+    python -m bench.latency_opcua --intervals 0.5:0.5,default:0.5,0:0.5 --plc-sampling 0.01
 """
 
 from __future__ import annotations
@@ -224,6 +229,8 @@ async def run_pair(
                     gw_seen.add(machine, stamp, arrived, parse_time(event["time"]))
 
             probe = [f"--latency-probe={period}"]
+            if args.plc_sampling is not None:
+                probe.append(f"--plc-sampling={args.plc_sampling}")
             async with cnc_simulators(
                 work, args.processes, args.machines, base, args.speed, probe
             ) as sims:
@@ -272,6 +279,7 @@ async def run_pair(
         "sampling_configured": configured is not None,
         "publishing_interval_s": publishing,
         "coalesce_s": coalesce,
+        "plc_sampling_s": args.plc_sampling,
         "machines": n,
         "probe_period_s": period,
         "window_s": round(t1 - t0, 2),
@@ -325,6 +333,14 @@ def main() -> None:
         default="",
         help="comma-separated values of the adapter's coalesce (s) to run each pair with, "
         "one after the other (default: the adapter's default only)",
+    )
+    p.add_argument(
+        "--plc-sampling",
+        type=float,
+        default=None,
+        metavar="FASTEST",
+        help="the simulators sample each monitored item on a timer at the requested sampling "
+        "interval (at least FASTEST s), like a PLC; default: changes are reported as written",
     )
     p.add_argument("--name", default="latency_opcua")
     p.add_argument("--profile", action="store_true", help="py-spy the gateway during each pair")

@@ -18,6 +18,8 @@ Exported (all prefixed ``shopfloor_``)::
     device_notifications_total{machine}         notification batches of a subscription
                                                 (OPC UA), counted apart from polls
     device_read_errors_total{machine}           failed reads and connects
+    device_rejected_readings_total{machine}     counter readings rejected as glitches (drops,
+                                                spikes, torn reads not confirmed)
     device_missed_deadlines_total{machine}      poll deadlines skipped because a read (or
                                                 its processing) overran the interval
     device_poll_duration_seconds{machine}       histogram: how long one poll's reads took
@@ -317,6 +319,9 @@ class _Device:
     missed_deadlines: int = 0
     #: The adapter's own cumulative count at the last update (a new adapter restarts at 0).
     missed_seen: int = 0
+    rejected_readings: int = 0
+    #: The tracker's own count at the last update (a rebuilt tracker restarts at 0).
+    rejected_seen: int = 0
     poll_duration: Histogram = field(default_factory=lambda: Histogram(POLL_BUCKETS))
 
 
@@ -421,6 +426,13 @@ class Metrics:
         dev.missed_seen = missed_total
 
     # -- events and destinations --
+
+    def counter_readings_rejected(self, machine: str, tracker_total: int) -> None:
+        """The machine's tracker has rejected ``tracker_total`` counter readings so far."""
+        dev = self._device(machine)
+        seen = dev.rejected_seen
+        dev.rejected_readings += tracker_total - seen if tracker_total >= seen else tracker_total
+        dev.rejected_seen = tracker_total
 
     def event_emitted(self, type_: str, n: int = 1) -> None:
         """``n`` events of this type were emitted (committed to the outbox)."""
@@ -587,6 +599,11 @@ class Metrics:
             "Failed device reads and connection attempts.",
             labels=["machine"],
         )
+        rejected = CounterMetricFamily(
+            "shopfloor_device_rejected_readings",
+            "Counter readings rejected as glitches (drops, spikes, torn reads not confirmed).",
+            labels=["machine"],
+        )
         age = GaugeMetricFamily(
             "shopfloor_device_last_sample_age_seconds",
             "Seconds since the device last delivered samples.",
@@ -598,12 +615,13 @@ class Metrics:
             notes.add_metric([name], dev.notifications)
             errors.add_metric([name], dev.read_errors)
             missed.add_metric([name], dev.missed_deadlines)
+            rejected.add_metric([name], dev.rejected_readings)
             duration.add_metric(
                 [name], dev.poll_duration.cumulative(), sum_value=dev.poll_duration.total
             )
             if dev.last_sample_at is not None:
                 age.add_metric([name], max(0.0, now - dev.last_sample_at))
-        yield from (conn, polls, notes, errors, missed, duration, age)
+        yield from (conn, polls, notes, errors, missed, duration, rejected, age)
 
         d_conn = GaugeMetricFamily(
             "shopfloor_destination_connected",

@@ -1009,6 +1009,8 @@ class Gateway:
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:
             self._log_rejections(m, rejections)
+            if rejections:
+                self.metrics.counter_readings_rejected(m.plan.id, m.tracker.rejected_total)
         if self.telemetry is not None:
             line = m.telemetry_line.line(m.plan.location, mapped, m.tracker.order_id)
             if line is not None:

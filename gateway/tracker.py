@@ -412,6 +412,8 @@ class MachineTracker:
         #: Counters reset while the running order ran (before the device showed a new id).
         self._reset_in_order: set[str] = set()
         self._rejected_readings: dict[str, int] = dict.fromkeys(_COUNT_SIGNALS, 0)
+        #: Readings rejected by this object (not restored): what the metric counts on from.
+        self._rejected_total = 0
         self._completion = frozenset(settings.completion)
         self._total_basis = "total_reached" in self._completion
         self._on_good = "good_reached" in self._completion
@@ -437,6 +439,11 @@ class MachineTracker:
     def rejected_readings(self) -> dict[str, int]:
         """Counter readings rejected as glitches since start, per signal (a metric)."""
         return dict(self._rejected_readings)
+
+    @property
+    def rejected_total(self) -> int:
+        """Counter readings rejected as glitches by this tracker object (restores start at 0)."""
+        return self._rejected_total
 
     @property
     def sequence(self) -> int:
@@ -852,6 +859,7 @@ class MachineTracker:
         """Record a glitch, a re-based counter or a reset (off the common path)."""
         if rejected:
             self._rejected_readings[signal] += rejected
+            self._rejected_total += rejected
             self._add_rejection(
                 Rejection(
                     signal,

@@ -87,6 +87,19 @@ def probe_period(text: str) -> float:
     return value
 
 
+def sampling_floor(text: str) -> float:
+    """Argparse type of ``--plc-sampling``: a finite number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(
+            f"the fastest sampling interval must be > 0 seconds, got {text}"
+        )
+    return value
+
+
 def probe_for(kind: str, period: float | None, port: int) -> LatencyProbe | None:
     """The latency probe of the machine on ``port`` (``None`` without a period).
 
@@ -127,6 +140,15 @@ def add_arguments(parser: argparse.ArgumentParser, kind: str = "cnc") -> None:
         default=None,
         help="require this user name and password (repeatable); default: anonymous",
     )
+    parser.add_argument(
+        "--plc-sampling",
+        metavar="FASTEST",
+        type=sampling_floor,
+        default=None,
+        help="sample each monitored item on its own timer at the client's sampling interval "
+        "(at least FASTEST seconds), like a PLC (default: off, changes are reported as "
+        "they are written)",
+    )
     if kind in PROBE_KEYS:
         parser.add_argument(
             "--latency-probe",
@@ -165,6 +187,7 @@ async def run(args: argparse.Namespace) -> int:
                 users=users,
                 speed=args.speed,
                 probe=probe_for(kind, period, args.port + index),
+                plc_sampling=args.plc_sampling,
             )
             for index, name in enumerate(machine_names(kind, args.machines))
         ]
@@ -184,6 +207,7 @@ async def run(args: argparse.Namespace) -> int:
                 speed=args.speed,
                 trusted_certificates=str(trusted_dir(args.secure)) if args.secure else None,
                 latency_probe=period,
+                plc_sampling=args.plc_sampling,
             )
             # Runs until the caller cancels this task (Ctrl-C, SIGTERM in the gateway's CLI).
             await asyncio.Event().wait()

@@ -60,6 +60,7 @@ from simulators.opcua_common import (
     OpcUaMachineModel,
     check_value,
 )
+from simulators.opcua_sampling import sample_like_a_plc
 from simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
 
 log = structlog.get_logger(__name__)
@@ -229,12 +230,16 @@ class OpcUaMachineServer:
         tick: float = 0.1,
         missing: Iterable[str] = (),
         probe: LatencyProbe | None = None,
+        plc_sampling: float | None = None,
     ) -> None:
         """Check the set-up; nothing starts before ``async with``.
 
         ``missing`` lists node keys that are left out of the address space (reads of their
         NodeIds answer BadNodeIdUnknown), for tests of a device that lacks a node.
         ``probe`` turns one String node into the latency probe (see the module docstring).
+        ``plc_sampling`` (fastest sampling interval, seconds) samples each monitored item on
+        its own timer at the client's sampling interval, like a PLC
+        (:mod:`simulators.opcua_sampling`); ``None`` reports changes as they are written.
         """
         if not 1 <= port <= 65535:
             raise ValueError(f"port must be 1..65535, got {port}")
@@ -256,7 +261,10 @@ class OpcUaMachineServer:
                 raise ValueError(f"latency probe: {probe.key!r} is not a String variable")
             if probe.key in set(missing):
                 raise ValueError(f"latency probe: {probe.key!r} is listed in missing")
+        if plc_sampling is not None and not (math.isfinite(plc_sampling) and plc_sampling > 0):
+            raise ValueError(f"plc_sampling must be > 0 seconds, got {plc_sampling!r}")
         self.model = model
+        self.plc_sampling = plc_sampling
         self.host = host
         self.port = port
         self.security = security
@@ -403,6 +411,8 @@ class OpcUaMachineServer:
         manager = _PasswordUsers(self.users) if self.users is not None else None
         server = Server(user_manager=manager)
         await server.init()
+        if self.plc_sampling is not None:
+            sample_like_a_plc(server, self.plc_sampling)
         server.set_endpoint(self.endpoint)
         server.set_server_name(f"Shopfloor simulator {name}")
         await server.set_application_uri(application_uri(name))

@@ -118,6 +118,7 @@ async def test_health_metrics_status_and_history(
         assert device["shopfloor_device_poll_duration_seconds_count"] == polls, device
         assert 0 < device["shopfloor_device_poll_duration_seconds_sum"] < polls * 0.5, device
         assert "shopfloor_device_missed_deadlines_total" in device
+        assert device["shopfloor_device_rejected_readings_total"] == 0, device
 
         # Every event the subscriber has is acknowledged and timed, each within a second
         # on loopback; nothing reached the history yet (it is down).

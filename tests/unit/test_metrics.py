@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import math
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from gateway.config import load_config
 from gateway.metrics import (
     BacklogClock,
     DestinationView,
@@ -17,6 +20,8 @@ from gateway.metrics import (
     evaluate_health,
     histogram_quantile,
 )
+from gateway.model import Sample
+from gateway.runtime import Gateway
 
 
 class Clock:
@@ -352,3 +357,73 @@ def test_an_ended_core_task_or_a_stalled_loop_makes_the_gateway_unready() -> Non
     m.loop_stalled = lambda: True
     assert m.health().problems == ("the event loop is stalled",)
     assert b"shopfloor_event_loop_lag_seconds" in m.render()
+
+
+def test_rejected_counter_readings_are_counted_per_machine() -> None:
+    m = make()
+    m.configure(["box-01", "box-02"])
+    m.counter_readings_rejected("box-01", 2)
+    m.counter_readings_rejected("box-01", 3)
+    s = samples(m)
+    one, two = (("machine", "box-01"),), (("machine", "box-02"),)
+    assert s[("shopfloor_device_rejected_readings_total", one)] == 3
+    assert s[("shopfloor_device_rejected_readings_total", two)] == 0
+    # A tracker rebuilt by a reload counts from 0 again: its count adds on.
+    m.counter_readings_rejected("box-01", 1)
+    assert samples(m)[("shopfloor_device_rejected_readings_total", one)] == 4
+
+
+async def test_the_gateway_counts_glitches_of_its_machines(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "destinations:\n  - {name: mes, host: 127.0.0.1, port: 1883}\n"
+        "machines:\n"
+        "  - id: sew-01\n    area: sewing\n    line: line-1\n    profile: sewing-station\n"
+        "    connection: {protocol: modbus, host: 127.0.0.1, port: 5020}\n"
+    )
+    clock = Clock(1_700_000_000.0)
+    gateway = Gateway(load_config(p, env={}), clock=clock)
+    try:
+        m = gateway.machines["sew-01"]
+        for good in (100, 101, 99, 102, 5_000_000, 103):  # a drop and a spike
+            clock.now += 1
+            batch = [
+                Sample("sew-01", "order_id", "PO-1", clock.now),
+                Sample("sew-01", "good_count", good, clock.now),
+            ]
+            gateway._on_batch(m, batch)
+        one = (("machine", "sew-01"),)
+        assert samples(gateway.metrics)[("shopfloor_device_rejected_readings_total", one)] == 2
+    finally:
+        await gateway.outbox.close()
+
+
+async def test_rejected_counter_readings_are_logged_once_per_episode(tmp_path: Path) -> None:
+    p = tmp_path / "gw.yaml"
+    p.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        f"state_dir: {tmp_path / 'state'}\n"
+        "destinations:\n  - {name: mes, host: 127.0.0.1, port: 1883}\n"
+        "machines:\n"
+        "  - id: sew-01\n    area: sewing\n    line: line-1\n    profile: sewing-station\n"
+        "    connection: {protocol: modbus, host: 127.0.0.1, port: 5020}\n"
+    )
+    clock = Clock(1_700_000_000.0)
+    gateway = Gateway(load_config(p, env={}), clock=clock)
+    try:
+        m = gateway.machines["sew-01"]
+        # Three glitches in a row (one episode), a clean reading, then another glitch.
+        with capture_logs() as logs:
+            for good in (100, 101, 99, 98, 99, 102, 100, 103):
+                clock.now += 1
+                batch = [
+                    Sample("sew-01", "order_id", "PO-1", clock.now),
+                    Sample("sew-01", "good_count", good, clock.now),
+                ]
+                gateway._on_batch(m, batch)
+        warned = [e for e in logs if e["event"] == "tracker.value_rejected"]
+        assert [e["value"] for e in warned] == ["99", "100"], warned
+    finally:
+        await gateway.outbox.close()
