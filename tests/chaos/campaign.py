@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -142,6 +143,11 @@ class Campaign:
         self.work = Path(args.workdir)
         self.state_dir = self.work / "state"
         self.tmpfs = faults.Tmpfs(self.state_dir, args.tmpfs_size)
+        # A campaign starts from nothing: an earlier run's broker sessions, retained
+        # messages or log would be taken for this run's.
+        for old in ("broker-acme", "broker-zeta"):
+            shutil.rmtree(self.work / old, ignore_errors=True)
+        (self.work / "gateway.log").unlink(missing_ok=True)
         self.brokers = {
             "acme": MosquittoBroker(self.work / "broker-acme"),
             "zeta": MosquittoBroker(self.work / "broker-zeta"),
@@ -161,6 +167,7 @@ class Campaign:
         self.quick_exits = 0
         self.started_at = 0.0
         self.acme_running: dict[str, str] = {}
+        self.acme_orders: dict[str, str] = {}
         self.notes: list[str] = []
         self.recorders = {
             name: Recorder(name, b.host, b.port, PREFIX) for name, b in self.brokers.items()
@@ -340,6 +347,7 @@ class Campaign:
         answer = await self.platforms[platform].command(machine, "assign-order", body)
         if answer and answer.get("accepted") and platform == "acme":
             self.acme_running[oid] = machine
+            self.acme_orders[oid] = machine
         return answer
 
     async def normal_traffic(self) -> None:
@@ -416,13 +424,17 @@ class Campaign:
         await self.ensure_running()
 
     async def squat(self, record: dict[str, Any]) -> None:
-        """zeta takes acme's next command ids first; then acme uses them."""
+        """zeta takes acme's next command ids first (with its own orders); then acme uses them."""
         zeta = self.platforms["zeta"]
         box = self.rng.choice(BOXES)
         nxt = self.platforms["acme"].counter + 1
+        ep = self.episode
         for k in range(nxt, nxt + 2):
             await zeta.command(
-                box, "cancel-order", {"command_id": f"a-{k}", "order_id": f"ZETA-S{k}"}, tries=2
+                box,
+                "assign-order",
+                {"command_id": f"a-{k}", "order_id": f"ZETA-S{ep}-{k}", "target": 3},
+                tries=2,
             )
         record["squatted"] = [f"a-{k}" for k in range(nxt, nxt + 2)]
         answers = [await self.assign("acme", box, 10) for _ in range(2)]
@@ -453,26 +465,29 @@ class Campaign:
             )
 
     async def guess(self, record: dict[str, Any]) -> None:
-        """zeta guesses acme's order ids and the device orders, and asks about them."""
+        """zeta asks about acme's orders where they are, and about device orders."""
         zeta = self.platforms["zeta"]
-        known = sorted(self.acme_running) + [f"ACME-{k}" for k in range(1, 4)]
-        device = [o for m in SEWING for o in list(self.models[m].truth)[-2:]]
-        guesses = self.rng.sample(known, min(3, len(known))) + device[:2]
-        guesses.append(f"GUESS-{self.rng.randint(1000, 9999)}")
-        record["guesses"] = guesses
-        for oid in guesses:
-            for machine in (self.acme_running.get(oid) or self.rng.choice(BOXES), SEWING[0]):
-                n = self.next_id("zeta")
-                await zeta.command(
-                    machine, "cancel-order", {"command_id": f"zg-{n}", "order_id": oid}, tries=2
-                )
-                n = self.next_id("zeta")
-                await zeta.command(
-                    machine,
-                    "assign-order",
-                    {"command_id": f"zg-{n}", "order_id": oid, "target": 5},
-                    tries=2,
-                )
+        pairs = [(oid, self.acme_orders[oid]) for oid in sorted(self.acme_orders)]
+        pairs = self.rng.sample(pairs, min(3, len(pairs)))
+        for m in SEWING:
+            pairs += [(oid, m) for oid in list(self.models[m].truth)[-1:]]
+        # An id nobody has: the answer every refusal about others' orders must look like.
+        pairs.append((f"GUESS-{self.rng.randint(1000, 9999)}", self.rng.choice(BOXES)))
+        record["guesses"] = [f"{oid}@{m}" for oid, m in pairs]
+        for oid, machine in pairs:
+            n = self.next_id("zeta")
+            await zeta.command(
+                machine, "cancel-order", {"command_id": f"zg-{n}", "order_id": oid}, tries=2
+            )
+            if oid.startswith("GUESS-"):
+                continue  # assigning it would simply queue a new order of zeta's
+            n = self.next_id("zeta")
+            await zeta.command(
+                machine,
+                "assign-order",
+                {"command_id": f"zg-{n}", "order_id": oid, "target": 5},
+                tries=2,
+            )
 
     async def command_flood(self, messages: int) -> None:
         """QoS 0 commands as fast as two clients can publish them."""
@@ -487,15 +502,19 @@ class Campaign:
             pad = "x" * 900
             for i in range(messages):
                 c = clients[i % 2]
-                body = json.dumps(
-                    {
-                        "command_id": f"fl-{i}",
-                        "order_id": f"ZETA-FL{i}",
-                        "target": 1,
-                        "customer": pad,
-                    }
+                # Another customer's name: refused, so the flood never fills the queue.
+                body = {
+                    "command_id": f"fl-{i}",
+                    "order_id": f"ZETA-FL{i}",
+                    "target": 1,
+                    "customer": pad,
+                }
+                self.checker.note_sent("zeta", "box-02", "assign-order", body)
+                c.publish(
+                    f"{PREFIX}/{SITE}/{AREA}/{LINE}/box-02/cmd/assign-order",
+                    json.dumps(body),
+                    qos=0,
                 )
-                c.publish(f"{PREFIX}/{SITE}/{AREA}/{LINE}/box-02/cmd/assign-order", body, qos=0)
                 if i % 500 == 499:
                     await asyncio.sleep(0)  # let the loop breathe; the flood stays a flood
             await asyncio.sleep(3.0)
@@ -616,7 +635,11 @@ class Campaign:
                 supervisor = asyncio.create_task(self.supervise())
                 try:
                     await asyncio.sleep(3.0)  # the gateway's first connect, before any fault
-                    await self.campaign_loop()
+                    try:
+                        await self.campaign_loop()
+                    except Exception as exc:
+                        logging.getLogger("chaos").exception("campaign stopped early")
+                        report["harness_error"] = repr(exc)
                     await self.heal()
                     holes = await self.settle(self.args.settle_seconds)
                     await self.stop_checked()
@@ -666,7 +689,7 @@ class Campaign:
             + (f" --faults {','.join(self.args.faults)}" if self.args.faults else "")
             + (" --cycle" if self.args.cycle else ""),
         )
-        report["ok"] = not self.checker.violations
+        report["ok"] = not self.checker.violations and "harness_error" not in report
         return report
 
     async def campaign_loop(self) -> None:
@@ -721,7 +744,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="no influxdb: section (the slow history sink is then idle)",
     )
     parser.add_argument("--rss-limit-mb", type=int, default=256)
-    parser.add_argument("--tmpfs-size", default="4m")
+    parser.add_argument("--tmpfs-size", default="16m")
     parser.add_argument("--workdir", help="keep logs here (default: a temporary directory)")
     parser.add_argument("--json", help="write the report to this file")
     args = parser.parse_args(argv)

@@ -349,35 +349,43 @@ class Checker:
             if epoch == latest_epoch.get(machine):
                 top = max(top, snap.get(machine, 0))
             # Every numbering (the first, or a marked reset) starts at 1.
-            for s in range(1, top + 1):
-                if s in slot:
-                    continue
-                before, after = slot.get(s - 1), slot.get(s + 1)
+            missing = [s for s in range(1, top + 1) if s not in slot]
+            for lo, hi in _ranges(missing):
+                before, after = slot.get(lo - 1), slot.get(hi + 1)
+                key = f"hole:{machine}:{epoch}:{lo}-{hi}"
                 if self._droppable(before, after):
-                    key = f"tolerated:{machine}:{epoch}:{s}"
                     if key not in self._keys:
                         self._keys.add(key)
                         self.tolerated.append(
                             {
                                 "machine": machine,
-                                "sequence": s,
-                                "why": "superseded progress "
-                                "dropped on a full disk (overflow policy)",
+                                "sequences": [lo, hi],
+                                "why": "superseded progress dropped on a full disk "
+                                "(overflow policy)",
                             }
                         )
                     continue
-                self.flag(
-                    "no_loss",
-                    f"{machine}: event with sequence {s} never reached any platform",
-                    episode,
-                    f"hole:{machine}:{epoch}:{s}",
-                    machine=machine,
-                    sequence=s,
-                    epoch=epoch,
-                    newest_sequence=top,
-                    before=_brief(before),
-                    after=_brief(after),
-                )
+                # A hole seen before may have shrunk or grown since: report only news.
+                fresh = [
+                    s for s in range(lo, hi + 1) if f"hole:{machine}:{epoch}:{s}" not in self._keys
+                ]
+                for s in fresh:
+                    self._keys.add(f"hole:{machine}:{epoch}:{s}")
+                for flo, fhi in _ranges(fresh):
+                    self.flag(
+                        "no_loss",
+                        f"{machine}: events with sequence {flo}..{fhi} never reached any platform"
+                        if fhi > flo
+                        else f"{machine}: event with sequence {flo} never reached any platform",
+                        episode,
+                        f"holerange:{machine}:{epoch}:{flo}-{fhi}",
+                        machine=machine,
+                        missing=[flo, fhi],
+                        epoch=epoch,
+                        newest_sequence=top,
+                        before=_brief(before),
+                        after=_brief(after),
+                    )
 
     def _droppable(self, before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
         if not self._disk_full_seen or before is None or after is None:
@@ -449,11 +457,12 @@ class Checker:
             cid = s.payload.get("command_id")
             if isinstance(cid, str):
                 sent_by[(s.platform, cid)].append(s)
-        foreign_owner: dict[str, str] = {}
+        # Who assigned an order id first, per machine (order ids are per machine).
+        foreign_owner: dict[tuple[str, str], str] = {}
         for s in self.sent:
             oid = s.payload.get("order_id")
             if s.command == "assign-order" and isinstance(oid, str):
-                foreign_owner.setdefault(oid, s.platform)
+                foreign_owner.setdefault((s.machine, oid), s.platform)
         unknown_templates: set[str] = set()
         first_answer: dict[tuple[str, str], bool] = {}
         for platform, rec in self.recorders.items():
@@ -499,7 +508,7 @@ class Checker:
         text: str,
         others: list[str],
         sent_by: Mapping[tuple[str, str], list[Sent]],
-        foreign_owner: Mapping[str, str],
+        foreign_owner: Mapping[tuple[str, str], str],
         unknown_templates: set[str],
         first_answer: dict[tuple[str, str], bool],
     ) -> None:
@@ -562,7 +571,7 @@ class Checker:
                     for s in sent_by.get((other, cid), [])
                     if mine and s.t < mine[0].t
                 ]
-                first_of_mine = len(mine) == 1 or m.t < mine[1].t
+                first_of_mine = len(mine) <= 1 or m.t < mine[1].t
                 if reason.startswith("duplicate command") and first_of_mine and squatters:
                     self.flag(
                         "scope",
@@ -576,10 +585,15 @@ class Checker:
                     )
         if not isinstance(oid, str):
             return
-        owner = foreign_owner.get(oid)
-        is_foreign = (owner is not None and owner != platform) or any(
-            self.own_ids[o].fullmatch(oid) and not self.own_ids[platform].fullmatch(oid)
-            for o in others
+        machine = str(ans.get("machine"))
+        owner = foreign_owner.get((machine, oid))
+        # Device orders belong to the platform whose order_ids pattern names them.
+        is_foreign = (owner is not None and owner != platform) or (
+            machine in self.device_machines
+            and any(
+                self.own_ids[o].fullmatch(oid) and not self.own_ids[platform].fullmatch(oid)
+                for o in others
+            )
         )
         command = ans.get("command")
         if not is_foreign:
@@ -655,6 +669,17 @@ class Checker:
         return {
             name: {"held": counts[name] == 0, "violations": counts[name]} for name in INVARIANTS
         }
+
+
+def _ranges(values: list[int]) -> list[tuple[int, int]]:
+    """Sorted integers as runs of consecutive values: [1, 2, 3, 7] -> [(1, 3), (7, 7)]."""
+    out: list[tuple[int, int]] = []
+    for v in sorted(values):
+        if out and v == out[-1][1] + 1:
+            out[-1] = (out[-1][0], v)
+        else:
+            out.append((v, v))
+    return out
 
 
 def _brief(doc: Mapping[str, Any] | None) -> dict[str, Any] | None:
