@@ -160,6 +160,7 @@ class Campaign:
         self.expect_exit = False
         self.episode = 0
         self.rss_peak = 0
+        self.rss_episode_peak = 0
         self.rss_samples: list[int] = []
         self.episodes: list[dict[str, Any]] = []
         self.restarts = 0
@@ -309,6 +310,7 @@ class Campaign:
             if proc.returncode is None:
                 rss = _rss_kib(proc.pid)
                 self.rss_peak = max(self.rss_peak, rss)
+                self.rss_episode_peak = max(self.rss_episode_peak, rss)
                 if len(self.rss_samples) < 100_000:
                     self.rss_samples.append(rss)
                 continue
@@ -563,6 +565,7 @@ class Campaign:
     async def run_episode(self, allowed: list[str] | None, fixed: str | None) -> None:
         """One episode: traffic, faults at random moments, heal, settle, check."""
         t0 = time.time()
+        self.rss_episode_peak = 0
         length = self.args.episode_seconds
         if fixed is not None:
             draws = faults.draw_episode(
@@ -577,13 +580,15 @@ class Campaign:
         await asyncio.gather(*tasks, traffic, return_exceptions=True)
         await self.heal()
         holes = await self.settle(self.args.settle_seconds)
-        new = self.checker.check(self.episode, self.truth())
+        before = len(self.checker.violations)
         self.checker.check_memory(
             self.episode,
-            self.rss_peak,
+            self.rss_episode_peak,
             self.args.rss_limit_mb * 1024,
             ",".join(d.fault for d in draws),
         )
+        self.checker.check(self.episode, self.truth())
+        new = self.checker.violations[before:]
         self.episodes.append(
             {
                 "episode": self.episode,
@@ -591,7 +596,7 @@ class Campaign:
                 "seconds": round(time.time() - t0, 1),
                 "faults": sorted(done, key=lambda r: r["at"]),
                 "unsettled_holes": {m: h[:20] for m, h in holes.items()},
-                "rss_peak_mib": self.rss_peak // 1024,
+                "rss_peak_mib": self.rss_episode_peak // 1024,
                 "new_violations": [f"{v.invariant}: {v.what}" for v in new],
             }
         )

@@ -52,6 +52,8 @@ INVARIANTS = (
 )
 
 _STATE_REVEALING = re.compile(r"already|position|running|queued|\bran\b", re.IGNORECASE)
+#: Bytes kept of a command payload (the recorder also sees the platforms' own commands).
+_KEEP = 65536
 _POSITION = re.compile(r"position\s+\d+", re.IGNORECASE)
 
 
@@ -123,8 +125,12 @@ class Recorder:
             self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        payload = bytes(msg.payload)
+        if len(payload) > _KEEP and "/cmd/" in msg.topic and not msg.topic.endswith("/response"):
+            # A huge command of the hostile platform: its size is the point, not its bytes.
+            payload = payload[:_KEEP]
         with self._lock:
-            self.messages.append(Message(time.time(), msg.topic, bytes(msg.payload), msg.retain))
+            self.messages.append(Message(time.time(), msg.topic, payload, msg.retain))
         hook = self.on_answer
         if hook is not None and msg.topic.endswith("/response"):
             try:
@@ -240,7 +246,12 @@ class Checker:
         for machine, epoch in latest_epoch.items():
             seqs = by_key[(machine, epoch)]
             top = max(max(seqs), snap.get(machine, 0)) if seqs else 0
-            missing = [s for s in range(1, top + 1) if s not in seqs]
+            # Holes already reported will not fill any more: waiting for them is pointless.
+            missing = [
+                s
+                for s in range(1, top + 1)
+                if s not in seqs and f"hole:{machine}:{epoch}:{s}" not in self._keys
+            ]
             if missing:
                 out[machine] = missing
         return out

@@ -104,8 +104,8 @@ def draw_episode(
         elif name == "command_flood":
             params["messages"] = rng.choice([2000, 5000])
         elif name == "big_commands":
-            params["megabytes"] = rng.choice([8, 16])
-            params["count"] = rng.randint(2, 4)
+            params["megabytes"] = rng.choice([48, 96])
+            params["count"] = rng.randint(3, 5)
         elif name == "slow_history":
             params["seconds"] = round(rng.uniform(3, 8), 1)
         draws.append(Draw(name, at, params))
