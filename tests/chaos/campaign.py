@@ -456,7 +456,8 @@ class Campaign:
             )
             if k % 40 == 39:
                 await asyncio.sleep(1.0)  # under the gateway's command rate limit
-        await asyncio.sleep(self.rng.uniform(8, 15))  # acme's order runs with the queue full
+        # acme's order runs with the queue full for a while.
+        await asyncio.sleep(self.rng.uniform(0.5, 1.0) * self.args.episode_seconds)
         for k, oid in enumerate(ids):
             await zeta.command(
                 box,
@@ -691,6 +692,7 @@ class Campaign:
             workdir=str(self.work),
             reproduce=f"python -m tests.chaos.campaign --seed {self.args.seed} "
             f"--seconds {self.args.seconds} --episode-seconds {self.args.episode_seconds}"
+            + (f" --episodes {self.args.episodes}" if self.args.episodes else "")
             + (f" --faults {','.join(self.args.faults)}" if self.args.faults else "")
             + (" --cycle" if self.args.cycle else ""),
         )
@@ -702,7 +704,11 @@ class Campaign:
         started = time.monotonic()
         allowed = self.args.faults or None
         order = list(allowed or faults.CATALOGUE)
-        while time.monotonic() - started < self.args.seconds:
+        while (
+            self.episode < self.args.episodes
+            if self.args.episodes
+            else time.monotonic() - started < self.args.seconds
+        ):
             self.episode += 1
             fixed = order[(self.episode - 1) % len(order)] if self.args.cycle else None
             await self.run_episode(allowed, fixed)
@@ -717,6 +723,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=1500, help="campaign length (1500)")
+    parser.add_argument(
+        "--episodes",
+        type=int,
+        default=0,
+        help="run exactly this many episodes (overrides --seconds)",
+    )
     parser.add_argument("--episode-seconds", type=float, default=40.0)
     parser.add_argument(
         "--settle-seconds",
