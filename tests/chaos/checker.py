@@ -287,16 +287,17 @@ class Checker:
     ) -> list[Violation]:
         """Check every message invariant on everything received so far; returns new ones."""
         before = len(self.violations)
-        self._check_events(episode, final=final)
+        self._check_events(episode)
         self._check_counts(episode, truth)
         self._check_scope(episode)
         return self.violations[before:]
 
-    def _check_events(self, episode: int, *, final: bool) -> None:
+    def _check_events(self, episode: int) -> None:
         first: dict[str, tuple[str, dict[str, Any]]] = {}
         by_key: dict[tuple[str, Any], dict[int, dict[str, Any]]] = defaultdict(dict)
         latest_epoch: dict[str, Any] = {}
         copies: dict[str, int] = defaultdict(int)
+        first_per_platform: dict[str, dict[str, Any]] = {}
         total = 0
         for platform, m, doc in self._events():
             total += 1
@@ -312,18 +313,21 @@ class Checker:
                 )
                 continue
             copies[f"{platform}:{eid}"] += 1
+            # Each destination may redact differently (order ids of others, operator): a
+            # copy is compared with what the same platform got first.
+            seen = first_per_platform.setdefault(f"{platform}:{eid}", doc)
+            if seen is not doc and _strip_volatile(seen) != _strip_volatile(doc):
+                self.flag(
+                    "duplicates",
+                    "the same event id arrived with different content",
+                    episode,
+                    f"dupdiff:{platform}:{eid}",
+                    id=eid,
+                    first=seen,
+                    again=doc,
+                    platform=platform,
+                )
             if eid in first:
-                if _strip_volatile(first[eid][1]) != _strip_volatile(doc):
-                    self.flag(
-                        "duplicates",
-                        "the same event id arrived with different content",
-                        episode,
-                        f"dupdiff:{eid}",
-                        id=eid,
-                        first=first[eid][1],
-                        again=doc,
-                        platform=platform,
-                    )
                 continue
             first[eid] = (platform, doc)
             epoch = doc.get("epoch")
