@@ -668,6 +668,11 @@ class Campaign:
             for b in self.brokers.values():
                 b.stop()
             self.tmpfs.umount()
+        self.fill_report(report)
+        return report
+
+    def fill_report(self, report: dict[str, Any]) -> None:
+        """Everything known so far into ``report`` (also written after every episode)."""
         drawn: dict[str, int] = {}
         for ep in self.episodes:
             for f in ep["faults"]:
@@ -697,7 +702,6 @@ class Campaign:
             + (" --cycle" if self.args.cycle else ""),
         )
         report["ok"] = not self.checker.violations and "harness_error" not in report
-        return report
 
     async def campaign_loop(self) -> None:
         """Episodes until the time is up."""
@@ -712,6 +716,17 @@ class Campaign:
             self.episode += 1
             fixed = order[(self.episode - 1) % len(order)] if self.args.cycle else None
             await self.run_episode(allowed, fixed)
+            if self.args.json:
+                # A campaign cut short still leaves its findings behind.
+                partial: dict[str, Any] = {"seed": self.args.seed, "partial": True}
+                self.fill_report(partial)
+                write_json(Path(self.args.json), partial)
+
+
+def write_json(path: Path, report: dict[str, Any]) -> None:
+    """The report as JSON (``var/`` may not exist in a fresh clone)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -781,10 +796,8 @@ def main(argv: list[str] | None = None, *, out: Callable[[str], None] = print) -
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
     args.workdir = args.workdir or tempfile.mkdtemp(prefix="shopfloor-chaos-")
     report = asyncio.run(Campaign(args).run())
-    text = json.dumps(report, indent=2, default=str)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(text + "\n")
+        write_json(Path(args.json), report)
     summary = {k: report[k] for k in ("episodes_run", "faults_drawn", "invariants", "ok")}
     out(json.dumps(summary, indent=2))
     for v in report["violations"]:
