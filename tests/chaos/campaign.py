@@ -392,6 +392,11 @@ class Campaign:
             elif f == "disk_full":
                 record["filled_bytes"] = await asyncio.to_thread(self.tmpfs.fill)
                 self.checker.note_disk_full()
+                if p.get("restart"):
+                    # A clean stop checkpoints and removes the WAL: the new process needs
+                    # fresh space at once (a running one reuses its WAL and may never notice).
+                    await self.stop_checked()
+                    await self.start_gateway()
                 await asyncio.sleep(p["seconds"])
                 self.tmpfs.free()
             elif f == "outbox_damage":

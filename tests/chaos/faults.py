@@ -97,6 +97,7 @@ def draw_episode(
             params["seconds"] = round(rng.uniform(1, 8), 1)
         elif name == "disk_full":
             params["seconds"] = round(rng.uniform(3, 12), 1)
+            params["restart"] = rng.random() < 0.7
         elif name == "outbox_damage":
             params["mode"] = rng.choice(["truncate", "garbage", "zero", "wal_garbage"])
         elif name == "hostile_queue_flood":
