@@ -140,7 +140,8 @@ class Campaign:
         """Prepare from the command line (nothing starts yet)."""
         self.args = args
         self.rng = random.Random(args.seed)
-        self.work = Path(args.workdir)
+        # Absolute: the gateway resolves a relative state_dir against its config's folder.
+        self.work = Path(args.workdir).resolve()
         self.state_dir = self.work / "state"
         self.tmpfs = faults.Tmpfs(self.state_dir, args.tmpfs_size)
         # A campaign starts from nothing: an earlier run's broker sessions, retained

@@ -298,6 +298,9 @@ class Checker:
         latest_epoch: dict[str, Any] = {}
         copies: dict[str, int] = defaultdict(int)
         first_per_platform: dict[str, dict[str, Any]] = {}
+        reused: dict[tuple[str, Any], list[tuple[int, dict[str, Any], dict[str, Any]]]] = (
+            defaultdict(list)
+        )
         total = 0
         for platform, m, doc in self._events():
             total += 1
@@ -337,22 +340,28 @@ class Checker:
             if other is None:
                 slot[seq] = doc
             elif other.get("id") != eid:
-                self.flag(
-                    "sequence_once",
-                    f"{machine}: sequence {seq} used by two events"
-                    + (" (epoch unchanged)" if epoch is None else f" in epoch {epoch}"),
-                    episode,
-                    f"reuse:{machine}:{epoch}:{seq}",
-                    machine=machine,
-                    sequence=seq,
-                    epoch=epoch,
-                    first={
-                        "id": other.get("id"),
-                        "type": other.get("type"),
-                        "time": other.get("time"),
-                    },
-                    second={"id": eid, "type": doc.get("type"), "time": doc.get("time")},
-                )
+                key = f"reuse:{machine}:{epoch}:{seq}"
+                if key not in self._keys:
+                    self._keys.add(key)
+                    reused[(machine, epoch)].append((seq, other, doc))
+        # One violation per machine and numbering, naming every sequence used twice.
+        for (machine, epoch), hits in reused.items():
+            seqs = [h[0] for h in hits]
+            self.flag(
+                "sequence_once",
+                f"{machine}: {len(seqs)} sequence number(s) used by two events"
+                + (" (epoch unchanged)" if epoch is None else f" in epoch {epoch}"),
+                episode,
+                f"reuses:{machine}:{epoch}:{min(seqs)}:{episode}",
+                machine=machine,
+                epoch=epoch,
+                sequences=[[lo, hi] for lo, hi in _ranges(seqs)],
+                first_reuse={
+                    "sequence": hits[0][0],
+                    "first": _brief(hits[0][1]),
+                    "second": _brief(hits[0][2]),
+                },
+            )
         dup = sum(n - 1 for n in copies.values() if n > 1)
         self.stats.update(events_received=total, unique_events=len(first), duplicate_copies=dup)
         self.stats["max_copies_of_one_event"] = max(copies.values(), default=0)

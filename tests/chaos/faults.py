@@ -163,13 +163,12 @@ class Tmpfs:
         """Write a filler file until the filesystem says ENOSPC; returns the bytes written."""
         written = 0
         chunk = b"\0" * 65536
-        with self.filler.open("ab") as f:
+        # Unbuffered: each write meets ENOSPC itself, and closing has nothing left to flush.
+        with self.filler.open("ab", buffering=0) as f:
             # Bounded: a tmpfs of a few MiB fills within a few hundred chunks.
             for _ in range(1_000_000):
                 try:
-                    f.write(chunk)
-                    f.flush()
-                    written += len(chunk)
+                    written += f.write(chunk) or 0
                 except OSError as exc:
                     if exc.errno != errno.ENOSPC:
                         raise
@@ -178,9 +177,7 @@ class Tmpfs:
             for size in (4096, 512, 64, 1):
                 with contextlib.suppress(OSError):
                     for _ in range(65536 // size):
-                        f.write(b"\0" * size)
-                        f.flush()
-                        written += size
+                        written += f.write(b"\0" * size) or 0
         return written
 
     def free(self) -> None:
