@@ -391,15 +391,18 @@ class Campaign:
                 await asyncio.sleep(self.rng.uniform(0.2, 2))
                 await self.start_gateway()
             elif f == "disk_full":
-                record["filled_bytes"] = await asyncio.to_thread(self.tmpfs.fill)
-                self.checker.note_disk_full()
-                if p.get("restart"):
-                    # A clean stop checkpoints and removes the WAL: the new process needs
-                    # fresh space at once (a running one reuses its WAL and may never notice).
-                    await self.stop_checked()
-                    await self.start_gateway()
-                await asyncio.sleep(p["seconds"])
-                self.tmpfs.free()
+                full_since = time.time()
+                try:
+                    record["filled_bytes"] = await asyncio.to_thread(self.tmpfs.fill)
+                    if p.get("restart"):
+                        # A clean stop checkpoints and removes the WAL: the new process needs
+                        # fresh space at once (a running one reuses its WAL and may not notice).
+                        await self.stop_checked()
+                        await self.start_gateway()
+                    await asyncio.sleep(p["seconds"])
+                finally:
+                    self.tmpfs.free()
+                    self.checker.note_disk_full(full_since, time.time())
             elif f == "outbox_damage":
                 await self.stop_checked()
                 record.update(faults.damage_outbox(self.state_dir, p["mode"], self.rng))

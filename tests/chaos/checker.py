@@ -35,6 +35,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
@@ -188,7 +189,7 @@ class Checker:
         self.violations: list[Violation] = []
         self.tolerated: list[dict[str, Any]] = []
         self._keys: set[str] = set()
-        self._disk_full_seen = False
+        self._disk_full: list[tuple[float, float]] = []
         self.stats: dict[str, Any] = {}
 
     # -- inputs from the campaign ---------------------------------------------------------
@@ -197,9 +198,10 @@ class Checker:
         """A platform published a command (the checker's knowledge of who asked what)."""
         self.sent.append(Sent(time.time(), platform, machine, command, payload))
 
-    def note_disk_full(self) -> None:
-        """A full disk happened: the overflow policy may drop superseded progress from now on."""
-        self._disk_full_seen = True
+    def note_disk_full(self, start: float, end: float) -> None:
+        """The disk was full from ``start`` to ``end`` (epoch seconds): the overflow policy
+        may drop superseded progress made meanwhile."""
+        self._disk_full.append((start, end))
 
     def flag(self, invariant: str, what: str, episode: int, key: str, **evidence: Any) -> None:
         """Record a violation once per ``key``."""
@@ -380,6 +382,8 @@ class Checker:
                 if self._droppable(before, after):
                     if key not in self._keys:
                         self._keys.add(key)
+                        for s in range(lo, hi + 1):
+                            self._keys.add(f"hole:{machine}:{epoch}:{s}")
                         self.tolerated.append(
                             {
                                 "machine": machine,
@@ -412,7 +416,11 @@ class Checker:
                     )
 
     def _droppable(self, before: dict[str, Any] | None, after: dict[str, Any] | None) -> bool:
-        if not self._disk_full_seen or before is None or after is None:
+        if before is None or after is None:
+            return False
+        # The hole lies between its neighbours' times: a full disk must overlap that span.
+        t0, t1 = _epoch_of(before) - 2.0, _epoch_of(after) + 2.0
+        if not any(start <= t1 and end >= t0 for start, end in self._disk_full):
             return False
 
         def progress_of(doc: dict[str, Any]) -> Any:
@@ -693,6 +701,14 @@ class Checker:
         return {
             name: {"held": counts[name] == 0, "violations": counts[name]} for name in INVARIANTS
         }
+
+
+def _epoch_of(doc: Mapping[str, Any]) -> float:
+    """The event's ``time`` as epoch seconds (NaN when unreadable)."""
+    try:
+        return datetime.fromisoformat(str(doc.get("time")).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return float("nan")
 
 
 def _ranges(values: list[int]) -> list[tuple[int, int]]:

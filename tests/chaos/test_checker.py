@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from typing import Any
 
 from tests.chaos.campaign import OWN_IDS
@@ -184,3 +185,20 @@ def test_process_checks() -> None:
     checker.check_exit(2, 1, "tail")
     assert invariants(checker) == ["memory", "shutdown", "alive"]
     assert checker.summary()["memory"] == {"held": False, "violations": 1}
+
+
+def test_a_progress_drop_is_tolerated_only_while_the_disk_was_full() -> None:
+    checker, acme, _ = make()
+
+    def progress(seq: int, at: str) -> dict[str, Any]:
+        return {**event("box-01", seq, kind="order.progress", order_id="ACME-1"), "time": at}
+
+    acme.add(f"{PREFIX}/box-01/event/x", progress(1, "2026-01-01T00:00:00.000Z"))
+    acme.add(f"{PREFIX}/box-01/event/x", progress(3, "2026-01-01T00:00:10.000Z"))
+    acme.add(f"{PREFIX}/box-01/event/x", progress(5, "2026-01-01T00:10:00.000Z"))
+    start = datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC).timestamp()
+    checker.note_disk_full(start, start + 2)
+    checker.check(1, {})
+    assert [t["sequences"] for t in checker.tolerated] == [[2, 2]]
+    assert [v.evidence["missing"] for v in checker.violations] == [[4, 4]]
+    assert checker.holes() == {}
