@@ -159,6 +159,9 @@ class Campaign:
         self.proxies: dict[str, FaultProxy] = {}
         self.proc: asyncio.subprocess.Process | None = None
         self.expect_exit = False
+        #: Faults that stop and start the process take turns: two at once would start two.
+        self.proc_lock = asyncio.Lock()
+        self.all_procs: list[asyncio.subprocess.Process] = []
         self.episode = 0
         self.rss_peak = 0
         self.rss_episode_peak = 0
@@ -237,7 +240,9 @@ class Campaign:
         return path
 
     async def start_gateway(self) -> None:
-        """``python -m gateway run`` with its output appended to the log."""
+        """``python -m gateway run`` with its output appended to the log (never a second one)."""
+        if self.proc is not None and self.proc.returncode is None:
+            return
         with self.log_path.open("ab") as out:
             out.write(f"--- chaos: start in episode {self.episode} ---\n".encode())
             out.flush()
@@ -254,6 +259,7 @@ class Campaign:
                 cwd=ROOT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONFAULTHANDLER": "1"},
             )
+        self.all_procs.append(self.proc)
         self.started_at = time.monotonic()
         self.expect_exit = False
 
@@ -315,7 +321,7 @@ class Campaign:
                 if len(self.rss_samples) < 100_000:
                     self.rss_samples.append(rss)
                 continue
-            if self.expect_exit:
+            if self.expect_exit or self.proc_lock.locked():
                 continue
             quick = time.monotonic() - self.started_at < 15
             self.quick_exits = self.quick_exits + 1 if quick else 0
@@ -326,13 +332,16 @@ class Campaign:
                 self.notes.append(f"episode {self.episode}: moved the outbox aside: {moved}")
                 self.quick_exits = 0
             await asyncio.sleep(2.0)  # systemd's RestartSec, shortened
-            self.restarts += 1
-            await self.start_gateway()
+            async with self.proc_lock:
+                if self.proc is proc and not self.expect_exit:
+                    self.restarts += 1
+                    await self.start_gateway()
 
     async def ensure_running(self) -> None:
         """Start the gateway if it is not running (after a fault that stopped it)."""
-        if self.proc is None or self.proc.returncode is not None:
-            await self.start_gateway()
+        async with self.proc_lock:
+            if self.proc is None or self.proc.returncode is not None:
+                await self.start_gateway()
 
     # -- traffic ----------------------------------------------------------------------------
 
@@ -383,13 +392,15 @@ class Campaign:
                 await asyncio.sleep(p["seconds"])
                 await asyncio.to_thread(broker.start)
             elif f == "gateway_sigkill":
-                await self.sigkill()
-                await asyncio.sleep(self.rng.uniform(0.2, 2))
-                await self.start_gateway()
+                async with self.proc_lock:
+                    await self.sigkill()
+                    await asyncio.sleep(self.rng.uniform(0.2, 2))
+                    await self.start_gateway()
             elif f == "gateway_sigterm":
-                await self.stop_checked()
-                await asyncio.sleep(self.rng.uniform(0.2, 2))
-                await self.start_gateway()
+                async with self.proc_lock:
+                    await self.stop_checked()
+                    await asyncio.sleep(self.rng.uniform(0.2, 2))
+                    await self.start_gateway()
             elif f == "disk_full":
                 full_since = time.time()
                 try:
@@ -397,16 +408,18 @@ class Campaign:
                     if p.get("restart"):
                         # A clean stop checkpoints and removes the WAL: the new process needs
                         # fresh space at once (a running one reuses its WAL and may not notice).
-                        await self.stop_checked()
-                        await self.start_gateway()
+                        async with self.proc_lock:
+                            await self.stop_checked()
+                            await self.start_gateway()
                     await asyncio.sleep(p["seconds"])
                 finally:
                     self.tmpfs.free()
                     self.checker.note_disk_full(full_since, time.time())
             elif f == "outbox_damage":
-                await self.stop_checked()
-                record.update(faults.damage_outbox(self.state_dir, p["mode"], self.rng))
-                await self.start_gateway()
+                async with self.proc_lock:
+                    await self.stop_checked()
+                    record.update(faults.damage_outbox(self.state_dir, p["mode"], self.rng))
+                    await self.start_gateway()
             elif f == "hostile_squat":
                 await self.squat(record)
             elif f == "hostile_queue_flood":
@@ -662,9 +675,10 @@ class Campaign:
                     supervisor.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await supervisor
-                    if self.proc is not None and self.proc.returncode is None:
-                        self.proc.kill()
-                        await self.proc.wait()
+                    for proc in self.all_procs:
+                        if proc.returncode is None:
+                            proc.kill()
+                            await proc.wait()
                 await asyncio.sleep(1.0)
                 self.checker.check(self.episode, self.truth(), final=True)
                 report["final_unsettled_holes"] = {m: h[:50] for m, h in holes.items()}
