@@ -120,10 +120,19 @@ class Recorder:
     ) -> None:
         self.connects += 1
         if not getattr(flags, "session_present", False):
-            client.subscribe(f"{self.prefix}/#", qos=1)
-            self.subscribed.set()
-        else:
-            self.subscribed.set()
+            # What a platform reads, not the commands: a hostile platform's 96 MiB commands
+            # would otherwise reach the recorder too and take its network thread down.
+            p = self.prefix
+            client.subscribe(
+                [
+                    (f"{p}/+/+/+/+/event/#", 1),
+                    (f"{p}/+/+/+/+/state", 1),
+                    (f"{p}/+/+/+/+/telemetry", 1),
+                    (f"{p}/+/+/+/+/cmd/+/response", 1),
+                    (f"{p}/+/gateway/#", 1),
+                ]
+            )
+        self.subscribed.set()
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
         payload = bytes(msg.payload)
