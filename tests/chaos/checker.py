@@ -236,7 +236,9 @@ class Checker:
         return out
 
     def _snapshot_sequences(self) -> dict[str, int]:
-        newest: dict[str, int] = {}
+        # The latest snapshot by arrival, not the highest: after a marked reset (a new
+        # epoch) the numbers start again at 1, and the old epoch's last state is higher.
+        newest: dict[str, tuple[float, int]] = {}
         for rec in self.recorders.values():
             for m in rec.snapshot():
                 if not m.topic.endswith("/state") or not m.payload:
@@ -246,8 +248,9 @@ class Checker:
                     machine, seq = str(doc["machine"]), int(doc["sequence"])
                 except (ValueError, KeyError, TypeError):
                     continue
-                newest[machine] = max(newest.get(machine, 0), seq)
-        return newest
+                if machine not in newest or m.t >= newest[machine][0]:
+                    newest[machine] = (m.t, seq)
+        return {machine: seq for machine, (_, seq) in newest.items()}
 
     def holes(self) -> dict[str, list[int]]:
         """Missing sequences per machine in its newest epoch (what settling waits for)."""

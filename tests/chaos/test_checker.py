@@ -202,3 +202,22 @@ def test_a_progress_drop_is_tolerated_only_while_the_disk_was_full() -> None:
     assert [t["sequences"] for t in checker.tolerated] == [[2, 2]]
     assert [v.evidence["missing"] for v in checker.violations] == [[4, 4]]
     assert checker.holes() == {}
+
+
+def test_a_marked_reset_is_judged_by_the_latest_snapshot_not_the_highest() -> None:
+    # Seen in a campaign: the outbox was damaged, the gateway started a new epoch at 1, and
+    # the old epoch's last retained state (sequence 197) counted as the new epoch's top.
+    checker, acme, _ = make()
+    for s in (1, 2, 3):
+        doc = event("sew-01", s)
+        doc["epoch"] = 1000
+        acme.add(f"{PREFIX}/sew-01/event/x", doc)
+    acme.add(f"{PREFIX}/sew-01/state", {"machine": "sew-01", "sequence": 197})
+    for s in (1, 2):
+        doc = event("sew-01", s, eid=f"new-{s}")
+        doc["epoch"] = 2000
+        acme.add(f"{PREFIX}/sew-01/event/x", doc)
+    acme.add(f"{PREFIX}/sew-01/state", {"machine": "sew-01", "sequence": 2})
+    assert checker.holes() == {}
+    checker.check(1, {})
+    assert "no_loss" not in invariants(checker)
