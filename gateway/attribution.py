@@ -104,9 +104,13 @@ class Attribution:
 
     def credit(self, good: int, scrap: int) -> None:
         """Pieces counted for the running order go to the operator logged in."""
+        self.credit_to(self.operator, good, scrap)
+
+    def credit_to(self, operator: str | None, good: int, scrap: int) -> None:
+        """Pieces read while ``operator`` was logged in, counted for the running order now."""
         if not self._order_open or not self.known or (good <= 0 and scrap <= 0):
             return
-        share = self._share(self.operator)
+        share = self._share(operator)
         share.good += max(0, good)
         share.scrap += max(0, scrap)
 

@@ -9,15 +9,19 @@ examples):
 
 * same value as before: delta 0 (duplicate read);
 * higher value, by at most what the machine can make in the time since the baseline
-  (:meth:`CounterRule.limit`): delta = new - old (includes pieces made while offline);
+  (:meth:`CounterRule.limit`): a plausible increase (includes pieces made while offline);
 * lower value, a wrap modulus is set and the drop is more than half the modulus: the
-  counter wrapped, delta = new + modulus - old (if that is plausible, as above);
+  counter wrapped, a plausible increase of new + modulus - old (if plausible, as above);
+* a plausible increase is credited only as far as ``confirm`` consecutive readings agree:
+  the baseline moves to the lowest of the last ``confirm`` readings when all of them are
+  plausible increases, so a one-reading spike is never credited and its return is no reset
+  (``confirm=1`` credits each reading at once);
 * a drop by at most ``glitch`` counts: a glitch, rejected, the baseline stands (unless the
   device signalled a reset with it);
 * a larger drop (a reset) or a larger jump: pending until ``confirm`` consecutive readings
   agree; a reading that agrees with the baseline again rejects them all. A confirmed reset
-  credits what the counter shows; a confirmed jump re-bases the counter (credits nothing
-  of the jump itself);
+  credits what the first of them shows (and the held increase before it); a confirmed jump
+  re-bases the counter (credits nothing of the jump itself);
 * a reading whose source time is older than the last applied one: ignored (late).
 """
 
@@ -105,7 +109,9 @@ class CounterState(NamedTuple):
     an order start (a per-order counter): what the counter shows is the order's; more than a
     poll's worth is held like any jump, and once confirmed credited in full, not re-based.
     ``pending`` holds ``(value, source_time)`` readings that disagree with the baseline and
-    agree with each other: a reset or a re-based counter not yet confirmed. A named tuple,
+    agree with each other: a reset or a re-based counter not yet confirmed. ``rising``
+    holds the latest consecutive readings that are plausible increases over the baseline
+    and not yet credited (at most ``confirm - 1`` after a credit). A named tuple,
     not a dataclass: one is built per counter reading, and a tuple is built fastest.
     """
 
@@ -113,6 +119,7 @@ class CounterState(NamedTuple):
     source_time: float | None = None
     pending: tuple[tuple[int, float], ...] = ()
     anchor: bool = False
+    rising: tuple[tuple[int, float], ...] = ()
 
 
 class Step(NamedTuple):
@@ -186,22 +193,52 @@ def advance(
     if base is None:
         # The first reading is the baseline: nothing is known about what came before it.
         return Step(CounterState(value, source_time), 0, True)
+    rising = state.rising
+    if rising:
+        last_value, last_time = rising[-1]
+        if source_time < last_time:
+            return Step(state, 0, False)  # older than a reading already held: late
+        if source_time == last_time and value == last_value:
+            return Step(state, 0, True)  # the same reading delivered again
+        if reset and _below(value, last_value, base, rule.wrap):
+            # A signalled reset below a held reading: that reading was the counter's last
+            # before the reset, and whatever it shows now was made since.
+            held = _held(state, rule)
+            return Step(CounterState(value, source_time), held + value, True, 0, 0, True)
+        if (
+            not state.pending
+            and _judge(last_value, last_time, value, source_time, rule, False)[0] == "up"
+        ):
+            # The counter's latest reading is the last held one: a plausible step from it
+            # (a wrap included) is an increase, however far the baseline lags behind.
+            return _rise(state, value, source_time, rule)
     if not state.pending and base <= value:
         # Fast path, the common case: the counter stood still or moved forward a little.
         step = value - base
-        if step <= rule.floor:
-            return Step(CounterState(value, source_time), step, True)
-        since = state.source_time
-        if state.anchor:
-            limit = rule.limit(0.0)
+        if step > rule.floor:
+            since = state.source_time
+            if state.anchor:
+                limit = rule.limit(0.0)
+            else:
+                limit = rule.limit(None if since is None else max(0.0, source_time - since))
+            plausible = limit is None or step <= limit
         else:
-            limit = rule.limit(None if since is None else max(0.0, source_time - since))
-        if limit is None or step <= limit:
-            return Step(CounterState(value, source_time), step, True)
+            plausible = True
+        if plausible:
+            if rule.confirm == 1:
+                return Step(CounterState(value, source_time), step, True)
+            return _rise(state, value, source_time, rule)
     kind, pieces = _judge(base, state.source_time, value, source_time, rule, state.anchor)
+    if kind == "glitch" and rising and _dropped(rising[-1], value, source_time, rule):
+        # Below the baseline, and far below the last held reading (the counter's latest):
+        # a reset, not a glitch.
+        kind = "reset"
     given_up = len(state.pending)
     if kind == "up":
-        return Step(CounterState(value, source_time), pieces, True, given_up)
+        if rule.confirm == 1:
+            return Step(CounterState(value, source_time), pieces, True, given_up)
+        rose = _rise(state._replace(pending=()), value, source_time, rule)
+        return rose._replace(rejected=rose.rejected + given_up)
     pending = state.pending
     if pending and pending[-1] == (value, source_time):
         return Step(state, 0, True)  # the same pending reading delivered again
@@ -210,26 +247,77 @@ def advance(
         pending = (*pending, (value, source_time))
         given_up = 0
     elif reset and kind in ("glitch", "reset"):
-        # A signalled reset: whatever the counter shows now was made since.
-        return Step(CounterState(value, source_time), value, True, given_up, 0, True)
+        # A signalled reset: whatever the counter shows now was made since, and the readings
+        # held before it were the last of the counter before the reset.
+        held = _held(state, rule)
+        return Step(CounterState(value, source_time), held + value, True, given_up, 0, True)
     elif kind == "glitch":
-        # The baseline stands; earlier pending readings were glitches too.
-        return Step(CounterState(base, state.source_time, (), state.anchor), 0, True, given_up + 1)
+        # The baseline stands; earlier pending readings were glitches too. A rejected
+        # reading does not interrupt the held increases.
+        kept = CounterState(base, state.source_time, (), state.anchor, state.rising)
+        return Step(kept, 0, True, given_up + 1)
     else:
         # A reset or a jump: held until confirmed; older pending readings were glitches.
         pending = ((value, source_time),)
     if len(pending) < rule.confirm:
-        return Step(CounterState(base, state.source_time, pending, state.anchor), 0, True, given_up)
-    first = pending[0][0]
-    kind, pieces = _judge(base, state.source_time, first, pending[0][1], rule, state.anchor)
-    accepted = CounterState(value, source_time)
+        waiting = CounterState(base, state.source_time, pending, state.anchor, state.rising)
+        return Step(waiting, 0, True, given_up)
+    first, first_time = pending[0]
+    kind, pieces = _judge(base, state.source_time, first, first_time, rule, state.anchor)
+    if kind == "glitch" and rising and _dropped(rising[-1], first, first_time, rule):
+        kind = "reset"
+    # The pending readings agree, each at or above the one before: the first is what they
+    # all agree on; the later ones are held like any increase until confirmed.
+    accepted = CounterState(first, first_time, (), False, pending[1:][-(rule.confirm - 1) :])
+    if rule.confirm == 1:
+        accepted = CounterState(first, first_time)
     if kind == "reset" or state.anchor:
         # Confirmed reset, or a per-order counter that already showed pieces when the order
         # started (the gateway started mid-order): the pieces on the counter now are new.
         if kind != "reset":
-            return Step(accepted, value, True, given_up)
-        # Confirmed reset: the pieces on the counter now were made since the reset.
-        return Step(accepted, value, True, given_up, 0, True)
+            return Step(accepted, first, True, given_up)
+        # Confirmed reset: the pieces on the counter now were made since the reset, and the
+        # readings held before it were the last of the counter before the reset.
+        return Step(accepted, _held(state, rule) + first, True, given_up, 0, True)
     # Confirmed jump beyond what the machine can make: a replaced or re-based counter.
-    # Only the growth since the jump is production.
-    return Step(accepted, value - first, True, given_up, pieces)
+    # Only the growth since the jump is production (and what was held before it).
+    return Step(accepted, _held(state, rule), True, given_up, pieces)
+
+
+def _dropped(held: tuple[int, float], value: int, when: float, rule: CounterRule) -> bool:
+    """Whether ``value`` is a reset judged against the held reading ``held``."""
+    return _judge(held[0], held[1], value, when, rule, False)[0] == "reset"
+
+
+def _below(value: int, held: int, base: int, wrap: int | None) -> bool:
+    """Whether ``value`` is below the held reading ``held``, both counted from ``base``."""
+    if wrap:
+        return (value - base) % wrap < (held - base) % wrap
+    return value < held
+
+
+def _held(state: CounterState, rule: CounterRule) -> int:
+    """Pieces up to the last held reading: the counter's last before a reset or an end."""
+    base = state.value
+    if not state.rising or base is None:
+        return 0
+    last = state.rising[-1][0]
+    return (last - base) % rule.wrap if rule.wrap else last - base
+
+
+def _rise(state: CounterState, value: int, source_time: float, rule: CounterRule) -> Step:
+    """Hold a plausible increase; credit what the last ``confirm`` readings agree on."""
+    base = state.value
+    assert base is not None
+    wrap = rule.wrap
+    window = (*state.rising, (value, source_time))
+    steps = [(v - base) % wrap if wrap else v - base for v, _ in window]
+    # Below the reading held before it: one of the two was a glitch (a spike or a dip).
+    rejected = 1 if len(steps) > 1 and steps[-1] < steps[-2] else 0
+    if len(window) < rule.confirm:
+        held = CounterState(base, state.source_time, (), state.anchor, window)
+        return Step(held, 0, True, rejected)
+    pieces = min(steps)
+    low, low_time = window[steps.index(pieces)]
+    kept = window[len(window) - rule.confirm + 1 :]
+    return Step(CounterState(low, low_time, (), False, kept), pieces, True, rejected)

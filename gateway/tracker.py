@@ -18,7 +18,7 @@ worked examples in ``docs/tracker.md``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Container, Sequence
 from dataclasses import dataclass, field
 from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
@@ -26,6 +26,9 @@ from typing import Any, Literal
 from gateway.attribution import Attribution, parse_operator
 from gateway.counters import CounterRule, CounterState, advance, parse_count
 from gateway.model import Event, MachineState, Quality, Sample
+
+#: Builds a :class:`CounterState` without the named tuple's slower constructor.
+_new_state = tuple.__new__
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
 CompletionReason = Literal[
@@ -391,6 +394,11 @@ class MachineTracker:
         self._device_target: int | None = None
         self._counters: dict[str, CounterState] = {s: CounterState() for s in _COUNT_SIGNALS}
         self._last_time: dict[str, float] = {}
+        # Gateway time a counter was last read: a held increase that stood unchanged for two
+        # polls is confirmed by time (a subscription reports no unchanged value).
+        self._read_at: dict[str, float] = {}
+        # The operator logged in before the batch being applied (see observe()).
+        self._reader: tuple[bool, str | None] | None = None
         self._order: _Order | None = None
         self._queue: list[_Queued] = []
         self._recent_orders: list[str] = []
@@ -463,9 +471,16 @@ class MachineTracker:
             # Good data is proof the device is reachable, even if the shell has not said so.
             out += self.connection(True, now, "data_received")
         # The badge before the order id and the counts, like the order id before the counts:
-        # pieces read in the same batch as a new badge are the new operator's.
-        for badge in batch.get("operator", []):
-            self._attribution.badge(badge, now)
+        # pieces read in the same batch as a new badge are the new operator's. Pieces held
+        # for confirmation were read before this batch: the operator logged in then.
+        attribution = self._attribution
+        badges = batch.get("operator")
+        if badges:
+            self._reader = (attribution.known, attribution.operator)
+            for badge in badges:
+                attribution.badge(badge, now)
+        elif self._reader is not None:
+            self._reader = None  # no new badge: the one logged in read the pieces
         self._attribution.observed(now)
         targets = batch.get("target_count", [])
         if targets:
@@ -484,7 +499,9 @@ class MachineTracker:
         before = (order.good, order.scrap) if order is not None and order.running else None
         self._on_counts(batch, now)
         if order is not None and before is not None:
-            self._attribution.credit(order.good - before[0], order.scrap - before[1])
+            good, scrap = order.good - before[0], order.scrap - before[1]
+            if good or scrap:
+                self._credit_reader(good, scrap)
         self._after_counts(now, out)
         ended = batch.get("order_ended")
         if ended:
@@ -527,6 +544,12 @@ class MachineTracker:
     def tick(self, now: float) -> list[Event]:
         """Time-driven checks: progress on the interval, at-risk / back-on-track."""
         out: list[Event] = []
+        order = self._order
+        before = (order.good, order.scrap) if order is not None and order.running else None
+        if self._confirm_stood(now, ()):
+            if order is not None and before is not None:
+                self._attribution.credit(order.good - before[0], order.scrap - before[1])
+            self._after_counts(now, out)
         order = self._order
         if order is not None and order.running:
             self._maybe_progress(order, now, out)
@@ -626,7 +649,13 @@ class MachineTracker:
             "device_order_id": self._device_order_id,
             "device_target": self._device_target,
             "counters": {
-                k: [c.value, c.source_time, [list(p) for p in c.pending], c.anchor]
+                k: [
+                    c.value,
+                    c.source_time,
+                    [list(p) for p in c.pending],
+                    c.anchor,
+                    [list(r) for r in c.rising],
+                ]
                 for k, c in self._counters.items()
             },
             "reset_hint": sorted(self._reset_hint),
@@ -637,6 +666,7 @@ class MachineTracker:
             "gaps": [list(g) for g in self._gaps],
             "rejected_readings": dict(self._rejected_readings),
             "last_time": dict(self._last_time),
+            "read_at": dict(self._read_at),
             "order": _order_to_dict(self._order),
             "queue": [
                 {"order_id": q.order_id, "target": q.target, "due": q.due, "customer": q.customer}
@@ -684,8 +714,10 @@ class MachineTracker:
                 value, when, *more = state["counters"][name]
                 pending = tuple((int(v), float(w)) for v, w in (more[0] if more else ()))
                 anchor = bool(more[1]) if len(more) > 1 else False
+                # A state saved before increases were confirmed has no held readings.
+                rising = tuple((int(v), float(w)) for v, w in (more[2] if len(more) > 2 else ()))
                 t._counters[name] = CounterState(
-                    _opt(value, int), _opt_float(when), pending, anchor
+                    _opt(value, int), _opt_float(when), pending, anchor, rising
                 )
             t._reset_hint = {str(h) for h in state.get("reset_hint", [])} & set(_COUNT_SIGNALS)
             t._reset_in_order = {str(h) for h in state.get("reset_in_order", [])} & set(
@@ -700,6 +732,10 @@ class MachineTracker:
                 if name in t._rejected_readings:
                     t._rejected_readings[name] = int(n)
             t._last_time = {str(k): float(v) for k, v in state["last_time"].items()}
+            # A state saved before increases were confirmed by time has none.
+            t._read_at = {
+                str(k): float(v) for k, v in state.get("read_at", {}).items() if k in _COUNT_SIGNALS
+            }
             t._order = _order_from_dict(state["order"])
             t._queue = [_Queued(**q) for q in state["queue"]]
             t._recent_orders = [str(o) for o in state["recent_orders"]]
@@ -797,30 +833,69 @@ class MachineTracker:
             return parse_operator(value)
         return _clean_text(value, "alarm_text", MAX_TEXT_LEN)  # alarm_text
 
+    def _confirm_stood(self, now: float, skip: Container[str]) -> bool:
+        """Credit held increases that stood unchanged for two polls; True if any counted.
+
+        A poll would have read a spike's return by then, and a subscription sends no
+        unchanged value. ``skip``: counters read in this batch (their reading decides).
+        """
+        if self._connected is not True:
+            return False
+        wait = 2.0 * self.settings.poll_interval
+        order = self._order
+        before = (order.good, order.scrap) if order is not None else None
+        credited = False
+        for name, c in self._counters.items():
+            rising = c.rising
+            if not rising or c.value is None or name in skip:
+                continue
+            if now - self._read_at.get(name, rising[-1][1]) < wait:
+                continue
+            wrap = self._rules[name].wrap
+            low, low_time = rising[-1]
+            pieces = (low - c.value) % wrap if wrap else low - c.value
+            self._counters[name] = CounterState(low, low_time, c.pending)
+            if pieces and order is not None:
+                self._credit(order, name, pieces)
+                credited = True
+        if credited and order is not None and before is not None:
+            self._counts_moved(order, before, now)
+        return credited
+
     def _on_counts(self, batch: dict[str, list[Any]], now: float) -> None:
         order = self._order
         before = (order.good, order.scrap) if order is not None else None
         hints = self._reset_hint
+        read_at = self._read_at
+        read = 0
         for signal in _COUNT_SIGNALS:
             readings = batch.get(signal)
             if not readings:
                 continue
+            read_at[signal] = now
+            read += 1
             rule = self._rules[signal]
             counters = self._counters
             floor = rule.floor
+            two = rule.confirm == 2
             for value, when in readings:
                 c = counters[signal]
-                base, since = c.value, c.source_time
-                if (
-                    base is not None
-                    and base <= value <= base + floor
-                    and not c.pending
-                    and (since is None or when >= since)
-                ):
-                    # advance()'s fast path inline (this runs for every counter reading): a
-                    # small step forward is always plausible.
-                    counters[signal] = CounterState(value, when)
-                    delta = value - base
+                base, _, pending, _, rising = c
+                # With two readings to agree, one is held at a time (and only over a base).
+                if two and rising and not pending:
+                    ((held, held_time),) = rising
+                    fast = base <= held <= value <= base + floor and when > held_time  # type: ignore[operator]
+                else:
+                    fast = False
+                if fast:
+                    # advance()'s common case inline (this runs for every counter reading):
+                    # a small step forward is plausible, and the baseline moves to the
+                    # reading held before it. tuple.__new__: a named tuple's own
+                    # constructor is several times slower.
+                    counters[signal] = _new_state(
+                        CounterState, (held, held_time, (), False, ((value, when),))
+                    )
+                    delta = held - base  # type: ignore[operator]
                     if hints:
                         hints.discard(signal)
                 else:
@@ -836,7 +911,21 @@ class MachineTracker:
                         self._unusual_step(signal, value, when, state, rejected, rebased, reset)
                 if delta and order is not None:
                     self._credit(order, signal, delta)
+        if read < len(read_at):
+            self._confirm_stood(now, batch)  # a counter read before, not in this batch
         if order is None or not order.running:
+            return
+        # _counts_moved() inline (this runs for every batch).
+        if self.settings.scrap_source == "total_minus_good":
+            order.scrap = max(order.scrap, order.total - order.good)
+        done = order.done if order.total_basis else order.good
+        if before != (order.good, order.scrap) and done != order.history[-1][1]:
+            order.history.append((now, done))
+            _prune(order, now, self.settings.rate_window)
+
+    def _counts_moved(self, order: _Order, before: tuple[int, int], now: float) -> None:
+        """Derived scrap and the rate history after pieces were credited."""
+        if not order.running:
             return
         if self.settings.scrap_source == "total_minus_good":
             # Never backwards: good and total may come from different polls.
@@ -941,19 +1030,58 @@ class MachineTracker:
         elif self.settings.scrap_source == "counter":
             order.scrap += delta
 
+    def _credit_reader(self, good: int, scrap: int) -> None:
+        """Credit pieces to the operator logged in when their readings were taken."""
+        reader = self._reader
+        if reader is not None and reader[0] and self.settings.counter_confirm > 1:
+            # Credited once a later reading agreed: read while the previous badge showed.
+            self._attribution.credit_to(reader[1], good, scrap)
+        else:
+            self._attribution.credit(good, scrap)
+
+    def _settle(self, now: float) -> None:
+        """The order ends: credit the counter readings still held, up to the last one.
+
+        No later reading of this order will come to confirm them (an order change, a job
+        that ended): the last reading is the best knowledge of the order's last count.
+        """
+        order = self._order
+        before = (order.good, order.scrap) if order is not None and order.running else None
+        for name, c in self._counters.items():
+            base, rising = c.value, c.rising
+            if not rising or base is None:
+                continue
+            wrap = self._rules[name].wrap
+            low, low_time = rising[-1]
+            pieces = (low - base) % wrap if wrap else low - base
+            # Pending readings (a reset not yet confirmed) stay pending against the new base.
+            self._counters[name] = CounterState(low, low_time, c.pending)
+            if pieces and order is not None:
+                self._credit(order, name, pieces)
+        if order is not None and before is not None:
+            self._counts_moved(order, before, now)
+            # Called outside observe()'s own crediting: the readings' operator gets them.
+            self._credit_reader(order.good - before[0], order.scrap - before[1])
+
     def _after_counts(self, now: float, out: list[Event]) -> None:
         order = self._order
         if order is None or not order.running:
             return
-        target = order.target
-        if target and (
-            (self._on_good and order.good >= target) or (self._on_total and order.done >= target)
-        ):
-            rule: CompletionRule = "good_reached" if self._on_good else "total_reached"
+        rule = self._reached(order) if order.target else None
+        if rule is not None:
             self._complete("target_reached", now, out, rule)
             self._start_next(now, out)
         else:
             self._maybe_progress(order, now, out)
+
+    def _reached(self, order: _Order) -> CompletionRule | None:
+        """The completion rule the order's counts meet now, or ``None``."""
+        target = order.target
+        if target and (
+            (self._on_good and order.good >= target) or (self._on_total and order.done >= target)
+        ):
+            return "good_reached" if self._on_good else "total_reached"
+        return None
 
     def _on_order_ended(self, values: list[bool], now: float, out: list[Event]) -> None:
         for ended in values:
@@ -965,7 +1093,13 @@ class MachineTracker:
             if not rising or "device_ended" not in self._completion:
                 continue
             if order is not None and order.running:
-                self._complete("device_ended", now, out, "device_ended")
+                self._settle(now)  # the job's last reading is its last: nothing follows to agree
+                reached = self._reached(order)
+                if reached is not None:
+                    # The target was met before the job ended (credited one reading late).
+                    self._complete("target_reached", now, out, reached)
+                else:
+                    self._complete("device_ended", now, out, "device_ended")
                 self._start_next(now, out)
 
     def _on_state(self, state: str, now: float, out: list[Event]) -> None:
@@ -1077,8 +1211,13 @@ class MachineTracker:
 
     def _finish_current(self, reason: CompletionReason, now: float, out: list[Event]) -> None:
         """Complete the running order with ``reason`` (or drop a completed one) and clear it."""
+        self._settle(now)
         order = self._order
-        if order is not None and order.running:
+        reached = None if order is None or not order.running else self._reached(order)
+        if order is not None and reached is not None:
+            # The last reading (credited now, with nothing left to agree) met the target.
+            self._complete("target_reached", now, out, reached)
+        elif order is not None and order.running:
             changed = reason in ("order_changed", "order_cleared")
             self._complete(reason, now, out, "order_changed" if changed else None)
         self._order = None
@@ -1093,6 +1232,8 @@ class MachineTracker:
         now: float,
         out: list[Event],
     ) -> None:
+        # Readings held before the start are pieces of the order before (or of none).
+        self._settle(now)
         order = _Order(
             order_id, source, target, due, customer, started_at=now, total_basis=self._total_basis
         )
@@ -1108,7 +1249,7 @@ class MachineTracker:
             for name in self._per_order:
                 if name not in self._reset_in_order:
                     c = self._counters[name]
-                    self._counters[name] = c._replace(value=0, pending=(), anchor=True)
+                    self._counters[name] = c._replace(value=0, pending=(), anchor=True, rising=())
         self._reset_in_order.clear()
         order.history.append((now, 0))
         self._order = order

@@ -146,9 +146,11 @@ def test_a_shift_change_mid_order_splits_time_and_pieces() -> None:
     obs(tr, 100, good_count=4, scrap_count=1)
     # The new badge and two pieces in the same poll: the pieces are the new operator's.
     obs(tr, 200, operator="B-2", good_count=6)
-    events = obs(tr, 300, operator="B-2", good_count=10)
+    obs(tr, 300, operator="B-2", good_count=10)
+    # A count is credited once the next reading agrees, to whoever was logged in at its read.
+    events = obs(tr, 400, operator="B-2", good_count=10)
     (completed,) = operators(events, "order.completed")
-    assert completed == [share("B-1", 200.0, 4, 1), share("B-2", 100.0, 6)]
+    assert completed == [share("B-1", 200.0, 4, 1), share("B-2", 200.0, 6)]
     assert operators(events, "order.progress") == [completed]
     assert tr.snapshot()["order"]["operators"] == completed
 
@@ -158,8 +160,9 @@ def test_the_next_order_starts_with_the_operator_logged_in() -> None:
     obs(tr, 0, operator="B-1", order_id="PO-1", good_count=0)
     events = obs(tr, 50, order_id="PO-2", good_count=0)
     assert operators(events, "order.completed") == [[share("B-1", 50.0, 0)]]
-    events = obs(tr, 80, good_count=3)
-    assert operators(events, "order.progress") == [[share("B-1", 30.0, 3)]]
+    obs(tr, 80, good_count=3)
+    events = obs(tr, 81, good_count=3)  # credited once the next reading agrees
+    assert operators(events, "order.progress") == [[share("B-1", 31.0, 3)]]
 
 
 def test_a_machine_without_a_badge_reader_sends_no_operators() -> None:
@@ -177,7 +180,8 @@ def test_a_bad_badge_is_rejected_and_the_last_one_stands() -> None:
     obs(tr, 10, operator="B\x07", good_count=1)
     (rejection,) = tr.drain_rejections()
     assert rejection.signal == "operator" and "control" in rejection.reason
-    assert tr.snapshot()["order"]["operators"] == [share("B-1", 10.0, 1)]
+    obs(tr, 11, good_count=1)
+    assert tr.snapshot()["order"]["operators"] == [share("B-1", 11.0, 1)]
 
 
 def test_attribution_survives_a_restart_without_counting_the_downtime() -> None:
@@ -189,10 +193,13 @@ def test_attribution_survives_a_restart_without_counting_the_downtime() -> None:
     back = MachineTracker.restore(M, settings_, saved)
     assert back.snapshot() == tr.snapshot()
     # The gateway was down from 60 to 600; the device counted 3 more meanwhile.
+    # (A count is credited once the next reading agrees: 5 now, 8 with the next.)
     obs(back, 600, operator="B-1", good_count=8)
-    assert back.snapshot()["order"]["operators"] == [share("B-1", 60.0, 8)]
+    assert back.snapshot()["order"]["operators"] == [share("B-1", 60.0, 5)]
     obs(back, 660, operator="B-1", good_count=9)
-    assert back.snapshot()["order"]["operators"] == [share("B-1", 120.0, 9)]
+    assert back.snapshot()["order"]["operators"] == [share("B-1", 120.0, 8)]
+    obs(back, 720, operator="B-1", good_count=9)
+    assert back.snapshot()["order"]["operators"] == [share("B-1", 180.0, 9)]
 
 
 def test_state_written_before_attribution_existed_still_restores() -> None:
@@ -202,7 +209,8 @@ def test_state_written_before_attribution_existed_still_restores() -> None:
     del old["attribution"]
     back = MachineTracker.restore(M, TrackerSettings(), old)
     obs(back, 10, operator="B-1", good_count=2)
-    assert back.snapshot()["order"]["operators"] == [share("B-1", 0.0, 2)]
+    obs(back, 11, operator="B-1", good_count=2)
+    assert back.snapshot()["order"]["operators"] == [share("B-1", 1.0, 2)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -230,9 +238,11 @@ def test_shares_add_up_to_the_order(polls: list[tuple[str | None, int, int, bool
         obs(tr, 10.0 * n, **signals)
         if drop:
             tr.connection(False, T0 + 10.0 * n + 5)
+    for n in range(len(polls) + 1, len(polls) + 3):  # steady: the last counts agree
+        obs(tr, 10.0 * n, good_count=good, scrap_count=scrap)
     order = tr.snapshot()["order"]
     view = order["operators"]
     assert sum(s["good"] for s in view) == order["good"] == good
     assert sum(s["scrap"] for s in view) == order["scrap"] == scrap
     # Time is never more than the order was observed (the last link drop is 5 s after a poll).
-    assert 0 <= sum(s["seconds"] for s in view) <= 10.0 * len(polls) + 5 + 1e-6
+    assert 0 <= sum(s["seconds"] for s in view) <= 10.0 * (len(polls) + 2) + 5 + 1e-6

@@ -34,11 +34,12 @@ def test_a_job_with_scrap_completes_when_its_runs_are_done() -> None:
     tr = MachineTracker(M, TrackerSettings(**UMATI))
     feed(tr, 0, order_id="J-1", target_count=10, good_count=0, total_count=0)
     events: list[Event] = []
-    for i in range(1, 11):
-        scrap = i // 5  # every fifth run is scrap
-        events += feed(tr, i, good_count=i - scrap, total_count=i)
+    for i in range(1, 12):
+        runs = min(i, 10)  # the last run read twice: a count is credited once agreed
+        scrap = runs // 5  # every fifth run is scrap
+        events += feed(tr, i, good_count=runs - scrap, total_count=runs)
     done = completed(events)
-    assert done is not None and done["completed_at"] == T0 + 10
+    assert done is not None and done["completed_at"] == T0 + 11
     assert (done["reason"], done["rule"]) == ("target_reached", "total_reached")
     assert (done["good"], done["scrap"], done["target"]) == (8, 2, 10)
     progress = [e.data for e in events if e.type == "order.progress"]
@@ -48,7 +49,8 @@ def test_a_job_with_scrap_completes_when_its_runs_are_done() -> None:
 def test_percent_and_eta_use_the_target_basis() -> None:
     tr = MachineTracker(M, TrackerSettings(**UMATI, progress_step_percent=1.0))
     feed(tr, 0, order_id="J-1", target_count=10, good_count=0, total_count=0)
-    events = feed(tr, 60, good_count=3, total_count=5)
+    feed(tr, 30, good_count=3, total_count=5)
+    events = feed(tr, 60, good_count=3, total_count=5)  # agreed: credited now
     (progress,) = [e.data for e in events if e.type == "order.progress"]
     assert progress["percent"] == 50.0
     # 5 runs in 60 s: the other 5 take 60 s more.
@@ -82,7 +84,7 @@ def test_a_stale_ended_state_does_not_end_the_next_job() -> None:
 def test_good_reached_is_the_default_and_named() -> None:
     tr = MachineTracker(M, TrackerSettings())
     feed(tr, 0, order_id="A", target_count=2, good_count=0)
-    done = completed(feed(tr, 1, good_count=2))
+    done = completed(feed(tr, 1, good_count=2) + feed(tr, 1.5, good_count=2))
     assert done is not None and (done["reason"], done["rule"]) == ("target_reached", "good_reached")
     changed = completed(feed(tr, 2, order_id="B") + feed(tr, 3, order_id="C"))
     assert changed is not None and (changed["reason"], changed["rule"]) == (

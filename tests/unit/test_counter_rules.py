@@ -51,11 +51,13 @@ def test_a_mixed_counter_box_loses_no_piece(tmp_path: Path) -> None:
     feed(tr, 2, good_count=1, scrap_count=65_530)  # the first good piece after the start
     feed(tr, 3, good_count=2, scrap_count=65_535)
     feed(tr, 4, good_count=3, scrap_count=2)  # the 16-bit scrap counter wrapped
+    feed(tr, 4.5, good_count=3, scrap_count=2)  # (a count is credited once agreed)
     order = tr.snapshot()["order"]
     assert (order["good"], order["scrap"]) == (3, 8)
     # The next order: the per-order good counter restarts, the lifetime scrap goes on.
     feed(tr, 5, order_id="B", good_count=0, scrap_count=2)
     feed(tr, 6, good_count=1, scrap_count=3)
+    feed(tr, 7, good_count=1, scrap_count=3)
     order = tr.snapshot()["order"]
     assert (order["order_id"], order["good"], order["scrap"]) == ("B", 1, 1)
 

@@ -29,27 +29,57 @@ def test_counter_delta(previous: int, current: int, wrap: int | None, delta: int
     assert counter_delta(previous, current, wrap) == delta, why
 
 
+ONE = CounterRule(confirm=1)
+HELD = CounterState(7, 1.0, (), False, ((9, 2.0),))
+
+
 @pytest.mark.parametrize(
-    ("state", "value", "time", "expected"),
+    ("state", "value", "time", "rule", "expected"),
     [
-        (CounterState(), 7, 1.0, (CounterState(7, 1.0), 0, True)),
-        (CounterState(7, 1.0), 9, 2.0, (CounterState(9, 2.0), 2, True)),
-        (CounterState(7, 1.0), 9, 1.0, (CounterState(9, 1.0), 2, True)),
-        (CounterState(7, 2.0), 3, 1.0, (CounterState(7, 2.0), 0, False)),
-        (CounterState(7, 2.0), 9, 1.5, (CounterState(7, 2.0), 0, False)),
-        (CounterState(0, None), 5, 1.0, (CounterState(5, 1.0), 5, True)),
+        (CounterState(), 7, 1.0, ONE, (CounterState(7, 1.0), 0, True)),
+        (CounterState(7, 1.0), 9, 2.0, ONE, (CounterState(9, 2.0), 2, True)),
+        (CounterState(7, 1.0), 9, 1.0, ONE, (CounterState(9, 1.0), 2, True)),
+        (CounterState(7, 2.0), 3, 1.0, ONE, (CounterState(7, 2.0), 0, False)),
+        (CounterState(7, 2.0), 9, 1.5, ONE, (CounterState(7, 2.0), 0, False)),
+        (CounterState(0, None), 5, 1.0, ONE, (CounterState(5, 1.0), 5, True)),
+        # Two readings must agree on an increase: it is held, then credited up to the lower.
+        (CounterState(7, 1.0), 9, 2.0, None, (HELD, 0, True)),
+        (HELD, 12, 3.0, None, (CounterState(9, 2.0, (), False, ((12, 3.0),)), 2, True)),
+        (HELD, 8, 3.0, None, (CounterState(8, 3.0, (), False, ((8, 3.0),)), 1, True)),
+        (HELD, 9, 2.0, None, (HELD, 0, True)),
+        (HELD, 10, 1.5, None, (HELD, 0, False)),
     ],
-    ids=["first-is-baseline", "increase", "same-time", "late-drop", "late-rise", "zeroed"],
+    ids=[
+        "first-is-baseline",
+        "increase",
+        "same-time",
+        "late-drop",
+        "late-rise",
+        "zeroed",
+        "held",
+        "agreed",
+        "spike-returns",
+        "held-again",
+        "older-than-held",
+    ],
 )
 def test_advance(
-    state: CounterState, value: int, time: float, expected: tuple[CounterState, int, bool]
+    state: CounterState,
+    value: int,
+    time: float,
+    rule: CounterRule | None,
+    expected: tuple[CounterState, int, bool],
 ) -> None:
-    assert tuple(advance(state, value, time))[:3] == expected
+    step = advance(state, value, time) if rule is None else advance(state, value, time, rule)
+    assert tuple(step)[:3] == expected
 
 
 def test_advance_with_wrap() -> None:
-    # 636 pieces in 99 s: within the default rate (10 per second).
-    assert advance(CounterState(65000, 1.0), 100, 100.0, CounterRule(wrap=65536)).delta == 636
+    # 636 pieces in 99 s: within the default rate (10 per second), credited once agreed.
+    rule = CounterRule(wrap=65536)
+    held = advance(CounterState(65000, 1.0), 100, 100.0, rule)
+    assert held.delta == 0
+    assert advance(held.state, 101, 101.0, rule).delta == 636
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ def test_an_order_observed_throughout_is_gap_free() -> None:
     tr = MachineTracker(M, TrackerSettings())
     started = of(feed(tr, 0, order_id="A", target_count=5, good_count=0), "order.started")
     assert gap(started) == (True, 0.0, None, None)
-    done = of(feed(tr, 1, good_count=5), "order.completed")
+    feed(tr, 1, good_count=5)  # credited once the next reading agrees
+    done = of(feed(tr, 2, good_count=5), "order.completed")
     assert gap(done) == (True, 0.0, None, None)
 
 
@@ -41,7 +42,8 @@ def test_an_order_across_an_unreachable_device_says_so() -> None:
     tr.connection(True, T0 + 70, "reconnected")
     events = feed(tr, 71, good_count=14)
     assert gap(of(events, "order.progress")) == (False, 61.0, T0 + 10, T0 + 71)
-    done = of(feed(tr, 72, good_count=20), "order.completed")
+    feed(tr, 72, good_count=20)
+    done = of(feed(tr, 73, good_count=20), "order.completed")
     assert gap(done) == (False, 61.0, T0 + 10, T0 + 71)
 
 
@@ -51,7 +53,8 @@ def test_a_restored_tracker_reports_the_gateway_downtime() -> None:
     feed(tr, 5, good_count=3)
     saved = json.loads(json.dumps(tr.export_state()))
     back = MachineTracker.restore(M, TrackerSettings(), saved)
-    done = of(feed(back, 300, good_count=20), "order.completed")
+    feed(back, 300, good_count=20)
+    done = of(feed(back, 301, good_count=20), "order.completed")
     assert gap(done) == (False, 295.0, T0 + 5, T0 + 300)
 
 
@@ -60,12 +63,14 @@ def test_a_restore_without_downtime_is_no_gap() -> None:
     tr = MachineTracker(M, TrackerSettings())
     feed(tr, 0, order_id="A", target_count=20, good_count=0)
     back = MachineTracker.restore(M, TrackerSettings(), tr.export_state())
-    assert gap(of(feed(back, 1, good_count=20), "order.completed"))[0] is True
+    feed(back, 1, good_count=20)
+    assert gap(of(feed(back, 2, good_count=20), "order.completed"))[0] is True
     # Rebuilt in a running gateway: no gap, however long the next poll takes.
     tr = MachineTracker(M, TrackerSettings())
     feed(tr, 0, order_id="A", target_count=20, good_count=0)
     back = MachineTracker.restore(M, TrackerSettings(), tr.export_state(), downtime=False)
-    assert gap(of(feed(back, 60, good_count=20), "order.completed"))[0] is True
+    feed(back, 60, good_count=20)
+    assert gap(of(feed(back, 61, good_count=20), "order.completed"))[0] is True
 
 
 def test_an_order_first_seen_after_a_gap_started_in_it() -> None:

@@ -43,7 +43,13 @@ def pick(events: list[Event], *keys: str) -> list[tuple[Any, ...]]:
 
 
 def tracker(**settings: Any) -> MachineTracker:
-    return MachineTracker(M, TrackerSettings(**settings))
+    """A tracker that credits each counter reading at once (``counter_confirm=1``).
+
+    The lifecycle, rate and alarm tests here follow the readings one by one; the default,
+    an increase credited once the next reading agrees (one reading later), is tested in
+    tests/unit/test_counter_glitches.py, ``test_counter_rules`` and the golden cases.
+    """
+    return MachineTracker(M, TrackerSettings(**{"counter_confirm": 1, **settings}))
 
 
 # ---------------------------------------------------------------- settings
@@ -301,7 +307,7 @@ def test_counts_in_the_same_batch_as_a_new_order_belong_to_it() -> None:
 
 
 def test_gateway_started_mid_order_per_order_counter_counts_what_is_there() -> None:
-    tr = tracker(counter_mode="per_order")
+    tr = tracker(counter_mode="per_order", counter_confirm=2)
     events = obs(tr, 0, order_id="A", good_count=37, target_count=100)
     assert pick(events, "good")[1:] == [("order.started", 0)]
     # More than one poll's worth of pieces: credited once the next reading confirms it (a
@@ -386,8 +392,8 @@ def test_complete_on_target_disabled() -> None:
     ("settings", "readings", "good"),
     [
         ({}, [0, 5, 5, 5], 5),  # duplicates
-        ({}, [0, 15, 2, 4], 19),  # reset mid-order, confirmed by the next read: 15 + 4
-        ({}, [0, 15, 0, 3], 18),  # reset to zero
+        ({}, [0, 15, 15, 2, 4], 19),  # reset mid-order, confirmed by the next read: 15 + 4
+        ({}, [0, 15, 15, 0, 3], 18),  # reset to zero
         ({}, [0, 5, 2, 4, 6], 6),  # a drop by a few counts is a glitch: the baseline stands
         ({"counter_wrap": 65536}, [65530, 65535, 3], 65530 + 5 + 4),  # per_order + wrap
         ({"counter_mode": "lifetime", "counter_wrap": 65536}, [65530, 65535, 3], 9),
@@ -405,13 +411,17 @@ def test_complete_on_target_disabled() -> None:
         "w100",
     ],
 )
-def test_counter_rules(settings: dict[str, Any], readings: list[int], good: int) -> None:
-    tr = tracker(**settings)
+@pytest.mark.parametrize("confirm", [1, 2])
+def test_counter_rules(
+    settings: dict[str, Any], readings: list[int], good: int, confirm: int
+) -> None:
+    tr = tracker(**settings, counter_confirm=confirm)
     obs(tr, 0, order_id="A")
     if settings.get("counter_mode") == "lifetime":
         obs(tr, 0.5, good_count=readings[0])  # the counter is known before counting starts
         readings = readings[1:]
-    for i, value in enumerate(readings, start=1):
+    # Read the last value once more: with two readings to agree, it is credited then.
+    for i, value in enumerate([*readings, readings[-1]], start=1):
         obs(tr, i, good_count=value)
     assert tr.snapshot()["order"]["good"] == good
 
@@ -828,6 +838,7 @@ def test_an_implausible_counter_jump_rebases_instead_of_counting() -> None:
     t.observe(batch(105, 2.0), 2.0)
     t.observe(batch(4_465_244, 3.0), 3.0)
     t.observe(batch(4_465_247, 4.0), 4.0)
+    t.observe(batch(4_465_247, 5.0), 5.0)  # credited once two readings agree
     assert t.snapshot()["order"]["good"] == 8
     (rejection,) = t.drain_rejections()
     assert rejection.signal == "good_count" and "max_counter_jump" in rejection.reason

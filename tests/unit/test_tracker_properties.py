@@ -69,6 +69,8 @@ class Device:
     state: str = "idle"
     unread: int = 0
     orders: int = 0
+    #: Counters seen reset while this order's id was shown (see the "order" step).
+    reset_in_order: set[str] = field(default_factory=set)
     truth_good: dict[str, int] = field(default_factory=dict)
     truth_scrap: dict[str, int] = field(default_factory=dict)
 
@@ -96,7 +98,12 @@ class Run:
 
     def feed(self, samples: list[Sample]) -> None:
         self.rng.shuffle(samples)  # order inside a batch must not matter
-        self.events += self.tracker.observe(samples, self.now)
+        events = self.tracker.observe(samples, self.now)
+        self.events += events
+        for e in events:
+            if e.type == "order.completed":
+                # Its final counts: readings still held when an order ends are credited then.
+                self.last_seen[e.data["order_id"]] = {**e.data, "status": "completed", "overrun": 0}
         self.record()
 
     def record(self) -> None:
@@ -168,16 +175,32 @@ def drive(
                 # A drop by a few counts is a glitch unless the device says it reset; a
                 # larger one is confirmed by the next read (one comes: the run ends with one).
                 small = min(before - dev.good, scrap_before) <= cfg.counter_glitch
+                # Only a reset that shows as a drop, in a running order, is one in the order.
+                seen = run.tracker.snapshot()["order"]
+                if seen is not None and seen["status"] == "running":
+                    if dev.good < before:
+                        dev.reset_in_order.add("good")
+                    if scrap_before:
+                        dev.reset_in_order.add("scrap")
                 run.poll(dev, reset_bit=small)
         elif kind == "order":
-            run.poll(dev)  # pieces made before a change are read before the change
+            # Pieces made before a change are read (and agreed on) before the change: a
+            # completed order's overrun is seen only in the snapshot, not once it is gone.
+            run.poll(dev)
+            run.poll(dev)
             dev.orders += 1
             dev.order = f"o{dev.orders}" if step[1] else ""
             dev.target = step[2]
             if dev.order:
                 dev.truth_good[dev.order] = dev.truth_scrap[dev.order] = 0
-            if per_order:
-                dev.good = dev.scrap = 0
+            # A per-order counter reset while the old id was shown was reset for the next
+            # job (docs/tracker.md): it is not reset again at the change. A device that did
+            # reset it again would read the same, by the nature of the data.
+            if per_order and "good" not in dev.reset_in_order:
+                dev.good = 0
+            if per_order and "scrap" not in dev.reset_in_order:
+                dev.scrap = 0
+            dev.reset_in_order = set()
         elif kind == "offline":
             run.poll(dev)
             run.now += 1
@@ -200,7 +223,8 @@ def drive(
             run.feed([Sample(M, "good_count", -3, run.now), Sample(M, "state", 7, run.now)])
         elif kind == "state":
             dev.state = step[1]
-    run.poll(dev)
+    for _ in range(cfg.counter_confirm):  # steady again: the readings agree
+        run.poll(dev)
     return run, dev
 
 
