@@ -19,14 +19,17 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 async def start_gateway(
-    config: Path, log: Path, env: Mapping[str, str] | None = None
+    config: Path, log: Path, env: Mapping[str, str] | None = None, *, module: str = "gateway"
 ) -> asyncio.subprocess.Process:
-    """``python -m gateway run -c CONFIG`` with stdout and stderr into ``log``."""
+    """``python -m gateway run -c CONFIG`` with stdout and stderr into ``log``.
+
+    ``module``: another entry point with the same command line (a wrapped gateway).
+    """
     with log.open("wb") as out:
         return await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "gateway",
+            module,
             "run",
             "-c",
             str(config),

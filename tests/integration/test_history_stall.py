@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
-import sys
 import time
 import urllib.parse
 import urllib.request
@@ -33,7 +31,7 @@ from gateway.runtime import SHUTDOWN_DEADLINE
 from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
 from simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics
-from tests.gatewayproc import ROOT, kill
+from tests.gatewayproc import kill, start_gateway
 
 pytestmark = pytest.mark.integration
 
@@ -75,23 +73,6 @@ def telemetry_config(
         ]
     path.write_text("\n".join(lines) + "\n")
     return path
-
-
-async def start(module: str, config: Path, log: Path) -> asyncio.subprocess.Process:
-    with log.open("wb") as out:
-        return await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            module,
-            "run",
-            "-c",
-            str(config),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=out,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
 
 
 def health(port: int) -> tuple[int, dict[str, object]] | None:
@@ -147,7 +128,7 @@ async def test_history_on_with_every_tag_changing_keeps_polling_and_stops_in_tim
                 health=health_port,
             )
             log = tmp_path / "gateway.log"
-            proc = await start("gateway", config, log)
+            proc = await start_gateway(config, log)
             try:
                 # Past start-up, when the connection events fill a batch in the outbox.
                 async with asyncio.timeout(30):
@@ -212,7 +193,7 @@ async def test_a_spinning_sink_is_named_and_sigterm_still_ends_the_process(
             health=health_port,
         )
         log = tmp_path / "gateway.log"
-        proc = await start("tests.spinning_gateway", config, log)
+        proc = await start_gateway(config, log, module="tests.spinning_gateway")
         try:
             async with asyncio.timeout(30):
                 while not any(e.get("event") == "loop.stalled" for e in log_events(log)):
