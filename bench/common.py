@@ -269,13 +269,15 @@ def write_config(
     tracker: str = "{counter_mode: lifetime}",
     history_url: str | None = None,
     health_port: int | None = None,
+    history_batch: int | None = 5000,
 ) -> Path:
     """A gateway config reading every device of the load simulator with one profile.
 
     ``health_port``: serve /metrics there (off when ``None``), for :func:`delivery_times`.
 
     ``history_url``: also write events and every poll's telemetry to this InfluxDB v2 write
-    endpoint (the ``influxdb:`` section), so every tag read goes somewhere.
+    endpoint (the ``influxdb:`` section), so every tag read goes somewhere; ``history_batch``
+    is its ``batch_size`` (``None``: the section's default).
     """
     lines = [
         f"gateway: {{id: gw-bench, site: {SITE}, topic_prefix: {PREFIX}}}",
@@ -294,9 +296,8 @@ def write_config(
     for name, sig in signals.items():
         lines.append(f"      {name}: {json.dumps(sig)}")
     if history_url is not None:
-        lines.append(
-            f"influxdb: {{url: '{history_url}', org: bench, bucket: bench, batch_size: 5000}}"
-        )
+        batch = "" if history_batch is None else f", batch_size: {history_batch}"
+        lines.append(f"influxdb: {{url: '{history_url}', org: bench, bucket: bench{batch}}}")
     lines.append("machines:")
     for i, d in enumerate(devices):
         lines += [

@@ -29,8 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PREFIX,
-    SITE,
     cpu_seconds,
     free_port_range,
     gateway,
@@ -41,45 +39,13 @@ from bench.common import (
     report,
     subscriber,
     wait_connected,
+    write_config,
 )
 from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
 from simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics
 
 TAGS = 30
-
-
-def write_config(
-    path: Path, broker: int, devices: list[dict[str, Any]], history: str, health: int, poll: float
-) -> Path:
-    """The reported config: free telemetry registers only, history with default batching."""
-    lines = [
-        f"gateway: {{id: gw-history, site: {SITE}, topic_prefix: {PREFIX}}}",
-        f"broker: {{host: 127.0.0.1, port: {broker}, keepalive: 30}}",
-        "logging: {level: info, format: json}",
-        f"health: {{listen: '127.0.0.1:{health}'}}",
-        f"influxdb: {{url: '{history}', org: bench, bucket: bench}}",
-        "profiles:",
-        "  telemetry-box:",
-        "    protocol: modbus",
-        f"    poll_interval: {poll}",
-        "    signals:",
-    ]
-    lines += [
-        f"      t{i:02d}: {{address: {ADDR_TELEMETRY + i}, type: uint16}}" for i in range(TAGS)
-    ]
-    lines.append("machines:")
-    for i, d in enumerate(devices):
-        lines += [
-            f"  - id: {d['name']}",
-            "    area: hall",
-            f"    line: line-{i // 50:02d}",
-            "    profile: telemetry-box",
-            "    connection: {protocol: modbus, host: 127.0.0.1, "
-            f"port: {d['port']}, unit_id: {d['unit_id']}, timeout: 1.0}}",
-        ]
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def _get(url: str) -> str:
@@ -128,8 +94,19 @@ async def run_one(devices: int, poll: float, window: float, work: Path) -> dict[
         health = free_port()
         args = [f"--devices={devices}", f"--signals={FIXED_SIGNALS + TAGS}", f"--base-port={base}"]
         async with load_sim(work, *args) as sim:
+            # The reported config: free telemetry registers only, the history's own batching.
             config = write_config(
-                work / "gateway.yaml", broker.port, sim.devices, vm.url, health, poll
+                work / "gateway.yaml",
+                broker_port=broker.port,
+                devices=sim.devices,
+                signals={
+                    f"t{i:02d}": {"address": ADDR_TELEMETRY + i, "type": "uint16"}
+                    for i in range(TAGS)
+                },
+                poll=poll,
+                history_url=vm.url,
+                health_port=health,
+                history_batch=None,
             )
             names = {d["name"] for d in sim.devices}
             async with subscriber(broker.port) as arrivals, gateway(config, work / "gw.log") as gw:
