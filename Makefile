@@ -24,6 +24,7 @@ integration: $(VENV)/.installed-test mosquitto victoria-metrics chromium
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check gateway adapters simulators tests $(wildcard bench)
 	$(BIN)/ruff format --check gateway adapters simulators tests $(wildcard bench)
+	$(BIN)/lint-imports
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy gateway adapters simulators

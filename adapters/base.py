@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Protocol, Self
 
-from gateway.model import Sample
+from gateway.core.model import Sample
 
 
 class AdapterError(Exception):

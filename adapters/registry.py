@@ -1,15 +1,14 @@
-"""The explicit table of device protocols: no import side effects, no plugin magic.
+"""The table of device protocols: their config models and checks, and their adapters.
 
-A new protocol is a new folder under ``adapters/`` plus one entry here.
+A new protocol is a new folder under ``adapters/``, one :class:`ProtocolSpec` and one
+factory here, and one line in the ``shopfloor_gateway.protocols`` entry-point table of
+``pyproject.toml`` (that is how the config loader, a layer below, finds it).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
-
-from pydantic import BaseModel
 
 from adapters.base import Adapter
 from adapters.modbus.adapter import create as create_modbus
@@ -18,19 +17,10 @@ from adapters.modbus.plan import plan_for
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from adapters.opcua.config import check as check_opcua_config
 from adapters.opcua.config import insecure_reasons as opcua_insecure_reasons
-from gateway.signals import SignalConfig
+from gateway.config.protocols import ProtocolSpec
 
 #: ``create(machine_id, connection, signals, poll_interval, start_offset) -> Adapter``
 AdapterFactory = Callable[[str, Any, Mapping[str, Any], float, float], Adapter]
-#: ``check(connection, signals) -> problems``: cross-signal checks run when the config loads.
-ConfigCheck = Callable[[Any, Mapping[str, Any]], list[str]]
-#: ``warn(connection) -> warnings``: insecure but allowed choices, logged at start.
-ConfigWarn = Callable[[Any], list[str]]
-
-
-def _no_warnings(connection: Any) -> list[str]:
-    """Modbus has no security of its own; nothing to warn about per connection."""
-    return []
 
 
 def _check_modbus(connection: Any, signals: Mapping[str, Any]) -> list[str]:
@@ -56,32 +46,34 @@ def _create_opcua(
     return create(machine, connection, signals, poll, offset)
 
 
-@dataclass(frozen=True, slots=True)
-class ProtocolSpec:
-    """What the config loader and the runtime need to know about one protocol."""
+MODBUS = ProtocolSpec(
+    name="modbus",
+    connection_model=ModbusConnectionConfig,
+    signal_model=ModbusSignalConfig,
+    check=_check_modbus,
+)
+OPCUA = ProtocolSpec(
+    name="opcua",
+    connection_model=OpcUaConnectionConfig,
+    signal_model=OpcUaSignalConfig,
+    check=_check_opcua,
+    warn=opcua_insecure_reasons,
+)
 
-    name: str
-    connection_model: type[BaseModel]
-    signal_model: type[SignalConfig]
-    create: AdapterFactory
-    check: ConfigCheck
-    warn: ConfigWarn = _no_warnings
+#: Every protocol's loader view, by name (the same specs the entry points name).
+PROTOCOLS: Mapping[str, ProtocolSpec] = {"modbus": MODBUS, "opcua": OPCUA}
+
+#: How the runtime builds each protocol's adapter.
+FACTORIES: Mapping[str, AdapterFactory] = {"modbus": create_modbus, "opcua": _create_opcua}
 
 
-PROTOCOLS: Mapping[str, ProtocolSpec] = {
-    "modbus": ProtocolSpec(
-        name="modbus",
-        connection_model=ModbusConnectionConfig,
-        signal_model=ModbusSignalConfig,
-        create=create_modbus,
-        check=_check_modbus,
-    ),
-    "opcua": ProtocolSpec(
-        name="opcua",
-        connection_model=OpcUaConnectionConfig,
-        signal_model=OpcUaSignalConfig,
-        create=_create_opcua,
-        check=_check_opcua,
-        warn=opcua_insecure_reasons,
-    ),
-}
+def create(
+    protocol: str,
+    machine: str,
+    connection: Any,
+    signals: Mapping[str, Any],
+    poll: float,
+    offset: float,
+) -> Adapter:
+    """The adapter of one machine of ``protocol``."""
+    return FACTORIES[protocol](machine, connection, signals, poll, offset)

@@ -38,8 +38,8 @@ from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.tcpclient import TcpClient
 from adapters.modbus.wire import MbapReader, mbap_request
 from bench.common import free_port_range, load_sim, raise_fd_limit, report
-from gateway.mapping import Mapper
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.core.mapping import Mapper
+from gateway.core.tracker import MachineTracker, TrackerSettings
 from simulators.load import LoadDevice, signal_map
 from simulators.load import registers as load_registers
 

@@ -29,8 +29,8 @@ from typing import Any
 
 import aiomqtt
 
-from gateway.influx import SINK_NAME
-from gateway.metrics import histogram_quantile
+from gateway.delivery.influx.sink import SINK_NAME
+from gateway.runtime.metrics import histogram_quantile
 from tests.gatewayproc import stop
 
 ROOT = Path(__file__).resolve().parents[1]

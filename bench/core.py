@@ -19,10 +19,10 @@ from typing import Any
 from adapters.modbus.config import ModbusSignalConfig
 from adapters.modbus.decode import decode
 from bench.common import report
-from gateway.envelope import encode_event, new_event_id
-from gateway.mapping import Mapper
-from gateway.model import Location, Quality, Sample, Value
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.contract.envelope import encode_event, new_event_id
+from gateway.core.mapping import Mapper
+from gateway.core.model import Location, Quality, Sample, Value
+from gateway.core.tracker import MachineTracker, TrackerSettings
 from simulators.load import LoadDevice, registers, signal_map
 
 _CODES = {"uint16": "H", "int16": "h", "uint32": "I", "int32": "i", "float32": "f"}

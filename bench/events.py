@@ -2,7 +2,7 @@
 
     python -m bench.events --machines 500 --rate 100 --window 10 --rounds 2
 
-Builds a real :class:`gateway.runtime.Gateway` in this process (on uvloop, durable SQLite
+Builds a real :class:`gateway.runtime.gateway.Gateway` in this process (on uvloop, durable SQLite
 outbox, one destination) without devices: a driver feeds machine batches through the
 runtime's own batch path in 50 ms slots, as polled devices do. Rounds alternate a *quiet*
 phase (the same batches, unchanged: no events) and an *events* phase (each batch toggles the
@@ -31,10 +31,10 @@ from typing import Any
 import uvloop
 
 from bench.common import check_profiler, report, start_profiler, write_config
-from gateway import logs
-from gateway.config import load_config
-from gateway.model import Sample
-from gateway.runtime import Gateway
+from gateway.config.loader import load_config
+from gateway.core.model import Sample
+from gateway.runtime import logs
+from gateway.runtime.gateway import Gateway
 from simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 

@@ -4,9 +4,10 @@
 ``python -m gateway run -c FILE`` does, except that it no longer delivers events itself:
 every event (with its tracker state) and every retained state message goes, the moment the
 gateway produces it, over a Unix socket to a second process, the *delivery process*. That
-process is built from the product's own parts: an :class:`~gateway.outbox.Outbox` next to
-the gateway's (same disk, fsync on), an :class:`~gateway.outbox.OutboxQueue` and an
-:class:`~gateway.publisher.MqttPublisher` to the same broker and topics (its own client id,
+process is built from the product's own parts: an :class:`~gateway.delivery.outbox.Outbox` next to
+the gateway's (same disk, fsync on), an :class:`~gateway.delivery.outbox.OutboxQueue` and an
+:class:`~gateway.delivery.mqtt.publisher.MqttPublisher` to the same broker and topics
+(its own client id,
 and its own status topic, ``<gateway id>-delivery``). It times every event from its emission
 (``Entry.created``, the clock the gateway's own figure starts from) to its PUBACK, samples
 its own CPU once a second, and writes both to OUT.json when the gateway closes the socket.
@@ -58,8 +59,8 @@ def _config_path(args: Sequence[str]) -> str:
 
 def install(sock: socket.socket) -> Callable[[], None]:
     """Hand every appended event and every retained state to ``sock`` instead of delivering."""
-    from gateway.outbox import Outbox
-    from gateway.publisher import MqttPublisher
+    from gateway.delivery.mqtt.publisher import MqttPublisher
+    from gateway.delivery.outbox import Outbox
 
     submit = MqttPublisher.submit
     dumps = pickle.dumps
@@ -143,7 +144,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     atexit.register(finish)
     install(ours)
-    from gateway.cli import main as gateway_main
+    from gateway.cli.main import main as gateway_main
 
     return gateway_main(args)
 
@@ -157,11 +158,11 @@ async def deliver(fd: int, config: Path) -> dict[str, Any]:
     Returns every event's ``(emitted, acknowledged)`` wall-clock times and the process's
     CPU seconds sampled once a second.
     """
-    from gateway.config import load_config
-    from gateway.envelope import Topics
-    from gateway.outbox import Entry, Outbox
-    from gateway.publisher import Message, MqttPublisher
-    from gateway.runtime import broker_settings, destinations, outbox_plan
+    from gateway.config.loader import load_config
+    from gateway.contract.envelope import Topics
+    from gateway.delivery.mqtt.publisher import Message, MqttPublisher
+    from gateway.delivery.outbox import Entry, Outbox
+    from gateway.runtime.gateway import broker_settings, destinations, outbox_plan
 
     plan = load_config(config)
     dest = destinations(plan)[0]

@@ -29,7 +29,7 @@ from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig
 from adapters.modbus.tcpclient import TcpClient
 from bench.common import free_port_range, load_sim, raise_fd_limit, report
-from gateway import logs
+from gateway.runtime import logs
 
 HOST = "127.0.0.1"
 CLIENTS = ("line", "tcpclient", "pymodbus")

@@ -35,10 +35,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.envelope import Topics, encode_event, new_event_id
-from gateway.model import Event, Location
-from gateway.outbox import Entry, Outbox
-from gateway.routing import Route
+from gateway.contract.envelope import Topics, encode_event, new_event_id
+from gateway.core.model import Event, Location
+from gateway.core.routing import Route
+from gateway.delivery.outbox import Entry, Outbox
 
 PAYLOAD_PAD = "x" * 250  # an event envelope is ~350 bytes
 
@@ -295,7 +295,7 @@ async def fill(path: Path, events: int, seed: int = 1) -> dict[str, Any]:
 
 async def gateway_worker(db: Path, port: int, batch: int | None) -> dict[str, Any]:
     """Drain the outbox at ``db`` into the broker as the gateway does; return its figures."""
-    from gateway.publisher import BrokerSettings, MqttPublisher
+    from gateway.delivery.mqtt.publisher import BrokerSettings, MqttPublisher
 
     t_proc = time.time()
     ob = Outbox(db, ["a"], max_events=1_000_000)
@@ -631,7 +631,7 @@ def main() -> None:
     if args.gateway_worker:
         import uvloop
 
-        from gateway import logs
+        from gateway.runtime import logs
 
         logs.configure("warning")
         db, port = args.gateway_worker

@@ -2,7 +2,8 @@
 
     python -m bench.publish --messages 20000 --window 100
 
-Runs :class:`gateway.publisher.MqttPublisher` in this process (on uvloop) against a private
+Runs :class:`gateway.delivery.mqtt.publisher.MqttPublisher` in this process (on uvloop)
+against a private
 Mosquitto and times submit-all → everything acknowledged (PUBACK). This process's own CPU is the
 publisher's cost (the broker runs in its own process).
 """
@@ -21,8 +22,8 @@ from typing import Any
 import uvloop
 
 from bench.common import cpu_seconds, report
-from gateway import logs
-from gateway.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.runtime import logs
 from tests.brokers import MosquittoBroker
 
 

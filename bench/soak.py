@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from gateway import logs
+from gateway.runtime import logs
 from simulators.faultproxy import FaultProxy, parse_plan
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.sewing import StationModel

@@ -41,7 +41,7 @@ _times: dict[str, dict[int, float]] = {name: {} for name in STAGES}
 
 def install() -> Callable[[], None]:
     """Wrap the outbox's methods so each event's stage times are recorded; returns an undo."""
-    from gateway.outbox import Outbox, OutboxQueue
+    from gateway.delivery.outbox import Outbox, OutboxQueue
 
     write_once = Outbox._write_once
     t_write = Outbox._t_write
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.pop(0))
     install()
     atexit.register(dump, out)
-    from gateway.cli import main as gateway_main
+    from gateway.cli.main import main as gateway_main
 
     return gateway_main(args)
 

@@ -33,7 +33,9 @@ from bench.common import (
 from simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 
-IMPORTS = "import gateway.cli, gateway.runtime, adapters.registry, adapters.modbus.adapter"
+IMPORTS = (
+    "import gateway.cli.main, gateway.runtime.gateway, adapters.registry, adapters.modbus.adapter"
+)
 
 
 async def first_event(devices: int, work: Path) -> tuple[float, float]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import structlog
 
-from gateway import logs
+from simulators import logsetup as logs
 from simulators.scenario import ScenarioError, Step, load_scenario
 
 log = structlog.get_logger(__name__)

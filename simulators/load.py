@@ -51,7 +51,7 @@ from typing import Literal, cast
 
 import structlog
 
-from gateway import logs
+from simulators import logsetup as logs
 
 log = structlog.get_logger(__name__)
 

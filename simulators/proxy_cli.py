@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import structlog
 
-from gateway import logs
+from simulators import logsetup as logs
 from simulators.faultproxy import (
     FaultPlan,
     FaultProxy,

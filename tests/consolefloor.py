@@ -19,8 +19,8 @@ from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from gateway.config import load_config
-from gateway.runtime import Gateway
+from gateway.config.loader import load_config
+from gateway.runtime.gateway import Gateway
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Fault, Idle, RunOrder, Step
 from simulators.sewing import StationModel

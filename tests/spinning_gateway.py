@@ -12,8 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from gateway import cli
-from gateway.influx import SinkRunner
+from gateway.cli import main as cli
+from gateway.delivery.influx.sink import SinkRunner
 
 
 async def _spin(self: SinkRunner[Any]) -> list[Any]:

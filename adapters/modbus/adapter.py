@@ -49,7 +49,7 @@ from adapters.modbus.plan import (
     split,
     split_gaps,
 )
-from gateway.model import Quality, Sample, Value
+from gateway.core.model import Quality, Sample, Value
 
 log = structlog.get_logger(__name__)
 

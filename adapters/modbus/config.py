@@ -20,7 +20,7 @@ from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from gateway.signals import SignalConfig
+from gateway.core.signals import SignalConfig
 
 #: Data areas of a Modbus device: two register areas (16-bit words) and two bit areas.
 RegisterArea = Literal["holding", "input", "coil", "discrete_input"]

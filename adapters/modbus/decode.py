@@ -40,7 +40,7 @@ from typing import Any
 
 from adapters.base import DecodeError
 from adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
-from gateway.model import Value
+from gateway.core.model import Value
 
 #: What :func:`decode` returns for a good value.
 DecodedValue = bool | int | float | str

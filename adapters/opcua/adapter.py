@@ -65,7 +65,7 @@ from adapters.opcua.nodes import (
     parse_node_id,
 )
 from adapters.opcua.values import is_newer, to_sample
-from gateway.model import Quality, Sample
+from gateway.core.model import Quality, Sample
 
 log = structlog.get_logger(__name__)
 

@@ -43,7 +43,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 
 from adapters.base import DecodeError
-from gateway.model import Quality, Sample, Value
+from gateway.core.model import Quality, Sample, Value
 
 #: DateTimes at or before this are the OPC UA "null" DateTime (1601-01-01, encoded as 0).
 _NULL_DATETIME_EPOCH = datetime(1601, 1, 2, tzinfo=UTC).timestamp()

@@ -34,7 +34,7 @@ TYPES = (
 
 def commands(data: bytes) -> None:
     """decode_command: a command or a CommandError, nothing else."""
-    from gateway.contract import CommandError, decode_command
+    from gateway.contract.models import CommandError, decode_command
 
     name = "assign-order" if data[:1] < b"\x80" else "cancel-order"
     try:
@@ -67,7 +67,7 @@ def modbus(data: bytes) -> None:
 
 def watch(data: bytes) -> None:
     """FloorView.apply: never an internal error for any payload."""
-    from gateway.watch import FloorView
+    from gateway.cli.watch import FloorView
 
     view = FloorView("sf")
     topic = "sf/s/a/l/m/" + ("state" if data[:1] < b"\x80" else "event/order.progress")
@@ -91,8 +91,6 @@ def _run(name: str, seconds: int) -> None:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
     with atheris.instrument_imports():
         import adapters.modbus.decode  # noqa: F401
-        import gateway.contract
-        import gateway.watch  # noqa: F401
     seed = [f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-print_final_stats=1"]
     atheris.Setup([sys.argv[0], *seed], TARGETS[name])
     atheris.Fuzz()

@@ -9,10 +9,10 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gateway.commands import Command, handle, reply_topic
-from gateway.contract import COMMANDS, CommandError, decode_command
-from gateway.model import Location
-from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.contract.models import COMMANDS, CommandError, decode_command
+from gateway.core.model import Location
+from gateway.core.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.runtime.commands import Command, handle, reply_topic
 from tests.fuzz import fuzz
 
 PREFIX = "sf"

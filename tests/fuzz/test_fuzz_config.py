@@ -16,7 +16,7 @@ import yaml
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.config import ConfigError, GatewayPlan, load_config
+from gateway.config.loader import ConfigError, GatewayPlan, load_config
 from tests.fuzz import fuzz
 
 BASE: dict[str, Any] = {

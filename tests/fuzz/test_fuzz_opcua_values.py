@@ -28,7 +28,7 @@ from adapters.base import DecodeError
 from adapters.opcua.adapter import OpcUaAdapter
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from adapters.opcua.values import convert, quality_of, status_text, to_sample
-from gateway.model import Quality, Sample
+from gateway.core.model import Quality, Sample
 from tests.fuzz import fuzz
 
 NOW = 1_750_000_000.0

@@ -28,11 +28,11 @@ from typing import Any
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from gateway.model import Quality, Sample
-from gateway.outbox import Entry, Outbox, OutboxError, OutboxQueue
-from gateway.publisher import Message
-from gateway.routing import Route
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.core.model import Quality, Sample
+from gateway.core.routing import Route
+from gateway.core.tracker import MachineTracker, TrackerSettings
+from gateway.delivery.mqtt.publisher import Message
+from gateway.delivery.outbox import Entry, Outbox, OutboxError, OutboxQueue
 from tests.fuzz import fuzz
 
 DESTS = ("a", "b")

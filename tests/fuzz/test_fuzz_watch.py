@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from gateway.watch import FloorView
+from gateway.cli.watch import FloorView
 from tests.fuzz import fuzz
 
 TYPES = [

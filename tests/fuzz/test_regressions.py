@@ -26,13 +26,13 @@ from structlog.testing import capture_logs
 
 from adapters.base import DecodeError
 from adapters.opcua.values import convert, to_sample
-from gateway.config import ConfigError, load_config
-from gateway.contract import CommandError, decode_command
-from gateway.model import Quality
-from gateway.outbox import Entry, Outbox, OutboxError
-from gateway.routing import Route
-from gateway.tracker import MachineTracker, TrackerSettings
-from gateway.watch import FloorView
+from gateway.cli.watch import FloorView
+from gateway.config.loader import ConfigError, load_config
+from gateway.contract.models import CommandError, decode_command
+from gateway.core.model import Quality
+from gateway.core.routing import Route
+from gateway.core.tracker import MachineTracker, TrackerSettings
+from gateway.delivery.outbox import Entry, Outbox, OutboxError
 
 #: Deeply nested JSON well inside the 16 KiB command size limit: ``json.loads`` recurses
 #: once per level and raises RecursionError (not ValueError) past about 1000 levels.

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from bench import handover
 from bench.common import write_config
-from gateway.outbox import Entry, Outbox
-from gateway.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.delivery.outbox import Entry, Outbox
 from tests.brokers import MosquittoBroker, Subscriber
 
 

@@ -11,7 +11,7 @@ from typing import Literal
 import aiomqtt
 import pytest
 
-from gateway.broker import BrokerStartError, EmbeddedBroker, find_mosquitto, probe
+from gateway.cli.broker import BrokerStartError, EmbeddedBroker, find_mosquitto, probe
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ from typing import Any
 
 import aiomqtt
 
-from gateway.tracker import ORDER_ID_TAKEN
+from gateway.core.tracker import ORDER_ID_TAKEN
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel

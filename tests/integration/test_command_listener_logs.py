@@ -21,11 +21,11 @@ from typing import Any, ClassVar
 import aiomqtt
 import structlog
 
-from gateway.backoff import Backoff
-from gateway.commands import CommandListener
-from gateway.envelope import Topics
-from gateway.publisher import BrokerSettings
-from gateway.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.contract.envelope import Topics
+from gateway.core.backoff import Backoff
+from gateway.core.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.delivery.mqtt.publisher import BrokerSettings
+from gateway.runtime.commands import CommandListener
 from tests.brokers import MosquittoBroker
 
 

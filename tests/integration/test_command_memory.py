@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiomqtt
 
-from gateway.commands import MAX_PACKET_SIZE
+from gateway.runtime.commands import MAX_PACKET_SIZE
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle
 from simulators.sewing import StationModel

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.outbox import Entry, Outbox, OutboxQueue
-from gateway.routing import Route
+from gateway.core.routing import Route
+from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel

@@ -22,7 +22,7 @@ from typing import Any
 
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from gateway.model import Quality
+from gateway.core.model import Quality
 from simulators.faultproxy import FaultProxy, parse_command
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import RunOrder

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from bench.common import load_sim, poll_figures
-from gateway.runtime import SHUTDOWN_DEADLINE
+from gateway.runtime.gateway import SHUTDOWN_DEADLINE
 from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
 from simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics

@@ -18,11 +18,12 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.backoff import Backoff
-from gateway.influx import (
+from gateway.config.influx import InfluxConfig
+from gateway.core.backoff import Backoff
+from gateway.core.model import Event, Location, Quality, Sample
+from gateway.delivery.influx.sink import (
     STATE_CODES,
     EnvelopeSink,
-    InfluxConfig,
     InfluxSink,
     MemorySinkQueue,
     Point,
@@ -35,8 +36,7 @@ from gateway.influx import (
     telemetry_point,
     to_line,
 )
-from gateway.metrics import Metrics
-from gateway.model import Event, Location, Quality, Sample
+from gateway.runtime.metrics import Metrics
 from tests.brokers import VictoriaMetrics
 
 LOC = Location("plant-1", "sewing", "line-1", "sew-01")
@@ -146,7 +146,7 @@ def test_line_protocol_escaping(point: Point, line: str | None) -> None:
 
 
 def test_escaped_names_are_remembered_within_a_bound() -> None:
-    from gateway.influx import _escape_cached
+    from gateway.delivery.influx.sink import _escape_cached
 
     _escape_cached.cache_clear()
     point = Point("m m", {"order": "PO 1"}, {"f,1": 1.0}, 1.0)
@@ -179,7 +179,7 @@ def test_unwritable_points_raise_value_error(point: Point) -> None:
 
 
 def test_envelope_point_reads_the_outbox_payload() -> None:
-    from gateway.envelope import encode_event
+    from gateway.contract.envelope import encode_event
 
     ev = Event("sew-01", "order.progress", 1_800_000_000.25, 4, {"order_id": "PO-9", "good": 5})
     payload = encode_event(ev, LOC, gateway_id="gw", event_id="01a2-x")
@@ -194,8 +194,8 @@ def test_envelope_point_reads_the_outbox_payload() -> None:
 
 
 def test_envelope_sink_skips_non_events() -> None:
-    from gateway.envelope import encode_event
-    from gateway.publisher import Message
+    from gateway.contract.envelope import encode_event
+    from gateway.delivery.mqtt.publisher import Message
 
     stored: list[list[Point]] = []
 

@@ -21,7 +21,7 @@ from adapters.modbus.adapter import ModbusAdapter, create
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import encode
 from adapters.modbus.plan import ReadRequest
-from gateway.model import Quality, Sample
+from gateway.core.model import Quality, Sample
 
 pytestmark = pytest.mark.integration
 

@@ -10,7 +10,7 @@ from structlog.testing import capture_logs
 
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from gateway.model import Quality
+from gateway.core.model import Quality
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from adapters.base import ConnectionLost
 from adapters.modbus.adapter import REFUSED_POLLS_OFFLINE, ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from gateway.model import Quality
+from gateway.core.model import Quality
 from simulators.faultproxy import FaultProxy, parse_command
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import RunOrder

@@ -13,7 +13,7 @@ from adapters.base import ConnectionLost
 from adapters.modbus import line as lines
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from gateway.model import Quality, Sample
+from gateway.core.model import Quality, Sample
 from simulators.modbus_server import LineStation, SimulatedLine
 from simulators.scenario import Changeover, RunOrder
 from simulators.serial_link import PtyLink

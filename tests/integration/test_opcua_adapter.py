@@ -25,10 +25,10 @@ from structlog.testing import capture_logs
 
 from adapters.base import ConnectError, ConnectionLost
 from adapters.opcua.adapter import OpcUaAdapter
+from adapters.opcua.cert import make_certificate
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from adapters.opcua.security import UntrustedServerError
-from gateway.model import Quality, Sample
-from gateway.opcua_cert import make_certificate
+from gateway.core.model import Quality, Sample
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -35,12 +35,12 @@ from asyncua.server import uaprocessor
 from asyncua.ua.ua_binary import struct_from_binary
 from structlog.testing import capture_logs
 
+from adapters import probe as probe_cli
 from adapters.base import ConnectError
 from adapters.opcua.adapter import OpcUaAdapter
 from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
-from gateway import logs
-from gateway import probe as probe_cli
-from gateway.config import load_config
+from gateway.config.loader import load_config
+from gateway.runtime import logs
 from simulators.cnc import CncModel
 from simulators.modbus_server import free_port
 from simulators.opcua_server import OpcUaMachineServer, ensure_certificates, trusted_dir
@@ -237,7 +237,7 @@ async def test_a_new_cause_inside_one_outage_is_one_warning(
     cfg.write_text(
         "gateway: {id: gw-comm, site: plant-c, topic_prefix: comm}\n"
         f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
-        "logging: {level: info, format: json, levels: {gateway.runtime: debug}}\n"
+        "logging: {level: info, format: json, levels: {gateway.runtime.gateway: debug}}\n"
         "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"state_dir: {tmp_path / 'state'}\n"
         "machines:\n"

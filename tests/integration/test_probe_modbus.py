@@ -8,7 +8,7 @@ import io
 import pytest
 import yaml
 
-from gateway import probe
+from adapters import probe
 from simulators.modbus_server import LineStation, SimulatedLine
 from simulators.plc import SimulatedPlc
 from simulators.sewing import StationModel

@@ -13,9 +13,15 @@ from typing import Any
 import pytest
 import structlog
 
-from gateway.backoff import Backoff
-from gateway.envelope import encode_status
-from gateway.publisher import BrokerSettings, MemoryQueue, Message, MqttPublisher, TlsSettings
+from gateway.contract.envelope import encode_status
+from gateway.core.backoff import Backoff
+from gateway.delivery.mqtt.publisher import (
+    BrokerSettings,
+    MemoryQueue,
+    Message,
+    MqttPublisher,
+    TlsSettings,
+)
 from tests.brokers import MosquittoBroker, Received, Subscriber, free_port
 
 pytestmark = pytest.mark.integration
@@ -219,7 +225,7 @@ async def test_last_will_when_connection_dies_without_close(mosquitto: Mosquitto
 async def test_last_will_when_the_process_is_killed(mosquitto: MosquittoBroker) -> None:
     script = (
         "import asyncio, sys\n"
-        "from gateway.publisher import BrokerSettings, MqttPublisher\n"
+        "from gateway.delivery.mqtt.publisher import BrokerSettings, MqttPublisher\n"
         f"s = BrokerSettings('127.0.0.1', {mosquitto.port}, client_id='pub-proc', "
         f"status_topic={STATUS!r}, online_payload=b'online', will_payload=b'will')\n"
         "asyncio.run(MqttPublisher(s).run())\n"

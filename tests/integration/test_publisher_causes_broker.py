@@ -17,7 +17,7 @@ import aiomqtt
 import pytest
 import structlog
 
-from gateway.publisher import Message, MqttPublisher
+from gateway.delivery.mqtt.publisher import Message, MqttPublisher
 from tests.brokers import MosquittoBroker
 from tests.integration.test_publisher import running, settings, until
 

@@ -19,8 +19,8 @@ from typing import Any, Self
 import pytest
 import structlog
 
-from gateway.backoff import Backoff
-from gateway.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.core.backoff import Backoff
+from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.integration.test_publisher import covers, first_occurrences, numbered, running, until
 

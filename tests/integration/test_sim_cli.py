@@ -8,7 +8,7 @@ import contextlib
 import io
 from collections.abc import AsyncIterator
 
-from gateway import probe
+from adapters import probe
 from simulators import cli
 from simulators.modbus_server import free_port
 

@@ -25,7 +25,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from gateway.preflight import LOCK_SUFFIX
+from gateway.runtime.preflight import LOCK_SUFFIX
 from tests.brokers import free_port
 
 pytestmark = pytest.mark.integration

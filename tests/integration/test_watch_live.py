@@ -12,9 +12,9 @@ from typing import Literal
 import aiomqtt
 import pytest
 
-from gateway.backoff import Backoff
-from gateway.broker import EmbeddedBroker, find_mosquitto, free_port
-from gateway.watch import FloorView, add_arguments, run, watch
+from gateway.cli.broker import EmbeddedBroker, find_mosquitto, free_port
+from gateway.cli.watch import FloorView, add_arguments, run, watch
+from gateway.core.backoff import Backoff
 
 pytestmark = pytest.mark.integration
 

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.attribution import MAX_OPERATORS, Attribution, parse_operator
-from gateway.model import Event, Sample
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.core.attribution import MAX_OPERATORS, Attribution, parse_operator
+from gateway.core.model import Event, Sample
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 M = "sew-01"
 T0 = 1_700_000_000.0

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from gateway.backoff import ALIGN_ABOVE, Backoff, aligned
-from gateway.runtime import DEVICE_BACKOFF
+from gateway.core.backoff import ALIGN_ABOVE, Backoff, aligned
+from gateway.runtime.gateway import DEVICE_BACKOFF
 
 
 @given(attempt=st.integers(0, 10_000), seed=st.integers(0, 2**32))

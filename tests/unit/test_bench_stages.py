@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 from bench import stages
-from gateway.outbox import Entry, Outbox
-from gateway.routing import Route
+from gateway.core.routing import Route
+from gateway.delivery.outbox import Entry, Outbox
 
 
 async def test_every_event_passes_the_stages_in_order(tmp_path: Path) -> None:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config, redacted
-from gateway.runtime import Gateway
+from gateway.config.loader import ConfigError, load_config, redacted
+from gateway.runtime.gateway import Gateway
 
 MACHINES = """
 machines:

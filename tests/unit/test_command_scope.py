@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 import pytest
 import structlog
 
-from gateway.commands import LISTENER_BACKOFF, TokenBucket, handle, reply_topic, scope
-from gateway.model import Location
-from gateway.routing import RouteRules
-from gateway.tracker import (
+from gateway.core.model import Location
+from gateway.core.routing import RouteRules
+from gateway.core.tracker import (
     RECENT_COMMANDS,
     AssignOrder,
     CancelOrder,
@@ -20,6 +19,7 @@ from gateway.tracker import (
     MachineTracker,
     TrackerSettings,
 )
+from gateway.runtime.commands import LISTENER_BACKOFF, TokenBucket, handle, reply_topic, scope
 
 LOC = Location("plant-1", "sewing", "line-1", "sew-01")
 MACHINES = {"sew-01": LOC, "sew-02": Location("plant-1", "sewing", "line-1", "sew-02")}

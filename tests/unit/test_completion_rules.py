@@ -7,9 +7,9 @@ from typing import Any
 
 import pytest
 
-from gateway.config import ConfigError, load_config
-from gateway.model import Event, Sample
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.config.loader import ConfigError, load_config
+from gateway.core.model import Event, Sample
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 M = "cnc-01"
 T0 = 1_700_000_000.0

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
-from gateway.config import ConfigError, load_config, redacted
-from gateway.yamlsource import loads
+from gateway.cli import main as cli
+from gateway.config.loader import ConfigError, load_config, redacted
+from gateway.config.yamlsource import loads
 
 ROOT = Path(__file__).resolve().parents[2]
 BAD = sorted((ROOT / "tests" / "configs" / "bad").glob("*.yaml"))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
-from gateway.config import ConfigError, load_config
+from gateway.cli import main as cli
+from gateway.config.loader import ConfigError, load_config
 from simulators.modbus_server import free_port
 
 HEAD = "gateway: {id: gw-1, site: plant-1}\n"

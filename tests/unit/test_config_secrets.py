@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import structlog
 
-from gateway import cli
-from gateway.config import ConfigError, load_config
-from gateway.runtime import Gateway
+from gateway.cli import main as cli
+from gateway.config.loader import ConfigError, load_config
+from gateway.runtime.gateway import Gateway
 
 CANARY = "91827364"
 WORD = "canary-Pw-7c1e"

@@ -18,16 +18,16 @@ from typing import Any
 
 import pytest
 
-from gateway.commands import Command, handle
-from gateway.config import GatewayPlan, load_config
-from gateway.console.feed import ConsoleFeed
-from gateway.console.models import openapi
-from gateway.envelope import Topics
-from gateway.health import HealthServer
-from gateway.metrics import Metrics
-from gateway.model import Quality, Sample
-from gateway.routing import RouteRules
-from gateway.tracker import CommandResult, MachineTracker
+from gateway.config.loader import GatewayPlan, load_config
+from gateway.contract.envelope import Topics
+from gateway.core.model import Quality, Sample
+from gateway.core.routing import RouteRules
+from gateway.core.tracker import CommandResult, MachineTracker
+from gateway.runtime.commands import Command, handle
+from gateway.runtime.console.feed import ConsoleFeed
+from gateway.runtime.console.models import openapi
+from gateway.runtime.health import HealthServer
+from gateway.runtime.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "console-T0ken-7f3a9"
@@ -483,7 +483,7 @@ def test_the_committed_openapi_document_is_current() -> None:
     doc = openapi()
     assert doc["openapi"] == "3.1.0"
     committed = json.loads((ROOT / "docs" / "console-openapi.json").read_text())
-    assert committed == json.loads(json.dumps(doc)), "run: python -m gateway.console.models"
+    assert committed == json.loads(json.dumps(doc)), "run: python -m gateway.runtime.console.models"
     # Every reference resolves.
     text = json.dumps(doc)
     for name in {part.split('"')[0] for part in text.split("#/components/schemas/")[1:]}:
@@ -516,7 +516,7 @@ async def test_an_unknown_machine_page_and_asset_are_404(server: HealthServer) -
 
 
 def test_the_demo_prints_the_console_url_and_its_fresh_token() -> None:
-    from gateway.demo import DEMO_CONFIG, console_line
+    from gateway.cli.demo import DEMO_CONFIG, console_line
 
     plan = load_config(DEMO_CONFIG, env={"SHOPFLOOR_DEMO_TOKEN": "t-1"})
     assert console_line(plan) == "\nWeb console: http://127.0.0.1:19108/  (order token: t-1)"
@@ -579,7 +579,7 @@ async def test_a_client_that_never_reads_its_answer_is_cut_off(host: Host) -> No
 
 
 async def test_live_streams_are_bounded_and_get_pushes(server: HealthServer, host: Host) -> None:
-    from gateway.console.web import MAX_STREAMS
+    from gateway.runtime.console.web import MAX_STREAMS
 
     streams = []
     async with asyncio.timeout(10):

@@ -14,8 +14,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from gateway import contract, envelope, schema
-from gateway.contract import (
+from gateway.contract import envelope, schema
+from gateway.contract import models as contract
+from gateway.contract.envelope import encode_event, encode_state, encode_status, new_event_id
+from gateway.contract.models import (
     EVENT_TYPES,
     PAYLOADS,
     CommandError,
@@ -24,9 +26,8 @@ from gateway.contract import (
     error_response,
     parse_event,
 )
-from gateway.envelope import encode_event, encode_state, encode_status, new_event_id
-from gateway.model import Event, Location, Quality, Sample
-from gateway.tracker import (
+from gateway.core.model import Event, Location, Quality, Sample
+from gateway.core.tracker import (
     AssignOrder,
     CancelOrder,
     CommandResult,

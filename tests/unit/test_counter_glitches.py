@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Sample
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.core.model import Sample
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 M = "box-01"
 T0 = 1_700_000_000.0

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config import ConfigError, load_config
-from gateway.model import Sample
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.config.loader import ConfigError, load_config
+from gateway.core.model import Sample
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 M = "box-01"
 T0 = 1_700_000_000.0

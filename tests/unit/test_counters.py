@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.counters import CounterRule, CounterState, advance, counter_delta, parse_count
+from gateway.core.counters import CounterRule, CounterState, advance, counter_delta, parse_count
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.config import Config, load_config
-from gateway.health import parse_listen
-from gateway.influx import InfluxConfig
+from gateway.config.influx import InfluxConfig
+from gateway.config.listen import parse_listen
+from gateway.config.loader import Config, load_config
 from tests.brokers import MosquittoBroker, Subscriber, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -329,7 +329,7 @@ def test_tls_example_config_is_accepted_given_the_files(tmp_path: Path) -> None:
 
 
 def test_tls_example_config_names_missing_certificates(tmp_path: Path) -> None:
-    from gateway.config import ConfigError
+    from gateway.config.loader import ConfigError
 
     path = DEPLOY / "config" / "gateway.yaml"
     env = {"SHOPFLOOR_CA_FILE": str(tmp_path / "nope.pem")}

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from gateway.derive import StateFromCounts
-from gateway.model import Quality, Sample
+from gateway.core.derive import StateFromCounts
+from gateway.core.model import Quality, Sample
 
 
 def counts(good: int, at: float, quality: Quality = Quality.GOOD) -> list[Sample]:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.envelope import (
+from gateway.contract.envelope import (
     ParsedTopic,
     Topics,
     convert_times,
@@ -22,7 +22,7 @@ from gateway.envelope import (
     new_event_id,
     parse_machine_topic,
 )
-from gateway.model import Event, Location, MachineState
+from gateway.core.model import Event, Location, MachineState
 
 LOC = Location(site="plant1", area="sewing", line="l2", machine="sew-07")
 TOPICS = Topics(prefix="shopfloor/v1", site="plant1", gateway_id="gw-a")

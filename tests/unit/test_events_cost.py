@@ -12,9 +12,15 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.envelope import _convert, _convert_explained, _dumps, convert_times, encode_state
-from gateway.model import Location
-from gateway.outbox import Entry, Outbox
+from gateway.contract.envelope import (
+    _convert,
+    _convert_explained,
+    _dumps,
+    convert_times,
+    encode_state,
+)
+from gateway.core.model import Location
+from gateway.delivery.outbox import Entry, Outbox
 from tests.unit import test_outbox
 
 KEYS = st.sampled_from(["state", "started_at", "state_since", "eta", "due", "good", "order", "x"])

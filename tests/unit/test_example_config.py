@@ -1,6 +1,6 @@
 """``config/example.yaml`` shows every config key, and only keys that exist.
 
-The walk follows the config models (:class:`gateway.config.Config` and everything nested in
+The walk follows the config models (:class:`gateway.config.loader.Config` and everything nested in
 it), so a key added to a model fails here until the example shows it, and a key removed or
 renamed fails here until the example drops it.
 
@@ -29,7 +29,7 @@ import yaml
 from pydantic import BaseModel
 
 from adapters.registry import PROTOCOLS
-from gateway.config import Config, load_config
+from gateway.config.loader import Config, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "example.yaml"

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from gateway.model import Event, Sample
-from gateway.tracker import MachineTracker, TrackerSettings
+from gateway.core.model import Event, Sample
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 M = "sew-01"
 T0 = 1_700_000_000.0

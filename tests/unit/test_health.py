@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.health import HealthServer, parse_listen
-from gateway.metrics import Metrics
+from gateway.config.listen import parse_listen
+from gateway.runtime.health import HealthServer
+from gateway.runtime.metrics import Metrics
 
 
 @pytest.fixture

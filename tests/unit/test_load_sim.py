@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 from adapters.base import ConnectError, ConnectionLost
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from gateway.mapping import Mapper
-from gateway.model import Quality
+from gateway.core.mapping import Mapper
+from gateway.core.model import Quality
 from simulators.load import (
     ADDR_TELEMETRY,
     FrameError,

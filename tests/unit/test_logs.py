@@ -10,14 +10,20 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from gateway import logs
+from gateway.runtime import logs
 
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    touched = ["gateway.outbox", "gateway.commands", "gateway.runtime", "asyncua", "pymodbus"]
+    touched = [
+        "gateway.delivery.outbox",
+        "gateway.runtime.commands",
+        "gateway.runtime.gateway",
+        "asyncua",
+        "pymodbus",
+    ]
     levels = {name: logging.getLogger(name).level for name in touched}
     yield
     structlog.reset_defaults()
@@ -38,15 +44,15 @@ def test_level_per_component_and_the_component_named_on_every_line() -> None:
         "info",
         json=True,
         stream=out,
-        levels={"gateway.outbox": "debug", "gateway.commands": "error"},
+        levels={"gateway.delivery.outbox": "debug", "gateway.runtime.commands": "error"},
     )
-    structlog.get_logger("gateway.outbox").debug("outbox.detail", rows=3)
-    structlog.get_logger("gateway.runtime").debug("runtime.detail")
-    structlog.get_logger("gateway.runtime").info("runtime.info", machine="sew-01")
-    structlog.get_logger("gateway.commands").warning("command.rejected")
+    structlog.get_logger("gateway.delivery.outbox").debug("outbox.detail", rows=3)
+    structlog.get_logger("gateway.runtime.gateway").debug("runtime.detail")
+    structlog.get_logger("gateway.runtime.gateway").info("runtime.info", machine="sew-01")
+    structlog.get_logger("gateway.runtime.commands").warning("command.rejected")
     got = lines(out)
     assert [g["event"] for g in got] == ["outbox.detail", "runtime.info"]
-    assert got[0]["logger"] == "gateway.outbox" and got[0]["level"] == "debug"
+    assert got[0]["logger"] == "gateway.delivery.outbox" and got[0]["level"] == "debug"
     assert got[1]["machine"] == "sew-01"
 
 
@@ -74,7 +80,7 @@ def test_tracebacks_are_rendered_as_text(json_out: bool) -> None:
         _fail()
     except ZeroDivisionError:
         logging.getLogger("pymodbus.client").error("library failed", exc_info=True)
-        structlog.get_logger("gateway.runtime").exception("device.task_failed")
+        structlog.get_logger("gateway.runtime.gateway").exception("device.task_failed")
     text = out.getvalue()
     assert "<traceback object" not in text
     assert text.count("Traceback (most recent call last)") == 2
@@ -141,5 +147,5 @@ def test_a_repeated_library_warning_passes_once_per_episode() -> None:
     assert not passes("pymodbus.logging", "Connection to %s failed")
     now[0] = 141.0  # quiet for more than 60 s: a new episode
     assert passes("pymodbus.logging", "Connection to %s failed")
-    assert passes("gateway.runtime", "not a library", logging.WARNING)
-    assert passes("gateway.runtime", "not a library", logging.WARNING)
+    assert passes("gateway.runtime.gateway", "not a library", logging.WARNING)
+    assert passes("gateway.runtime.gateway", "not a library", logging.WARNING)

@@ -9,7 +9,7 @@ import time
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.loopwatch import EXIT_HUNG, LoopWatch
+from gateway.runtime.loopwatch import EXIT_HUNG, LoopWatch
 
 
 def hog(seconds: float) -> None:

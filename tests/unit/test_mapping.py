@@ -6,9 +6,9 @@ import math
 
 import pytest
 
-from gateway.mapping import Mapper, map_value
-from gateway.model import Quality, Sample
-from gateway.signals import SignalConfig
+from gateway.core.mapping import Mapper, map_value
+from gateway.core.model import Quality, Sample
+from gateway.core.signals import SignalConfig
 
 STATE = SignalConfig(map={0: "idle", 1: "running", 3: "fault"})
 

@@ -2,7 +2,7 @@
 
 A renamed metric (``destination_backlog`` became ``destination_backlog_messages``) leaves
 alerts and troubleshooting tables that query nothing. The exported names are the list in
-:mod:`gateway.metrics`, checked against a real exposition; names of the history sink's
+:mod:`gateway.runtime.metrics`, checked against a real exposition; names of the history sink's
 series (``shopfloor_order_good``, ``shopfloor_machine_state_code`` ...) are not /metrics
 names and are left alone.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-import gateway.metrics
-from gateway.metrics import Metrics
+import gateway.runtime.metrics
+from gateway.runtime.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCUMENTS = [
@@ -28,7 +28,7 @@ HISTOGRAM = ("_bucket", "_sum", "_count")
 
 def exported() -> set[str]:
     """The names listed under "Exported" in the metrics module, with their prefix."""
-    doc = gateway.metrics.__doc__ or ""
+    doc = gateway.runtime.metrics.__doc__ or ""
     listing = doc.split("Exported (all prefixed ``shopfloor_``)::", 1)[1].split("plus ", 1)[0]
     return {f"shopfloor_{m}" for m in re.findall(r"^    ([a-z_]+)", listing, re.MULTILINE)}
 

@@ -10,9 +10,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from gateway.config import load_config
-from gateway.metrics import (
-    BacklogClock,
+from gateway.config.loader import load_config
+from gateway.core.model import Sample
+from gateway.delivery.sendqueue import BacklogClock
+from gateway.runtime.gateway import Gateway
+from gateway.runtime.metrics import (
     DestinationView,
     Histogram,
     Metrics,
@@ -20,8 +22,6 @@ from gateway.metrics import (
     evaluate_health,
     histogram_quantile,
 )
-from gateway.model import Sample
-from gateway.runtime import Gateway
 
 
 class Clock:

@@ -14,7 +14,7 @@ from adapters.base import DecodeError
 from adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
 from adapters.modbus.decode import BlockDecoder, decode
 from adapters.modbus.plan import compile_decoder, plan_reads
-from gateway.model import Value
+from gateway.core.model import Value
 
 WORD_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 TYPES = (*TYPE_WIDTH, "string")

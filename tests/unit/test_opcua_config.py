@@ -14,7 +14,7 @@ from adapters.opcua.config import (
     check,
     insecure_reasons,
 )
-from adapters.registry import PROTOCOLS
+from adapters.registry import PROTOCOLS, create
 
 
 def connection(**kw: Any) -> OpcUaConnectionConfig:
@@ -154,13 +154,15 @@ def test_registry_entry_builds_an_adapter_lazily() -> None:
     spec = PROTOCOLS["opcua"]
     assert spec.connection_model is OpcUaConnectionConfig
     assert spec.signal_model is OpcUaSignalConfig
-    adapter = spec.create("m", connection(), {"s": OpcUaSignalConfig(node_id="i=2258")}, 1.0, 0.0)
+    adapter = create(
+        "opcua", "m", connection(), {"s": OpcUaSignalConfig(node_id="i=2258")}, 1.0, 0.0
+    )
     assert type(adapter).__name__ == "OpcUaAdapter"
 
 
 def test_gateway_config_loads_an_opcua_machine(tmp_path: Path) -> None:
     """The whole loader path: YAML -> discriminated protocol -> plan; errors carry the line."""
-    from gateway.config import ConfigError, load_config
+    from gateway.config.loader import ConfigError, load_config
 
     body = """\
 gateway: {id: gw-1, site: plant-1}
@@ -206,7 +208,7 @@ machines:
 def test_default_sampling_is_a_quarter_of_the_publishing_interval(
     kw: dict[str, Any], poll: float, expected: tuple[float, float]
 ) -> None:
-    adapter = PROTOCOLS["opcua"].create(
-        "m", connection(**kw), {"s": OpcUaSignalConfig(node_id="i=2258")}, poll, 0.0
+    adapter = create(
+        "opcua", "m", connection(**kw), {"s": OpcUaSignalConfig(node_id="i=2258")}, poll, 0.0
     )
     assert adapter.intervals == expected  # type: ignore[attr-defined]

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
+from adapters.opcua import cert as opcua_cert
 from adapters.opcua.config import OpcUaSecurityConfig
 from adapters.opcua.security import (
     SecuritySetupError,
@@ -23,7 +24,6 @@ from adapters.opcua.security import (
     refusal_message,
     save_rejected,
 )
-from gateway import opcua_cert
 
 NOW = dt.datetime(2026, 6, 1, tzinfo=dt.UTC)
 _KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)

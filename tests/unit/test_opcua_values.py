@@ -11,7 +11,7 @@ from asyncua import ua
 
 from adapters.base import DecodeError, next_deadline
 from adapters.opcua.values import convert, epoch, is_newer, quality_of, status_text, to_sample
-from gateway.model import Quality
+from gateway.core.model import Quality
 
 
 class Mode(enum.IntEnum):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
-from gateway.outbox import Entry, Outbox, OutboxQueue
-from gateway.publisher import Message
-from gateway.routing import Route
+from gateway.core.routing import Route
+from gateway.delivery.mqtt.publisher import Message
+from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
 
 DESTS = ("a", "b")
 

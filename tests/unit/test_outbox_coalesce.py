@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import Entry, Outbox, OutboxQueue
-from gateway.routing import Route
+from gateway.core.routing import Route
+from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
 from tests.unit import test_outbox
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli
-from gateway.config import ConfigError, load_config, redacted
+from gateway.cli import main as cli
+from gateway.config.loader import ConfigError, load_config, redacted
 
 MACHINES = """
 machines:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.outbox import Entry, Outbox
+from gateway.delivery.outbox import Entry, Outbox
 
 MACHINES = ("m1", "m2")
 PER_MACHINE = 300

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.outbox import Entry, Row, seq_runs
-from gateway.routing import Route
+from gateway.core.routing import Route
+from gateway.delivery.outbox import Entry, Row, seq_runs
 from tests.unit.test_outbox import drain, running
 
 

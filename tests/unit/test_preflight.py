@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import cli, preflight
-from gateway.config import load_config
+from gateway.cli import main as cli
+from gateway.config.loader import load_config
+from gateway.runtime import preflight
 
 MACHINE = (
     "machines:\n"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from adapters import probe
 from adapters.base import ConnectError, ConnectionLost
-from gateway import probe
-from gateway.probe import (
+from adapters.probe import (
     PASSWORD_ENV,
     ReadSpec,
     explain,

@@ -12,7 +12,7 @@ from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from gateway.publisher import classify
+from gateway.delivery.mqtt.publisher import classify
 
 
 def _wrapped(exc: OSError) -> aiomqtt.MqttError:

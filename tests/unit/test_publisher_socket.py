@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from gateway.publisher import _Client
+from gateway.delivery.mqtt.publisher import _Client
 
 pytestmark = pytest.mark.skipif(
     not hasattr(socket, "TCP_QUICKACK"), reason="TCP_QUICKACK is Linux only"

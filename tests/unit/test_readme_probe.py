@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 from urllib.parse import urlparse
 
-from gateway.config import load_config
-from gateway.demo import DEMO_CONFIG, _ports
+from gateway.cli.demo import DEMO_CONFIG, _ports
+from gateway.config.loader import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -6,17 +6,15 @@ import json
 
 import pytest
 
-from gateway.routing import (
+from gateway.contract.wire import batch_payload, mark_delayed, redact_payload
+from gateway.core.routing import (
     Route,
     RouteRules,
     Subject,
     accepts,
-    batch_payload,
     destinations_for,
-    mark_delayed,
     pseudonym,
     redact,
-    redact_payload,
     state_view,
 )
 

@@ -6,7 +6,7 @@ import asyncio
 
 from structlog.testing import capture_logs
 
-from gateway.runtime import finish
+from gateway.runtime.gateway import finish
 
 
 async def swallows_one_cancel(ended: list[str]) -> None:

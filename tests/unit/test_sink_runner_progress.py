@@ -13,8 +13,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.influx import RunnerSettings, SinkRunner
-from gateway.sendqueue import MemorySinkQueue
+from gateway.delivery.influx.sink import RunnerSettings, SinkRunner
+from gateway.delivery.sendqueue import MemorySinkQueue
 
 #: take() calls without the loop getting a turn in between: far more than a batch needs.
 SPIN_LIMIT = 1000

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.systemd import Notifier, format_message, notify_address, watchdog_interval
+from gateway.runtime.systemd import Notifier, format_message, notify_address, watchdog_interval
 
 
 @pytest.fixture

@@ -8,8 +8,8 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.influx import STATE_CODES, TelemetryLine, telemetry_point, to_line
-from gateway.model import Location, Quality, Sample
+from gateway.core.model import Location, Quality, Sample
+from gateway.delivery.influx.sink import STATE_CODES, TelemetryLine, telemetry_point, to_line
 
 LOC = Location("plant-a", "hall 1", "line,2", "sew=01")
 OTHER = Location("plant-a", "hall 2", "line-3", "sew-01")

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.model import Event, Quality, Sample
-from gateway.tracker import (
+from gateway.core.model import Event, Quality, Sample
+from gateway.core.tracker import (
     AssignOrder,
     CancelOrder,
     CommandResult,

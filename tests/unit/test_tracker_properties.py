@@ -16,8 +16,8 @@ from typing import Any
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from gateway.model import Event, Quality, Sample, Value
-from gateway.tracker import AssignOrder, CancelOrder, MachineTracker, TrackerSettings
+from gateway.core.model import Event, Quality, Sample, Value
+from gateway.core.tracker import AssignOrder, CancelOrder, MachineTracker, TrackerSettings
 
 M = "m-1"
 T0 = 1_700_000_000.0

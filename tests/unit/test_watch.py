@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.watch import FloorView, broker_address, parse_time
+from gateway.cli.watch import FloorView, broker_address, parse_time
 
 PREFIX = "shopfloor"
 BASE = f"{PREFIX}/plant1/sewing/line1"

@@ -1,0 +1,829 @@
+"""Optional history sink: telemetry and order/state events as points in InfluxDB (v2 API).
+
+Three layers, so the durable outbox can take the queue's place:
+
+* **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
+  :class:`Point` (measurement, tags ``site area line machine``, plus ``order`` on events
+  and, with ``order_tag``, on telemetry; fields, time);
+  :func:`to_line` renders InfluxDB line protocol.
+* **Sink**: anything with ``write(batch) -> None`` that raises on failure
+  (:class:`SinkRejected` when the server refuses the data itself, anything else when it is
+  worth retrying). :class:`InfluxSink` writes through influxdb-client's v2 write API.
+* **SinkRunner**: takes items from a :class:`SinkQueue` (the same ack protocol as the MQTT
+  publisher's ``SendQueue``: ``take`` / ``ack`` / ``requeue``), writes them in batches of
+  ``batch_size`` or every ``flush_interval`` seconds, and retries with jittered backoff.
+  An item leaves the queue only after the sink accepted it, so an InfluxDB outage loses
+  nothing the queue can hold; give it an outbox cursor and it loses nothing at all.
+
+Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal, the
+order as the ``order_id`` field so orders do not multiply its series; a tag with
+``order_tag: true``, see docs/scaling.md),
+``shopfloor_machine`` (``machine.*`` events) and ``shopfloor_order`` (``order.*`` events),
+tagged with ``type`` as well. Numbers are written as floats (InfluxDB refuses a field that
+changes type between int and float, and ``percent`` is 50 in one event and 42.5 in the next);
+machine states are also written as ``state_code`` (the index in :data:`STATE_CODES`) because
+some line-protocol stores (VictoriaMetrics) keep numbers only.
+
+Failures are logged once per episode (``influx.write_failed``) and the recovery once with
+the number of failed attempts (``influx.write_recovered``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import functools
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, Protocol, TypeVar
+
+import structlog
+
+from gateway.config.influx import InfluxConfig
+from gateway.core.backoff import Backoff
+from gateway.core.model import Event, Location, MachineState, Quality, Sample
+from gateway.delivery.reporting import DestinationStates
+from gateway.delivery.sendqueue import BacklogClock, FlushWaiters, MemorySinkQueue, SinkQueue
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+T_contra = TypeVar("T_contra", contravariant=True)
+FieldValue = bool | int | float | str
+
+#: The history sink's name: its outbox position, its label in /metrics, its logs' destination.
+SINK_NAME = "influxdb"
+MEASUREMENT_TELEMETRY = "shopfloor_telemetry"
+MEASUREMENT_MACHINE = "shopfloor_machine"
+MEASUREMENT_ORDER = "shopfloor_order"
+
+#: Stable numeric codes for machine states (append only: dashboards depend on them).
+STATE_CODES: Mapping[str, int] = {
+    s.value: i
+    for i, s in enumerate(
+        [
+            MachineState.OFFLINE,
+            MachineState.STOPPED,
+            MachineState.IDLE,
+            MachineState.SETUP,
+            MachineState.RUNNING,
+            MachineState.FAULT,
+            MachineState.MAINTENANCE,
+        ]
+    )
+}
+
+
+# ---------------------------------------------------------------------------- config
+
+
+# ---------------------------------------------------------------------------- points (pure)
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    """One line-protocol point; ``time`` is epoch seconds."""
+
+    measurement: str
+    tags: Mapping[str, str]
+    fields: Mapping[str, FieldValue]
+    time: float
+
+
+def _location_tags(loc: Location, order_id: Any) -> dict[str, str]:
+    tags = {"site": loc.site, "area": loc.area, "line": loc.line, "machine": loc.machine}
+    if isinstance(order_id, str) and order_id:
+        tags["order"] = order_id
+    return tags
+
+
+def field_value(value: Any) -> FieldValue | None:
+    """A value as a line-protocol field, or ``None`` when it cannot be one."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float):
+        number = float(value)
+        return number if math.isfinite(number) else None
+    if isinstance(value, str):
+        return value
+    return None
+
+
+def _fields(data: Mapping[str, Any], skip: frozenset[str] = frozenset()) -> dict[str, FieldValue]:
+    out: dict[str, FieldValue] = {}
+    for key, value in data.items():
+        if key in skip:
+            continue
+        v = field_value(value)
+        if v is not None:
+            out[key] = v
+    state = out.get("state")
+    if isinstance(state, str) and state in STATE_CODES:
+        out["state_code"] = float(STATE_CODES[state])
+    return out
+
+
+def event_point(event: Event, location: Location) -> Point:
+    """An event as a point: ``shopfloor_order`` or ``shopfloor_machine``, tagged by type."""
+    measurement = MEASUREMENT_ORDER if event.type.startswith("order.") else MEASUREMENT_MACHINE
+    tags = _location_tags(location, event.data.get("order_id"))
+    tags["type"] = event.type
+    fields = _fields(event.data, skip=frozenset({"order_id"}))
+    fields["sequence"] = float(event.sequence)
+    if event.type == "machine.connection.changed" and "connected" in event.data:
+        # Offline is a state for the history too: graphs show the gap as a state.
+        fields.setdefault("state_code", float(STATE_CODES["offline"]))
+    return Point(measurement, tags, fields, event.time)
+
+
+#: The telemetry field that carries the order while it is not a tag (``order_tag: false``).
+ORDER_FIELD = "order_id"
+
+
+def telemetry_point(
+    location: Location,
+    samples: Sequence[Sample],
+    order_id: str | None = None,
+    *,
+    order_tag: bool = False,
+) -> Point | None:
+    """One point for one device read: a field per good sample; ``None`` when none is.
+
+    The order is the ``order_id`` string field (the series key stays one per machine and
+    signal), or with ``order_tag`` a tag (a new series per order).
+    """
+    values: dict[str, Any] = {}
+    newest = 0.0
+    for s in samples:
+        if s.quality is Quality.BAD or s.value is None:
+            continue
+        values[s.signal] = s.value
+        newest = max(newest, s.source_time)
+    fields = _fields(values)
+    if not fields:
+        return None
+    if not order_tag and order_id and ORDER_FIELD not in fields:
+        fields[ORDER_FIELD] = order_id
+    tags = _location_tags(location, order_id if order_tag else None)
+    return Point(MEASUREMENT_TELEMETRY, tags, fields, newest)
+
+
+def envelope_point(payload: bytes) -> Point | None:
+    """An event from its CloudEvents JSON (as the outbox stores it); ``None`` if not one.
+
+    The location comes from ``source`` (``/{prefix}/{site}/{area}/{line}/{machine}``), so
+    the sink can read the same outbox rows the MQTT publishers read.
+    """
+    try:
+        doc = json.loads(payload)
+        source = str(doc["source"]).strip("/").split("/")
+        type_ = str(doc["type"]).removeprefix("io.shopfloor.")
+        when = _parse_time(str(doc["time"]))
+        data = doc.get("data") or {}
+        sequence = int(doc.get("sequence") or 0)
+    except (ValueError, KeyError, TypeError):
+        return None
+    if len(source) < 4 or not isinstance(data, dict):
+        return None
+    site, area, line, machine = source[-4:]
+    # The envelope writes times as ISO strings; the history keeps them as epoch numbers,
+    # the same as points made from events directly (a field must keep one type).
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, str) and _looks_like_time(value):
+            try:
+                fields[key] = _parse_time(value)
+                continue
+            except ValueError:
+                pass
+        fields[key] = value
+    event = Event(machine, type_, when, sequence, fields)
+    return event_point(event, Location(site, area, line, machine))
+
+
+def _looks_like_time(text: str) -> bool:
+    # RFC 3339 UTC as the envelope writes it: 2026-11-22T06:19:30.000Z
+    return len(text) >= 20 and text.endswith("Z") and text[4] == "-" and text[10] == "T"
+
+
+def _parse_time(text: str) -> float:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def _escape(text: str, chars: str) -> str:
+    # Line protocol has no way to write a newline in a key or tag: it would end the line.
+    text = text.replace("\\", "\\\\").replace("\n", " ").replace("\r", " ")
+    for c in chars:
+        text = text.replace(c, "\\" + c)
+    return text
+
+
+#: Escaped names and tag values: the same few hundred strings come back with every poll, and
+#: escaping them was a third of :func:`to_line`. Bounded, since order ids as tags are an open
+#: set; the stdlib's cache is also safe from the sink's worker threads.
+_escape_cached = functools.lru_cache(maxsize=10_000)(_escape)
+
+
+def to_line(point: Point) -> str:
+    """InfluxDB line protocol, millisecond precision; ``ValueError`` for an unwritable point."""
+    if not point.measurement:
+        raise ValueError("point has no measurement")
+    if not math.isfinite(point.time):
+        raise ValueError(f"point time is not finite: {point.time!r}")
+    escape = _escape_cached
+    fields = []
+    for key in sorted(point.fields):
+        value = point.fields[key]
+        if isinstance(value, float) and not math.isfinite(value):
+            continue
+        fields.append(f"{escape(key, ',= ')}={_field_text(value)}")
+    if not fields:
+        raise ValueError(f"point {point.measurement} has no fields")
+    return f"{_head(point.measurement, point.tags)} {','.join(fields)} {round(point.time * 1000)}"
+
+
+def _head(measurement: str, tags: Mapping[str, str]) -> str:
+    """A line's measurement and tags."""
+    escape = _escape_cached
+    parts = [escape(measurement, ", ")]
+    for key in sorted(tags):
+        tag = tags[key]
+        if key and tag:  # empty tag values are not allowed; leaving the tag out is the same
+            parts.append(f"{escape(key, ',= ')}={escape(tag, ',= ')}")
+    return ",".join(parts)
+
+
+#: In a :class:`TelemetryLine` layout, the place of the ``state_code`` field derived from
+#: ``state`` (not a sample of its own), and of the ``order_id`` field.
+_STATE_CODE = -1
+_ORDER = -2
+
+
+class TelemetryLine:
+    """One machine's telemetry as line protocol, built straight from a poll's samples.
+
+    The same text as ``to_line(telemetry_point(location, samples, order_id))`` with the
+    ``skip`` signals left out, for a fraction of the cost, and no point in between. Every
+    poll repeats the measurement and tags, the escaped field names and their sorted order,
+    so those are worked out once per machine, again only when the order, the location or
+    the signals change. One per machine, used on the event loop.
+    """
+
+    __slots__ = ("_head", "_key", "_layout", "_names", "_order_tag", "_skip")
+
+    def __init__(self, skip: frozenset[str] = frozenset(), *, order_tag: bool = False) -> None:
+        """A line builder that leaves the ``skip`` signals out (e.g. personal data).
+
+        ``order_tag``: the order as a tag (see :func:`telemetry_point`), else a field.
+        """
+        self._skip = skip
+        self._order_tag = order_tag
+        self._key: tuple[Location, str | None] | None = None
+        self._head = ""
+        self._names: list[str] | None = None
+        #: (index of the sample in the batch, or _STATE_CODE; escaped name and "="), by name.
+        self._layout: list[tuple[int, str]] = []
+
+    def line(
+        self, location: Location, samples: Sequence[Sample], order_id: str | None = None
+    ) -> str | None:
+        """The poll's line; ``None`` when no sample has a value a field can hold."""
+        tagged = order_id if self._order_tag else None
+        key = (location, tagged)
+        if key != self._key:
+            self._head = _head(MEASUREMENT_TELEMETRY, _location_tags(location, tagged))
+            self._key = key
+        names = [s[1] for s in samples]
+        if names != self._names:
+            if (
+                "state_code" in names
+                or (not self._order_tag and ORDER_FIELD in names)
+                or len(set(names)) != len(names)
+            ):
+                # A signal of that name or a repeated one: the general path settles it.
+                point = telemetry_point(
+                    location,
+                    [s for s in samples if s[1] not in self._skip],
+                    order_id,
+                    order_tag=self._order_tag,
+                )
+                return to_line(point) if point is not None else None
+            self._plan(names)
+        fields: list[str] = []
+        append = fields.append
+        newest = 0.0
+        state: Any = None
+        bad = Quality.BAD
+        isfinite = math.isfinite
+        order_field = 0
+        for index, name in self._layout:
+            if index < 0:
+                if index == _STATE_CODE:
+                    if isinstance(state, str) and state in STATE_CODES:
+                        append(f"{name}{float(STATE_CODES[state])!r}")
+                elif order_id:
+                    append(name + _quoted(order_id))
+                    order_field = 1
+                continue
+            s = samples[index]
+            value: Any = s[2]
+            if value is None or s[4] is bad:
+                continue
+            if s[3] > newest:
+                newest = s[3]
+            # field_value() and _field_text() inlined for the exact types a device gives:
+            # calling them per field costs as much as the general path this replaces.
+            kind = type(value)
+            if kind is int:
+                number = float(value)
+                if isfinite(number):
+                    append(f"{name}{number!r}")
+            elif kind is float:
+                if isfinite(value):
+                    append(f"{name}{value!r}")
+            elif kind is str:
+                if name == "state=":
+                    state = value
+                append(name + _quoted(value))
+            elif kind is bool:
+                append(f"{name}{'true' if value else 'false'}")
+            else:
+                # Subclasses (an IntEnum, a str enum): as field_value() sees them.
+                field = field_value(value)
+                if isinstance(field, str) and name == "state=":
+                    state = field
+                if field is not None:
+                    append(f"{name}{_field_text(field)}")
+        if len(fields) == order_field or newest == math.inf:
+            # A source clock at infinity has no line (the general path's sink refuses it).
+            return None
+        return f"{self._head} {','.join(fields)} {round(newest * 1000)}"
+
+    def _plan(self, names: list[str]) -> None:
+        escape = _escape_cached
+        keyed = [(name, i) for i, name in enumerate(names) if name not in self._skip]
+        if any(name == "state" for name, _ in keyed):
+            keyed.append(("state_code", _STATE_CODE))
+        if not self._order_tag:
+            keyed.append((ORDER_FIELD, _ORDER))
+        keyed.sort()
+        # state_code comes after state in sorted order, so state is known when it is due.
+        self._layout = [(i, escape(name, ",= ") + "=") for name, i in keyed]
+        self._names = names
+
+
+def _field_text(value: FieldValue) -> str:
+    """A field value in line protocol (a float must be finite)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, int):
+        return f"{value}i"
+    return _quoted(value)
+
+
+def _quoted(text: str) -> str:
+    """A string field value: quoted, with a newline (which would end the line) as a space."""
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ") + '"'
+
+
+# ---------------------------------------------------------------------------- sinks
+
+
+class SinkRejected(Exception):
+    """The server refused the data itself (bad or conflicting points): retrying won't help."""
+
+
+class Sink(Protocol[T_contra]):
+    """Writes a batch somewhere; returns normally only when all of it is stored."""
+
+    def write(self, batch: Sequence[T_contra]) -> None:
+        """Store the batch or raise (``SinkRejected`` for data the server refuses)."""
+        ...
+
+
+class InfluxSink:
+    """Writes points through the InfluxDB v2 write API (``/api/v2/write``), synchronously."""
+
+    def __init__(self, config: InfluxConfig) -> None:
+        """Create the client; nothing is sent until the first write."""
+        from influxdb_client.client.influxdb_client import InfluxDBClient
+        from influxdb_client.client.write_api import SYNCHRONOUS
+
+        self.config = config
+        kwargs: dict[str, Any] = {"verify_ssl": config.verify_tls}
+        if config.token is not None:
+            kwargs["token"] = config.token.get_secret_value()
+        if config.ca_file:
+            kwargs["ssl_ca_cert"] = config.ca_file
+        self._client = InfluxDBClient(
+            url=config.url,
+            org=config.org,
+            timeout=int(config.timeout * 1000),
+            # Retries belong to the runner (backoff, outbox); the client must fail fast.
+            retries=False,
+            **kwargs,
+        )
+        self._write = self._client.write_api(write_options=SYNCHRONOUS)
+
+    def write(self, batch: Sequence[Point | str]) -> None:
+        """Write a batch of points or finished lines (:class:`TelemetryLine`).
+
+        ``SinkRejected`` on HTTP 400/413/422, the HTTP error otherwise.
+        """
+        from influxdb_client.domain.write_precision import WritePrecision
+        from influxdb_client.rest import ApiException
+
+        lines = []
+        for p in batch:
+            if isinstance(p, str):
+                lines.append(p)
+                continue
+            try:
+                lines.append(to_line(p))
+            except ValueError as exc:
+                raise SinkRejected(str(exc)) from None
+        try:
+            self._write.write(
+                bucket=self.config.bucket,
+                org=self.config.org,
+                record="\n".join(lines),
+                # The generated enum class types its members as plain str.
+                write_precision=WritePrecision.MS,  # type: ignore[arg-type]
+            )
+        except ApiException as exc:
+            if exc.status in (400, 413, 422):
+                raise SinkRejected(f"HTTP {exc.status}: {_body(exc)}") from None
+            raise
+
+    def ping(self) -> bool:
+        """True when the server answers (``/ping``)."""
+        return bool(self._client.ping())
+
+    def close(self) -> None:
+        """Release the HTTP connections."""
+        self._client.close()  # type: ignore[no-untyped-call]
+
+
+class EnvelopeSink:
+    """Adapts :class:`InfluxSink` to outbox rows: items are MQTT messages with envelopes.
+
+    Rows that are not events (retained state, status) are skipped: the history holds
+    events and telemetry, and skipping acknowledges them for this destination.
+    """
+
+    def __init__(self, sink: Sink[Point]) -> None:
+        """Wrap a point sink."""
+        self.sink = sink
+        self.skipped = 0
+
+    def write(self, batch: Sequence[Any]) -> None:
+        """Convert each message's payload and write the points."""
+        points = []
+        for msg in batch:
+            point = envelope_point(getattr(msg, "payload", b""))
+            if point is None:
+                self.skipped += 1
+            else:
+                points.append(point)
+        if points:
+            self.sink.write(points)
+
+
+def _body(exc: Any) -> str:
+    body = getattr(exc, "body", None) or getattr(exc, "reason", "") or ""
+    text = body.decode(errors="replace") if isinstance(body, bytes) else str(body)
+    return text[:200]
+
+
+# ---------------------------------------------------------------------------- queue
+
+
+# ---------------------------------------------------------------------------- runner
+
+
+@dataclass(slots=True)
+class _Episode:
+    since: float | None = None
+    failures: int = 0
+    last_error: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerSettings:
+    """Batching and retry settings of a :class:`SinkRunner`."""
+
+    batch_size: int = 1000
+    flush_interval: float = 1.0
+    max_queue: int = 100_000
+    #: Memory bound of the runner's own queue (text items weighed by length); ``None``: none.
+    max_bytes: int | None = None
+    #: Upper bound on one write, on top of the client's own HTTP timeout.
+    write_timeout: float = 30.0
+    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work."""
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.flush_interval) and self.flush_interval > 0):
+            raise ValueError(f"flush_interval must be > 0 s, got {self.flush_interval!r}")
+        if not (math.isfinite(self.write_timeout) and self.write_timeout > 0):
+            raise ValueError(f"write_timeout must be > 0 s, got {self.write_timeout!r}")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+
+
+#: Bytes an item takes beyond its text: the str object, its queue and dict entries.
+ITEM_OVERHEAD = 120
+
+
+def item_bytes(item: object) -> int:
+    """Memory an item of a runner's queue takes, roughly: text by its length."""
+    if isinstance(item, str | bytes):
+        return len(item) + ITEM_OVERHEAD
+    return 1000 + ITEM_OVERHEAD
+
+
+class SinkRunner(Generic[T]):
+    """Feeds a :class:`Sink` from a :class:`SinkQueue` in batches, retrying until stored."""
+
+    def __init__(
+        self,
+        sink: Sink[T],
+        *,
+        name: str = SINK_NAME,
+        settings: RunnerSettings | None = None,
+        queue: SinkQueue[T] | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        """Set up; nothing is written until :meth:`run`."""
+        self.sink = sink
+        self.name = name
+        self.settings = settings or RunnerSettings()
+        self._queue: SinkQueue[T] = (
+            queue
+            if queue is not None
+            else MemorySinkQueue(
+                self.settings.max_queue,
+                max_weight=self.settings.max_bytes,
+                weigh=item_bytes if self.settings.max_bytes is not None else None,
+            )
+        )
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._ages = BacklogClock()
+        self._log = log.bind(destination=name)
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._closing = False
+        self._ok = False
+        self.written = 0
+        self.dropped = 0
+        self.rejected = 0
+        self.failures = 0
+        #: The last write failure, in words (for the web console).
+        self.last_error: str | None = None
+        #: Dropped count when the current overflow episode began; ``None`` outside one.
+        self._overflow_from: int | None = None
+        self._flush_waiters = FlushWaiters(self._queue)
+
+    # -- state --
+
+    @property
+    def connected(self) -> bool:
+        """True when the last write succeeded."""
+        return self._ok
+
+    @property
+    def pending(self) -> int:
+        """Items not yet stored."""
+        return len(self._queue)
+
+    def oldest_age(self, now: float | None = None) -> float | None:
+        """Seconds the oldest pending item has waited."""
+        now = self._clock() if now is None else now
+        return self._ages.oldest_age(self._queue.oldest_key(), now)
+
+    def report(self, metrics: DestinationStates) -> None:
+        """Copy this runner's state into the gateway metrics (a history sink is optional)."""
+        metrics.destination_state(
+            self.name,
+            connected=self.connected,
+            backlog=self.pending,
+            oldest_age=self.oldest_age(),
+            published_total=self.written,
+            dropped_total=self.dropped + self.rejected,
+            limit=self.settings.max_queue,
+            required=False,
+        )
+
+    # -- producer side --
+
+    def notify(self) -> None:
+        """Wake the writer: the queue has something new (a durable queue filled itself)."""
+        self._ages.note(self._queue.last_key, self._clock())
+        self._wake.set()
+
+    def submit(self, item: T) -> None:
+        """Queue one item; never blocks, never raises."""
+        try:
+            dropped = self._queue.push(item)
+            self._ages.note(self._queue.last_key, self._clock())
+        except Exception:
+            self.dropped += 1
+            self._log.exception("influx.submit_failed")
+            return
+        if dropped:
+            if self._overflow_from is None:
+                # Once per episode: the database is slower than the load, or down.
+                self._overflow_from = self.dropped
+                self._log.warning(
+                    "influx.queue_overflow",
+                    max_queue=self.settings.max_queue,
+                    max_bytes=self.settings.max_bytes,
+                    hint="the oldest items are dropped first; events wait in the outbox",
+                )
+            self.dropped += dropped
+            self._progress()
+        self._wake.set()
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
+        """Wait until everything submitted so far is stored; False on timeout."""
+        # Wake the runner: it does not wait for a full batch while somebody flushes.
+        self._wake.set()
+        return await self._flush_waiters.wait(timeout)
+
+    def _progress(self) -> None:
+        self._flush_waiters.progress()
+
+    # -- lifecycle --
+
+    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - grace period
+        """Write what is pending (without waiting to fill a batch) within ``timeout``."""
+        self._closing = True
+        self._wake.set()
+        if self.pending and not await self.flush(timeout):
+            self._log.warning("influx.close_unflushed", pending=self.pending)
+        self._stop.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Write batches until cancelled or closed."""
+        episode = _Episode()
+        try:
+            while not self._stop.is_set():
+                batch = await self._next_batch()
+                if not batch:
+                    continue
+                try:
+                    await self._write(batch)
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self._queue.requeue()
+                    self._ok = False
+                    self.failures += 1
+                    episode.failures += 1
+                    episode.last_error = self.last_error = _describe(exc)
+                    if episode.since is None:
+                        episode.since = self._clock()
+                        self._log.warning(
+                            "influx.write_failed", error=episode.last_error, pending=self.pending
+                        )
+                    else:
+                        self._log.debug(
+                            "influx.write_failed",
+                            error=episode.last_error,
+                            attempt=episode.failures,
+                        )
+                    delay = self.settings.backoff.delay(episode.failures - 1, self._rng)
+                    await self._pause(delay)
+                    continue
+                if episode.since is not None:
+                    self._log.info(
+                        "influx.write_recovered",
+                        outage_s=round(self._clock() - episode.since, 3),
+                        failures=episode.failures,
+                        last_error=episode.last_error,
+                        pending=self.pending,
+                    )
+                    episode = _Episode()
+        finally:
+            self._queue.requeue()
+
+    async def _next_batch(self) -> list[tuple[int, T]]:
+        """The next batch: the first item, then up to ``flush_interval`` for it to fill.
+
+        Every turn that takes nothing awaits a wake-up: a queue may count items it cannot
+        hand out yet (the outbox counts rows still being committed or read back, and both
+        land through the event loop), so "something is pending" is never a reason to try
+        again at once. Returns ``[]`` only when stopping.
+        """
+        s = self.settings
+        loop = asyncio.get_running_loop()
+        batch: list[tuple[int, T]] = []
+        deadline: float | None = None
+        while True:
+            while len(batch) < s.batch_size and (item := self._queue.take()) is not None:
+                batch.append(item)
+            if len(batch) >= s.batch_size:
+                return batch
+            if batch:
+                if self._closing or self._flush_waiters or self._stop.is_set():
+                    return batch
+                if deadline is None:
+                    deadline = loop.time() + s.flush_interval
+                elif loop.time() >= deadline:
+                    return batch
+            elif self._stop.is_set():
+                return batch
+            self._wake.clear()
+            if deadline is None:
+                await self._wake.wait()
+                continue
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._wake.wait()
+
+    async def _write(self, batch: list[tuple[int, T]]) -> None:
+        items = [item for _, item in batch]
+        try:
+            async with asyncio.timeout(self.settings.write_timeout):
+                await asyncio.to_thread(self.sink.write, items)
+        except SinkRejected as exc:
+            await self._isolate(batch, exc)
+            return
+        except TimeoutError:
+            raise TimeoutError(f"write took longer than {self.settings.write_timeout} s") from None
+        for key, _ in batch:
+            self._queue.ack(key)
+        self._stored(len(batch))
+
+    async def _isolate(self, batch: list[tuple[int, T]], exc: SinkRejected) -> None:
+        # The server refused the batch for its content. Retrying it whole would block the
+        # queue for ever; dropping it whole would lose the good points with the bad one.
+        # Write the items one by one and drop only those refused on their own.
+        if len(batch) == 1:
+            key, _ = batch[0]
+            self._queue.ack(key)
+            self.rejected += 1
+            self._log.error("influx.point_rejected", error=str(exc), rejected_total=self.rejected)
+            self._progress()
+            return
+        for key, item in batch:
+            try:
+                async with asyncio.timeout(self.settings.write_timeout):
+                    await asyncio.to_thread(self.sink.write, [item])
+            except SinkRejected as single:
+                self.rejected += 1
+                self._log.error(
+                    "influx.point_rejected", error=str(single), rejected_total=self.rejected
+                )
+            else:
+                self.written += 1
+            # Acknowledge each as decided, so a later transient failure only retries the rest.
+            self._queue.ack(key)
+        self._ok = True
+        self._progress()
+
+    def _stored(self, n: int) -> None:
+        self.written += n
+        self._ok = True
+        self._progress()
+        if self._overflow_from is not None and len(self._queue) <= self.settings.batch_size:
+            self._log.info("influx.queue_recovered", dropped=self.dropped - self._overflow_from)
+            self._overflow_from = None
+
+    async def _pause(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def settings_for(config: InfluxConfig) -> RunnerSettings:
+    """The runner settings an ``influxdb:`` section asks for."""
+    return RunnerSettings(
+        batch_size=config.batch_size,
+        flush_interval=config.flush_interval,
+        max_queue=config.max_queue,
+        max_bytes=round(config.max_queue_mib * 1024 * 1024),
+        write_timeout=config.timeout * 2 + 1,
+    )
+
+
+def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
+    """A runner writing to InfluxDB as the config says (the runtime's one-liner)."""
+    return SinkRunner(InfluxSink(config), name=SINK_NAME, settings=settings_for(config))

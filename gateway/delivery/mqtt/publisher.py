@@ -1,0 +1,1006 @@
+"""MQTT publisher: an ordered, bounded, at-least-once send queue to one broker.
+
+One :class:`MqttPublisher` per destination broker. Producers call :meth:`submit`
+(non-blocking, never raises); :meth:`run` keeps a connection up and drains the queue;
+:meth:`close` flushes, publishes the offline status and disconnects.
+
+Delivery contract:
+
+* A message leaves the queue only after the broker acknowledged it (QoS 1: PUBACK;
+  QoS 0: once written). An MQTT 5 PUBACK with a failure reason (0x80 and up, e.g. not
+  authorised by the broker's ACL) is no acknowledgement: the link ends with the reason in
+  the log and the message is sent again after the reconnect backoff. Order is kept; up to
+  ``window`` publishes are in flight at once.
+  When the connection drops, un-acknowledged messages are sent again after the
+  reconnect, so duplicates are possible within the window (consumers deduplicate by
+  event id).
+* Retained messages coalesce: while a retained message for a topic is still queued and
+  unsent, a newer one for the same topic replaces it in place.
+* The queue is bounded by ``max_queue``: beyond it the oldest unsent non-retained QoS 0
+  message is dropped first, then the oldest unsent message; ``dropped`` counts them.
+* On every (re)connect the last will (status topic, ``will_payload``, retained, QoS 1) is
+  registered and ``online_payload`` is published retained before anything else.
+* Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
+  DISCONNECT, so the broker publishes the last will and the status does not stay online.
+* A message waiting longer than ``ack_timeout`` for its acknowledgement means the link is
+  stuck: the connection is dropped and everything un-acknowledged is sent again.
+
+How it sends: aiomqtt connects (TLS, last will, CONNACK) and reports the disconnect; the
+queue goes to paho directly. One pump hands paho up to ``window`` messages, remembers
+packet id -> queue key, and acks the key when paho reports the PUBACK (QoS 0: the write).
+No task, future or timeout per message: one timer watches the oldest message in flight.
+paho's own in-flight limit is off (the window bounds it) and a refused publish (no
+connection, packet ids exhausted) counts as a lost link; a message paho rejects for good
+(topic too long) is dropped and counted. A plain PUBACK of our own is read straight from
+paho's packet buffer, skipping paho's per-PUBACK ReasonCode and Properties objects.
+
+The queue sits behind the small :class:`SendQueue` interface so the durable outbox
+(:class:`gateway.delivery.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
+itself calls :meth:`MqttPublisher.notify`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import socket
+import ssl
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiomqtt
+import paho.mqtt.client as paho
+import structlog
+from paho.mqtt.enums import MQTTErrorCode
+
+from gateway.core.backoff import Backoff
+from gateway.delivery.sendqueue import FlushWaiters, MemorySinkQueue, SinkQueue
+
+log = structlog.get_logger(__name__)
+
+
+#: Packet ids in use at once must stay below MQTT's 65,535 (QoS 0 writes take one too).
+_MAX_WINDOW = 60_000
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One MQTT message to publish."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS for the broker connection; no CA file means the system trust store."""
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    verify_hostname: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerSettings:
+    """Everything one publisher needs to reach one broker."""
+
+    host: str
+    port: int = 1883
+    client_id: str = "shopfloor"
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: TlsSettings | None = None
+    keepalive: int = 30
+    status_topic: str = ""
+    online_payload: bytes = b""
+    will_payload: bytes = b""
+    offline_payload: bytes = b""
+    #: Builds the offline status when the publisher says goodbye, so that its ``time`` is
+    #: the shutdown's; ``offline_payload`` when unset.
+    offline_status: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
+    max_queue: int = 100_000
+    window: int = 100
+    connect_timeout: float = 5.0
+    backoff: Backoff = Backoff(base=0.5, cap=30.0)  # noqa: RUF009 - frozen, safe to share
+    #: MQTT protocol version; "5" works through aiomqtt but the contract targets 3.1.1.
+    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    #: A PUBACK later than this means the link is stuck: reconnect and resend.
+    ack_timeout: float = 30.0
+    #: A link up this long (seconds) ends an outage for good: a cause seen before it is
+    #: logged at warning again; links closed sooner count towards a session takeover.
+    stable_after: float = 30.0
+
+    def __post_init__(self) -> None:
+        """Reject settings that cannot work, with a message naming the field."""
+        if not self.host:
+            raise ValueError("broker host must not be empty")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"broker port must be 1..65535, got {self.port}")
+        if not 1 <= self.window <= _MAX_WINDOW:
+            # Each message in flight holds one of MQTT's 16-bit packet ids.
+            raise ValueError(f"window must be 1..{_MAX_WINDOW}, got {self.window}")
+        if self.max_queue < self.window:
+            raise ValueError(f"max_queue ({self.max_queue}) must be >= window ({self.window})")
+        if self.keepalive < 1:
+            raise ValueError(f"keepalive must be >= 1 s, got {self.keepalive}")
+        for name in ("connect_timeout", "ack_timeout", "stable_after"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.password is not None and self.username is None:
+            raise ValueError("a broker password needs a username")
+        if self.protocol not in ("3.1.1", "5"):
+            raise ValueError(f"protocol must be '3.1.1' or '5', got {self.protocol!r}")
+
+
+# --- the queue -------------------------------------------------------------------------
+
+
+#: The queue a publisher sends from: the outbox's, or the in-memory one below.
+SendQueue = SinkQueue[Message]
+
+
+class MemoryQueue(MemorySinkQueue[Message]):
+    """In-memory :class:`SendQueue` with retained-message coalescing and a bound.
+
+    Beyond the base queue: an unsent retained message is replaced in place by a newer one
+    for the same topic (a late joiner only needs the latest state), non-retained QoS 0
+    messages are the first to go when the queue is full, and after a lost connection an
+    in-flight retained message that a newer one replaced is not sent again.
+    """
+
+    def __init__(self, max_len: int) -> None:
+        """A queue holding at most ``max_len`` messages (in flight ones included)."""
+        super().__init__(max_len)
+        # Unsent retained messages by topic, for coalescing.
+        self._retained: dict[str, int] = {}
+        # Unsent non-retained QoS 0 keys: the first to go when the queue is full.
+        self._expendable: OrderedDict[int, None] = OrderedDict()
+
+    def push(self, item: Message) -> int:
+        """Add a message, coalescing an unsent retained one for the same topic."""
+        if item.retain and (key := self._retained.get(item.topic)) is not None:
+            # Same key, same position: the late joiner only needs the latest state.
+            self._unsent[key] = item
+            self._seq += 1
+            return 0
+        return super().push(item)
+
+    def _added(self, key: int, item: Message) -> None:
+        if item.retain:
+            self._retained[item.topic] = key
+        elif item.qos == 0:
+            self._expendable[key] = None
+
+    def _victim(self) -> int:
+        if self._expendable:
+            return next(iter(self._expendable))
+        return super()._victim()
+
+    def _forget_unsent(self, key: int) -> Message:
+        msg = super()._forget_unsent(key)
+        self._expendable.pop(key, None)
+        if msg.retain and self._retained.get(msg.topic) == key:
+            del self._retained[msg.topic]
+        return msg
+
+    def _restore(self, key: int, item: Message) -> bool:
+        if item.retain:
+            if item.topic in self._retained:
+                return False  # a newer retained message for this topic is queued
+            self._retained[item.topic] = key
+        elif item.qos == 0:
+            self._expendable[key] = None
+            self._expendable.move_to_end(key, last=False)
+        return True
+
+
+# --- the publisher ---------------------------------------------------------------------
+
+
+class _LinkLost(Exception):
+    """The broker connection broke (internal: caught by the reconnect loop)."""
+
+    def __init__(self, text: str, cause: str = "link") -> None:
+        super().__init__(text)
+        #: A :class:`Cause` key: ``closed`` when the broker or the network ended it.
+        self.cause = cause
+
+
+@dataclass(frozen=True, slots=True)
+class Cause:
+    """Why a connection failed or ended: a short stable ``key`` and words for the log.
+
+    The key decides what is logged at warning: each new key once per outage, repeats at
+    debug, so an operator sees every *change* of cause (the broker down, then a rotated
+    password) and not a line per retry.
+    """
+
+    key: str
+    text: str
+
+
+#: MQTT reason codes (MQTT 5 numbering; paho maps the 3.1.1 CONNACK codes onto these).
+_RC_BAD_CREDENTIALS = 0x86
+_RC_NOT_AUTHORIZED = 0x87
+_RC_CLIENT_ID = 0x85
+_RC_SESSION_TAKEN_OVER = 0x8E
+#: paho error codes that mean the link went away, not that the broker refused anything.
+_LINK_GONE = frozenset({MQTTErrorCode.MQTT_ERR_NO_CONN, MQTTErrorCode.MQTT_ERR_CONN_LOST})
+
+
+def _takeover(client_id: str, text: str) -> Cause:
+    return Cause(
+        "session-taken-over",
+        f"session taken over: another client connects with client id {client_id!r} and the "
+        f"broker keeps only one ({text}); give every client its own client_id",
+    )
+
+
+def classify(exc: BaseException, client_id: str) -> Cause:
+    """The cause of a failed connect or a lost link, from the exception and what it wraps."""
+    if isinstance(exc, _LinkLost):
+        return Cause(exc.cause, str(exc))
+    rc = getattr(exc, "rc", None)
+    if isinstance(rc, MQTTErrorCode) and rc in _LINK_GONE:
+        # paho's own error codes are not the broker's answer: 4 is "not connected" (the
+        # link dropped while connecting, e.g. taken over), not a CONNACK refusal.
+        return Cause("closed", f"the connection closed: {paho.error_string(rc)}")
+    value = getattr(rc, "value", rc)
+    if isinstance(value, int) and not isinstance(exc, OSError):
+        words = str(rc)
+        if value in (_RC_BAD_CREDENTIALS, _RC_NOT_AUTHORIZED):
+            return Cause(
+                "not-authorized",
+                f"{words}: the broker refuses the credentials (a rotated password? check "
+                "username and password or password_file)",
+            )
+        if value == _RC_CLIENT_ID:
+            return Cause("client-id", f"{words}: the broker refuses client id {client_id!r}")
+        if value == _RC_SESSION_TAKEN_OVER:
+            return _takeover(client_id, words)
+        return Cause(f"refused-{value}", f"the broker refused the connection: {words}")
+    # aiomqtt turns socket errors into a plain MqttError("...") raised from None; the
+    # original error is still its __context__.
+    inner: BaseException | None = exc
+    for _ in range(4):
+        if inner is None or isinstance(inner, OSError):
+            break
+        inner = inner.__cause__ or inner.__context__
+    if isinstance(inner, ssl.SSLError):
+        return Cause("tls", f"TLS handshake failed: {_describe(inner)}")
+    if isinstance(inner, ConnectionRefusedError):
+        return Cause("refused", "connection refused: is the broker running on that port?")
+    if isinstance(inner, socket.gaierror):
+        return Cause("name", f"host name not resolved: {_describe(inner)}")
+    if isinstance(inner, TimeoutError) or isinstance(exc, TimeoutError):
+        return Cause("timeout", "no answer from the broker within connect_timeout")
+    if isinstance(inner, OSError):
+        return Cause("network", _describe(inner))
+    return Cause("other", _describe(exc))
+
+
+class _StopRequested(Exception):
+    """close() asked the connection to wind down (internal)."""
+
+
+def tls_context(tls: TlsSettings) -> ssl.SSLContext:
+    """An SSL context for the broker connection; ``ValueError`` for unusable files."""
+    try:
+        ctx = ssl.create_default_context(cafile=tls.ca_file)
+        if tls.cert_file:
+            ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load TLS files for the broker connection: {exc}") from None
+    if tls.key_file and not tls.cert_file:
+        raise ValueError("TLS key_file given without cert_file")
+    ctx.check_hostname = tls.verify_hostname
+    return ctx
+
+
+class _Client(aiomqtt.Client):
+    """aiomqtt client that writes promptly and never registers a socket paho closed.
+
+    aiomqtt 2.5 registers a writer through ``call_soon_threadsafe`` for every burst of
+    packets, then waits for the socket to be writable. From the loop's own thread (the
+    publisher's pump) this writes once the burst is queued instead, and waits for
+    writability only when the socket buffer is full: no self-pipe wake-up, no epoll
+    registration per burst. And when the broker goes away, paho can close the socket
+    before a registration runs; asyncio then logs a traceback for the stale descriptor
+    (or, if the number was reused, steals the writer of the next connection).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """aiomqtt's client, made on the event loop's thread."""
+        super().__init__(*args, **kwargs)
+        self._loop_thread = threading.get_ident()
+
+    def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        """aiomqtt's reader, plus an immediate TCP ACK of what the broker sent.
+
+        A broker with Nagle's algorithm on (Mosquitto's default, ``set_tcp_nodelay false``)
+        holds each PUBACK until its previous one is acknowledged by TCP, and Linux delays
+        that acknowledgement by up to 40 ms when the gateway has nothing to send back: about
+        one event in four waited 42-55 ms for its PUBACK at 100 events/s. ``TCP_QUICKACK`` after
+        every read makes the kernel acknowledge at once (it is not sticky, hence each time).
+        """
+        if not hasattr(self, "_misc_loop") or not hasattr(self, "_disconnected"):
+            # Another aiomqtt than the one this was written against: its own reader.
+            super()._on_socket_open(client, userdata, sock)
+            return
+        quickack = getattr(socket, "TCP_QUICKACK", None)  # Linux only
+        raw: Any = sock
+
+        def read() -> None:
+            try:
+                while True:
+                    client.loop_read()
+                    # An SSL socket can hold decoded bytes that loop_read() left behind.
+                    pending = getattr(client.socket(), "pending", None)
+                    if pending is not None and pending() > 0:
+                        continue
+                    break
+            except Exception as exc:
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+                return
+            if quickack is not None and client.socket() is raw:
+                _ack_now(raw, quickack)
+
+        def misc() -> None:
+            self._misc_task = self._loop.create_task(self._misc_loop())
+
+        # paho calls this from the thread that ran connect(): hand over to the loop.
+        self._loop.call_soon_threadsafe(self._loop.add_reader, raw.fileno(), read)
+        self._loop.call_soon_threadsafe(misc)
+
+    def _on_socket_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        fileno = sock.fileno()
+
+        def write() -> None:
+            try:
+                client.loop_write()
+            except Exception as exc:
+                # Same as aiomqtt: a failed write means the connection broke.
+                if not self._disconnected.done():
+                    self._disconnected.set_exception(exc)
+
+        def register() -> None:
+            if client.socket() is sock:
+                self._loop.add_writer(fileno, write)
+
+        def write_now() -> None:
+            if client.socket() is not sock:
+                return
+            write()
+            # What did not fit into the socket buffer goes once it is writable again.
+            if client.want_write() and client.socket() is sock:
+                self._loop.add_writer(fileno, write)
+
+        if threading.get_ident() == self._loop_thread:
+            # Deferred to after the current burst of publishes: one write for all.
+            self._loop.call_soon(write_now)
+        else:
+            self._loop.call_soon_threadsafe(register)
+
+
+def _ack_now(sock: Any, option: int) -> None:
+    """Ask the kernel to acknowledge what arrived without delay (``TCP_QUICKACK``)."""
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, option, 1)
+
+
+_PubackHandler = Callable[[Literal["PUBACK", "PUBCOMP"]], MQTTErrorCode]
+
+#: paho-mqtt 2.x internals the PUBACK fast path of :class:`_Link` reads and keeps in step.
+_PAHO_STATE = ("_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages")
+
+
+class _Link:
+    """One connection's messages handed to paho, by packet id, and their ack watchdog.
+
+    paho reports a QoS 1 message acknowledged on its PUBACK (QoS 0: once written) from
+    aiomqtt's reader and writer callbacks, which run on the event loop's thread. Packet
+    ids of publishes this link did not make (aiomqtt's own, such as the status) go on to
+    aiomqtt's handler. One timer, re-armed, watches the oldest message: the link counts
+    as lost once it waited ``ack_timeout`` seconds.
+    """
+
+    __slots__ = (
+        "_ack",
+        "_chained",
+        "_client",
+        "_fast",
+        "_loop",
+        "_paho_puback",
+        "_progress",
+        "_progress_due",
+        "_thread",
+        "_timeout",
+        "_timer",
+        "_wake",
+        "acked",
+        "failure",
+        "failure_key",
+        "flight",
+        "paho",
+    )
+
+    def __init__(
+        self,
+        client: aiomqtt.Client,
+        *,
+        ack_timeout: float,
+        ack: Callable[[int], None],
+        progress: Callable[[], None],
+        wake: Callable[[], None],
+    ) -> None:
+        """Take over paho's publish acknowledgements of ``client`` (on the loop's thread)."""
+        self._client = client
+        self.paho: paho.Client = client._client
+        #: Packet id -> (queue key, loop time handed to paho); insertion order is send order.
+        self.flight: dict[int, tuple[int, float]] = {}
+        #: Messages of this link the broker acknowledged (QoS 0: written).
+        self.acked = 0
+        #: Why the link counts as lost (set by the watchdog), else None.
+        self.failure: str | None = None
+        #: The :class:`Cause` key of ``failure``.
+        self.failure_key = "link"
+        self._timeout = ack_timeout
+        self._ack = ack
+        self._progress = progress
+        self._wake = wake
+        self._timer: asyncio.TimerHandle | None = None
+        self._progress_due = False
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._chained: Callable[..., object] | None = self.paho.on_publish
+        self.paho.on_publish = self.on_publish
+        self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
+        # Without the internals it expects (another paho version), on_publish does it all.
+        self._fast = all(hasattr(self.paho, name) for name in _PAHO_STATE)
+        if self._fast:
+            self.paho._handle_pubackcomp = self._on_pubackcomp  # type: ignore[method-assign]
+
+    def _on_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        # paho decodes every PUBACK into ReasonCode and Properties objects and calls
+        # on_publish under two locks; the plain 2-byte PUBACK of one of our messages
+        # carries nothing but its packet id (MQTT 3.1.1 3.4; MQTT 5 3.4.2.1: success).
+        inner = self.paho
+        packet = inner._in_packet["packet"]
+        if cmd == "PUBACK" and len(packet) == 2 and threading.get_ident() == self._thread:
+            mid = (packet[0] << 8) | packet[1]
+            entry = self.flight.pop(mid, None)
+            if entry is not None:
+                # paho's own bookkeeping for an acknowledged message, as in _do_on_publish.
+                with inner._out_message_mutex:
+                    if inner._out_messages.pop(mid, None) is not None:
+                        inner._inflight_messages -= 1
+                self._acked(entry[0])
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+        return self._paho_puback(cmd)
+
+    def on_publish(
+        self, client: paho.Client, userdata: Any, mid: int, reason_code: Any, properties: Any
+    ) -> None:
+        """paho's callback: the broker acknowledged ``mid`` (QoS 0: it was written)."""
+        if threading.get_ident() != self._thread:
+            # aiomqtt drives paho from the loop's thread; should that change, the queue
+            # (not thread-safe) is still only touched there.
+            self._loop.call_soon_threadsafe(
+                self.on_publish, client, userdata, mid, reason_code, properties
+            )
+            return
+        entry = self.flight.pop(mid, None)
+        if entry is not None:
+            if getattr(reason_code, "is_failure", False):
+                # MQTT 5: the broker refused the message (0x80 and up, e.g. 0x87 not
+                # authorised, 0x97 quota exceeded): it was not delivered. Never ack it: the
+                # link ends, the message is requeued and sent again after the reconnect
+                # backoff; meanwhile the backlog grows where the health check sees it.
+                if self.failure is None:
+                    self.failure_key = "message-refused"
+                    self.failure = (
+                        f"the broker refused a message: {reason_code} (reason code "
+                        f"{int(reason_code.value)}; check the broker's ACL for this client)"
+                    )
+                    self._wake()
+                return
+            self._acked(entry[0])
+        elif self._chained is not None:
+            self._chained(client, userdata, mid, reason_code, properties)
+
+    def _acked(self, key: int) -> None:
+        self._ack(key)
+        self.acked += 1
+        if not self._progress_due:
+            # One read carries many PUBACKs: wake the pump and the flush waiters once.
+            self._progress_due = True
+            self._loop.call_soon(self._progressed)
+
+    def _progressed(self) -> None:
+        self._progress_due = False
+        self._progress()
+
+    def arm(self) -> None:
+        """Start the watchdog for the oldest message unless it already runs."""
+        if self._timer is None and self.flight:
+            sent = next(iter(self.flight.values()))[1]
+            self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+
+    def _check(self, armed_for: float) -> None:
+        self._timer = None
+        if not self.flight:
+            return  # the pump re-arms with its next publish
+        sent = next(iter(self.flight.values()))[1]
+        if sent <= armed_for:
+            # Still the message (or one of its burst) the timer was armed for.
+            self.failure_key = "no-ack"
+            self.failure = f"no acknowledgement within {self._timeout} s"
+            self._wake()
+            return
+        self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+
+    def refused(self, rc: int) -> str:
+        """Why paho refused a publish, with the disconnect cause when there is one."""
+        text = f"publish refused: {paho.error_string(rc)}"
+        gone = self._client._disconnected
+        if gone.done() and not gone.cancelled() and (exc := gone.exception()) is not None:
+            text = f"{text} ({_describe(exc)})"
+        return text
+
+    def close(self) -> None:
+        """Forget the messages in flight, stop the watchdog, give paho's callback back."""
+        self.flight.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self._fast:
+            del self.paho._handle_pubackcomp  # the class's method again
+            self._fast = False
+        if self.paho.on_publish == self.on_publish:
+            self.paho.on_publish = self._chained  # type: ignore[assignment]
+
+
+class MqttPublisher:
+    """Keeps one broker connection up and sends submitted messages in order."""
+
+    def __init__(
+        self, settings: BrokerSettings, *, name: str = "default", queue: SendQueue | None = None
+    ) -> None:
+        """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
+        self._s = settings
+        self._name = name
+        self._queue: SendQueue = queue if queue is not None else MemoryQueue(settings.max_queue)
+        self._tls = tls_context(settings.tls) if settings.tls is not None else None
+        self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._finished = asyncio.Event()
+        self._connected = False
+        self._running = False
+        self._closed = False
+        self._dropped = 0
+        # Acknowledged by links that ended, plus the current link's own count.
+        self._published = 0
+        self._link: _Link | None = None
+        self._overflowing = False
+        self._episode_dropped = 0
+        self._flush_waiters = FlushWaiters(self._queue)
+        #: The last connection or delivery failure, in words (for the web console).
+        self.last_error: str | None = None
+
+    # -- public state --
+
+    @property
+    def connected(self) -> bool:
+        """True while connected and the online status is published."""
+        return self._connected
+
+    @property
+    def pending(self) -> int:
+        """Messages submitted and not yet acknowledged."""
+        return len(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped because the queue was full (or invalid)."""
+        return self._dropped
+
+    @property
+    def published(self) -> int:
+        """Messages the broker acknowledged since start (QoS 0: written), status included."""
+        link = self._link
+        return self._published + (link.acked if link is not None else 0)
+
+    # -- producer side --
+
+    def notify(self) -> None:
+        """Wake the sender: the queue has something new (a durable queue filled itself)."""
+        self._wake.set()
+
+    def submit(self, msg: Message) -> None:
+        """Queue a message for sending; never blocks, never raises.
+
+        Call it from the event loop's thread (the queue is not thread-safe).
+        """
+        try:
+            if not msg.topic or msg.qos not in (0, 1, 2) or "+" in msg.topic or "#" in msg.topic:
+                self._dropped += 1
+                self._log.error("mqtt.invalid_message", topic=msg.topic, qos=msg.qos)
+                return
+            dropped = self._queue.push(msg)
+        except Exception:
+            # A broken queue implementation must not take the producer down with it.
+            self._dropped += 1
+            self._log.exception("mqtt.submit_failed", topic=getattr(msg, "topic", None))
+            return
+        if dropped:
+            self._note_dropped(dropped)
+            self._progress()
+        self._wake.set()
+
+    def _note_dropped(self, n: int) -> None:
+        self._dropped += n
+        self._episode_dropped += n
+        if not self._overflowing:
+            self._overflowing = True
+            self._log.warning(
+                "mqtt.queue_overflow",
+                max_queue=self._s.max_queue,
+                pending=len(self._queue),
+                dropped_now=n,
+                dropped_total=self._dropped,
+            )
+
+    def _check_overflow_end(self) -> None:
+        # Hysteresis: the episode ends once the queue is down to half, so a queue
+        # hovering at the bound does not log a warning per message.
+        if self._overflowing and len(self._queue) <= self._s.max_queue // 2:
+            self._log.info(
+                "mqtt.queue_overflow_ended",
+                dropped=self._episode_dropped,
+                dropped_total=self._dropped,
+            )
+            self._overflowing = False
+            self._episode_dropped = 0
+
+    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
+        """Wait until everything submitted so far is acknowledged; False on timeout."""
+        return await self._flush_waiters.wait(timeout)
+
+    def _progress(self) -> None:
+        self._wake.set()
+        self._check_overflow_end()
+        self._flush_waiters.progress()
+
+    # -- lifecycle --
+
+    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - grace period
+        """Flush what can be flushed, publish the offline status, disconnect cleanly."""
+        if self._closed:
+            return
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._running:
+            # Keep a slice of the budget for the offline status and the DISCONNECT. With
+            # the broker unreachable there is nothing to wait for: what is pending stays
+            # pending (the durable outbox keeps it for the next start).
+            if self._connected and not await self.flush(timeout * 0.7):
+                self._log.warning("mqtt.close_unflushed", pending=self.pending)
+            self._stop.set()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._finished.wait()
+            except TimeoutError:
+                self._log.warning("mqtt.close_timeout", pending=self.pending)
+        self._stop.set()
+        self._log.info("mqtt.closed", pending=self.pending, dropped=self._dropped)
+
+    async def run(self) -> None:
+        """Connect, reconnect and send the queue until cancelled or closed."""
+        if self._running:
+            raise RuntimeError(f"publisher {self._name} is already running")
+        self._running = True
+        self._finished.clear()
+        loop = asyncio.get_running_loop()
+        attempts = 0
+        outage_since: float | None = None
+        # Causes already logged at warning since the link was last stable: a repeat goes to
+        # debug. An outage with a warning ends with an info line; one of repeats only, such
+        # as a link flapping for the same known reason, ends at debug.
+        warned: set[str] = set()
+        outage_warned = False
+        # Links in a row that the broker closed soon after accepting them: the sign of a
+        # second client with our client id (a 3.1.1 broker just closes the old connection).
+        closed_early = 0
+
+        def failed(event: str, cause: Cause, **fields: Any) -> None:
+            nonlocal outage_warned
+            self.last_error = cause.text
+            if cause.key in warned:
+                self._log.debug(event, cause=cause.key, error=cause.text, **fields)
+                return
+            warned.add(cause.key)
+            outage_warned = True
+            self._log.warning(event, cause=cause.key, error=cause.text, **fields)
+
+        try:
+            while not self._stop.is_set():
+                client = self._make_client()
+                try:
+                    await self._connect(client)
+                except Exception as exc:  # any failure to connect is one more attempt
+                    attempts += 1
+                    closed_early = 0
+                    if outage_since is None:
+                        outage_since = loop.time()
+                    failed(
+                        "mqtt.broker_unreachable",
+                        classify(exc, self._s.client_id),
+                        attempt=attempts,
+                    )
+                    await self._pause(self._s.backoff.delay(attempts - 1))
+                    continue
+                if outage_since is not None:
+                    (self._log.info if outage_warned else self._log.debug)(
+                        "mqtt.broker_reconnected",
+                        outage_s=round(loop.time() - outage_since, 3),
+                        attempts=attempts,
+                        pending=self.pending,
+                    )
+                else:
+                    self._log.info("mqtt.broker_connected", pending=self.pending)
+                connected_at = loop.time()
+                outage_since = None
+                outage_warned = False
+                lost = await self._serve(client)
+                if lost is None:
+                    return  # closed cleanly
+                stable = loop.time() - connected_at > self._s.stable_after
+                if stable:
+                    warned.clear()
+                    closed_early = 0
+                # A link that dies right after connecting keeps the attempt count, so a
+                # flapping broker meets a growing backoff rather than a reconnect storm.
+                if loop.time() - connected_at > self._s.backoff.cap:
+                    attempts = 0
+                attempts += 1
+                outage_since = loop.time()
+                if lost.key == "closed" and not stable:
+                    closed_early += 1
+                    if closed_early >= 2:
+                        lost = _takeover(
+                            self._s.client_id,
+                            f"the broker closed {closed_early} connections in a row soon "
+                            "after accepting them",
+                        )
+                elif lost.key != "closed":
+                    closed_early = 0
+                failed("mqtt.broker_connection_lost", lost, pending=self.pending)
+                await self._pause(self._s.backoff.delay(attempts - 1))
+        finally:
+            self._connected = False
+            self._running = False
+            self._queue.requeue()
+            self._finished.set()
+
+    # -- connection internals --
+
+    def _make_client(self) -> aiomqtt.Client:
+        s = self._s
+        will = None
+        if s.status_topic:
+            will = aiomqtt.Will(s.status_topic, s.will_payload, qos=1, retain=True)
+        v5 = s.protocol == "5"
+        client = _Client(
+            s.host,
+            s.port,
+            username=s.username,
+            password=s.password,
+            identifier=s.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=will,
+            # The queue is ours: a fresh session each time, everything un-acked is resent.
+            clean_session=None if v5 else True,
+            keepalive=s.keepalive,
+            timeout=s.connect_timeout,
+            tls_context=self._tls,
+            # Unlimited in paho: the pump never hands it more than ``window`` messages, and
+            # with a limit paho scans every message in flight on each PUBACK.
+            max_inflight_messages=0,
+            # Small MQTT packets must not wait for Nagle's algorithm or delayed ACKs.
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        # aiomqtt warns per publish above 10 pending calls; the window is deliberate.
+        client.pending_calls_threshold = s.window + 10
+        # paho's blocking connect() runs in a thread; bound it the same way.
+        client._client.connect_timeout = s.connect_timeout
+        return client
+
+    async def _connect(self, client: aiomqtt.Client) -> None:
+        s = self._s
+        try:
+            # TCP connect and CONNACK are bounded by connect_timeout each; this is a guard.
+            async with asyncio.timeout(2 * s.connect_timeout + 1):
+                await client.__aenter__()
+        except BaseException:
+            _drop_socket(client)
+            raise
+        try:
+            if s.status_topic:
+                async with asyncio.timeout(s.ack_timeout):
+                    await client.publish(
+                        s.status_topic, s.online_payload, qos=1, retain=True, timeout=math.inf
+                    )
+                self._published += 1
+        except BaseException:
+            _drop_socket(client)
+            raise
+
+    async def _serve(self, client: aiomqtt.Client) -> Cause | None:
+        """Send until the link breaks (returns why) or close() stops it (returns None)."""
+        self._connected = True
+        link = _Link(
+            client,
+            ack_timeout=self._s.ack_timeout,
+            ack=self._queue.ack,
+            progress=self._progress,
+            wake=self._wake.set,
+        )
+        self._link = link
+        reason: Cause | None = None
+        try:
+            try:
+                async with asyncio.TaskGroup() as tg:
+                    tg.create_task(self._watch(client), name=f"mqtt-watch[{self._name}]")
+                    tg.create_task(self._pump(link), name=f"mqtt-pump[{self._name}]")
+                    tg.create_task(self._await_stop(), name=f"mqtt-stop[{self._name}]")
+            except* _StopRequested:
+                pass
+            except* (_LinkLost, aiomqtt.MqttError, OSError) as group:
+                causes = [classify(e, self._s.client_id) for e in group.exceptions]
+                reason = Cause(causes[0].key, "; ".join(c.text for c in causes))
+            except* Exception as group:
+                # A bug must not end publishing for good: log it and reconnect.
+                self._log.error("mqtt.publisher_error", exc_info=group)
+                reason = Cause("internal", "internal error")
+        except asyncio.CancelledError:
+            # Cancelled without close(): skip the DISCONNECT so the broker sends the will.
+            _drop_socket(client)
+            raise
+        finally:
+            self._connected = False
+            # Late PUBACKs of this connection must not ack what is requeued below.
+            link.close()
+            self._published += link.acked
+            self._link = None
+            self._queue.requeue()
+        if reason is not None:
+            _drop_socket(client)
+            return reason
+        await self._say_goodbye(client)
+        return None
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        s = self._s
+        offline_sent = not s.status_topic
+        try:
+            if s.status_topic:
+                async with asyncio.timeout(max(s.connect_timeout, 1.0)):
+                    goodbye = s.offline_status() if s.offline_status else s.offline_payload
+                    await client.publish(
+                        s.status_topic, goodbye, qos=1, retain=True, timeout=math.inf
+                    )
+                offline_sent = True
+                self._published += 1
+            async with asyncio.timeout(s.connect_timeout):
+                await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            self._log.warning("mqtt.goodbye_failed", error=_describe(exc))
+            _drop_socket(client)
+        if not offline_sent:
+            # Dropped without DISCONNECT above: the broker publishes the last will instead.
+            self._log.info("mqtt.offline_via_will")
+
+    async def _await_stop(self) -> None:
+        await self._stop.wait()
+        raise _StopRequested
+
+    async def _watch(self, client: aiomqtt.Client) -> None:
+        # We subscribe to nothing: the iterator only ends, with MqttError, when the
+        # connection drops, which is the one public disconnect signal aiomqtt 2 offers.
+        try:
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError:
+            # "Disconnected during message iteration" says nothing: the disconnect itself
+            # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
+            gone = client._disconnected
+            exc = gone.exception() if gone.done() and not gone.cancelled() else None
+            value = getattr(getattr(exc, "rc", None), "value", None)
+            if value == _RC_SESSION_TAKEN_OVER:
+                raise _LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
+            raise _LinkLost(
+                "connection closed by the broker or the network"
+                + (f" ({_describe(exc)})" if exc is not None else ""),
+                "closed",
+            ) from None
+        raise _LinkLost("message stream ended", "closed")
+
+    async def _pump(self, link: _Link) -> None:
+        # The hot path: no task, future or timeout per message. paho queues the packets and
+        # _Client writes the whole burst once we yield; _Link acks by packet id and one
+        # timer watches the oldest message.
+        queue = self._queue
+        window = self._s.window
+        flight = link.flight
+        publish = link.paho.publish
+        loop = asyncio.get_running_loop()
+        while True:
+            if link.failure is not None:
+                raise _LinkLost(link.failure, link.failure_key)
+            if queue.in_flight < window and (item := queue.take()) is not None:
+                now = loop.time()
+                while item is not None:
+                    key, msg = item
+                    try:
+                        info = publish(msg.topic, msg.payload, msg.qos, msg.retain)
+                    except (ValueError, TypeError) as exc:
+                        # paho refuses it for good (bad topic, payload too large): sending
+                        # it again after a reconnect would fail the same way.
+                        self._reject(key, msg, exc)
+                    else:
+                        if info.rc != paho.MQTT_ERR_SUCCESS:
+                            raise _LinkLost(link.refused(info.rc), "closed")
+                        mid = info.mid
+                        if mid in flight:
+                            # paho's packet ids wrapped onto one still unacknowledged.
+                            raise _LinkLost(f"packet id {mid} still in flight")
+                        flight[mid] = (key, now)
+                    item = queue.take() if queue.in_flight < window else None
+                link.arm()
+                continue
+            self._wake.clear()
+            await self._wake.wait()
+
+    def _reject(self, key: int, msg: Message, exc: Exception) -> None:
+        self._queue.ack(key)
+        self._dropped += 1
+        self._log.error("mqtt.message_rejected", topic=msg.topic, error=_describe(exc))
+        self._progress()
+
+    async def _pause(self, seconds: float) -> None:
+        # Interruptible by close(): a publisher waiting for a dead broker stops at once.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stop.wait()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _drop_socket(client: aiomqtt.Client) -> None:
+    """Close the client's socket without an MQTT DISCONNECT.
+
+    aiomqtt 2 has no abort: its exit sends DISCONNECT (which discards the last will) and
+    waits for the broker, and after a failed connect it leaves the socket open. paho's
+    ``_sock_close`` also unregisters aiomqtt's reader and stops its timer task.
+    """
+    inner: paho.Client = client._client
+    with contextlib.suppress(Exception):
+        inner._sock_close()
+    # Mark a disconnect error as seen, or asyncio logs "exception was never retrieved".
+    gone = client._disconnected
+    if gone.done() and not gone.cancelled():
+        gone.exception()
