@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import random
 import re
 import resource
 import shutil
@@ -173,26 +174,38 @@ class LoadSim:
 
 @contextlib.asynccontextmanager
 async def load_sim(workdir: Path, *args: str) -> AsyncIterator[LoadSim]:
-    """Start the load simulator, wait for its ready line; stop it and read its stats."""
+    """Start the load simulator, wait for its ready line; stop it and read its stats.
+
+    Without ``--base-port`` in ``args`` the devices get a random block of ports, drawn again
+    when one is taken (another benchmark or test on the same machine), up to five times.
+    """
     stats_file = workdir / "load-stats.json"
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "simulators.load",
-        "--uvloop",
-        "--stats",
-        str(stats_file),
-        *args,
-        cwd=ROOT,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=(workdir / "load.log").open("wb"),
-    )
-    assert proc.stdout is not None
-    try:
+    rng = random.Random()
+    for attempt in range(5):
+        ports = () if "--base-port" in args else ("--base-port", str(rng.randrange(20_000, 50_000)))
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "simulators.load",
+            "--uvloop",
+            "--stats",
+            str(stats_file),
+            *ports,
+            *args,
+            cwd=ROOT,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=(workdir / "load.log").open("wb"),
+        )
+        assert proc.stdout is not None
         async with asyncio.timeout(30):
             line = await proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"load simulator failed: {(workdir / 'load.log').read_text()}")
+        if line:
+            break
+        await stop(proc, 20)
+        log = (workdir / "load.log").read_text()
+        if not ports or "address already in use" not in log or attempt == 4:
+            raise RuntimeError(f"load simulator failed: {log}")
+    try:
         ready = json.loads(line)
         sim = LoadSim(proc, ready["devices"], stats_file)
         yield sim
