@@ -71,12 +71,13 @@ from gateway.delivery.influx.sink import (
     SINK_NAME,
     EnvelopeSink,
     InfluxSink,
-    SinkRunner,
     TelemetryLine,
+    history_runner,
     settings_for,
 )
 from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.sink import SinkRunner
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.health import HealthServer
@@ -342,7 +343,7 @@ class Gateway:
             iq = self.outbox.queue(Route(SINK_NAME), clock=clock, delayed_after=ob.delayed_after)
             events_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(events_sink)
-            self.influx = SinkRunner(
+            self.influx = history_runner(
                 EnvelopeSink(events_sink),
                 name=SINK_NAME,
                 queue=iq,
@@ -359,7 +360,7 @@ class Gateway:
             self._influx_sinks.append(telemetry_sink)
             # Bounded in count and bytes: a history database slower than the load loses
             # its oldest telemetry first (counted), never an event, never a poll.
-            self.telemetry = SinkRunner(
+            self.telemetry = history_runner(
                 telemetry_sink,
                 name=f"{SINK_NAME}.telemetry",
                 clock=clock,
