@@ -1,19 +1,21 @@
 """Optional history sink: telemetry and order/state events as points in InfluxDB (v2 API).
 
-Three layers, so the durable outbox can take the queue's place:
+Three layers:
 
 * **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
   :class:`Point` (measurement, tags ``site area line machine``, plus ``order`` on events
   and, with ``order_tag``, on telemetry; fields, time);
   :func:`to_line` renders InfluxDB line protocol.
-* **Sink**: anything with ``write(batch) -> None`` that raises on failure
+* **Writer**: anything with ``write(batch) -> None`` that raises on failure
   (:class:`SinkRejected` when the server refuses the data itself, anything else when it is
   worth retrying). :class:`InfluxSink` writes through influxdb-client's v2 write API.
-* **SinkRunner**: takes items from a :class:`SinkQueue` (the same ack protocol as the MQTT
-  publisher's ``SendQueue``: ``take`` / ``ack`` / ``requeue``), writes them in batches of
-  ``batch_size`` or every ``flush_interval`` seconds, and retries with jittered backoff.
-  An item leaves the queue only after the sink accepted it, so an InfluxDB outage loses
-  nothing the queue can hold; give it an outbox cursor and it loses nothing at all.
+* **Sink**: :class:`HistorySink` makes a writer one implementation of the output interface
+  (:class:`gateway.delivery.sink.Sink`); :func:`history_runner` puts it behind the one
+  :class:`~gateway.delivery.sink.SinkRunner`, which takes items from a queue (a memory queue
+  or an outbox cursor), writes them in batches of ``batch_size`` or every
+  ``flush_interval`` seconds, and retries with jittered backoff. An item leaves the queue
+  only after the writer accepted it, so an InfluxDB outage loses nothing the queue can
+  hold; give it an outbox cursor and it loses nothing at all.
 
 Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal, the
 order as the ``order_id`` field so orders do not multiply its series; a tag with

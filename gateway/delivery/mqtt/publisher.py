@@ -1,8 +1,10 @@
 """MQTT publisher: an ordered, bounded, at-least-once send queue to one broker.
 
-One :class:`MqttPublisher` per destination broker. Producers call :meth:`submit`
-(non-blocking, never raises); :meth:`run` keeps a connection up and drains the queue;
-:meth:`close` flushes, publishes the offline status and disconnects.
+One :class:`MqttPublisher` per destination broker: the one
+:class:`~gateway.delivery.sink.SinkRunner` feeding an :class:`MqttSink` (the MQTT
+implementation of the output interface). Producers call :meth:`submit` (non-blocking, never
+raises); :meth:`run` keeps a connection up and drains the queue; :meth:`close` flushes,
+publishes the offline status and disconnects.
 
 Delivery contract:
 
@@ -26,8 +28,9 @@ Delivery contract:
   stuck: the connection is dropped and everything un-acknowledged is sent again.
 
 How it sends: aiomqtt connects (TLS, last will, CONNACK) and reports the disconnect; the
-queue goes to paho directly. One pump hands paho up to ``window`` messages, remembers
-packet id -> queue key, and acks the key when paho reports the PUBACK (QoS 0: the write).
+queue goes to paho directly. The runner's pump hands :meth:`MqttSink.send` up to ``window``
+messages; it gives them to paho, remembers packet id -> queue key, and acks the key when
+paho reports the PUBACK (QoS 0: the write).
 No task, future or timeout per message: one timer watches the oldest message in flight.
 paho's own in-flight limit is off (the window bounds it) and a refused publish (no
 connection, packet ids exhausted) counts as a lost link; a message paho rejects for good
@@ -833,8 +836,7 @@ class MqttPublisher(SinkRunner[Message]):
             name=name,
             settings=runner_settings(settings, limit=limit),
         )
-        self._bound_log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
-        self._log = self._bound_log
+        self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
 
     @property
     def published(self) -> int:
