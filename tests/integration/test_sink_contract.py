@@ -89,7 +89,7 @@ class MqttDestination:
 
     def runner(self, queue: RecordingQueue) -> SinkRunner[Any]:
         settings = BrokerSettings(
-            host=broker_host(self.broker),
+            host=self.broker.host,
             port=self.broker.port,
             client_id=f"contract-{next(_clients)}",
             status_topic="contract/status",
@@ -118,10 +118,6 @@ class MqttDestination:
 
     def restart(self) -> None:
         self.broker.start()
-
-
-def broker_host(broker: MosquittoBroker) -> str:
-    return broker.host
 
 
 class InfluxDestination:
