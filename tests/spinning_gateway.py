@@ -13,10 +13,10 @@ import sys
 from typing import Any
 
 from gateway.cli import main as cli
-from gateway.delivery.influx.sink import SinkRunner
+from gateway.delivery.sink import SinkRunner
 
 
-async def _spin(self: SinkRunner[Any]) -> list[Any]:
+async def _spin(self: SinkRunner[Any], room: int) -> list[Any]:
     while True:  # the bug under test: a loop that never awaits
         if self._queue.take() is not None:
             self._queue.requeue()

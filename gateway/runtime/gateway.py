@@ -1,13 +1,13 @@
-"""The imperative shell: wires adapters, mapping, trackers and the publisher together.
+"""The imperative shell: wires adapters, mapping, trackers and the outputs together.
 
 Task layout (one root ``asyncio.TaskGroup``)::
 
     outbox               commits events with their tracker state (SQLite, worker thread)
-    publisher[<name>]    one per destination: connect / reconnect / send its outbox queue
+    publisher[<name>]    one per output (:mod:`gateway.delivery.registry`: MQTT destinations,
+                         the history): one runner each, feeding its outbox queue or memory
     device[<id>]         one supervisor per machine: connect, read, map, track, emit
     ticker               time-driven tracker work (progress interval, ETA) once a second
     commands             the downlink: order commands from platforms
-    influxdb             optional history sink, fed from its own outbox position
     health               /healthz, /metrics and the web console on a local port (aiohttp);
                          sd_notify watchdog pings
 
@@ -47,7 +47,6 @@ from adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 from gateway import __version__
 from gateway.config.loader import (
     ConfigError,
-    DestinationPlan,
     GatewayPlan,
     MachinePlan,
     OutboxPlan,
@@ -65,18 +64,14 @@ from gateway.core.backoff import Backoff, aligned
 from gateway.core.derive import StateFromCounts
 from gateway.core.mapping import Mapper
 from gateway.core.model import Event, Location, Quality, Sample
-from gateway.core.routing import Route, RouteRules, Subject, accepts, machine_visible, state_view
+from gateway.core.routing import RouteRules, Subject, accepts, machine_visible, state_view
 from gateway.core.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
-from gateway.delivery.influx.sink import (
-    SINK_NAME,
-    EnvelopeSink,
-    InfluxSink,
-    SinkRunner,
-    TelemetryLine,
-    settings_for,
-)
-from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
+from gateway.delivery import registry as output_registry
+from gateway.delivery.mqtt.output import broker_settings, destinations
+from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.registry import Output, TelemetryEncoder, Wiring
+from gateway.delivery.sink import SinkRunner
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.health import HealthServer
@@ -87,10 +82,6 @@ from gateway.runtime.systemd import Notifier
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
-
-
-#: Signals that identify a person; they stay inside the gateway.
-PERSONAL_SIGNALS = frozenset({"operator"})
 
 
 #: Distinct causes logged at warning per outage at most (a cause text that varies on every
@@ -130,9 +121,8 @@ class _Machine:
     rejections_logged: set[str] = field(default_factory=set)
     #: For machines that map no ``state`` signal: a state derived from the counters.
     derived_state: StateFromCounts | None = None
-    #: The history's line for each poll; the operator badge is personal data and never
-    #: goes into the history.
-    telemetry_line: TelemetryLine = field(default_factory=lambda: TelemetryLine(PERSONAL_SIGNALS))
+    #: Each telemetry-taking output's runner with this machine's encoder for it.
+    telemetry: list[tuple[SinkRunner[Any], TelemetryEncoder]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.refresh_derived()
@@ -150,58 +140,6 @@ class _Machine:
 _FINISHED_CUSTOMERS = 64
 #: How often the retained status is refreshed with the outbox backlog, in seconds.
 STATUS_INTERVAL = 10.0
-
-
-def broker_settings(
-    plan: GatewayPlan,
-    topics: Topics,
-    started_at: float,
-    destination: DestinationPlan | None = None,
-    clock: Clock = time.time,
-) -> BrokerSettings:
-    """Translate one destination's broker (default: the first) into publisher settings.
-
-    The offline status of a clean shutdown is built when it is sent (``clock()`` then), so
-    its ``time`` says when the gateway stopped; the last will's is the registration time.
-    """
-    b = destination.broker if destination is not None else plan.broker
-    tls = (
-        TlsSettings(
-            ca_file=b.tls.ca_file,
-            cert_file=b.tls.cert_file,
-            key_file=b.tls.key_file,
-            verify_hostname=b.tls.verify_hostname,
-        )
-        if b.tls is not None
-        else None
-    )
-
-    def status(state: str, reason: str | None, now: float = started_at) -> bytes:
-        return encode_status(
-            state,  # type: ignore[arg-type]
-            gateway_id=plan.gateway_id,
-            version=__version__,
-            started_at=started_at,
-            now=now,
-            reason=reason,
-        )
-
-    return BrokerSettings(
-        host=b.host,
-        port=b.port,
-        client_id=b.client_id,
-        username=b.username,
-        password=b.password.get_secret_value() if b.password is not None else None,
-        tls=tls,
-        keepalive=b.keepalive,
-        status_topic=topics.status(),
-        online_payload=status("online", None),
-        will_payload=status("offline", "connection lost"),
-        offline_payload=status("offline", "shutdown"),
-        offline_status=lambda: status("offline", "shutdown", clock()),
-        max_queue=b.max_queue,
-        protocol=b.protocol,
-    )
 
 
 #: Seconds after which a shutdown that has not finished logs what it is waiting for.
@@ -251,11 +189,6 @@ async def _report_slow_shutdown() -> None:
     log.warning("gateway.shutdown_slow", after_s=SLOW_SHUTDOWN, waiting_for=pending)
 
 
-def batch_topic(topics: Topics) -> str:
-    """Topic of CloudEvents batches (``application/cloudevents-batch+json``) of a gateway."""
-    return f"{topics.prefix}/{topics.site}/gateway/{topics.gateway_id}/batch"
-
-
 def outbox_plan(plan: GatewayPlan) -> OutboxPlan:
     """The plan's outbox settings (a plan built by hand gets ``./var``)."""
     if plan.outbox is not None:
@@ -263,15 +196,6 @@ def outbox_plan(plan: GatewayPlan) -> OutboxPlan:
     from pathlib import Path
 
     return OutboxPlan(Path("var") / "shopfloor-outbox.db", 1_000_000, 5.0)
-
-
-def destinations(plan: GatewayPlan) -> tuple[DestinationPlan, ...]:
-    """The plan's destinations (a plan built by hand: its broker as ``default``)."""
-    if plan.destinations:
-        return plan.destinations
-    from gateway.core.routing import Route
-
-    return (DestinationPlan("default", plan.broker, Route("default")),)
 
 
 #: Reconnect delays of a device: a device that is back is read again within 31 s at worst.
@@ -309,62 +233,40 @@ class Gateway:
         self.started_at = clock()
         self.destinations = destinations(plan)
         ob = outbox_plan(plan)
-        sink_names = [SINK_NAME] if plan.influxdb is not None else []
-        self.outbox = Outbox(
-            ob.path, [d.name for d in self.destinations] + sink_names, max_events=ob.max_events
-        )
+        self.outbox = Outbox(ob.path, output_registry.positions(plan), max_events=ob.max_events)
         secret = (
             plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
         )
-        self.publishers: dict[str, MqttPublisher] = {}
-        self.queues: dict[str, OutboxQueue] = {}
-        for d in self.destinations:
-            q = self.outbox.queue(
-                d.route,
-                clock=clock,
-                delayed_after=ob.delayed_after,
-                batch_topic=batch_topic(self.topics) if d.route.batch else None,
-                secret=secret,
-            )
-            pub = MqttPublisher(
-                broker_settings(plan, self.topics, self.started_at, d, clock),
-                name=d.name,
-                queue=q,
-            )
-            q.waker = pub.notify
-            self.publishers[d.name] = pub
-            self.queues[d.name] = q
         self._secret = secret
-        #: The history sink reads the outbox like a destination, so an outage loses nothing.
-        self.influx: SinkRunner[Any] | None = None
-        self._influx_sinks: list[InfluxSink] = []
-        if plan.influxdb is not None:
-            iq = self.outbox.queue(Route(SINK_NAME), clock=clock, delayed_after=ob.delayed_after)
-            events_sink = InfluxSink(plan.influxdb)
-            self._influx_sinks.append(events_sink)
-            self.influx = SinkRunner(
-                EnvelopeSink(events_sink),
-                name=SINK_NAME,
-                queue=iq,
-                clock=clock,
-                settings=settings_for(plan.influxdb),
+        #: Every output (MQTT destinations, the history, ...), built through the registry.
+        self.outputs: dict[str, Output] = {
+            o.name: o
+            for o in output_registry.build(
+                Wiring(
+                    plan=plan,
+                    outbox=self.outbox,
+                    topics=self.topics,
+                    started_at=self.started_at,
+                    clock=clock,
+                    secret=secret,
+                    delayed_after=ob.delayed_after,
+                    outbox_limit=ob.max_events,
+                )
             )
-            iq.waker = self.influx.notify
-            self.queues[SINK_NAME] = iq
-        #: Telemetry (every read) goes to the history through memory only: in an outage it
-        #: is the first thing to give up, as the outbox's overflow policy says.
-        self.telemetry: SinkRunner[Any] | None = None
-        if plan.influxdb is not None and plan.influxdb.telemetry:
-            telemetry_sink = InfluxSink(plan.influxdb)
-            self._influx_sinks.append(telemetry_sink)
-            # Bounded in count and bytes: a history database slower than the load loses
-            # its oldest telemetry first (counted), never an event, never a poll.
-            self.telemetry = SinkRunner(
-                telemetry_sink,
-                name=f"{SINK_NAME}.telemetry",
-                clock=clock,
-                settings=settings_for(plan.influxdb),
-            )
+        }
+        #: Every output's runner, by name.
+        self.publishers: dict[str, SinkRunner[Any]] = {
+            name: o.runner for name, o in self.outputs.items()
+        }
+        #: The outbox queue of each output that reads the outbox.
+        self.queues: dict[str, OutboxQueue] = {
+            name: o.queue for name, o in self.outputs.items() if o.queue is not None
+        }
+        #: Outputs that take events (through the outbox), retained state, status.
+        self._durable = [o for o in self.outputs.values() if o.queue is not None]
+        self._stateful = [o for o in self.outputs.values() if o.accepts("state")]
+        self._status = [o for o in self.outputs.values() if o.accepts("status")]
+        self._telemetry = [o for o in self.outputs.values() if o.telemetry is not None]
         self.metrics = Metrics(
             gateway_id=plan.gateway_id,
             started_at=self.started_at,
@@ -377,12 +279,11 @@ class Gateway:
         self.metrics.configure(m.id for m in plan.machines)
         for name, queue in self.queues.items():
             queue.on_delivered = self.metrics.delivery(name).observe
-        self._sinks = frozenset(sink_names)
-        # Every destination and sink when no destination filters events (the common case:
+        # Every output that reads the outbox when none filters events (the common case:
         # no per-event routing then); None when some do.
         self._everywhere: frozenset[str] | None = (
-            frozenset(d.name for d in self.destinations) | self._sinks
-            if all(d.route.rules == RouteRules() for d in self.destinations)
+            frozenset(o.name for o in self._durable)
+            if all(o.rules == RouteRules() for o in self._durable)
             else None
         )
         self._outbox_limit = ob.max_events
@@ -399,8 +300,6 @@ class Gateway:
         self.publisher = self.publishers[self.destinations[0].name]
         self._customers: dict[str, dict[str, str | None]] = {}
         self._status_sent: dict[str, int] = {}
-        #: The order as a tag of the telemetry history (a series per order) or a field.
-        self._order_tag = plan.influxdb is not None and plan.influxdb.order_tag
         self.machines: dict[str, _Machine] = {m.id: self._new_machine(m) for m in plan.machines}
         self.events_emitted = 0
         #: Where each machine lives; shared with the command listener and kept current.
@@ -469,11 +368,6 @@ class Gateway:
                     self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
-                for runner in (self.influx, self.telemetry):
-                    if runner is not None:
-                        publisher_tasks.append(
-                            self._core_task(asyncio.create_task(runner.run(), name=runner.name))
-                        )
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
@@ -522,9 +416,10 @@ class Gateway:
                     m.status.connected = False
             await self._close_publishers(publisher_tasks)
             await self.outbox.close()
-            for sink in self._influx_sinks:
-                with contextlib.suppress(Exception):
-                    sink.close()
+            for o in self.outputs.values():
+                for release in o.release:
+                    with contextlib.suppress(Exception):
+                        release()
             if self.health is not None:
                 await self.health.close()
             self.notifier.close()
@@ -533,7 +428,7 @@ class Gateway:
             log.info(
                 "gateway.stopped",
                 events=self.events_emitted,
-                unsent={n: self.outbox.backlog(n) for n in self.publishers},
+                unsent=self.backlog(),
             )
 
     def _core_task(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
@@ -575,9 +470,6 @@ class Gateway:
     async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
         closing = [pub.close(timeout=self._grace) for pub in self.publishers.values()]
-        for runner in (self.influx, self.telemetry):
-            if runner is not None:
-                closing.append(runner.close(self._grace))
         await asyncio.gather(*closing, return_exceptions=True)
         for t in tasks:
             t.cancel()
@@ -634,8 +526,8 @@ class Gateway:
         known.update(live)
 
     def backlog(self) -> dict[str, int]:
-        """Events stored per destination and not yet acknowledged by its broker."""
-        return {name: self.outbox.backlog(name) for name in self.publishers}
+        """Events stored per outbox reader and not yet acknowledged by its destination."""
+        return {name: self.outbox.backlog(name) for name in self.queues}
 
     # ------------------------------------------------------------------ reload
 
@@ -785,22 +677,17 @@ class Gateway:
         self.metrics.set_outbox_writable(not self.outbox.disk_full)
         stats = self.outbox.stats
         self.metrics.outbox_dropped(stats.dropped_telemetry, stats.dropped_progress)
-        for name, pub in self.publishers.items():
-            queue = self.queues[name]
-            self.metrics.destination_state(
-                name,
-                connected=pub.connected,
-                backlog=self.outbox.backlog(name),
-                oldest_age=self._oldest_age(queue, now),
-                published_total=pub.published,
-                dropped_total=pub.dropped,
-                limit=self._outbox_limit,
-            )
+        for name, o in self.outputs.items():
+            if o.queue is None:
+                o.runner.report(self.metrics)
+            else:
+                o.runner.report(
+                    self.metrics,
+                    backlog=self.outbox.backlog(name),
+                    oldest_age=self._oldest_age(o.queue, now),
+                )
         for c in self.listeners:
             self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
-        for runner in (self.influx, self.telemetry):
-            if runner is not None:
-                runner.report(self.metrics)
         if self.watch is not None:
             self.metrics.loop_lag(self.watch.take_worst_lag(), self.watch.stalls)
 
@@ -811,8 +698,9 @@ class Gateway:
 
     def _publish_status(self, now: float) -> None:
         """Refresh the retained online status when a destination's backlog changed."""
-        for name, pub in self.publishers.items():
-            backlog = self.outbox.backlog(name)
+        for o in self._status:
+            name = o.name
+            backlog = self.outbox.backlog(name) if o.queue is not None else o.runner.pending
             if self._status_sent.get(name) == backlog:
                 continue
             self._status_sent[name] = backlog
@@ -824,7 +712,7 @@ class Gateway:
                 now=now,
                 extra={**self.metrics.summary(now), "backlog": backlog},
             )
-            pub.submit(Message(self.topics.status(), payload, 1, True))
+            o.runner.submit(Message(self.topics.status(), payload, 1, True))
 
     def _new_machine(self, plan: MachinePlan) -> _Machine:
         """A machine's runtime state; its history line never carries personal signals."""
@@ -832,7 +720,7 @@ class Gateway:
             plan,
             MachineTracker(plan.id, plan.tracker),
             Mapper(plan.signals),
-            telemetry_line=TelemetryLine(PERSONAL_SIGNALS, order_tag=self._order_tag),
+            telemetry=[(o.runner, o.telemetry()) for o in self._telemetry if o.telemetry],
         )
 
     async def _supervise(self, m: _Machine) -> None:
@@ -948,11 +836,7 @@ class Gateway:
 
     def delivery_errors(self) -> dict[str, str | None]:
         """The last error of each destination and sink (for the web console)."""
-        errors: dict[str, str | None] = {n: p.last_error for n, p in self.publishers.items()}
-        for runner in (self.influx, self.telemetry):
-            if runner is not None:
-                errors[runner.name] = runner.last_error
-        return errors
+        return {n: p.last_error for n, p in self.publishers.items()}
 
     def in_flight(self) -> dict[str, int]:
         """Events handed to each destination and sink, not yet acknowledged (web console)."""
@@ -1011,10 +895,10 @@ class Gateway:
             self._log_rejections(m, rejections)
             if rejections:
                 self.metrics.counter_readings_rejected(m.plan.id, m.tracker.rejected_total)
-        if self.telemetry is not None:
-            line = m.telemetry_line.line(m.plan.location, mapped, m.tracker.order_id)
-            if line is not None:
-                self.telemetry.submit(line)
+        for runner, encoder in m.telemetry:
+            record = encoder.encode(m.plan.location, mapped, m.tracker.order_id)
+            if record is not None:
+                runner.submit(record)
 
     @staticmethod
     def _log_rejections(m: _Machine, rejections: Sequence[Rejection]) -> None:
@@ -1061,10 +945,7 @@ class Gateway:
                 subject = Subject(
                     machine, "event", event.type, order_id, customers.get(order_id or "")
                 )
-                names = (
-                    frozenset(d.name for d in self.destinations if accepts(d.route.rules, subject))
-                    | self._sinks
-                )
+                names = frozenset(o.name for o in self._durable if accepts(o.rules, subject))
             entries.append(
                 Entry(
                     machine=machine,
@@ -1102,23 +983,23 @@ class Gateway:
         queue = m.tracker.queued_orders() if self._everywhere is None else None
         # Destinations that see the whole snapshot (the common case: all) share one encoding.
         shared: bytes | None = None
-        for d in self.destinations:
-            if not machine_visible(d.route.rules, m.plan.id):
+        for o in self._stateful:
+            if not machine_visible(o.rules, m.plan.id):
                 continue
-            view = state_view(d.route.rules, snapshot, customer, queue)
+            view = state_view(o.rules, snapshot, customer, queue)
             if view is not snapshot:
                 payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
             elif shared is None:
                 payload = shared = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
             else:
                 payload = shared
-            payload = redact_payload(payload, d.route.operator, self._secret)
-            self.publishers[d.name].submit(Message(topic, payload, 1, True))
+            payload = redact_payload(payload, o.operator, self._secret)
+            o.runner.submit(Message(topic, payload, 1, True))
 
     def _clear_state(self, machine: str, loc: Location) -> None:
-        for d in self.destinations:
-            if machine_visible(d.route.rules, machine):
-                self.publishers[d.name].submit(Message(self.topics.state(loc), b"", 1, True))
+        for o in self._stateful:
+            if machine_visible(o.rules, machine):
+                o.runner.submit(Message(self.topics.state(loc), b"", 1, True))
 
 
 #: The stdlib logger behind ``log``: its level decides whether a debug line goes anywhere.

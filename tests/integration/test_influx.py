@@ -29,13 +29,14 @@ from gateway.delivery.influx.sink import (
     Point,
     RunnerSettings,
     SinkRejected,
-    SinkRunner,
     envelope_point,
     event_point,
+    history_runner,
     runner_for,
     telemetry_point,
     to_line,
 )
+from gateway.delivery.sink import SinkRunner
 from gateway.runtime.metrics import Metrics
 from tests.brokers import VictoriaMetrics
 
@@ -277,7 +278,7 @@ async def running(runner: SinkRunner[Any]) -> AsyncIterator[asyncio.Task[None]]:
 
 async def test_batches_are_cut_at_batch_size() -> None:
     sink = ListSink()
-    runner = SinkRunner(sink, settings=RunnerSettings(batch_size=4, flush_interval=30))
+    runner = history_runner(sink, settings=RunnerSettings(batch_size=4, flush_interval=30))
     async with running(runner):
         for i in range(10):
             runner.submit(i)
@@ -290,7 +291,7 @@ async def test_batches_are_cut_at_batch_size() -> None:
 
 async def test_a_partial_batch_goes_after_the_flush_interval() -> None:
     sink = ListSink()
-    runner = SinkRunner(sink, settings=RunnerSettings(batch_size=100, flush_interval=0.05))
+    runner = history_runner(sink, settings=RunnerSettings(batch_size=100, flush_interval=0.05))
     async with running(runner):
         runner.submit(1)
         runner.submit(2)
@@ -301,7 +302,7 @@ async def test_a_partial_batch_goes_after_the_flush_interval() -> None:
 async def test_failures_retry_in_order_lose_nothing_and_log_once_per_episode() -> None:
     sink = ListSink(fail=4)
     settings = RunnerSettings(batch_size=3, flush_interval=0.01, backoff=FAST)
-    runner = SinkRunner(sink, settings=settings)
+    runner = history_runner(sink, settings=settings)
     with capture_logs() as logs:
         async with running(runner):
             for i in range(7):
@@ -321,7 +322,7 @@ async def test_failures_retry_in_order_lose_nothing_and_log_once_per_episode() -
 async def test_rejected_items_are_isolated_and_dropped_alone() -> None:
     sink = ListSink(reject=[3])
     settings = RunnerSettings(batch_size=5, flush_interval=0.01, backoff=FAST)
-    runner = SinkRunner(sink, settings=settings)
+    runner = history_runner(sink, settings=settings)
     with capture_logs() as logs:
         async with running(runner):
             for i in range(6):
@@ -334,7 +335,7 @@ async def test_rejected_items_are_isolated_and_dropped_alone() -> None:
 
 async def test_overflow_drops_the_oldest_and_counts() -> None:
     sink = ListSink()
-    runner = SinkRunner(sink, settings=RunnerSettings(max_queue=3, flush_interval=0.01))
+    runner = history_runner(sink, settings=RunnerSettings(max_queue=3, flush_interval=0.01))
     for i in range(5):  # not running yet: the queue fills up
         runner.submit(i)
     assert runner.dropped == 2 and runner.pending == 3
@@ -347,7 +348,7 @@ async def test_close_while_the_sink_is_down_returns_and_keeps_the_items() -> Non
     sink = ListSink(fail=10**6)
     queue: MemorySinkQueue[int] = MemorySinkQueue(100)
     settings = RunnerSettings(flush_interval=0.01, backoff=FAST)
-    runner = SinkRunner(sink, settings=settings, queue=queue)
+    runner = history_runner(sink, settings=settings, queue=queue)
     task = asyncio.create_task(runner.run())
     runner.submit(1)
     runner.submit(2)
@@ -362,7 +363,7 @@ async def test_close_while_the_sink_is_down_returns_and_keeps_the_items() -> Non
 async def test_report_feeds_the_gateway_metrics() -> None:
     now = [100.0]
     sink = ListSink(fail=10**6)
-    runner = SinkRunner(
+    runner = history_runner(
         sink, settings=RunnerSettings(max_queue=1000), clock=lambda: now[0], name="history"
     )
     runner.submit(1)
@@ -381,7 +382,7 @@ async def test_report_feeds_the_gateway_metrics() -> None:
 async def test_a_queue_that_fills_itself_wakes_the_runner_with_notify() -> None:
     sink = ListSink()
     queue: MemorySinkQueue[int] = MemorySinkQueue(100)
-    runner = SinkRunner(sink, settings=RunnerSettings(flush_interval=0.01), queue=queue)
+    runner = history_runner(sink, settings=RunnerSettings(flush_interval=0.01), queue=queue)
     async with running(runner):
         queue.push(7)  # as an outbox cursor would, behind the runner's back
         runner.notify()
@@ -485,7 +486,7 @@ async def test_an_outage_loses_nothing(tmp_path: Path) -> None:
     vm = VictoriaMetrics(tmp_path / "vm")
     settings = RunnerSettings(batch_size=50, flush_interval=0.02, backoff=FAST, write_timeout=5)
     config = _config(vm.url, timeout=2)
-    runner = SinkRunner(InfluxSink(config), settings=settings)
+    runner = history_runner(InfluxSink(config), settings=settings)
     now = time.time()
     try:
         with capture_logs() as logs:
@@ -520,8 +521,7 @@ async def test_an_unwritable_point_is_refused_and_good_ones_still_go(
 ) -> None:
     # A point with no measurement cannot be written: the sink refuses the batch as
     # data (not as an outage), so the runner isolates it instead of retrying for ever.
-    runner = runner_for(_config(victoria.url, flush_interval=0.02))
-    sink = runner.sink
+    sink = InfluxSink(_config(victoria.url, flush_interval=0.02))
     now = time.time()
     good = Point("shopfloor_order", {"machine": "m"}, {"good": 1.0}, now)
     with pytest.raises(SinkRejected):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from gateway.delivery.influx.sink import RunnerSettings, SinkRunner
+from gateway.delivery.influx.sink import RunnerSettings, history_runner
 from gateway.delivery.sendqueue import MemorySinkQueue
 
 #: take() calls without the loop getting a turn in between: far more than a batch needs.
@@ -78,7 +78,7 @@ class Store:
 async def test_items_counted_before_they_can_be_taken_are_awaited(batch_size: int) -> None:
     queue = LateQueue()
     store = Store()
-    runner = SinkRunner(
+    runner = history_runner(
         store, settings=RunnerSettings(batch_size=batch_size, flush_interval=0.05), queue=queue
     )
     task = asyncio.create_task(runner.run())
@@ -100,7 +100,7 @@ async def test_a_queue_that_never_hands_out_leaves_the_loop_free() -> None:
     # Counted but never takeable (a read that failed): the runner waits, the loop runs on.
     queue = LateQueue()
     queue.hidden.extend(range(5000))
-    runner = SinkRunner(
+    runner = history_runner(
         Store(), settings=RunnerSettings(batch_size=1000, flush_interval=0.01), queue=queue
     )
     task = asyncio.create_task(runner.run())

@@ -1,19 +1,21 @@
 """Optional history sink: telemetry and order/state events as points in InfluxDB (v2 API).
 
-Three layers, so the durable outbox can take the queue's place:
+Three layers:
 
 * **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
   :class:`Point` (measurement, tags ``site area line machine``, plus ``order`` on events
   and, with ``order_tag``, on telemetry; fields, time);
   :func:`to_line` renders InfluxDB line protocol.
-* **Sink**: anything with ``write(batch) -> None`` that raises on failure
+* **Writer**: anything with ``write(batch) -> None`` that raises on failure
   (:class:`SinkRejected` when the server refuses the data itself, anything else when it is
   worth retrying). :class:`InfluxSink` writes through influxdb-client's v2 write API.
-* **SinkRunner**: takes items from a :class:`SinkQueue` (the same ack protocol as the MQTT
-  publisher's ``SendQueue``: ``take`` / ``ack`` / ``requeue``), writes them in batches of
-  ``batch_size`` or every ``flush_interval`` seconds, and retries with jittered backoff.
-  An item leaves the queue only after the sink accepted it, so an InfluxDB outage loses
-  nothing the queue can hold; give it an outbox cursor and it loses nothing at all.
+* **Sink**: :class:`HistorySink` makes a writer one implementation of the output interface
+  (:class:`gateway.delivery.sink.Sink`); :func:`history_runner` puts it behind the one
+  :class:`~gateway.delivery.sink.SinkRunner`, which takes items from a queue (a memory queue
+  or an outbox cursor), writes them in batches of ``batch_size`` or every
+  ``flush_interval`` seconds, and retries with jittered backoff. An item leaves the queue
+  only after the writer accepted it, so an InfluxDB outage loses nothing the queue can
+  hold; give it an outbox cursor and it loses nothing at all.
 
 Measurements: ``shopfloor_telemetry`` (one point per device read, a field per signal, the
 order as the ``order_id`` field so orders do not multiply its series; a tag with
@@ -31,7 +33,6 @@ the number of failed attempts (``influx.write_recovered``).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import functools
 import json
@@ -39,16 +40,15 @@ import math
 import random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 import structlog
 
 from gateway.config.influx import InfluxConfig
-from gateway.core.backoff import Backoff
 from gateway.core.model import Event, Location, MachineState, Quality, Sample
-from gateway.delivery.reporting import DestinationStates
-from gateway.delivery.sendqueue import BacklogClock, FlushWaiters, MemorySinkQueue, SinkQueue
+from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
+from gateway.delivery.sink import Accepts, Cause, RunnerSettings, SinkLog, SinkRunner, describe
 
 log = structlog.get_logger(__name__)
 
@@ -400,7 +400,7 @@ class SinkRejected(Exception):
     """The server refused the data itself (bad or conflicting points): retrying won't help."""
 
 
-class Sink(Protocol[T_contra]):
+class Writer(Protocol[T_contra]):
     """Writes a batch somewhere; returns normally only when all of it is stored."""
 
     def write(self, batch: Sequence[T_contra]) -> None:
@@ -478,7 +478,7 @@ class EnvelopeSink:
     events and telemetry, and skipping acknowledges them for this destination.
     """
 
-    def __init__(self, sink: Sink[Point]) -> None:
+    def __init__(self, sink: Writer[Point]) -> None:
         """Wrap a point sink."""
         self.sink = sink
         self.skipped = 0
@@ -502,42 +502,136 @@ def _body(exc: Any) -> str:
     return text[:200]
 
 
-# ---------------------------------------------------------------------------- queue
+# ---------------------------------------------------------------------------- the sink
 
 
-# ---------------------------------------------------------------------------- runner
+#: The log event names of the history.
+INFLUX_LOG = SinkLog(
+    unreachable="influx.write_failed",
+    lost="influx.write_failed",
+    recovered="influx.write_recovered",
+    connected=None,
+    overflow="influx.queue_overflow",
+    overflow_ended="influx.queue_recovered",
+    submit_failed="influx.submit_failed",
+    close_unflushed="influx.close_unflushed",
+    close_timeout="influx.close_timeout",
+    closed=None,
+    internal="influx.sink_error",
+    rejected="influx.point_rejected",
+)
+
+#: What the history takes: events and telemetry (retained state and status are skipped).
+HISTORY_ACCEPTS = Accepts(frozenset({"event", "telemetry"}))
 
 
-@dataclass(slots=True)
-class _Episode:
-    since: float | None = None
-    failures: int = 0
-    last_error: str = ""
+class HistorySink(Generic[T]):
+    """A :class:`Writer` (e.g. :class:`InfluxSink`) as a :class:`~gateway.delivery.sink.Sink`.
+
+    Link-less: each batch is one write in a worker thread, bounded by ``write_timeout``; it
+    is acknowledged whole once the writer returns. A batch the server refuses for its
+    content (:class:`SinkRejected`) is written record by record, and only the records
+    refused on their own are dropped (acknowledged and counted as rejected).
+    """
+
+    kind = "influxdb"
+    accepts = HISTORY_ACCEPTS
+    required = False
+    linkless = True
+    link_errors: tuple[type[Exception], ...] = (Exception,)
+    log_names = INFLUX_LOG
+
+    def __init__(self, writer: Writer[T], *, write_timeout: float = 30.0) -> None:
+        """Wrap ``writer``; each write may take up to ``write_timeout`` seconds."""
+        self.writer = writer
+        self.write_timeout = write_timeout
+        self.delivered = 0
+        self._ack: Callable[[int], None] = _unbound
+        self._progress: Callable[[], None] = _nothing
+        self._reject: Callable[[int, str], None] = _unbound_reject
+        self._gone = asyncio.Event()
+
+    def bind(
+        self,
+        ack: Callable[[int], None],
+        progress: Callable[[], None],
+        wake: Callable[[], None],
+        reject: Callable[[int, str], None],
+    ) -> None:
+        """The runner's callbacks (see :class:`~gateway.delivery.sink.Sink`)."""
+        self._ack, self._progress, self._reject = ack, progress, reject
+
+    def classify(self, exc: BaseException) -> Cause:
+        """Every failed write is one cause: one warning per outage, the rest at debug."""
+        return Cause("write", describe(exc))
+
+    async def open(self) -> None:
+        """Nothing to open: every write is its own HTTP request."""
+
+    def check(self) -> None:
+        """A link-less sink learns of failures from its writes."""
+
+    async def watch(self) -> None:
+        """Never returns (no link to lose); cancelled when the link ends."""
+        await self._gone.wait()
+
+    def release(self) -> None:
+        """Nothing in flight outlives a write."""
+
+    async def goodbye(self) -> None:
+        """Nothing to say goodbye to."""
+
+    def abort(self) -> None:
+        """Nothing to drop."""
+
+    async def send(self, batch: Sequence[tuple[int, T]]) -> None:
+        """Write the batch; ack it whole, or record by record when the server refuses it."""
+        try:
+            await self._write([item for _, item in batch])
+        except SinkRejected as exc:
+            await self._isolate(batch, exc)
+            return
+        for key, _ in batch:
+            self._ack(key)
+        self.delivered += len(batch)
+        self._progress()
+
+    async def _write(self, items: list[T]) -> None:
+        try:
+            async with asyncio.timeout(self.write_timeout):
+                await asyncio.to_thread(self.writer.write, items)
+        except TimeoutError:
+            raise TimeoutError(f"write took longer than {self.write_timeout} s") from None
+
+    async def _isolate(self, batch: Sequence[tuple[int, T]], exc: SinkRejected) -> None:
+        # The server refused the batch for its content. Retrying it whole would block the
+        # queue for ever; dropping it whole would lose the good points with the bad one.
+        # Write the items one by one and drop only those refused on their own.
+        if len(batch) == 1:
+            self._reject(batch[0][0], str(exc))
+            return
+        for key, item in batch:
+            try:
+                await self._write([item])
+            except SinkRejected as single:
+                self._reject(key, str(single))
+                continue
+            # Acknowledge each as decided, so a later transient failure only retries the rest.
+            self._ack(key)
+            self.delivered += 1
+        self._progress()
 
 
-@dataclass(frozen=True, slots=True)
-class RunnerSettings:
-    """Batching and retry settings of a :class:`SinkRunner`."""
+def _unbound(key: int) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
 
-    batch_size: int = 1000
-    flush_interval: float = 1.0
-    max_queue: int = 100_000
-    #: Memory bound of the runner's own queue (text items weighed by length); ``None``: none.
-    max_bytes: int | None = None
-    #: Upper bound on one write, on top of the client's own HTTP timeout.
-    write_timeout: float = 30.0
-    backoff: Backoff = field(default_factory=lambda: Backoff(base=0.5, cap=30.0))
 
-    def __post_init__(self) -> None:
-        """Reject settings that cannot work."""
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if not (math.isfinite(self.flush_interval) and self.flush_interval > 0):
-            raise ValueError(f"flush_interval must be > 0 s, got {self.flush_interval!r}")
-        if not (math.isfinite(self.write_timeout) and self.write_timeout > 0):
-            raise ValueError(f"write_timeout must be > 0 s, got {self.write_timeout!r}")
-        if self.max_bytes is not None and self.max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
+def _unbound_reject(key: int, why: str) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
+
+
+def _nothing() -> None:
+    pass
 
 
 #: Bytes an item takes beyond its text: the str object, its queue and dict entries.
@@ -551,266 +645,26 @@ def item_bytes(item: object) -> int:
     return 1000 + ITEM_OVERHEAD
 
 
-class SinkRunner(Generic[T]):
-    """Feeds a :class:`Sink` from a :class:`SinkQueue` in batches, retrying until stored."""
-
-    def __init__(
-        self,
-        sink: Sink[T],
-        *,
-        name: str = SINK_NAME,
-        settings: RunnerSettings | None = None,
-        queue: SinkQueue[T] | None = None,
-        clock: Callable[[], float] = time.time,
-        rng: random.Random | None = None,
-    ) -> None:
-        """Set up; nothing is written until :meth:`run`."""
-        self.sink = sink
-        self.name = name
-        self.settings = settings or RunnerSettings()
-        self._queue: SinkQueue[T] = (
-            queue
-            if queue is not None
-            else MemorySinkQueue(
-                self.settings.max_queue,
-                max_weight=self.settings.max_bytes,
-                weigh=item_bytes if self.settings.max_bytes is not None else None,
-            )
+def history_runner(
+    writer: Writer[T],
+    *,
+    name: str = SINK_NAME,
+    settings: RunnerSettings | None = None,
+    queue: SinkQueue[T] | None = None,
+    clock: Callable[[], float] = time.time,
+    rng: random.Random | None = None,
+) -> SinkRunner[T]:
+    """The one runner feeding ``writer`` in batches; a memory queue bounded by the settings
+    (count and, with ``max_bytes``, bytes) unless ``queue`` is given."""
+    s = settings or RunnerSettings()
+    if queue is None:
+        queue = MemorySinkQueue(
+            s.max_queue,
+            max_weight=s.max_bytes,
+            weigh=item_bytes if s.max_bytes is not None else None,
         )
-        self._clock = clock
-        self._rng = rng or random.Random()
-        self._ages = BacklogClock()
-        self._log = log.bind(destination=name)
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._closing = False
-        self._ok = False
-        self.written = 0
-        self.dropped = 0
-        self.rejected = 0
-        self.failures = 0
-        #: The last write failure, in words (for the web console).
-        self.last_error: str | None = None
-        #: Dropped count when the current overflow episode began; ``None`` outside one.
-        self._overflow_from: int | None = None
-        self._flush_waiters = FlushWaiters(self._queue)
-
-    # -- state --
-
-    @property
-    def connected(self) -> bool:
-        """True when the last write succeeded."""
-        return self._ok
-
-    @property
-    def pending(self) -> int:
-        """Items not yet stored."""
-        return len(self._queue)
-
-    def oldest_age(self, now: float | None = None) -> float | None:
-        """Seconds the oldest pending item has waited."""
-        now = self._clock() if now is None else now
-        return self._ages.oldest_age(self._queue.oldest_key(), now)
-
-    def report(self, metrics: DestinationStates) -> None:
-        """Copy this runner's state into the gateway metrics (a history sink is optional)."""
-        metrics.destination_state(
-            self.name,
-            connected=self.connected,
-            backlog=self.pending,
-            oldest_age=self.oldest_age(),
-            published_total=self.written,
-            dropped_total=self.dropped + self.rejected,
-            limit=self.settings.max_queue,
-            required=False,
-        )
-
-    # -- producer side --
-
-    def notify(self) -> None:
-        """Wake the writer: the queue has something new (a durable queue filled itself)."""
-        self._ages.note(self._queue.last_key, self._clock())
-        self._wake.set()
-
-    def submit(self, item: T) -> None:
-        """Queue one item; never blocks, never raises."""
-        try:
-            dropped = self._queue.push(item)
-            self._ages.note(self._queue.last_key, self._clock())
-        except Exception:
-            self.dropped += 1
-            self._log.exception("influx.submit_failed")
-            return
-        if dropped:
-            if self._overflow_from is None:
-                # Once per episode: the database is slower than the load, or down.
-                self._overflow_from = self.dropped
-                self._log.warning(
-                    "influx.queue_overflow",
-                    max_queue=self.settings.max_queue,
-                    max_bytes=self.settings.max_bytes,
-                    hint="the oldest items are dropped first; events wait in the outbox",
-                )
-            self.dropped += dropped
-            self._progress()
-        self._wake.set()
-
-    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
-        """Wait until everything submitted so far is stored; False on timeout."""
-        # Wake the runner: it does not wait for a full batch while somebody flushes.
-        self._wake.set()
-        return await self._flush_waiters.wait(timeout)
-
-    def _progress(self) -> None:
-        self._flush_waiters.progress()
-
-    # -- lifecycle --
-
-    async def close(self, timeout: float = 5.0) -> None:  # noqa: ASYNC109 - grace period
-        """Write what is pending (without waiting to fill a batch) within ``timeout``."""
-        self._closing = True
-        self._wake.set()
-        if self.pending and not await self.flush(timeout):
-            self._log.warning("influx.close_unflushed", pending=self.pending)
-        self._stop.set()
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Write batches until cancelled or closed."""
-        episode = _Episode()
-        try:
-            while not self._stop.is_set():
-                batch = await self._next_batch()
-                if not batch:
-                    continue
-                try:
-                    await self._write(batch)
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    self._queue.requeue()
-                    self._ok = False
-                    self.failures += 1
-                    episode.failures += 1
-                    episode.last_error = self.last_error = _describe(exc)
-                    if episode.since is None:
-                        episode.since = self._clock()
-                        self._log.warning(
-                            "influx.write_failed", error=episode.last_error, pending=self.pending
-                        )
-                    else:
-                        self._log.debug(
-                            "influx.write_failed",
-                            error=episode.last_error,
-                            attempt=episode.failures,
-                        )
-                    delay = self.settings.backoff.delay(episode.failures - 1, self._rng)
-                    await self._pause(delay)
-                    continue
-                if episode.since is not None:
-                    self._log.info(
-                        "influx.write_recovered",
-                        outage_s=round(self._clock() - episode.since, 3),
-                        failures=episode.failures,
-                        last_error=episode.last_error,
-                        pending=self.pending,
-                    )
-                    episode = _Episode()
-        finally:
-            self._queue.requeue()
-
-    async def _next_batch(self) -> list[tuple[int, T]]:
-        """The next batch: the first item, then up to ``flush_interval`` for it to fill.
-
-        Every turn that takes nothing awaits a wake-up: a queue may count items it cannot
-        hand out yet (the outbox counts rows still being committed or read back, and both
-        land through the event loop), so "something is pending" is never a reason to try
-        again at once. Returns ``[]`` only when stopping.
-        """
-        s = self.settings
-        loop = asyncio.get_running_loop()
-        batch: list[tuple[int, T]] = []
-        deadline: float | None = None
-        while True:
-            while len(batch) < s.batch_size and (item := self._queue.take()) is not None:
-                batch.append(item)
-            if len(batch) >= s.batch_size:
-                return batch
-            if batch:
-                if self._closing or self._flush_waiters or self._stop.is_set():
-                    return batch
-                if deadline is None:
-                    deadline = loop.time() + s.flush_interval
-                elif loop.time() >= deadline:
-                    return batch
-            elif self._stop.is_set():
-                return batch
-            self._wake.clear()
-            if deadline is None:
-                await self._wake.wait()
-                continue
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
-                    await self._wake.wait()
-
-    async def _write(self, batch: list[tuple[int, T]]) -> None:
-        items = [item for _, item in batch]
-        try:
-            async with asyncio.timeout(self.settings.write_timeout):
-                await asyncio.to_thread(self.sink.write, items)
-        except SinkRejected as exc:
-            await self._isolate(batch, exc)
-            return
-        except TimeoutError:
-            raise TimeoutError(f"write took longer than {self.settings.write_timeout} s") from None
-        for key, _ in batch:
-            self._queue.ack(key)
-        self._stored(len(batch))
-
-    async def _isolate(self, batch: list[tuple[int, T]], exc: SinkRejected) -> None:
-        # The server refused the batch for its content. Retrying it whole would block the
-        # queue for ever; dropping it whole would lose the good points with the bad one.
-        # Write the items one by one and drop only those refused on their own.
-        if len(batch) == 1:
-            key, _ = batch[0]
-            self._queue.ack(key)
-            self.rejected += 1
-            self._log.error("influx.point_rejected", error=str(exc), rejected_total=self.rejected)
-            self._progress()
-            return
-        for key, item in batch:
-            try:
-                async with asyncio.timeout(self.settings.write_timeout):
-                    await asyncio.to_thread(self.sink.write, [item])
-            except SinkRejected as single:
-                self.rejected += 1
-                self._log.error(
-                    "influx.point_rejected", error=str(single), rejected_total=self.rejected
-                )
-            else:
-                self.written += 1
-            # Acknowledge each as decided, so a later transient failure only retries the rest.
-            self._queue.ack(key)
-        self._ok = True
-        self._progress()
-
-    def _stored(self, n: int) -> None:
-        self.written += n
-        self._ok = True
-        self._progress()
-        if self._overflow_from is not None and len(self._queue) <= self.settings.batch_size:
-            self._log.info("influx.queue_recovered", dropped=self.dropped - self._overflow_from)
-            self._overflow_from = None
-
-    async def _pause(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    sink = HistorySink(writer, write_timeout=s.write_timeout)
+    return SinkRunner(sink, queue, name=name, settings=s, clock=clock, rng=rng)
 
 
 def settings_for(config: InfluxConfig) -> RunnerSettings:
@@ -826,4 +680,4 @@ def settings_for(config: InfluxConfig) -> RunnerSettings:
 
 def runner_for(config: InfluxConfig) -> SinkRunner[Point]:
     """A runner writing to InfluxDB as the config says (the runtime's one-liner)."""
-    return SinkRunner(InfluxSink(config), name=SINK_NAME, settings=settings_for(config))
+    return history_runner(InfluxSink(config), name=SINK_NAME, settings=settings_for(config))

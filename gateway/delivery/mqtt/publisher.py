@@ -1,8 +1,10 @@
 """MQTT publisher: an ordered, bounded, at-least-once send queue to one broker.
 
-One :class:`MqttPublisher` per destination broker. Producers call :meth:`submit`
-(non-blocking, never raises); :meth:`run` keeps a connection up and drains the queue;
-:meth:`close` flushes, publishes the offline status and disconnects.
+One :class:`MqttPublisher` per destination broker: the one
+:class:`~gateway.delivery.sink.SinkRunner` feeding an :class:`MqttSink` (the MQTT
+implementation of the output interface). Producers call :meth:`submit` (non-blocking, never
+raises); :meth:`run` keeps a connection up and drains the queue; :meth:`close` flushes,
+publishes the offline status and disconnects.
 
 Delivery contract:
 
@@ -26,8 +28,9 @@ Delivery contract:
   stuck: the connection is dropped and everything un-acknowledged is sent again.
 
 How it sends: aiomqtt connects (TLS, last will, CONNACK) and reports the disconnect; the
-queue goes to paho directly. One pump hands paho up to ``window`` messages, remembers
-packet id -> queue key, and acks the key when paho reports the PUBACK (QoS 0: the write).
+queue goes to paho directly. The runner's pump hands :meth:`MqttSink.send` up to ``window``
+messages; it gives them to paho, remembers packet id -> queue key, and acks the key when
+paho reports the PUBACK (QoS 0: the write).
 No task, future or timeout per message: one timer watches the oldest message in flight.
 paho's own in-flight limit is off (the window bounds it) and a refused publish (no
 connection, packet ids exhausted) counts as a lost link; a message paho rejects for good
@@ -48,7 +51,7 @@ import socket
 import ssl
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -58,7 +61,15 @@ import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
 from gateway.core.backoff import Backoff
-from gateway.delivery.sendqueue import FlushWaiters, MemorySinkQueue, SinkQueue
+from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
+from gateway.delivery.sink import (
+    Accepts,
+    Cause,
+    LinkLost,
+    RunnerSettings,
+    SinkLog,
+    SinkRunner,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -205,28 +216,6 @@ class MemoryQueue(MemorySinkQueue[Message]):
 # --- the publisher ---------------------------------------------------------------------
 
 
-class _LinkLost(Exception):
-    """The broker connection broke (internal: caught by the reconnect loop)."""
-
-    def __init__(self, text: str, cause: str = "link") -> None:
-        super().__init__(text)
-        #: A :class:`Cause` key: ``closed`` when the broker or the network ended it.
-        self.cause = cause
-
-
-@dataclass(frozen=True, slots=True)
-class Cause:
-    """Why a connection failed or ended: a short stable ``key`` and words for the log.
-
-    The key decides what is logged at warning: each new key once per outage, repeats at
-    debug, so an operator sees every *change* of cause (the broker down, then a rotated
-    password) and not a line per retry.
-    """
-
-    key: str
-    text: str
-
-
 #: MQTT reason codes (MQTT 5 numbering; paho maps the 3.1.1 CONNACK codes onto these).
 _RC_BAD_CREDENTIALS = 0x86
 _RC_NOT_AUTHORIZED = 0x87
@@ -246,7 +235,9 @@ def _takeover(client_id: str, text: str) -> Cause:
 
 def classify(exc: BaseException, client_id: str) -> Cause:
     """The cause of a failed connect or a lost link, from the exception and what it wraps."""
-    if isinstance(exc, _LinkLost):
+    if isinstance(exc, LinkLost):
+        if exc.cause == "session-taken-over" and not exc.args[0].startswith("session taken"):
+            return _takeover(client_id, str(exc))
         return Cause(exc.cause, str(exc))
     rc = getattr(exc, "rc", None)
     if isinstance(rc, MQTTErrorCode) and rc in _LINK_GONE:
@@ -285,10 +276,6 @@ def classify(exc: BaseException, client_id: str) -> Cause:
     if isinstance(inner, OSError):
         return Cause("network", _describe(inner))
     return Cause("other", _describe(exc))
-
-
-class _StopRequested(Exception):
-    """close() asked the connection to wind down (internal)."""
 
 
 def tls_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -418,7 +405,6 @@ class _Link:
         "_chained",
         "_client",
         "_fast",
-        "_loop",
         "_paho_puback",
         "_progress",
         "_progress_due",
@@ -430,6 +416,7 @@ class _Link:
         "failure",
         "failure_key",
         "flight",
+        "loop",
         "paho",
     )
 
@@ -459,7 +446,7 @@ class _Link:
         self._wake = wake
         self._timer: asyncio.TimerHandle | None = None
         self._progress_due = False
-        self._loop = asyncio.get_running_loop()
+        self.loop = asyncio.get_running_loop()
         self._thread = threading.get_ident()
         self._chained: Callable[..., object] | None = self.paho.on_publish
         self.paho.on_publish = self.on_publish
@@ -494,7 +481,7 @@ class _Link:
         if threading.get_ident() != self._thread:
             # aiomqtt drives paho from the loop's thread; should that change, the queue
             # (not thread-safe) is still only touched there.
-            self._loop.call_soon_threadsafe(
+            self.loop.call_soon_threadsafe(
                 self.on_publish, client, userdata, mid, reason_code, properties
             )
             return
@@ -523,7 +510,7 @@ class _Link:
         if not self._progress_due:
             # One read carries many PUBACKs: wake the pump and the flush waiters once.
             self._progress_due = True
-            self._loop.call_soon(self._progressed)
+            self.loop.call_soon(self._progressed)
 
     def _progressed(self) -> None:
         self._progress_due = False
@@ -533,7 +520,7 @@ class _Link:
         """Start the watchdog for the oldest message unless it already runs."""
         if self._timer is None and self.flight:
             sent = next(iter(self.flight.values()))[1]
-            self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+            self._timer = self.loop.call_at(sent + self._timeout, self._check, sent)
 
     def _check(self, armed_for: float) -> None:
         self._timer = None
@@ -546,7 +533,7 @@ class _Link:
             self.failure = f"no acknowledgement within {self._timeout} s"
             self._wake()
             return
-        self._timer = self._loop.call_at(sent + self._timeout, self._check, sent)
+        self._timer = self.loop.call_at(sent + self._timeout, self._check, sent)
 
     def refused(self, rc: int) -> str:
         """Why paho refused a publish, with the disconnect cause when there is one."""
@@ -569,229 +556,185 @@ class _Link:
             self.paho.on_publish = self._chained  # type: ignore[assignment]
 
 
-class MqttPublisher:
-    """Keeps one broker connection up and sends submitted messages in order."""
+#: The log event names of MQTT destinations.
+MQTT_LOG = SinkLog(
+    unreachable="mqtt.broker_unreachable",
+    lost="mqtt.broker_connection_lost",
+    recovered="mqtt.broker_reconnected",
+    connected="mqtt.broker_connected",
+    overflow="mqtt.queue_overflow",
+    overflow_ended="mqtt.queue_overflow_ended",
+    submit_failed="mqtt.submit_failed",
+    close_unflushed="mqtt.close_unflushed",
+    close_timeout="mqtt.close_timeout",
+    closed="mqtt.closed",
+    internal="mqtt.publisher_error",
+    rejected="mqtt.message_rejected",
+)
 
-    def __init__(
-        self, settings: BrokerSettings, *, name: str = "default", queue: SendQueue | None = None
-    ) -> None:
-        """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
+#: What an MQTT destination takes: events, retained state and the gateway's status.
+MQTT_ACCEPTS = Accepts(frozenset({"event", "state", "status"}))
+
+
+class MqttSink:
+    """One MQTT broker as a :class:`~gateway.delivery.sink.Sink` of :class:`Message`.
+
+    A link is one aiomqtt connection: the last will is registered and the online status
+    published retained on :meth:`open`; :meth:`send` hands each message to paho at once and
+    the PUBACK acknowledges it (through :class:`_Link`); :meth:`goodbye` publishes the
+    offline status and disconnects; :meth:`abort` drops the socket so the broker publishes
+    the will.
+    """
+
+    kind = "mqtt"
+    accepts = MQTT_ACCEPTS
+    required = True
+    linkless = False
+    link_errors: tuple[type[Exception], ...] = (aiomqtt.MqttError, OSError)
+    log_names = MQTT_LOG
+
+    def __init__(self, settings: BrokerSettings, *, name: str = "default") -> None:
+        """TLS files are loaded here, so mistakes show at start-up."""
         self._s = settings
         self._name = name
-        self._queue: SendQueue = queue if queue is not None else MemoryQueue(settings.max_queue)
         self._tls = tls_context(settings.tls) if settings.tls is not None else None
         self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
-        self._wake = asyncio.Event()
-        self._stop = asyncio.Event()
-        self._finished = asyncio.Event()
-        self._connected = False
-        self._running = False
-        self._closed = False
-        self._dropped = 0
-        # Acknowledged by links that ended, plus the current link's own count.
-        self._published = 0
+        self._client: aiomqtt.Client | None = None
         self._link: _Link | None = None
-        self._overflowing = False
-        self._episode_dropped = 0
-        self._flush_waiters = FlushWaiters(self._queue)
-        #: The last connection or delivery failure, in words (for the web console).
-        self.last_error: str | None = None
-
-    # -- public state --
-
-    @property
-    def connected(self) -> bool:
-        """True while connected and the online status is published."""
-        return self._connected
+        # Acknowledged by links that ended, plus the status messages.
+        self._published = 0
+        self._ack: Callable[[int], None] = _unbound
+        self._progress: Callable[[], None] = _nothing
+        self._wake: Callable[[], None] = _nothing
+        self._reject: Callable[[int, str], None] = _unbound_reject
 
     @property
-    def pending(self) -> int:
-        """Messages submitted and not yet acknowledged."""
-        return len(self._queue)
-
-    @property
-    def dropped(self) -> int:
-        """Messages dropped because the queue was full (or invalid)."""
-        return self._dropped
-
-    @property
-    def published(self) -> int:
+    def delivered(self) -> int:
         """Messages the broker acknowledged since start (QoS 0: written), status included."""
         link = self._link
         return self._published + (link.acked if link is not None else 0)
 
-    # -- producer side --
+    def bind(
+        self,
+        ack: Callable[[int], None],
+        progress: Callable[[], None],
+        wake: Callable[[], None],
+        reject: Callable[[int, str], None],
+    ) -> None:
+        """The runner's callbacks (see :class:`~gateway.delivery.sink.Sink`)."""
+        self._ack, self._progress, self._wake, self._reject = ack, progress, wake, reject
 
-    def notify(self) -> None:
-        """Wake the sender: the queue has something new (a durable queue filled itself)."""
-        self._wake.set()
+    def classify(self, exc: BaseException) -> Cause:
+        """Why a connect failed or a link ended."""
+        return classify(exc, self._s.client_id)
 
-    def submit(self, msg: Message) -> None:
-        """Queue a message for sending; never blocks, never raises.
+    async def open(self) -> None:
+        """Connect, publish the online status, take over paho's PUBACK handling."""
+        client = self._make_client()
+        await self._connect(client)
+        self._client = client
+        self._link = _Link(
+            client,
+            ack_timeout=self._s.ack_timeout,
+            ack=self._ack,
+            progress=self._progress,
+            wake=self._wake,
+        )
 
-        Call it from the event loop's thread (the queue is not thread-safe).
-        """
-        try:
-            if not msg.topic or msg.qos not in (0, 1, 2) or "+" in msg.topic or "#" in msg.topic:
-                self._dropped += 1
-                self._log.error("mqtt.invalid_message", topic=msg.topic, qos=msg.qos)
-                return
-            dropped = self._queue.push(msg)
-        except Exception:
-            # A broken queue implementation must not take the producer down with it.
-            self._dropped += 1
-            self._log.exception("mqtt.submit_failed", topic=getattr(msg, "topic", None))
-            return
-        if dropped:
-            self._note_dropped(dropped)
-            self._progress()
-        self._wake.set()
+    def check(self) -> None:
+        """Raise when the watchdog or a refusing broker ended the link."""
+        link = self._link
+        if link is not None and link.failure is not None:
+            raise LinkLost(link.failure, link.failure_key)
 
-    def _note_dropped(self, n: int) -> None:
-        self._dropped += n
-        self._episode_dropped += n
-        if not self._overflowing:
-            self._overflowing = True
-            self._log.warning(
-                "mqtt.queue_overflow",
-                max_queue=self._s.max_queue,
-                pending=len(self._queue),
-                dropped_now=n,
-                dropped_total=self._dropped,
-            )
-
-    def _check_overflow_end(self) -> None:
-        # Hysteresis: the episode ends once the queue is down to half, so a queue
-        # hovering at the bound does not log a warning per message.
-        if self._overflowing and len(self._queue) <= self._s.max_queue // 2:
-            self._log.info(
-                "mqtt.queue_overflow_ended",
-                dropped=self._episode_dropped,
-                dropped_total=self._dropped,
-            )
-            self._overflowing = False
-            self._episode_dropped = 0
-
-    async def flush(self, timeout: float) -> bool:  # noqa: ASYNC109 - a budget, not a guard
-        """Wait until everything submitted so far is acknowledged; False on timeout."""
-        return await self._flush_waiters.wait(timeout)
-
-    def _progress(self) -> None:
-        self._wake.set()
-        self._check_overflow_end()
-        self._flush_waiters.progress()
-
-    # -- lifecycle --
-
-    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - grace period
-        """Flush what can be flushed, publish the offline status, disconnect cleanly."""
-        if self._closed:
-            return
-        self._closed = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        if self._running:
-            # Keep a slice of the budget for the offline status and the DISCONNECT. With
-            # the broker unreachable there is nothing to wait for: what is pending stays
-            # pending (the durable outbox keeps it for the next start).
-            if self._connected and not await self.flush(timeout * 0.7):
-                self._log.warning("mqtt.close_unflushed", pending=self.pending)
-            self._stop.set()
+    def send(self, batch: Sequence[tuple[int, Message]]) -> None:
+        """Hand the messages to paho; each is acknowledged by its PUBACK (QoS 0: written)."""
+        # The hot path: no task, future or timeout per message. paho queues the packets and
+        # _Client writes the whole burst once we yield; _Link acks by packet id and one
+        # timer watches the oldest message.
+        link = self._link
+        assert link is not None, "send() before open()"
+        flight = link.flight
+        publish = link.paho.publish
+        now = link.loop.time()
+        for key, msg in batch:
             try:
-                async with asyncio.timeout_at(deadline):
-                    await self._finished.wait()
-            except TimeoutError:
-                self._log.warning("mqtt.close_timeout", pending=self.pending)
-        self._stop.set()
-        self._log.info("mqtt.closed", pending=self.pending, dropped=self._dropped)
+                info = publish(msg.topic, msg.payload, msg.qos, msg.retain)
+            except (ValueError, TypeError) as exc:
+                # paho refuses it for good (bad topic, payload too large): sending it
+                # again after a reconnect would fail the same way.
+                self._reject(key, f"{msg.topic}: {_describe(exc)}")
+                continue
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                raise LinkLost(link.refused(info.rc), "closed")
+            mid = info.mid
+            if mid in flight:
+                # paho's packet ids wrapped onto one still unacknowledged.
+                raise LinkLost(f"packet id {mid} still in flight")
+            flight[mid] = (key, now)
+        link.arm()
 
-    async def run(self) -> None:
-        """Connect, reconnect and send the queue until cancelled or closed."""
-        if self._running:
-            raise RuntimeError(f"publisher {self._name} is already running")
-        self._running = True
-        self._finished.clear()
-        loop = asyncio.get_running_loop()
-        attempts = 0
-        outage_since: float | None = None
-        # Causes already logged at warning since the link was last stable: a repeat goes to
-        # debug. An outage with a warning ends with an info line; one of repeats only, such
-        # as a link flapping for the same known reason, ends at debug.
-        warned: set[str] = set()
-        outage_warned = False
-        # Links in a row that the broker closed soon after accepting them: the sign of a
-        # second client with our client id (a 3.1.1 broker just closes the old connection).
-        closed_early = 0
-
-        def failed(event: str, cause: Cause, **fields: Any) -> None:
-            nonlocal outage_warned
-            self.last_error = cause.text
-            if cause.key in warned:
-                self._log.debug(event, cause=cause.key, error=cause.text, **fields)
-                return
-            warned.add(cause.key)
-            outage_warned = True
-            self._log.warning(event, cause=cause.key, error=cause.text, **fields)
-
+    async def watch(self) -> None:
+        """Raise :class:`LinkLost` when the connection drops."""
+        # We subscribe to nothing: the iterator only ends, with MqttError, when the
+        # connection drops, which is the one public disconnect signal aiomqtt 2 offers.
+        client = self._client
+        assert client is not None, "watch() before open()"
         try:
-            while not self._stop.is_set():
-                client = self._make_client()
-                try:
-                    await self._connect(client)
-                except Exception as exc:  # any failure to connect is one more attempt
-                    attempts += 1
-                    closed_early = 0
-                    if outage_since is None:
-                        outage_since = loop.time()
-                    failed(
-                        "mqtt.broker_unreachable",
-                        classify(exc, self._s.client_id),
-                        attempt=attempts,
+            async for _ in client.messages:
+                pass
+        except aiomqtt.MqttError:
+            # "Disconnected during message iteration" says nothing: the disconnect itself
+            # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
+            gone = client._disconnected
+            exc = gone.exception() if gone.done() and not gone.cancelled() else None
+            value = getattr(getattr(exc, "rc", None), "value", None)
+            if value == _RC_SESSION_TAKEN_OVER:
+                raise LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
+            raise LinkLost(
+                "connection closed by the broker or the network"
+                + (f" ({_describe(exc)})" if exc is not None else ""),
+                "closed",
+            ) from None
+        raise LinkLost("message stream ended", "closed")
+
+    def release(self) -> None:
+        """Forget the messages in flight; give paho's callbacks back."""
+        link, self._link = self._link, None
+        if link is not None:
+            link.close()
+            self._published += link.acked
+
+    def abort(self) -> None:
+        """Drop the socket without DISCONNECT: the broker publishes the last will."""
+        client, self._client = self._client, None
+        if client is not None:
+            _drop_socket(client)
+
+    async def goodbye(self) -> None:
+        """Publish the offline status and disconnect cleanly."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        s = self._s
+        offline_sent = not s.status_topic
+        try:
+            if s.status_topic:
+                async with asyncio.timeout(max(s.connect_timeout, 1.0)):
+                    goodbye = s.offline_status() if s.offline_status else s.offline_payload
+                    await client.publish(
+                        s.status_topic, goodbye, qos=1, retain=True, timeout=math.inf
                     )
-                    await self._pause(self._s.backoff.delay(attempts - 1))
-                    continue
-                if outage_since is not None:
-                    (self._log.info if outage_warned else self._log.debug)(
-                        "mqtt.broker_reconnected",
-                        outage_s=round(loop.time() - outage_since, 3),
-                        attempts=attempts,
-                        pending=self.pending,
-                    )
-                else:
-                    self._log.info("mqtt.broker_connected", pending=self.pending)
-                connected_at = loop.time()
-                outage_since = None
-                outage_warned = False
-                lost = await self._serve(client)
-                if lost is None:
-                    return  # closed cleanly
-                stable = loop.time() - connected_at > self._s.stable_after
-                if stable:
-                    warned.clear()
-                    closed_early = 0
-                # A link that dies right after connecting keeps the attempt count, so a
-                # flapping broker meets a growing backoff rather than a reconnect storm.
-                if loop.time() - connected_at > self._s.backoff.cap:
-                    attempts = 0
-                attempts += 1
-                outage_since = loop.time()
-                if lost.key == "closed" and not stable:
-                    closed_early += 1
-                    if closed_early >= 2:
-                        lost = _takeover(
-                            self._s.client_id,
-                            f"the broker closed {closed_early} connections in a row soon "
-                            "after accepting them",
-                        )
-                elif lost.key != "closed":
-                    closed_early = 0
-                failed("mqtt.broker_connection_lost", lost, pending=self.pending)
-                await self._pause(self._s.backoff.delay(attempts - 1))
-        finally:
-            self._connected = False
-            self._running = False
-            self._queue.requeue()
-            self._finished.set()
+                offline_sent = True
+                self._published += 1
+            async with asyncio.timeout(s.connect_timeout):
+                await client.__aexit__(None, None, None)
+        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+            self._log.warning("mqtt.goodbye_failed", error=_describe(exc))
+            _drop_socket(client)
+        if not offline_sent:
+            # Dropped without DISCONNECT above: the broker publishes the last will instead.
+            self._log.info("mqtt.offline_via_will")
 
     # -- connection internals --
 
@@ -846,143 +789,80 @@ class MqttPublisher:
             _drop_socket(client)
             raise
 
-    async def _serve(self, client: aiomqtt.Client) -> Cause | None:
-        """Send until the link breaks (returns why) or close() stops it (returns None)."""
-        self._connected = True
-        link = _Link(
-            client,
-            ack_timeout=self._s.ack_timeout,
-            ack=self._queue.ack,
-            progress=self._progress,
-            wake=self._wake.set,
+
+def _unbound(key: int) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
+
+
+def _unbound_reject(key: int, why: str) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
+
+
+def _nothing() -> None:
+    pass
+
+
+def runner_settings(settings: BrokerSettings, *, limit: int | None = None) -> RunnerSettings:
+    """How the runner feeds one broker: ``window`` in flight, sent at once, no batching."""
+    return RunnerSettings(
+        batch_size=settings.window,
+        flush_interval=0.0,
+        max_queue=settings.max_queue,
+        backoff=settings.backoff,
+        stable_after=settings.stable_after,
+        limit=limit,
+    )
+
+
+class MqttPublisher(SinkRunner[Message]):
+    """Keeps one broker connection up and sends submitted messages in order.
+
+    The one :class:`~gateway.delivery.sink.SinkRunner` feeding an :class:`MqttSink`, plus
+    the message checks of :meth:`submit`.
+    """
+
+    def __init__(
+        self,
+        settings: BrokerSettings,
+        *,
+        name: str = "default",
+        queue: SendQueue | None = None,
+        limit: int | None = None,
+    ) -> None:
+        """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
+        super().__init__(
+            MqttSink(settings, name=name),
+            queue if queue is not None else MemoryQueue(settings.max_queue),
+            name=name,
+            settings=runner_settings(settings, limit=limit),
         )
-        self._link = link
-        reason: Cause | None = None
+        self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
+
+    @property
+    def published(self) -> int:
+        """Messages the broker acknowledged since start (QoS 0: written), status included."""
+        return self.written
+
+    @property
+    def dropped(self) -> int:
+        """Messages dropped: the queue was full, invalid, or paho refused them for good."""
+        return self._dropped + self.rejected
+
+    def submit(self, msg: Message) -> None:
+        """Queue a message for sending; never blocks, never raises.
+
+        Call it from the event loop's thread (the queue is not thread-safe).
+        """
         try:
-            try:
-                async with asyncio.TaskGroup() as tg:
-                    tg.create_task(self._watch(client), name=f"mqtt-watch[{self._name}]")
-                    tg.create_task(self._pump(link), name=f"mqtt-pump[{self._name}]")
-                    tg.create_task(self._await_stop(), name=f"mqtt-stop[{self._name}]")
-            except* _StopRequested:
-                pass
-            except* (_LinkLost, aiomqtt.MqttError, OSError) as group:
-                causes = [classify(e, self._s.client_id) for e in group.exceptions]
-                reason = Cause(causes[0].key, "; ".join(c.text for c in causes))
-            except* Exception as group:
-                # A bug must not end publishing for good: log it and reconnect.
-                self._log.error("mqtt.publisher_error", exc_info=group)
-                reason = Cause("internal", "internal error")
-        except asyncio.CancelledError:
-            # Cancelled without close(): skip the DISCONNECT so the broker sends the will.
-            _drop_socket(client)
-            raise
-        finally:
-            self._connected = False
-            # Late PUBACKs of this connection must not ack what is requeued below.
-            link.close()
-            self._published += link.acked
-            self._link = None
-            self._queue.requeue()
-        if reason is not None:
-            _drop_socket(client)
-            return reason
-        await self._say_goodbye(client)
-        return None
-
-    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
-        s = self._s
-        offline_sent = not s.status_topic
-        try:
-            if s.status_topic:
-                async with asyncio.timeout(max(s.connect_timeout, 1.0)):
-                    goodbye = s.offline_status() if s.offline_status else s.offline_payload
-                    await client.publish(
-                        s.status_topic, goodbye, qos=1, retain=True, timeout=math.inf
-                    )
-                offline_sent = True
-                self._published += 1
-            async with asyncio.timeout(s.connect_timeout):
-                await client.__aexit__(None, None, None)
-        except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
-            self._log.warning("mqtt.goodbye_failed", error=_describe(exc))
-            _drop_socket(client)
-        if not offline_sent:
-            # Dropped without DISCONNECT above: the broker publishes the last will instead.
-            self._log.info("mqtt.offline_via_will")
-
-    async def _await_stop(self) -> None:
-        await self._stop.wait()
-        raise _StopRequested
-
-    async def _watch(self, client: aiomqtt.Client) -> None:
-        # We subscribe to nothing: the iterator only ends, with MqttError, when the
-        # connection drops, which is the one public disconnect signal aiomqtt 2 offers.
-        try:
-            async for _ in client.messages:
-                pass
-        except aiomqtt.MqttError:
-            # "Disconnected during message iteration" says nothing: the disconnect itself
-            # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
-            gone = client._disconnected
-            exc = gone.exception() if gone.done() and not gone.cancelled() else None
-            value = getattr(getattr(exc, "rc", None), "value", None)
-            if value == _RC_SESSION_TAKEN_OVER:
-                raise _LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
-            raise _LinkLost(
-                "connection closed by the broker or the network"
-                + (f" ({_describe(exc)})" if exc is not None else ""),
-                "closed",
-            ) from None
-        raise _LinkLost("message stream ended", "closed")
-
-    async def _pump(self, link: _Link) -> None:
-        # The hot path: no task, future or timeout per message. paho queues the packets and
-        # _Client writes the whole burst once we yield; _Link acks by packet id and one
-        # timer watches the oldest message.
-        queue = self._queue
-        window = self._s.window
-        flight = link.flight
-        publish = link.paho.publish
-        loop = asyncio.get_running_loop()
-        while True:
-            if link.failure is not None:
-                raise _LinkLost(link.failure, link.failure_key)
-            if queue.in_flight < window and (item := queue.take()) is not None:
-                now = loop.time()
-                while item is not None:
-                    key, msg = item
-                    try:
-                        info = publish(msg.topic, msg.payload, msg.qos, msg.retain)
-                    except (ValueError, TypeError) as exc:
-                        # paho refuses it for good (bad topic, payload too large): sending
-                        # it again after a reconnect would fail the same way.
-                        self._reject(key, msg, exc)
-                    else:
-                        if info.rc != paho.MQTT_ERR_SUCCESS:
-                            raise _LinkLost(link.refused(info.rc), "closed")
-                        mid = info.mid
-                        if mid in flight:
-                            # paho's packet ids wrapped onto one still unacknowledged.
-                            raise _LinkLost(f"packet id {mid} still in flight")
-                        flight[mid] = (key, now)
-                    item = queue.take() if queue.in_flight < window else None
-                link.arm()
-                continue
-            self._wake.clear()
-            await self._wake.wait()
-
-    def _reject(self, key: int, msg: Message, exc: Exception) -> None:
-        self._queue.ack(key)
-        self._dropped += 1
-        self._log.error("mqtt.message_rejected", topic=msg.topic, error=_describe(exc))
-        self._progress()
-
-    async def _pause(self, seconds: float) -> None:
-        # Interruptible by close(): a publisher waiting for a dead broker stops at once.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(seconds):
-                await self._stop.wait()
+            if not msg.topic or msg.qos not in (0, 1, 2) or "+" in msg.topic or "#" in msg.topic:
+                self._dropped += 1
+                self._log.error("mqtt.invalid_message", topic=msg.topic, qos=msg.qos)
+                return
+        except Exception:
+            self._dropped += 1
+            self._log.exception("mqtt.submit_failed", topic=getattr(msg, "topic", None))
+            return
+        super().submit(msg)
 
 
 def _describe(exc: BaseException) -> str:
