@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from gateway.config.models import Config
+from gateway.config.plans import BrokerPlan
 from gateway.config.units.context import Unit, is_loopback
 from gateway.config.units.destinations import (
     broker_warnings,
@@ -20,6 +23,7 @@ from gateway.config.units.machines import compile_machines
 from gateway.config.units.outbox import compile_outbox
 from gateway.config.units.secrets import compile_redaction, read_secret_file
 from gateway.config.yamlsource import loads
+from gateway.delivery.mqtt.publisher import BrokerSettings
 
 MACHINE = (
     "machines:\n"
@@ -231,3 +235,29 @@ def test_machine_problems_are_located(tmp_path: Path) -> None:
         "6: machines[3].connection: protocol is missing: add 'protocol: "
         + u.errors[2].message.split("'protocol: ")[1],
     ]
+
+
+# ---------------------------------------------------------------------------- one broker plan
+
+
+def test_the_compiled_broker_plan_is_what_the_publisher_takes(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("s3cret-pw\n")
+    u = unit(
+        tmp_path,
+        "broker: {host: 127.0.0.1, username: gw, password_file: pw, keepalive: 45}\n",
+    )
+    (d,) = compile_destinations(u)
+    assert isinstance(d.broker, BrokerSettings)  # one type: the publisher's settings
+    assert d.broker.password_text == "s3cret-pw"
+    assert "s3cret-pw" not in repr(d.broker)
+    session = replace(d.broker, status_topic="sf/status", online_payload=b"{}")
+    assert (session.keepalive, session.client_id, session.password) == (
+        45,
+        "shopfloor-gw-1",
+        d.broker.password,
+    )
+    # Built in code with a plain string, the password is wrapped all the same.
+    typed = BrokerPlan("127.0.0.1", username="u", password="pw")  # type: ignore[arg-type]
+    assert isinstance(typed.password, SecretStr) and "pw" not in repr(typed)
+    with pytest.raises(ValueError, match="a broker password needs a username"):
+        BrokerPlan("127.0.0.1", password=SecretStr("pw"))
