@@ -137,7 +137,7 @@ class Driver:
                 self._due -= 1
                 m = self.machines[self._next % len(self.machines)]
                 self._next += 1
-                self.gw._on_batch(m, self._batch(m.plan.id, now))
+                self.gw.devices.on_batch(m, self._batch(m.plan.id, now))
             # Slots anchored to the loop clock, as the runtime's poll phases are.
             start += SLOT
             await asyncio.sleep(max(0.0, start - loop.time()))
@@ -175,7 +175,7 @@ async def run(
         # First batches connect every machine (their events are not measured); their
         # acknowledgement means every publisher is connected.
         for m in gw.machines.values():
-            gw._on_batch(m, driver._batch(m.plan.id, time.time()))
+            gw.devices.on_batch(m, driver._batch(m.plan.id, time.time()))
         for p in gw.publishers.values():
             if not await p.flush(30):
                 raise RuntimeError("the first events were not acknowledged within 30 s")

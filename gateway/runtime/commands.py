@@ -407,7 +407,7 @@ class CommandListener:
             s.host,
             s.port,
             username=s.username,
-            password=s.password,
+            password=s.password_text,
             identifier=f"{s.client_id}-cmd",
             # MQTT 5 for response topics and correlation data; brokers that only speak
             # 3.1.1 get a 3.1.1 session and the default response topics.

@@ -1,4 +1,4 @@
-"""The imperative shell: wires adapters, mapping, trackers and the outputs together.
+"""The imperative shell: builds the gateway's parts from a plan, runs them, stops them in order.
 
 Task layout (one root ``asyncio.TaskGroup``)::
 
@@ -11,17 +11,13 @@ Task layout (one root ``asyncio.TaskGroup``)::
     health               /healthz, /metrics and the web console on a local port (aiohttp);
                          sd_notify watchdog pings
 
-Device supervisors never let an ordinary exception escape (a TaskGroup would cancel all
-siblings): the first failure of an episode is logged at warning, repeats at debug, the
-recovery at info with the episode's length and attempts; reconnects back off with full
-jitter. A slow or dead device never delays another: each has its own task, connection and
-timeouts.
-
-Every event goes through the durable outbox (:mod:`gateway.delivery.outbox`): it is committed in
-one transaction with the tracker state that produced it, then each destination whose
-routing rules accept it (:mod:`gateway.core.routing`) sends it. At start the trackers are
-restored from the outbox, so sequences continue and nothing committed is lost. The outbox
-is not supervised: if SQLite fails, the gateway stops with an error and systemd restarts it.
+The parts live in their own modules; this one only builds and connects them:
+:mod:`gateway.runtime.devices` supervises the devices, :mod:`gateway.runtime.emitter` encodes,
+routes and commits their events, :mod:`gateway.runtime.retained` publishes each machine's
+retained state per destination, and :mod:`gateway.runtime.reload` applies a changed config.
+At start the trackers are restored from the outbox, so sequences continue and nothing
+committed is lost. The outbox is not supervised: if SQLite fails, the gateway stops with an
+error and systemd restarts it.
 
 Shutdown order (SIGTERM/SIGINT): stop the devices first, let the trackers emit what they
 have, then give the publishers a grace period to flush and publish the offline status.
@@ -33,50 +29,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
 from typing import Any
 
 import structlog
 
-from adapters import registry as adapter_registry
-from adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 from gateway import __version__
-from gateway.config.loader import (
-    ConfigError,
-    GatewayPlan,
-    MachinePlan,
-    OutboxPlan,
-    load_config,
-)
-from gateway.contract.envelope import (
-    Topics,
-    encode_event,
-    encode_state,
-    encode_status,
-    new_event_id,
-)
-from gateway.contract.wire import redact_payload
-from gateway.core.backoff import Backoff, aligned
-from gateway.core.derive import StateFromCounts
-from gateway.core.mapping import Mapper
-from gateway.core.model import Event, Location, Quality, Sample
-from gateway.core.routing import RouteRules, Subject, accepts, machine_visible, state_view
-from gateway.core.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
+from gateway.config.loader import GatewayPlan, OutboxPlan
+from gateway.contract.envelope import Topics, encode_status
+from gateway.core.backoff import Backoff
+from gateway.core.model import Location
+from gateway.core.routing import RouteRules
+from gateway.core.tracker import CommandResult
 from gateway.delivery import registry as output_registry
 from gateway.delivery.mqtt.output import broker_settings, destinations
 from gateway.delivery.mqtt.publisher import Message
-from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
-from gateway.delivery.registry import Output, TelemetryEncoder, Wiring
+from gateway.delivery.outbox import Outbox, OutboxQueue
+from gateway.delivery.registry import Output, Wiring
 from gateway.delivery.sink import SinkRunner
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
+from gateway.runtime.devices import DEVICE_BACKOFF, Devices
+from gateway.runtime.emitter import Customers, Emitter, everywhere
 from gateway.runtime.health import HealthServer
 from gateway.runtime.loopwatch import LoopWatch
 from gateway.runtime.metrics import Metrics
+from gateway.runtime.reload import reload as reload_config
+from gateway.runtime.retained import RetainedState
 from gateway.runtime.systemd import Notifier
 
 log = structlog.get_logger(__name__)
@@ -84,60 +65,6 @@ log = structlog.get_logger(__name__)
 Clock = Callable[[], float]
 
 
-#: Distinct causes logged at warning per outage at most (a cause text that varies on every
-#: attempt must not turn into one warning per retry).
-_CAUSES_LOGGED = 5
-
-
-@dataclass(slots=True)
-class _Episode:
-    """Bookkeeping for 'log once per outage'."""
-
-    failing_since: float | None = None
-    attempts: int = 0
-    last_reason: str = ""
-    #: Causes already logged at warning in this outage (one warning per cause).
-    causes: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class DeviceStatus:
-    """What the runtime knows about one device, for health output and tests."""
-
-    connected: bool = False
-    polls: int = 0
-    read_errors: int = 0
-    last_sample_at: float | None = None
-
-
-@dataclass(slots=True)
-class _Machine:
-    plan: MachinePlan
-    tracker: MachineTracker
-    mapper: Mapper
-    status: DeviceStatus = field(default_factory=DeviceStatus)
-    problems_logged: set[str] = field(default_factory=set)
-    #: Signals whose values the tracker refuses right now (logged once per episode).
-    rejections_logged: set[str] = field(default_factory=set)
-    #: For machines that map no ``state`` signal: a state derived from the counters.
-    derived_state: StateFromCounts | None = None
-    #: Each telemetry-taking output's runner with this machine's encoder for it.
-    telemetry: list[tuple[SinkRunner[Any], TelemetryEncoder]] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.refresh_derived()
-
-    def refresh_derived(self) -> None:
-        """Derive a state only when the config maps none (after start and every reload)."""
-        if "state" in self.plan.signals:
-            self.derived_state = None
-        elif self.derived_state is None:
-            self.derived_state = StateFromCounts(self.plan.id)
-
-
-#: How many finished orders keep their customer per machine, for routing (the running and
-#: queued orders always keep theirs).
-_FINISHED_CUSTOMERS = 64
 #: How often the retained status is refreshed with the outbox backlog, in seconds.
 STATUS_INTERVAL = 10.0
 
@@ -198,15 +125,14 @@ def outbox_plan(plan: GatewayPlan) -> OutboxPlan:
     return OutboxPlan(Path("var") / "shopfloor-outbox.db", 1_000_000, 5.0)
 
 
-#: Reconnect delays of a device: a device that is back is read again within 31 s at worst.
-#: Equal jitter (15..30 s once at the cap) keeps a whole floor that is down, e.g. 500
-#: machines switched off for the weekend, at 22 attempts a second instead of 33, and the
-#: long waits end on whole seconds so those attempts share wake-ups (``aligned``).
-DEVICE_BACKOFF = Backoff(base=0.5, cap=30.0, jitter=0.5)
-
-
 class Gateway:
-    """The running daemon for one compiled config."""
+    """The running daemon for one compiled config.
+
+    Longer than 300 lines on purpose: ``__init__`` wires every part in dependency order (most
+    of it the destinations and the history sink), and ``run`` keeps the start and stop order
+    in one place, where it can be read top to bottom. The rest is the small interface the
+    console and the command listeners call (``apply_command``, ``snapshot``, ...).
+    """
 
     def __init__(
         self,
@@ -226,6 +152,7 @@ class Gateway:
         self._core: dict[str, asyncio.Task[Any]] = {}
         self._stopping = False
         self._clock = clock
+        self.clock = clock
         self._backoff = backoff or DEVICE_BACKOFF
         self._grace = shutdown_grace
         self._rng = rng or random.Random()
@@ -237,7 +164,6 @@ class Gateway:
         secret = (
             plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
         )
-        self._secret = secret
         #: Every output (MQTT destinations, the history, ...), built through the registry.
         self.outputs: dict[str, Output] = {
             o.name: o
@@ -262,11 +188,8 @@ class Gateway:
         self.queues: dict[str, OutboxQueue] = {
             name: o.queue for name, o in self.outputs.items() if o.queue is not None
         }
-        #: Outputs that take events (through the outbox), retained state, status.
-        self._durable = [o for o in self.outputs.values() if o.queue is not None]
-        self._stateful = [o for o in self.outputs.values() if o.accepts("state")]
+        #: Outputs that take the retained status.
         self._status = [o for o in self.outputs.values() if o.accepts("status")]
-        self._telemetry = [o for o in self.outputs.values() if o.telemetry is not None]
         self.metrics = Metrics(
             gateway_id=plan.gateway_id,
             started_at=self.started_at,
@@ -279,13 +202,6 @@ class Gateway:
         self.metrics.configure(m.id for m in plan.machines)
         for name, queue in self.queues.items():
             queue.on_delivered = self.metrics.delivery(name).observe
-        # Every output that reads the outbox when none filters events (the common case:
-        # no per-event routing then); None when some do.
-        self._everywhere: frozenset[str] | None = (
-            frozenset(o.name for o in self._durable)
-            if all(o.rules == RouteRules() for o in self._durable)
-            else None
-        )
         self._outbox_limit = ob.max_events
         #: What the web console shows: a bounded copy of recent state, events and values.
         self.feed = ConsoleFeed()
@@ -298,10 +214,42 @@ class Gateway:
         self.notifier = Notifier()
         #: The first destination's publisher.
         self.publisher = self.publishers[self.destinations[0].name]
-        self._customers: dict[str, dict[str, str | None]] = {}
         self._status_sent: dict[str, int] = {}
-        self.machines: dict[str, _Machine] = {m.id: self._new_machine(m) for m in plan.machines}
-        self.events_emitted = 0
+        #: Which customer assigned which order, for routing.
+        self.customers = Customers()
+        self.retained = RetainedState(
+            gateway_id=plan.gateway_id,
+            topics=self.topics,
+            outputs=list(self.outputs.values()),
+            secret=secret,
+            customer_of=self.customers.customer_of,
+            routed=everywhere(list(self.outputs.values())) is None,
+        )
+        self.emitter = Emitter(
+            gateway_id=plan.gateway_id,
+            topics=self.topics,
+            outputs=list(self.outputs.values()),
+            outbox=self.outbox,
+            metrics=self.metrics,
+            feed=self.feed,
+            retained=self.retained,
+            customers=self.customers,
+            clock=clock,
+            rng=self._rng,
+        )
+        self.devices = Devices(
+            metrics=self.metrics,
+            feed=self.feed,
+            emit=self.emitter.emit,
+            clock=clock,
+            backoff=self._backoff,
+            rng=self._rng,
+            outputs=list(self.outputs.values()),
+        )
+        #: The machines at runtime (the devices' own dict: reload changes it in place).
+        self.machines = self.devices.machines
+        for mp in plan.machines:
+            self.machines[mp.id] = self.devices.new_machine(mp)
         #: Where each machine lives; shared with the command listener and kept current.
         self.locations: dict[str, Location] = {m.id: m.location for m in plan.machines}
         #: One command listener per destination that takes commands (the config allows one
@@ -322,8 +270,6 @@ class Gateway:
         ]
         #: The first command listener; ``None`` when no destination takes commands.
         self.commands: CommandListener | None = self.listeners[0] if self.listeners else None
-        self._tg: asyncio.TaskGroup | None = None
-        self._device_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_requested = asyncio.Event()
 
     # ------------------------------------------------------------------ running
@@ -345,7 +291,7 @@ class Gateway:
         # Destinations are "buffering within limits" until their first connect: the
         # health check is ready from the start, as the outbox holds what they miss.
         self._report(self._clock())
-        restored = self._restore_trackers()
+        restored = self.devices.restore(self.outbox, self.customers.learn)
         publisher_tasks: list[asyncio.Task[None]] = []
         if self.health is not None:
             try:
@@ -356,7 +302,7 @@ class Gateway:
                 self.health = None
         try:
             async with asyncio.TaskGroup() as tg:
-                self._tg = tg
+                self.devices.tg = tg
                 if self.watch is not None:
                     self.watch.start()
                     self._core_task(tg.create_task(self.watch.run(), name="loop-watch"))
@@ -371,9 +317,9 @@ class Gateway:
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
-                    self._publish_state(m, m.tracker.snapshot(), self._clock())
+                    self.retained.publish(m, m.tracker.snapshot(), self._clock())
                 for m in self.machines.values():
-                    self._start_device(m)
+                    self.devices.start(m)
                 ticker = self._core_task(tg.create_task(self._tick(), name="ticker"))
                 listeners = [
                     self._core_task(tg.create_task(c.run(), name=f"commands[{c.name}]"))
@@ -401,7 +347,7 @@ class Gateway:
                 keepalive.cancel()
                 # Stop taking orders and config changes first, then stop the devices.
                 await finish([reloader, *listeners], STOP_TASKS_WITHIN)
-                await finish([*self._device_tasks.values(), ticker], STOP_TASKS_WITHIN)
+                await finish([*self.devices.tasks.values(), ticker], STOP_TASKS_WITHIN)
                 # Everything the trackers emitted is committed before the publishers' grace.
                 await self.outbox.flush()
                 await self._close_publishers(publisher_tasks)
@@ -477,53 +423,10 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
 
-    def _restore_trackers(self) -> list[str]:
-        restored: list[str] = []
-        for machine, m in self.machines.items():
-            state = self.outbox.trackers.get(machine)
-            if state is None:
-                # An unreadable state: never hand out a sequence its stored events used.
-                last = self.outbox.recovered_sequences.get(machine)
-                if last:
-                    m.tracker = _tracker_at(machine, m.plan.tracker, last)
-                    log.warning("tracker.sequence_recovered", machine=machine, sequence=last)
-                continue
-            try:
-                m.tracker = MachineTracker.restore(machine, m.plan.tracker, state)
-            except ValueError as exc:
-                log.error("tracker.restore_failed", machine=machine, error=str(exc))
-                last = state.get("sequence")
-                if type(last) is int and last > 0:
-                    m.tracker = _tracker_at(machine, m.plan.tracker, last)
-                continue
-            self._learn_customers(machine, state)
-            restored.append(machine)
-            log.info("tracker.restored", machine=machine, sequence=m.tracker.sequence)
-        return restored
-
-    def _learn_customers(self, machine: str, state: dict[str, Any]) -> None:
-        """Remember which customer assigned which order (the tracker state knows).
-
-        Every order the tracker still holds (the current one and the whole queue) keeps its
-        customer, or its events would stop reaching its platform; only finished orders are
-        forgotten, the oldest first, beyond :data:`_FINISHED_CUSTOMERS`.
-        """
-        known = self._customers.setdefault(machine, {})
-        order = state.get("order")
-        orders = [order] if isinstance(order, dict) else []
-        orders += [q for q in state.get("queue") or [] if isinstance(q, dict)]
-        live: dict[str, str | None] = {}
-        for o in orders:
-            order_id = o.get("order_id")
-            if isinstance(order_id, str):
-                customer = o.get("customer")
-                live[order_id] = customer if isinstance(customer, str) else None
-        for order_id in live:
-            known.pop(order_id, None)
-        # What is left is finished (late events of those still route), oldest first.
-        for _ in range(len(known) - _FINISHED_CUSTOMERS):
-            del known[next(iter(known))]
-        known.update(live)
+    @property
+    def events_emitted(self) -> int:
+        """Events emitted since start (all machines)."""
+        return self.emitter.events_emitted
 
     def backlog(self) -> dict[str, int]:
         """Events stored per outbox reader and not yet acknowledged by its destination."""
@@ -544,120 +447,9 @@ class Gateway:
             await self.reload()
             gc.freeze()
 
-    def _start_device(self, m: _Machine) -> None:
-        assert self._tg is not None
-        self._device_tasks[m.plan.id] = self._tg.create_task(
-            self._supervise(m), name=f"device[{m.plan.id}]"
-        )
-
-    async def _stop_device(self, machine: str) -> None:
-        task = self._device_tasks.pop(machine, None)
-        if task is not None:
-            task.cancel()
-            await asyncio.wait([task])
-
     async def reload(self) -> bool:
-        """Apply a changed config file; an invalid one is refused and the old one keeps running.
-
-        Machines added, removed or changed are started, stopped or restarted; untouched ones
-        keep running without a gap. A changed machine keeps its tracker, so an order in
-        progress continues with its counts. Gateway identity and broker settings cannot
-        change at runtime (topics and sessions hang on them): such changes are logged and
-        wait for a restart, and the rest of the new config is applied.
-        """
-        self.notifier.reloading()
-        try:
-            new = await asyncio.to_thread(load_config, self.plan.source)
-        except ConfigError as exc:
-            self.notifier.ready(self.metrics.status_line())
-            log.error(
-                "config.reload_rejected",
-                problems=[str(e) for e in exc.errors],
-                detail="the running config stays in force; fix the file and reload again",
-            )
-            self.feed.reloaded(self._clock(), False, [str(e) for e in exc.errors])
-            return False
-        except Exception as exc:  # an unreadable file must not stop the gateway
-            self.notifier.ready(self.metrics.status_line())
-            log.error("config.reload_rejected", problems=[f"{type(exc).__name__}: {exc}"])
-            self.feed.reloaded(self._clock(), False, [f"{type(exc).__name__}: {exc}"])
-            return False
-        frozen = [
-            name
-            for name in (
-                "gateway_id",
-                "site",
-                "topic_prefix",
-                "broker",
-                "destinations",
-                "outbox",
-                "redaction_secret",
-            )
-            if getattr(new, name) != getattr(self.plan, name)
-        ]
-        if frozen:
-            log.warning("config.reload_needs_restart", fields=frozen)
-            new = replace(
-                new,
-                gateway_id=self.plan.gateway_id,
-                site=self.plan.site,
-                topic_prefix=self.plan.topic_prefix,
-                broker=self.plan.broker,
-                destinations=self.plan.destinations,
-                outbox=self.plan.outbox,
-                redaction_secret=self.plan.redaction_secret,
-            )
-        old = {m.id: m for m in self.plan.machines}
-        fresh = {m.id: m for m in new.machines}
-        removed = sorted(old.keys() - fresh.keys())
-        added = sorted(fresh.keys() - old.keys())
-        changed = sorted(k for k in old.keys() & fresh.keys() if old[k] != fresh[k])
-        now = self._clock()
-        for machine in [*removed, *changed]:
-            await self._stop_device(machine)
-        for machine in removed:
-            m = self.machines.pop(machine)
-            del self.locations[machine]
-            self._emit(m, m.tracker.connection(False, now, "removed from config"))
-            # An empty retained message deletes the snapshot: late joiners must not see a
-            # machine that no longer exists.
-            self._clear_state(m.plan.id, m.plan.location)
-        for machine in changed:
-            m = self.machines[machine]
-            plan = fresh[machine]
-            if plan.tracker != m.plan.tracker:
-                # Rebuilt with new settings while running: nothing went unobserved.
-                m.tracker = MachineTracker.restore(
-                    machine, plan.tracker, m.tracker.export_state(), downtime=False
-                )
-            if plan.location != m.plan.location:
-                self._clear_state(machine, m.plan.location)
-                self.locations[machine] = plan.location
-            m.plan = plan
-            m.refresh_derived()
-            m.mapper = Mapper(plan.signals)
-            m.problems_logged.clear()
-            m.rejections_logged.clear()
-            self._start_device(m)
-        for machine in added:
-            plan = fresh[machine]
-            m = self._new_machine(plan)
-            self.machines[machine] = m
-            self.locations[machine] = plan.location
-            self._start_device(m)
-        self.plan = new
-        self.metrics.configure(fresh)
-        self.feed.configure(fresh)
-        self.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])
-        self.notifier.ready(self.metrics.status_line())
-        log.info(
-            "config.reloaded",
-            added=added,
-            removed=removed,
-            changed=changed,
-            unchanged=len(fresh) - len(added) - len(changed),
-        )
-        return True
+        """Apply a changed config file (see :func:`gateway.runtime.reload.reload`)."""
+        return await reload_config(self)
 
     async def _tick(self) -> None:
         last_status = 0.0
@@ -665,7 +457,7 @@ class Gateway:
             await asyncio.sleep(1.0)
             now = self._clock()
             for m in self.machines.values():
-                self._emit(m, m.tracker.tick(now))
+                self.emitter.emit(m, m.tracker.tick(now))
             self._report(now)
             if now - last_status >= STATUS_INTERVAL:
                 last_status = now
@@ -714,102 +506,6 @@ class Gateway:
             )
             o.runner.submit(Message(self.topics.status(), payload, 1, True))
 
-    def _new_machine(self, plan: MachinePlan) -> _Machine:
-        """A machine's runtime state; its history line never carries personal signals."""
-        return _Machine(
-            plan,
-            MachineTracker(plan.id, plan.tracker),
-            Mapper(plan.signals),
-            telemetry=[(o.runner, o.telemetry()) for o in self._telemetry if o.telemetry],
-        )
-
-    async def _supervise(self, m: _Machine) -> None:
-        plan = m.plan
-        episode = _Episode()
-        # Spread the polls of many devices over one interval in slots, so a hundred devices
-        # do not hit the network in lockstep but those sharing a slot share one wake-up of
-        # the event loop; stable per machine id.
-        offset = poll_phase(plan.id, plan.poll_interval)
-        bound = log.bind(machine=plan.id)
-        # One adapter for the machine's lifetime, re-entered on every reconnect: it keeps
-        # what it learned about the device (e.g. blocks the device refused to read whole).
-        adapter = adapter_registry.create(
-            plan.protocol.name, plan.id, plan.connection, plan.signals, plan.poll_interval, offset
-        )
-        while True:
-            try:
-                async with adapter:
-                    answered = False
-                    async for batch in adapter.samples():
-                        if not answered:
-                            # Connected means "answers", not "accepts TCP": a hung PLC
-                            # that takes the connection but never replies stays offline
-                            # instead of flapping on every reconnect.
-                            answered = True
-                            self._connected(m, True, "connected")
-                            if episode.failing_since is not None:
-                                bound.info(
-                                    "device.reachable",
-                                    outage_s=round(self._clock() - episode.failing_since, 1),
-                                    attempts=episode.attempts,
-                                )
-                            episode = _Episode()
-                        acq = getattr(adapter, "acquisition", None)
-                        self._on_batch(
-                            m, batch, notification=acq is not None and acq.kind == "notification"
-                        )
-                        if acq is not None:
-                            self.metrics.device_poll_timing(
-                                plan.id, acq.seconds, acq.missed_deadlines
-                            )
-                        # Not kept while the adapter waits for the next poll (see
-                        # ModbusAdapter.samples: young samples make the collector's passes long).
-                        del batch
-                        task = asyncio.current_task()
-                        if task is not None and task.cancelling():
-                            # Python 3.11's wait_for (inside the device libraries) can
-                            # swallow a cancel that coincides with a reply; honour it.
-                            raise asyncio.CancelledError
-                raise ConnectionLost("the adapter stopped yielding samples")
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                task = asyncio.current_task()
-                if task is not None and task.cancelling():
-                    # A library turned the shutdown's cancel into its own error while
-                    # cleaning up; retrying would keep this device alive past shutdown.
-                    raise asyncio.CancelledError from exc
-                reason = self._failure(bound, exc)
-            m.status.read_errors += 1
-            self.metrics.device_polled(plan.id, False)
-            self._connected(m, False, reason)
-            if episode.failing_since is None:
-                episode.failing_since = self._clock()
-                episode.causes.add(reason)
-                bound.warning("device.unreachable", error=reason)
-            elif reason not in episode.causes and len(episode.causes) < _CAUSES_LOGGED:
-                # The device answers differently now (e.g. it is back but refuses the
-                # gateway's certificate): the operator needs the new cause, once.
-                episode.causes.add(reason)
-                bound.warning("device.unreachable_cause", error=reason, attempts=episode.attempts)
-            else:
-                bound.debug("device.still_unreachable", error=reason, attempts=episode.attempts)
-            delay = self._backoff.delay(episode.attempts, self._rng)
-            episode.attempts += 1
-            await asyncio.sleep(aligned(asyncio.get_running_loop().time(), delay))
-
-    @staticmethod
-    def _failure(bound: Any, exc: Exception) -> str:
-        """What went wrong with a device, in words; a bug is logged with its traceback."""
-        if isinstance(exc, ConnectError | ConnectionLost):
-            return str(exc) or type(exc).__name__
-        if isinstance(exc, AdapterError):
-            return f"{type(exc).__name__}: {exc}"
-        # A bug must not take the other devices down: log it, treat it as an outage.
-        reason = f"unexpected {type(exc).__name__}: {exc}"
-        bound.exception("device.task_failed", error=reason)
-        return reason
-
     def apply_command(self, machine: str, command: Command, now: float) -> CommandResult:
         """Run a platform command on a machine's tracker and publish what it caused."""
         m = self.machines.get(machine)
@@ -817,12 +513,12 @@ class Gateway:
             return CommandResult(False, f"unknown machine {machine}")
         result, events = m.tracker.command(command, now)
         # Persist even without events: a queued platform order must survive a restart.
-        self._emit(m, events, persist=True)
+        self.emitter.emit(m, events, persist=True)
         return result
 
     def customer_of(self, machine: str, order_id: str) -> str | None:
         """The customer an order on a machine was assigned for (``None``: none or unknown)."""
-        return self._customers.get(machine, {}).get(order_id)
+        return self.customers.customer_of(machine, order_id)
 
     def queued_orders(self, machine: str) -> list[tuple[str, str | None]]:
         """The platform orders waiting on a machine (for the web console)."""
@@ -849,169 +545,3 @@ class Gateway:
             if d.name == scope:
                 return d.route.rules, d.name
         return RouteRules(), "console"
-
-    def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
-        m.status.connected = connected
-        self.metrics.device_connected(m.plan.id, connected)
-        self._emit(m, m.tracker.connection(connected, self._clock(), reason))
-
-    def _on_batch(
-        self, m: _Machine, batch: Sequence[Sample], *, notification: bool = False
-    ) -> None:
-        m.status.polls += 1
-        now = self._clock()
-        m.status.last_sample_at = now
-        if len(batch) >= len(m.plan.signals) and all(s[4] is not Quality.GOOD for s in batch):
-            # A poll in which no signal could be read (a device answering every read with
-            # an exception) is a failed read, even though the device answered.
-            m.status.read_errors += 1
-            self.metrics.device_polled(m.plan.id, False)
-        else:
-            self.metrics.device_polled(m.plan.id, True, now, notification=notification)
-        mapped, problems = m.mapper.apply(batch)
-        for p in problems:
-            # Once per signal until it maps cleanly again: a wrong map would otherwise log
-            # every poll.
-            if p.signal not in m.problems_logged:
-                m.problems_logged.add(p.signal)
-                log.warning(
-                    "device.value_rejected",
-                    machine=m.plan.id,
-                    signal=p.signal,
-                    value=repr(p.value),
-                    reason=p.reason,
-                )
-        if m.problems_logged:
-            bad = {p.signal for p in problems}
-            for signal in list(m.problems_logged - bad):
-                m.problems_logged.discard(signal)
-                log.info("device.value_accepted", machine=m.plan.id, signal=signal)
-        if m.derived_state is not None:
-            mapped.append(m.derived_state.observe(mapped, now))
-        self.feed.samples(m.plan.id, mapped)
-        self._emit(m, m.tracker.observe(mapped, now))
-        rejections = m.tracker.drain_rejections()
-        if rejections or m.rejections_logged:
-            self._log_rejections(m, rejections)
-            if rejections:
-                self.metrics.counter_readings_rejected(m.plan.id, m.tracker.rejected_total)
-        for runner, encoder in m.telemetry:
-            record = encoder.encode(m.plan.location, mapped, m.tracker.order_id)
-            if record is not None:
-                runner.submit(record)
-
-    @staticmethod
-    def _log_rejections(m: _Machine, rejections: Sequence[Rejection]) -> None:
-        """Warn once per signal and episode, like the mapping's problems."""
-        rejected = set()
-        for r in rejections:
-            rejected.add(r.signal)
-            if r.signal not in m.rejections_logged:
-                m.rejections_logged.add(r.signal)
-                log.warning(
-                    "tracker.value_rejected",
-                    machine=m.plan.id,
-                    signal=r.signal,
-                    value=r.value,
-                    reason=r.reason,
-                )
-        m.rejections_logged &= rejected
-
-    def _emit(self, m: _Machine, events: Sequence[Event], *, persist: bool = False) -> None:
-        """Commit events with the tracker state (outbox), then refresh the retained state."""
-        if not events and not persist:
-            return
-        loc = m.plan.location
-        machine = m.plan.id
-        state = m.tracker.export_state()
-        self._learn_customers(machine, state)
-        customers = self._customers.get(machine, {})
-        gateway_id = self.plan.gateway_id
-        epoch = self.outbox.epoch or None
-        everywhere = self._everywhere
-        created = self._clock()
-        debug = _debug_enabled()
-        entries: list[Entry] = []
-        for event in events:
-            event_id = new_event_id(event.time, self._rng.getrandbits(74))
-            payload = encode_event(
-                event, loc, gateway_id=gateway_id, event_id=event_id, epoch=epoch
-            )
-            order_id = event.data.get("order_id")
-            order_id = order_id if isinstance(order_id, str) else None
-            if everywhere is not None:
-                names = everywhere
-            else:
-                subject = Subject(
-                    machine, "event", event.type, order_id, customers.get(order_id or "")
-                )
-                names = frozenset(o.name for o in self._durable if accepts(o.rules, subject))
-            entries.append(
-                Entry(
-                    machine=machine,
-                    topic=self.topics.event(loc, event.type),
-                    payload=payload,
-                    destinations=names,
-                    event_type=event.type,
-                    order_id=order_id,
-                    created=created,
-                )
-            )
-            self.metrics.event_emitted(event.type)
-            if debug:
-                log.debug(
-                    "event.emitted",
-                    machine=machine,
-                    type=event.type,
-                    sequence=event.sequence,
-                    order_id=order_id,
-                )
-        self.events_emitted += len(events)
-        self.outbox.append(entries, {machine: state})
-        if events:
-            self.feed.events(machine, events)
-            self._publish_state(m, m.tracker.snapshot(), events[-1].time)
-
-    def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
-        """Retained state to every destination that may see the machine, order filtered."""
-        loc = m.plan.location
-        order = snapshot.get("order")
-        order_id = order.get("order_id") if isinstance(order, dict) else None
-        customer = self._customers.get(m.plan.id, {}).get(order_id) if order_id else None
-        topic = self.topics.state(loc)
-        # Order-scoped destinations count only the waiting orders they may see.
-        queue = m.tracker.queued_orders() if self._everywhere is None else None
-        # Destinations that see the whole snapshot (the common case: all) share one encoding.
-        shared: bytes | None = None
-        for o in self._stateful:
-            if not machine_visible(o.rules, m.plan.id):
-                continue
-            view = state_view(o.rules, snapshot, customer, queue)
-            if view is not snapshot:
-                payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
-            elif shared is None:
-                payload = shared = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
-            else:
-                payload = shared
-            payload = redact_payload(payload, o.operator, self._secret)
-            o.runner.submit(Message(topic, payload, 1, True))
-
-    def _clear_state(self, machine: str, loc: Location) -> None:
-        for o in self._stateful:
-            if machine_visible(o.rules, machine):
-                o.runner.submit(Message(self.topics.state(loc), b"", 1, True))
-
-
-#: The stdlib logger behind ``log``: its level decides whether a debug line goes anywhere.
-_stdlog = logging.getLogger(__name__)
-
-
-def _tracker_at(machine: str, settings: TrackerSettings, sequence: int) -> MachineTracker:
-    """A fresh tracker whose next event takes ``sequence + 1`` (its state was lost)."""
-    state = MachineTracker(machine, settings).export_state()
-    return MachineTracker.restore(machine, settings, {**state, "sequence": sequence})
-
-
-def _debug_enabled() -> bool:
-    """Whether this module's debug lines are wanted (checked before building one per event)."""
-    return _stdlog.isEnabledFor(logging.DEBUG)

@@ -238,10 +238,10 @@ def _check_tls(plan: GatewayPlan, report: _Report) -> None:
                 )
                 continue
         # Exactly what the publisher does at start, in case it ever checks more than above.
-        from gateway.delivery.mqtt.publisher import TlsSettings, tls_context
+        from gateway.delivery.mqtt.publisher import tls_context
 
         try:
-            tls_context(TlsSettings(tls.ca_file, tls.cert_file, tls.key_file, tls.verify_hostname))
+            tls_context(tls)
         except ValueError as exc:
             report.add((*base, "tls"), str(exc))
     influx = plan.influxdb

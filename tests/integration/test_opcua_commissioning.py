@@ -237,7 +237,7 @@ async def test_a_new_cause_inside_one_outage_is_one_warning(
     cfg.write_text(
         "gateway: {id: gw-comm, site: plant-c, topic_prefix: comm}\n"
         f"broker: {{host: 127.0.0.1, port: {mosquitto.port}}}\n"
-        "logging: {level: info, format: json, levels: {gateway.runtime.gateway: debug}}\n"
+        "logging: {level: info, format: json, levels: {gateway.runtime.devices: debug}}\n"
         "health: {listen: null}\n"  # 9108 may be taken: run would refuse
         f"state_dir: {tmp_path / 'state'}\n"
         "machines:\n"

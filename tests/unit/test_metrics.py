@@ -393,7 +393,7 @@ async def test_the_gateway_counts_glitches_of_its_machines(tmp_path: Path) -> No
                 Sample("sew-01", "order_id", "PO-1", clock.now),
                 Sample("sew-01", "good_count", good, clock.now),
             ]
-            gateway._on_batch(m, batch)
+            gateway.devices.on_batch(m, batch)
         one = (("machine", "sew-01"),)
         assert samples(gateway.metrics)[("shopfloor_device_rejected_readings_total", one)] == 2
     finally:
@@ -422,7 +422,7 @@ async def test_rejected_counter_readings_are_logged_once_per_episode(tmp_path: P
                     Sample("sew-01", "order_id", "PO-1", clock.now),
                     Sample("sew-01", "good_count", good, clock.now),
                 ]
-                gateway._on_batch(m, batch)
+                gateway.devices.on_batch(m, batch)
         warned = [e for e in logs if e["event"] == "tracker.value_rejected"]
         assert [e["value"] for e in warned] == ["99", "100"], warned
     finally:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 from gateway import __version__
 from gateway.config.loader import DestinationPlan, GatewayPlan
+from gateway.config.plans import BrokerPlan
 from gateway.contract.envelope import Topics, encode_status
 from gateway.core.routing import Route
-from gateway.delivery.mqtt.publisher import BrokerSettings, MqttPublisher, TlsSettings
+from gateway.delivery.mqtt.publisher import MqttPublisher
 from gateway.delivery.registry import Output, OutputKind, Wiring
 
 Clock = Callable[[], float]
@@ -33,23 +35,13 @@ def broker_settings(
     started_at: float,
     destination: DestinationPlan | None = None,
     clock: Clock = time.time,
-) -> BrokerSettings:
-    """Translate one destination's broker (default: the first) into publisher settings.
+) -> BrokerPlan:
+    """One destination's broker plan (default: the first) with the gateway's status messages.
 
     The offline status of a clean shutdown is built when it is sent (``clock()`` then), so
     its ``time`` says when the gateway stopped; the last will's is the registration time.
     """
     b = destination.broker if destination is not None else plan.broker
-    tls = (
-        TlsSettings(
-            ca_file=b.tls.ca_file,
-            cert_file=b.tls.cert_file,
-            key_file=b.tls.key_file,
-            verify_hostname=b.tls.verify_hostname,
-        )
-        if b.tls is not None
-        else None
-    )
 
     def status(state: str, reason: str | None, now: float = started_at) -> bytes:
         return encode_status(
@@ -61,21 +53,13 @@ def broker_settings(
             reason=reason,
         )
 
-    return BrokerSettings(
-        host=b.host,
-        port=b.port,
-        client_id=b.client_id,
-        username=b.username,
-        password=b.password.get_secret_value() if b.password is not None else None,
-        tls=tls,
-        keepalive=b.keepalive,
+    return replace(
+        b,
         status_topic=topics.status(),
         online_payload=status("online", None),
         will_payload=status("offline", "connection lost"),
         offline_payload=status("offline", "shutdown"),
         offline_status=lambda: status("offline", "shutdown", clock()),
-        max_queue=b.max_queue,
-        protocol=b.protocol,
     )
 
 

@@ -52,7 +52,7 @@ import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import aiomqtt
@@ -60,7 +60,7 @@ import paho.mqtt.client as paho
 import structlog
 from paho.mqtt.enums import MQTTErrorCode
 
-from gateway.core.backoff import Backoff
+from gateway.config.plans import BrokerPlan, TlsPlan
 from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
 from gateway.delivery.sink import (
     Accepts,
@@ -74,10 +74,6 @@ from gateway.delivery.sink import (
 log = structlog.get_logger(__name__)
 
 
-#: Packet ids in use at once must stay below MQTT's 65,535 (QoS 0 writes take one too).
-_MAX_WINDOW = 60_000
-
-
 @dataclass(frozen=True, slots=True)
 class Message:
     """One MQTT message to publish."""
@@ -88,67 +84,9 @@ class Message:
     retain: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class TlsSettings:
-    """TLS for the broker connection; no CA file means the system trust store."""
-
-    ca_file: str | None = None
-    cert_file: str | None = None
-    key_file: str | None = None
-    verify_hostname: bool = True
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerSettings:
-    """Everything one publisher needs to reach one broker."""
-
-    host: str
-    port: int = 1883
-    client_id: str = "shopfloor"
-    username: str | None = None
-    password: str | None = field(default=None, repr=False)
-    tls: TlsSettings | None = None
-    keepalive: int = 30
-    status_topic: str = ""
-    online_payload: bytes = b""
-    will_payload: bytes = b""
-    offline_payload: bytes = b""
-    #: Builds the offline status when the publisher says goodbye, so that its ``time`` is
-    #: the shutdown's; ``offline_payload`` when unset.
-    offline_status: Callable[[], bytes] | None = field(default=None, repr=False, compare=False)
-    max_queue: int = 100_000
-    window: int = 100
-    connect_timeout: float = 5.0
-    backoff: Backoff = Backoff(base=0.5, cap=30.0)  # noqa: RUF009 - frozen, safe to share
-    #: MQTT protocol version; "5" works through aiomqtt but the contract targets 3.1.1.
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
-    #: A PUBACK later than this means the link is stuck: reconnect and resend.
-    ack_timeout: float = 30.0
-    #: A link up this long (seconds) ends an outage for good: a cause seen before it is
-    #: logged at warning again; links closed sooner count towards a session takeover.
-    stable_after: float = 30.0
-
-    def __post_init__(self) -> None:
-        """Reject settings that cannot work, with a message naming the field."""
-        if not self.host:
-            raise ValueError("broker host must not be empty")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"broker port must be 1..65535, got {self.port}")
-        if not 1 <= self.window <= _MAX_WINDOW:
-            # Each message in flight holds one of MQTT's 16-bit packet ids.
-            raise ValueError(f"window must be 1..{_MAX_WINDOW}, got {self.window}")
-        if self.max_queue < self.window:
-            raise ValueError(f"max_queue ({self.max_queue}) must be >= window ({self.window})")
-        if self.keepalive < 1:
-            raise ValueError(f"keepalive must be >= 1 s, got {self.keepalive}")
-        for name in ("connect_timeout", "ack_timeout", "stable_after"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-        if self.password is not None and self.username is None:
-            raise ValueError("a broker password needs a username")
-        if self.protocol not in ("3.1.1", "5"):
-            raise ValueError(f"protocol must be '3.1.1' or '5', got {self.protocol!r}")
+#: The publisher consumes the config's broker plan; the old names stay for callers.
+BrokerSettings = BrokerPlan
+TlsSettings = TlsPlan
 
 
 # --- the queue -------------------------------------------------------------------------
@@ -748,7 +686,7 @@ class MqttSink:
             s.host,
             s.port,
             username=s.username,
-            password=s.password,
+            password=s.password_text,
             identifier=s.client_id,
             protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
             will=will,
