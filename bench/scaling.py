@@ -61,6 +61,7 @@ from bench.common import (
     memory_kib,
     raise_fd_limit,
     report,
+    subscriber,
 )
 from gateway.contract.envelope import SOURCE_PREFIX
 from simulators.load import LoadDevice, signal_map
@@ -187,10 +188,12 @@ async def start_consumer(
     delay: float = 0.0,
     receive_max: int = 100,
     topic: str | None = None,
+    expiry: int = SESSION_EXPIRY,
 ) -> ConsumerProc:
     """Start ``python -m bench.scaling consume`` and wait (bounded) until it is subscribed.
 
     ``resume``: reconnect to the session of an earlier process of the same ``name``.
+    ``expiry``: the session expiry interval (s); 0 ends the session with the connection.
     """
     cmd = [
         sys.executable,
@@ -201,7 +204,7 @@ async def start_consumer(
         f"--client-id={name}",
         f"--topic={topic or f'$share/{GROUP}/{EVENTS}'}",
         f"--out={out}",
-        f"--expiry={SESSION_EXPIRY}",
+        f"--expiry={expiry}",
         f"--receive-max={receive_max}",
         f"--delay={delay}",
     ]
@@ -490,6 +493,9 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         ]
         try:
             async with contextlib.AsyncExitStack() as stack:
+                # Everything the gateways publish (events, retained states, status), counted
+                # by a plain subscriber in this process: the broker's inbound rate.
+                everything = await stack.enter_async_context(subscriber(plant.broker.port))
                 procs = [
                     await stack.enter_async_context(gateway(cfg, cfg.parent / "gateway.log"))
                     for cfg in plant.configs
@@ -499,10 +505,10 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 # The gateways, then the broker and the consumers.
                 pids = [p.pid for p in procs] + [broker_pid(plant.broker)]
                 pids += [c.proc.pid for c in consumers]
-                t0 = time.time()
+                t0, n0 = time.time(), everything.messages
                 c0 = [cpu_seconds(pid) for pid in pids]
                 await asyncio.sleep(args.window)
-                t1 = time.time()
+                t1, n1 = time.time(), everything.messages
                 c1 = [cpu_seconds(pid) for pid in pids]
                 mem = [memory_kib(pid) for pid in pids]
                 # Leaving the stack: SIGTERM, each gateway flushes and says offline.
@@ -545,6 +551,7 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "snapshots": len(snapshots),
         "events": verdict.events,
         "events_per_s": round(in_window / span, 1),
+        "messages_per_s": round((n1 - n0) / span, 1),
         "lost": verdict.lost,
         "lost_machines": sorted(verdict.missing)[:10],
         "late_start": len(verdict.late_start),
@@ -595,6 +602,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"{label} machines not starting at sequence 1", r["late_start"], "0"),
         (f"{label} duplicates across consumers", r["duplicates_across_consumers"], ""),
         (f"{label} events/s through the group", r["events_per_s"], ""),
+        (f"{label} messages/s from the gateways (all topics)", r["messages_per_s"], ""),
         (f"{label} gateways unflushed at stop", len(r["unflushed_at_stop"]), "0"),
     ]
     for name, n in r["out_of_order"].items():

@@ -10,15 +10,17 @@ and comes back to its session: the union of both members' records is complete.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import pytest
 
-from bench.common import gateway, parse_time
+from bench.common import PREFIX, SITE, gateway, parse_time
 from bench.scaling import (
     ConsumerProc,
     check,
@@ -29,6 +31,7 @@ from bench.scaling import (
     stop_consumer,
     wait_drained,
 )
+from tests.brokers import MosquittoBroker
 
 # The floor and the gateways run on the wall clock: no full collection of the test
 # process's heap in the middle of a run.
@@ -95,6 +98,57 @@ async def test_shared_group_loses_nothing_when_a_member_departs(tmp_path: Path) 
     ]
     assert queued, "nothing published while the member was away was kept for it"
     assert v.share["platform-a"] > 0 and v.share["platform-b"] > 0
+
+
+async def _publish_events(port: int, first: int, last: int) -> None:
+    """Events ``first..last`` of one machine, as a gateway publishes them (QoS 1, in order)."""
+    async with aiomqtt.Client("127.0.0.1", port, identifier="gw-synthetic") as client:
+        for seq in range(first, last + 1):
+            event = {
+                "id": f"ev-{seq}",
+                "source": "/shopfloor/plant-b/hall/line-00/m1",
+                "sequence": seq,
+                "epoch": 1,
+                "gatewayid": "gw-synthetic",
+                "time": "2026-12-06T00:00:00.000Z",
+            }
+            topic = f"{PREFIX}/{SITE}/hall/line-00/m1/event/order.progress"
+            await client.publish(topic, json.dumps(event), qos=1)
+
+
+async def test_a_departed_member_without_a_session_takes_its_messages_along(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    """Mosquitto gives nothing of a departed member to the others: why members keep sessions.
+
+    A member with session expiry 0 leaves (killed) with messages in flight and queued for it.
+    Mosquitto ends its session and drops them; later messages all go to the other member,
+    but the dropped ones are never offered to it. If Mosquitto starts handing them over (as
+    MQTT 5 says a server SHOULD), this test fails and docs/scaling.md can say so.
+    """
+    port = mosquitto.port
+    a = await start_consumer("member-a", port, tmp_path / "a.jsonl")
+    b = await start_consumer(
+        "member-b", port, tmp_path / "b.jsonl", delay=0.2, receive_max=3, expiry=0
+    )
+    try:
+        await _publish_events(port, 1, 30)
+        await _until(b, 2)
+        os.kill(b.proc.pid, signal.SIGKILL)
+        await b.proc.wait()
+        await _publish_events(port, 31, 60)
+        async with asyncio.timeout(10):
+            while not any(r["seq"] == 60 for r in read_records(a.out)):  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    finally:
+        await stop_consumer(a)
+        await stop_consumer(b)
+    v = check({"a": read_records(a.out), "b": read_records(b.out)})
+    lost = v.missing.get("/shopfloor/plant-b/hall/line-00/m1", [])
+    # What was the departed member's share before it left, and nothing after.
+    assert lost, "Mosquitto handed the departed member's messages to the other member"
+    assert max(lost) <= 30
+    assert {r["seq"] for r in read_records(a.out)} >= set(range(31, 61))
 
 
 # ------------------------------------------------------------------ the check itself
