@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import os
 import signal
 import sys
 import tempfile
@@ -59,6 +60,7 @@ from bench.common import (
     gateway,
     load_sim,
     memory_kib,
+    parse_time,
     raise_fd_limit,
     report,
     subscriber,
@@ -484,6 +486,24 @@ async def wait_drained(
                 await asyncio.sleep(0.5)
 
 
+async def depart(consumers: list[ConsumerProc], port: int, seconds: float) -> tuple[float, float]:
+    """The last member departs without a word (SIGKILL) and returns to its session later.
+
+    Returns when it left and when it was back (subscribed again); ``consumers`` then holds
+    the new process.
+    """
+    leaver = consumers[-1]
+    os.kill(leaver.proc.pid, signal.SIGKILL)
+    await leaver.proc.wait()
+    away = time.time()
+    await asyncio.sleep(seconds)
+    back_again = await start_consumer(leaver.name, port, leaver.out, resume=True)
+    consumers[-1] = back_again
+    if not back_again.session_present:
+        raise RuntimeError(f"{leaver.name}: the broker did not keep its session")
+    return away, time.time()
+
+
 async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Run the plant for the window; return the figures."""
     async with floor(work, args.gateways, args.machines, args.change_period, args.poll) as plant:
@@ -503,11 +523,18 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 # Settle: every gateway connected its machines and saw first orders.
                 await asyncio.sleep(args.settle)
                 # The gateways, then the broker and the consumers.
+                # (A member that departs is replaced by a new process: not measured.)
+                staying = consumers[:-1] if args.depart else consumers
                 pids = [p.pid for p in procs] + [broker_pid(plant.broker)]
-                pids += [c.proc.pid for c in consumers]
+                pids += [c.proc.pid for c in staying]
                 t0, n0 = time.time(), everything.messages
                 c0 = [cpu_seconds(pid) for pid in pids]
-                await asyncio.sleep(args.window)
+                if args.depart:
+                    await asyncio.sleep((args.window - args.depart) / 2)
+                    away, back = await depart(consumers, plant.broker.port, args.depart)
+                    await asyncio.sleep(max(0.0, t0 + args.window - time.time()))
+                else:
+                    await asyncio.sleep(args.window)
                 t1, n1 = time.time(), everything.messages
                 c1 = [cpu_seconds(pid) for pid in pids]
                 mem = [memory_kib(pid) for pid in pids]
@@ -529,7 +556,7 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         1 for rs in records.values() for r in rs if "t" in r and t0 <= r["t"] <= t1 and "id" in r
     )
     names = [cfg.parent.name for cfg in plant.configs] + ["mosquitto"]
-    names += [c.name for c in consumers]
+    names += [c.name for c in staying]
     processes = {
         name: {
             "cpu_fraction": round((b - a) / span, 4),
@@ -545,7 +572,7 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         gid = cfg.parent.name
         processes[gid]["events_per_s"] = round(published[gid] / span, 1)
     total = max(verdict.events, 1)
-    return {
+    figures: dict[str, Any] = {
         "window_s": round(span, 2),
         "machines_with_events": verdict.machines,
         "snapshots": len(snapshots),
@@ -565,6 +592,21 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "processes": processes,
         "unflushed_at_stop": unflushed,
     }
+    if args.depart:
+        leaver = consumers[-1].name
+        figures["departed"] = {
+            "member": leaver,
+            "away_s": round(back - away, 2),
+            # Events that happened while it was away and reached it after it came back:
+            # what the broker kept in its session.
+            "kept_for_it": sum(
+                1
+                for r in records[leaver]
+                if "et" in r and away < parse_time(r["et"]) < back and r["t"] > back
+            ),
+            "redelivered_to_it": verdict.redelivered,
+        }
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -589,6 +631,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--change-period", type=float, default=4.0, help="s between order changes")
     p.add_argument("--settle", type=float, default=15.0, help="s before the window starts")
     p.add_argument("--window", type=float, default=60.0, help="measured seconds")
+    p.add_argument(
+        "--depart",
+        type=float,
+        default=0.0,
+        help="the last consumer is killed mid-window and returns to its session after this "
+        "many seconds (0: nobody leaves)",
+    )
     p.add_argument("--name", default="scaling")
     args = p.parse_args(argv)
     raise_fd_limit()
@@ -605,6 +654,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"{label} messages/s from the gateways (all topics)", r["messages_per_s"], ""),
         (f"{label} gateways unflushed at stop", len(r["unflushed_at_stop"]), "0"),
     ]
+    if "departed" in r:
+        d = r["departed"]
+        rows += [
+            (f"{label} {d['member']} away (killed), s", d["away_s"], ""),
+            (f"{label} events kept for it while away", d["kept_for_it"], "> 0"),
+            (f"{label} in-flight events sent to it again", d["redelivered_to_it"], ""),
+        ]
     for name, n in r["out_of_order"].items():
         rows.append((f"{label} {name} out-of-order arrivals", n, "0"))
     even = f"~{100 / args.consumers:.0f}"
