@@ -221,14 +221,19 @@ async def start_consumer(
         stderr=err.open("ab"),
     )
     assert proc.stdout is not None
+    started = time.monotonic()
     try:
-        async with asyncio.timeout(15):
+        # Generous: a 2-core machine busy with a plant's gateways starts Python slowly.
+        async with asyncio.timeout(60):
             line = await proc.stdout.readline()
     except TimeoutError:
         line = b""
     if not line:
         await stop(proc, 2)
-        raise RuntimeError(f"consumer {name} did not subscribe: {err.read_text()}")
+        raise RuntimeError(
+            f"consumer {name} did not subscribe within {time.monotonic() - started:.1f} s "
+            f"(exit code {proc.returncode}): {err.read_text()}"
+        )
     return ConsumerProc(name, proc, out, bool(json.loads(line)["session_present"]))
 
 
