@@ -100,6 +100,7 @@ def consume(args: argparse.Namespace) -> int:
     # The broker sends at most this many unacknowledged messages: the in-flight window.
     connect.ReceiveMaximum = args.receive_max
     announced = False
+    handled = 0
 
     def ready(session_present: bool) -> None:
         nonlocal announced
@@ -144,9 +145,15 @@ def consume(args: argparse.Namespace) -> int:
         out.write(json.dumps(record, separators=(",", ":")) + "\n")
         # On disk (the OS's buffers survive a killed process) before the PUBACK.
         out.flush()
+        nonlocal handled
+        handled += 1
         if args.delay:
-            # A slow consumer on purpose: keeps its in-flight window full.
+            # A slow consumer on purpose: its share queues up at the broker.
             time.sleep(args.delay)
+        if 0 <= args.hold_after < handled:
+            # A consumer that hangs: recorded, never acknowledged, so its in-flight window
+            # fills up and stays full (the broker sends nothing more until it is acknowledged).
+            return
         c.ack(m.mid, m.qos)
 
     client.on_connect = on_connect
@@ -188,6 +195,7 @@ async def start_consumer(
     *,
     resume: bool = False,
     delay: float = 0.0,
+    hold_after: int = -1,
     receive_max: int = 100,
     topic: str | None = None,
     expiry: int = SESSION_EXPIRY,
@@ -196,6 +204,7 @@ async def start_consumer(
 
     ``resume``: reconnect to the session of an earlier process of the same ``name``.
     ``expiry``: the session expiry interval (s); 0 ends the session with the connection.
+    ``hold_after``: acknowledge that many messages, then none (-1: all): a hung consumer.
     """
     cmd = [
         sys.executable,
@@ -209,6 +218,7 @@ async def start_consumer(
         f"--expiry={expiry}",
         f"--receive-max={receive_max}",
         f"--delay={delay}",
+        f"--hold-after={hold_after}",
     ]
     if resume:
         cmd.append("--resume")
@@ -488,7 +498,7 @@ async def wait_drained(
                 if not v.missing and not v.snapshot_ahead:
                     return
                 # Polling files another process appends to; nothing to wait on.
-                await asyncio.sleep(0.5)
+                await asyncio.sleep(0.2)
 
 
 async def depart(consumers: list[ConsumerProc], port: int, seconds: float) -> tuple[float, float]:
@@ -626,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         c.add_argument("--expiry", type=int, default=SESSION_EXPIRY)
         c.add_argument("--receive-max", type=int, default=100)
         c.add_argument("--delay", type=float, default=0.0)
+        c.add_argument("--hold-after", type=int, default=-1)
         c.add_argument("--resume", action="store_true")
         return consume(c.parse_args(argv[1:]))
     p = argparse.ArgumentParser(prog="bench.scaling", description=__doc__.splitlines()[0])
