@@ -287,6 +287,9 @@ class Verdict:
     share: dict[str, int] = field(default_factory=dict)
     #: Machines with a retained snapshot and no event of its sequence.
     snapshot_ahead: list[str] = field(default_factory=list)
+    #: Events that reached their member before the machine's previous event reached the
+    #: other member (arrival times on one host): the order a shared group does not keep.
+    across_members: int = 0
 
     @property
     def lost(self) -> int:
@@ -313,6 +316,8 @@ def check(
     v = Verdict()
     seen_ids: set[str] = set()
     union: dict[Key, set[int]] = defaultdict(set)
+    #: First arrival of each (machine, sequence), and at which member.
+    arrived: dict[tuple[Key, int], tuple[float, str]] = {}
     for name, records in consumers.items():
         mine: set[str] = set()
         last: dict[Key, int] = {}
@@ -331,12 +336,18 @@ def check(
             seen_ids.add(r["id"])
             key = (r["gw"], r["ep"], r["src"])
             union[key].add(r["seq"])
+            if (key, r["seq"]) not in arrived:
+                arrived[key, r["seq"]] = (r["t"], name)
             if key in last and r["seq"] <= last[key]:
                 disorder += 1
             last[key] = r["seq"]
         v.out_of_order[name] = disorder
         v.share[name] = len(mine)
     v.events = len(seen_ids)
+    for (key, seq), (t, name) in arrived.items():
+        before = arrived.get((key, seq - 1))
+        if before is not None and before[1] != name and before[0] > t:
+            v.across_members += 1
     by_machine: dict[str, list[Key]] = defaultdict(list)
     for key in union:
         by_machine[key[2]].append(key)
@@ -600,6 +611,7 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "snapshot_without_events": len(verdict.snapshot_ahead),
         "duplicates_across_consumers": verdict.duplicates,
         "redelivered": verdict.redelivered,
+        "overtaken_across_members": verdict.across_members,
         "unreadable": verdict.bad,
         "out_of_order": verdict.out_of_order,
         "share": {n: round(k / total, 4) for n, k in verdict.share.items()},
@@ -670,6 +682,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"{label} messages/s from the gateways (all topics)", r["messages_per_s"], ""),
         (f"{label} gateways unflushed at stop", len(r["unflushed_at_stop"]), "0"),
     ]
+    rows.append(
+        (
+            f"{label} events ahead of their predecessor at the other member",
+            r["overtaken_across_members"],
+            "not kept by MQTT",
+        )
+    )
     if "departed" in r:
         d = r["departed"]
         rows += [

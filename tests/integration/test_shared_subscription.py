@@ -179,8 +179,11 @@ def test_check_counts_disorder_per_member_not_across_members() -> None:
     # Across members a machine's events interleave freely; within one they must rise.
     v = check({"a": [_rec(2), _rec(3)], "b": [_rec(4), _rec(1)]})
     assert v.out_of_order == {"a": 0, "b": 1}
+    assert v.across_members == 0  # all arrived at t=0: nothing overtook
     assert v.lost == 0
     assert v.share == {"a": 2, "b": 2}
+    v = check({"a": [{**_rec(1), "t": 2.0}], "b": [{**_rec(2), "t": 1.0}]})
+    assert v.across_members == 1  # 2 reached b before 1 reached a
 
 
 def test_check_takes_duplicates_by_id_and_a_new_epoch_afresh() -> None:
