@@ -21,10 +21,16 @@ the consumers' records are checked against the contract (``docs/contract.md``):
   topic), and a shared subscription splits a machine's events between members, so order
   *across* consumers is never kept; within one member Mosquitto forwards in the order it
   received, which is what this measures;
-* each consumer's share, events/s through the group, and every gateway's CPU (share of one
-  core) and RSS over the window, from ``/proc``.
+* how often a machine's event reached one member before its predecessor reached the other
+  (the order a shared group does not keep);
+* each consumer's share, events/s through the group and per gateway, everything the
+  gateways published per second, and the CPU (share of one core) and RSS of every gateway,
+  the broker and the consumers over the window, from ``/proc``.
 
-    python -m bench.scaling --gateways 4 --machines 125 --window 60
+With ``--depart S`` the last consumer is killed halfway (no DISCONNECT) and resumes its
+session S seconds later; the checks then also cover what the broker kept for it.
+
+    python -m bench.scaling --gateways 4 --machines 125 --window 60 --depart 10
 
 ``python -m bench.scaling consume ...`` is the consumer process (paho-mqtt, MQTT 5, manual
 acknowledgements: a message is written to its record file before its PUBACK goes out, so
