@@ -518,22 +518,25 @@ async def wait_drained(
                 await asyncio.sleep(0.2)
 
 
-async def depart(consumers: list[ConsumerProc], port: int, seconds: float) -> tuple[float, float]:
+async def depart(
+    consumers: list[ConsumerProc], port: int, seconds: float
+) -> tuple[float, float, float]:
     """The last member departs without a word (SIGKILL) and returns to its session later.
 
-    Returns when it left and when it was back (subscribed again); ``consumers`` then holds
-    the new process.
+    Returns when it left, when its new process was started and when that was subscribed;
+    ``consumers`` then holds the new process.
     """
     leaver = consumers[-1]
     os.kill(leaver.proc.pid, signal.SIGKILL)
     await leaver.proc.wait()
     away = time.time()
     await asyncio.sleep(seconds)
+    returning = time.time()
     back_again = await start_consumer(leaver.name, port, leaver.out, resume=True)
     consumers[-1] = back_again
     if not back_again.session_present:
         raise RuntimeError(f"{leaver.name}: the broker did not keep its session")
-    return away, time.time()
+    return away, returning, time.time()
 
 
 async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -563,7 +566,7 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 c0 = [cpu_seconds(pid) for pid in pids]
                 if args.depart:
                     await asyncio.sleep((args.window - args.depart) / 2)
-                    away, back = await depart(consumers, plant.broker.port, args.depart)
+                    away, returning, back = await depart(consumers, plant.broker.port, args.depart)
                     await asyncio.sleep(max(0.0, t0 + args.window - time.time()))
                 else:
                     await asyncio.sleep(args.window)
@@ -630,12 +633,10 @@ async def rehearse(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         figures["departed"] = {
             "member": leaver,
             "away_s": round(back - away, 2),
-            # Events that happened while it was away and reached it after it came back:
-            # what the broker kept in its session.
+            # Events that happened while no process of it ran, and reached it all the
+            # same: what the broker kept in its session.
             "kept_for_it": sum(
-                1
-                for r in records[leaver]
-                if "et" in r and away < parse_time(r["et"]) < back and r["t"] > back
+                1 for r in records[leaver] if "et" in r and away < parse_time(r["et"]) < returning
             ),
             "redelivered_to_it": verdict.redelivered,
         }
