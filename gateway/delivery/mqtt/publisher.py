@@ -34,6 +34,12 @@ connection, packet ids exhausted) counts as a lost link; a message paho rejects 
 (topic too long) is dropped and counted. A plain PUBACK of our own is read straight from
 paho's packet buffer, skipping paho's per-PUBACK ReasonCode and Properties objects.
 
+That fast path reads and overrides private internals of paho-mqtt and aiomqtt, so
+pyproject.toml pins the exact versions it was written against (:data:`FAST_PATH_VERSIONS`).
+Should an install lack one of them, the publisher logs ``mqtt.fast_path_unavailable``
+(naming what is missing) and falls back to the libraries' own public paths;
+:meth:`MqttPublisher.fast_path` reports which path the messages took.
+
 The queue sits behind the small :class:`SendQueue` interface so the durable outbox
 (:class:`gateway.delivery.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
 itself calls :meth:`MqttPublisher.notify`.
@@ -43,6 +49,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import math
 import socket
 import ssl
@@ -321,6 +328,10 @@ class _Client(aiomqtt.Client):
         """aiomqtt's client, made on the event loop's thread."""
         super().__init__(*args, **kwargs)
         self._loop_thread = threading.get_ident()
+        #: Reads done by this class's reader (with the quick TCP ACK), not aiomqtt's.
+        self.fast_reads = 0
+        #: Bursts written at once from the loop's thread, without a writer registration.
+        self.fast_writes = 0
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         """aiomqtt's reader, plus an immediate TCP ACK of what the broker sent.
@@ -351,6 +362,7 @@ class _Client(aiomqtt.Client):
                 if not self._disconnected.done():
                     self._disconnected.set_exception(exc)
                 return
+            self.fast_reads += 1
             if quickack is not None and client.socket() is raw:
                 _ack_now(raw, quickack)
 
@@ -379,6 +391,7 @@ class _Client(aiomqtt.Client):
         def write_now() -> None:
             if client.socket() is not sock:
                 return
+            self.fast_writes += 1
             write()
             # What did not fit into the socket buffer goes once it is writable again.
             if client.want_write() and client.socket() is sock:
@@ -399,8 +412,53 @@ def _ack_now(sock: Any, option: int) -> None:
 
 _PubackHandler = Callable[[Literal["PUBACK", "PUBCOMP"]], MQTTErrorCode]
 
+#: The versions the fast path was written against; pyproject.toml pins exactly these.
+FAST_PATH_VERSIONS = {"paho-mqtt": "2.2.0", "aiomqtt": "2.5.1"}
+
 #: paho-mqtt 2.x internals the PUBACK fast path of :class:`_Link` reads and keeps in step.
-_PAHO_STATE = ("_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages")
+_PAHO_STATE = (
+    "_handle_pubackcomp",
+    "_in_packet",
+    "_out_messages",
+    "_out_message_mutex",
+    "_inflight_messages",
+)
+#: aiomqtt 2.x internals :class:`_Client` overrides or reads.
+_AIOMQTT_STATE = ("_client", "_loop", "_disconnected", "_misc_loop")
+
+
+def fast_path_missing(client: aiomqtt.Client) -> tuple[str, ...]:
+    """The library internals the fast path needs that ``client`` lacks (empty: all there).
+
+    Besides the attributes themselves, this checks that aiomqtt still hands paho the
+    socket callbacks :class:`_Client` overrides: a renamed hook in aiomqtt would otherwise
+    leave the override silently unused.
+    """
+    missing = [f"aiomqtt.Client.{name}" for name in _AIOMQTT_STATE if not hasattr(client, name)]
+    inner = getattr(client, "_client", None)
+    if inner is None:
+        return tuple(missing)
+    missing += [f"paho.Client.{name}" for name in _PAHO_STATE if not hasattr(inner, name)]
+    if isinstance(client, _Client):
+        for hook in ("on_socket_open", "on_socket_register_write"):
+            wired = getattr(inner, hook, None)
+            if getattr(wired, "__func__", None) is not getattr(_Client, f"_{hook}", None):
+                missing.append(f"aiomqtt.Client._{hook} (as paho's {hook})")
+    return tuple(missing)
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    """Which path a publisher's messages took: counts since start, and what was missing."""
+
+    #: Library internals missing at the last connect (empty: the fast path was engaged).
+    missing: tuple[str, ...]
+    #: PUBACKs read straight from paho's packet buffer.
+    acks: int
+    #: Socket reads by the gateway's own reader (with the quick TCP ACK).
+    reads: int
+    #: Bursts of publishes written at once from the event loop's thread.
+    writes: int
 
 
 class _Link:
@@ -429,6 +487,7 @@ class _Link:
         "acked",
         "failure",
         "failure_key",
+        "fast_acked",
         "flight",
         "paho",
     )
@@ -463,10 +522,12 @@ class _Link:
         self._thread = threading.get_ident()
         self._chained: Callable[..., object] | None = self.paho.on_publish
         self.paho.on_publish = self.on_publish
-        self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
+        #: PUBACKs of this link handled by the fast path.
+        self.fast_acked = 0
         # Without the internals it expects (another paho version), on_publish does it all.
         self._fast = all(hasattr(self.paho, name) for name in _PAHO_STATE)
         if self._fast:
+            self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
             self.paho._handle_pubackcomp = self._on_pubackcomp  # type: ignore[method-assign]
 
     def _on_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
@@ -483,6 +544,7 @@ class _Link:
                 with inner._out_message_mutex:
                     if inner._out_messages.pop(mid, None) is not None:
                         inner._inflight_messages -= 1
+                self.fast_acked += 1
                 self._acked(entry[0])
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._paho_puback(cmd)
@@ -594,6 +656,10 @@ class MqttPublisher:
         self._overflowing = False
         self._episode_dropped = 0
         self._flush_waiters = FlushWaiters(self._queue)
+        # The fast path: what the last client lacked, and counts of clients and links gone.
+        self._fast_missing: tuple[str, ...] = ()
+        self._fast_counts = [0, 0, 0]  # acks, reads, writes
+        self._client: _Client | None = None
         #: The last connection or delivery failure, in words (for the web console).
         self.last_error: str | None = None
 
@@ -619,6 +685,16 @@ class MqttPublisher:
         """Messages the broker acknowledged since start (QoS 0: written), status included."""
         link = self._link
         return self._published + (link.acked if link is not None else 0)
+
+    def fast_path(self) -> FastPath:
+        """Which path the messages took: the fast one's counts since start, what was missing."""
+        acks, reads, writes = self._fast_counts
+        if (link := self._link) is not None:
+            acks += link.fast_acked
+        if (client := self._client) is not None:
+            reads += client.fast_reads
+            writes += client.fast_writes
+        return FastPath(self._fast_missing, acks, reads, writes)
 
     # -- producer side --
 
@@ -824,7 +900,25 @@ class MqttPublisher:
         client.pending_calls_threshold = s.window + 10
         # paho's blocking connect() runs in a thread; bound it the same way.
         client._client.connect_timeout = s.connect_timeout
+        self._check_fast_path(client)
         return client
+
+    def _check_fast_path(self, client: _Client) -> None:
+        """Note the new client, and warn once should it lack what the fast path needs."""
+        if (old := self._client) is not None:
+            self._fast_counts[1] += old.fast_reads
+            self._fast_counts[2] += old.fast_writes
+        self._client = client
+        missing = fast_path_missing(client)
+        if missing and missing != self._fast_missing:
+            self._log.warning(
+                "mqtt.fast_path_unavailable",
+                missing=list(missing),
+                installed=_installed(FAST_PATH_VERSIONS),
+                written_for=FAST_PATH_VERSIONS,
+                effect="publishing works through the libraries' own slower paths",
+            )
+        self._fast_missing = missing
 
     async def _connect(self, client: aiomqtt.Client) -> None:
         s = self._s
@@ -882,6 +976,7 @@ class MqttPublisher:
             # Late PUBACKs of this connection must not ack what is requeued below.
             link.close()
             self._published += link.acked
+            self._fast_counts[0] += link.fast_acked
             self._link = None
             self._queue.requeue()
         if reason is not None:
@@ -983,6 +1078,17 @@ class MqttPublisher:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await self._stop.wait()
+
+
+def _installed(names: dict[str, str]) -> dict[str, str]:
+    """The installed version of each distribution in ``names`` ("missing" if none)."""
+    found: dict[str, str] = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
 
 
 def _describe(exc: BaseException) -> str:
