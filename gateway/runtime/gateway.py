@@ -426,6 +426,8 @@ class Gateway:
         self._tg: asyncio.TaskGroup | None = None
         self._device_tasks: dict[str, asyncio.Task[None]] = {}
         self._reload_requested = asyncio.Event()
+        # Builds the machines' adapters and owns what they share (the Modbus lines).
+        self._adapters = adapter_registry.Adapters()
 
     # ------------------------------------------------------------------ running
 
@@ -448,6 +450,7 @@ class Gateway:
         self._report(self._clock())
         restored = self._restore_trackers()
         publisher_tasks: list[asyncio.Task[None]] = []
+        self._adapters = adapter_registry.Adapters()
         if self.health is not None:
             try:
                 await self.health.start()
@@ -520,6 +523,7 @@ class Gateway:
             for m in self.machines.values():
                 if m.status.connected:
                     m.status.connected = False
+            self._adapters.close()
             await self._close_publishers(publisher_tasks)
             await self.outbox.close()
             for sink in self._influx_sinks:
@@ -845,7 +849,7 @@ class Gateway:
         bound = log.bind(machine=plan.id)
         # One adapter for the machine's lifetime, re-entered on every reconnect: it keeps
         # what it learned about the device (e.g. blocks the device refused to read whole).
-        adapter = adapter_registry.create(
+        adapter = self._adapters.create(
             plan.protocol.name, plan.id, plan.connection, plan.signals, plan.poll_interval, offset
         )
         while True:
