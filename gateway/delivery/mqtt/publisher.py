@@ -14,10 +14,12 @@ Delivery contract:
   When the connection drops, un-acknowledged messages are sent again after the
   reconnect, so duplicates are possible within the window (consumers deduplicate by
   event id).
-* Retained messages coalesce: while a retained message for a topic is still queued and
-  unsent, a newer one for the same topic replaces it in place.
-* The queue is bounded by ``max_queue``: beyond it the oldest unsent non-retained QoS 0
-  message is dropped first, then the oldest unsent message; ``dropped`` counts them.
+* What is queued, coalesced and dropped is the queue's business: the daemon's publishers
+  send from the durable outbox (:class:`gateway.delivery.outbox.OutboxQueue`, which also
+  coalesces unsent retained messages per topic). Without a queue given (benchmarks, tests)
+  a publisher uses an in-memory :class:`~gateway.delivery.sendqueue.MemorySinkQueue` of
+  ``max_queue`` messages that drops the oldest unsent one beyond it; ``dropped`` counts
+  what any queue dropped.
 * On every (re)connect the last will (status topic, ``will_payload``, retained, QoS 1) is
   registered and ``online_payload`` is published retained before anything else.
 * Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
@@ -40,9 +42,8 @@ Should an install lack one of them, the publisher logs ``mqtt.fast_path_unavaila
 (naming what is missing) and falls back to the libraries' own public paths;
 :meth:`MqttPublisher.fast_path` reports which path the messages took.
 
-The queue sits behind the small :class:`SendQueue` interface so the durable outbox
-(:class:`gateway.delivery.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
-itself calls :meth:`MqttPublisher.notify`.
+The queue sits behind the small :class:`SendQueue` interface; a queue that fills itself
+(the outbox's) calls :meth:`MqttPublisher.notify`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,6 @@ import math
 import socket
 import ssl
 import threading
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -150,63 +150,8 @@ class BrokerSettings:
 # --- the queue -------------------------------------------------------------------------
 
 
-#: The queue a publisher sends from: the outbox's, or the in-memory one below.
+#: The queue a publisher sends from: the outbox's, or an in-memory one.
 SendQueue = SinkQueue[Message]
-
-
-class MemoryQueue(MemorySinkQueue[Message]):
-    """In-memory :class:`SendQueue` with retained-message coalescing and a bound.
-
-    Beyond the base queue: an unsent retained message is replaced in place by a newer one
-    for the same topic (a late joiner only needs the latest state), non-retained QoS 0
-    messages are the first to go when the queue is full, and after a lost connection an
-    in-flight retained message that a newer one replaced is not sent again.
-    """
-
-    def __init__(self, max_len: int) -> None:
-        """A queue holding at most ``max_len`` messages (in flight ones included)."""
-        super().__init__(max_len)
-        # Unsent retained messages by topic, for coalescing.
-        self._retained: dict[str, int] = {}
-        # Unsent non-retained QoS 0 keys: the first to go when the queue is full.
-        self._expendable: OrderedDict[int, None] = OrderedDict()
-
-    def push(self, item: Message) -> int:
-        """Add a message, coalescing an unsent retained one for the same topic."""
-        if item.retain and (key := self._retained.get(item.topic)) is not None:
-            # Same key, same position: the late joiner only needs the latest state.
-            self._unsent[key] = item
-            self._seq += 1
-            return 0
-        return super().push(item)
-
-    def _added(self, key: int, item: Message) -> None:
-        if item.retain:
-            self._retained[item.topic] = key
-        elif item.qos == 0:
-            self._expendable[key] = None
-
-    def _victim(self) -> int:
-        if self._expendable:
-            return next(iter(self._expendable))
-        return super()._victim()
-
-    def _forget_unsent(self, key: int) -> Message:
-        msg = super()._forget_unsent(key)
-        self._expendable.pop(key, None)
-        if msg.retain and self._retained.get(msg.topic) == key:
-            del self._retained[msg.topic]
-        return msg
-
-    def _restore(self, key: int, item: Message) -> bool:
-        if item.retain:
-            if item.topic in self._retained:
-                return False  # a newer retained message for this topic is queued
-            self._retained[item.topic] = key
-        elif item.qos == 0:
-            self._expendable[key] = None
-            self._expendable.move_to_end(key, last=False)
-        return True
 
 
 # --- the publisher ---------------------------------------------------------------------
@@ -640,7 +585,7 @@ class MqttPublisher:
         """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
         self._s = settings
         self._name = name
-        self._queue: SendQueue = queue if queue is not None else MemoryQueue(settings.max_queue)
+        self._queue: SendQueue = queue if queue is not None else MemorySinkQueue(settings.max_queue)
         self._tls = tls_context(settings.tls) if settings.tls is not None else None
         self._log = log.bind(publisher=name, broker=f"{settings.host}:{settings.port}")
         self._wake = asyncio.Event()
