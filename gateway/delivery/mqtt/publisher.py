@@ -558,8 +558,7 @@ class _Link:
     def refused(self, rc: int) -> str:
         """Why paho refused a publish, with the disconnect cause when there is one."""
         text = f"publish refused: {paho.error_string(rc)}"
-        gone = self._client._disconnected
-        if gone.done() and not gone.cancelled() and (exc := gone.exception()) is not None:
+        if (exc := _disconnect_error(self._client)) is not None:
             text = f"{text} ({_describe(exc)})"
         return text
 
@@ -964,8 +963,7 @@ class MqttPublisher:
         except aiomqtt.MqttError:
             # "Disconnected during message iteration" says nothing: the disconnect itself
             # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
-            gone = client._disconnected
-            exc = gone.exception() if gone.done() and not gone.cancelled() else None
+            exc = _disconnect_error(client)
             value = getattr(getattr(exc, "rc", None), "value", None)
             if value == _RC_SESSION_TAKEN_OVER:
                 raise _LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
@@ -1048,10 +1046,15 @@ def _drop_socket(client: aiomqtt.Client) -> None:
     waits for the broker, and after a failed connect it leaves the socket open. paho's
     ``_sock_close`` also unregisters aiomqtt's reader and stops its timer task.
     """
-    inner: paho.Client = client._client
     with contextlib.suppress(Exception):
-        inner._sock_close()
+        client._client._sock_close()
     # Mark a disconnect error as seen, or asyncio logs "exception was never retrieved".
-    gone = client._disconnected
-    if gone.done() and not gone.cancelled():
-        gone.exception()
+    _disconnect_error(client)
+
+
+def _disconnect_error(client: aiomqtt.Client) -> BaseException | None:
+    """Why aiomqtt saw the connection end, if it did (None without that internal)."""
+    gone: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+    if gone is None or not gone.done() or gone.cancelled():
+        return None
+    return gone.exception()
