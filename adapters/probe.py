@@ -384,8 +384,7 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 async def _run_modbus(args: argparse.Namespace, out: TextIO) -> int:
-    from adapters.modbus import line as lines
-    from adapters.modbus.line import ExceptionResponse
+    from adapters.modbus.line import ExceptionResponse, LinePool
 
     try:
         connection = parse_endpoint(args.endpoint, args.unit, args.timeout)
@@ -397,7 +396,8 @@ async def _run_modbus(args: argparse.Namespace, out: TextIO) -> int:
     if not specs and scan is None:
         specs = [ReadSpec("holding", 0, 10)]
     try:
-        line = await lines.acquire(connection)
+        pool = LinePool()
+        line = await pool.acquire(connection)
     except ConnectError as exc:
         out.write(f"error: {explain(exc, connection)}\n")
         return 1
@@ -444,7 +444,7 @@ async def _run_modbus(args: argparse.Namespace, out: TextIO) -> int:
             out.write(modbus_snippet(connection, results))
         return status
     finally:
-        lines.release(line)
+        pool.close()
 
 
 def _parse_range(text: str) -> range:

@@ -197,7 +197,7 @@ async def _layer_machine(
     if layer == "client":
         client = await TcpClient.connect("127.0.0.1", port, framing="mbap", connect_within=2.0)
     elif layer == "line":
-        line = await lines.acquire(conn)
+        line = await lines.LinePool().acquire(conn)
     async with contextlib.AsyncExitStack() as stack:
         if layer in ("poll", "samples"):
             await stack.enter_async_context(adapter)

@@ -41,12 +41,13 @@ async def _open(kind: str, port: int, registers: int) -> tuple[Read, Callable[[]
     """A read function for one connection of ``kind``, and how to close it."""
     if kind == "line":
         conn = ModbusConnectionConfig(host=HOST, port=port, timeout=2.0)
-        line = await lines.acquire(conn)
+        pool = lines.LinePool()
+        line = await pool.acquire(conn)
 
         async def read_line() -> object:
             return await line.read(1, "holding", 0, registers, reply_within=2.0)
 
-        return read_line, lambda: lines.release(line)
+        return read_line, pool.close
     if kind == "tcpclient":
         client = await TcpClient.connect(HOST, port, framing="mbap", connect_within=2.0)
 

@@ -1,8 +1,9 @@
 """Modbus adapter (the imperative shell): join a shared line, poll the read plan, yield samples.
 
 The wire lives in :mod:`adapters.modbus.line`: the adapter of each machine takes a reference
-to its endpoint's shared line on enter and releases it on exit, so machines behind one
-converter or on one RS-485 bus share one connection transparently. The clients retry and
+to its endpoint's line from the owner's :class:`~adapters.modbus.line.LinePool` on enter and
+releases it on exit, so machines behind one converter or on one RS-485 bus share one
+connection transparently. The clients retry and
 reconnect nothing on their own: the gateway's supervisor reconnects with backoff, so a
 lost link or a silent unit surfaces at once as :class:`~adapters.base.ConnectionLost`
 (one timeout per cycle at most: the cycle stops at the first request left unanswered).
@@ -38,10 +39,9 @@ from adapters.base import (
     first_deadline,
     next_deadline,
 )
-from adapters.modbus import line as lines
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from adapters.modbus.decode import BlockDecoder
-from adapters.modbus.line import ExceptionResponse, Line, NoResponse, ReadResult
+from adapters.modbus.line import ExceptionResponse, Line, LinePool, NoResponse, ReadResult
 from adapters.modbus.plan import (
     ReadRequest,
     compile_decoder,
@@ -104,9 +104,15 @@ class ModbusAdapter:
         *,
         start_offset: float = 0.0,
         clock: Callable[[], float] = time.time,
+        lines: LinePool | None = None,
     ) -> None:
-        """Compile the read plan; raise ``ValueError`` for an unusable interval or plan."""
+        """Compile the read plan; raise ``ValueError`` for an unusable interval or plan.
+
+        ``lines`` is the owner's pool, shared with the other machines on the same
+        endpoint; without one the adapter has a line of its own.
+        """
         check_timing(poll_interval, start_offset)
+        self._lines = lines if lines is not None else LinePool()
         self._machine = machine
         self._connection = connection
         self._signals = dict(signals)
@@ -141,7 +147,7 @@ class ModbusAdapter:
 
     async def __aenter__(self) -> Self:
         """Join the endpoint's shared line; raise :class:`ConnectError` naming it and the cause."""
-        self._line = await lines.acquire(self._connection)
+        self._line = await self._lines.acquire(self._connection)
         self._log.debug("modbus.connected")
         return self
 
@@ -154,7 +160,7 @@ class ModbusAdapter:
         """Release the line (the last machine on it closes it), whatever happened."""
         line, self._line = self._line, None
         if line is not None:
-            lines.release(line)
+            self._lines.release(line)
         self._log.debug("modbus.closed")
 
     async def samples(self) -> AsyncIterator[list[Sample]]:
@@ -374,6 +380,10 @@ def create(
     signals: Mapping[str, ModbusSignalConfig],
     poll_interval: float,
     start_offset: float = 0.0,
+    *,
+    lines: LinePool | None = None,
 ) -> ModbusAdapter:
-    """Factory for the protocol registry."""
-    return ModbusAdapter(machine, connection, signals, poll_interval, start_offset=start_offset)
+    """Factory for the protocol registry; ``lines`` is the pool shared by the owner's machines."""
+    return ModbusAdapter(
+        machine, connection, signals, poll_interval, start_offset=start_offset, lines=lines
+    )

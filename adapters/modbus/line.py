@@ -2,9 +2,11 @@
 
 A *line* is one TCP connection (Modbus TCP or RTU framed over TCP) or one serial port (RTU).
 Several machines behind one serial-to-Ethernet converter or on one RS-485 bus are several
-adapters with the same endpoint: they share one :class:`Line` from the module-level pool
-(:func:`acquire` / :func:`release`, reference counted), whose lock serialises their requests
-as RS-485 requires. Different lines never wait for each other.
+adapters with the same endpoint: they share one :class:`Line` from their owner's
+:class:`LinePool` (:meth:`~LinePool.acquire` / :meth:`~LinePool.release`, reference counted),
+whose slots serialise their requests as RS-485 requires. Different lines never wait for each
+other. The pool is an object its owner creates and closes (the runtime's adapter factory,
+a probe, a test), like Home Assistant's ``ModbusHub``: there is no module-level state.
 
 The two TCP transports (Modbus TCP and RTU framed over TCP) use the gateway's own lean client
 (:mod:`adapters.modbus.tcpclient`, frames from :mod:`adapters.modbus.wire`); serial RTU uses
@@ -174,10 +176,10 @@ class Line:
         self._conns: list[_Conn | None] = [None] * slots
         self._slots = _SlotPool(slots)
         self._connect_lock = asyncio.Lock()
+        # Set by close(): an adapter still reading must not open a connection again.
+        self._closed = False
         self._frame_gap = connection.serial.frame_gap() if connection.serial else 0.0
         self._last_io = 0.0
-        #: Where the line sits in the pool (set by :func:`acquire`).
-        self.key: tuple[int, str] | None = None
 
     @functools.cached_property
     def _log(self) -> Any:
@@ -210,6 +212,8 @@ class Line:
     async def _open(self, index: int) -> _Conn:
         """Connect slot ``index`` (closing what was there) within the timeout."""
         async with self._connect_lock:
+            if self._closed:
+                raise ConnectError(f"the line to {self.where} is closed")
             old = self._conns[index]
             if old is not None and old.usable:
                 return old
@@ -289,7 +293,8 @@ class Line:
             old.close()
 
     def close(self) -> None:
-        """Close every connection of the line."""
+        """Close every connection of the line, for good."""
+        self._closed = True
         for index in range(len(self._conns)):
             self._close_slot(index)
         self._log.debug("modbus.line_closed")
@@ -389,53 +394,72 @@ def _check(response: ModbusPDU, unit_id: int, area: RegisterArea, count: int) ->
 
 # ---------------------------------------------------------------------------------- pool
 
-_LINES: dict[tuple[int, str], Line] = {}
 
+class LinePool:
+    """The Modbus lines of one owner: one :class:`Line` per endpoint, shared by reference.
 
-def _key(connection: ModbusConnectionConfig) -> tuple[int, str]:
-    # Keyed by event loop too: a client belongs to the loop it was created on.
-    return id(asyncio.get_running_loop()), connection.endpoint
-
-
-async def acquire(connection: ModbusConnectionConfig) -> Line:
-    """The shared line of this endpoint, connected; raise :class:`ConnectError` if it cannot.
-
-    Every successful call must be paired with :func:`release`.
+    The owner (the runtime's adapter factory, a probe, a test) creates the pool and calls
+    :meth:`close` when it is done; each machine's adapter takes its endpoint's line with
+    :meth:`acquire` and gives it back with :meth:`release`, and the last one out closes it.
+    A line's connections belong to the event loop they were made on: the pool serves one
+    loop at a time and may move to another only while no line is open.
     """
-    key = _key(connection)
-    line = _LINES.get(key)
-    if line is None:
-        line = _LINES[key] = Line(connection)
-        line.key = key
-    elif _line_settings(line.connection) != _line_settings(connection):
-        line._log.warning(
-            "modbus.line_settings_differ",
-            hint="machines on one endpoint share its first settings; make them equal",
-        )
-    line.refs += 1
-    try:
-        await line.ensure_open()
-    except BaseException:
-        release(line)
-        raise
-    return line
 
+    def __init__(self) -> None:
+        """An empty pool; lines open on the first :meth:`acquire` of their endpoint."""
+        self._lines: dict[str, Line] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closed = False
 
-def release(line: Line) -> None:
-    """Drop one reference; the last one closes the line."""
-    line.refs -= 1
-    if line.refs <= 0:
-        if line.key is not None and _LINES.get(line.key) is line:
-            del _LINES[line.key]
-        line.close()
+    async def acquire(self, connection: ModbusConnectionConfig) -> Line:
+        """The shared line of this endpoint, connected; raise :class:`ConnectError` if it cannot.
+
+        Every successful call must be paired with :meth:`release`.
+        """
+        if self._closed:
+            raise RuntimeError("this Modbus line pool is closed")
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._lines:
+                raise RuntimeError("a Modbus line pool serves one event loop at a time")
+            self._loop = loop
+        endpoint = connection.endpoint
+        line = self._lines.get(endpoint)
+        if line is None:
+            line = self._lines[endpoint] = Line(connection)
+        elif _line_settings(line.connection) != _line_settings(connection):
+            line._log.warning(
+                "modbus.line_settings_differ",
+                hint="machines on one endpoint share its first settings; make them equal",
+            )
+        line.refs += 1
+        try:
+            await line.ensure_open()
+        except BaseException:
+            self.release(line)
+            raise
+        return line
+
+    def release(self, line: Line) -> None:
+        """Drop one reference; the last one closes the line."""
+        line.refs -= 1
+        if line.refs <= 0:
+            if self._lines.get(line.endpoint) is line:
+                del self._lines[line.endpoint]
+            line.close()
+
+    def open_lines(self) -> dict[str, int]:
+        """Endpoint -> references of the lines open now (for tests and probes)."""
+        return {endpoint: line.refs for endpoint, line in self._lines.items()}
+
+    def close(self) -> None:
+        """Close every line still open and refuse new ones; adapters still in may release."""
+        self._closed = True
+        lines, self._lines = list(self._lines.values()), {}
+        for line in lines:
+            line.close()
 
 
 def _line_settings(connection: ModbusConnectionConfig) -> tuple[object, ...]:
     """The settings that belong to the line, not to one unit on it."""
     return (connection.serial, connection.max_concurrent_requests)
-
-
-def open_lines() -> dict[str, int]:
-    """Endpoint -> references of the lines open on the running loop (for tests and probes)."""
-    loop_id = id(asyncio.get_running_loop())
-    return {ep: line.refs for (lid, ep), line in _LINES.items() if lid == loop_id}

@@ -83,7 +83,9 @@ class BrokerConfig(_Model):
     tls: TlsConfig | None = None
     #: MQTT protocol version.
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    #: Messages kept in memory while the broker is unreachable (non-durable ones: state).
+    #: Reserved: the bound of this broker's in-memory queue for MQTT telemetry (being added).
+    #: Events and state go through the durable outbox (``outbox.max_events``), which this
+    #: does not bound; today only a publisher built without the outbox (benchmarks) uses it.
     max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
     #: Accept plain TCP or anonymous MQTT to a broker on another machine (logged at start).
     allow_insecure: bool = False

@@ -121,6 +121,9 @@ class Devices:
         #: is the first thing to give up, as the outbox's overflow policy says).
         self._telemetry = [o for o in outputs if o.telemetry is not None]
         self.machines: dict[str, Machine] = {}
+        #: Builds the machines' adapters and owns what they share (the Modbus lines); a new
+        #: one per run (:meth:`gateway.runtime.gateway.Gateway.run`), closed when it ends.
+        self.adapters = adapter_registry.Adapters()
         self.tasks: dict[str, asyncio.Task[None]] = {}
         #: The gateway's task group, set while it runs.
         self.tg: asyncio.TaskGroup | None = None
@@ -181,7 +184,7 @@ class Devices:
         bound = log.bind(machine=plan.id)
         # One adapter for the machine's lifetime, re-entered on every reconnect: it keeps
         # what it learned about the device (e.g. blocks the device refused to read whole).
-        adapter = adapter_registry.create(
+        adapter = self.adapters.create(
             plan.protocol.name, plan.id, plan.connection, plan.signals, plan.poll_interval, offset
         )
         while True:

@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from adapters import registry as adapter_registry
 from gateway import __version__
 from gateway.config.loader import GatewayPlan, OutboxPlan
 from gateway.contract.envelope import Topics, encode_status
@@ -292,6 +293,7 @@ class Gateway:
         # health check is ready from the start, as the outbox holds what they miss.
         self._report(self._clock())
         restored = self.devices.restore(self.outbox, self.customers.learn)
+        self.devices.adapters = adapter_registry.Adapters()
         publisher_tasks: list[asyncio.Task[None]] = []
         if self.health is not None:
             try:
@@ -360,6 +362,7 @@ class Gateway:
             for m in self.machines.values():
                 if m.status.connected:
                     m.status.connected = False
+            self.devices.adapters.close()
             await self._close_publishers(publisher_tasks)
             await self.outbox.close()
             for o in self.outputs.values():

@@ -124,11 +124,12 @@ async def line_to(
 ) -> AsyncIterator[Line]:
     """A shared line to a loopback port (``wait``: its timeout), released on exit."""
     conn = ModbusConnectionConfig(transport=transport, host=HOST, port=port, timeout=wait, **kw)
-    line = await lines.acquire(conn)
+    pool = lines.LinePool()
+    line = await pool.acquire(conn)
     try:
         yield line
     finally:
-        lines.release(line)
+        pool.close()
 
 
 async def holding(line: Line, start: int = 0, count: int = 1, *, within: float = 0.3) -> object:

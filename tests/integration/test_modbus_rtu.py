@@ -10,9 +10,9 @@ from collections.abc import Sequence
 import pytest
 
 from adapters.base import ConnectionLost
-from adapters.modbus import line as lines
 from adapters.modbus.adapter import ModbusAdapter
 from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from adapters.modbus.line import LinePool
 from gateway.core.model import Quality, Sample
 from simulators.modbus_server import LineStation, SimulatedLine
 from simulators.scenario import Changeover, RunOrder
@@ -85,15 +85,16 @@ async def test_silent_unit_costs_one_timeout_per_cycle_and_others_stay_on_schedu
         LineStation("b", 2, StationModel(name="b")),
     ]
     timeout = 0.2
+    pool = LinePool()
     async with (
         PtyLink() as link,
         SimulatedLine(stations, transport="rtu", serial_port=link.ends[0], baudrate=115200),
     ):
         good = [
-            ModbusAdapter(name, rtu(link.ends[1], unit, timeout), SIGNALS, 0.1)
+            ModbusAdapter(name, rtu(link.ends[1], unit, timeout), SIGNALS, 0.1, lines=pool)
             for name, unit in (("a", 1), ("b", 2))
         ]
-        ghost = ModbusAdapter("ghost", rtu(link.ends[1], 9, timeout), SIGNALS, 0.1)
+        ghost = ModbusAdapter("ghost", rtu(link.ends[1], 9, timeout), SIGNALS, 0.1, lines=pool)
         stamps: dict[str, list[float]] = {"a": [], "b": []}
         ghost_failures = 0
 
@@ -117,7 +118,7 @@ async def test_silent_unit_costs_one_timeout_per_cycle_and_others_stay_on_schedu
             async with asyncio.timeout(10):
                 while min(len(v) for v in stamps.values()) < 12:  # noqa: ASYNC110 (polls a condition under a timeout)
                     await asyncio.sleep(0.02)
-            assert lines.open_lines() == {f"rtu://{link.ends[1]}": 3}  # one shared line
+            assert pool.open_lines() == {f"rtu://{link.ends[1]}": 3}  # one shared line
             for task in tasks:
                 task.cancel()
         assert ghost_failures >= 3  # reported offline again and again, never a sample
@@ -126,7 +127,7 @@ async def test_silent_unit_costs_one_timeout_per_cycle_and_others_stay_on_schedu
             # The poll interval is 0.1 s; the silent unit may hold the line for at most
             # its timeout once per cycle (plus slack for a busy test machine).
             assert max(gaps) < 0.1 + timeout + 0.3, (name, gaps)
-    assert lines.open_lines() == {}  # the last adapter out closed the line
+    assert pool.open_lines() == {}  # the last adapter out closed the line
 
 
 async def test_rtu_over_tcp_shares_one_connection_between_units() -> None:
@@ -134,6 +135,7 @@ async def test_rtu_over_tcp_shares_one_connection_between_units() -> None:
         LineStation("a", 1, StationModel(name="a")),
         LineStation("b", 2, StationModel(name="b")),
     ]
+    pool = LinePool()
     async with SimulatedLine(stations, transport="rtu_over_tcp") as sim:
         conns = [
             ModbusConnectionConfig(
@@ -142,10 +144,11 @@ async def test_rtu_over_tcp_shares_one_connection_between_units() -> None:
             for u in (1, 2)
         ]
         adapters = [
-            ModbusAdapter(f"m{u}", c, SIGNALS, 0.02) for u, c in zip((1, 2), conns, strict=True)
+            ModbusAdapter(f"m{u}", c, SIGNALS, 0.02, lines=pool)
+            for u, c in zip((1, 2), conns, strict=True)
         ]
         async with adapters[0], adapters[1]:
-            assert lines.open_lines() == {f"rtu+tcp://127.0.0.1:{sim.port}": 2}
+            assert pool.open_lines() == {f"rtu+tcp://127.0.0.1:{sim.port}": 2}
             for adapter in adapters:
                 async with asyncio.timeout(5):
                     async for batch in adapter.samples():

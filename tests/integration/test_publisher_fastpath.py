@@ -9,22 +9,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import os
 import signal
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+import aiomqtt
 import pytest
 import structlog
 
 from gateway.core.backoff import Backoff
-from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher
+from gateway.delivery.mqtt import publisher
+from gateway.delivery.mqtt.publisher import (
+    FAST_PATH_VERSIONS,
+    BrokerSettings,
+    Message,
+    MqttPublisher,
+)
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.integration.test_publisher import covers, first_occurrences, numbered, running, until
 
 pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[2]
 
 FAST = Backoff(base=0.01, cap=0.05, floor=0.005)
 STATUS = "fp/gateway/status"
@@ -337,3 +348,71 @@ async def test_a_message_the_broker_refuses_is_kept_and_sent_again(tmp_path: Pat
         assert "ACL" in str(lost[0]["error"]), lost[0]
     finally:
         broker.stop()
+
+
+# --- the fast path reads private internals of paho-mqtt and aiomqtt ------------------------
+
+
+def test_the_installed_libraries_are_the_ones_the_fast_path_was_written_for() -> None:
+    # pyproject.toml pins exactly these; a version bump must re-check the internals.
+    pins = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    for name, version in FAST_PATH_VERSIONS.items():
+        assert f"{name}=={version}" in pins, f"pyproject.toml must pin {name}=={version}"
+        assert importlib.metadata.version(name) == version
+
+
+async def test_the_fast_path_is_engaged_with_a_real_broker(mosquitto: MosquittoBroker) -> None:
+    n = 200
+    async with Subscriber(mosquitto.host, mosquitto.port, "fp/engaged") as sub:
+        pub = MqttPublisher(settings(mosquitto.port, window=20))
+        with structlog.testing.capture_logs() as logs:
+            async with running(pub):
+                for i in range(n):
+                    pub.submit(Message("fp/engaged", b"m%d" % i))
+                assert await pub.flush(5.0)
+                await sub.wait_for(covers(n), 5)
+                used = pub.fast_path()
+    assert used.missing == ()
+    # Every PUBACK of ours was read from paho's buffer; the online status is aiomqtt's own.
+    assert used.acks == n
+    assert used.reads > 0, "the reader with the quick TCP ACK was not used"
+    assert used.writes > 0, "bursts were not written from the loop's thread"
+    assert not [e for e in logs if e["event"] == "mqtt.fast_path_unavailable"]
+
+
+async def test_without_the_internals_it_warns_once_and_falls_back(
+    mosquitto: MosquittoBroker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if a newer paho had renamed one of the internals the fast path keeps in step.
+    monkeypatch.setattr(publisher, "_PAHO_STATE", (*publisher._PAHO_STATE, "_renamed_in_paho"))
+    n = 50
+    async with Subscriber(mosquitto.host, mosquitto.port, "fp/fallback") as sub:
+        pub = MqttPublisher(settings(mosquitto.port, window=20))
+        with structlog.testing.capture_logs() as logs:
+            async with running(pub):
+                for i in range(n):
+                    pub.submit(Message("fp/fallback", b"m%d" % i))
+                assert await pub.flush(5.0)
+                got = await sub.wait_for(covers(n), 5)
+                used = pub.fast_path()
+    assert numbered(got) == list(range(n)), "the libraries' own path delivers everything"
+    assert used.missing == ("paho.Client._renamed_in_paho",)
+    assert used.acks == 0
+    warned = [e for e in logs if e["event"] == "mqtt.fast_path_unavailable"]
+    assert len(warned) == 1, warned
+    assert warned[0]["log_level"] == "warning"
+    assert warned[0]["missing"] == ["paho.Client._renamed_in_paho"]
+    assert warned[0]["written_for"] == FAST_PATH_VERSIONS
+
+
+async def test_a_renamed_aiomqtt_hook_counts_as_missing() -> None:
+    # aiomqtt hands paho its socket callbacks by name; should it rename one, the gateway's
+    # override would go unused without any error. Here aiomqtt's own writer is wired.
+    client = publisher._Client("127.0.0.1", 1)
+    assert publisher.fast_path_missing(client) == ()
+    client._client.on_socket_register_write = aiomqtt.Client._on_socket_register_write.__get__(
+        client
+    )
+    assert publisher.fast_path_missing(client) == (
+        "aiomqtt.Client._on_socket_register_write (as paho's on_socket_register_write)",
+    )

@@ -14,7 +14,7 @@ from adapters.opcua.config import (
     check,
     insecure_reasons,
 )
-from adapters.registry import PROTOCOLS, create
+from adapters.registry import PROTOCOLS, Adapters
 
 
 def connection(**kw: Any) -> OpcUaConnectionConfig:
@@ -154,7 +154,7 @@ def test_registry_entry_builds_an_adapter_lazily() -> None:
     spec = PROTOCOLS["opcua"]
     assert spec.connection_model is OpcUaConnectionConfig
     assert spec.signal_model is OpcUaSignalConfig
-    adapter = create(
+    adapter = Adapters().create(
         "opcua", "m", connection(), {"s": OpcUaSignalConfig(node_id="i=2258")}, 1.0, 0.0
     )
     assert type(adapter).__name__ == "OpcUaAdapter"
@@ -208,7 +208,7 @@ machines:
 def test_default_sampling_is_a_quarter_of_the_publishing_interval(
     kw: dict[str, Any], poll: float, expected: tuple[float, float]
 ) -> None:
-    adapter = create(
+    adapter = Adapters().create(
         "opcua", "m", connection(**kw), {"s": OpcUaSignalConfig(node_id="i=2258")}, poll, 0.0
     )
     assert adapter.intervals == expected  # type: ignore[attr-defined]

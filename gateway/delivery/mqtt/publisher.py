@@ -16,10 +16,12 @@ Delivery contract:
   When the connection drops, un-acknowledged messages are sent again after the
   reconnect, so duplicates are possible within the window (consumers deduplicate by
   event id).
-* Retained messages coalesce: while a retained message for a topic is still queued and
-  unsent, a newer one for the same topic replaces it in place.
-* The queue is bounded by ``max_queue``: beyond it the oldest unsent non-retained QoS 0
-  message is dropped first, then the oldest unsent message; ``dropped`` counts them.
+* What is queued, coalesced and dropped is the queue's business: the daemon's publishers
+  send from the durable outbox (:class:`gateway.delivery.outbox.OutboxQueue`, which also
+  coalesces unsent retained messages per topic). Without a queue given (benchmarks, tests)
+  a publisher uses an in-memory :class:`~gateway.delivery.sendqueue.MemorySinkQueue` of
+  ``max_queue`` messages that drops the oldest unsent one beyond it; ``dropped`` counts
+  what any queue dropped.
 * On every (re)connect the last will (status topic, ``will_payload``, retained, QoS 1) is
   registered and ``online_payload`` is published retained before anything else.
 * Cancelling :meth:`run` without :meth:`close` drops the connection without an MQTT
@@ -37,20 +39,25 @@ connection, packet ids exhausted) counts as a lost link; a message paho rejects 
 (topic too long) is dropped and counted. A plain PUBACK of our own is read straight from
 paho's packet buffer, skipping paho's per-PUBACK ReasonCode and Properties objects.
 
-The queue sits behind the small :class:`SendQueue` interface so the durable outbox
-(:class:`gateway.delivery.outbox.OutboxQueue`) can replace the in-memory one; a queue that fills
-itself calls :meth:`MqttPublisher.notify`.
+That fast path reads and overrides private internals of paho-mqtt and aiomqtt, so
+pyproject.toml pins the exact versions it was written against (:data:`FAST_PATH_VERSIONS`).
+Should an install lack one of them, the publisher logs ``mqtt.fast_path_unavailable``
+(naming what is missing) and falls back to the libraries' own public paths;
+:meth:`MqttPublisher.fast_path` reports which path the messages took.
+
+The queue sits behind the small :class:`SendQueue` interface; a queue that fills itself
+(the outbox's) calls :meth:`MqttPublisher.notify`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import math
 import socket
 import ssl
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -92,63 +99,8 @@ TlsSettings = TlsPlan
 # --- the queue -------------------------------------------------------------------------
 
 
-#: The queue a publisher sends from: the outbox's, or the in-memory one below.
+#: The queue a publisher sends from: the outbox's, or an in-memory one.
 SendQueue = SinkQueue[Message]
-
-
-class MemoryQueue(MemorySinkQueue[Message]):
-    """In-memory :class:`SendQueue` with retained-message coalescing and a bound.
-
-    Beyond the base queue: an unsent retained message is replaced in place by a newer one
-    for the same topic (a late joiner only needs the latest state), non-retained QoS 0
-    messages are the first to go when the queue is full, and after a lost connection an
-    in-flight retained message that a newer one replaced is not sent again.
-    """
-
-    def __init__(self, max_len: int) -> None:
-        """A queue holding at most ``max_len`` messages (in flight ones included)."""
-        super().__init__(max_len)
-        # Unsent retained messages by topic, for coalescing.
-        self._retained: dict[str, int] = {}
-        # Unsent non-retained QoS 0 keys: the first to go when the queue is full.
-        self._expendable: OrderedDict[int, None] = OrderedDict()
-
-    def push(self, item: Message) -> int:
-        """Add a message, coalescing an unsent retained one for the same topic."""
-        if item.retain and (key := self._retained.get(item.topic)) is not None:
-            # Same key, same position: the late joiner only needs the latest state.
-            self._unsent[key] = item
-            self._seq += 1
-            return 0
-        return super().push(item)
-
-    def _added(self, key: int, item: Message) -> None:
-        if item.retain:
-            self._retained[item.topic] = key
-        elif item.qos == 0:
-            self._expendable[key] = None
-
-    def _victim(self) -> int:
-        if self._expendable:
-            return next(iter(self._expendable))
-        return super()._victim()
-
-    def _forget_unsent(self, key: int) -> Message:
-        msg = super()._forget_unsent(key)
-        self._expendable.pop(key, None)
-        if msg.retain and self._retained.get(msg.topic) == key:
-            del self._retained[msg.topic]
-        return msg
-
-    def _restore(self, key: int, item: Message) -> bool:
-        if item.retain:
-            if item.topic in self._retained:
-                return False  # a newer retained message for this topic is queued
-            self._retained[item.topic] = key
-        elif item.qos == 0:
-            self._expendable[key] = None
-            self._expendable.move_to_end(key, last=False)
-        return True
 
 
 # --- the publisher ---------------------------------------------------------------------
@@ -246,6 +198,10 @@ class _Client(aiomqtt.Client):
         """aiomqtt's client, made on the event loop's thread."""
         super().__init__(*args, **kwargs)
         self._loop_thread = threading.get_ident()
+        #: Reads done by this class's reader (with the quick TCP ACK), not aiomqtt's.
+        self.fast_reads = 0
+        #: Bursts written at once from the loop's thread, without a writer registration.
+        self.fast_writes = 0
 
     def _on_socket_open(self, client: paho.Client, userdata: Any, sock: Any) -> None:
         """aiomqtt's reader, plus an immediate TCP ACK of what the broker sent.
@@ -276,6 +232,7 @@ class _Client(aiomqtt.Client):
                 if not self._disconnected.done():
                     self._disconnected.set_exception(exc)
                 return
+            self.fast_reads += 1
             if quickack is not None and client.socket() is raw:
                 _ack_now(raw, quickack)
 
@@ -304,6 +261,7 @@ class _Client(aiomqtt.Client):
         def write_now() -> None:
             if client.socket() is not sock:
                 return
+            self.fast_writes += 1
             write()
             # What did not fit into the socket buffer goes once it is writable again.
             if client.want_write() and client.socket() is sock:
@@ -324,8 +282,53 @@ def _ack_now(sock: Any, option: int) -> None:
 
 _PubackHandler = Callable[[Literal["PUBACK", "PUBCOMP"]], MQTTErrorCode]
 
+#: The versions the fast path was written against; pyproject.toml pins exactly these.
+FAST_PATH_VERSIONS = {"paho-mqtt": "2.2.0", "aiomqtt": "2.5.1"}
+
 #: paho-mqtt 2.x internals the PUBACK fast path of :class:`_Link` reads and keeps in step.
-_PAHO_STATE = ("_in_packet", "_out_messages", "_out_message_mutex", "_inflight_messages")
+_PAHO_STATE = (
+    "_handle_pubackcomp",
+    "_in_packet",
+    "_out_messages",
+    "_out_message_mutex",
+    "_inflight_messages",
+)
+#: aiomqtt 2.x internals :class:`_Client` overrides or reads.
+_AIOMQTT_STATE = ("_client", "_loop", "_disconnected", "_misc_loop")
+
+
+def fast_path_missing(client: aiomqtt.Client) -> tuple[str, ...]:
+    """The library internals the fast path needs that ``client`` lacks (empty: all there).
+
+    Besides the attributes themselves, this checks that aiomqtt still hands paho the
+    socket callbacks :class:`_Client` overrides: a renamed hook in aiomqtt would otherwise
+    leave the override silently unused.
+    """
+    missing = [f"aiomqtt.Client.{name}" for name in _AIOMQTT_STATE if not hasattr(client, name)]
+    inner = getattr(client, "_client", None)
+    if inner is None:
+        return tuple(missing)
+    missing += [f"paho.Client.{name}" for name in _PAHO_STATE if not hasattr(inner, name)]
+    if isinstance(client, _Client):
+        for hook in ("on_socket_open", "on_socket_register_write"):
+            wired = getattr(inner, hook, None)
+            if getattr(wired, "__func__", None) is not getattr(_Client, f"_{hook}", None):
+                missing.append(f"aiomqtt.Client._{hook} (as paho's {hook})")
+    return tuple(missing)
+
+
+@dataclass(frozen=True, slots=True)
+class FastPath:
+    """Which path a publisher's messages took: counts since start, and what was missing."""
+
+    #: Library internals missing at the last connect (empty: the fast path was engaged).
+    missing: tuple[str, ...]
+    #: PUBACKs read straight from paho's packet buffer.
+    acks: int
+    #: Socket reads by the gateway's own reader (with the quick TCP ACK).
+    reads: int
+    #: Bursts of publishes written at once from the event loop's thread.
+    writes: int
 
 
 class _Link:
@@ -353,6 +356,7 @@ class _Link:
         "acked",
         "failure",
         "failure_key",
+        "fast_acked",
         "flight",
         "loop",
         "paho",
@@ -388,10 +392,12 @@ class _Link:
         self._thread = threading.get_ident()
         self._chained: Callable[..., object] | None = self.paho.on_publish
         self.paho.on_publish = self.on_publish
-        self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
+        #: PUBACKs of this link handled by the fast path.
+        self.fast_acked = 0
         # Without the internals it expects (another paho version), on_publish does it all.
         self._fast = all(hasattr(self.paho, name) for name in _PAHO_STATE)
         if self._fast:
+            self._paho_puback: _PubackHandler = self.paho._handle_pubackcomp
             self.paho._handle_pubackcomp = self._on_pubackcomp  # type: ignore[method-assign]
 
     def _on_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
@@ -408,6 +414,7 @@ class _Link:
                 with inner._out_message_mutex:
                     if inner._out_messages.pop(mid, None) is not None:
                         inner._inflight_messages -= 1
+                self.fast_acked += 1
                 self._acked(entry[0])
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._paho_puback(cmd)
@@ -476,8 +483,7 @@ class _Link:
     def refused(self, rc: int) -> str:
         """Why paho refused a publish, with the disconnect cause when there is one."""
         text = f"publish refused: {paho.error_string(rc)}"
-        gone = self._client._disconnected
-        if gone.done() and not gone.cancelled() and (exc := gone.exception()) is not None:
+        if (exc := _disconnect_error(self._client)) is not None:
             text = f"{text} ({_describe(exc)})"
         return text
 
@@ -545,12 +551,26 @@ class MqttSink:
         self._progress: Callable[[], None] = _nothing
         self._wake: Callable[[], None] = _nothing
         self._reject: Callable[[int, str], None] = _unbound_reject
+        # The fast path: what the last client lacked, and counts of clients and links gone.
+        self._fast_missing: tuple[str, ...] = ()
+        self._fast_counts = [0, 0, 0]  # acks, reads, writes
+        self._fast_client: _Client | None = None
 
     @property
     def delivered(self) -> int:
         """Messages the broker acknowledged since start (QoS 0: written), status included."""
         link = self._link
         return self._published + (link.acked if link is not None else 0)
+
+    def fast_path(self) -> FastPath:
+        """Which path the messages took: the fast one's counts since start, what was missing."""
+        acks, reads, writes = self._fast_counts
+        if (link := self._link) is not None:
+            acks += link.fast_acked
+        if (client := self._fast_client) is not None:
+            reads += client.fast_reads
+            writes += client.fast_writes
+        return FastPath(self._fast_missing, acks, reads, writes)
 
     def bind(
         self,
@@ -624,8 +644,7 @@ class MqttSink:
         except aiomqtt.MqttError:
             # "Disconnected during message iteration" says nothing: the disconnect itself
             # carries the reason (an MQTT 5 DISCONNECT's code, else the socket's end).
-            gone = client._disconnected
-            exc = gone.exception() if gone.done() and not gone.cancelled() else None
+            exc = _disconnect_error(client)
             value = getattr(getattr(exc, "rc", None), "value", None)
             if value == _RC_SESSION_TAKEN_OVER:
                 raise LinkLost(str(getattr(exc, "rc", "")), "session-taken-over") from None
@@ -642,6 +661,7 @@ class MqttSink:
         if link is not None:
             link.close()
             self._published += link.acked
+            self._fast_counts[0] += link.fast_acked
 
     def abort(self) -> None:
         """Drop the socket without DISCONNECT: the broker publishes the last will."""
@@ -705,7 +725,25 @@ class MqttSink:
         client.pending_calls_threshold = s.window + 10
         # paho's blocking connect() runs in a thread; bound it the same way.
         client._client.connect_timeout = s.connect_timeout
+        self._check_fast_path(client)
         return client
+
+    def _check_fast_path(self, client: _Client) -> None:
+        """Note the new client, and warn once should it lack what the fast path needs."""
+        if (old := self._fast_client) is not None:
+            self._fast_counts[1] += old.fast_reads
+            self._fast_counts[2] += old.fast_writes
+        self._fast_client = client
+        missing = fast_path_missing(client)
+        if missing and missing != self._fast_missing:
+            self._log.warning(
+                "mqtt.fast_path_unavailable",
+                missing=list(missing),
+                installed=_installed(FAST_PATH_VERSIONS),
+                written_for=FAST_PATH_VERSIONS,
+                effect="publishing works through the libraries' own slower paths",
+            )
+        self._fast_missing = missing
 
     async def _connect(self, client: aiomqtt.Client) -> None:
         s = self._s
@@ -770,7 +808,7 @@ class MqttPublisher(SinkRunner[Message]):
         """Set up the publisher; TLS files are loaded here so mistakes show at start-up."""
         super().__init__(
             MqttSink(settings, name=name),
-            queue if queue is not None else MemoryQueue(settings.max_queue),
+            queue if queue is not None else MemorySinkQueue(settings.max_queue),
             name=name,
             settings=runner_settings(settings, limit=limit),
         )
@@ -780,6 +818,12 @@ class MqttPublisher(SinkRunner[Message]):
     def published(self) -> int:
         """Messages the broker acknowledged since start (QoS 0: written), status included."""
         return self.written
+
+    def fast_path(self) -> FastPath:
+        """Which path the messages took (see :meth:`MqttSink.fast_path`)."""
+        sink = self.sink
+        assert isinstance(sink, MqttSink)
+        return sink.fast_path()
 
     @property
     def dropped(self) -> int:
@@ -803,6 +847,17 @@ class MqttPublisher(SinkRunner[Message]):
         super().submit(msg)
 
 
+def _installed(names: dict[str, str]) -> dict[str, str]:
+    """The installed version of each distribution in ``names`` ("missing" if none)."""
+    found: dict[str, str] = {}
+    for name in names:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "missing"
+    return found
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc)
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
@@ -815,10 +870,15 @@ def _drop_socket(client: aiomqtt.Client) -> None:
     waits for the broker, and after a failed connect it leaves the socket open. paho's
     ``_sock_close`` also unregisters aiomqtt's reader and stops its timer task.
     """
-    inner: paho.Client = client._client
     with contextlib.suppress(Exception):
-        inner._sock_close()
+        client._client._sock_close()
     # Mark a disconnect error as seen, or asyncio logs "exception was never retrieved".
-    gone = client._disconnected
-    if gone.done() and not gone.cancelled():
-        gone.exception()
+    _disconnect_error(client)
+
+
+def _disconnect_error(client: aiomqtt.Client) -> BaseException | None:
+    """Why aiomqtt saw the connection end, if it did (None without that internal)."""
+    gone: asyncio.Future[None] | None = getattr(client, "_disconnected", None)
+    if gone is None or not gone.done() or gone.cancelled():
+        return None
+    return gone.exception()
