@@ -36,6 +36,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 
 from gateway.config.influx import InfluxConfig
@@ -88,7 +89,20 @@ def _topic_prefix(value: str) -> str:
     return value
 
 
+def _sparkplug_id(value: str) -> str:
+    # Sparkplug B 3.0: group, edge node, device and host ids are topic segments and may not
+    # hold the MQTT wildcards or the level separator.
+    bad = sorted({c for c in value if c in "+#/" or c == "\0" or c.isspace()})
+    if not value or bad or len(value) > 64:
+        raise ValueError(
+            f"{value!r} is not a valid Sparkplug id: use 1-64 characters without '+', '#', "
+            "'/', blanks or NUL (it becomes a Sparkplug topic segment)"
+        )
+    return value
+
+
 Identifier = Annotated[str, AfterValidator(_identifier)]
+SparkplugId = Annotated[str, AfterValidator(_sparkplug_id)]
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
@@ -172,6 +186,45 @@ class DestinationConfig(BrokerConfig):
     #: a destination listed before it already owns the commands of the same machines (see
     #: :func:`_command_owners`).
     commands: bool | None = None
+    #: What goes out: the contract's CloudEvents, or a Sparkplug B 3.0 edge node.
+    format: Literal["cloudevents", "sparkplug"] = "cloudevents"
+    #: Sparkplug only: the group id (default: ``gateway.site``).
+    group_id: SparkplugId | None = None
+    #: Sparkplug only: the edge node id (default: ``gateway.id``).
+    edge_node_id: SparkplugId | None = None
+    #: Sparkplug only: publish only while this host application's STATE is online.
+    primary_host_id: SparkplugId | None = None
+
+    @model_validator(mode="after")
+    def _sparkplug_keys(self) -> DestinationConfig:
+        if self.format == "sparkplug":
+            r = self.routing
+            unsupported = [
+                k
+                for k, v in (
+                    ("batch", self.batch),
+                    ("commands", self.commands),
+                    ("routing.event_types", r.event_types),
+                    ("routing.customers", r.customers),
+                    ("routing.order_ids", r.order_ids),
+                )
+                if v
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)}: not available with format: sparkplug (a "
+                    "Sparkplug edge node publishes every metric of the machines in "
+                    "routing.machines and takes no order commands)"
+                )
+        else:
+            given = [
+                k
+                for k in ("group_id", "edge_node_id", "primary_host_id")
+                if getattr(self, k) is not None
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with format: sparkplug")
+        return self
 
 
 class OutboxConfig(_Model):
@@ -375,6 +428,17 @@ class DestinationPlan:
     route: Route
     #: Whether this destination's broker is listened to for order commands.
     commands: bool = True
+    #: Set for a ``format: sparkplug`` destination (a Sparkplug B edge node).
+    sparkplug: SparkplugPlan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugPlan:
+    """The Sparkplug B ids of a ``format: sparkplug`` destination."""
+
+    group_id: str
+    edge_node_id: str
+    primary_host_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +494,9 @@ class GatewayPlan:
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
+    #: The ``format: sparkplug`` destinations (not in ``destinations``: no outbox queue,
+    #: no CloudEvents, no commands).
+    sparkplug: tuple[DestinationPlan, ...] = field(default=())
 
 
 class ConfigError(Exception):
@@ -807,6 +874,18 @@ def _compile(
                 "not in the url: the url is logged",
             )
         )
+    sparkplug = [d for d in destinations if d.sparkplug is not None]
+    destinations = [d for d in destinations if d.sparkplug is None]
+    if sparkplug and not destinations and not errors:
+        errors.append(
+            SourceError(
+                src.file,
+                src.line_of(("destinations",)),
+                "destinations",
+                "format: sparkplug destinations need a CloudEvents destination beside them "
+                "(the order events and commands go there)",
+            )
+        )
     warnings: list[str] = []
     destinations = _command_owners(config, destinations, machines, src, errors, warnings)
     if errors or not destinations:
@@ -887,6 +966,7 @@ def _compile(
         console_scope=config.health.commands_as,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
+        sparkplug=tuple(sparkplug),
     )
 
 
@@ -1131,7 +1211,14 @@ def _compile_destinations(
             route = Route(name, rules, operator, b.batch)
         else:
             route = Route(name)
-        out.append(DestinationPlan(name, broker, route))
+        spb = None
+        if isinstance(b, DestinationConfig) and b.format == "sparkplug":
+            spb = SparkplugPlan(
+                group_id=b.group_id or config.gateway.site,
+                edge_node_id=b.edge_node_id or config.gateway.id,
+                primary_host_id=b.primary_host_id,
+            )
+        out.append(DestinationPlan(name, broker, route, commands=spb is None, sparkplug=spb))
     return out
 
 

@@ -77,6 +77,7 @@ from gateway.delivery.influx.sink import (
 )
 from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.health import HealthServer
@@ -335,6 +336,9 @@ class Gateway:
             self.publishers[d.name] = pub
             self.queues[d.name] = q
         self._secret = secret
+        # SPARKPLUG HOOK (until outputs move onto the sink registry): the format: sparkplug
+        # destinations, fed below from _on_batch, _connected and _publish_state.
+        self.sparkplug = SparkplugNodes.from_plan(plan, secret, clock)
         #: The history sink reads the outbox like a destination, so an outage loses nothing.
         self.influx: SinkRunner[Any] | None = None
         self._influx_sinks: list[InfluxSink] = []
@@ -469,6 +473,7 @@ class Gateway:
                     self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
+                publisher_tasks += self.sparkplug.start()  # SPARKPLUG HOOK
                 for runner in (self.influx, self.telemetry):
                     if runner is not None:
                         publisher_tasks.append(
@@ -578,6 +583,7 @@ class Gateway:
         for runner in (self.influx, self.telemetry):
             if runner is not None:
                 closing.append(runner.close(self._grace))
+        closing.append(self.sparkplug.close(self._grace))  # SPARKPLUG HOOK
         await asyncio.gather(*closing, return_exceptions=True)
         for t in tasks:
             t.cancel()
@@ -969,6 +975,7 @@ class Gateway:
     def _connected(self, m: _Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected
         self.metrics.device_connected(m.plan.id, connected)
+        self.sparkplug.connected(m.plan.id, connected)  # SPARKPLUG HOOK
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
     def _on_batch(
@@ -1005,6 +1012,7 @@ class Gateway:
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
         self.feed.samples(m.plan.id, mapped)
+        self.sparkplug.samples(m.plan.id, mapped)  # SPARKPLUG HOOK
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:
@@ -1093,6 +1101,7 @@ class Gateway:
 
     def _publish_state(self, m: _Machine, snapshot: dict[str, Any], now: float) -> None:
         """Retained state to every destination that may see the machine, order filtered."""
+        self.sparkplug.state(m.plan.id, snapshot)  # SPARKPLUG HOOK
         loc = m.plan.location
         order = snapshot.get("order")
         order_id = order.get("order_id") if isinstance(order, dict) else None

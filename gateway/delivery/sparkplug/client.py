@@ -1,0 +1,336 @@
+"""The Sparkplug B edge node on the wire: one MQTT session at a time to one broker.
+
+:class:`SparkplugNode` is the narrow interface the runtime sees: :meth:`run` /
+:meth:`close`, :meth:`observe` (a machine's mapped samples), :meth:`order_state` (its
+tracker snapshot), :meth:`device_lost`, and :meth:`health`. The protocol state lives in
+:class:`~gateway.delivery.sparkplug.node.EdgeNode`; this module connects, subscribes and
+publishes:
+
+* CONNECT with a clean session and the NDEATH of the new ``bdSeq`` as the last will
+  (QoS 1, not retained); subscribe to this node's NCMD and, with a primary host
+  application configured, to ``spBv1.0/STATE/{primary_host_id}``.
+* Without a primary host: births right after the CONNACK. With one: births once its
+  STATE says ``{"online": true}``; a STATE ``online: false`` (or one older than the last
+  seen, by its ``timestamp``, ignored) makes the node publish its NDEATH, disconnect and
+  connect again, holding changes until the host is back (Sparkplug 3.0, host
+  application awareness). Held changes are replayed with ``is_historical`` after the
+  births.
+* BIRTH, DATA and DEATH go at QoS 0, not retained; the explicit NDEATH of a clean stop at
+  QoS 1.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiomqtt
+import structlog
+
+from gateway.core.model import Sample
+from gateway.core.routing import OperatorPolicy
+from gateway.delivery.mqtt.publisher import BrokerSettings, tls_context
+from gateway.delivery.sparkplug import codec
+from gateway.delivery.sparkplug.node import NAMESPACE, REBIRTH, EdgeNode, valid_id
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugSettings:
+    """One ``format: sparkplug`` destination, ready to run."""
+
+    name: str
+    broker: BrokerSettings
+    group_id: str
+    edge_node_id: str
+    #: Hold publishing until this host application's STATE says online; ``None``: do not wait.
+    primary_host_id: str | None = None
+    operator: OperatorPolicy = "drop"
+    #: Changes held at most while not live (oldest dropped first, counted).
+    max_held: int = 100_000
+
+    def __post_init__(self) -> None:
+        """Reject ids Sparkplug does not allow, naming the field."""
+        for what, value in (
+            ("group_id", self.group_id),
+            ("edge_node_id", self.edge_node_id),
+            ("primary_host_id", self.primary_host_id),
+        ):
+            if value is None:
+                continue
+            problem = valid_id(value)
+            if problem:
+                raise ValueError(f"{what} {value!r} {problem}")
+
+
+class _Restart(Exception):
+    """The session ends on purpose (the primary host went offline): connect again."""
+
+
+class SparkplugNode:
+    """A Sparkplug B 3.0 edge node publishing the gateway's machines as devices."""
+
+    def __init__(
+        self,
+        settings: SparkplugSettings,
+        *,
+        secret: bytes | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.node = EdgeNode(
+            settings.group_id,
+            settings.edge_node_id,
+            operator=settings.operator,
+            secret=secret,
+            max_held=settings.max_held,
+        )
+        self._clock = clock
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._client: aiomqtt.Client | None = None
+        self._tls = tls_context(settings.broker.tls) if settings.broker.tls else None
+        self.connected = False
+        #: Whether the primary host application is online (always true without one).
+        self.host_online = settings.primary_host_id is None
+        self._host_timestamp = -1
+        self._warned: set[str] = set()
+        self.published = 0
+        self.published_bytes = 0
+        self.lost = 0
+        self.last_error: str | None = None
+        self.state_topic = (
+            f"{NAMESPACE}/STATE/{settings.primary_host_id}" if settings.primary_host_id else None
+        )
+
+    # ------------------------------------------------------------------ feeding
+
+    def observe(self, machine: str, samples: Iterable[Sample]) -> None:
+        """A machine's mapped samples (never raises: a bad machine id is logged once)."""
+        try:
+            self.node.observe(machine, samples)
+        except ValueError as exc:
+            self._bad_machine(machine, exc)
+            return
+        if self.node.outgoing:
+            self._wake.set()
+
+    def order_state(self, machine: str, snapshot: Mapping[str, Any]) -> None:
+        """A machine's tracker snapshot: its order metrics."""
+        try:
+            self.node.order_state(machine, snapshot)
+        except ValueError as exc:
+            self._bad_machine(machine, exc)
+            return
+        if self.node.outgoing:
+            self._wake.set()
+
+    def device_lost(self, machine: str) -> None:
+        """A machine stopped answering: DDEATH."""
+        self.node.device_lost(machine, self._clock())
+        if self.node.outgoing:
+            self._wake.set()
+
+    def _bad_machine(self, machine: str, exc: ValueError) -> None:
+        if machine not in self._warned:
+            self._warned.add(machine)
+            log.warning("sparkplug.machine_skipped", destination=self.name, error=str(exc))
+
+    def health(self) -> dict[str, Any]:
+        """What the health endpoint and the console show about this edge node."""
+        return {
+            "connected": self.connected,
+            "host_online": self.host_online,
+            "live": self.node.live,
+            "bd_seq": self.node.bd_seq,
+            "published": self.published,
+            "published_bytes": self.published_bytes,
+            "held": self.node.held,
+            "held_dropped": self.node.held_dropped,
+            "lost": self.lost,
+            "last_error": self.last_error,
+        }
+
+    # ------------------------------------------------------------------ running
+
+    async def run(self) -> None:
+        """Keep a session up until :meth:`close`; reconnect with backoff."""
+        attempt = 0
+        backoff = self.settings.broker.backoff
+        while not self._stop.is_set():
+            started = self._clock()
+            try:
+                await self._session()
+            except _Restart:
+                attempt = 0
+                continue
+            except (aiomqtt.MqttError, OSError, TimeoutError) as exc:
+                self.last_error = str(exc) or type(exc).__name__
+                log.warning("sparkplug.link_lost", destination=self.name, error=self.last_error)
+            finally:
+                self.connected = False
+                self.lost += self.node.go_offline()
+                self.host_online = self.settings.primary_host_id is None
+            if self._stop.is_set():
+                break
+            if self._clock() - started > 30.0:
+                attempt = 0
+            delay = backoff.delay(attempt)
+            attempt += 1
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await self._stop.wait()
+
+    async def close(self, timeout: float = 3.0) -> None:  # noqa: ASYNC109 - a grace period
+        """Publish the NDEATH (a clean stop announces itself) and end :meth:`run`."""
+        client = self._client
+        if client is not None and self.connected:
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError, OSError):
+                async with asyncio.timeout(timeout):
+                    await client.publish(
+                        self.node.topic_ndeath, self.node.ndeath(self._clock()), qos=1
+                    )
+        self._stop.set()
+        self._wake.set()
+
+    def _make_client(self, will_payload: bytes) -> aiomqtt.Client:
+        b = self.settings.broker
+        v5 = b.protocol == "5"
+        client = aiomqtt.Client(
+            b.host,
+            b.port,
+            username=b.username,
+            password=b.password,
+            identifier=b.client_id,
+            protocol=aiomqtt.ProtocolVersion.V5 if v5 else aiomqtt.ProtocolVersion.V311,
+            will=aiomqtt.Will(self.node.topic_ndeath, will_payload, qos=1, retain=False),
+            # Sparkplug 3.0: a clean session (MQTT 5: clean start, session expiry 0).
+            clean_session=None if v5 else True,
+            keepalive=b.keepalive,
+            timeout=b.connect_timeout,
+            tls_context=self._tls,
+            socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+        )
+        client.pending_calls_threshold = 10_000
+        return client
+
+    async def _session(self) -> None:
+        will = self.node.new_session(self._clock())
+        client = self._make_client(will)
+        b = self.settings.broker
+        async with asyncio.timeout(2 * b.connect_timeout + 1):
+            await client.__aenter__()
+        self._client = client
+        try:
+            self.connected = True
+            self.last_error = None
+            log.info(
+                "sparkplug.connected",
+                destination=self.name,
+                broker=f"{b.host}:{b.port}",
+                bd_seq=self.node.bd_seq,
+                primary_host=self.settings.primary_host_id,
+            )
+            await client.subscribe(self.node.topic_ncmd, qos=1)
+            if self.state_topic is not None:
+                await client.subscribe(self.state_topic, qos=1)
+            else:
+                self.node.go_live(self._clock())
+                self._wake.set()
+            async with asyncio.TaskGroup() as tg:
+                listener = tg.create_task(self._listen(client))
+                pump = tg.create_task(self._pump(client))
+                await self._stop.wait()
+                listener.cancel()
+                pump.cancel()
+        except* _Restart:
+            raise _Restart() from None
+        except* (aiomqtt.MqttError, OSError, TimeoutError) as group:
+            raise group.exceptions[0] from None
+        finally:
+            self._client = None
+            self.connected = False
+            with contextlib.suppress(Exception):
+                await client.__aexit__(None, None, None)
+
+    async def _pump(self, client: aiomqtt.Client) -> None:
+        node = self.node
+        out = node.outgoing
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while out:
+                msg = out.popleft()
+                await client.publish(msg.topic, msg.payload, qos=0)
+                self.published += 1
+                self.published_bytes += len(msg.payload)
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        async for message in client.messages:
+            topic = message.topic.value
+            payload = message.payload if isinstance(message.payload, bytes) else b""
+            if topic == self.node.topic_ncmd:
+                self._on_ncmd(payload)
+            elif topic == self.state_topic:
+                await self._on_state(client, payload)
+
+    def _on_ncmd(self, payload: bytes) -> None:
+        try:
+            decoded = codec.decode(payload)
+        except codec.DecodeError as exc:
+            log.warning("sparkplug.ncmd_rejected", destination=self.name, reason=str(exc))
+            return
+        for m in decoded.metrics:
+            if m.name == REBIRTH and m.value is True:
+                log.info("sparkplug.rebirth_requested", destination=self.name)
+                self.node.rebirth(self._clock())
+                self._wake.set()
+            else:
+                log.info(
+                    "sparkplug.ncmd_ignored",
+                    destination=self.name,
+                    metric=m.name,
+                    reason="only Node Control/Rebirth is supported",
+                )
+
+    async def _on_state(self, client: aiomqtt.Client, payload: bytes) -> None:
+        try:
+            state = json.loads(payload)
+            online = state["online"]
+            stamp = state.get("timestamp", 0)
+            if not isinstance(online, bool) or not isinstance(stamp, int):
+                raise ValueError("online must be a boolean and timestamp an integer")
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning(
+                "sparkplug.state_rejected",
+                destination=self.name,
+                payload=payload[:200].decode(errors="replace"),
+                reason=f'expected {{"online": true|false, "timestamp": ms}}: {exc}',
+            )
+            return
+        if stamp < self._host_timestamp:
+            # An older STATE than one already seen (Sparkplug 3.0: ignore it).
+            return
+        self._host_timestamp = stamp
+        if online and not self.host_online:
+            self.host_online = True
+            log.info("sparkplug.host_online", destination=self.name, held=self.node.held)
+            self.node.go_live(self._clock())
+            self._wake.set()
+        elif not online and self.host_online:
+            self.host_online = False
+            log.warning("sparkplug.host_offline", destination=self.name)
+            # Sparkplug 3.0: the edge node publishes its NDEATH, disconnects and connects
+            # again, then waits for the host to come back.
+            self.lost += self.node.go_offline()
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.publish(self.node.topic_ndeath, self.node.ndeath(self._clock()), qos=1)
+            raise _Restart()
