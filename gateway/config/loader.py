@@ -90,13 +90,14 @@ def _topic_prefix(value: str) -> str:
 
 
 def _sparkplug_id(value: str) -> str:
-    # Sparkplug B 3.0: group, edge node, device and host ids are topic segments and may not
-    # hold the MQTT wildcards or the level separator.
-    bad = sorted({c for c in value if c in "+#/" or c == "\0" or c.isspace()})
-    if not value or bad or len(value) > 64:
+    # Sparkplug B 3.0: group, edge node, device and host ids are topic segments: any UTF-8
+    # but the MQTT wildcards and the level separator. Control characters and blanks at the
+    # ends are refused too: they make ids that look equal and are not.
+    bad = sorted({c for c in value if c in "+#/" or not c.isprintable()})
+    if not value or bad or value != value.strip() or len(value) > 64:
         raise ValueError(
             f"{value!r} is not a valid Sparkplug id: use 1-64 characters without '+', '#', "
-            "'/', blanks or NUL (it becomes a Sparkplug topic segment)"
+            "'/', control characters or blanks at the ends (it becomes a topic segment)"
         )
     return value
 
