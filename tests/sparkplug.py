@@ -26,22 +26,33 @@ def _node() -> str:
     return node
 
 
-async def tahu_decode(payloads: list[bytes]) -> list[dict[str, Any]]:
-    """Decode Sparkplug B payloads with Tahu's JavaScript codec (64-bit ints exact)."""
+async def _run(data: bytes, *args: str) -> bytes:
     proc = await asyncio.create_subprocess_exec(
         _node(),
         str(JS_DIR / "decode.js"),
+        *args,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
-    data = json.dumps([base64.b64encode(p).decode() for p in payloads]).encode()
     async with asyncio.timeout(30):
         out, err = await proc.communicate(data)
     if proc.returncode != 0:
-        raise RuntimeError(f"Tahu decoder failed ({proc.returncode}): {err.decode()}")
+        raise RuntimeError(f"Tahu codec failed ({proc.returncode}): {err.decode()}")
+    return out
+
+
+async def tahu_decode(payloads: list[bytes]) -> list[dict[str, Any]]:
+    """Decode Sparkplug B payloads with Tahu's JavaScript codec (64-bit ints exact)."""
+    out = await _run(json.dumps([base64.b64encode(p).decode() for p in payloads]).encode())
     decoded: list[dict[str, Any]] = json.loads(out)
     return decoded
+
+
+async def tahu_encode(payload: dict[str, Any]) -> bytes:
+    """Encode one payload (Tahu's object form) with Tahu's JavaScript codec."""
+    out = await _run(json.dumps([payload]).encode(), "encode")
+    return base64.b64decode(json.loads(out)[0])
 
 
 def by_name(payload: dict[str, Any]) -> dict[str, dict[str, Any]]:

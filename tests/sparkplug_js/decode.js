@@ -1,6 +1,8 @@
 // Decodes Sparkplug B payloads with Eclipse Tahu's sparkplug-payload (an independent codec).
 // stdin: a JSON array of base64 strings; stdout: a JSON array of decoded payloads.
 // 64-bit integers become numbers when exact, else decimal strings.
+// With the argument "encode": stdin is a JSON array of payload objects in Tahu's form
+// ({timestamp, metrics: [{name, type, value}]}), stdout the base64 encodings (a host's NCMD).
 "use strict";
 const { get } = require("sparkplug-payload");
 const Long = require("long");
@@ -29,6 +31,11 @@ process.stdin.setEncoding("utf8");
 process.stdin.on("data", (chunk) => { input += chunk; });
 process.stdin.on("end", () => {
   const payloads = JSON.parse(input);
+  if (process.argv[2] === "encode") {
+    const encoded = payloads.map((p) => Buffer.from(codec.encodePayload(p)).toString("base64"));
+    process.stdout.write(JSON.stringify(encoded));
+    return;
+  }
   const decoded = payloads.map((b64) => plain(codec.decodePayload(Buffer.from(b64, "base64"))));
   process.stdout.write(JSON.stringify(decoded));
 });

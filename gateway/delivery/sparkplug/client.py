@@ -95,6 +95,8 @@ class SparkplugNode:
         )
         self._clock = clock
         self._wake = asyncio.Event()
+        #: Set whenever the session, the host's state or the held data change (for waiters).
+        self.changed = asyncio.Event()
         self._stop = asyncio.Event()
         self._client: aiomqtt.Client | None = None
         self._tls = tls_context(settings.broker.tls) if settings.broker.tls else None
@@ -122,6 +124,7 @@ class SparkplugNode:
             return
         if self.node.outgoing:
             self._wake.set()
+        self.changed.set()
 
     def order_state(self, machine: str, snapshot: Mapping[str, Any]) -> None:
         """A machine's tracker snapshot: its order metrics."""
@@ -179,6 +182,7 @@ class SparkplugNode:
                 self.connected = False
                 self.lost += self.node.go_offline()
                 self.host_online = self.settings.primary_host_id is None
+                self.changed.set()
             if self._stop.is_set():
                 break
             if self._clock() - started > 30.0:
@@ -230,8 +234,13 @@ class SparkplugNode:
             await client.__aenter__()
         self._client = client
         try:
+            await client.subscribe(self.node.topic_ncmd, qos=1)
+            if self.state_topic is not None:
+                await client.subscribe(self.state_topic, qos=1)
+            # Connected once subscribed: no STATE or NCMD from then on is missed.
             self.connected = True
             self.last_error = None
+            self.changed.set()
             log.info(
                 "sparkplug.connected",
                 destination=self.name,
@@ -239,10 +248,7 @@ class SparkplugNode:
                 bd_seq=self.node.bd_seq,
                 primary_host=self.settings.primary_host_id,
             )
-            await client.subscribe(self.node.topic_ncmd, qos=1)
-            if self.state_topic is not None:
-                await client.subscribe(self.state_topic, qos=1)
-            else:
+            if self.state_topic is None:
                 self.node.go_live(self._clock())
                 self._wake.set()
             async with asyncio.TaskGroup() as tg:
@@ -304,6 +310,8 @@ class SparkplugNode:
     async def _on_state(self, client: aiomqtt.Client, payload: bytes) -> None:
         try:
             state = json.loads(payload)
+            if not isinstance(state, dict):
+                raise ValueError("not a JSON object")
             online = state["online"]
             stamp = state.get("timestamp", 0)
             if not isinstance(online, bool) or not isinstance(stamp, int):
@@ -320,6 +328,7 @@ class SparkplugNode:
             # An older STATE than one already seen (Sparkplug 3.0: ignore it).
             return
         self._host_timestamp = stamp
+        self.changed.set()
         if online and not self.host_online:
             self.host_online = True
             log.info("sparkplug.host_online", destination=self.name, held=self.node.held)
