@@ -106,6 +106,8 @@ _K_M_TIMESTAMP = b"\x18"
 _K_DATATYPE = b"\x20"
 _HISTORICAL = b"\x28\x01"
 _NULL = b"\x38\x01"
+#: The value part of a null metric (``is_null``).
+NULL_FIELD = _NULL
 _K_INT = b"\x50"
 _K_LONG = b"\x58"
 _K_FLOAT = b"\x65"
@@ -145,6 +147,51 @@ def value_field(datatype: int, value: MetricValue) -> bytes:
         raw = bytes(value)  # type: ignore[arg-type]
         return _K_BYTES + varint(len(raw)) + raw
     raise ValueError(f"datatype {datatype} is not supported")
+
+
+def _enc_double(value: MetricValue) -> bytes:
+    if type(value) is float or type(value) is int or type(value) is bool:
+        return _K_DOUBLE + _PACK_D(value)
+    raise TypeError("not a number")
+
+
+def _enc_int64(value: MetricValue) -> bytes:
+    if (type(value) is int or type(value) is bool) and -(2**63) <= value < 2**63:  # type: ignore[operator]
+        return _K_LONG + varint(value)  # type: ignore[arg-type]
+    raise TypeError("not a 64-bit integer")
+
+
+def _enc_boolean(value: MetricValue) -> bytes:
+    if type(value) is bool:
+        return _TRUE if value else _FALSE
+    raise TypeError("not a boolean")
+
+
+def _enc_string(value: MetricValue) -> bytes:
+    if type(value) is str:
+        raw = value.encode()
+        return _K_STRING + varint(len(raw)) + raw
+    raise TypeError("not a string")
+
+
+#: Value encoders of the datatypes a metric's values decide: each refuses a value of
+#: another type (TypeError), which sends that value down the slow path (a new datatype).
+ENCODERS = {
+    DataType.DOUBLE: _enc_double,
+    DataType.INT64: _enc_int64,
+    DataType.BOOLEAN: _enc_boolean,
+    DataType.STRING: _enc_string,
+}
+
+
+def timestamp_field(ms: int) -> bytes:
+    """A metric's encoded ``timestamp`` field (shared by the metrics of one reading)."""
+    return _K_M_TIMESTAMP + varint(ms)
+
+
+def wrap_metric(body: bytes) -> bytes:
+    """A metric's fields as a ``metrics`` entry of a payload (key and length)."""
+    return _K_METRIC + varint(len(body)) + body
 
 
 def metric(

@@ -96,14 +96,22 @@ def ms(seconds: float) -> int:
     return int(seconds * 1000.0)
 
 
+def _no_fast_encoder(value: MetricValue) -> bytes:
+    raise TypeError("encoded on the slow path")
+
+
 class _Metric:
-    __slots__ = ("alias", "datatype", "head", "name")
+    __slots__ = ("alias", "datatype", "encode", "head", "name")
 
     def __init__(self, name: str, alias: int, datatype: int) -> None:
         self.name = name
         self.alias = alias
+        self.set_datatype(datatype)
+
+    def set_datatype(self, datatype: int) -> None:
         self.datatype = datatype
-        self.head = codec.data_head(alias, datatype)
+        self.head = codec.data_head(self.alias, datatype)
+        self.encode = codec.ENCODERS.get(datatype, _no_fast_encoder)  # type: ignore[call-overload]
 
 
 class _Device:
@@ -290,14 +298,61 @@ class EdgeNode:
             m = d.metrics[name] = _Metric(name, self._next_alias, datatype)
             self._next_alias += 1
         else:
-            m.datatype = datatype
-            m.head = codec.data_head(m.alias, datatype)
+            m.set_datatype(datatype)
         return m
 
     def observe(self, machine: str, samples: Iterable[Sample]) -> None:
         """Mapped samples of one machine: changes go out as DDATA (or DBIRTH, or are held)."""
-        d = self._device(machine)
+        d = self._devices.get(machine) or self._device(machine)
         d.talking = True
+        if not (self.live and d.born):
+            self._observe_slow(d, samples)
+            return
+        # The hot path (a born device, known metrics, values of their datatype): each
+        # change is encoded right here, and a reading's timestamp field once.
+        metrics = d.metrics
+        values = d.values
+        out: list[bytes] = []
+        slow: list[Sample] = []
+        seen_t = -1.0
+        at = 0
+        ts = b""
+        good = Quality.GOOD
+        null = codec.NULL_FIELD
+        for s in samples:
+            name = s[1]
+            value = s[2] if s[4] is good else None
+            last = values.get(name)
+            if last is not None and last[0] == value and type(last[0]) is type(value):
+                continue
+            m = metrics.get(name)
+            if m is None or name == OPERATOR_KEY:
+                slow.append(s)
+                continue
+            try:
+                field = null if value is None else m.encode(value)
+            except TypeError:
+                slow.append(s)
+                continue
+            t = s[3]
+            if t != seen_t:
+                seen_t = t
+                at = int(t * 1000.0)
+                ts = codec.timestamp_field(at)
+            values[name] = (value, at)
+            out.append(codec.wrap_metric(m.head + ts + field))
+        if slow:
+            self._observe_slow(d, slow)
+            if not d.born or self._last_was_birth(d):
+                return  # the DBIRTH just sent carries these values too
+        if out:
+            payload = codec.payload(at, self._next_seq(), out)
+            self.outgoing.append(Outgoing(self._ddata + d.id, payload, "DDATA"))
+
+    def _last_was_birth(self, d: _Device) -> bool:
+        return bool(self.outgoing) and self.outgoing[-1].topic == self._dbirth + d.id
+
+    def _observe_slow(self, d: _Device, samples: Iterable[Sample]) -> None:
         changes: list[tuple[str, MetricValue, int]] = []
         values = d.values
         for s in samples:
