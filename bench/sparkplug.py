@@ -8,8 +8,9 @@ samples once a second, the devices spread evenly over the second (as their polls
 10 counters, 14 analog values, 3 booleans that toggle and 3 strings, all changed every
 time, so every DDATA carries all 30 metrics. What it measures is the Sparkplug output
 alone (report by exception, encoding, publishing at QoS 0); reading the devices is
-measured by ``bench.acquisition``. Figures: CPU % of one core and RSS of the child, DDATA
-messages/s and bytes/s on the wire (PUBLISH packets as written to the broker).
+measured by ``bench.acquisition``. Figures: CPU % of one core of the node (the child's
+CPU less a second child that makes the same samples and feeds no node), RSS of the child,
+DDATA messages/s and bytes/s on the wire (PUBLISH packets as written to the broker).
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def _samples(device: str, n: int, now: float) -> list[Sample]:
     return out
 
 
-async def child(devices: int, seconds: float, warmup: float, port: int) -> dict[str, Any]:
-    """Feed the node for ``warmup`` + ``seconds``; measure over the last ``seconds``."""
+async def child(
+    devices: int, seconds: float, warmup: float, port: int, *, feed_only: bool = False
+) -> dict[str, Any]:
+    """Feed the node for ``warmup`` + ``seconds``; measure over the last ``seconds``.
+
+    ``feed_only``: make the same samples on the same schedule but give them to no node,
+    the bench's own share of the CPU figure.
+    """
     rss_before = memory_kib(os.getpid())["VmRSS"]
     node = SparkplugNode(
         SparkplugSettings(
@@ -73,7 +80,9 @@ async def child(devices: int, seconds: float, warmup: float, port: int) -> dict[
             now = time.time()
             for d in range(tick % TICKS, devices, TICKS):
                 polls[d] += 1
-                node.observe(names[d], _samples(names[d], polls[d], now))
+                samples = _samples(names[d], polls[d], now)
+                if not feed_only:
+                    node.observe(names[d], samples)
             tick += 1
             elapsed = loop.time() - start
             if not measured and elapsed >= warmup:
@@ -103,6 +112,32 @@ async def child(devices: int, seconds: float, warmup: float, port: int) -> dict[
         task.cancel()
 
 
+def _run_child(devices: int, port: int, args: argparse.Namespace, *extra: str) -> dict[str, Any]:
+    """One measurement in a fresh process (its own RSS, no earlier run's garbage)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.sparkplug",
+            "--child",
+            str(devices),
+            "--port",
+            str(port),
+            "--seconds",
+            str(args.seconds),
+            "--warmup",
+            str(args.warmup),
+            *extra,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=args.seconds + args.warmup + 60,
+    )
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
 def main() -> None:
     """Command line entry point."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -111,10 +146,13 @@ def main() -> None:
     p.add_argument("--warmup", type=float, default=5.0)
     p.add_argument("--child", type=int, help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--feed-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     logs.configure("warning")
     if args.child:
-        r = uvloop.run(child(args.child, args.seconds, args.warmup, args.port))
+        r = uvloop.run(
+            child(args.child, args.seconds, args.warmup, args.port, feed_only=args.feed_only)
+        )
         print(json.dumps(r))
         return
     rows: list[tuple[str, Any, str]] = []
@@ -123,29 +161,18 @@ def main() -> None:
         broker.start()
         try:
             for devices in (int(d) for d in args.devices.split(",")):
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "bench.sparkplug",
-                        "--child",
-                        str(devices),
-                        "--port",
-                        str(broker.port),
-                        "--seconds",
-                        str(args.seconds),
-                        "--warmup",
-                        str(args.warmup),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                    timeout=args.seconds + args.warmup + 60,
-                )
-                r = json.loads(out.stdout.strip().splitlines()[-1])
+                r = _run_child(devices, broker.port, args)
+                feed = _run_child(devices, broker.port, args, "--feed-only")
                 goal = "<= 6%" if devices == 500 else ""
+                net = r["cpu_percent"] - feed["cpu_percent"]
                 rows += [
-                    (f"{devices} devices: CPU % of one core", round(r["cpu_percent"], 1), goal),
+                    (f"{devices} devices: CPU % of one core, node", round(net, 1), goal),
+                    (
+                        f"{devices} devices: CPU %, whole bench process",
+                        round(r["cpu_percent"], 1),
+                        "",
+                    ),
+                    (f"{devices} devices: CPU %, feeding alone", round(feed["cpu_percent"], 1), ""),
                     (f"{devices} devices: RSS MiB", round(r["rss_mib"], 1), ""),
                     (
                         f"{devices} devices: RSS added by the node MiB",

@@ -704,6 +704,7 @@ class Gateway:
                 "topic_prefix",
                 "broker",
                 "destinations",
+                "sparkplug",
                 "outbox",
                 "redaction_secret",
             )
@@ -718,6 +719,7 @@ class Gateway:
                 topic_prefix=self.plan.topic_prefix,
                 broker=self.plan.broker,
                 destinations=self.plan.destinations,
+                sparkplug=self.plan.sparkplug,
                 outbox=self.plan.outbox,
                 redaction_secret=self.plan.redaction_secret,
             )
@@ -733,6 +735,7 @@ class Gateway:
             m = self.machines.pop(machine)
             del self.locations[machine]
             self._emit(m, m.tracker.connection(False, now, "removed from config"))
+            self.sparkplug.connected(machine, False)  # SPARKPLUG HOOK: DDEATH
             # An empty retained message deletes the snapshot: late joiners must not see a
             # machine that no longer exists.
             self._clear_state(m.plan.id, m.plan.location)
