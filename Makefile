@@ -166,6 +166,7 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.scale_opcua
 	$(BIN)/python -m bench.outbox
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.sparkplug --devices 500,2000
 
 # `make image-test`: build deploy/Containerfile for real and run the image as its own user
 # on a config dir made as install.sh makes it (minutes; not part of `make test`). Needs
