@@ -348,3 +348,53 @@ async def test_a_bad_state_or_ncmd_payload_is_logged_and_changes_nothing(
             await node.close(timeout=2)
             async with asyncio.timeout(5):
                 await runner
+
+
+async def test_changes_during_a_broker_outage_are_replayed_as_history(tmp_path: Path) -> None:
+    # QoS 0 (all Sparkplug BIRTH and DATA) is queued for the watching session while it
+    # reconnects, so the test sees what the node sent right after the restart.
+    broker = MosquittoBroker(tmp_path / "broker", extra_config="queue_qos0_messages true")
+    broker.start()
+    node = SparkplugNode(_settings(broker))
+    t = 1_700_000_000.0
+    try:
+        async with Subscriber(broker.host, broker.port, "spBv1.0/g/#", session="watch") as sub:
+            runner = asyncio.create_task(node.run())
+            try:
+                await _until(node, lambda: node.connected, "connected")
+                node.observe("m1", [Sample("m1", "n", 0, t)])
+                await sub.wait_for(lambda ms: [kind(m) for m in ms] == ["NBIRTH", "DBIRTH"])
+
+                broker.stop()
+                await _until(node, lambda: not node.connected, "link lost")
+                node.observe("m1", [Sample("m1", "n", 1, t + 1)])
+                node.observe("m1", [Sample("m1", "n", 2, t + 2)])
+                assert node.node.held == 2
+                broker.start()
+
+                def replayed(ms: list[Received]) -> bool:
+                    return [kind(m) for m in ms if kind(m) != "NDEATH"][2:] == [
+                        "NBIRTH",
+                        "DBIRTH",
+                        "DDATA",
+                    ]
+
+                msgs = await sub.wait_for(replayed, timeout=15)
+                # The broker lets the old session die (its will) around its restart.
+                deaths = [m.payload for m in msgs if kind(m) == "NDEATH"]
+                for death in await tahu_decode(deaths):
+                    assert by_name(death)["bdSeq"]["value"] == 0
+                back = [m for m in msgs if kind(m) != "NDEATH"][2:]
+                nbirth, dbirth, history = await tahu_decode([m.payload for m in back])
+                assert by_name(nbirth)["bdSeq"]["value"] == 1
+                assert by_name(dbirth)["n"]["value"] == 2
+                assert [
+                    (m["value"], m["timestamp"], m["isHistorical"]) for m in history["metrics"]
+                ] == [(1, int((t + 1) * 1000), True), (2, int((t + 2) * 1000), True)]
+                assert node.node.held == 0
+            finally:
+                await node.close(timeout=2)
+                async with asyncio.timeout(5):
+                    await runner
+    finally:
+        broker.stop()

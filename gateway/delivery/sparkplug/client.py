@@ -390,6 +390,5 @@ class SparkplugNode:
             # Sparkplug 3.0: the edge node publishes its NDEATH, disconnects and connects
             # again, then waits for the host to come back.
             self.lost += self.node.go_offline()
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.publish(self.node.topic_ndeath, self.node.ndeath(self._clock()), qos=1)
+            self._publish_ndeath(client)
             raise _Restart()
