@@ -398,3 +398,32 @@ async def test_changes_during_a_broker_outage_are_replayed_as_history(tmp_path: 
                     await runner
     finally:
         broker.stop()
+
+
+async def test_bdseq_goes_on_counting_across_restarts(
+    tmp_path: Path, mosquitto: MosquittoBroker
+) -> None:
+    state = tmp_path / "sparkplug-spb.bdseq"
+    births: list[int] = []
+    async with Subscriber(mosquitto.host, mosquitto.port, "spBv1.0/g/#") as sub:
+        for _ in range(3):
+            node = SparkplugNode(_settings(mosquitto, state_file=state))
+            runner = asyncio.create_task(node.run())
+            seen = len(sub.messages)
+            try:
+                msgs = await sub.wait_for(lambda ms, n=seen: len(ms) > n)
+            finally:
+                await node.close(timeout=2)
+                async with asyncio.timeout(5):
+                    await runner
+            (nbirth,) = await tahu_decode([msgs[seen].payload])
+            births.append(by_name(nbirth)["bdSeq"]["value"])
+        assert births == [0, 1, 2]
+        assert state.read_text().strip() == "2"
+
+        # A damaged file is reported and counting starts afresh.
+        state.write_text("not a number\n")
+        node = SparkplugNode(_settings(mosquitto, state_file=state))
+        assert node.node.bd_seq == -1
+        state.write_text("300\n")
+        assert SparkplugNode(_settings(mosquitto, state_file=state)).node.bd_seq == -1

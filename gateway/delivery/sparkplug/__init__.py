@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from gateway.config.loader import DestinationPlan, GatewayPlan
@@ -21,8 +22,11 @@ from gateway.delivery.mqtt.publisher import BrokerSettings, TlsSettings
 from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings
 
 
-def settings_for(d: DestinationPlan) -> SparkplugSettings:
-    """A ``format: sparkplug`` destination's plan as edge node settings."""
+def settings_for(d: DestinationPlan, state_dir: Path | None = None) -> SparkplugSettings:
+    """A ``format: sparkplug`` destination's plan as edge node settings.
+
+    ``state_dir``: where its ``bdSeq`` is kept across restarts (beside the outbox).
+    """
     assert d.sparkplug is not None, "not a sparkplug destination"
     b = d.broker
     tls = (
@@ -47,6 +51,7 @@ def settings_for(d: DestinationPlan) -> SparkplugSettings:
         edge_node_id=d.sparkplug.edge_node_id,
         primary_host_id=d.sparkplug.primary_host_id,
         operator=d.route.operator,
+        state_file=state_dir / f"sparkplug-{d.name}.bdseq" if state_dir is not None else None,
     )
 
 
@@ -59,10 +64,11 @@ class SparkplugNodes:
         *,
         secret: bytes | None = None,
         clock: Callable[[], float] = time.time,
+        state_dir: Path | None = None,
     ) -> None:
         self._clock = clock
         self.nodes = [
-            (d.route.rules, SparkplugNode(settings_for(d), secret=secret, clock=clock))
+            (d.route.rules, SparkplugNode(settings_for(d, state_dir), secret=secret, clock=clock))
             for d in destinations
         ]
         self._tasks: list[asyncio.Task[None]] = []
@@ -72,7 +78,8 @@ class SparkplugNodes:
         cls, plan: GatewayPlan, secret: bytes | None, clock: Callable[[], float] = time.time
     ) -> SparkplugNodes:
         """The plan's ``format: sparkplug`` destinations (none: an inert instance)."""
-        return cls(plan.sparkplug, secret=secret, clock=clock)
+        state_dir = plan.outbox.path.parent if plan.outbox is not None else None
+        return cls(plan.sparkplug, secret=secret, clock=clock, state_dir=state_dir)
 
     def start(self) -> list[asyncio.Task[None]]:
         """Start every edge node's session; returns their tasks."""

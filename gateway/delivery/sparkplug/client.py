@@ -24,10 +24,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiomqtt
@@ -56,6 +58,10 @@ class SparkplugSettings:
     operator: OperatorPolicy = "drop"
     #: Changes held at most while not live (oldest dropped first, counted).
     max_held: int = 100_000
+    #: Where the last ``bdSeq`` is kept, so a restarted process goes on counting (its old
+    #: session's NDEATH, published late by the broker, then never matches the new NBIRTH);
+    #: ``None``: every process starts at 0.
+    state_file: Path | None = None
 
     def __post_init__(self) -> None:
         """Reject ids Sparkplug does not allow, naming the field."""
@@ -99,6 +105,7 @@ class SparkplugNode:
             max_held=settings.max_held,
         )
         self._clock = clock
+        self.node.bd_seq = self._load_bd_seq()
         self._wake = asyncio.Event()
         #: Set whenever the session, the host's state or the held data change (for waiters).
         self.changed = asyncio.Event()
@@ -246,8 +253,39 @@ class SparkplugNode:
         client.pending_calls_threshold = 10_000
         return client
 
+    def _load_bd_seq(self) -> int:
+        """The last session's ``bdSeq`` (-1: none, the first session is 0)."""
+        path = self.settings.state_file
+        if path is None or not path.exists():
+            return -1
+        try:
+            value = int(path.read_text().strip())
+            if not 0 <= value <= 255:
+                raise ValueError(f"{value} is not 0..255")
+        except (OSError, ValueError) as exc:
+            log.warning(
+                "sparkplug.bdseq_unreadable", destination=self.name, path=str(path), error=str(exc)
+            )
+            return -1
+        return value
+
+    def _save_bd_seq(self) -> None:
+        path = self.settings.state_file
+        if path is None:
+            return
+        try:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(f"{self.node.bd_seq}\n")
+            os.replace(tmp, path)
+        except OSError as exc:
+            # Not fatal: the session still works, a restart would count from 0 again.
+            log.warning(
+                "sparkplug.bdseq_not_saved", destination=self.name, path=str(path), error=str(exc)
+            )
+
     async def _session(self) -> None:
         will = self.node.new_session(self._clock())
+        self._save_bd_seq()
         client = self._make_client(will)
         b = self.settings.broker
         async with asyncio.timeout(2 * b.connect_timeout + 1):
