@@ -473,7 +473,7 @@ class Gateway:
                     self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
-                publisher_tasks += self.sparkplug.start()  # SPARKPLUG HOOK
+                publisher_tasks += map(self._core_task, self.sparkplug.start())  # SPARKPLUG HOOK
                 for runner in (self.influx, self.telemetry):
                     if runner is not None:
                         publisher_tasks.append(

@@ -340,3 +340,18 @@ def test_sparkplug_alone_is_refused_with_the_reason(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match="need a CloudEvents destination"):
         load_config(cfg, env={})
+
+
+def test_feeding_the_node_never_raises_into_the_poll() -> None:
+    from gateway.delivery.mqtt.publisher import BrokerSettings
+    from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings
+
+    node = SparkplugNode(
+        SparkplugSettings("spb", BrokerSettings(host="127.0.0.1"), group_id="g", edge_node_id="e")
+    )
+    for _ in range(3):
+        node.observe("a/b", [Sample("a/b", "n", 1, T0)])
+        node.order_state("a/b", {"state": "running"})
+    node.device_lost("never-seen")
+    assert node.feed_errors == 6
+    assert node.health()["feed_errors"] == 6

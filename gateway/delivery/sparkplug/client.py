@@ -119,6 +119,8 @@ class SparkplugNode:
         self.host_online = settings.primary_host_id is None
         self._host_timestamp = -1
         self._warned: set[str] = set()
+        #: Feeding calls that failed (logged once per machine and kind).
+        self.feed_errors = 0
         self.published = 0
         self.published_bytes = 0
         #: Bytes of the PUBLISH packets written (what the broker receives).
@@ -131,37 +133,50 @@ class SparkplugNode:
 
     # ------------------------------------------------------------------ feeding
 
+    # The feeding calls run inside the runtime's poll handling: they never raise, so a
+    # problem here costs this destination a value, never a machine its poll.
+
     def observe(self, machine: str, samples: Iterable[Sample]) -> None:
-        """A machine's mapped samples (never raises: a bad machine id is logged once)."""
+        """A machine's mapped samples."""
         try:
             self.node.observe(machine, samples)
-        except ValueError as exc:
-            self._bad_machine(machine, exc)
-            return
-        if self.node.outgoing:
-            self._wake.set()
-        self.changed.set()
+        except Exception as exc:
+            self._failed(machine, exc)
+        self._fed()
 
     def order_state(self, machine: str, snapshot: Mapping[str, Any]) -> None:
         """A machine's tracker snapshot: its order metrics."""
         try:
             self.node.order_state(machine, snapshot)
-        except ValueError as exc:
-            self._bad_machine(machine, exc)
-            return
-        if self.node.outgoing:
-            self._wake.set()
+        except Exception as exc:
+            self._failed(machine, exc)
+        self._fed()
 
     def device_lost(self, machine: str) -> None:
         """A machine stopped answering: DDEATH."""
-        self.node.device_lost(machine, self._clock())
+        try:
+            self.node.device_lost(machine, self._clock())
+        except Exception as exc:
+            self._failed(machine, exc)
+        self._fed()
+
+    def _fed(self) -> None:
         if self.node.outgoing:
             self._wake.set()
+        self.changed.set()
 
-    def _bad_machine(self, machine: str, exc: ValueError) -> None:
-        if machine not in self._warned:
-            self._warned.add(machine)
-            log.warning("sparkplug.machine_skipped", destination=self.name, error=str(exc))
+    def _failed(self, machine: str, exc: Exception) -> None:
+        self.feed_errors += 1
+        # Once per machine and kind of problem: a bad value arrives every poll.
+        key = f"{machine}:{type(exc).__name__}"
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(
+                "sparkplug.machine_skipped",
+                destination=self.name,
+                machine=machine,
+                error=f"{type(exc).__name__}: {exc}",
+            )
 
     def health(self) -> dict[str, Any]:
         """What the health endpoint and the console show about this edge node."""
@@ -176,6 +191,7 @@ class SparkplugNode:
             "held": self.node.held,
             "held_dropped": self.node.held_dropped,
             "lost": self.lost,
+            "feed_errors": self.feed_errors,
             "last_error": self.last_error,
         }
 
