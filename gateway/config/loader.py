@@ -891,18 +891,18 @@ def _compile(
     destinations = _command_owners(config, destinations, machines, src, errors, warnings)
     if errors or not destinations:
         return None
-    for d in destinations:
+    for d in [*destinations, *sparkplug]:
         if d.broker.tls is None and not _is_loopback(d.broker.host):
             warnings.append(
                 f"destination {d.name}: broker {d.broker.host} is not on this machine and TLS "
                 "is off: events and credentials travel in plain text (add tls)"
             )
-    for d in destinations:
+    for d in [*destinations, *sparkplug]:
         b = d.broker
         anonymous = b.username is None and (b.tls is None or b.tls.cert_file is None)
         if anonymous and not _is_loopback(b.host):
             warnings.append(f"destination {d.name}: anonymous MQTT to {b.host}")
-    for d in destinations:
+    for d in [*destinations, *sparkplug]:
         if d.broker.tls is not None and not d.broker.tls.verify_hostname:
             warnings.append(
                 f"destination {d.name}: tls.verify_hostname is false: any certificate from the "

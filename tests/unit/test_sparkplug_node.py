@@ -355,3 +355,20 @@ def test_feeding_the_node_never_raises_into_the_poll() -> None:
     node.device_lost("never-seen")
     assert node.feed_errors == 6
     assert node.health()["feed_errors"] == 6
+
+
+def test_a_sparkplug_destination_gets_the_same_security_warnings(tmp_path: Path) -> None:
+    cfg = tmp_path / "gateway.yaml"
+    cfg.write_text(
+        HEAD
+        + "destinations:\n"
+        + "  - {name: cloud, host: 127.0.0.1}\n"
+        + "  - {name: spb, host: scada.plant.example, allow_insecure: true, format: sparkplug}\n"
+        + MACHINES
+    )
+    plan = load_config(cfg, env={})
+    assert any(w.startswith("destination spb: broker scada") for w in plan.warnings)
+    assert "destination spb: anonymous MQTT to scada.plant.example" in plan.warnings
+    cfg.write_text(cfg.read_text().replace("allow_insecure: true", "allow_insecure: false"))
+    with pytest.raises(ConfigError, match="on another machine"):
+        load_config(cfg, env={})
