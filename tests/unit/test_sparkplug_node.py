@@ -372,3 +372,28 @@ def test_a_sparkplug_destination_gets_the_same_security_warnings(tmp_path: Path)
     cfg.write_text(cfg.read_text().replace("allow_insecure: true", "allow_insecure: false"))
     with pytest.raises(ConfigError, match="on another machine"):
         load_config(cfg, env={})
+
+
+def test_routing_machines_decides_which_machines_become_devices(tmp_path: Path) -> None:
+    from gateway.delivery.sparkplug import SparkplugNodes
+
+    plan = _load(tmp_path, ", routing: {machines: ['sew-*']}")
+    nodes = SparkplugNodes.from_plan(plan, None)  # type: ignore[arg-type]
+    ((_, node),) = nodes.nodes
+    node.node.new_session(T0)
+    node.node.go_live(T0)
+    node.node.outgoing.clear()
+    for machine in ("sew-1", "cnc-1"):
+        nodes.samples(machine, [Sample(machine, "n", 1, T0)])
+        nodes.state(machine, {"state": "running"})
+    nodes.connected("sew-1", False)
+    nodes.connected("cnc-1", False)
+    topics = [m.topic.split("/", 3)[2:] for m in node.node.outgoing]
+    assert topics == [
+        ["DBIRTH", "gw-1/sew-1"],
+        ["DDATA", "gw-1/sew-1"],
+        ["DDEATH", "gw-1/sew-1"],
+    ]
+    assert nodes.health()["spb"]["feed_errors"] == 0
+    # bdSeq is kept beside the outbox.
+    assert node.settings.state_file == plan.outbox.path.parent / "sparkplug-spb.bdseq"  # type: ignore[attr-defined]
