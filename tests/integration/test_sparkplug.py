@@ -213,6 +213,9 @@ async def test_what_the_gateway_publishes_decodes_with_tahu_and_a_host_gets_a_re
         (t_nd,) = await tahu_decode([ndeath.payload])
         assert "seq" not in t_nd
         assert {n: m["value"] for n, m in by_name(t_nd).items()} == {"bdSeq": 0}
+    log = (tmp_path / "gw.log").read_text()
+    assert "Traceback" not in log
+    assert '"sparkplug.machine_skipped"' not in log
 
 
 def _settings(broker: MosquittoBroker, **kwargs: Any) -> SparkplugSettings:
