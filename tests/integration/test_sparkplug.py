@@ -20,7 +20,7 @@ import aiomqtt
 from gateway.core.model import Sample
 from gateway.delivery.mqtt.publisher import BrokerSettings
 from gateway.delivery.sparkplug import codec
-from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings
+from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings, publish_packet
 from gateway.delivery.sparkplug.node import ORDER_METRICS
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Idle, RunOrder
@@ -430,3 +430,46 @@ async def test_bdseq_goes_on_counting_across_restarts(
         assert node.node.bd_seq == -1
         state.write_text("300\n")
         assert SparkplugNode(_settings(mosquitto, state_file=state)).node.bd_seq == -1
+
+
+async def test_large_births_and_mqtt5_go_out_whole(mosquitto: MosquittoBroker) -> None:
+    # The node writes its own QoS 0 PUBLISH packets: a remaining length of three bytes
+    # (a DBIRTH of 2,000 metrics) and MQTT 5's property length must come out right.
+    settings = _settings(mosquitto)
+    node = SparkplugNode(
+        SparkplugSettings(
+            name="spb",
+            broker=BrokerSettings(
+                host=mosquitto.host, port=mosquitto.port, client_id="edge-5", protocol="5"
+            ),
+            group_id="g",
+            edge_node_id=settings.edge_node_id,
+        )
+    )
+    t = 1_700_000_000.0
+    wide = [Sample("m1", f"tag_{i:04d}", i * 0.5, t) for i in range(2000)]
+    async with Subscriber(mosquitto.host, mosquitto.port, "spBv1.0/g/#") as sub:
+        runner = asyncio.create_task(node.run())
+        try:
+            await _until(node, lambda: node.connected, "connected")
+            node.observe("m1", wide)
+            node.observe("m1", [s._replace(value=-1 - s.value, source_time=t + 1) for s in wide])
+            msgs = await sub.wait_for(lambda ms: len(ms) >= 3)
+            assert [kind(m) for m in msgs] == ["NBIRTH", "DBIRTH", "DDATA"]
+            assert len(msgs[1].payload) > 16384
+            _, dbirth, ddata = await tahu_decode([m.payload for m in msgs])
+            birth = by_name(dbirth)
+            assert [birth[f"tag_{i:04d}"]["value"] for i in range(2000)] == [
+                i * 0.5 for i in range(2000)
+            ]
+            value_of = {m["alias"]: m["value"] for m in ddata["metrics"]}
+            assert [value_of[birth[f"tag_{i:04d}"]["alias"]] for i in range(2000)] == [
+                -1 - i * 0.5 for i in range(2000)
+            ]
+            assert node.wire_bytes == sum(
+                len(publish_packet(m.topic, m.payload, v5=True)) for m in msgs
+            )
+        finally:
+            await node.close(timeout=2)
+            async with asyncio.timeout(5):
+                await runner

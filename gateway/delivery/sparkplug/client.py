@@ -26,6 +26,7 @@ import contextlib
 import json
 import os
 import socket
+import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -77,8 +78,17 @@ class SparkplugSettings:
                 raise ValueError(f"{what} {value!r} {problem}")
 
 
-#: Messages handed to paho before waiting for them to be written.
+#: Messages written at once before waiting for the socket to take them.
 PUMP_BATCH = 64
+
+
+def publish_packet(topic: str, payload: bytes, *, v5: bool = False) -> bytes:
+    """An MQTT PUBLISH packet at QoS 0, not retained (no packet id; MQTT 5: no properties)."""
+    name = topic.encode()
+    props = b"\x00" if v5 else b""
+    rest = 2 + len(name) + len(props) + len(payload)
+    # The remaining length is a base-128 varint, as protobuf's.
+    return b"\x30" + codec.varint(rest) + len(name).to_bytes(2, "big") + name + props + payload
 
 
 class _Restart(Exception):
@@ -348,21 +358,50 @@ class SparkplugNode:
     async def _pump(self, client: aiomqtt.Client) -> None:
         out = self.node.outgoing
         paho_client = client._client
+        v5 = self.settings.broker.protocol == "5"
         while True:
             await self._wake.wait()
             self._wake.clear()
             while out:
-                for _ in range(min(len(out), PUMP_BATCH)):
-                    msg = out.popleft()
-                    info = paho_client.publish(msg.topic, msg.payload, 0)
-                    if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                        raise aiomqtt.MqttCodeError(info.rc, "could not publish")
-                    self.published += 1
-                    self.published_bytes += len(msg.payload)
-                    # The PUBLISH packet (QoS 0): header, remaining length, topic, payload.
-                    rest = 2 + len(msg.topic.encode()) + len(msg.payload)
-                    self.wire_bytes += 1 + rest + (1 if rest < 128 else 2 if rest < 16384 else 3)
+                batch = [out.popleft() for _ in range(min(len(out), PUMP_BATCH))]
+                packets = [publish_packet(m.topic, m.payload, v5=v5) for m in batch]
+                if not self._write_direct(paho_client, packets):
+                    for m in batch:
+                        info = paho_client.publish(m.topic, m.payload, 0)
+                        if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                            raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+                self.published += len(batch)
+                self.published_bytes += sum(len(m.payload) for m in batch)
+                self.wire_bytes += sum(map(len, packets))
                 await self._drained(paho_client)
+
+    def _write_direct(self, paho_client: Any, packets: list[bytes]) -> bool:
+        """Write a batch of QoS 0 PUBLISH packets in one ``send``; False: paho must send it.
+
+        One system call and no paho bookkeeping per batch instead of per message: paho's
+        publish costs about 50 us a message, two thirds of the node's CPU at 500 DDATA/s
+        (bench/sparkplug.py). Safe only while paho holds nothing unwritten (it may hold a
+        half-written packet), and a QoS 0 packet needs no state in paho. A write that
+        the socket takes only in part ends the session: the rest cannot be handed to paho,
+        and anything written after it would corrupt the stream.
+        """
+        if paho_client.want_write():
+            return False
+        sock = paho_client.socket()
+        if sock is None:
+            raise aiomqtt.MqttError("no socket: the connection is closed")
+        data = b"".join(packets)
+        try:
+            sent: int = sock.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+            return False
+        except OSError as exc:
+            raise aiomqtt.MqttError(f"could not write to the broker: {exc}") from exc
+        if sent != len(data):
+            raise aiomqtt.MqttError(
+                f"the socket took {sent} of {len(data)} bytes: reconnecting to resynchronise"
+            )
+        return True
 
     async def _drained(self, paho_client: Any) -> None:
         """Wait until paho wrote what it holds (its writer runs on this loop).
