@@ -18,7 +18,7 @@ from typing import Any
 import aiomqtt
 
 from gateway.core.model import Sample
-from gateway.delivery.mqtt.publisher import BrokerSettings
+from gateway.delivery.mqtt.publisher import BrokerSettings, TlsSettings, tls_context
 from gateway.delivery.sparkplug import codec
 from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings, publish_packet
 from gateway.delivery.sparkplug.node import ORDER_METRICS
@@ -27,6 +27,7 @@ from simulators.scenario import Idle, RunOrder
 from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import gateway_process
+from tests.integration.test_publisher import _make_pki
 from tests.sparkplug import by_name, tahu_decode, tahu_encode
 
 GROUP = "Plant A"
@@ -473,3 +474,55 @@ async def test_large_births_and_mqtt5_go_out_whole(mosquitto: MosquittoBroker) -
             await node.close(timeout=2)
             async with asyncio.timeout(5):
                 await runner
+
+
+async def test_over_tls_every_message_goes_through(tmp_path: Path) -> None:
+    # Over TLS the node leaves the writing to paho (no direct batched send).
+    pki = _make_pki(tmp_path)
+    broker = MosquittoBroker(
+        tmp_path / "mosquitto",
+        extra_config=(
+            f"cafile {pki['ca']}.crt\ncertfile {pki['server']}.crt\n"
+            f"keyfile {pki['server']}.key\nrequire_certificate true"
+        ),
+    )
+    tls = TlsSettings(
+        ca_file=pki["ca"] + ".crt",
+        cert_file=pki["client"] + ".crt",
+        key_file=pki["client"] + ".key",
+    )
+    t = 1_700_000_000.0
+    with broker:
+        node = SparkplugNode(
+            SparkplugSettings(
+                name="spb",
+                broker=BrokerSettings(
+                    host=broker.host, port=broker.port, client_id="edge-tls", tls=tls
+                ),
+                group_id="g",
+                edge_node_id="e",
+            )
+        )
+        async with aiomqtt.Client(
+            broker.host, broker.port, identifier="watch", tls_context=tls_context(tls)
+        ) as watch:
+            await watch.subscribe("spBv1.0/g/#", qos=1)
+            runner = asyncio.create_task(node.run())
+            try:
+                await _until(node, lambda: node.connected, "connected")
+                for i in range(200):
+                    node.observe("m1", [Sample("m1", "n", i, t + i)])
+                got: list[bytes] = []
+                async with asyncio.timeout(10):
+                    async for message in watch.messages:
+                        assert isinstance(message.payload, bytes)
+                        got.append(message.payload)
+                        if len(got) == 201:
+                            break
+                decoded = await tahu_decode(got)
+                assert [p["seq"] for p in decoded] == [i % 256 for i in range(201)]
+                assert [p["metrics"][0]["value"] for p in decoded[2:]] == list(range(1, 200))
+            finally:
+                await node.close(timeout=2)
+                async with asyncio.timeout(5):
+                    await runner

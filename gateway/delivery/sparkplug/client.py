@@ -26,7 +26,6 @@ import contextlib
 import json
 import os
 import socket
-import ssl
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -385,7 +384,9 @@ class SparkplugNode:
         the socket takes only in part ends the session: the rest cannot be handed to paho,
         and anything written after it would corrupt the stream.
         """
-        if paho_client.want_write():
+        if self._tls is not None or paho_client.want_write():
+            # Over TLS an SSL_write that would block must be retried with the same bytes,
+            # which a fallback to paho would not do: TLS always goes through paho.
             return False
         sock = paho_client.socket()
         if sock is None:
@@ -393,7 +394,7 @@ class SparkplugNode:
         data = b"".join(packets)
         try:
             sent: int = sock.send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+        except (BlockingIOError, InterruptedError):
             return False
         except OSError as exc:
             raise aiomqtt.MqttError(f"could not write to the broker: {exc}") from exc
