@@ -16,7 +16,11 @@ publishes:
   application awareness). Held changes are replayed with ``is_historical`` after the
   births.
 * BIRTH, DATA and DEATH go at QoS 0, not retained; the explicit NDEATH of a clean stop at
-  QoS 1.
+  QoS 1. Over plain TCP the QoS 0 messages are written as whole PUBLISH packets, a batch
+  per ``send``, when paho has nothing pending (:meth:`SparkplugNode._write_direct`);
+  otherwise, and always over TLS, paho writes them.
+* aiomqtt connects, subscribes and delivers STATE and NCMD; its paho client is used
+  directly for QoS 0 (no future per message) and with ``on_publish`` off.
 """
 
 from __future__ import annotations
