@@ -7,18 +7,18 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics chromium console-screenshots venv
+.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics chromium console-screenshots venv sparkplug-js
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/shopfloor demo
 
-test: $(VENV)/.installed-test mosquitto victoria-metrics chromium lint typecheck
+test: $(VENV)/.installed-test mosquitto victoria-metrics chromium sparkplug-js lint typecheck
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: $(VENV)/.installed-test mosquitto victoria-metrics chromium
+integration: $(VENV)/.installed-test mosquitto victoria-metrics chromium sparkplug-js
 	$(BIN)/python -m pytest -q tests/integration
 
 lint: $(VENV)/.installed-test
@@ -77,6 +77,24 @@ victoria-metrics:
 	  echo "error: the tests need victoria-metrics: run 'sudo apt-get install victoria-metrics' and retry" >&2; \
 	  exit 1; \
 	fi
+
+# The Sparkplug B tests check what the gateway publishes with a decoder it did not write:
+# Eclipse Tahu's sparkplug-payload from npm, pinned by tests/sparkplug_js/package-lock.json.
+SPARKPLUG_JS := tests/sparkplug_js
+sparkplug-js: $(SPARKPLUG_JS)/node_modules/.package-lock.json
+
+$(SPARKPLUG_JS)/node_modules/.package-lock.json: $(SPARKPLUG_JS)/package-lock.json
+	@if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "installing nodejs and npm (Debian packages) for the Sparkplug B decoder tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm >/dev/null; \
+	  else \
+	    echo "error: the Sparkplug B tests need Node.js: run 'sudo apt-get install nodejs npm' and retry" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	cd $(SPARKPLUG_JS) && npm ci --no-audit --no-fund --ignore-scripts
+	@touch $@
 
 # The web console's browser tests drive Debian's Chromium headless through Debian's
 # chromedriver (Selenium is pointed at both, so it downloads nothing).
@@ -149,6 +167,7 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.scale_opcua
 	$(BIN)/python -m bench.outbox
 	$(BIN)/python -m bench.console
+	$(BIN)/python -m bench.sparkplug --devices 500,2000
 
 # `make image-test`: build deploy/Containerfile for real and run the image as its own user
 # on a config dir made as install.sh makes it (minutes; not part of `make test`). Needs

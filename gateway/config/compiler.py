@@ -32,6 +32,15 @@ def compile_config(
     if errors:
         return None
     destinations = compile_destinations(unit)
+    # format: sparkplug destinations are an edge node each: no outbox queue, no commands.
+    sparkplug = [d for d in destinations if d.sparkplug is not None]
+    destinations = [d for d in destinations if d.sparkplug is None]
+    if sparkplug and not destinations and not errors:
+        unit.error(
+            ("destinations",),
+            "format: sparkplug destinations need a CloudEvents destination beside them "
+            "(the order events and commands go there)",
+        )
     outbox = compile_outbox(unit)
     secret = compile_redaction(unit)
     check_pseudonymise(unit, secret, any(d.route.operator == "pseudonymise" for d in destinations))
@@ -39,7 +48,7 @@ def compile_config(
     destinations = command_owners(unit, destinations, machines)
     if errors or not destinations:
         return None
-    broker_warnings(unit, destinations)
+    broker_warnings(unit, [*destinations, *sparkplug])
     health = compile_health(unit, [d.name for d in destinations])
     logging = compile_logging(unit)
     if errors:
@@ -68,6 +77,7 @@ def compile_config(
         console_scope=health.commands_as,
         log_levels=logging.levels,
         influxdb=influxdb,
+        sparkplug=tuple(sparkplug),
     )
 
 

@@ -17,6 +17,7 @@ from pydantic import (
     SecretStr,
     StringConstraints,
     field_validator,
+    model_validator,
 )
 
 from gateway.config.influx import InfluxConfig
@@ -42,7 +43,21 @@ def _topic_prefix(value: str) -> str:
     return value
 
 
+def _sparkplug_id(value: str) -> str:
+    # Sparkplug B 3.0: group, edge node, device and host ids are topic segments: any UTF-8
+    # but the MQTT wildcards and the level separator. Control characters and blanks at the
+    # ends are refused too: they make ids that look equal and are not.
+    bad = sorted({c for c in value if c in "+#/" or not c.isprintable()})
+    if not value or bad or value != value.strip() or len(value) > 64:
+        raise ValueError(
+            f"{value!r} is not a valid Sparkplug id: use 1-64 characters without '+', '#', "
+            "'/', control characters or blanks at the ends (it becomes a topic segment)"
+        )
+    return value
+
+
 Identifier = Annotated[str, AfterValidator(_identifier)]
+SparkplugId = Annotated[str, AfterValidator(_sparkplug_id)]
 TopicPrefix = Annotated[str, AfterValidator(_topic_prefix)]
 
 
@@ -130,6 +145,45 @@ class DestinationConfig(BrokerConfig):
     #: a destination listed before it already owns the commands of the same machines (see
     #: :func:`~gateway.config.units.destinations.command_owners`).
     commands: bool | None = None
+    #: What goes out: the contract's CloudEvents, or a Sparkplug B 3.0 edge node.
+    format: Literal["cloudevents", "sparkplug"] = "cloudevents"
+    #: Sparkplug only: the group id (default: ``gateway.site``).
+    group_id: SparkplugId | None = None
+    #: Sparkplug only: the edge node id (default: ``gateway.id``).
+    edge_node_id: SparkplugId | None = None
+    #: Sparkplug only: publish only while this host application's STATE is online.
+    primary_host_id: SparkplugId | None = None
+
+    @model_validator(mode="after")
+    def _sparkplug_keys(self) -> DestinationConfig:
+        if self.format == "sparkplug":
+            r = self.routing
+            unsupported = [
+                k
+                for k, v in (
+                    ("batch", self.batch),
+                    ("commands", self.commands),
+                    ("routing.event_types", r.event_types),
+                    ("routing.customers", r.customers),
+                    ("routing.order_ids", r.order_ids),
+                )
+                if v
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"{', '.join(unsupported)}: not available with format: sparkplug (a "
+                    "Sparkplug edge node publishes every metric of the machines in "
+                    "routing.machines and takes no order commands)"
+                )
+        else:
+            given = [
+                k
+                for k in ("group_id", "edge_node_id", "primary_host_id")
+                if getattr(self, k) is not None
+            ]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only with format: sparkplug")
+        return self
 
 
 class OutboxConfig(_Model):

@@ -114,6 +114,17 @@ class DestinationPlan:
     route: Route
     #: Whether this destination's broker is listened to for order commands.
     commands: bool = True
+    #: Set for a ``format: sparkplug`` destination (a Sparkplug B edge node).
+    sparkplug: SparkplugPlan | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SparkplugPlan:
+    """The Sparkplug B ids of a ``format: sparkplug`` destination."""
+
+    group_id: str
+    edge_node_id: str
+    primary_host_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,3 +180,6 @@ class GatewayPlan:
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
+    #: The ``format: sparkplug`` destinations (not in ``destinations``: no outbox queue,
+    #: no CloudEvents, no commands).
+    sparkplug: tuple[DestinationPlan, ...] = field(default=())

@@ -28,6 +28,7 @@ from gateway.core.tracker import MachineTracker, Rejection, TrackerSettings
 from gateway.delivery.outbox import Outbox
 from gateway.delivery.registry import Output, TelemetryEncoder
 from gateway.delivery.sink import SinkRunner
+from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.metrics import Metrics
 
@@ -109,6 +110,7 @@ class Devices:
         backoff: Backoff,
         rng: random.Random,
         outputs: Sequence[Output],
+        sparkplug: SparkplugNodes,
     ) -> None:
         self.metrics = metrics
         self.feed = feed
@@ -120,6 +122,8 @@ class Devices:
         #: Outputs that take each poll's values (through memory only: in an outage telemetry
         #: is the first thing to give up, as the outbox's overflow policy says).
         self._telemetry = [o for o in outputs if o.telemetry is not None]
+        # SPARKPLUG HOOK (until the edge node is an output of the sink registry).
+        self.sparkplug = sparkplug
         self.machines: dict[str, Machine] = {}
         #: Builds the machines' adapters and owns what they share (the Modbus lines); a new
         #: one per run (:meth:`gateway.runtime.gateway.Gateway.run`), closed when it ends.
@@ -264,6 +268,7 @@ class Devices:
     def _connected(self, m: Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected
         self.metrics.device_connected(m.plan.id, connected)
+        self.sparkplug.connected(m.plan.id, connected)  # SPARKPLUG HOOK
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
     def on_batch(self, m: Machine, batch: Sequence[Sample], *, notification: bool = False) -> None:
@@ -299,6 +304,7 @@ class Devices:
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
         self.feed.samples(m.plan.id, mapped)
+        self.sparkplug.samples(m.plan.id, mapped)  # SPARKPLUG HOOK
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:

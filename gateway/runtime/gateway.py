@@ -50,6 +50,7 @@ from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.outbox import Outbox, OutboxQueue
 from gateway.delivery.registry import Output, Wiring
 from gateway.delivery.sink import SinkRunner
+from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.devices import DEVICE_BACKOFF, Devices
@@ -165,6 +166,9 @@ class Gateway:
         secret = (
             plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
         )
+        # SPARKPLUG HOOK (until outputs move onto the sink registry): the format: sparkplug
+        # destinations, fed from the devices, the retained state and reload.
+        self.sparkplug = SparkplugNodes.from_plan(plan, secret, clock)
         #: Every output (MQTT destinations, the history, ...), built through the registry.
         self.outputs: dict[str, Output] = {
             o.name: o
@@ -225,6 +229,7 @@ class Gateway:
             secret=secret,
             customer_of=self.customers.customer_of,
             routed=everywhere(list(self.outputs.values())) is None,
+            sparkplug=self.sparkplug,
         )
         self.emitter = Emitter(
             gateway_id=plan.gateway_id,
@@ -246,6 +251,7 @@ class Gateway:
             backoff=self._backoff,
             rng=self._rng,
             outputs=list(self.outputs.values()),
+            sparkplug=self.sparkplug,
         )
         #: The machines at runtime (the devices' own dict: reload changes it in place).
         self.machines = self.devices.machines
@@ -316,6 +322,7 @@ class Gateway:
                     self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
+                publisher_tasks += map(self._core_task, self.sparkplug.start())  # SPARKPLUG HOOK
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
@@ -419,6 +426,7 @@ class Gateway:
     async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
         closing = [pub.close(timeout=self._grace) for pub in self.publishers.values()]
+        closing.append(self.sparkplug.close(self._grace))  # SPARKPLUG HOOK
         await asyncio.gather(*closing, return_exceptions=True)
         for t in tasks:
             t.cancel()

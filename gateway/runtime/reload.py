@@ -24,6 +24,7 @@ FROZEN_FIELDS = (
     "topic_prefix",
     "broker",
     "destinations",
+    "sparkplug",
     "outbox",
     "redaction_secret",
 )
@@ -65,6 +66,7 @@ async def reload(gw: Gateway) -> bool:
             topic_prefix=gw.plan.topic_prefix,
             broker=gw.plan.broker,
             destinations=gw.plan.destinations,
+            sparkplug=gw.plan.sparkplug,
             outbox=gw.plan.outbox,
             redaction_secret=gw.plan.redaction_secret,
         )
@@ -80,6 +82,7 @@ async def reload(gw: Gateway) -> bool:
         m = gw.machines.pop(machine)
         del gw.locations[machine]
         gw.emitter.emit(m, m.tracker.connection(False, now, "removed from config"))
+        gw.sparkplug.connected(machine, False)  # SPARKPLUG HOOK: DDEATH
         # An empty retained message deletes the snapshot: late joiners must not see a
         # machine that no longer exists.
         gw.retained.clear(m.plan.id, m.plan.location)

@@ -18,6 +18,7 @@ from gateway.core.model import Location
 from gateway.core.routing import machine_visible, state_view
 from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.registry import Output
+from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.devices import Machine
 
 
@@ -33,6 +34,7 @@ class RetainedState:
         secret: bytes | None,
         customer_of: Callable[[str, str], str | None],
         routed: bool,
+        sparkplug: SparkplugNodes | None = None,
     ) -> None:
         self.gateway_id = gateway_id
         self.topics = topics
@@ -43,9 +45,13 @@ class RetainedState:
         #: Whether some destination filters events (then the waiting orders are counted per
         #: destination).
         self._routed = routed
+        # SPARKPLUG HOOK (until the edge node is an output of the sink registry).
+        self._sparkplug = sparkplug
 
     def publish(self, m: Machine, snapshot: dict[str, Any], now: float) -> None:
         """Retained state to every destination that may see the machine, order filtered."""
+        if self._sparkplug is not None:
+            self._sparkplug.state(m.plan.id, snapshot)  # SPARKPLUG HOOK
         loc = m.plan.location
         order = snapshot.get("order")
         order_id = order.get("order_id") if isinstance(order, dict) else None

@@ -90,6 +90,9 @@ VALUES: dict[str, Any] = {
     "tracker.order_source": "platform",
     "tracker.counter_confirm": 5,
     "destinations.commands": False,
+    "destinations.group_id": "group-other",
+    "destinations.edge_node_id": "edge-other",
+    "destinations.primary_host_id": "scada-host",
     "health.listen": "127.0.0.1:9200",
     "health.token": "a-console-token-of-some-length",
     "health.token_file": "{tmp}/token",
@@ -124,6 +127,10 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "destinations.password_file": {"destinations.username": "gw"},
     "destinations.allow_insecure": {"destinations.host": "10.0.0.5"},
     "destinations.operator": {"redaction.secret": "a-site-secret-of-some-length"},
+    # The Sparkplug ids are read only on a format: sparkplug destination.
+    "destinations.group_id": {"destinations.format": "sparkplug"},
+    "destinations.edge_node_id": {"destinations.format": "sparkplug"},
+    "destinations.primary_host_id": {"destinations.format": "sparkplug"},
     # A client certificate is a pair: both set, and one of them changed.
     "tls.cert_file": {"tls.cert_file": "{tmp}/cert.pem", "tls.key_file": "{tmp}/key.pem"},
     "tls.key_file": {"tls.cert_file": "{tmp}/cert.pem", "tls.key_file": "{tmp}/key.pem"},
@@ -370,6 +377,9 @@ def test_each_config_key_changes_the_plan(key: str, info: FieldInfo, files: Path
     base = base_config(destinations)
     for k, v in _context(key).items():
         _set(base, _where(k, key), _fill(v, files))
+    if base.get("destinations", [{}])[0].get("format") == "sparkplug":
+        # A Sparkplug edge node needs a CloudEvents destination beside it.
+        base["destinations"].append({"name": "events", "host": "127.0.0.1", "port": 1884})
     changed = yaml.safe_load(yaml.safe_dump(base))
     _set(changed, key, _fill(other_value(key, info), files))
     before = outcome(base, files, "base")

@@ -13,7 +13,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from gateway.config.models import BrokerConfig, DestinationConfig
-from gateway.config.plans import BrokerPlan, DestinationPlan, MachinePlan, TlsPlan
+from gateway.config.plans import BrokerPlan, DestinationPlan, MachinePlan, SparkplugPlan, TlsPlan
 from gateway.config.units.context import Unit, is_loopback
 from gateway.config.units.secrets import read_secret_file
 from gateway.config.yamlsource import Path_, SourceError
@@ -48,7 +48,16 @@ def compile_destinations(unit: Unit) -> list[DestinationPlan]:
             )
             continue
         client_ids.add(endpoint)
-        out.append(DestinationPlan(name, broker, _route(b, name)))
+        spb = None
+        if isinstance(b, DestinationConfig) and b.format == "sparkplug":
+            spb = SparkplugPlan(
+                group_id=b.group_id or unit.config.gateway.site,
+                edge_node_id=b.edge_node_id or unit.config.gateway.id,
+                primary_host_id=b.primary_host_id,
+            )
+        out.append(
+            DestinationPlan(name, broker, _route(b, name), commands=spb is None, sparkplug=spb)
+        )
     return out
 
 
