@@ -28,41 +28,6 @@ class Quality(enum.Enum):
     BAD = "bad"
 
 
-class MachineState(enum.StrEnum):
-    """Canonical machine states (PackML-inspired, deliberately small)."""
-
-    RUNNING = "running"
-    IDLE = "idle"
-    SETUP = "setup"
-    STOPPED = "stopped"
-    FAULT = "fault"
-    MAINTENANCE = "maintenance"
-    #: Set by the gateway, never by a device: the device cannot be reached.
-    OFFLINE = "offline"
-
-
-#: Canonical signal names a machine may map; anything else is free telemetry.
-CANONICAL_SIGNALS: frozenset[str] = frozenset(
-    {
-        "state",
-        "order_id",
-        "good_count",
-        "scrap_count",
-        "total_count",
-        "target_count",
-        "program",
-        "cycle_time",
-        "alarm_code",
-        "alarm_text",
-        "operator",
-        # A reset bit: while set, a counter drop is a reset, not a glitch.
-        "counter_reset",
-        # True when the device says the running order (job) ended: complete_when device_ended.
-        "order_ended",
-    }
-)
-
-
 class Sample(NamedTuple):
     """One value of one signal of one machine, as read from the device.
 

@@ -24,8 +24,21 @@ from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 from gateway.core.attribution import Attribution, parse_operator
-from gateway.core.counters import CounterRule, CounterState, advance, parse_count
-from gateway.core.model import Event, MachineState, Quality, Sample
+from gateway.core.counters import CounterRule, CounterState, advance
+from gateway.core.model import Event, Quality, Sample
+from gateway.core.vocabulary import (
+    BIT_SIGNALS,
+    COUNTER_SIGNALS,
+    MAX_ID_LEN,
+    MAX_TARGET,
+    MAX_TEXT_LEN,
+    TARGET_SIGNAL,
+    MachineState,
+    clean_text,
+    normalise,
+    parse_bit,
+    parse_count,
+)
 
 #: Builds a :class:`CounterState` without the named tuple's slower constructor.
 _new_state = tuple.__new__
@@ -43,11 +56,6 @@ COMPLETION_RULES: tuple[CompletionRule, ...] = (
     "order_changed",
 )
 
-#: Largest target quantity accepted from a device or the platform.
-MAX_TARGET = 10_000_000
-#: Longest order id accepted; longer ones are a decoding error or an attack.
-MAX_ORDER_ID_LEN = 128
-MAX_TEXT_LEN = 256
 #: Orders waiting per machine; an assign beyond this is rejected.
 MAX_QUEUE = 1_000
 #: Finished order ids remembered to reject a platform re-assigning one by mistake.
@@ -63,21 +71,17 @@ RECENT_GAPS = 16
 MAX_REJECTIONS = 100
 STATE_VERSION = 1
 
-_DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
-_COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
-#: The device counters the tracker reads; each may have its own mode and wrap.
-COUNTER_SIGNALS = frozenset(_COUNT_SIGNALS)
+_COUNT_SIGNALS = COUNTER_SIGNALS
 CounterMode = Literal["per_order", "lifetime"]
 _USED_SIGNALS = frozenset(
     {
         "state",
         "order_id",
-        "target_count",
+        TARGET_SIGNAL,
         "alarm_code",
         "alarm_text",
-        "counter_reset",
-        "order_ended",
         "operator",
+        *BIT_SIGNALS,
         *_COUNT_SIGNALS,
     }
 )
@@ -351,28 +355,6 @@ def _eta(order: _Order, rate: float | None, now: float) -> float | None:
     if remaining <= 0:
         return None
     return round(now + remaining * 3600.0 / rate, 3)
-
-
-def _clean_text(value: object, what: str, max_len: int) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    # Register-encoded strings come padded with NULs or blanks.
-    text = str(value).strip().strip("\x00").strip()
-    if len(text) > max_len:
-        raise ValueError(f"{what} longer than {max_len} characters")
-    if not text.isprintable():
-        raise ValueError(f"{what} contains control characters")
-    return text
-
-
-def _parse_int(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got bool")
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    return value
 
 
 class MachineTracker:
@@ -808,30 +790,15 @@ class MachineTracker:
 
     @staticmethod
     def _parse(signal: str, value: object, wrap: int | None) -> Any:
+        # The vocabulary's one validator, as the mapper applies it; the tracker adds only
+        # the counter's wrap, the badge's "nobody" and the bits as bools.
         if signal in _COUNT_SIGNALS:
             return parse_count(value, wrap)
-        if signal == "state":
-            if not isinstance(value, str) or value.strip().lower() not in _DEVICE_STATES:
-                raise ValueError(f"unknown machine state {value!r}")
-            return value.strip().lower()
-        if signal == "order_id":
-            return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
-        if signal in ("counter_reset", "order_ended"):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError(f"{signal} must be a bit (true/false, 0/1), got {value!r}")
-        if signal == "target_count":
-            target = parse_count(value)
-            if target > MAX_TARGET:
-                raise ValueError(f"target {target} above {MAX_TARGET}")
-            return target
-        if signal == "alarm_code":
-            return _parse_int(value, "alarm_code")
         if signal == "operator":
             return parse_operator(value)
-        return _clean_text(value, "alarm_text", MAX_TEXT_LEN)  # alarm_text
+        if signal in BIT_SIGNALS:
+            return parse_bit(value, signal)
+        return normalise(signal, value)
 
     def _confirm_stood(self, now: float, skip: Container[str]) -> bool:
         """Credit held increases that stood unchanged for two polls; True if any counted.
@@ -1394,7 +1361,7 @@ class MachineTracker:
         if self.settings.order_source == "device":
             return CommandResult(False, "machine takes its orders from the device only")
         try:
-            order_id = _clean_text(cmd.order_id, "order_id", MAX_ORDER_ID_LEN)
+            order_id = clean_text(cmd.order_id, "order_id", MAX_ID_LEN)
         except ValueError as exc:
             return CommandResult(False, str(exc))
         if not order_id:

@@ -67,6 +67,7 @@ from gateway.core.mapping import Mapper
 from gateway.core.model import Event, Location, Quality, Sample
 from gateway.core.routing import Route, RouteRules, Subject, accepts, machine_visible, state_view
 from gateway.core.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
+from gateway.core.vocabulary import PERSONAL_SIGNALS
 from gateway.delivery.influx.sink import (
     SINK_NAME,
     EnvelopeSink,
@@ -87,10 +88,6 @@ from gateway.runtime.systemd import Notifier
 log = structlog.get_logger(__name__)
 
 Clock = Callable[[], float]
-
-
-#: Signals that identify a person; they stay inside the gateway.
-PERSONAL_SIGNALS = frozenset({"operator"})
 
 
 #: Distinct causes logged at warning per outage at most (a cause text that varies on every

@@ -46,7 +46,8 @@ import structlog
 
 from gateway.config.influx import InfluxConfig
 from gateway.core.backoff import Backoff
-from gateway.core.model import Event, Location, MachineState, Quality, Sample
+from gateway.core.model import Event, Location, Quality, Sample
+from gateway.core.vocabulary import MachineState
 from gateway.delivery.reporting import DestinationStates
 from gateway.delivery.sendqueue import BacklogClock, FlushWaiters, MemorySinkQueue, SinkQueue
 
