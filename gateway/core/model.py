@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from gateway.core.events import Payload, payload_of
+
 #: A decoded device value. ``None`` only together with a bad quality.
 Value = bool | int | float | str | None
 
@@ -57,8 +59,9 @@ class Location:
 class Event:
     """A domain event emitted by a tracker, before it gets an envelope.
 
-    ``type`` is the short contract name (``order.started``), ``sequence`` counts per
-    machine from 1 and never repeats, ``data`` is the JSON-ready payload.
+    ``type`` is the short contract name (``order.started``, an
+    :class:`gateway.core.events.EventType`), ``sequence`` counts per machine from 1 and never
+    repeats, ``data`` is the JSON-ready payload; :meth:`payload` is its typed view.
     """
 
     machine: str
@@ -66,3 +69,7 @@ class Event:
     time: float
     sequence: int
     data: Mapping[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> Payload:
+        """The typed payload of ``data`` (``ValueError`` when it does not fit its type)."""
+        return payload_of(self.type, self.data)

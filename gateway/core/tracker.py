@@ -25,6 +25,7 @@ from typing import Any, Literal
 
 from gateway.core.attribution import Attribution, parse_operator
 from gateway.core.counters import CounterRule, CounterState, advance
+from gateway.core.events import EventType
 from gateway.core.model import Event, Quality, Sample
 from gateway.core.vocabulary import (
     BIT_SIGNALS,
@@ -518,7 +519,11 @@ class MachineTracker:
         if connected:
             # The device may have rebooted while unreachable: its counters may restart.
             self._hint_reset()
-        out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
+        out = [
+            self._event(
+                EventType.MACHINE_CONNECTION_CHANGED, now, connected=connected, reason=reason
+            )
+        ]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
         return out
@@ -1087,7 +1092,7 @@ class MachineTracker:
         order = self._order
         out.append(
             self._event(
-                "machine.state.changed",
+                EventType.MACHINE_STATE_CHANGED,
                 now,
                 state=state,
                 previous=previous,
@@ -1108,7 +1113,7 @@ class MachineTracker:
             unseen = 0.0 if since is None else self._unobserved(since, now)
             out.append(
                 self._event(
-                    "machine.alarm.cleared",
+                    EventType.MACHINE_ALARM_CLEARED,
                     now,
                     code=self._alarm_code,
                     text=self._alarm_text,
@@ -1123,7 +1128,11 @@ class MachineTracker:
             severity = "fault" if state == MachineState.FAULT.value else "warning"
             out.append(
                 self._event(
-                    "machine.alarm.raised", now, code=code, text=self._alarm_text, severity=severity
+                    EventType.MACHINE_ALARM_RAISED,
+                    now,
+                    code=code,
+                    text=self._alarm_text,
+                    severity=severity,
                 )
             )
 
@@ -1223,7 +1232,7 @@ class MachineTracker:
         self._attribution.begin_order(now)
         out.append(
             self._event(
-                "order.started",
+                EventType.ORDER_STARTED,
                 now,
                 order_id=order_id,
                 source=source,
@@ -1264,7 +1273,7 @@ class MachineTracker:
             del self._recent_orders[0]
         out.append(
             self._event(
-                "order.completed",
+                EventType.ORDER_COMPLETED,
                 now,
                 order_id=order.order_id,
                 reason=reason,
@@ -1304,7 +1313,7 @@ class MachineTracker:
         order.progress_percent = percent or 0.0
         out.append(
             self._event(
-                "order.progress",
+                EventType.ORDER_PROGRESS,
                 now,
                 order_id=order.order_id,
                 good=order.good,
@@ -1333,7 +1342,7 @@ class MachineTracker:
             late_by = (eta if eta is not None else now) - order.due
             out.append(
                 self._event(
-                    "order.at_risk",
+                    EventType.ORDER_AT_RISK,
                     now,
                     order_id=order.order_id,
                     eta=eta,
@@ -1346,7 +1355,7 @@ class MachineTracker:
             order.at_risk = False
             out.append(
                 self._event(
-                    "order.back_on_track",
+                    EventType.ORDER_BACK_ON_TRACK,
                     now,
                     order_id=order.order_id,
                     eta=eta,
@@ -1430,9 +1439,12 @@ class MachineTracker:
         view = self._attribution.view(now)
         return {} if view is None else {"operators": view}
 
-    def _event(self, type_: str, now: float, **data: Any) -> Event:
+    def _event(self, type_: EventType, now: float, **data: Any) -> Event:
+        # The data dict in the field order of the type's payload class (gateway/core/events.py;
+        # tests/unit/test_event_payloads.py holds the two together): cheaper than building the
+        # dataclass for every event, and Event.payload() gives the typed view.
         self._seq += 1
-        return Event(self.machine, type_, now, self._seq, data)
+        return Event(self.machine, type_.value, now, self._seq, data)
 
 
 def _order_to_dict(order: _Order | None) -> dict[str, Any] | None:
