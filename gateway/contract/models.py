@@ -26,6 +26,13 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.contract.envelope import EVENT_TYPE_PREFIX, SCHEMA_PREFIX, format_time
+from gateway.core.events import (
+    AlarmSeverity,
+    CompletionReason,
+    CompletionRule,
+    OrderSourceName,
+    StateChangeReason,
+)
 from gateway.core.tracker import AssignOrder, CancelOrder, CommandResult
 from gateway.core.vocabulary import (
     MAX_ID_LEN,
@@ -83,11 +90,9 @@ OrderId = Annotated[
 Count = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
 
-OrderSourceName = Literal["device", "platform"]
-CompletionReasonName = Literal[
-    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
-]
-CompletionRuleName = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
+#: The value sets of event fields are the core's (gateway/core/events.py).
+CompletionReasonName = CompletionReason
+CompletionRuleName = CompletionRule
 
 
 class _Outbound(BaseModel):
@@ -154,7 +159,7 @@ class MachineStateChanged(_Outbound):
         ),
         examples=[0.0],
     )
-    reason: Literal["device", "alarm", "offline"] = Field(
+    reason: StateChangeReason = Field(
         description=(
             "Why: `device` (the machine reported it), `alarm` (it went to `fault` while an "
             "alarm is active) or `offline` (the gateway lost the device)."
@@ -188,7 +193,7 @@ class MachineAlarmRaised(_Outbound):
         description="Alarm text from the device; empty when it has none.",
         examples=["Thread break"],
     )
-    severity: Literal["fault", "warning"] = Field(
+    severity: AlarmSeverity = Field(
         description="`fault` when the machine is (or goes) to the `fault` state, else `warning`."
     )
 

@@ -37,6 +37,19 @@ class EventType(enum.StrEnum):
     ORDER_BACK_ON_TRACK = "order.back_on_track"
 
 
+#: Why the machine state changed.
+StateChangeReason = Literal["device", "alarm", "offline"]
+#: How bad an alarm is: ``fault`` while the machine is in state fault.
+AlarmSeverity = Literal["fault", "warning"]
+#: Who started an order.
+OrderSourceName = Literal["device", "platform"]
+#: Why an order ended.
+CompletionReason = Literal[
+    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
+]
+#: What may complete an order (``complete_when``); ``order_changed`` is always among them.
+CompletionRule = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
+
 _TIME = "time"
 _OMIT_NONE = "omit_none"
 
@@ -119,7 +132,7 @@ class MachineStateChanged(Payload):
     previous: str | None
     previous_duration_s: float | None
     unobserved_s: float
-    reason: Literal["device", "alarm", "offline"]
+    reason: StateChangeReason
     order_id: str | None
 
 
@@ -139,7 +152,7 @@ class MachineAlarmRaised(Payload):
     event_type: ClassVar[EventType] = EventType.MACHINE_ALARM_RAISED
     code: int
     text: str
-    severity: Literal["fault", "warning"]
+    severity: AlarmSeverity
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -159,7 +172,7 @@ class OrderStarted(Payload):
 
     event_type: ClassVar[EventType] = EventType.ORDER_STARTED
     order_id: str
-    source: Literal["device", "platform"]
+    source: OrderSourceName
     target: int | None
     due: float | None = time_field()
     good: int
@@ -198,10 +211,8 @@ class OrderCompleted(Payload):
 
     event_type: ClassVar[EventType] = EventType.ORDER_COMPLETED
     order_id: str
-    reason: Literal[
-        "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
-    ]
-    rule: Literal["good_reached", "total_reached", "device_ended", "order_changed"] | None
+    reason: CompletionReason
+    rule: CompletionRule | None
     good: int
     scrap: int
     target: int | None

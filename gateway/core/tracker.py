@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from gateway.core.attribution import Attribution, parse_operator
 from gateway.core.counters import CounterRule, CounterState, advance
-from gateway.core.events import EventType
+from gateway.core.events import CompletionReason, CompletionRule, EventType
 from gateway.core.model import Event, Quality, Sample
 from gateway.core.vocabulary import (
     BIT_SIGNALS,
@@ -45,11 +45,6 @@ from gateway.core.vocabulary import (
 _new_state = tuple.__new__
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
-CompletionReason = Literal[
-    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
-]
-#: What may complete an order (``complete_when``); ``order_changed`` is always among them.
-CompletionRule = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
 COMPLETION_RULES: tuple[CompletionRule, ...] = (
     "good_reached",
     "total_reached",

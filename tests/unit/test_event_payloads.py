@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from typing import Any
 
 import pytest
@@ -67,26 +68,43 @@ def test_an_unknown_type_or_a_wrong_payload_is_refused() -> None:
         OrderStarted.from_data({"order_id": "A"})
 
 
-def _schema_shape(model: type[Any]) -> dict[str, tuple[bool, bool, bool]]:
-    """Per field of a contract model: (required, may be null, is a time)."""
+Shape = dict[str, tuple[bool, bool, bool]]
+
+
+def _schema_shape(model: type[Any]) -> tuple[Shape, dict[str, set[Any]]]:
+    """Per field of a contract model: (required, may be null, is a time), and value sets."""
     schema = model.model_json_schema()
-    out = {}
+    out, values = {}, {}
     for name, prop in schema["properties"].items():
         options = prop.get("anyOf", [prop])
         nullable = any(o.get("type") == "null" for o in options)
         time = any(o.get("pattern") == TIMESTAMP_PATTERN for o in options)
         out[name] = (name in schema.get("required", []), nullable, time)
-    return out
+        for o in options:
+            if "$ref" in o:
+                o = schema["$defs"][o["$ref"].rsplit("/", 1)[-1]]
+            if "enum" in o or "const" in o:
+                values[name] = set(o.get("enum", [o.get("const")]))
+    return out, values
 
 
-def _payload_shape(cls: type[Any]) -> dict[str, tuple[bool, bool, bool]]:
+def _literals(tp: Any) -> set[Any]:
+    if typing.get_origin(tp) is typing.Literal:
+        return set(typing.get_args(tp))
+    return {v for arg in typing.get_args(tp) for v in _literals(arg)}
+
+
+def _payload_shape(cls: type[Any]) -> tuple[Shape, dict[str, set[Any]]]:
     """The same of a core payload class."""
-    out = {}
+    hints = typing.get_type_hints(cls)
+    out, values = {}, {}
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING
-        nullable = "None" in str(f.type)
+        nullable = type(None) in typing.get_args(hints[f.name])
         out[f.name] = (required, nullable, f.name in TIME_FIELDS[cls.event_type])
-    return out
+        if literals := _literals(hints[f.name]):
+            values[f.name] = literals
+    return out, values
 
 
 @pytest.mark.parametrize("event_type", list(EventType))
@@ -95,7 +113,11 @@ def test_contract_models_match_the_core_payloads(event_type: EventType) -> None:
     and not in the other fails here (the contract model also holds descriptions and bounds)."""
     assert set(EVENT_TYPES) == {t.value for t in EventType}
     model = EVENT_TYPES[event_type.value]
-    assert _schema_shape(model) == _payload_shape(PAYLOADS[event_type])
+    fields, values = _schema_shape(model)
+    core_fields, core_values = _payload_shape(PAYLOADS[event_type])
+    assert fields == core_fields
+    # The value sets the core declares (reasons, severities, sources) are the contract's.
+    assert {k: values.get(k) for k in core_values} == core_values
 
 
 def test_contract_operator_share_matches_the_core() -> None:
