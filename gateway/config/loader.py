@@ -64,6 +64,7 @@ from gateway.core.vocabulary import (
     COUNT_SIGNALS,
     COUNTER_SIGNALS,
     DEVICE_STATES,
+    OPERATOR_SIGNAL,
     TYPED_SIGNALS,
     normalise,
 )
@@ -872,7 +873,7 @@ def _compile(
         )
     for mp in machines:
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
-    badges = [mp.id for mp in machines if "operator" in mp.signals]
+    badges = [mp.id for mp in machines if OPERATOR_SIGNAL in mp.signals]
     warnings += idle_operator_policies((d.route for d in destinations), badges)
     return GatewayPlan(
         source=src.file,

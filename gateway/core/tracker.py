@@ -33,6 +33,8 @@ from gateway.core.vocabulary import (
     MAX_ID_LEN,
     MAX_TARGET,
     MAX_TEXT_LEN,
+    OPERATOR_SIGNAL,
+    OPERATORS_KEY,
     TARGET_SIGNAL,
     MachineState,
     clean_text,
@@ -76,7 +78,7 @@ _USED_SIGNALS = frozenset(
         TARGET_SIGNAL,
         "alarm_code",
         "alarm_text",
-        "operator",
+        OPERATOR_SIGNAL,
         *BIT_SIGNALS,
         *_COUNT_SIGNALS,
     }
@@ -452,7 +454,7 @@ class MachineTracker:
         # pieces read in the same batch as a new badge are the new operator's. Pieces held
         # for confirmation were read before this batch: the operator logged in then.
         attribution = self._attribution
-        badges = batch.get("operator")
+        badges = batch.get(OPERATOR_SIGNAL)
         if badges:
             self._reader = (attribution.known, attribution.operator)
             for badge in badges:
@@ -794,7 +796,7 @@ class MachineTracker:
         # the counter's wrap, the badge's "nobody" and the bits as bools.
         if signal in _COUNT_SIGNALS:
             return parse_count(value, wrap)
-        if signal == "operator":
+        if signal == OPERATOR_SIGNAL:
             return parse_operator(value)
         if signal in BIT_SIGNALS:
             return parse_bit(value, signal)
@@ -1432,7 +1434,7 @@ class MachineTracker:
     def _operators(self, now: float) -> dict[str, Any]:
         """``operators`` of the order for its events, absent while no badge was ever read."""
         view = self._attribution.view(now)
-        return {} if view is None else {"operators": view}
+        return {} if view is None else {OPERATORS_KEY: view}
 
     def _event(self, type_: EventType, now: float, **data: Any) -> Event:
         # The data dict in the field order of the type's payload class (gateway/core/events.py;
