@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators.scenario import (
     Changeover,
     Fault,

@@ -28,7 +28,7 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators.production import EngineBacked, JobTruth, ProductionEngine, ProductionSnapshot
 from simulators.scenario import (
     OPERATOR_MAX_CHARS,

@@ -21,6 +21,7 @@ from gateway.config.units.outbox import compile_outbox
 from gateway.config.units.secrets import check_pseudonymise, compile_redaction
 from gateway.config.yamlsource import Located, SourceError
 from gateway.core.routing import idle_operator_policies
+from gateway.core.vocabulary import OPERATOR_SIGNAL
 
 
 def compile_config(
@@ -55,7 +56,7 @@ def compile_config(
         return None
     _machine_warnings(unit, machines)
     unit.warnings += idle_operator_policies(
-        (d.route for d in destinations), [mp.id for mp in machines if "operator" in mp.signals]
+        (d.route for d in destinations), [mp.id for mp in machines if OPERATOR_SIGNAL in mp.signals]
     )
     return GatewayPlan(
         source=src.file,

@@ -18,11 +18,13 @@ consumers deduplicate by ``id``, a UUIDv7 (RFC 9562) whose text sorts by creatio
 
 Time rule for payloads: the tracker hands over times as float epoch seconds. On the
 wire every time is an RFC 3339 UTC string with milliseconds (``2026-11-22T10:00:00.123Z``).
-Inside ``data`` (events), the state snapshot and status ``extra`` fields, a value is
-converted when its key ends in ``_at`` or ``_since`` or is exactly ``eta`` or ``due`` and
-the value is a number (``int`` or ``float``, not ``bool``). The rule applies at every nesting depth
-(mappings inside mappings and lists); other values pass through unchanged, ``None``
-stays ``null``. Non-finite numbers are rejected, since JSON cannot carry them.
+Inside an event's ``data`` the fields converted are those its typed payload declares as
+times (:data:`gateway.core.events.TIME_FIELDS`, see :func:`event_data`). In the state
+snapshot and status ``extra`` fields (no typed payload yet), a value is converted when its
+key ends in ``_at`` or ``_since`` or is exactly ``eta`` or ``due`` and the value is a number
+(``int`` or ``float``, not ``bool``), at every nesting depth (mappings inside mappings and
+lists). Other values pass through unchanged, ``None`` stays ``null``. Non-finite numbers
+are rejected, since JSON cannot carry them.
 
 JSON is compact (no spaces) and UTF-8; NaN and infinity raise ``ValueError``.
 """
@@ -37,6 +39,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
+from gateway.core.events import TIME_FIELDS
 from gateway.core.model import Event, Location
 
 #: CloudEvents ``type`` prefix; the topic carries the short name (``order.started``).
@@ -297,13 +300,33 @@ def encode_event(
         "dataschema": SCHEMA_PREFIX + event.type,
         "sequence": event.sequence,
         "gatewayid": gateway_id,
-        "data": convert_times(event.data, _path="data."),
+        "data": event_data(event),
     }
     if epoch is not None:
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
             raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
         envelope["epoch"] = epoch
     return _dumps(envelope, f"event {event.type} of {event.machine}")
+
+
+def event_data(event: Event) -> dict[str, Any]:
+    """An event's ``data`` as sent: the payload's declared time fields in RFC 3339.
+
+    Which fields are times comes from the typed payload of the event type
+    (:data:`gateway.core.events.TIME_FIELDS`), not from the key names.
+    """
+    times = TIME_FIELDS.get(event.type)
+    if times is None:
+        raise ValueError(f"unknown event type {event.type!r} of {event.machine}")
+    out = dict(event.data)
+    for k in times:
+        v = out.get(k)
+        if v is not None and type(v) is not bool and isinstance(v, int | float):
+            try:
+                out[k] = format_time(v)
+            except ValueError as exc:
+                raise ValueError(f"payload field data.{k}: {exc}") from None
+    return out
 
 
 def encode_state(

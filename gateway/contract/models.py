@@ -26,15 +26,20 @@ from typing import Annotated, Any, Literal
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from gateway.contract.envelope import EVENT_TYPE_PREFIX, SCHEMA_PREFIX, format_time
-from gateway.core.attribution import MAX_OPERATOR_LEN
-from gateway.core.model import MachineState
-from gateway.core.tracker import (
-    MAX_ORDER_ID_LEN,
+from gateway.core.events import (
+    AlarmSeverity,
+    CompletionReason,
+    CompletionRule,
+    OrderSourceName,
+    StateChangeReason,
+)
+from gateway.core.tracker import AssignOrder, CancelOrder, CommandResult
+from gateway.core.vocabulary import (
+    MAX_ID_LEN,
+    MAX_OPERATOR_LEN,
     MAX_TARGET,
     MAX_TEXT_LEN,
-    AssignOrder,
-    CancelOrder,
-    CommandResult,
+    MachineState,
 )
 
 #: Contract version; part of every ``dataschema`` and schema ``$id``.
@@ -42,7 +47,7 @@ CONTRACT_VERSION = 1
 #: Largest downlink command payload accepted, in bytes.
 MAX_COMMAND_BYTES = 16_384
 #: Longest ``command_id`` accepted from a platform.
-MAX_COMMAND_ID_LEN = 128
+MAX_COMMAND_ID_LEN = MAX_ID_LEN
 #: Suffix of the default response topic: ``{machine_root}/cmd/{command}/response``.
 RESPONSE_SUFFIX = "/response"
 #: Longest refusal reason built from a bad payload.
@@ -77,7 +82,7 @@ OrderId = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=MAX_ORDER_ID_LEN,
+        max_length=MAX_ID_LEN,
         pattern=_NO_CONTROL_PATTERN,
         examples=["PO-4711"],
     ),
@@ -85,11 +90,9 @@ OrderId = Annotated[
 Count = Annotated[int, Field(ge=0)]
 Seconds = Annotated[float, Field(ge=0)]
 
-OrderSourceName = Literal["device", "platform"]
-CompletionReasonName = Literal[
-    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
-]
-CompletionRuleName = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
+#: The value sets of event fields are the core's (gateway/core/events.py).
+CompletionReasonName = CompletionReason
+CompletionRuleName = CompletionRule
 
 
 class _Outbound(BaseModel):
@@ -156,7 +159,7 @@ class MachineStateChanged(_Outbound):
         ),
         examples=[0.0],
     )
-    reason: Literal["device", "alarm", "offline"] = Field(
+    reason: StateChangeReason = Field(
         description=(
             "Why: `device` (the machine reported it), `alarm` (it went to `fault` while an "
             "alarm is active) or `offline` (the gateway lost the device)."
@@ -190,7 +193,7 @@ class MachineAlarmRaised(_Outbound):
         description="Alarm text from the device; empty when it has none.",
         examples=["Thread break"],
     )
-    severity: Literal["fault", "warning"] = Field(
+    severity: AlarmSeverity = Field(
         description="`fault` when the machine is (or goes) to the `fault` state, else `warning`."
     )
 
@@ -661,7 +664,7 @@ class CommandResponse(_Outbound):
     )
     machine: Identifier = Field(description="Machine the command was sent to.")
     order_id: str | None = Field(
-        max_length=MAX_ORDER_ID_LEN,
+        max_length=MAX_ID_LEN,
         description="The command's `order_id`, null when it was missing or unreadable.",
     )
     accepted: bool = Field(description="Whether the gateway applied the command.")
@@ -749,7 +752,7 @@ def decode_command(name: str, payload: bytes) -> AssignOrder | CancelOrder:
         # json.loads recurses per nesting level; thousands of '[' fit in 16 KiB.
         raise CommandError("payload is nested too deeply") from None
     command_id = _loose_text(doc, "command_id", MAX_COMMAND_ID_LEN)
-    order_id = _loose_text(doc, "order_id", MAX_ORDER_ID_LEN)
+    order_id = _loose_text(doc, "order_id", MAX_ID_LEN)
     if not isinstance(doc, dict):
         raise CommandError(f"payload must be a JSON object, got {type(doc).__name__}")
     try:

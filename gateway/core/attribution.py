@@ -18,8 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-#: Longest badge accepted from a device; longer ones are a decoding error.
-MAX_OPERATOR_LEN = 64
+from gateway.core.vocabulary import MAX_OPERATOR_LEN, OPERATOR_SIGNAL, clean_text
+
 #: Operators remembered per order; a stream of distinct badges beyond this is a decoding
 #: error, and the newest ones are folded into the ``None`` share instead of growing the state.
 MAX_OPERATORS = 50
@@ -37,15 +37,8 @@ class Share:
 
 def parse_operator(value: object) -> str | None:
     """Validate a badge read from a device: the badge text, ``None`` for nobody logged in."""
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"operator must be a string, got {type(value).__name__}")
-    # Register-encoded strings come padded with NULs or blanks; a badge reader shows 0 when
-    # nobody is logged in.
-    text = str(value).strip().strip("\x00").strip()
-    if len(text) > MAX_OPERATOR_LEN:
-        raise ValueError(f"operator longer than {MAX_OPERATOR_LEN} characters")
-    if not text.isprintable():
-        raise ValueError("operator contains control characters")
+    text = clean_text(value, OPERATOR_SIGNAL, MAX_OPERATOR_LEN)
+    # A badge reader shows 0 when nobody is logged in.
     return text if text and text != "0" else None
 
 

@@ -31,27 +31,8 @@ import math
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-#: Largest counter value accepted from a device; anything above is a decoding error.
-MAX_COUNT = 2**53
-
-
-def parse_count(value: object, wrap: int | None = None) -> int:
-    """Validate a device counter value; return it as an int or raise ``ValueError``."""
-    if isinstance(value, bool):
-        raise ValueError(f"counter value must be a number, got bool {value!r}")
-    if isinstance(value, float):
-        if not math.isfinite(value) or not value.is_integer():
-            raise ValueError(f"counter value must be a whole number, got {value!r}")
-        value = int(value)
-    if not isinstance(value, int):
-        raise ValueError(f"counter value must be an integer, got {type(value).__name__}")
-    if value < 0:
-        raise ValueError(f"counter value must not be negative, got {value}")
-    if value > MAX_COUNT:
-        raise ValueError(f"counter value {value} is implausibly large")
-    if wrap is not None and value >= wrap:
-        raise ValueError(f"counter value {value} is outside the wrap modulus {wrap}")
-    return value
+from gateway.core.vocabulary import MAX_COUNT as MAX_COUNT
+from gateway.core.vocabulary import parse_count as parse_count
 
 
 def counter_delta(previous: int, current: int, wrap: int | None = None) -> int:

@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.core.model import Quality, Sample
-
-_COUNTERS = ("good_count", "scrap_count", "total_count")
+from gateway.core.vocabulary import COUNTER_SIGNALS
 
 #: Seconds without a new piece after which a counting machine is taken as idle.
 IDLE_AFTER = 120.0
@@ -32,7 +31,7 @@ class StateFromCounts:
     def observe(self, batch: Sequence[Sample], now: float) -> Sample:
         """The derived ``state`` sample for one acquisition batch."""
         for s in batch:
-            if s.signal not in _COUNTERS or s.quality is not Quality.GOOD:
+            if s.signal not in COUNTER_SIGNALS or s.quality is not Quality.GOOD:
                 continue
             if not isinstance(s.value, int) or isinstance(s.value, bool):
                 continue

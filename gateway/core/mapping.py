@@ -13,14 +13,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from gateway.core.model import MachineState, Quality, Sample, Value
+from gateway.core.model import Quality, Sample, Value
 from gateway.core.signals import SignalConfig
-
-_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
-_COUNTERS = frozenset({"good_count", "scrap_count", "total_count", "target_count"})
-_TEXTS = frozenset({"order_id", "program", "alarm_text", "operator"})
-#: Signals whose values _check() converts or validates beyond "a finite value".
-_STATES_AND_TYPED = frozenset({"state", "alarm_code"}) | _COUNTERS | _TEXTS
+from gateway.core.vocabulary import PARSERS, TYPED_SIGNALS
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +44,7 @@ class Mapper:
             if cfg.map is None
             and cfg.scale == 1.0
             and cfg.offset == 0.0
-            and name not in _STATES_AND_TYPED
+            and name not in TYPED_SIGNALS
         )
         object.__setattr__(self, "_plain", plain)
 
@@ -129,29 +124,11 @@ def _check(signal: str, value: Value) -> tuple[Value, str | None]:
         return None, "no value"
     if isinstance(value, float) and not math.isfinite(value):
         return None, f"{value} is not a finite number"
-    if signal == "state":
-        if not isinstance(value, str) or value not in _STATES:
-            return None, f"state {value!r} is not a machine state ({', '.join(sorted(_STATES))})"
+    parse = PARSERS.get(signal)
+    if parse is None:
         return value, None
-    if signal in _COUNTERS:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return None, f"{signal} must be a number, got {value!r}"
-        if value < 0:
-            return None, f"{signal} must not be negative, got {value!r}"
-        if isinstance(value, float):
-            if not value.is_integer():
-                return None, f"{signal} must be a whole number, got {value!r}"
-            value = int(value)
-        return value, None
-    if signal == "alarm_code":
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return None, f"alarm_code must be a number, got {value!r}"
-        return int(value), None
-    if signal in _TEXTS:
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        text = str(value).strip()
-        if "\x00" in text or len(text) > 256:
-            return None, f"{signal} is not printable text"
-        return text, None
-    return value, None
+    try:
+        # The tracker parses with the same functions: what passes here, it takes.
+        return parse(value), None
+    except ValueError as exc:
+        return None, str(exc)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
+from gateway.core.events import Payload, payload_of
+
 #: A decoded device value. ``None`` only together with a bad quality.
 Value = bool | int | float | str | None
 
@@ -26,41 +28,6 @@ class Quality(enum.Enum):
     GOOD = "good"
     UNCERTAIN = "uncertain"
     BAD = "bad"
-
-
-class MachineState(enum.StrEnum):
-    """Canonical machine states (PackML-inspired, deliberately small)."""
-
-    RUNNING = "running"
-    IDLE = "idle"
-    SETUP = "setup"
-    STOPPED = "stopped"
-    FAULT = "fault"
-    MAINTENANCE = "maintenance"
-    #: Set by the gateway, never by a device: the device cannot be reached.
-    OFFLINE = "offline"
-
-
-#: Canonical signal names a machine may map; anything else is free telemetry.
-CANONICAL_SIGNALS: frozenset[str] = frozenset(
-    {
-        "state",
-        "order_id",
-        "good_count",
-        "scrap_count",
-        "total_count",
-        "target_count",
-        "program",
-        "cycle_time",
-        "alarm_code",
-        "alarm_text",
-        "operator",
-        # A reset bit: while set, a counter drop is a reset, not a glitch.
-        "counter_reset",
-        # True when the device says the running order (job) ended: complete_when device_ended.
-        "order_ended",
-    }
-)
 
 
 class Sample(NamedTuple):
@@ -92,8 +59,9 @@ class Location:
 class Event:
     """A domain event emitted by a tracker, before it gets an envelope.
 
-    ``type`` is the short contract name (``order.started``), ``sequence`` counts per
-    machine from 1 and never repeats, ``data`` is the JSON-ready payload.
+    ``type`` is the short contract name (``order.started``, an
+    :class:`gateway.core.events.EventType`), ``sequence`` counts per machine from 1 and never
+    repeats, ``data`` is the JSON-ready payload; :meth:`payload` is its typed view.
     """
 
     machine: str
@@ -101,3 +69,7 @@ class Event:
     time: float
     sequence: int
     data: Mapping[str, Any] = field(default_factory=dict)
+
+    def payload(self) -> Payload:
+        """The typed payload of ``data`` (``ValueError`` when it does not fit its type)."""
+        return payload_of(self.type, self.data)

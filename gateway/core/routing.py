@@ -32,13 +32,13 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Any, Literal
 
+from gateway.core.vocabulary import OPERATOR_SIGNAL, OPERATORS_KEY
+
 OperatorPolicy = Literal["drop", "pseudonymise", "pass"]
 SubjectKind = Literal["event", "state", "telemetry"]
 
 #: The signal that names a worker; redacted according to the destination's policy.
-OPERATOR_KEY = "operator"
-#: The per-order attribution: a list of shares, each with an ``operator`` key.
-OPERATORS_KEY = "operators"
+OPERATOR_KEY = OPERATOR_SIGNAL
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,18 +24,29 @@ from dataclasses import fields as dataclass_fields
 from typing import Any, Literal
 
 from gateway.core.attribution import Attribution, parse_operator
-from gateway.core.counters import CounterRule, CounterState, advance, parse_count
-from gateway.core.model import Event, MachineState, Quality, Sample
+from gateway.core.counters import CounterRule, CounterState, advance
+from gateway.core.events import CompletionReason, CompletionRule, EventType
+from gateway.core.model import Event, Quality, Sample
+from gateway.core.vocabulary import (
+    BIT_SIGNALS,
+    COUNTER_SIGNALS,
+    MAX_ID_LEN,
+    MAX_TARGET,
+    MAX_TEXT_LEN,
+    OPERATOR_SIGNAL,
+    OPERATORS_KEY,
+    TARGET_SIGNAL,
+    MachineState,
+    clean_text,
+    normalise,
+    parse_bit,
+    parse_count,
+)
 
 #: Builds a :class:`CounterState` without the named tuple's slower constructor.
 _new_state = tuple.__new__
 
 OrderSource = Literal["device", "platform", "device_then_platform"]
-CompletionReason = Literal[
-    "target_reached", "device_ended", "order_changed", "order_cleared", "cancelled", "replaced"
-]
-#: What may complete an order (``complete_when``); ``order_changed`` is always among them.
-CompletionRule = Literal["good_reached", "total_reached", "device_ended", "order_changed"]
 COMPLETION_RULES: tuple[CompletionRule, ...] = (
     "good_reached",
     "total_reached",
@@ -43,11 +54,6 @@ COMPLETION_RULES: tuple[CompletionRule, ...] = (
     "order_changed",
 )
 
-#: Largest target quantity accepted from a device or the platform.
-MAX_TARGET = 10_000_000
-#: Longest order id accepted; longer ones are a decoding error or an attack.
-MAX_ORDER_ID_LEN = 128
-MAX_TEXT_LEN = 256
 #: Orders waiting per machine; an assign beyond this is rejected.
 MAX_QUEUE = 1_000
 #: Finished order ids remembered to reject a platform re-assigning one by mistake.
@@ -63,21 +69,17 @@ RECENT_GAPS = 16
 MAX_REJECTIONS = 100
 STATE_VERSION = 1
 
-_DEVICE_STATES = frozenset(s.value for s in MachineState if s is not MachineState.OFFLINE)
-_COUNT_SIGNALS = ("good_count", "scrap_count", "total_count")
-#: The device counters the tracker reads; each may have its own mode and wrap.
-COUNTER_SIGNALS = frozenset(_COUNT_SIGNALS)
+_COUNT_SIGNALS = COUNTER_SIGNALS
 CounterMode = Literal["per_order", "lifetime"]
 _USED_SIGNALS = frozenset(
     {
         "state",
         "order_id",
-        "target_count",
+        TARGET_SIGNAL,
         "alarm_code",
         "alarm_text",
-        "counter_reset",
-        "order_ended",
-        "operator",
+        OPERATOR_SIGNAL,
+        *BIT_SIGNALS,
         *_COUNT_SIGNALS,
     }
 )
@@ -353,28 +355,6 @@ def _eta(order: _Order, rate: float | None, now: float) -> float | None:
     return round(now + remaining * 3600.0 / rate, 3)
 
 
-def _clean_text(value: object, what: str, max_len: int) -> str:
-    if isinstance(value, bool) or not isinstance(value, str | int):
-        raise ValueError(f"{what} must be a string, got {type(value).__name__}")
-    # Register-encoded strings come padded with NULs or blanks.
-    text = str(value).strip().strip("\x00").strip()
-    if len(text) > max_len:
-        raise ValueError(f"{what} longer than {max_len} characters")
-    if not text.isprintable():
-        raise ValueError(f"{what} contains control characters")
-    return text
-
-
-def _parse_int(value: object, what: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got bool")
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)
-    if not isinstance(value, int):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
-    return value
-
-
 class MachineTracker:
     """Per-machine state machine: samples, connection changes and commands in, events out."""
 
@@ -474,7 +454,7 @@ class MachineTracker:
         # pieces read in the same batch as a new badge are the new operator's. Pieces held
         # for confirmation were read before this batch: the operator logged in then.
         attribution = self._attribution
-        badges = batch.get("operator")
+        badges = batch.get(OPERATOR_SIGNAL)
         if badges:
             self._reader = (attribution.known, attribution.operator)
             for badge in badges:
@@ -536,7 +516,11 @@ class MachineTracker:
         if connected:
             # The device may have rebooted while unreachable: its counters may restart.
             self._hint_reset()
-        out = [self._event("machine.connection.changed", now, connected=connected, reason=reason)]
+        out = [
+            self._event(
+                EventType.MACHINE_CONNECTION_CHANGED, now, connected=connected, reason=reason
+            )
+        ]
         if not connected and self._state != MachineState.OFFLINE.value:
             self._set_state(MachineState.OFFLINE.value, "offline", now, out)
         return out
@@ -808,30 +792,15 @@ class MachineTracker:
 
     @staticmethod
     def _parse(signal: str, value: object, wrap: int | None) -> Any:
+        # The vocabulary's one validator, as the mapper applies it; the tracker adds only
+        # the counter's wrap, the badge's "nobody" and the bits as bools.
         if signal in _COUNT_SIGNALS:
             return parse_count(value, wrap)
-        if signal == "state":
-            if not isinstance(value, str) or value.strip().lower() not in _DEVICE_STATES:
-                raise ValueError(f"unknown machine state {value!r}")
-            return value.strip().lower()
-        if signal == "order_id":
-            return _clean_text(value, "order_id", MAX_ORDER_ID_LEN)
-        if signal in ("counter_reset", "order_ended"):
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError(f"{signal} must be a bit (true/false, 0/1), got {value!r}")
-        if signal == "target_count":
-            target = parse_count(value)
-            if target > MAX_TARGET:
-                raise ValueError(f"target {target} above {MAX_TARGET}")
-            return target
-        if signal == "alarm_code":
-            return _parse_int(value, "alarm_code")
-        if signal == "operator":
+        if signal == OPERATOR_SIGNAL:
             return parse_operator(value)
-        return _clean_text(value, "alarm_text", MAX_TEXT_LEN)  # alarm_text
+        if signal in BIT_SIGNALS:
+            return parse_bit(value, signal)
+        return normalise(signal, value)
 
     def _confirm_stood(self, now: float, skip: Container[str]) -> bool:
         """Credit held increases that stood unchanged for two polls; True if any counted.
@@ -1120,7 +1089,7 @@ class MachineTracker:
         order = self._order
         out.append(
             self._event(
-                "machine.state.changed",
+                EventType.MACHINE_STATE_CHANGED,
                 now,
                 state=state,
                 previous=previous,
@@ -1141,7 +1110,7 @@ class MachineTracker:
             unseen = 0.0 if since is None else self._unobserved(since, now)
             out.append(
                 self._event(
-                    "machine.alarm.cleared",
+                    EventType.MACHINE_ALARM_CLEARED,
                     now,
                     code=self._alarm_code,
                     text=self._alarm_text,
@@ -1156,7 +1125,11 @@ class MachineTracker:
             severity = "fault" if state == MachineState.FAULT.value else "warning"
             out.append(
                 self._event(
-                    "machine.alarm.raised", now, code=code, text=self._alarm_text, severity=severity
+                    EventType.MACHINE_ALARM_RAISED,
+                    now,
+                    code=code,
+                    text=self._alarm_text,
+                    severity=severity,
                 )
             )
 
@@ -1256,7 +1229,7 @@ class MachineTracker:
         self._attribution.begin_order(now)
         out.append(
             self._event(
-                "order.started",
+                EventType.ORDER_STARTED,
                 now,
                 order_id=order_id,
                 source=source,
@@ -1297,7 +1270,7 @@ class MachineTracker:
             del self._recent_orders[0]
         out.append(
             self._event(
-                "order.completed",
+                EventType.ORDER_COMPLETED,
                 now,
                 order_id=order.order_id,
                 reason=reason,
@@ -1337,7 +1310,7 @@ class MachineTracker:
         order.progress_percent = percent or 0.0
         out.append(
             self._event(
-                "order.progress",
+                EventType.ORDER_PROGRESS,
                 now,
                 order_id=order.order_id,
                 good=order.good,
@@ -1366,7 +1339,7 @@ class MachineTracker:
             late_by = (eta if eta is not None else now) - order.due
             out.append(
                 self._event(
-                    "order.at_risk",
+                    EventType.ORDER_AT_RISK,
                     now,
                     order_id=order.order_id,
                     eta=eta,
@@ -1379,7 +1352,7 @@ class MachineTracker:
             order.at_risk = False
             out.append(
                 self._event(
-                    "order.back_on_track",
+                    EventType.ORDER_BACK_ON_TRACK,
                     now,
                     order_id=order.order_id,
                     eta=eta,
@@ -1394,7 +1367,7 @@ class MachineTracker:
         if self.settings.order_source == "device":
             return CommandResult(False, "machine takes its orders from the device only")
         try:
-            order_id = _clean_text(cmd.order_id, "order_id", MAX_ORDER_ID_LEN)
+            order_id = clean_text(cmd.order_id, "order_id", MAX_ID_LEN)
         except ValueError as exc:
             return CommandResult(False, str(exc))
         if not order_id:
@@ -1461,11 +1434,14 @@ class MachineTracker:
     def _operators(self, now: float) -> dict[str, Any]:
         """``operators`` of the order for its events, absent while no badge was ever read."""
         view = self._attribution.view(now)
-        return {} if view is None else {"operators": view}
+        return {} if view is None else {OPERATORS_KEY: view}
 
-    def _event(self, type_: str, now: float, **data: Any) -> Event:
+    def _event(self, type_: EventType, now: float, **data: Any) -> Event:
+        # The data dict in the field order of the type's payload class (gateway/core/events.py;
+        # tests/unit/test_event_payloads.py holds the two together): cheaper than building the
+        # dataclass for every event, and Event.payload() gives the typed view.
         self._seq += 1
-        return Event(self.machine, type_, now, self._seq, data)
+        return Event(self.machine, type_.value, now, self._seq, data)
 
 
 def _order_to_dict(order: _Order | None) -> dict[str, Any] | None:

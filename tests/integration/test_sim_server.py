@@ -14,7 +14,7 @@ import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators import cli
 from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from simulators.scenario import Changeover, RunOrder, Step

@@ -22,7 +22,8 @@ from gateway.contract.envelope import (
     new_event_id,
     parse_machine_topic,
 )
-from gateway.core.model import Event, Location, MachineState
+from gateway.core.model import Event, Location
+from gateway.core.vocabulary import MachineState
 
 LOC = Location(site="plant1", area="sewing", line="l2", machine="sew-07")
 TOPICS = Topics(prefix="shopfloor/v1", site="plant1", gateway_id="gw-a")

@@ -9,6 +9,7 @@ import pytest
 from gateway.core.mapping import Mapper, map_value
 from gateway.core.model import Quality, Sample
 from gateway.core.signals import SignalConfig
+from gateway.core.tracker import MachineTracker, TrackerSettings
 
 STATE = SignalConfig(map={0: "idle", 1: "running", 3: "fault"})
 
@@ -38,7 +39,7 @@ def test_map_value(signal: str, raw: object, cfg: SignalConfig, expected: object
     ("signal", "raw", "cfg", "needle"),
     [
         ("state", 9, STATE, "not in the map"),
-        ("state", "dancing", SignalConfig(), "not a machine state"),
+        ("state", "dancing", SignalConfig(), "unknown machine state"),
         ("good_count", -1, SignalConfig(), "must not be negative"),
         ("good_count", 1.5, SignalConfig(), "whole number"),
         ("good_count", "ten", SignalConfig(), "must be a number"),
@@ -66,3 +67,61 @@ def test_mapper_marks_only_the_bad_sample_bad() -> None:
     assert [s.quality for s in out] == [Quality.BAD, Quality.GOOD, Quality.GOOD, Quality.BAD]
     assert out[1].value == 5
     assert [p.signal for p in problems] == ["state"]
+
+
+@pytest.mark.parametrize("raw", [" Running ", "RUNNING", "running\n", "Idle"])
+def test_state_text_is_taken_as_the_tracker_takes_it(raw: str) -> None:
+    """Blanks and case around a state name do not make a bad sample (the tracker's rule)."""
+    value, reason = map_value("state", raw, SignalConfig())
+    assert reason is None
+    assert value == raw.strip().lower()
+
+
+_SAMPLES: list[tuple[str, object]] = [
+    (signal, value)
+    for signal in (
+        "state",
+        "good_count",
+        "target_count",
+        "order_id",
+        "alarm_text",
+        "alarm_code",
+        "operator",
+        "counter_reset",
+        "order_ended",
+    )
+    for value in (
+        " Running ",
+        "fault",
+        "offline",
+        "dancing",
+        0,
+        1,
+        2,
+        -3,
+        7.0,
+        2.5,
+        True,
+        "PO-1\x00\x00",
+        "A\x07B",
+        "x" * 65,
+        "x" * 129,
+        "x" * 257,
+        20_000_000,
+        2**60,
+    )
+]
+
+
+@pytest.mark.parametrize(("signal", "raw"), _SAMPLES)
+def test_mapper_and_tracker_accept_the_same_values(signal: str, raw: object) -> None:
+    """A value the mapper passes as good is one the tracker takes, and the other way round.
+
+    (``program`` is not here: the tracker does not read it.)
+    """
+    _, reason = map_value(signal, raw, SignalConfig())  # type: ignore[arg-type]
+    tr = MachineTracker("m", TrackerSettings())
+    tr.connection(True, 1.0)
+    tr.observe([Sample("m", signal, raw, 1.0)], 1.0)  # type: ignore[arg-type]
+    rejected = tr.drain_rejections()
+    assert (reason is None) == (not rejected), (reason, rejected)

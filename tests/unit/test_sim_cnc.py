@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators import cnc
 from simulators.cnc import CncModel, generate_cnc_steps
 from simulators.opcua_common import (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators import opcua_cli, robot
 from simulators.opcua_common import (
     NS_DI,

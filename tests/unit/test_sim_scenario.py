@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gateway.core.model import MachineState
+from gateway.core.vocabulary import MachineState
 from simulators.scenario import (
     Changeover,
     Fault,

@@ -24,9 +24,16 @@ from gateway.config.protocols import ProtocolSpec, installed
 from gateway.config.units.context import Unit
 from gateway.config.validation import validate
 from gateway.config.yamlsource import Located, Path_, load
-from gateway.core.model import CANONICAL_SIGNALS, Location, MachineState
+from gateway.core.model import Location
 from gateway.core.signals import SignalConfig
-from gateway.core.tracker import COUNTER_SIGNALS, TrackerSettings
+from gateway.core.tracker import TrackerSettings
+from gateway.core.vocabulary import (
+    COUNT_SIGNALS,
+    COUNTER_SIGNALS,
+    DEVICE_STATES,
+    TYPED_SIGNALS,
+    normalise,
+)
 
 #: Built-in profiles shipped with the project.
 #: ``gateway/data`` is a link to the checkout's ``config/`` folder, so the profiles are the
@@ -283,27 +290,41 @@ def _tracker(
     return replace(tracker, counter_rules=rules) if rules else tracker
 
 
-_STATES = [s.value for s in MachineState if s is not MachineState.OFFLINE]
-
-
 def _check_canonical(name: str, sig: SignalConfig) -> str | None:
+    # The map's outputs must pass the vocabulary's validator, the one the mapper applies to
+    # them at run time: a typo in the config is an error here, not a bad sample every poll.
     if name == "state" and sig.map is not None:
-        bad = [v for v in sig.map.values() if v not in _STATES]
+        bad = [v for v in sig.map.values() if not _valid(name, v)]
         if bad:
             return (
-                f"map values must be machine states ({', '.join(_STATES)}); "
+                f"map values must be machine states ({', '.join(DEVICE_STATES)}); "
                 f"not {', '.join(repr(b) for b in bad)}"
             )
-        if sig.map_default is not None and sig.map_default not in _STATES:
-            return f"map_default must be a machine state ({', '.join(_STATES)})"
-    if name in CANONICAL_SIGNALS and name.endswith("_count") and sig.map is not None:
+        if sig.map_default is not None and not _valid(name, sig.map_default):
+            return f"map_default must be a machine state ({', '.join(DEVICE_STATES)})"
+    if name in COUNT_SIGNALS and sig.map is not None:
         return "a counter cannot have a map; use scale/offset"
     if (sig.mode is not None or sig.wrap is not None) and name not in COUNTER_SIGNALS:
         return (
             "mode and wrap belong to a counter signal "
-            f"({', '.join(sorted(COUNTER_SIGNALS))}), not to {name!r}"
+            f"({', '.join(COUNTER_SIGNALS)}), not to {name!r}"
         )
+    if name in TYPED_SIGNALS and name != "state" and sig.map is not None:
+        outputs = [*sig.map.values(), *([] if sig.map_default is None else [sig.map_default])]
+        for value in outputs:
+            try:
+                normalise(name, value)
+            except ValueError as exc:
+                return f"map value {value!r}: {exc}"
     return None
+
+
+def _valid(signal: str, value: object) -> bool:
+    try:
+        normalise(signal, value)
+    except ValueError:
+        return False
+    return True
 
 
 def _tracker_settings(poll_interval: float, *layers: TrackerConfig | None) -> TrackerSettings:

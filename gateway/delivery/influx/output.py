@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from gateway.config.loader import GatewayPlan
 from gateway.core.model import Location, Sample
 from gateway.core.routing import Route
+from gateway.core.vocabulary import PERSONAL_SIGNALS
 from gateway.delivery.influx.sink import (
     SINK_NAME,
     EnvelopeSink,
@@ -17,9 +18,6 @@ from gateway.delivery.influx.sink import (
 )
 from gateway.delivery.registry import Output, OutputKind, TelemetryEncoder, Wiring
 
-#: Signals that identify a person; they never go into the history.
-PERSONAL_SIGNALS = frozenset({"operator"})
-
 
 class _Lines:
     """A machine's telemetry as line protocol (one :class:`TelemetryLine` per machine)."""
@@ -27,6 +25,7 @@ class _Lines:
     __slots__ = ("_line",)
 
     def __init__(self, order_tag: bool) -> None:
+        # Signals that identify a person never go into the history.
         self._line = TelemetryLine(PERSONAL_SIGNALS, order_tag=order_tag)
 
     def encode(

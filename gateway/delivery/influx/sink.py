@@ -46,7 +46,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import structlog
 
 from gateway.config.influx import InfluxConfig
-from gateway.core.model import Event, Location, MachineState, Quality, Sample
+from gateway.core.events import TIME_FIELDS
+from gateway.core.model import Event, Location, Quality, Sample
+from gateway.core.vocabulary import MachineState
 from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
 from gateway.delivery.sink import Accepts, Cause, RunnerSettings, SinkLog, SinkRunner, describe
 
@@ -193,9 +195,12 @@ def envelope_point(payload: bytes) -> Point | None:
     site, area, line, machine = source[-4:]
     # The envelope writes times as ISO strings; the history keeps them as epoch numbers,
     # the same as points made from events directly (a field must keep one type).
+    # Only the fields the event type declares as times (not any text that looks like one:
+    # an order id may).
+    times = TIME_FIELDS.get(type_, frozenset())
     fields: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, str) and _looks_like_time(value):
+        if key in times and isinstance(value, str) and _looks_like_time(value):
             try:
                 fields[key] = _parse_time(value)
                 continue

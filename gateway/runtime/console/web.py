@@ -30,6 +30,7 @@ from gateway.contract.envelope import Topics
 from gateway.core.model import Event, Location
 from gateway.core.routing import RouteRules
 from gateway.core.tracker import CommandResult
+from gateway.core.vocabulary import OPERATORS_KEY, PERSONAL_SIGNALS
 from gateway.runtime.commands import Command, handle
 from gateway.runtime.console.feed import PUSH_INTERVAL, ConsoleFeed, MachineFeed
 from gateway.runtime.console.models import (
@@ -57,7 +58,7 @@ MAX_STREAMS = 16
 #: Seconds between comments on an idle stream (proxies and tablets drop silent ones).
 KEEPALIVE = 15.0
 #: Keys never shown: who worked on an order is personal data, which stays in the tracker.
-PERSONAL_KEYS = frozenset({"operator", "operators"})
+PERSONAL_KEYS = PERSONAL_SIGNALS | {OPERATORS_KEY}
 PAGES = ("/", "/machines/{machine}", "/orders", "/deliveries", "/config")
 STATIC_TYPES = {
     ".html": "text/html",
