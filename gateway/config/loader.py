@@ -41,6 +41,7 @@ from pydantic import (
 from gateway.config.influx import InfluxConfig
 from gateway.config.listen import parse_listen
 from gateway.config.protocols import ProtocolSpec, installed
+from gateway.config.telemetry import TelemetryPlan, TelemetrySection
 from gateway.config.yamlsource import (
     Located,
     Path_,
@@ -59,6 +60,7 @@ from gateway.core.routing import (
     machine_visible,
 )
 from gateway.core.signals import SignalConfig
+from gateway.core.telemetry import PublishRule, TelemetryConfig, resolve
 from gateway.core.tracker import COUNTER_SIGNALS, TrackerSettings
 
 #: Built-in profiles shipped with the project.
@@ -300,6 +302,8 @@ class ProfileConfig(_Model):
     #: Connection defaults shared by every machine of the profile (word order, namespace
     #: aliases, browse root); a machine's own ``connection`` keys win.
     connection: dict[str, Any] = Field(default_factory=dict)
+    #: When the profile's signals go out as MQTT telemetry (a signal's own block wins).
+    telemetry: TelemetryConfig | None = None
     signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
 
@@ -314,6 +318,8 @@ class MachineConfig(_Model):
     connection: dict[str, Any]
     poll_interval: float | None = Field(default=None, ge=0.05, le=3600)
     tracker: TrackerConfig | None = None
+    #: When this machine's signals go out as MQTT telemetry (over the profile's rule).
+    telemetry: TelemetryConfig | None = None
     signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
 
@@ -333,6 +339,9 @@ class Config(_Model):
     health: HealthConfig = HealthConfig()
     #: Optional history in InfluxDB (v2 write API); null = off.
     influxdb: InfluxConfig | None = None
+    #: Tag values over MQTT to destinations that admit ``telemetry``: QoS, retain, and
+    #: the default publish rule of every signal.
+    telemetry: TelemetrySection = TelemetrySection()
     profile_dirs: list[str] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     machines: list[MachineConfig] = Field(min_length=1)
@@ -398,6 +407,8 @@ class MachinePlan:
     signals: Mapping[str, SignalConfig]
     poll_interval: float
     tracker: TrackerSettings
+    #: Telemetry publish rule per signal (signals left out follow the default rule).
+    telemetry: Mapping[str, PublishRule] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,6 +441,8 @@ class GatewayPlan:
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
+    #: QoS and retain flag of MQTT telemetry.
+    telemetry: TelemetryPlan = field(default_factory=TelemetryPlan)
 
 
 class ConfigError(Exception):
@@ -887,6 +900,7 @@ def _compile(
         console_scope=config.health.commands_as,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
+        telemetry=TelemetryPlan(config.telemetry.qos, config.telemetry.retain),
     )
 
 
@@ -1365,6 +1379,7 @@ def _compile_machine(
     )
     if rules:
         tracker = replace(tracker, counter_rules=rules)
+    telemetry = _telemetry_rules(config, m, profile, signals, merged, errors)
     if len(errors) != n_errors or connection is None:
         return None
     return MachinePlan(
@@ -1378,7 +1393,38 @@ def _compile_machine(
         signals=signals,
         poll_interval=poll or DEFAULT_POLL_INTERVAL,
         tracker=tracker,
+        telemetry=telemetry,
     )
+
+
+#: Resolved publish rules, shared: 500 machines x 30 signals mostly hold the same few.
+_RULES: dict[PublishRule, PublishRule] = {}
+
+
+def _telemetry_rules(
+    config: Config,
+    m: MachineConfig,
+    profile: _ProfileSource | None,
+    signals: Mapping[str, SignalConfig],
+    merged: Mapping[str, tuple[dict[str, Any] | None, Located, Path_, bool]],
+    errors: list[SourceError],
+) -> dict[str, PublishRule]:
+    """Each signal's telemetry rule: gateway, profile, machine, then the signal's own keys."""
+    general = (config.telemetry, profile.profile.telemetry if profile else None, m.telemetry)
+    rules: dict[str, PublishRule] = {}
+    for name, sig in signals.items():
+        rule = resolve(*general, sig.telemetry, deadband=sig.deadband)
+        problem = rule.problem()
+        if problem is not None:
+            _, ssrc, spath, _ = merged[name]
+            errors.append(
+                SourceError(
+                    ssrc.file, ssrc.line_of(spath), format_path((*spath, "telemetry")), problem
+                )
+            )
+            continue
+        rules[name] = _RULES.setdefault(rule, rule)
+    return rules
 
 
 _STATES = [s.value for s in MachineState if s is not MachineState.OFFLINE]
