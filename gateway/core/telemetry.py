@@ -153,18 +153,18 @@ def changed_enough(rule: PublishRule, last: Value, value: Value) -> bool:
 class TelemetryFilter:
     """The publish state of one machine: feed it every poll, it returns the samples due."""
 
-    __slots__ = ("_every", "_last", "_rules", "default")
+    __slots__ = ("_every", "_last", "default", "rules")
 
     def __init__(
         self, rules: Mapping[str, PublishRule] | None = None, default: PublishRule = DEFAULT_RULE
     ) -> None:
         """Rules per signal; signals without one follow ``default``."""
-        self._rules = dict(rules or {})
+        self.rules = dict(rules or {})
         self.default = default
         self._last: dict[str, _Last] = {}
         # The common fast case: every signal is published on every poll.
         self._every = default.mode == "every_poll" and all(
-            r == default for r in self._rules.values()
+            r == default for r in self.rules.values()
         )
 
     def due(self, samples: Sequence[Sample], now: float) -> list[Sample]:
@@ -172,7 +172,7 @@ class TelemetryFilter:
         if self._every and not self.default.min_interval:
             return list(samples)
         out: list[Sample] = []
-        rules = self._rules
+        rules = self.rules
         default = self.default
         last_of = self._last
         for sample in samples:

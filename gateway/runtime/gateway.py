@@ -83,6 +83,7 @@ from gateway.runtime.health import HealthServer
 from gateway.runtime.loopwatch import LoopWatch
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.systemd import Notifier
+from gateway.runtime.telemetry import TelemetryOutput
 
 log = structlog.get_logger(__name__)
 
@@ -325,6 +326,8 @@ class Gateway:
                 delayed_after=ob.delayed_after,
                 batch_topic=batch_topic(self.topics) if d.route.batch else None,
                 secret=secret,
+                # broker.max_queue bounds what waits in memory (telemetry first to go).
+                max_memory=d.broker.max_queue,
             )
             pub = MqttPublisher(
                 broker_settings(plan, self.topics, self.started_at, d, clock),
@@ -335,6 +338,16 @@ class Gateway:
             self.publishers[d.name] = pub
             self.queues[d.name] = q
         self._secret = secret
+        # --- MQTT telemetry (gateway.runtime.telemetry): destinations that admit it.
+        self.mqtt_telemetry = TelemetryOutput(
+            self.destinations,
+            self.queues,
+            self.topics,
+            plan.telemetry,
+            gateway_id=plan.gateway_id,
+            secret=secret,
+        )
+        self.mqtt_telemetry.configure(plan.machines)
         #: The history sink reads the outbox like a destination, so an outage loses nothing.
         self.influx: SinkRunner[Any] | None = None
         self._influx_sinks: list[InfluxSink] = []
@@ -754,6 +767,7 @@ class Gateway:
             self.locations[machine] = plan.location
             self._start_device(m)
         self.plan = new
+        self.mqtt_telemetry.configure(new.machines)  # --- MQTT telemetry: new rules
         self.metrics.configure(fresh)
         self.feed.configure(fresh)
         self.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])
@@ -796,6 +810,8 @@ class Gateway:
                 dropped_total=pub.dropped,
                 limit=self._outbox_limit,
             )
+        if self.mqtt_telemetry.active:
+            self.metrics.telemetry(self.mqtt_telemetry.submitted, self.mqtt_telemetry.dropped())
         for c in self.listeners:
             self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
         for runner in (self.influx, self.telemetry):
@@ -1005,6 +1021,8 @@ class Gateway:
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
         self.feed.samples(m.plan.id, mapped)
+        if self.mqtt_telemetry.active:  # --- MQTT telemetry: the poll's due values
+            self.mqtt_telemetry.observe(m.plan, mapped, now)
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:

@@ -33,6 +33,10 @@ LINE1 = RouteRules(machines=("sew-0*",), event_types=("order.*", "machine.state.
         (LINE1, Subject("cut-01", "state"), False),
         (LINE1, Subject("sew-01", "telemetry"), False),
         (RouteRules(event_types=("telemetry",)), Subject("m", "telemetry"), True),
+        # Telemetry is opt-in: no rules, or a glob matching every event, do not admit it.
+        (RouteRules(), Subject("m", "telemetry"), False),
+        (RouteRules(event_types=("*",)), Subject("m", "telemetry"), False),
+        (RouteRules(event_types=("*", "telemetry")), Subject("m", "telemetry"), True),
         (ACME, Subject("m", "event", "order.started", "PO-1", "acme"), True),
         (ACME, Subject("m", "event", "order.started", "PO-1", "globex"), False),
         (ACME, Subject("m", "event", "order.started", "PO-1", None), False),
