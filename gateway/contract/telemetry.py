@@ -63,6 +63,18 @@ class TelemetryMessage(_Outbound):
 _text = encode_basestring  # a JSON string literal of a str (the C version when built)
 
 
+#: ``"name":{"value":`` per signal name, built once (names repeat on every poll).
+_KEYS: dict[str, str] = {}
+_MAX_KEYS = 100_000
+
+
+def _key(signal: str) -> str:
+    text = f'{_text(signal)}:{{"value":'
+    if len(_KEYS) < _MAX_KEYS:
+        _KEYS[signal] = text
+    return text
+
+
 def _json_value(value: Value) -> str | None:
     """A JSON literal of a device value; ``None`` for a non-finite number."""
     kind = type(value)
@@ -100,6 +112,7 @@ def encode_telemetry(
     """
     parts: list[str] = []
     append = parts.append
+    keys = _KEYS
     last_key: tuple[float, object] | None = None
     tail = ""
     for s in samples:
@@ -108,14 +121,24 @@ def encode_telemetry(
             if rewrite is None:
                 continue
             value = rewrite(s)
-        literal = _json_value(value)
-        if literal is None:
-            literal, quality = "null", Quality.BAD
+        kind = type(value)
+        # The common kinds inline; the rest (and non-finite floats) through _json_value.
+        if kind is int:
+            literal: str | None = str(value)
+        elif kind is float and value - value == 0.0:  # type: ignore[operator]
+            literal = repr(value)
+        else:
+            literal = _json_value(value)
+            if literal is None:
+                literal, quality = "null", Quality.BAD
         if (t, quality) != last_key:
             # The values of one poll mostly share their source time and quality.
             last_key = (t, quality)
             tail = f',"quality":"{quality.value}","source_time":"{format_time(t)}"}}'
-        append(f'{_text(signal)}:{{"value":{literal}{tail}')
+        key = keys.get(signal)
+        if key is None:
+            key = _key(signal)
+        append(key + literal + tail)
     if not parts:
         return None
     head = (

@@ -144,7 +144,13 @@ def state_view(
 
 
 def idle_operator_policies(routes: Iterable[Route], badge_machines: Iterable[str]) -> list[str]:
-    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed."""
+    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed.
+
+    A badge reaches a destination three ways, all gated by the machine rule alone: the
+    ``operators`` of order events and of the retained state (which goes wherever the machine
+    is visible, whatever ``event_types`` say), and the ``operator`` value of telemetry. So a
+    policy acts exactly when the destination sees a machine that maps ``operator``.
+    """
     machines = list(badge_machines)
     out = []
     for r in routes:

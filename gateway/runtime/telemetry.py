@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+import structlog
+
 from gateway.config.loader import DestinationPlan, MachinePlan
 from gateway.config.telemetry import TelemetryPlan
 from gateway.contract.envelope import Topics
@@ -31,6 +33,8 @@ from gateway.core.routing import OPERATOR_KEY, OperatorPolicy, Subject, accepts,
 from gateway.core.telemetry import TelemetryFilter
 from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.outbox import OutboxQueue
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,8 @@ class TelemetryOutput:
         self._targets: dict[str, list[_Target]] = {}
         #: Telemetry messages handed to each destination's queue.
         self.submitted: dict[str, int] = {d.name: 0 for d in self._destinations}
+        #: Destinations dropping telemetry right now, with the count at the episode's start.
+        self._overflowing: dict[str, int] = {}
 
     @property
     def active(self) -> bool:
@@ -113,8 +119,27 @@ class TelemetryOutput:
             payload = encoded[key]
             if payload is None:
                 continue
-            t.queue.push_telemetry(Message(topic, payload, self._qos, self._retain))
+            dropped = t.queue.push_telemetry(Message(topic, payload, self._qos, self._retain))
             self.submitted[t.name] += 1
+            if dropped or t.name in self._overflowing:
+                self._overflow(t, dropped)
+
+    def _overflow(self, t: _Target, dropped: int) -> None:
+        """Log a destination's telemetry overflow once per episode, not per message."""
+        total = t.queue.dropped_telemetry
+        start = self._overflowing.get(t.name)
+        if dropped and start is None:
+            self._overflowing[t.name] = total - dropped
+            log.warning(
+                "telemetry.dropping",
+                destination=t.name,
+                detail="memory (max_queue) full: the oldest telemetry goes first; events wait "
+                "in the outbox",
+                dropped_total=total,
+            )
+        elif not dropped and start is not None:
+            del self._overflowing[t.name]
+            log.info("telemetry.dropping_ended", destination=t.name, dropped=total - start)
 
     def _encode(
         self, plan: MachinePlan, due: Sequence[Sample], now: float, policy: OperatorPolicy | None

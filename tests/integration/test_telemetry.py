@@ -9,10 +9,13 @@ only. The values go out on change, QoS 1 and retained, so a late subscriber gets
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import itertools
 import json
+import re
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +25,14 @@ from simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
 from tests.gatewayproc import events, gateway_process, short
+from tests.integration.test_delivery import (
+    SCRIPTS,
+    check_stream,
+    completed,
+    progress_seen,
+    stations,
+    unique,
+)
 
 PREFIX = "tele"
 SITE = "plant-1"
@@ -145,3 +156,79 @@ async def test_telemetry_reaches_each_destination_under_its_operator_policy(
     assert any(short(e) == "order.started" for e in events(seen["portal"]))
     assert not events(seen["pay"])
     assert not [m for m in seen["portal"] if "/event/machine." in m.topic]
+
+
+async def test_an_outage_drops_oldest_telemetry_and_no_event(tmp_path: Path) -> None:
+    """Three stations publish every value every 50 ms to a broker that goes away for 4 s:
+    more telemetry than ``max_queue`` holds piles up. The oldest telemetry is dropped and
+    counted; every event arrives, in order, once the broker is back."""
+    broker = MosquittoBroker(tmp_path / "mosquitto")
+    ports = {name: free_port() for name in SCRIPTS}
+    health = free_port()
+    destination = {
+        "name": "plant",
+        "host": broker.host,
+        "port": broker.port,
+        "keepalive": 5,
+        "max_queue": 100,
+        "routing": {"event_types": ["*", "telemetry"]},
+    }
+    lines = [
+        f"gateway: {{id: gw-tele, site: {SITE}, topic_prefix: {PREFIX}}}",
+        f"health: {{listen: '127.0.0.1:{health}', console: false}}",
+        f"state_dir: {tmp_path / 'state'}",
+        "logging: {level: info, format: json}",
+        "tracker: {progress_step_percent: 10, progress_interval: 5}",
+        "telemetry: {publish: every_poll}",
+        "destinations:",
+        f"  - {json.dumps(destination)}",
+        "machines:",
+    ]
+    for i, (name, port) in enumerate(ports.items()):
+        lines.append(
+            f"  - {{id: {name}, area: sewing, line: line-{1 + i % 2}, profile: sewing-station,"
+            f" poll_interval: 0.05,"
+            f" connection: {{protocol: modbus, host: 127.0.0.1, port: {port}, timeout: 0.5}}}}"
+        )
+    config = tmp_path / "gw.yaml"
+    config.write_text("\n".join(lines) + "\n")
+    broker.start()
+    try:
+        async with (
+            Subscriber(broker.host, broker.port, f"{PREFIX}/#", session="platform") as sub,
+            SimulatedFloor(stations(ports)) as floor,
+            gateway_process(config, tmp_path / "gw.log"),
+        ):
+            await sub.wait_for(progress_seen, timeout=20)
+            before = len([m for m in sub.messages if m.topic.endswith("/telemetry")])
+            assert before > 0
+            broker.stop()
+            # The outage itself: 3 stations x 20 polls a second for 4 s is 240 messages.
+            await asyncio.sleep(4.0)
+            broker.start()
+            await floor.wait_finished(timeout=40)
+            truth = {s.name: dict(s.model.truth) for s in floor.stations}
+            await sub.wait_for(completed(truth), timeout=30)
+            evs, _ = unique(events(sub.messages))
+            check_stream(evs, truth)
+            metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{health}/metrics")
+    finally:
+        broker.stop()
+    dropped = _metric(metrics, "shopfloor_destination_telemetry_dropped_total")
+    queued = _metric(metrics, "shopfloor_destination_telemetry_total")
+    assert dropped >= 100, metrics
+    assert queued > dropped
+    log = (tmp_path / "gw.log").read_text()
+    assert '"telemetry.dropping"' in log and '"telemetry.dropping_ended"' in log
+    assert "Traceback" not in log
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()  # type: ignore[no-any-return]
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf'^{name}\{{destination="plant"\}} (\S+)$', text, re.M)
+    assert m, name
+    return float(m.group(1))
