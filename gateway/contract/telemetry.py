@@ -123,14 +123,17 @@ def encode_telemetry(
             value = rewrite(s)
         kind = type(value)
         # The common kinds inline; the rest (and non-finite floats) through _json_value.
+        literal: str
         if kind is int:
-            literal: str | None = str(value)
+            literal = str(value)
         elif kind is float and value - value == 0.0:  # type: ignore[operator]
             literal = repr(value)
         else:
-            literal = _json_value(value)
-            if literal is None:
+            text = _json_value(value)
+            if text is None:
                 literal, quality = "null", Quality.BAD
+            else:
+                literal = text
         if (t, quality) != last_key:
             # The values of one poll mostly share their source time and quality.
             last_key = (t, quality)
