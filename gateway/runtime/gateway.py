@@ -767,7 +767,7 @@ class Gateway:
             self.locations[machine] = plan.location
             self._start_device(m)
         self.plan = new
-        self.mqtt_telemetry.configure(new.machines)  # --- MQTT telemetry: new rules
+        self.mqtt_telemetry.configure(new.machines, new.telemetry)  # --- MQTT telemetry
         self.metrics.configure(fresh)
         self.feed.configure(fresh)
         self.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])

@@ -77,12 +77,16 @@ class TelemetryOutput:
         """Whether any destination admits telemetry at all."""
         return bool(self._destinations)
 
-    def configure(self, machines: Iterable[MachinePlan]) -> None:
+    def configure(
+        self, machines: Iterable[MachinePlan], settings: TelemetryPlan | None = None
+    ) -> None:
         """(Re)build the rules and destinations of changed machines; forget removed ones.
 
         A machine whose rules stay the same keeps its filter, so a reload does not send
-        every value again.
+        every value again. ``settings``: new QoS and retain flag (a reload).
         """
+        if settings is not None:
+            self._qos, self._retain = settings.qos, settings.retain
         fresh = {m.id: m for m in machines}
         for machine in list(self._filters):
             if machine not in fresh:

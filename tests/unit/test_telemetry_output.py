@@ -197,9 +197,12 @@ def test_reload_keeps_unchanged_filters_and_rebuilds_changed_ones() -> None:
     out.configure([changed])
     out.observe(changed, [_s("x", 1)], T + 2)
     assert len(queues["plant"].got) == 2
-    out.configure([])
+    out.configure([changed], TelemetryPlan(qos=1, retain=True))
     out.observe(changed, [_s("x", 1)], T + 3)
-    assert len(queues["plant"].got) == 2
+    assert (queues["plant"].got[-1].qos, queues["plant"].got[-1].retain) == (1, True)
+    out.configure([])
+    out.observe(changed, [_s("x", 1)], T + 4)
+    assert len(queues["plant"].got) == 3
 
 
 def _tele(n: int) -> Message:
