@@ -900,7 +900,9 @@ def _compile(
         console_scope=config.health.commands_as,
         log_levels=dict(config.logging.levels),
         influxdb=config.influxdb,
-        telemetry=TelemetryPlan(config.telemetry.qos, config.telemetry.retain),
+        telemetry=TelemetryPlan(
+            config.telemetry.qos, config.telemetry.retain, config.telemetry.max_queue_mib
+        ),
     )
 
 

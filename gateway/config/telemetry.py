@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from pydantic import Field
+
 from gateway.core.telemetry import TelemetryConfig
 
 
@@ -18,6 +20,9 @@ class TelemetrySection(TelemetryConfig):
     qos: Literal[0, 1] = 0
     #: Publish telemetry retained, so a late subscriber gets each machine's last message.
     retain: bool = False
+    #: Payload MiB of telemetry each destination holds in memory at most (with the count
+    #: bound ``max_queue`` of its broker); past either the oldest telemetry is dropped.
+    max_queue_mib: float = Field(default=16.0, ge=0.1, le=4096)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,12 @@ class TelemetryPlan:
 
     qos: Literal[0, 1] = 0
     retain: bool = False
+    max_queue_mib: float = 16.0
+
+    @property
+    def max_queue_bytes(self) -> int:
+        """``max_queue_mib`` in bytes."""
+        return round(self.max_queue_mib * 1024 * 1024)
 
 
 __all__ = ["TelemetryPlan", "TelemetrySection"]

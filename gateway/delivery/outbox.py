@@ -1652,6 +1652,7 @@ class OutboxQueue:
         batch_max: int = 100,
         secret: bytes | None = None,
         max_memory: int = 10_000,
+        max_telemetry_bytes: int | None = None,
     ) -> None:
         """Create the queue; ``batch_topic`` is required when ``route.batch`` is set."""
         if route.batch and not batch_topic:
@@ -1669,6 +1670,9 @@ class OutboxQueue:
         self._batch_max = batch_max
         self._secret = secret
         self._max_memory = max_memory
+        #: Payload bytes of unsent telemetry held at most (``None``: only the count bounds).
+        self._max_tele_bytes = max_telemetry_bytes
+        self._tele_bytes = 0
         self._rows: deque[Row] = deque()
         self._cursor = 0
         self._fetching = False
@@ -1764,21 +1768,27 @@ class OutboxQueue:
         self._last_mem_key = key
         if msg.retain and (old := self._retained.get(msg.topic)) is not None:
             # Moves to the new position: it must follow the events committed before it.
-            self._mem.pop(old, None)
-            self._tele.pop(old, None)
+            replaced = self._mem.pop(old, None)
+            if self._tele.pop(old, 0) is None and replaced is not None:
+                self._tele_bytes -= len(replaced.payload)
         self._mem[key] = msg
         if msg.retain:
             self._retained[msg.topic] = key
         if telemetry:
             self._tele[key] = None
+            self._tele_bytes += len(msg.payload)
         dropped = 0
-        while len(self._mem) > self._max_memory:
+        limit = self._max_tele_bytes
+        while len(self._mem) > self._max_memory or (
+            limit is not None and self._tele_bytes > limit and self._tele
+        ):
             # The oldest telemetry goes first: a state snapshot or a status is one per
             # topic (coalesced) and says more than one more reading of a value.
             if self._tele:
                 victim = next(iter(self._tele))
                 del self._tele[victim]
                 self.dropped_telemetry += 1
+                self._tele_bytes -= len(self._mem[victim].payload)
             else:
                 victim = next(iter(self._mem))
             old_msg = self._mem.pop(victim)
@@ -1800,6 +1810,7 @@ class OutboxQueue:
                     del self._retained[msg.topic]
                 if self._tele and self._tele.pop(mkey, 0) is None:
                     self._tele_sent.add(mkey)
+                    self._tele_bytes -= len(msg.payload)
                 self._inflight[mkey] = msg
                 return mkey, msg
         if not self._rows:
@@ -1858,9 +1869,9 @@ class OutboxQueue:
                 if msg.retain:
                     self._retained[msg.topic] = key
             if self._tele_sent:
-                self._tele = dict.fromkeys(
-                    sorted([*self._tele, *(k for k, _ in mem if k in self._tele_sent)])
-                )
+                back = [(k, m) for k, m in mem if k in self._tele_sent]
+                self._tele = dict.fromkeys(sorted([*self._tele, *(k for k, _ in back)]))
+                self._tele_bytes += sum(len(m.payload) for _, m in back)
         self._tele_sent.clear()
 
     def oldest_key(self) -> int | None:

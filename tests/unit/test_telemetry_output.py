@@ -268,3 +268,22 @@ def test_broker_max_queue_bounds_each_destinations_memory(tmp_path: Path) -> Non
     assert gw.queues["b"]._max_memory == 100_000
     assert gw.mqtt_telemetry.active
     assert [t.name for t in gw.mqtt_telemetry._targets["m1"]] == ["b"]
+
+
+async def test_telemetry_bytes_are_bounded_too(tmp_path: Path) -> None:
+    """Big telemetry messages hit the byte bound long before the count bound."""
+    async with test_outbox.running(tmp_path / "ob.db", ["a"]) as ob:
+        q = OutboxQueue(ob, Route("a"), max_memory=1000, max_telemetry_bytes=2500)
+        ob._queues.append(q)
+        q.start()
+        big = b"x" * 1000
+        for n in range(5):
+            q.push_telemetry(Message("t/m1/telemetry", big + str(n).encode(), 0, False))
+        # 2 of 1,001 bytes fit in 2,500: the three oldest are gone.
+        assert q.dropped_telemetry == 3
+        got = [q.take(), q.take(), q.take()]
+        assert [m[1].payload[-1:] for m in got if m is not None] == [b"3", b"4"]
+        # Taken messages no longer count: two more fit again.
+        for n in range(5, 7):
+            q.push_telemetry(Message("t/m1/telemetry", big + str(n).encode(), 0, False))
+        assert q.dropped_telemetry == 3
