@@ -60,7 +60,7 @@ from gateway.core.routing import (
     machine_visible,
 )
 from gateway.core.signals import SignalConfig
-from gateway.core.telemetry import PublishRule, TelemetryConfig, resolve
+from gateway.core.telemetry import DEFAULT_RULE, PublishRule, TelemetryConfig, resolve
 from gateway.core.tracker import COUNTER_SIGNALS, TrackerSettings
 
 #: Built-in profiles shipped with the project.
@@ -409,6 +409,8 @@ class MachinePlan:
     tracker: TrackerSettings
     #: Telemetry publish rule per signal (signals left out follow the default rule).
     telemetry: Mapping[str, PublishRule] = field(default_factory=dict)
+    #: The rule of values no signal config names (a state derived from the counters).
+    telemetry_default: PublishRule = DEFAULT_RULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -1382,6 +1384,7 @@ def _compile_machine(
     if rules:
         tracker = replace(tracker, counter_rules=rules)
     telemetry = _telemetry_rules(config, m, profile, signals, merged, errors)
+    general = resolve(config.telemetry, profile.profile.telemetry if profile else None, m.telemetry)
     if len(errors) != n_errors or connection is None:
         return None
     return MachinePlan(
@@ -1396,6 +1399,7 @@ def _compile_machine(
         poll_interval=poll or DEFAULT_POLL_INTERVAL,
         tracker=tracker,
         telemetry=telemetry,
+        telemetry_default=_RULES.setdefault(general, general),
     )
 
 

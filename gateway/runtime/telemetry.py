@@ -95,8 +95,8 @@ class TelemetryOutput:
         for machine, plan in fresh.items():
             old = self._filters.get(machine)
             rules = dict(plan.telemetry)
-            if old is None or old.rules != rules:
-                self._filters[machine] = TelemetryFilter(rules)
+            if old is None or old.rules != rules or old.default != plan.telemetry_default:
+                self._filters[machine] = TelemetryFilter(rules, plan.telemetry_default)
             subject = Subject(machine, "telemetry")
             self._targets[machine] = [
                 _Target(d.name, self._queues[d.name], d.route.operator)

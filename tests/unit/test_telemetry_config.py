@@ -20,6 +20,9 @@ def test_example_resolves_rules_per_layer() -> None:
     press = machines["press-07"].telemetry
     # Profile every_poll, machine min_interval 5, top-level heartbeat.
     assert press["good_count"] == PublishRule("every_poll", min_interval=5.0, max_interval=60.0)
+    assert machines["press-07"].telemetry_default == PublishRule(
+        "every_poll", min_interval=5.0, max_interval=60.0
+    )
     # The signal's own block wins over the profile.
     assert press["oil_temp"] == PublishRule(
         "deadband", deadband_percent=2.0, min_interval=5.0, max_interval=60.0
