@@ -31,7 +31,7 @@ the later ones leave unset (:func:`resolve`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -77,6 +77,15 @@ class PublishRule:
     min_interval: float = 0.0
     #: 0 means no heartbeat.
     max_interval: float = 0.0
+    #: On change with no band and no timer: the common case, decided in one comparison.
+    plain: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        """Work out ``plain`` once."""
+        plain = self.mode == "on_change" and not (
+            self.deadband or self.deadband_percent or self.min_interval or self.max_interval
+        )
+        object.__setattr__(self, "plain", plain)
 
     def problem(self) -> str | None:
         """Why this combination cannot work (``None``: it can)."""
@@ -178,14 +187,26 @@ class TelemetryFilter:
         for sample in samples:
             signal = sample[1]
             rule = rules.get(signal, default)
-            if rule.mode == "never":
-                continue
             value = sample[2]
             quality = sample[4]
             last = last_of.get(signal)
             if last is None:
+                if rule.mode == "never":
+                    continue
                 last_of[signal] = _Last(value, quality, now)
                 out.append(sample)
+                continue
+            if rule.plain:
+                # Same outcome as the general path below for on_change without options.
+                before = last.value
+                if value == before and type(value) is type(before) and quality is last.quality:
+                    continue
+                last.value = value
+                last.quality = quality
+                last.time = now
+                out.append(sample)
+                continue
+            if rule.mode == "never":
                 continue
             age = now - last.time
             if rule.min_interval and age < rule.min_interval:

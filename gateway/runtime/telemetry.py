@@ -113,6 +113,8 @@ class TelemetryOutput:
         if not due:
             return
         topic = self._topics.telemetry(plan.location)
+        # Checked on the values themselves, not on the config: personal data must not
+        # slip out through a sample the config did not foresee.
         badge = any(s[1] == OPERATOR_KEY and s[2] is not None for s in due)
         encoded: dict[OperatorPolicy | None, bytes | None] = {}
         for t in targets:

@@ -146,3 +146,24 @@ def test_deadband_properties(values: list[float], band: float, heartbeat: float)
             assert abs(v - last) < band or v == last
         if due:
             last, last_t = v, float(t)
+
+
+values_and_qualities = st.lists(
+    st.tuples(
+        st.one_of(st.none(), st.booleans(), st.integers(-3, 3), st.sampled_from([0.0, 1.0, 2.5])),
+        st.sampled_from(list(Quality)),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(polls=values_and_qualities)
+def test_plain_on_change_agrees_with_the_general_rule(polls: list[tuple[object, Quality]]) -> None:
+    """The fast path of on_change without options decides as the general path does."""
+    plain = TelemetryFilter(default=PublishRule("on_change"))
+    general = TelemetryFilter(default=PublishRule("on_change", max_interval=1e9))
+    assert PublishRule("on_change").plain and not general.default.plain
+    for t, (value, quality) in enumerate(polls):
+        batch = [_s("x", value, quality)]
+        assert plain.due(batch, float(t)) == general.due(batch, float(t))
