@@ -113,10 +113,11 @@ def encode_telemetry(
     parts: list[str] = []
     append = parts.append
     keys = _KEYS
-    last_key: tuple[float, object] | None = None
+    last_t: float | None = None
+    last_q: Quality | None = None
     tail = ""
     for s in samples:
-        signal, value, t, quality = s[1], s[2], s[3], s[4]
+        _, signal, value, t, quality = s
         if signal == skip:
             if rewrite is None:
                 continue
@@ -134,13 +135,11 @@ def encode_telemetry(
                 literal, quality = "null", Quality.BAD
             else:
                 literal = text
-        if (t, quality) != last_key:
+        if t != last_t or quality is not last_q:
             # The values of one poll mostly share their source time and quality.
-            last_key = (t, quality)
+            last_t, last_q = t, quality
             tail = f',"quality":"{quality.value}","source_time":"{format_time(t)}"}}'
-        key = keys.get(signal)
-        if key is None:
-            key = _key(signal)
+        key = keys.get(signal) or _key(signal)
         append(key + literal + tail)
     if not parts:
         return None
