@@ -1670,8 +1670,9 @@ class OutboxQueue:
         self._batch_max = batch_max
         self._secret = secret
         self._max_memory = max_memory
-        #: Payload bytes of unsent telemetry held at most (``None``: only the count bounds).
-        self._max_tele_bytes = max_telemetry_bytes
+        #: Payload bytes of unsent telemetry held at most (``None``: only the count bounds);
+        #: may change while running (a reload).
+        self.max_telemetry_bytes = max_telemetry_bytes
         self._tele_bytes = 0
         self._rows: deque[Row] = deque()
         self._cursor = 0
@@ -1778,7 +1779,7 @@ class OutboxQueue:
             self._tele[key] = None
             self._tele_bytes += len(msg.payload)
         dropped = 0
-        limit = self._max_tele_bytes
+        limit = self.max_telemetry_bytes
         while len(self._mem) > self._max_memory or (
             limit is not None and self._tele_bytes > limit and self._tele
         ):

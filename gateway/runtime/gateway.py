@@ -326,10 +326,9 @@ class Gateway:
                 delayed_after=ob.delayed_after,
                 batch_topic=batch_topic(self.topics) if d.route.batch else None,
                 secret=secret,
-                # broker.max_queue bounds what waits in memory (telemetry first to go), and
-                # telemetry.max_queue_mib the telemetry's bytes.
+                # broker.max_queue bounds what waits in memory (telemetry first to go);
+                # TelemetryOutput adds telemetry.max_queue_mib for the telemetry's bytes.
                 max_memory=d.broker.max_queue,
-                max_telemetry_bytes=plan.telemetry.max_queue_bytes,
             )
             pub = MqttPublisher(
                 broker_settings(plan, self.topics, self.started_at, d, clock),

@@ -63,6 +63,7 @@ class TelemetryOutput:
         self._topics = topics
         self._qos = settings.qos
         self._retain = settings.retain
+        self._bytes = settings.max_queue_bytes
         self._gateway_id = gateway_id
         self._secret = secret
         self._filters: dict[str, TelemetryFilter] = {}
@@ -87,6 +88,9 @@ class TelemetryOutput:
         """
         if settings is not None:
             self._qos, self._retain = settings.qos, settings.retain
+            self._bytes = settings.max_queue_bytes
+        for d in self._destinations:
+            self._queues[d.name].max_telemetry_bytes = self._bytes
         fresh = {m.id: m for m in machines}
         for machine in list(self._filters):
             if machine not in fresh:

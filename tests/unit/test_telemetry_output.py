@@ -64,6 +64,7 @@ class _Queue:
     def __init__(self) -> None:
         self.got: list[Message] = []
         self.dropped_telemetry = 0
+        self.max_telemetry_bytes: int | None = None
 
     def push_telemetry(self, msg: Message) -> int:
         self.got.append(msg)
@@ -197,7 +198,8 @@ def test_reload_keeps_unchanged_filters_and_rebuilds_changed_ones() -> None:
     out.configure([changed])
     out.observe(changed, [_s("x", 1)], T + 2)
     assert len(queues["plant"].got) == 2
-    out.configure([changed], TelemetryPlan(qos=1, retain=True))
+    out.configure([changed], TelemetryPlan(qos=1, retain=True, max_queue_mib=2))
+    assert queues["plant"].max_telemetry_bytes == 2 * 1024 * 1024
     out.observe(changed, [_s("x", 1)], T + 3)
     assert (queues["plant"].got[-1].qos, queues["plant"].got[-1].retain) == (1, True)
     out.configure([])
@@ -266,6 +268,7 @@ def test_broker_max_queue_bounds_each_destinations_memory(tmp_path: Path) -> Non
     gw = Gateway(load_config(cfg, env={}))
     assert gw.queues["a"]._max_memory == 250
     assert gw.queues["b"]._max_memory == 100_000
+    assert gw.queues["b"].max_telemetry_bytes == 16 * 1024 * 1024
     assert gw.mqtt_telemetry.active
     assert [t.name for t in gw.mqtt_telemetry._targets["m1"]] == ["b"]
 
