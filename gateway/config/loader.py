@@ -41,7 +41,7 @@ from pydantic import (
 from gateway.config.influx import InfluxConfig
 from gateway.config.listen import parse_listen
 from gateway.config.protocols import ProtocolSpec, installed
-from gateway.config.telemetry import TelemetryPlan, TelemetrySection
+from gateway.config.telemetry import TelemetryPlan, TelemetrySection, idle_telemetry
 from gateway.config.yamlsource import (
     Located,
     Path_,
@@ -882,6 +882,12 @@ def _compile(
         warnings += [f"machine {mp.id}: {w}" for w in mp.protocol.warn(mp.connection)]
     badges = [mp.id for mp in machines if "operator" in mp.signals]
     warnings += idle_operator_policies((d.route for d in destinations), badges)
+    configured = (
+        bool(config.telemetry.model_fields_set)
+        or any(p.telemetry is not None for p in config.profiles.values())
+        or any(m.telemetry is not None for m in config.machines)
+    )
+    warnings += idle_telemetry(configured, (d.route.rules.event_types for d in destinations))
     return GatewayPlan(
         source=src.file,
         gateway_id=config.gateway.id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -39,4 +40,15 @@ class TelemetryPlan:
         return round(self.max_queue_mib * 1024 * 1024)
 
 
-__all__ = ["TelemetryPlan", "TelemetrySection"]
+def idle_telemetry(configured: bool, event_types: Iterable[Sequence[str]]) -> list[str]:
+    """A warning when telemetry rules are set but no destination admits telemetry."""
+    if not configured or any("telemetry" in types for types in event_types):
+        return []
+    return [
+        "telemetry: publish rules are set but no destination admits telemetry, so none is "
+        "sent; add telemetry to a destination's routing.event_types (a destinations: entry: "
+        "broker: has no routing)"
+    ]
+
+
+__all__ = ["TelemetryPlan", "TelemetrySection", "idle_telemetry"]

@@ -46,3 +46,24 @@ def test_signal_deadband_key_is_the_absolute_band(tmp_path: Path) -> None:
     assert plan.machines[0].telemetry["speed"] == PublishRule(
         "deadband", deadband=2.5, deadband_percent=5.0
     )
+
+
+def test_check_warns_when_no_destination_admits_configured_telemetry(tmp_path: Path) -> None:
+    def plan(extra: str, routing: str) -> list[str]:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text(
+            "gateway: {id: gw-1, site: plant-1}\n"
+            f"{extra}"
+            f"destinations: [{{name: a, host: 127.0.0.1{routing}}}]\n"
+            "machines:\n"
+            "  - id: m1\n    area: a\n    line: l\n"
+            "    connection: {protocol: modbus, host: 127.0.0.1, port: 5020}\n"
+            "    signals: {speed: {address: 1, type: uint16}}\n"
+        )
+        return [w for w in load_config(cfg, env={}).warnings if w.startswith("telemetry:")]
+
+    assert plan("telemetry: {publish: every_poll}\n", "")
+    assert plan("telemetry: {publish: every_poll}\n", ", routing: {event_types: ['*']}")
+    assert not plan("telemetry: {publish: every_poll}\n", ", routing: {event_types: [telemetry]}")
+    # Nothing set about telemetry: nothing to warn about.
+    assert not plan("", "")
