@@ -162,6 +162,7 @@ bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30 --window 20 --stages --name scale_stages
 	$(BIN)/python -m bench.history --devices 500,1000 --window 20
 	$(BIN)/python -m bench.scaling --gateways 4 --machines 125 --window 60 --depart 10
+	$(BIN)/python -m bench.telemetry --devices 500,2000 --window 15
 	$(BIN)/python -m bench.publish
 	$(BIN)/python -m bench.events
 	$(BIN)/python -m bench.scale_opcua

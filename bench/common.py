@@ -195,6 +195,9 @@ async def load_sim(workdir: Path, *args: str) -> AsyncIterator[LoadSim]:
             cwd=ROOT,
             stdout=asyncio.subprocess.PIPE,
             stderr=(workdir / "load.log").open("wb"),
+            # The ready line lists every device: past 64 KiB (about 1,500 devices) with
+            # the default stream limit.
+            limit=16 * 1024 * 1024,
         )
         assert proc.stdout is not None
         async with asyncio.timeout(30):

@@ -32,6 +32,8 @@ def schema_for(topic: str) -> str | None:
         return "state"
     if parts[-1] == "status":
         return "status"
+    if parts[-1] == "telemetry":
+        return "telemetry"
     if len(parts) >= 2 and parts[-2] == "event":
         return parts[-1]
     return None
@@ -44,7 +46,7 @@ def problems(topic: str, payload: bytes) -> list[str]:
         return []
     doc: Any = json.loads(payload)
     out = []
-    if name not in {"state", "status", "command-response"}:
+    if name not in {"state", "status", "command-response", "telemetry"}:
         out += [f"envelope: {e.message}" for e in _validator("envelope").iter_errors(doc)]
         doc = doc.get("data")
     out += [f"{name}: {e.message}" for e in _validator(name).iter_errors(doc)]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from gateway.config.models import Config
 from gateway.config.plans import GatewayPlan, MachinePlan
+from gateway.config.telemetry import TelemetryPlan, idle_telemetry
 from gateway.config.units.context import Unit
 from gateway.config.units.destinations import broker_warnings, command_owners, compile_destinations
 from gateway.config.units.health import compile_health
@@ -58,6 +59,12 @@ def compile_config(
     unit.warnings += idle_operator_policies(
         (d.route for d in destinations), [mp.id for mp in machines if OPERATOR_SIGNAL in mp.signals]
     )
+    configured = (
+        bool(config.telemetry.model_fields_set)
+        or any(p.telemetry is not None for p in config.profiles.values())
+        or any(m.telemetry is not None for m in config.machines)
+    )
+    unit.warnings += idle_telemetry(configured, (d.route.rules.event_types for d in destinations))
     return GatewayPlan(
         source=src.file,
         gateway_id=config.gateway.id,
@@ -79,6 +86,9 @@ def compile_config(
         log_levels=logging.levels,
         influxdb=influxdb,
         sparkplug=tuple(sparkplug),
+        telemetry=TelemetryPlan(
+            config.telemetry.qos, config.telemetry.retain, config.telemetry.max_queue_mib
+        ),
     )
 
 

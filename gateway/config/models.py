@@ -22,6 +22,8 @@ from pydantic import (
 
 from gateway.config.influx import InfluxConfig
 from gateway.config.listen import parse_listen
+from gateway.config.telemetry import TelemetrySection
+from gateway.core.telemetry import TelemetryConfig
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -98,9 +100,9 @@ class BrokerConfig(_Model):
     tls: TlsConfig | None = None
     #: MQTT protocol version.
     protocol: Literal["3.1.1", "5"] = "3.1.1"
-    #: Reserved: the bound of this broker's in-memory queue for MQTT telemetry (being added).
-    #: Events and state go through the durable outbox (``outbox.max_events``), which this
-    #: does not bound; today only a publisher built without the outbox (benchmarks) uses it.
+    #: Messages kept in memory per destination (telemetry, state, status) while the broker
+    #: is slow or unreachable; past it the oldest telemetry goes first (counted). Events
+    #: wait in the durable outbox (``outbox.max_events``) instead.
     max_queue: int = Field(default=100_000, ge=100, le=10_000_000)
     #: Accept plain TCP or anonymous MQTT to a broker on another machine (logged at start).
     allow_insecure: bool = False
@@ -312,6 +314,8 @@ class ProfileConfig(_Model):
     #: Connection defaults shared by every machine of the profile (word order, namespace
     #: aliases, browse root); a machine's own ``connection`` keys win.
     connection: dict[str, Any] = Field(default_factory=dict)
+    #: When the profile's signals go out as MQTT telemetry (a signal's own block wins).
+    telemetry: TelemetryConfig | None = None
     signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
 
@@ -326,6 +330,8 @@ class MachineConfig(_Model):
     connection: dict[str, Any]
     poll_interval: float | None = Field(default=None, ge=0.05, le=3600)
     tracker: TrackerConfig | None = None
+    #: When this machine's signals go out as MQTT telemetry (over the profile's rule).
+    telemetry: TelemetryConfig | None = None
     signals: dict[str, dict[str, Any] | None] = Field(default_factory=dict)
 
 
@@ -345,6 +351,9 @@ class Config(_Model):
     health: HealthConfig = HealthConfig()
     #: Optional history in InfluxDB (v2 write API); null = off.
     influxdb: InfluxConfig | None = None
+    #: Tag values over MQTT to destinations that admit ``telemetry``: QoS, retain, and
+    #: the default publish rule of every signal.
+    telemetry: TelemetrySection = TelemetrySection()
     profile_dirs: list[str] = Field(default_factory=list)
     profiles: dict[str, ProfileConfig] = Field(default_factory=dict)
     machines: list[MachineConfig] = Field(min_length=1)

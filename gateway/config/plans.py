@@ -18,10 +18,12 @@ from pydantic import BaseModel, SecretStr
 
 from gateway.config.influx import InfluxConfig
 from gateway.config.protocols import ProtocolSpec
+from gateway.config.telemetry import TelemetryPlan
 from gateway.core.backoff import Backoff
 from gateway.core.model import Location
 from gateway.core.routing import Route
 from gateway.core.signals import SignalConfig
+from gateway.core.telemetry import DEFAULT_RULE, PublishRule
 from gateway.core.tracker import TrackerSettings
 
 #: Packet ids in use at once must stay below MQTT's 65,535 (QoS 0 writes take one too).
@@ -148,6 +150,10 @@ class MachinePlan:
     signals: Mapping[str, SignalConfig]
     poll_interval: float
     tracker: TrackerSettings
+    #: Telemetry publish rule per signal (signals left out follow the default rule).
+    telemetry: Mapping[str, PublishRule] = field(default_factory=dict)
+    #: The rule of values no signal config names (a state derived from the counters).
+    telemetry_default: PublishRule = DEFAULT_RULE
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +186,8 @@ class GatewayPlan:
     influxdb: InfluxConfig | None = field(default=None, repr=False)
     #: Log level per component (logger name prefix).
     log_levels: Mapping[str, str] = field(default_factory=dict)
+    #: QoS and retain flag of MQTT telemetry.
+    telemetry: TelemetryPlan = field(default_factory=TelemetryPlan)
     #: The ``format: sparkplug`` destinations (not in ``destinations``: no outbox queue,
     #: no CloudEvents, no commands).
     sparkplug: tuple[DestinationPlan, ...] = field(default=())

@@ -28,6 +28,7 @@ from gateway.contract.envelope import (
     EVENT_TYPE_PREFIX,
     STATE_QOS,
     STATUS_QOS,
+    TELEMETRY_QOS,
     Topics,
     encode_event,
     encode_state,
@@ -42,6 +43,7 @@ from gateway.contract.models import (
     encode_response,
     schema_id,
 )
+from gateway.contract.telemetry import TelemetryMessage, encode_telemetry
 from gateway.contract.wire import redact_payload
 from gateway.core.model import Event, Location, Quality, Sample
 from gateway.core.tracker import MachineTracker, TrackerSettings
@@ -52,7 +54,8 @@ ASYNCAPI_VERSION = "3.0.0"
 MQTT_BINDING_VERSION = "0.2.0"
 #: ``info.version`` of the AsyncAPI document: major = contract version, minor = additions.
 #: Minor 1: order.completed ``rule`` and ``device_ended``; gap fields on order events.
-API_VERSION = f"{contract.CONTRACT_VERSION}.1.0"
+#: Minor 2: the telemetry payload.
+API_VERSION = f"{contract.CONTRACT_VERSION}.2.0"
 ASYNCAPI_FILE = "asyncapi.json"
 EXAMPLES_FILE = "examples.json"
 
@@ -63,6 +66,10 @@ EXAMPLE_EPOCH = 1_795_852_800_000
 EXAMPLE_LOCATION = Location(site="plant1", area="sewing", line="line-2", machine="sew-07")
 EXAMPLE_VERSION = "0.1.0"
 _T0 = datetime(2026, 11, 22, 6, 0, tzinfo=UTC).timestamp()
+
+#: Every payload with a published schema: the contract models plus the telemetry message
+#: (its own module, :mod:`gateway.contract.telemetry`).
+SCHEMAS: dict[str, type[Any]] = {**PAYLOADS, "telemetry": TelemetryMessage}
 
 _DOC_EXAMPLE = re.compile(
     r"(<!-- example: (?P<name>[A-Za-z0-9_.-]+) -->\n```json\n)(?P<body>.*?)(\n```)", re.DOTALL
@@ -95,7 +102,7 @@ def _tidy(node: Any) -> Any:
 def json_schemas() -> dict[str, dict[str, Any]]:
     """One JSON Schema 2020-12 per payload, keyed by name; ``$id`` is its URN."""
     out: dict[str, dict[str, Any]] = {}
-    for name, model in PAYLOADS.items():
+    for name, model in SCHEMAS.items():
         body = _tidy(model.model_json_schema(by_alias=True, mode="validation"))
         out[name] = {"$schema": JSON_SCHEMA_DIALECT, "$id": schema_id(name), **body}
     return out
@@ -273,11 +280,30 @@ def example_messages() -> dict[str, dict[str, Any]]:
             reason="connection lost",
         )
     )
+    out["telemetry"] = _telemetry_example()
     for name in COMMANDS:
         name_, doc, answer = next(x for x in exchanges if x[0] == name)
         out[name_] = doc
         out[f"{name_}-response"] = json.loads(answer)
     return out
+
+
+def _telemetry_example() -> dict[str, Any]:
+    """One poll of a sewing station on change: the values that moved, a bad read, the badge
+    as the pseudonymise policy sends it."""
+    t = _T0 + 1800.25
+    samples = [
+        Sample(EXAMPLE_LOCATION.machine, "good_count", 412, t),
+        Sample(EXAMPLE_LOCATION.machine, "stitch_rate", 2875.5, t),
+        Sample(EXAMPLE_LOCATION.machine, "cycle_time", None, t, Quality.BAD),
+        Sample(EXAMPLE_LOCATION.machine, "operator", "op-5b0d8c51f0a4e2c1", t),
+    ]
+    payload = encode_telemetry(
+        EXAMPLE_LOCATION, samples, gateway_id=EXAMPLE_TOPICS.gateway_id, now=t + 0.012
+    )
+    assert payload is not None
+    doc: dict[str, Any] = json.loads(payload)
+    return doc
 
 
 # ------------------------------------------------------------------------------ AsyncAPI
@@ -390,6 +416,14 @@ def asyncapi() -> dict[str, Any]:
         "payload": {"$ref": "#/components/schemas/state"},
         "examples": [_example("state", examples["state"], "Mid-order, after catching up.")],
     }
+    messages["machineTelemetry"] = {
+        "name": "telemetry",
+        "title": "Machine telemetry",
+        "summary": "The values of one poll that are due, each with quality and source time.",
+        "contentType": "application/json",
+        "payload": {"$ref": "#/components/schemas/telemetry"},
+        "examples": [_example("telemetry", examples["telemetry"], "On change, one poll.")],
+    }
     messages["gatewayStatus"] = {
         "name": "status",
         "title": "Gateway status",
@@ -458,10 +492,14 @@ def asyncapi() -> dict[str, Any]:
         },
         "machineTelemetry": {
             "address": f"{machine_root}/telemetry",
-            "title": "Machine telemetry (reserved)",
-            "description": "Reserved for sampled raw values at QoS 0. Not published by this "
-            "version; its payload will be added to v1 without breaking anything.",
+            "title": "Machine telemetry",
+            "description": "Tag values: one message per machine and poll with the values "
+            "due by the publish rules (every poll, on change, deadband, min/max interval). "
+            "QoS 0 and not retained unless configured (`telemetry.qos`, `telemetry.retain`); "
+            "only to destinations whose routing admits `telemetry`. Under pressure the oldest "
+            "telemetry is dropped first: it is a value stream, not a record.",
             "parameters": _params(*loc_params),
+            "messages": refs(["machineTelemetry"]),
         },
         "gatewayStatus": {
             "address": "{prefix}/{site}/gateway/{gateway_id}/status",
@@ -486,6 +524,13 @@ def asyncapi() -> dict[str, Any]:
             "title": "Publish the retained state snapshot",
             "bindings": _qos(STATE_QOS, True),
             "messages": [{"$ref": "#/channels/machineState/messages/machineState"}],
+        },
+        "publishTelemetry": {
+            "action": "send",
+            "channel": {"$ref": "#/channels/machineTelemetry"},
+            "title": "Publish tag telemetry",
+            "bindings": _qos(TELEMETRY_QOS, False),
+            "messages": [{"$ref": "#/channels/machineTelemetry/messages/machineTelemetry"}],
         },
         "publishStatus": {
             "action": "send",

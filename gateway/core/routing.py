@@ -5,8 +5,9 @@ about a machine goes to a destination:
 
 * ``machines``: glob patterns on the machine id; empty means every machine.
 * ``event_types``: glob patterns on the short event type (``order.*``); empty means every
-  type. Telemetry goes only where this is empty or names ``telemetry``. The retained state
-  of a machine goes wherever the machine is visible.
+  type. Telemetry (tag values, every poll) goes only where this names ``telemetry``
+  literally: a value stream is many times the volume of the events, so a destination opts
+  in. The retained state of a machine goes wherever the machine is visible.
 * ``customers`` / ``order_ids``: when either is set the destination is *order-scoped*: an
   event about an order goes there only when the order was assigned by one of the
   ``customers`` or its id matches one of the ``order_ids`` globs. Events without an order
@@ -103,7 +104,7 @@ def accepts(rules: RouteRules, subject: Subject) -> bool:
         if rules.event_types and not _any_match(subject.event_type or "", rules.event_types):
             return False
     elif subject.kind == "telemetry":
-        if rules.event_types and "telemetry" not in rules.event_types:
+        if "telemetry" not in rules.event_types:
             return False
     else:
         # The retained state of a visible machine always goes; state_view() hides the order.
@@ -143,7 +144,13 @@ def state_view(
 
 
 def idle_operator_policies(routes: Iterable[Route], badge_machines: Iterable[str]) -> list[str]:
-    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed."""
+    """Warnings for ``pass`` / ``pseudonymise`` policies that no visible machine can feed.
+
+    A badge reaches a destination three ways, all gated by the machine rule alone: the
+    ``operators`` of order events and of the retained state (which goes wherever the machine
+    is visible, whatever ``event_types`` say), and the ``operator`` value of telemetry. So a
+    policy acts exactly when the destination sees a machine that maps ``operator``.
+    """
     machines = list(badge_machines)
     out = []
     for r in routes:

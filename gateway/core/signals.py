@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from gateway.core.telemetry import TelemetryConfig
+
 
 class SignalConfig(BaseModel):
     """Mapping from a decoded device value to the canonical value."""
@@ -24,8 +26,11 @@ class SignalConfig(BaseModel):
     map_default: str | int | float | bool | None = None
     scale: float = 1.0
     offset: float = 0.0
-    #: Absolute deadband for numeric telemetry: smaller changes are not forwarded.
+    #: Absolute deadband for numeric telemetry: smaller changes are not forwarded (the
+    #: OPC UA adapter also asks the server for it; see :mod:`gateway.core.telemetry`).
     deadband: float = Field(default=0.0, ge=0.0)
+    #: When this signal's values go out as MQTT telemetry (overrides machine and profile).
+    telemetry: TelemetryConfig | None = None
     #: Counters only: whether this counter restarts per order or counts for ever (default:
     #: the tracker's ``counter_mode``).
     mode: Literal["per_order", "lifetime"] | None = None

@@ -1652,6 +1652,7 @@ class OutboxQueue:
         batch_max: int = 100,
         secret: bytes | None = None,
         max_memory: int = 10_000,
+        max_telemetry_bytes: int | None = None,
     ) -> None:
         """Create the queue; ``batch_topic`` is required when ``route.batch`` is set."""
         if route.batch and not batch_topic:
@@ -1669,6 +1670,10 @@ class OutboxQueue:
         self._batch_max = batch_max
         self._secret = secret
         self._max_memory = max_memory
+        #: Payload bytes of unsent telemetry held at most (``None``: only the count bounds);
+        #: may change while running (a reload).
+        self.max_telemetry_bytes = max_telemetry_bytes
+        self._tele_bytes = 0
         self._rows: deque[Row] = deque()
         self._cursor = 0
         self._fetching = False
@@ -1680,6 +1685,11 @@ class OutboxQueue:
         self._last_mem_key = 0
         self._inflight: dict[int, Message | list[Row]] = {}
         self._inflight_msgs: dict[int, Message] = {}
+        #: Keys of the unsent telemetry in ``_mem``, oldest first; and of telemetry in flight.
+        self._tele: dict[int, None] = {}
+        self._tele_sent: set[int] = set()
+        #: Telemetry messages dropped because memory was full (``max_memory``).
+        self.dropped_telemetry = 0
         #: Called when something becomes sendable (the publisher's wake-up).
         self.waker: Callable[[], None] | None = None
         #: Called with each acknowledged row's delivery time (emitted -> acknowledged, s).
@@ -1738,6 +1748,18 @@ class OutboxQueue:
 
     def push(self, msg: Message) -> int:
         """Add a non-durable message; a retained one replaces an unsent one for its topic."""
+        return self._push(msg, False)
+
+    def push_telemetry(self, msg: Message) -> int:
+        """Add a telemetry message: memory only, and the first to go when memory is full.
+
+        Returns how many messages were dropped to stay within ``max_memory``
+        (``dropped_telemetry`` counts the telemetry among them). Events are rows of the
+        outbox and never count against this bound.
+        """
+        return self._push(msg, True)
+
+    def _push(self, msg: Message, telemetry: bool) -> int:
         base = self._o.assigned_upto
         if base != self._mem_base:
             self._mem_base, self._mem_n = base, 0
@@ -1747,13 +1769,29 @@ class OutboxQueue:
         self._last_mem_key = key
         if msg.retain and (old := self._retained.get(msg.topic)) is not None:
             # Moves to the new position: it must follow the events committed before it.
-            self._mem.pop(old, None)
+            replaced = self._mem.pop(old, None)
+            if self._tele.pop(old, 0) is None and replaced is not None:
+                self._tele_bytes -= len(replaced.payload)
         self._mem[key] = msg
         if msg.retain:
             self._retained[msg.topic] = key
+        if telemetry:
+            self._tele[key] = None
+            self._tele_bytes += len(msg.payload)
         dropped = 0
-        while len(self._mem) > self._max_memory:
-            victim = next(iter(self._mem))
+        limit = self.max_telemetry_bytes
+        while len(self._mem) > self._max_memory or (
+            limit is not None and self._tele_bytes > limit and self._tele
+        ):
+            # The oldest telemetry goes first: a state snapshot or a status is one per
+            # topic (coalesced) and says more than one more reading of a value.
+            if self._tele:
+                victim = next(iter(self._tele))
+                del self._tele[victim]
+                self.dropped_telemetry += 1
+                self._tele_bytes -= len(self._mem[victim].payload)
+            else:
+                victim = next(iter(self._mem))
             old_msg = self._mem.pop(victim)
             if old_msg.retain and self._retained.get(old_msg.topic) == victim:
                 del self._retained[old_msg.topic]
@@ -1771,6 +1809,9 @@ class OutboxQueue:
                 msg = self._mem.pop(mkey)
                 if msg.retain and self._retained.get(msg.topic) == mkey:
                     del self._retained[msg.topic]
+                if self._tele and self._tele.pop(mkey, 0) is None:
+                    self._tele_sent.add(mkey)
+                    self._tele_bytes -= len(msg.payload)
                 self._inflight[mkey] = msg
                 return mkey, msg
         if not self._rows:
@@ -1799,6 +1840,8 @@ class OutboxQueue:
     def ack(self, key: int) -> None:
         """The broker acknowledged ``key``: rows are released in the outbox."""
         item = self._inflight.pop(key, None)
+        if self._tele_sent:
+            self._tele_sent.discard(key)
         if isinstance(item, list):
             self.sent_rows += len(item)
             self._o.ack(self.name, [r.seq for r in item])
@@ -1826,6 +1869,11 @@ class OutboxQueue:
             for key, msg in mem:
                 if msg.retain:
                     self._retained[msg.topic] = key
+            if self._tele_sent:
+                back = [(k, m) for k, m in mem if k in self._tele_sent]
+                self._tele = dict.fromkeys(sorted([*self._tele, *(k for k, _ in back)]))
+                self._tele_bytes += sum(len(m.payload) for _, m in back)
+        self._tele_sent.clear()
 
     def oldest_key(self) -> int | None:
         """Smallest key still held or still to be read from the outbox."""

@@ -31,6 +31,7 @@ from gateway.delivery.sink import SinkRunner
 from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.metrics import Metrics
+from gateway.runtime.telemetry import TelemetryOutput
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +112,7 @@ class Devices:
         rng: random.Random,
         outputs: Sequence[Output],
         sparkplug: SparkplugNodes,
+        mqtt_telemetry: TelemetryOutput | None = None,
     ) -> None:
         self.metrics = metrics
         self.feed = feed
@@ -124,6 +126,8 @@ class Devices:
         self._telemetry = [o for o in outputs if o.telemetry is not None]
         # SPARKPLUG HOOK (until the edge node is an output of the sink registry).
         self.sparkplug = sparkplug
+        #: Tag telemetry to the MQTT destinations that admit it (their memory queues).
+        self.mqtt_telemetry = mqtt_telemetry
         self.machines: dict[str, Machine] = {}
         #: Builds the machines' adapters and owns what they share (the Modbus lines); a new
         #: one per run (:meth:`gateway.runtime.gateway.Gateway.run`), closed when it ends.
@@ -305,6 +309,8 @@ class Devices:
             mapped.append(m.derived_state.observe(mapped, now))
         self.feed.samples(m.plan.id, mapped)
         self.sparkplug.samples(m.plan.id, mapped)  # SPARKPLUG HOOK
+        if self.mqtt_telemetry is not None and self.mqtt_telemetry.active:
+            self.mqtt_telemetry.observe(m.plan, mapped, now)  # the poll's due values
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:

@@ -61,6 +61,7 @@ from gateway.runtime.metrics import Metrics
 from gateway.runtime.reload import reload as reload_config
 from gateway.runtime.retained import RetainedState
 from gateway.runtime.systemd import Notifier
+from gateway.runtime.telemetry import TelemetryOutput
 
 log = structlog.get_logger(__name__)
 
@@ -193,6 +194,16 @@ class Gateway:
         self.queues: dict[str, OutboxQueue] = {
             name: o.queue for name, o in self.outputs.items() if o.queue is not None
         }
+        # --- MQTT telemetry (gateway.runtime.telemetry): destinations that admit it.
+        self.mqtt_telemetry = TelemetryOutput(
+            self.destinations,
+            self.queues,
+            self.topics,
+            plan.telemetry,
+            gateway_id=plan.gateway_id,
+            secret=secret,
+        )
+        self.mqtt_telemetry.configure(plan.machines)
         #: Outputs that take the retained status.
         self._status = [o for o in self.outputs.values() if o.accepts("status")]
         self.metrics = Metrics(
@@ -252,6 +263,7 @@ class Gateway:
             rng=self._rng,
             outputs=list(self.outputs.values()),
             sparkplug=self.sparkplug,
+            mqtt_telemetry=self.mqtt_telemetry,
         )
         #: The machines at runtime (the devices' own dict: reload changes it in place).
         self.machines = self.devices.machines
@@ -489,6 +501,8 @@ class Gateway:
                     backlog=self.outbox.backlog(name),
                     oldest_age=self._oldest_age(o.queue, now),
                 )
+        if self.mqtt_telemetry.active:
+            self.metrics.telemetry(self.mqtt_telemetry.submitted, self.mqtt_telemetry.dropped())
         for c in self.listeners:
             self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
         if self.watch is not None:

@@ -30,6 +30,9 @@ Exported (all prefixed ``shopfloor_``)::
     destination_backlog_messages{destination}   messages waiting (outbox rows)
     destination_oldest_pending_age_seconds{destination}
     events_total{type}                          events emitted by type
+    destination_telemetry_total{destination}    MQTT telemetry messages queued for sending
+    destination_telemetry_dropped_total{destination}  telemetry messages dropped, oldest first,
+                                                because the queue's memory (max_queue) was full
     commands_dropped_total{destination,reason}  commands dropped unanswered: ``rate`` (over
                                                 the listener's rate limit) or ``inbox``
                                                 (its queue was full: a flood)
@@ -294,6 +297,8 @@ class _State:
     loop_lag: float = 0.0
     loop_stalls: int = 0
     outbox_dropped: dict[str, int] = field(default_factory=dict)
+    #: MQTT telemetry per destination: (messages queued, messages dropped), totals.
+    telemetry: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class Metrics:
@@ -342,6 +347,10 @@ class Metrics:
     def outbox_dropped(self, telemetry: int, progress: int) -> None:
         """Rows the outbox dropped so far, by class (totals, not increments)."""
         self._s.outbox_dropped = {"telemetry": telemetry, "progress": progress}
+
+    def telemetry(self, submitted: Mapping[str, int], dropped: Mapping[str, int]) -> None:
+        """MQTT telemetry messages queued and dropped so far per destination (totals)."""
+        self._s.telemetry = {n: (submitted.get(n, 0), dropped.get(n, 0)) for n in submitted}
 
     # -- devices --
 
@@ -639,6 +648,22 @@ class Metrics:
             "Times the event loop did not turn for more than a second.",
             value=s.loop_stalls,
         )
+        if s.telemetry:
+            queued = CounterMetricFamily(
+                "shopfloor_destination_telemetry",
+                "MQTT telemetry messages queued for sending.",
+                labels=["destination"],
+            )
+            lost = CounterMetricFamily(
+                "shopfloor_destination_telemetry_dropped",
+                "Telemetry messages dropped, oldest first, because the queue's memory was full.",
+                labels=["destination"],
+            )
+            for name, (n_queued, n_lost) in sorted(s.telemetry.items()):
+                queued.add_metric([name], n_queued)
+                lost.add_metric([name], n_lost)
+            yield queued
+            yield lost
         dropped = CounterMetricFamily(
             "shopfloor_commands_dropped",
             "Commands dropped without an answer: over the rate limit, or the inbox was full.",

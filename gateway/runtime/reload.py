@@ -110,6 +110,7 @@ async def reload(gw: Gateway) -> bool:
         gw.locations[machine] = plan.location
         gw.devices.start(m)
     gw.plan = new
+    gw.mqtt_telemetry.configure(new.machines, new.telemetry)  # MQTT telemetry rules
     gw.metrics.configure(fresh)
     gw.feed.configure(fresh)
     gw.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])

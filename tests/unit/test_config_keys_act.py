@@ -43,9 +43,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 #: Keys whose effect lies outside the compiled plan, and where they act instead.
 ACTS_ELSEWHERE: dict[str, str] = {
-    # Reserved for the in-memory queue of MQTT telemetry per destination (being added);
-    # today only a publisher built without the outbox uses it (docs/delivery.md).
-    "broker.max_queue": "BrokerSettings.max_queue, the in-memory queue of a bare publisher",
+    # The bound of each destination's memory queue: it reaches the plan, but the broker
+    # plan compares equal either way in this walk's base config (no destination queue).
+    "broker.max_queue": "the bound of each destination's memory queue (telemetry, state, status)",
     "destinations.max_queue": "as broker.max_queue",
     # A comment with a place in the schema: it documents the profile for people reading
     # the config file (and for editors validating it) and changes no behaviour.

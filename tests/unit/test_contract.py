@@ -19,7 +19,6 @@ from gateway.contract import models as contract
 from gateway.contract.envelope import encode_event, encode_state, encode_status, new_event_id
 from gateway.contract.models import (
     EVENT_TYPES,
-    PAYLOADS,
     CommandError,
     decode_command,
     encode_response,
@@ -96,7 +95,7 @@ def test_render_docs_names_an_unknown_example() -> None:
 
 
 def test_schemas_are_valid_2020_12_with_urn_ids(schemas: dict[str, dict[str, Any]]) -> None:
-    assert list(schemas) == list(PAYLOADS)
+    assert list(schemas) == list(schema.SCHEMAS)
     for name, s in schemas.items():
         jsonschema.Draft202012Validator.check_schema(s)
         assert s["$schema"] == "https://json-schema.org/draft/2020-12/schema"
@@ -476,7 +475,8 @@ def test_asyncapi_channels_and_operations_fit(asyncapi_doc: dict[str, Any]) -> N
             for m in op["reply"]["messages"]:
                 assert m["$ref"].startswith(reply_ref + "/messages/"), name
         qos = op["bindings"]["mqtt"]["qos"]
-        assert qos == 1, name
+        # Telemetry is a value stream: QoS 0 by default (telemetry.qos in the config).
+        assert qos == (0 if name == "publishTelemetry" else 1), name
     retained = {n for n, op in doc["operations"].items() if op["bindings"]["mqtt"]["retain"]}
     assert retained == {"publishState", "publishStatus"}
 
@@ -510,7 +510,7 @@ def test_cli_prints_and_writes(tmp_path: Path) -> None:
     assert json.loads(out.getvalue())["asyncapi"] == "3.0.0"
     out = io.StringIO()
     assert schema.run(_args("--format", "jsonschema"), out) == 0
-    assert set(json.loads(out.getvalue())) == set(PAYLOADS)
+    assert set(json.loads(out.getvalue())) == set(schema.SCHEMAS)
 
     doc = tmp_path / "contract.md"
     doc.write_text("x\n<!-- example: status -->\n```json\n{}\n```\n", encoding="utf-8")

@@ -33,6 +33,10 @@ LINE1 = RouteRules(machines=("sew-0*",), event_types=("order.*", "machine.state.
         (LINE1, Subject("cut-01", "state"), False),
         (LINE1, Subject("sew-01", "telemetry"), False),
         (RouteRules(event_types=("telemetry",)), Subject("m", "telemetry"), True),
+        # Telemetry is opt-in: no rules, or a glob matching every event, do not admit it.
+        (RouteRules(), Subject("m", "telemetry"), False),
+        (RouteRules(event_types=("*",)), Subject("m", "telemetry"), False),
+        (RouteRules(event_types=("*", "telemetry")), Subject("m", "telemetry"), True),
         (ACME, Subject("m", "event", "order.started", "PO-1", "acme"), True),
         (ACME, Subject("m", "event", "order.started", "PO-1", "globex"), False),
         (ACME, Subject("m", "event", "order.started", "PO-1", None), False),
@@ -102,3 +106,14 @@ def test_order_attribution_is_removed_whole_or_pseudonymised() -> None:
         {**shares[0], "operator": pseudonym(b"site-secret", "anna")},
         shares[1],
     ]
+
+
+def test_operator_policy_of_a_telemetry_only_destination_acts_on_a_badge_machine() -> None:
+    from gateway.core.routing import idle_operator_policies
+
+    values = Route("values", RouteRules(event_types=("telemetry",)), "pass")
+    elsewhere = Route("other", RouteRules(machines=("cut-*",), event_types=("telemetry",)), "pass")
+    # The badge goes out in telemetry (and the retained state) of sew-01: the policy acts.
+    assert idle_operator_policies([values], ["sew-01"]) == []
+    (warning,) = idle_operator_policies([elsewhere], ["sew-01"])
+    assert warning.startswith("destination other: operator: pass never acts")

@@ -26,6 +26,7 @@ from gateway.config.validation import validate
 from gateway.config.yamlsource import Located, Path_, load
 from gateway.core.model import Location
 from gateway.core.signals import SignalConfig
+from gateway.core.telemetry import PublishRule, resolve
 from gateway.core.tracker import TrackerSettings
 from gateway.core.vocabulary import (
     COUNT_SIGNALS,
@@ -133,6 +134,10 @@ def compile_machine(
     _check_machine(unit, base, spec, connection, signals, n_errors)
     poll = m.poll_interval or (profile.profile.poll_interval if profile else None)
     tracker = _tracker(unit, m, profile, signals, poll or DEFAULT_POLL_INTERVAL)
+    telemetry = _telemetry_rules(unit, m, base, profile, signals)
+    general = resolve(
+        unit.config.telemetry, profile.profile.telemetry if profile else None, m.telemetry
+    )
     if len(unit.errors) != n_errors or connection is None:
         return None
     return MachinePlan(
@@ -146,7 +151,38 @@ def compile_machine(
         signals=signals,
         poll_interval=poll or DEFAULT_POLL_INTERVAL,
         tracker=tracker,
+        telemetry=telemetry,
+        telemetry_default=_RULES.setdefault(general, general),
     )
+
+
+#: Resolved publish rules, shared: 500 machines x 30 signals mostly hold the same few.
+_RULES: dict[PublishRule, PublishRule] = {}
+
+
+def _telemetry_rules(
+    unit: Unit,
+    m: MachineConfig,
+    base: Path_,
+    profile: ProfileSource | None,
+    signals: Mapping[str, SignalConfig],
+) -> dict[str, PublishRule]:
+    """Each signal's telemetry rule: gateway, profile, machine, then the signal's own keys."""
+    general = (unit.config.telemetry, profile.profile.telemetry if profile else None, m.telemetry)
+    rules: dict[str, PublishRule] = {}
+    for name, sig in signals.items():
+        rule = resolve(*general, sig.telemetry, deadband=sig.deadband)
+        problem = rule.problem()
+        if problem is not None:
+            # Where the signal was written: the machine's own entry, else its profile's.
+            if name in m.signals or profile is None:
+                src, spath = unit.src, (*base, "signals", name)
+            else:
+                src, spath = profile.src, (*profile.base, "signals", name)
+            unit.error((*spath, "telemetry"), problem, src=src, line_from=spath)
+            continue
+        rules[name] = _RULES.setdefault(rule, rule)
+    return rules
 
 
 def _find_profile(

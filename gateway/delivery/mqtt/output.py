@@ -76,6 +76,9 @@ def _build(w: Wiring) -> list[Output]:
             delayed_after=w.delayed_after,
             batch_topic=batch_topic(w.topics) if d.route.batch else None,
             secret=w.secret,
+            # broker.max_queue bounds what waits in memory (telemetry first to go);
+            # the runtime's TelemetryOutput adds telemetry.max_queue_mib for its bytes.
+            max_memory=d.broker.max_queue,
         )
         pub = MqttPublisher(
             broker_settings(w.plan, w.topics, w.started_at, d, w.clock),
