@@ -277,12 +277,19 @@ def _location_dict(loc: Location) -> dict[str, str]:
 
 
 def encode_event(
-    event: Event, loc: Location, *, gateway_id: str, event_id: str, epoch: int | None = None
+    event: Event,
+    loc: Location,
+    *,
+    gateway_id: str,
+    event_id: str,
+    epoch: int | None = None,
+    delayed: bool = False,
 ) -> bytes:
     """CloudEvents 1.0 structured JSON for one tracker event at location ``loc``.
 
     ``epoch`` (the outbox's sequence space, :attr:`gateway.delivery.outbox.Outbox.epoch`) goes into
-    the ``epoch`` extension attribute when given.
+    the ``epoch`` extension attribute when given; ``delayed`` adds ``"delayed":true`` (the
+    event is sent late: after an outage or from a previous run), as the last attribute.
     """
     if isinstance(event.sequence, bool) or not isinstance(event.sequence, int):
         raise ValueError(f"event sequence must be an int, got {event.sequence!r}")
@@ -303,6 +310,8 @@ def encode_event(
         if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
             raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
         envelope["epoch"] = epoch
+    if delayed:
+        envelope["delayed"] = True
     return _dumps(envelope, f"event {event.type} of {event.machine}")
 
 
@@ -357,6 +366,75 @@ def encode_status(
         for k, v in convert_times(extra, _path="extra.").items():
             body.setdefault(k, v)
     return _dumps(body, "gateway status")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvent:
+    """An event read back from its CloudEvents JSON, times as epoch seconds again."""
+
+    event: Event
+    location: Location
+    gateway_id: str
+    event_id: str
+    epoch: int | None
+
+
+def parse_times(value: Any) -> Any:
+    """The inverse of :func:`convert_times`: time strings at time keys become epoch seconds.
+
+    Only values under the keys the time rule names (``*_at``, ``*_since``, ``eta``, ``due``)
+    that are RFC 3339 UTC strings as :func:`format_time` writes them are converted; any other
+    value is kept, so converting the result again gives the original text.
+    """
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if _is_time_key(k) and isinstance(v, str) and (t := _parse_time(v)) is not None:
+                out[k] = t
+            else:
+                out[k] = parse_times(v)
+        return out
+    if isinstance(value, list):
+        return [parse_times(v) for v in value]
+    return value
+
+
+def _parse_time(text: str) -> float | None:
+    if len(text) != 24 or text[-1] != "Z" or text[19] != ".":
+        return None
+    try:
+        t = datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+    except ValueError:
+        return None
+    # Only the exact text format_time writes: anything else stays a string.
+    return t if format_time(t) == text else None
+
+
+def read_event(payload: bytes, machine: str) -> DecodedEvent:
+    """The event, location, gateway, id and epoch of an :func:`encode_event` payload.
+
+    ``machine`` is the gateway's machine id (the envelope carries only the location);
+    ``ValueError`` says what is wrong with a payload that is not such an event.
+    """
+    doc = decode_event(payload)
+    source = doc["source"]
+    head = SOURCE_PREFIX + "/"
+    parts = source[len(head) :].split("/") if source.startswith(head) else []
+    if len(parts) != 4 or not all(parts):
+        raise ValueError(f"event source {source!r} is not {SOURCE_PREFIX}/site/area/line/machine")
+    time_ = _parse_time(doc["time"])
+    if time_ is None:
+        raise ValueError(f"event time {doc['time']!r} is not RFC 3339 UTC with milliseconds")
+    gateway_id = doc.get("gatewayid")
+    if not isinstance(gateway_id, str):
+        raise ValueError("event field 'gatewayid' must be a string")
+    epoch = doc.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise ValueError(f"event field 'epoch' must be an integer >= 1, got {epoch!r}")
+    type_ = doc["type"].removeprefix(EVENT_TYPE_PREFIX)
+    data = parse_times(doc.get("data", {}))
+    event = Event(machine, type_, time_, doc["sequence"], data)
+    return DecodedEvent(event, Location(*parts), gateway_id, doc["id"], epoch)
 
 
 def decode_event(payload: bytes) -> dict[str, Any]:

@@ -55,7 +55,6 @@ from gateway.config.loader import (
 )
 from gateway.contract.envelope import (
     Topics,
-    encode_event,
     encode_state,
     encode_status,
     new_event_id,
@@ -69,14 +68,15 @@ from gateway.core.routing import Route, RouteRules, Subject, accepts, machine_vi
 from gateway.core.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
 from gateway.delivery.influx.sink import (
     SINK_NAME,
-    EnvelopeSink,
     InfluxSink,
+    RecordSink,
     SinkRunner,
     TelemetryLine,
     settings_for,
 )
 from gateway.delivery.mqtt.publisher import BrokerSettings, Message, MqttPublisher, TlsSettings
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.records import Record, wire_payload
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.health import HealthServer
@@ -339,11 +339,13 @@ class Gateway:
         self.influx: SinkRunner[Any] | None = None
         self._influx_sinks: list[InfluxSink] = []
         if plan.influxdb is not None:
-            iq = self.outbox.queue(Route(SINK_NAME), clock=clock, delayed_after=ob.delayed_after)
+            iq = self.outbox.record_queue(
+                Route(SINK_NAME), clock=clock, delayed_after=ob.delayed_after
+            )
             events_sink = InfluxSink(plan.influxdb)
             self._influx_sinks.append(events_sink)
             self.influx = SinkRunner(
-                EnvelopeSink(events_sink),
+                RecordSink(events_sink),
                 name=SINK_NAME,
                 queue=iq,
                 clock=clock,
@@ -1048,19 +1050,32 @@ class Gateway:
         created = self._clock()
         debug = _debug_enabled()
         entries: list[Entry] = []
+        # The plain CloudEvents encoding of each record: made here so that an event that
+        # cannot be encoded fails where it is emitted, and kept for the destinations, which
+        # would make the same bytes on read.
+        encoded: list[bytes] = []
         for event in events:
-            event_id = new_event_id(event.time, self._rng.getrandbits(74))
-            payload = encode_event(
-                event, loc, gateway_id=gateway_id, event_id=event_id, epoch=epoch
-            )
             order_id = event.data.get("order_id")
             order_id = order_id if isinstance(order_id, str) else None
+            customer = customers.get(order_id or "")
+            record = Record(
+                machine,
+                event.type,
+                loc,
+                event.sequence,
+                event.time,
+                event.data,
+                new_event_id(event.time, self._rng.getrandbits(74)),
+                gateway_id,
+                epoch,
+                order_id,
+                customer,
+            )
+            encoded.append(wire_payload(record))
             if everywhere is not None:
                 names = everywhere
             else:
-                subject = Subject(
-                    machine, "event", event.type, order_id, customers.get(order_id or "")
-                )
+                subject = Subject(machine, "event", event.type, order_id, customer)
                 names = (
                     frozenset(d.name for d in self.destinations if accepts(d.route.rules, subject))
                     | self._sinks
@@ -1069,11 +1084,12 @@ class Gateway:
                 Entry(
                     machine=machine,
                     topic=self.topics.event(loc, event.type),
-                    payload=payload,
+                    payload=b"",
                     destinations=names,
                     event_type=event.type,
                     order_id=order_id,
                     created=created,
+                    record=record,
                 )
             )
             self.metrics.event_emitted(event.type)
@@ -1086,7 +1102,11 @@ class Gateway:
                     order_id=order_id,
                 )
         self.events_emitted += len(events)
-        self.outbox.append(entries, {machine: state})
+        seqs = self.outbox.append(entries, {machine: state})
+        if len(seqs) == len(encoded):
+            prime = self.outbox.encodings.prime
+            for seq, payload in zip(seqs, encoded, strict=True):
+                prime(seq, payload)
         if events:
             self.feed.events(machine, events)
             self._publish_state(m, m.tracker.snapshot(), events[-1].time)

@@ -1,0 +1,150 @@
+"""Typed outbox records: what the outbox stores for an event, and how sinks encode it.
+
+A :class:`Record` is one event as the gateway emitted it, before any wire format: its type,
+the machine's location, the per-machine ``sequence`` and the outbox ``epoch`` it belongs to,
+its time, the typed payload (the event's ``data``, times as epoch seconds, never strings),
+its ``id`` and gateway, and the routing bits that decided where it goes (order and customer
+for order scoping). The outbox stores these fields in columns of their own
+(:mod:`gateway.delivery.outbox`, schema 2) and hands them back to each destination as it
+reads; nothing in a record depends on who reads it.
+
+Each sink encodes a record on read, the way it needs:
+
+* MQTT destinations: CloudEvents JSON (:func:`wire_payload`, via
+  :func:`gateway.contract.envelope.encode_event`), after the destination's operator policy
+  (drop / pseudonymise / pass, :func:`gateway.core.routing.redact`) was applied to the typed
+  payload. :class:`WireEncodings` memoises the bytes per row, policy and ``delayed`` flag, so
+  destinations that encode a row the same way (the common case: all of them) share one
+  encoding.
+* The history sink: a point from the typed fields (``gateway.delivery.influx.sink``,
+  :func:`~gateway.delivery.influx.sink.record_point`), no parsing of another sink's format.
+
+A sink plugs in by taking :class:`Record` items (``Outbox.record_queue``) and encoding them
+itself; :class:`WireEncodings` is the pattern to follow when several destinations of one
+kind would encode the same record the same way.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.contract.envelope import encode_event
+from gateway.core.model import Event, Location
+from gateway.core.routing import OperatorPolicy, redact
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One stored event, typed: the same fields whatever sink reads it.
+
+    ``machine`` is the gateway's machine id (``location.machine`` is its topic segment);
+    ``data`` is JSON-ready with times as float epoch seconds; ``epoch`` is ``None`` only for
+    events emitted before the outbox had one.
+    """
+
+    machine: str
+    type: str
+    location: Location
+    sequence: int
+    time: float
+    data: Mapping[str, Any]
+    event_id: str
+    gateway_id: str
+    epoch: int | None = None
+    order_id: str | None = None
+    customer: str | None = None
+
+    def event(self) -> Event:
+        """The domain event this record stores."""
+        return Event(self.machine, self.type, self.time, self.sequence, self.data)
+
+
+def wire_payload(
+    record: Record,
+    policy: OperatorPolicy = "pass",
+    secret: bytes | None = None,
+    *,
+    delayed: bool = False,
+) -> bytes:
+    """CloudEvents JSON of ``record`` as a destination with operator ``policy`` receives it.
+
+    Redaction acts on the typed payload before it is encoded; ``ValueError`` when the
+    payload cannot be encoded (a non-finite number, a time out of range).
+    """
+    data = record.data if policy == "pass" else redact(record.data, policy, secret)
+    event = Event(record.machine, record.type, record.time, record.sequence, data)
+    return encode_event(
+        event,
+        record.location,
+        gateway_id=record.gateway_id,
+        event_id=record.event_id,
+        epoch=record.epoch,
+        delayed=delayed,
+    )
+
+
+#: Marks a payload that can name an operator (``"operator"`` and ``"operators"`` keys).
+_OPERATOR = b'"operator'
+
+
+class WireEncodings:
+    """CloudEvents bytes of stored rows, memoised per (seq, policy, secret, delayed).
+
+    Bounded: the oldest encodings go first, so a long backlog drained by several
+    destinations at once still shares them while the destinations read near each other.
+    A record whose plain encoding names no operator is encoded once for every policy.
+    """
+
+    def __init__(self, size: int = 8192) -> None:
+        """An empty memo of at most ``size`` encodings."""
+        if size < 1:
+            raise ValueError("the encoding memo needs room for at least one encoding")
+        self._size = size
+        self._memo: dict[tuple[int, str, bytes | None, bool], bytes] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def prime(self, seq: int, payload: bytes, *, delayed: bool = False) -> None:
+        """Remember ``payload`` as the plain (``pass``) encoding of row ``seq``."""
+        self._put((seq, "pass", None, delayed), payload)
+
+    def encode(
+        self,
+        seq: int,
+        record: Record,
+        policy: OperatorPolicy,
+        secret: bytes | None,
+        *,
+        delayed: bool = False,
+    ) -> bytes:
+        """The bytes of row ``seq`` (holding ``record``) for a destination's ``policy``."""
+        key = (seq, policy, secret if policy == "pseudonymise" else None, delayed)
+        memo = self._memo
+        got = memo.get(key)
+        if got is not None:
+            self.hits += 1
+            return got
+        self.misses += 1
+        plain_key = (seq, "pass", None, delayed)
+        plain = memo.get(plain_key)
+        if plain is None:
+            plain = wire_payload(record, delayed=delayed)
+            self._put(plain_key, plain)
+        if policy == "pass" or _OPERATOR not in plain:
+            payload = plain
+        else:
+            payload = wire_payload(record, policy, secret, delayed=delayed)
+        self._put(key, payload)
+        return payload
+
+    def _put(self, key: tuple[int, str, bytes | None, bool], payload: bytes) -> None:
+        memo = self._memo
+        if key not in memo and len(memo) >= self._size:
+            del memo[next(iter(memo))]
+        memo[key] = payload
+
+    def __len__(self) -> int:
+        """Encodings held."""
+        return len(self._memo)
