@@ -103,8 +103,9 @@ class WireEncodings:
             raise ValueError("the encoding memo needs room for at least one encoding")
         self._size = size
         self._memo: dict[tuple[int, str, bytes | None, bool], bytes] = {}
+        #: Encodings handed out from the memo, and encodings made.
         self.hits = 0
-        self.misses = 0
+        self.encoded = 0
 
     def prime(self, seq: int, payload: bytes, *, delayed: bool = False) -> None:
         """Remember ``payload`` as the plain (``pass``) encoding of row ``seq``."""
@@ -126,16 +127,19 @@ class WireEncodings:
         if got is not None:
             self.hits += 1
             return got
-        self.misses += 1
         plain_key = (seq, "pass", None, delayed)
         plain = memo.get(plain_key)
         if plain is None:
             plain = wire_payload(record, delayed=delayed)
+            self.encoded += 1
             self._put(plain_key, plain)
+        elif policy == "pass" or _OPERATOR not in plain:
+            self.hits += 1
         if policy == "pass" or _OPERATOR not in plain:
             payload = plain
         else:
             payload = wire_payload(record, policy, secret, delayed=delayed)
+            self.encoded += 1
         self._put(key, payload)
         return payload
 
