@@ -32,6 +32,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -291,28 +292,86 @@ def encode_event(
     the ``epoch`` extension attribute when given; ``delayed`` adds ``"delayed":true`` (the
     event is sent late: after an outage or from a previous run), as the last attribute.
     """
-    if isinstance(event.sequence, bool) or not isinstance(event.sequence, int):
-        raise ValueError(f"event sequence must be an int, got {event.sequence!r}")
-    envelope: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": f"{SOURCE_PREFIX}/{loc.site}/{loc.area}/{loc.line}/{loc.machine}",
-        "type": EVENT_TYPE_PREFIX + event.type,
-        "time": format_time(event.time),
-        "subject": loc.machine,
-        "datacontenttype": "application/json",
-        "dataschema": SCHEMA_PREFIX + event.type,
-        "sequence": event.sequence,
-        "gatewayid": gateway_id,
-        "data": convert_times(event.data, _path="data."),
-    }
+    return encode_envelope(
+        event.type,
+        loc,
+        event_id=event_id,
+        time=event.time,
+        sequence=event.sequence,
+        gateway_id=gateway_id,
+        data_json=encode_data(event.data, f"event {event.type} of {event.machine}"),
+        epoch=epoch,
+        delayed=delayed,
+    )
+
+
+def encode_data(data: Mapping[str, Any], what: str = "event data") -> str:
+    """An event's ``data`` as it goes on the wire: times converted, compact JSON text."""
+    wire = convert_times(data, _path="data.")
+    try:
+        return _ENCODER.encode(wire)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def has_time_keys(data_json: str) -> bool:
+    """Whether compact JSON may hold a key of the time rule (never false for one that does).
+
+    A payload without one encodes on the wire exactly as its typed JSON text.
+    """
+    return _TIME_KEY_TEXT.search(data_json) is not None
+
+
+_TIME_KEY_TEXT = re.compile(r'_at"|_since"|"eta"|"due"')
+
+
+@functools.lru_cache(maxsize=4096)
+def _envelope_parts(type_: str, loc: Location) -> tuple[str, str]:
+    """The attributes around ``time`` that only depend on the type and the location."""
+    enc = _ENCODER.encode
+    source = f"{SOURCE_PREFIX}/{loc.site}/{loc.area}/{loc.line}/{loc.machine}"
+    head = f',"source":{enc(source)},"type":{enc(EVENT_TYPE_PREFIX + type_)},"time":"'
+    tail = (
+        f'","subject":{enc(loc.machine)},"datacontenttype":"application/json"'
+        f',"dataschema":{enc(SCHEMA_PREFIX + type_)},"sequence":'
+    )
+    return head, tail
+
+
+def encode_envelope(
+    type_: str,
+    loc: Location,
+    *,
+    event_id: str,
+    time: float,
+    sequence: int,
+    gateway_id: str,
+    data_json: str,
+    epoch: int | None = None,
+    delayed: bool = False,
+) -> bytes:
+    """The structured CloudEvent of an event whose ``data`` is already wire JSON text.
+
+    The same bytes as a JSON encoding of the envelope dict (attribute order: specversion,
+    id, source, type, time, subject, datacontenttype, dataschema, sequence, gatewayid, data,
+    epoch, delayed); ``data_json`` must be compact JSON with times converted
+    (:func:`encode_data`).
+    """
+    if isinstance(sequence, bool) or not isinstance(sequence, int):
+        raise ValueError(f"event sequence must be an int, got {sequence!r}")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
+    head, tail = _envelope_parts(type_, loc)
+    enc = _ENCODER.encode
+    text = (
+        f'{{"specversion":"1.0","id":{enc(event_id)}{head}{format_time(time)}{tail}'
+        f'{sequence},"gatewayid":{enc(gateway_id)},"data":{data_json}'
+    )
     if epoch is not None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
-        envelope["epoch"] = epoch
+        text += f',"epoch":{epoch}'
     if delayed:
-        envelope["delayed"] = True
-    return _dumps(envelope, f"event {event.type} of {event.machine}")
+        text += ',"delayed":true'
+    return (text + "}").encode("utf-8")
 
 
 def encode_state(

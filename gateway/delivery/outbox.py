@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import queue
@@ -60,7 +61,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
@@ -184,10 +185,6 @@ class OutboxSchemaError(OutboxError):
     """The file was written by a newer gateway (a schema this version does not know)."""
 
 
-#: Typed payloads as compact JSON, as strict as the envelope's encoder.
-_DATA_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
-
-
 def record_columns(record: Record) -> tuple[Any, ...]:
     """The schema-2 record columns of ``record``, in :data:`_RECORD_COLUMNS` order."""
     loc = record.location
@@ -200,7 +197,7 @@ def record_columns(record: Record) -> tuple[Any, ...]:
         record.event_id,
         record.gateway_id,
         record.customer,
-        _DATA_ENCODER.encode(record.data),
+        record.data_json(),
     )
 
 
@@ -1832,6 +1829,10 @@ class Outbox:
 _NO_RECORD = (None,) * len(_RECORD_COLUMNS)
 
 
+#: One Location per machine for a drain, not one per row.
+_location = functools.lru_cache(maxsize=4096)(Location)
+
+
 def _read_row(r: tuple[Any, ...]) -> Row:
     """A :class:`Row` from :meth:`Outbox._t_fetch`'s columns (checked at open)."""
     if r[8] is None:
@@ -1840,15 +1841,16 @@ def _read_row(r: tuple[Any, ...]) -> Row:
     record = Record(
         r[6],
         r[8],
-        Location(site, area, line, machine),
+        _location(site, area, line, machine),
         r[10],
         r[12],
-        json.loads(r[16]),
+        None,
         r[13],
         r[14],
         r[11],
         r[7],
         r[15],
+        data_json=r[16],
     )
     return Row(r[0], r[1], r[2], r[3], r[4], r[5], record)
 
@@ -2151,5 +2153,5 @@ class RecordQueue(OutboxQueue):
         if record is None:
             return [row], Message(row.topic, row.payload, row.qos, False)
         if self.route.operator != "pass":
-            record = replace(record, data=redact(record.data, self.route.operator, self._secret))
+            record = record.with_data(redact(record.data, self.route.operator, self._secret))
         return [row], record

@@ -26,39 +26,162 @@ kind would encode the same record the same way.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from gateway.contract.envelope import encode_event
+from gateway.contract.envelope import encode_data, encode_envelope, has_time_keys
 from gateway.core.model import Event, Location
 from gateway.core.routing import OperatorPolicy, redact
 
 
-@dataclass(frozen=True, slots=True)
 class Record:
     """One stored event, typed: the same fields whatever sink reads it.
 
     ``machine`` is the gateway's machine id (``location.machine`` is its topic segment);
     ``data`` is JSON-ready with times as float epoch seconds; ``epoch`` is ``None`` only for
-    events emitted before the outbox had one.
+    events emitted before the outbox had one. A record read from the outbox keeps its
+    payload as the stored JSON text and decodes it on first use of :attr:`data` (an MQTT
+    destination whose payload has no time keys never needs it). Treat records as immutable.
     """
 
-    machine: str
-    type: str
-    location: Location
-    sequence: int
-    time: float
-    data: Mapping[str, Any]
-    event_id: str
-    gateway_id: str
-    epoch: int | None = None
-    order_id: str | None = None
-    customer: str | None = None
+    __slots__ = (
+        "_data",
+        "_json",
+        "customer",
+        "epoch",
+        "event_id",
+        "gateway_id",
+        "location",
+        "machine",
+        "order_id",
+        "sequence",
+        "time",
+        "type",
+    )
+
+    def __init__(
+        self,
+        machine: str,
+        type: str,
+        location: Location,
+        sequence: int,
+        time: float,
+        data: Mapping[str, Any] | None,
+        event_id: str,
+        gateway_id: str,
+        epoch: int | None = None,
+        order_id: str | None = None,
+        customer: str | None = None,
+        *,
+        data_json: str | None = None,
+    ) -> None:
+        """A record; give ``data`` or its compact JSON text ``data_json`` (decoded lazily)."""
+        if data is None and data_json is None:
+            raise ValueError("a record needs its data or the data's JSON text")
+        self.machine = machine
+        self.type = type
+        self.location = location
+        self.sequence = sequence
+        self.time = time
+        self.event_id = event_id
+        self.gateway_id = gateway_id
+        self.epoch = epoch
+        self.order_id = order_id
+        self.customer = customer
+        self._data = data
+        self._json = data_json
+
+    @property
+    def data(self) -> Mapping[str, Any]:
+        """The typed payload (times as epoch seconds)."""
+        data = self._data
+        if data is None:
+            assert self._json is not None
+            data = self._data = json.loads(self._json)
+        return data
+
+    def data_json(self) -> str:
+        """The typed payload as compact JSON text (as the outbox stores it)."""
+        text = self._json
+        if text is None:
+            text = self._json = _DATA_ENCODER.encode(self._data)
+        return text
+
+    def with_data(self, data: Mapping[str, Any]) -> Record:
+        """The same record with another payload (a redacted one)."""
+        return Record(
+            self.machine,
+            self.type,
+            self.location,
+            self.sequence,
+            self.time,
+            data,
+            self.event_id,
+            self.gateway_id,
+            self.epoch,
+            self.order_id,
+            self.customer,
+        )
 
     def event(self) -> Event:
         """The domain event this record stores."""
         return Event(self.machine, self.type, self.time, self.sequence, self.data)
+
+    def _key(self) -> tuple[Any, ...]:
+        return (
+            self.machine,
+            self.type,
+            self.location,
+            self.sequence,
+            self.time,
+            self.data,
+            self.event_id,
+            self.gateway_id,
+            self.epoch,
+            self.order_id,
+            self.customer,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        """Records are equal when every field and the payload are."""
+        if not isinstance(other, Record):
+            return NotImplemented
+        return self._key() == other._key()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        """The fields, for test output and logs."""
+        return (
+            f"Record({self.machine!r}, {self.type!r}, seq={self.sequence}, epoch={self.epoch},"
+            f" time={self.time!r}, data={self.data!r})"
+        )
+
+    def __getstate__(self) -> tuple[Any, ...]:
+        """Pickled as its fields (the payload as data)."""
+        return self._key()
+
+    def __setstate__(self, state: tuple[Any, ...]) -> None:
+        """Restored from :meth:`__getstate__`."""
+        (
+            self.machine,
+            self.type,
+            self.location,
+            self.sequence,
+            self.time,
+            self._data,
+            self.event_id,
+            self.gateway_id,
+            self.epoch,
+            self.order_id,
+            self.customer,
+        ) = state
+        self._json = None
+
+
+#: Typed payloads as compact JSON, as strict as the envelope's encoder.
+_DATA_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
 
 
 def wire_payload(
@@ -73,13 +196,22 @@ def wire_payload(
     Redaction acts on the typed payload before it is encoded; ``ValueError`` when the
     payload cannot be encoded (a non-finite number, a time out of range).
     """
-    data = record.data if policy == "pass" else redact(record.data, policy, secret)
-    event = Event(record.machine, record.type, record.time, record.sequence, data)
-    return encode_event(
-        event,
+    what = f"event {record.type} of {record.machine}"
+    if policy != "pass":
+        data_json = encode_data(redact(record.data, policy, secret), what)
+    elif record._json is not None and not has_time_keys(record._json):
+        # Nothing to convert: the stored text is the wire text (same encoder settings).
+        data_json = record._json
+    else:
+        data_json = encode_data(record.data, what)
+    return encode_envelope(
+        record.type,
         record.location,
-        gateway_id=record.gateway_id,
         event_id=record.event_id,
+        time=record.time,
+        sequence=record.sequence,
+        gateway_id=record.gateway_id,
+        data_json=data_json,
         epoch=record.epoch,
         delayed=delayed,
     )

@@ -59,12 +59,19 @@ from gateway.contract.envelope import (
     encode_status,
     new_event_id,
 )
-from gateway.contract.wire import redact_payload
 from gateway.core.backoff import Backoff, aligned
 from gateway.core.derive import StateFromCounts
 from gateway.core.mapping import Mapper
 from gateway.core.model import Event, Location, Quality, Sample
-from gateway.core.routing import Route, RouteRules, Subject, accepts, machine_visible, state_view
+from gateway.core.routing import (
+    Route,
+    RouteRules,
+    Subject,
+    accepts,
+    machine_visible,
+    redact,
+    state_view,
+)
 from gateway.core.tracker import CommandResult, MachineTracker, Rejection, TrackerSettings
 from gateway.delivery.influx.sink import (
     SINK_NAME,
@@ -1120,19 +1127,25 @@ class Gateway:
         topic = self.topics.state(loc)
         # Order-scoped destinations count only the waiting orders they may see.
         queue = m.tracker.queued_orders() if self._everywhere is None else None
-        # Destinations that see the whole snapshot (the common case: all) share one encoding.
-        shared: bytes | None = None
+        gateway_id = self.plan.gateway_id
+        # Destinations that see the whole snapshot (the common case: all) share one encoding,
+        # and one per operator policy when the snapshot names an operator.
+        shared: dict[str, bytes] = {}
         for d in self.destinations:
             if not machine_visible(d.route.rules, m.plan.id):
                 continue
             view = state_view(d.route.rules, snapshot, customer, queue)
-            if view is not snapshot:
-                payload = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
-            elif shared is None:
-                payload = shared = encode_state(view, loc, gateway_id=self.plan.gateway_id, now=now)
+            policy = d.route.operator
+            if view is snapshot and policy in shared:
+                payload = shared[policy]
             else:
-                payload = shared
-            payload = redact_payload(payload, d.route.operator, self._secret)
+                payload = encode_state(view, loc, gateway_id=gateway_id, now=now)
+                if policy != "pass" and b'"operator' in payload:
+                    # Redaction acts on the typed snapshot, before it is encoded.
+                    redacted = redact(view, policy, self._secret)
+                    payload = encode_state(redacted, loc, gateway_id=gateway_id, now=now)
+                if view is snapshot:
+                    shared[policy] = payload
             self.publishers[d.name].submit(Message(topic, payload, 1, True))
 
     def _clear_state(self, machine: str, loc: Location) -> None:

@@ -11,13 +11,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from gateway.contract.envelope import encode_event, read_event
 from gateway.contract.wire import mark_delayed
 from gateway.core.model import Event, Location
 from gateway.core.routing import Route, pseudonym
-from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.outbox import Entry, Outbox, OutboxQueue, _read_row, record_columns
 from gateway.delivery.records import Record, WireEncodings, wire_payload
 
 LOC = Location("plant", "hall", "line-1", "press-1")
@@ -169,3 +171,40 @@ async def test_a_stored_record_that_cannot_be_encoded_is_released_not_sent(
             assert ob.backlog("a") == 0
     assert [json.loads(m.payload)["sequence"] for m in got] == [1, 3]
     assert [e["seq"] for e in logs if e["event"] == "outbox.record_unencodable"] == [2]
+
+
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**53), 2**53),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=12),
+    ),
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.sampled_from(["a", "due", "x_at", 'é"k']), inner, max_size=3),
+    ),
+    max_leaves=8,
+)
+payloads = st.dictionaries(
+    st.one_of(st.sampled_from(["order_id", "eta", "started_at", "since", "s_since"]), st.text()),
+    st.one_of(json_values, st.floats(0, 4e9)),
+    max_size=5,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=payloads)
+def test_a_stored_record_encodes_as_the_event_did(data: dict[str, Any]) -> None:
+    ev = Event("m1", "order.progress", 1_800_000_000.5, 3, data)
+    try:
+        expected = encode_event(ev, LOC, gateway_id="gw", event_id="id", epoch=2)
+    except ValueError:
+        return  # the emit path refuses it: never stored
+    r = Record("m1", ev.type, LOC, 3, ev.time, data, "id", "gw", 2)
+    raw = (1, "t", b"", 1, 1.0, 1, "m1", None, *record_columns(r))
+    stored = _read_row(raw).record
+    assert stored is not None
+    assert wire_payload(stored) == expected
+    assert stored.data == json.loads(r.data_json())
