@@ -36,6 +36,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
 from gateway.core.model import Event, Location
@@ -174,8 +175,9 @@ def format_time(t: float) -> str:
         raise ValueError(f"time must be finite epoch seconds, got {t!r}")
     # Round through integer milliseconds: float seconds such as ...0.123 are often
     # ...0.12299999 in binary, and truncating would print .122.
-    seconds, ms = divmod(round(t * 1000), 1000)
     try:
+        # A finite float can still overflow once in milliseconds (1e306 s).
+        seconds, ms = divmod(round(t * 1000), 1000)
         prefix = _second_prefix(seconds)
     except OverflowError as exc:
         raise ValueError(f"time {t!r} is out of range") from exc
@@ -357,21 +359,30 @@ def encode_envelope(
     epoch, delayed); ``data_json`` must be compact JSON with times converted
     (:func:`encode_data`).
     """
-    if isinstance(sequence, bool) or not isinstance(sequence, int):
+    # Exact type checks first (a bool is an int subclass and must not pass).
+    if type(sequence) is not int:
         raise ValueError(f"event sequence must be an int, got {sequence!r}")
-    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+    if epoch is not None and (type(epoch) is not int or epoch < 1):
         raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
     head, tail = _envelope_parts(type_, loc)
-    enc = _ENCODER.encode
-    text = (
+    # The JSON string encoder the envelope encoder uses for str values (ensure_ascii off).
+    enc = encode_basestring
+    end = _ENDS[epoch is not None, delayed]
+    return (
         f'{{"specversion":"1.0","id":{enc(event_id)}{head}{format_time(time)}{tail}'
         f'{sequence},"gatewayid":{enc(gateway_id)},"data":{data_json}'
-    )
-    if epoch is not None:
-        text += f',"epoch":{epoch}'
-    if delayed:
-        text += ',"delayed":true'
-    return (text + "}").encode("utf-8")
+        f"{end.format(epoch)}"
+    ).encode()
+
+
+#: The envelope's end after ``data`` (``str.format`` templates of the epoch): with or
+#: without ``epoch`` and ``delayed``.
+_ENDS = {
+    (False, False): "}}",
+    (True, False): ',"epoch":{}}}',
+    (False, True): ',"delayed":true}}',
+    (True, True): ',"epoch":{},"delayed":true}}',
+}
 
 
 def encode_state(

@@ -27,6 +27,7 @@ kind would encode the same record the same way.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
@@ -234,7 +235,9 @@ class WireEncodings:
         if size < 1:
             raise ValueError("the encoding memo needs room for at least one encoding")
         self._size = size
-        self._memo: dict[tuple[int, str, bytes | None, bool], bytes] = {}
+        # An OrderedDict: evicting the oldest of a plain dict scans the holes that earlier
+        # deletions left at its front (next(iter(d)) grows with them).
+        self._memo: OrderedDict[tuple[int, str, bytes | None, bool], bytes] = OrderedDict()
         #: Encodings handed out from the memo, and encodings made.
         self.hits = 0
         self.encoded = 0
@@ -278,7 +281,7 @@ class WireEncodings:
     def _put(self, key: tuple[int, str, bytes | None, bool], payload: bytes) -> None:
         memo = self._memo
         if key not in memo and len(memo) >= self._size:
-            del memo[next(iter(memo))]
+            memo.popitem(last=False)
         memo[key] = payload
 
     def __len__(self) -> int:

@@ -208,3 +208,9 @@ def test_a_stored_record_encodes_as_the_event_did(data: dict[str, Any]) -> None:
     assert stored is not None
     assert wire_payload(stored) == expected
     assert stored.data == json.loads(r.data_json())
+
+
+def test_a_time_too_large_for_milliseconds_is_refused_as_a_value_error() -> None:
+    # Found by the property above: 1.8e305 s is finite, but not in milliseconds.
+    with pytest.raises(ValueError, match="out of range"):
+        wire_payload(record(eta=1.797693134862316e305))
