@@ -208,7 +208,7 @@ def _record_from_v1(machine: str, order_id: str | None, payload: bytes) -> Recor
     except (ValueError, TypeError, RecursionError):
         return None
     e = got.event
-    return Record(
+    record = Record(
         machine,
         e.type,
         got.location,
@@ -220,6 +220,11 @@ def _record_from_v1(machine: str, order_id: str | None, payload: bytes) -> Recor
         got.epoch,
         order_id,
     )
+    try:
+        record.data_json()  # NaN or Infinity parse as JSON here, but cannot be stored
+    except ValueError:
+        return None
+    return record
 
 
 def _v2_row(row: tuple[Any, ...]) -> tuple[Any, ...]:

@@ -204,3 +204,21 @@ def test_a_crash_during_the_migration_leaves_a_file_that_opens(v1: Path) -> None
     assert schema_of(v1) == str(SCHEMA_VERSION)
     for name, expected in EXPECTED["wire"].items():
         assert [[m.topic, m.payload.decode(), m.qos] for _, m in got[name]] == expected
+
+
+async def test_a_row_that_is_not_an_event_is_kept_as_stored(v1: Path) -> None:
+    # Damage no gateway writes: a NaN (Python's JSON reads it) and bytes that are not JSON.
+    with contextlib.closing(sqlite3.connect(v1)) as db:
+        (payload,) = db.execute("SELECT payload FROM messages WHERE seq = 9").fetchone()
+        nan = payload.replace(b'"connected":false', b'"connected":NaN')
+        db.execute("UPDATE messages SET payload = ? WHERE seq = 9", (nan,))
+        db.execute("UPDATE messages SET payload = ? WHERE seq = 8", (b"\xff not json",))
+        db.commit()
+    with capture_logs() as logs:
+        async with running(v1) as ob:
+            q = ob.queue(Route("a", operator="pass"), clock=lambda: NOW)
+            q.start()
+            got = [m for _, m in await take(q, 4)]
+    assert [m.payload for m in got[-2:]] == [b"\xff not json", nan]
+    inexact = [e for e in logs if e["event"] == "outbox.migration_inexact"]
+    assert inexact and inexact[0]["opaque"] == 2
