@@ -107,7 +107,7 @@ OR (type IS NOT NULL AND (
     OR typeof(event_id) != 'text' OR typeof(gateway_id) != 'text'
     OR (epoch IS NOT NULL AND typeof(epoch) != 'integer')
     OR (customer IS NOT NULL AND typeof(customer) != 'text')
-    OR typeof(data) != 'text'
+    OR typeof(data) != 'text' OR (data_wire IS NOT NULL AND typeof(data_wire) != 'text')
     OR CASE WHEN json_valid(data) THEN json_type(data) != 'object' ELSE 1 END))
 """
 
@@ -123,6 +123,7 @@ _RECORD_COLUMNS = (
     ("gateway_id", "TEXT"),
     ("customer", "TEXT"),
     ("data", "TEXT"),
+    ("data_wire", "TEXT"),
 )
 _V1_COLUMNS = 9
 _COLUMNS = _V1_COLUMNS + len(_RECORD_COLUMNS)
@@ -150,7 +151,11 @@ CREATE TABLE IF NOT EXISTS messages (
     event_id TEXT,
     gateway_id TEXT,
     customer TEXT,
-    data TEXT
+    data TEXT,
+    -- The payload as the CloudEvents encoding writes it (times as text), made when the event
+    -- was emitted: a backlog is not converted again on every read. The typed data is what
+    -- redaction and the other sinks use.
+    data_wire TEXT
 );
 -- Telemetry is dropped first, oldest first: only telemetry rows are indexed for it. An index
 -- over every row (cls, machine, order_id, seq), which files of older versions have, cost
@@ -198,6 +203,7 @@ def record_columns(record: Record) -> tuple[Any, ...]:
         record.gateway_id,
         record.customer,
         record.data_json(),
+        record.data_wire(),
     )
 
 
@@ -222,6 +228,7 @@ def _record_from_v1(machine: str, order_id: str | None, payload: bytes) -> Recor
     )
     try:
         record.data_json()  # NaN or Infinity parse as JSON here, but cannot be stored
+        record.data_wire()
     except ValueError:
         return None
     return record
@@ -1802,7 +1809,8 @@ class Outbox:
                 db.execute(
                     "SELECT seq, topic, payload, qos, created, pending, machine, order_id,"
                     " type, location, sequence, epoch, time, event_id, gateway_id, customer,"
-                    " data FROM messages WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
+                    " data, data_wire FROM messages"
+                    " WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
                     (after, mask, limit),
                 ),
             )
@@ -1856,6 +1864,7 @@ def _read_row(r: tuple[Any, ...]) -> Row:
         r[7],
         r[15],
         data_json=r[16],
+        data_wire=r[17],
     )
     return Row(r[0], r[1], r[2], r[3], r[4], r[5], record)
 

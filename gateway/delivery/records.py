@@ -49,6 +49,7 @@ class Record:
     __slots__ = (
         "_data",
         "_json",
+        "_wire",
         "customer",
         "epoch",
         "event_id",
@@ -76,8 +77,12 @@ class Record:
         customer: str | None = None,
         *,
         data_json: str | None = None,
+        data_wire: str | None = None,
     ) -> None:
-        """A record; give ``data`` or its compact JSON text ``data_json`` (decoded lazily)."""
+        """A record; give ``data`` or its compact JSON text ``data_json`` (decoded lazily).
+
+        ``data_wire`` is the payload as the CloudEvents encoding writes it, when known.
+        """
         if data is None and data_json is None:
             raise ValueError("a record needs its data or the data's JSON text")
         self.machine = machine
@@ -92,6 +97,7 @@ class Record:
         self.customer = customer
         self._data = data
         self._json = data_json
+        self._wire = data_wire
 
     @property
     def data(self) -> Mapping[str, Any]:
@@ -107,6 +113,23 @@ class Record:
         text = self._json
         if text is None:
             text = self._json = _DATA_ENCODER.encode(self._data)
+        return text
+
+    def data_wire(self) -> str:
+        """The payload as it goes on the wire: compact JSON, times as RFC 3339 text.
+
+        Kept with the record once made (the outbox stores it next to the typed payload), so
+        a backlog is not converted again on every read. ``ValueError`` if it cannot be made.
+        """
+        text = self._wire
+        if text is None:
+            stored = self._json
+            if stored is not None and not has_time_keys(stored):
+                # Nothing to convert: the typed text is the wire text (same encoder settings).
+                text = stored
+            else:
+                text = encode_data(self.data, f"event {self.type} of {self.machine}")
+            self._wire = text
         return text
 
     def with_data(self, data: Mapping[str, Any]) -> Record:
@@ -179,6 +202,7 @@ class Record:
             self.customer,
         ) = state
         self._json = None
+        self._wire = None
 
 
 #: Typed payloads as compact JSON, as strict as the envelope's encoder.
@@ -197,14 +221,11 @@ def wire_payload(
     Redaction acts on the typed payload before it is encoded; ``ValueError`` when the
     payload cannot be encoded (a non-finite number, a time out of range).
     """
-    what = f"event {record.type} of {record.machine}"
     if policy != "pass":
+        what = f"event {record.type} of {record.machine}"
         data_json = encode_data(redact(record.data, policy, secret), what)
-    elif record._json is not None and not has_time_keys(record._json):
-        # Nothing to convert: the stored text is the wire text (same encoder settings).
-        data_json = record._json
     else:
-        data_json = encode_data(record.data, what)
+        data_json = record.data_wire()
     return encode_envelope(
         record.type,
         record.location,

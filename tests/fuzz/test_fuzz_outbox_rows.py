@@ -139,6 +139,7 @@ RECORD_COLUMNS = (
     "gateway_id",
     "customer",
     "data",
+    "data_wire",
 )
 record_junk = st.one_of(
     junk,
@@ -193,7 +194,7 @@ def _apply_sql(db: sqlite3.Connection, op: tuple[Any, ...]) -> None:
                 "ALTER TABLE messages RENAME TO old;"
                 "CREATE TABLE messages (seq INTEGER PRIMARY KEY, pending, cls, machine,"
                 " order_id, topic, payload, qos, created, type, location, sequence, epoch,"
-                " time, event_id, gateway_id, customer, data);"
+                " time, event_id, gateway_id, customer, data, data_wire);"
                 "INSERT INTO messages SELECT * FROM old; DROP TABLE old;"
             )
             db.execute(
