@@ -6,6 +6,12 @@ Guarantees (see ``docs/delivery.md``):
   tracker state that produced it. After a crash the gateway restores the trackers from the
   outbox and resumes exactly there: no event is emitted twice, none is lost, sequence numbers
   continue. Nothing reaches a broker before it is committed.
+* An event is stored as a typed record (:class:`~gateway.delivery.records.Record`: type,
+  location, sequence, epoch, time, payload, routing bits), not as the bytes of one wire
+  format; each destination encodes it as it reads it (:meth:`Outbox.queue` for MQTT
+  destinations, :meth:`Outbox.record_queue` for sinks that take records). Files of schema 1
+  (CloudEvents bytes per row) are migrated at :meth:`Outbox.open` in one transaction; a
+  file of a newer schema is refused (:class:`OutboxSchemaError`).
 * Every row carries a bit mask of the destinations it is routed to. Each destination reads
   the outbox in ``seq`` order from its own position and clears its bit when the broker
   acknowledged the row (QoS 1 PUBACK); a row is deleted once no bit is left.
