@@ -1130,22 +1130,29 @@ class Gateway:
         gateway_id = self.plan.gateway_id
         # Destinations that see the whole snapshot (the common case: all) share one encoding,
         # and one per operator policy when the snapshot names an operator.
-        shared: dict[str, bytes] = {}
+        plain: bytes | None = None
+        redacted: dict[str, bytes] = {}
         for d in self.destinations:
             if not machine_visible(d.route.rules, m.plan.id):
                 continue
             view = state_view(d.route.rules, snapshot, customer, queue)
-            policy = d.route.operator
-            if view is snapshot and policy in shared:
-                payload = shared[policy]
-            else:
+            whole = view is snapshot
+            if not whole:
                 payload = encode_state(view, loc, gateway_id=gateway_id, now=now)
-                if policy != "pass" and b'"operator' in payload:
-                    # Redaction acts on the typed snapshot, before it is encoded.
-                    redacted = redact(view, policy, self._secret)
-                    payload = encode_state(redacted, loc, gateway_id=gateway_id, now=now)
-                if view is snapshot:
-                    shared[policy] = payload
+            elif plain is None:
+                payload = plain = encode_state(view, loc, gateway_id=gateway_id, now=now)
+            else:
+                payload = plain
+            policy = d.route.operator
+            if policy != "pass" and b'"operator' in payload:
+                # Redaction acts on the typed snapshot, before it is encoded.
+                if whole and policy in redacted:
+                    payload = redacted[policy]
+                else:
+                    typed = redact(view, policy, self._secret)
+                    payload = encode_state(typed, loc, gateway_id=gateway_id, now=now)
+                    if whole:
+                        redacted[policy] = payload
             self.publishers[d.name].submit(Message(topic, payload, 1, True))
 
     def _clear_state(self, machine: str, loc: Location) -> None:
