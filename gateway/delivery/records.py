@@ -292,10 +292,10 @@ class WireEncodings:
         elif policy == "pass" or _OPERATOR not in plain:
             self.hits += 1
         if policy == "pass" or _OPERATOR not in plain:
-            payload = plain
-        else:
-            payload = wire_payload(record, policy, secret, delayed=delayed)
-            self.encoded += 1
+            # Every policy sends these bytes: remembered once, under the plain key.
+            return plain
+        payload = wire_payload(record, policy, secret, delayed=delayed)
+        self.encoded += 1
         self._put(key, payload)
         return payload
 
