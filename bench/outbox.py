@@ -104,10 +104,13 @@ async def live(path: Path, events: int, burst: int) -> tuple[float, float]:
 
     consumer = asyncio.create_task(consume())
     for start in range(0, events, burst):
-        ob.append(
-            [entry(n, "order.progress") for n in range(start, min(events, start + burst))],
-            {f"m{start % 40}": {"sequence": start}},
-        )
+        step = [entry(n, "order.progress") for n in range(start, min(events, start + burst))]
+        # As the gateway's emit path: each event encoded once (it must encode), that
+        # encoding handed to the destinations' memo.
+        encoded = [wire_payload(e.record) for e in step if e.record is not None]
+        seqs = ob.append(step, {f"m{start % 40}": {"sequence": start}})
+        for seq, payload in zip(seqs, encoded, strict=True):
+            ob.encodings.prime(seq, payload)
         await asyncio.sleep(0)  # the loop stays free: the writer commits in its thread
     await ob.flush()
     t_in = time.perf_counter() - t0
