@@ -112,7 +112,12 @@ class Record:
         """The typed payload as compact JSON text (as the outbox stores it)."""
         text = self._json
         if text is None:
-            text = self._json = _DATA_ENCODER.encode(self._data)
+            wire = self._wire
+            if wire is not None and not has_time_keys(wire):
+                text = wire  # no time to convert: the wire text is the typed text
+            else:
+                text = _DATA_ENCODER.encode(self._data)
+            self._json = text
         return text
 
     def data_wire(self) -> str:
