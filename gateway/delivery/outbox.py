@@ -470,7 +470,13 @@ def _salvage(out: _Salvage, sink: Callable[[list[tuple[Any, ...]]], None]) -> No
             ]
             sink(usable)
             out.messages += len(usable)
-            after = chunk[-1][0]
+            # A damaged tree can hand rows back out of order: go on after the largest seq
+            # seen, never behind it (reading the same rows again would never end).
+            last = max((r[0] for r in chunk if type(r[0]) is int), default=after)
+            if last <= after:
+                out.unreadable.append(f"messages after seq {after}: rows out of order")
+                break
+            after = last
     finally:
         db.close()
 
@@ -881,7 +887,12 @@ class Outbox:
                 ).fetchall()
                 if not chunk:
                     break
-                after = chunk[-1][0]
+                # Progress is the largest seq seen (a damaged tree may return rows out of
+                # order; the file is checked after the migration).
+                last = max((r[0] for r in chunk if type(r[0]) is int), default=after)
+                if last <= after:
+                    break
+                after = last
                 updates = []
                 for seq, machine, order_id, payload in chunk:
                     record = None

@@ -336,6 +336,10 @@ destination_sets = st.sampled_from([DESTS, ("a",), ("b", "c"), ("c",)])
 @example([], [("truncate", "db", 0.5)], DESTS)
 @example([], [("truncate", "wal", 0.5)], DESTS)
 @example([], [("flip", "db", 0.99, 0xFF)], DESTS)
+# A damaged tree that hands rows back out of order: the salvage read them again forever.
+@example([("loose_schema", [None] * 9)], [("truncate", "db", 0.9140625)], DESTS)
+@example([("meta", "schema", "3")], [], DESTS)  # a newer gateway's file: refused
+@example([("meta", "schema", "1")], [], DESTS)  # says schema 1, has records: refused
 def test_a_damaged_outbox_opens_and_drains_or_says_why(
     sql: list[tuple[Any, ...]], files: list[tuple[Any, ...]], dests: tuple[str, ...]
 ) -> None:
