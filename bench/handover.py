@@ -73,7 +73,7 @@ def install(sock: socket.socket) -> Callable[[], None]:
 
     def forwarding_append(self: Outbox, entries: Any, trackers: Any = None) -> list[int]:
         events = [
-            (e.machine, e.topic, e.payload, e.event_type, e.order_id, e.created)
+            (e.machine, e.topic, e.payload, e.event_type, e.order_id, e.created, e.record)
             for e in entries
             if e.event_type is not None
         ]
@@ -220,8 +220,9 @@ async def deliver(fd: int, config: Path) -> dict[str, Any]:
                             event_type=et,
                             order_id=oid,
                             created=c,
+                            record=r,
                         )
-                        for m, t, p, et, oid, c in events
+                        for m, t, p, et, oid, c, r in events
                     ]
                     append(outbox, entries, trackers)
                 else:

@@ -35,10 +35,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gateway.contract.envelope import Topics, encode_event, new_event_id
+from gateway.contract.envelope import Topics, new_event_id
 from gateway.core.model import Event, Location
 from gateway.core.routing import Route
 from gateway.delivery.outbox import Entry, Outbox
+from gateway.delivery.records import Record, wire_payload
 
 PAYLOAD_PAD = "x" * 250  # an event envelope is ~350 bytes
 
@@ -52,15 +53,29 @@ BATCH_TOPIC = f"{PREFIX}/{SITE}/gateway/{GATEWAY_ID}/batch"
 
 
 def entry(n: int, type_: str) -> Entry:
-    body = {"id": f"{n:032x}", "type": type_, "sequence": n, "pad": PAYLOAD_PAD}
+    machine = f"m{n % 40}"
+    order_id = f"PO-{n % 40}"
+    record = Record(
+        machine,
+        type_,
+        Location("site", "a", "l", machine),
+        n,
+        time.time(),
+        {"order_id": order_id, "pad": PAYLOAD_PAD},
+        f"{n:032x}",
+        GATEWAY_ID,
+        1,
+        order_id,
+    )
     return Entry(
-        machine=f"m{n % 40}",
-        topic=f"b/site/a/l/m{n % 40}/event/{type_}",
-        payload=json.dumps(body).encode(),
+        machine=machine,
+        topic=f"b/site/a/l/{machine}/event/{type_}",
+        payload=b"",
         destinations=frozenset({"a"}),
         event_type=type_,
-        order_id=f"PO-{n % 40}",
+        order_id=order_id,
         created=time.time(),
+        record=record,
     )
 
 
@@ -89,10 +104,13 @@ async def live(path: Path, events: int, burst: int) -> tuple[float, float]:
 
     consumer = asyncio.create_task(consume())
     for start in range(0, events, burst):
-        ob.append(
-            [entry(n, "order.progress") for n in range(start, min(events, start + burst))],
-            {f"m{start % 40}": {"sequence": start}},
-        )
+        step = [entry(n, "order.progress") for n in range(start, min(events, start + burst))]
+        # As the gateway's emit path: each event encoded once (it must encode), that
+        # encoding handed to the destinations' memo.
+        encoded = [wire_payload(e.record) for e in step if e.record is not None]
+        seqs = ob.append(step, {f"m{start % 40}": {"sequence": start}})
+        for seq, payload in zip(seqs, encoded, strict=True):
+            ob.encodings.prime(seq, payload)
         await asyncio.sleep(0)  # the loop stays free: the writer commits in its thread
     await ob.flush()
     t_in = time.perf_counter() - t0
@@ -251,23 +269,32 @@ async def fill(path: Path, events: int, seed: int = 1) -> dict[str, Any]:
             t_event += dt * len(evs)
             entries = []
             for ev in evs:
-                payload = encode_event(
-                    ev,
-                    m.loc,
-                    gateway_id=GATEWAY_ID,
-                    event_id=new_event_id(ev.time, rng.getrandbits(74)),
-                )
-                payload_bytes += len(payload)
                 order_id = ev.data.get("order_id")
+                order_id = order_id if isinstance(order_id, str) else None
+                # A typed record, as the gateway's emit path stores it (it encodes once too).
+                record = Record(
+                    m.id,
+                    ev.type,
+                    m.loc,
+                    ev.sequence,
+                    ev.time,
+                    ev.data,
+                    new_event_id(ev.time, rng.getrandbits(74)),
+                    GATEWAY_ID,
+                    None,
+                    order_id,
+                )
+                payload_bytes += len(wire_payload(record))
                 entries.append(
                     Entry(
                         machine=m.id,
                         topic=TOPICS.event(m.loc, ev.type),
-                        payload=payload,
+                        payload=b"",
                         destinations=frozenset({"a"}),
                         event_type=ev.type,
-                        order_id=order_id if isinstance(order_id, str) else None,
+                        order_id=order_id,
                         created=time.time(),
+                        record=record,
                     )
                 )
             ob.append(entries, {m.id: m.state()})

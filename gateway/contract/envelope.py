@@ -18,13 +18,11 @@ consumers deduplicate by ``id``, a UUIDv7 (RFC 9562) whose text sorts by creatio
 
 Time rule for payloads: the tracker hands over times as float epoch seconds. On the
 wire every time is an RFC 3339 UTC string with milliseconds (``2026-11-22T10:00:00.123Z``).
-Inside an event's ``data`` the fields converted are those its typed payload declares as
-times (:data:`gateway.core.events.TIME_FIELDS`, see :func:`event_data`). In the state
-snapshot and status ``extra`` fields (no typed payload yet), a value is converted when its
-key ends in ``_at`` or ``_since`` or is exactly ``eta`` or ``due`` and the value is a number
-(``int`` or ``float``, not ``bool``), at every nesting depth (mappings inside mappings and
-lists). Other values pass through unchanged, ``None`` stays ``null``. Non-finite numbers
-are rejected, since JSON cannot carry them.
+Inside ``data`` (events), the state snapshot and status ``extra`` fields, a value is
+converted when its key ends in ``_at`` or ``_since`` or is exactly ``eta`` or ``due`` and
+the value is a number (``int`` or ``float``, not ``bool``). The rule applies at every nesting depth
+(mappings inside mappings and lists); other values pass through unchanged, ``None``
+stays ``null``. Non-finite numbers are rejected, since JSON cannot carry them.
 
 JSON is compact (no spaces) and UTF-8; NaN and infinity raise ``ValueError``.
 """
@@ -34,9 +32,11 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from json.encoder import encode_basestring
 from typing import Any, Literal
 
 from gateway.core.events import TIME_FIELDS
@@ -176,8 +176,9 @@ def format_time(t: float) -> str:
         raise ValueError(f"time must be finite epoch seconds, got {t!r}")
     # Round through integer milliseconds: float seconds such as ...0.123 are often
     # ...0.12299999 in binary, and truncating would print .122.
-    seconds, ms = divmod(round(t * 1000), 1000)
     try:
+        # A finite float can still overflow once in milliseconds (1e306 s).
+        seconds, ms = divmod(round(t * 1000), 1000)
         prefix = _second_prefix(seconds)
     except OverflowError as exc:
         raise ValueError(f"time {t!r} is out of range") from exc
@@ -280,53 +281,116 @@ def _location_dict(loc: Location) -> dict[str, str]:
 
 
 def encode_event(
-    event: Event, loc: Location, *, gateway_id: str, event_id: str, epoch: int | None = None
+    event: Event,
+    loc: Location,
+    *,
+    gateway_id: str,
+    event_id: str,
+    epoch: int | None = None,
+    delayed: bool = False,
 ) -> bytes:
     """CloudEvents 1.0 structured JSON for one tracker event at location ``loc``.
 
     ``epoch`` (the outbox's sequence space, :attr:`gateway.delivery.outbox.Outbox.epoch`) goes into
-    the ``epoch`` extension attribute when given.
+    the ``epoch`` extension attribute when given; ``delayed`` adds ``"delayed":true`` (the
+    event is sent late: after an outage or from a previous run), as the last attribute.
     """
-    if isinstance(event.sequence, bool) or not isinstance(event.sequence, int):
-        raise ValueError(f"event sequence must be an int, got {event.sequence!r}")
-    envelope: dict[str, Any] = {
-        "specversion": "1.0",
-        "id": event_id,
-        "source": f"{SOURCE_PREFIX}/{loc.site}/{loc.area}/{loc.line}/{loc.machine}",
-        "type": EVENT_TYPE_PREFIX + event.type,
-        "time": format_time(event.time),
-        "subject": loc.machine,
-        "datacontenttype": "application/json",
-        "dataschema": SCHEMA_PREFIX + event.type,
-        "sequence": event.sequence,
-        "gatewayid": gateway_id,
-        "data": event_data(event),
-    }
-    if epoch is not None:
-        if isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1:
-            raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
-        envelope["epoch"] = epoch
-    return _dumps(envelope, f"event {event.type} of {event.machine}")
-
-
-def event_data(event: Event) -> dict[str, Any]:
-    """An event's ``data`` as sent: the payload's declared time fields in RFC 3339.
-
-    Which fields are times comes from the typed payload of the event type
-    (:data:`gateway.core.events.TIME_FIELDS`), not from the key names.
-    """
-    times = TIME_FIELDS.get(event.type)
-    if times is None:
+    if event.type not in TIME_FIELDS:
         raise ValueError(f"unknown event type {event.type!r} of {event.machine}")
-    out = dict(event.data)
-    for k in times:
-        v = out.get(k)
-        if v is not None and type(v) is not bool and isinstance(v, int | float):
-            try:
-                out[k] = format_time(v)
-            except ValueError as exc:
-                raise ValueError(f"payload field data.{k}: {exc}") from None
-    return out
+    return encode_envelope(
+        event.type,
+        loc,
+        event_id=event_id,
+        time=event.time,
+        sequence=event.sequence,
+        gateway_id=gateway_id,
+        data_json=encode_data(event.data, f"event {event.type} of {event.machine}"),
+        epoch=epoch,
+        delayed=delayed,
+    )
+
+
+def encode_data(data: Mapping[str, Any], what: str = "event data") -> str:
+    """An event's ``data`` as it goes on the wire: times converted, compact JSON text.
+
+    The time rule converts numbers under time keys only (``*_at``, ``*_since``, ``eta``,
+    ``due``: the fields the typed payloads of :mod:`gateway.core.events` declare as times);
+    text is never taken for a time, so an order id that looks like one stays text.
+    """
+    wire = convert_times(data, _path="data.")
+    try:
+        return _ENCODER.encode(wire)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what} is not JSON-serialisable: {exc}") from None
+
+
+def has_time_keys(data_json: str) -> bool:
+    """Whether compact JSON may hold a key of the time rule (never false for one that does).
+
+    A payload without one encodes on the wire exactly as its typed JSON text.
+    """
+    return _TIME_KEY_TEXT.search(data_json) is not None
+
+
+_TIME_KEY_TEXT = re.compile(r'_at"|_since"|"eta"|"due"')
+
+
+@functools.lru_cache(maxsize=4096)
+def _envelope_parts(type_: str, loc: Location) -> tuple[str, str]:
+    """The attributes around ``time`` that only depend on the type and the location."""
+    enc = _ENCODER.encode
+    source = f"{SOURCE_PREFIX}/{loc.site}/{loc.area}/{loc.line}/{loc.machine}"
+    head = f',"source":{enc(source)},"type":{enc(EVENT_TYPE_PREFIX + type_)},"time":"'
+    tail = (
+        f'","subject":{enc(loc.machine)},"datacontenttype":"application/json"'
+        f',"dataschema":{enc(SCHEMA_PREFIX + type_)},"sequence":'
+    )
+    return head, tail
+
+
+def encode_envelope(
+    type_: str,
+    loc: Location,
+    *,
+    event_id: str,
+    time: float,
+    sequence: int,
+    gateway_id: str,
+    data_json: str,
+    epoch: int | None = None,
+    delayed: bool = False,
+) -> bytes:
+    """The structured CloudEvent of an event whose ``data`` is already wire JSON text.
+
+    The same bytes as a JSON encoding of the envelope dict (attribute order: specversion,
+    id, source, type, time, subject, datacontenttype, dataschema, sequence, gatewayid, data,
+    epoch, delayed); ``data_json`` must be compact JSON with times converted
+    (:func:`encode_data`).
+    """
+    # Exact type checks first (a bool is an int subclass and must not pass).
+    if type(sequence) is not int:
+        raise ValueError(f"event sequence must be an int, got {sequence!r}")
+    if epoch is not None and (type(epoch) is not int or epoch < 1):
+        raise ValueError(f"event epoch must be an int >= 1, got {epoch!r}")
+    head, tail = _envelope_parts(type_, loc)
+    # The JSON string encoder the envelope encoder uses for str values (ensure_ascii off).
+    enc = encode_basestring
+    end = _ENDS[epoch is not None, delayed]
+    return (
+        f'{{"specversion":"1.0","id":{enc(event_id)}{head}{format_time(time)}{tail}'
+        f'{sequence},"gatewayid":{enc(gateway_id)},"data":{data_json}'
+        f"{end.format(epoch)}"
+    ).encode()
+
+
+#: The envelope's end after ``data`` (``str.format`` templates of the epoch): with or
+#: without ``epoch`` and ``delayed``.
+_ENDS = {
+    (False, False): "}}",
+    (True, False): ',"epoch":{}}}',
+    (False, True): ',"delayed":true}}',
+    (True, True): ',"epoch":{},"delayed":true}}',
+}
 
 
 def encode_state(
@@ -380,6 +444,75 @@ def encode_status(
         for k, v in convert_times(extra, _path="extra.").items():
             body.setdefault(k, v)
     return _dumps(body, "gateway status")
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvent:
+    """An event read back from its CloudEvents JSON, times as epoch seconds again."""
+
+    event: Event
+    location: Location
+    gateway_id: str
+    event_id: str
+    epoch: int | None
+
+
+def parse_times(value: Any) -> Any:
+    """The inverse of :func:`convert_times`: time strings at time keys become epoch seconds.
+
+    Only values under the keys the time rule names (``*_at``, ``*_since``, ``eta``, ``due``)
+    that are RFC 3339 UTC strings as :func:`format_time` writes them are converted; any other
+    value is kept, so converting the result again gives the original text.
+    """
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if _is_time_key(k) and isinstance(v, str) and (t := _parse_time(v)) is not None:
+                out[k] = t
+            else:
+                out[k] = parse_times(v)
+        return out
+    if isinstance(value, list):
+        return [parse_times(v) for v in value]
+    return value
+
+
+def _parse_time(text: str) -> float | None:
+    if len(text) != 24 or text[-1] != "Z" or text[19] != ".":
+        return None
+    try:
+        t = datetime.fromisoformat(text[:-1] + "+00:00").timestamp()
+    except ValueError:
+        return None
+    # Only the exact text format_time writes: anything else stays a string.
+    return t if format_time(t) == text else None
+
+
+def read_event(payload: bytes, machine: str) -> DecodedEvent:
+    """The event, location, gateway, id and epoch of an :func:`encode_event` payload.
+
+    ``machine`` is the gateway's machine id (the envelope carries only the location);
+    ``ValueError`` says what is wrong with a payload that is not such an event.
+    """
+    doc = decode_event(payload)
+    source = doc["source"]
+    head = SOURCE_PREFIX + "/"
+    parts = source[len(head) :].split("/") if source.startswith(head) else []
+    if len(parts) != 4 or not all(parts):
+        raise ValueError(f"event source {source!r} is not {SOURCE_PREFIX}/site/area/line/machine")
+    time_ = _parse_time(doc["time"])
+    if time_ is None:
+        raise ValueError(f"event time {doc['time']!r} is not RFC 3339 UTC with milliseconds")
+    gateway_id = doc.get("gatewayid")
+    if not isinstance(gateway_id, str):
+        raise ValueError("event field 'gatewayid' must be a string")
+    epoch = doc.get("epoch")
+    if epoch is not None and (isinstance(epoch, bool) or not isinstance(epoch, int) or epoch < 1):
+        raise ValueError(f"event field 'epoch' must be an integer >= 1, got {epoch!r}")
+    type_ = doc["type"].removeprefix(EVENT_TYPE_PREFIX)
+    data = parse_times(doc.get("data", {}))
+    event = Event(machine, type_, time_, doc["sequence"], data)
+    return DecodedEvent(event, Location(*parts), gateway_id, doc["id"], epoch)
 
 
 def decode_event(payload: bytes) -> dict[str, Any]:

@@ -6,6 +6,12 @@ Guarantees (see ``docs/delivery.md``):
   tracker state that produced it. After a crash the gateway restores the trackers from the
   outbox and resumes exactly there: no event is emitted twice, none is lost, sequence numbers
   continue. Nothing reaches a broker before it is committed.
+* An event is stored as a typed record (:class:`~gateway.delivery.records.Record`: type,
+  location, sequence, epoch, time, payload, routing bits), not as the bytes of one wire
+  format; each destination encodes it as it reads it (:meth:`Outbox.queue` for MQTT
+  destinations, :meth:`Outbox.record_queue` for sinks that take records). Files of schema 1
+  (CloudEvents bytes per row) are migrated at :meth:`Outbox.open` in one transaction; a
+  file of a newer schema is refused (:class:`OutboxSchemaError`).
 * Every row carries a bit mask of the destinations it is routed to. Each destination reads
   the outbox in ``seq`` order from its own position and clears its bit when the broker
   acknowledged the row (QoS 1 PUBACK); a row is deleted once no bit is left.
@@ -52,6 +58,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import json
 import os
 import queue
@@ -66,9 +73,12 @@ from typing import Any, NamedTuple, TypeVar
 
 import structlog
 
-from gateway.contract.wire import batch_payload, mark_delayed, redact_payload
-from gateway.core.routing import Route
+from gateway.contract.envelope import read_event
+from gateway.contract.wire import batch_payload
+from gateway.core.model import Location
+from gateway.core.routing import Route, redact
 from gateway.delivery.mqtt.publisher import Message
+from gateway.delivery.records import Record, WireEncodings, wire_payload
 
 log = structlog.get_logger(__name__)
 
@@ -79,7 +89,9 @@ KEEP = 2
 
 #: At most this many destinations (one bit each in a 63-bit SQLite integer).
 MAX_DESTINATIONS = 62
-SCHEMA_VERSION = 1
+#: Schema 2 stores events as typed records (:class:`~gateway.delivery.records.Record`);
+#: schema 1 stored their CloudEvents bytes and is migrated at :meth:`Outbox.open`.
+SCHEMA_VERSION = 2
 _SQLITE_FULL = 13
 #: SQLITE_CORRUPT and SQLITE_NOTADB: the file is damaged (set aside and salvaged).
 _SQLITE_DAMAGE = frozenset({11, 26})
@@ -94,7 +106,34 @@ OR typeof(topic) != 'text' OR topic = '' OR typeof(payload) != 'blob'
 OR typeof(qos) != 'integer' OR qos NOT IN (0, 1, 2)
 OR typeof(created) NOT IN ('integer', 'real') OR seq < 1 OR seq > {MAX_SEQ}
 OR (order_id IS NOT NULL AND typeof(order_id) != 'text')
+OR (type IS NOT NULL AND (
+    typeof(type) != 'text' OR type = '' OR typeof(location) != 'text'
+    OR length(location) - length(replace(location, '/', '')) != 3
+    OR typeof(sequence) != 'integer' OR typeof(time) NOT IN ('integer', 'real')
+    OR typeof(event_id) != 'text' OR typeof(gateway_id) != 'text'
+    OR (epoch IS NOT NULL AND typeof(epoch) != 'integer')
+    OR (customer IS NOT NULL AND typeof(customer) != 'text')
+    OR typeof(data) != 'text' OR (data_wire IS NOT NULL AND typeof(data_wire) != 'text')
+    OR CASE WHEN json_valid(data) THEN json_type(data) != 'object' ELSE 1 END))
 """
+
+#: The columns of a typed record (schema 2), added to schema 1's in this order; a row whose
+#: ``type`` is NULL is an opaque message (telemetry) sent as its ``payload`` is stored.
+_RECORD_COLUMNS = (
+    ("type", "TEXT"),
+    ("location", "TEXT"),
+    ("sequence", "INTEGER"),
+    ("epoch", "INTEGER"),
+    ("time", "REAL"),
+    ("event_id", "TEXT"),
+    ("gateway_id", "TEXT"),
+    ("customer", "TEXT"),
+    ("data", "TEXT"),
+    ("data_wire", "TEXT"),
+)
+_V1_COLUMNS = 9
+_COLUMNS = _V1_COLUMNS + len(_RECORD_COLUMNS)
+_INSERT = f"INSERT INTO messages VALUES ({','.join('?' * _COLUMNS)})"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -109,7 +148,20 @@ CREATE TABLE IF NOT EXISTS messages (
     topic TEXT NOT NULL,
     payload BLOB NOT NULL,
     qos INTEGER NOT NULL,
-    created REAL NOT NULL
+    created REAL NOT NULL,
+    type TEXT,
+    location TEXT,
+    sequence INTEGER,
+    epoch INTEGER,
+    time REAL,
+    event_id TEXT,
+    gateway_id TEXT,
+    customer TEXT,
+    data TEXT,
+    -- The payload as the CloudEvents encoding writes it (times as text), made when the event
+    -- was emitted: a backlog is not converted again on every read. The typed data is what
+    -- redaction and the other sinks use.
+    data_wire TEXT
 );
 -- Telemetry is dropped first, oldest first: only telemetry rows are indexed for it. An index
 -- over every row (cls, machine, order_id, seq), which files of older versions have, cost
@@ -140,6 +192,69 @@ class OutboxError(Exception):
     """The outbox cannot store events (not a full disk): the gateway must stop."""
 
 
+class OutboxSchemaError(OutboxError):
+    """The file was written by a newer gateway (a schema this version does not know)."""
+
+
+def record_columns(record: Record) -> tuple[Any, ...]:
+    """The schema-2 record columns of ``record``, in :data:`_RECORD_COLUMNS` order."""
+    loc = record.location
+    return (
+        record.type,
+        f"{loc.site}/{loc.area}/{loc.line}/{loc.machine}",
+        record.sequence,
+        record.epoch,
+        record.time,
+        record.event_id,
+        record.gateway_id,
+        record.customer,
+        record.data_json(),
+        record.data_wire(),
+    )
+
+
+def _record_from_v1(machine: str, order_id: str | None, payload: bytes) -> Record | None:
+    """The typed record of a schema-1 row (its CloudEvents bytes); ``None`` if not one."""
+    try:
+        got = read_event(bytes(payload), machine)
+    except (ValueError, TypeError, RecursionError):
+        return None
+    e = got.event
+    record = Record(
+        machine,
+        e.type,
+        got.location,
+        e.sequence,
+        e.time,
+        e.data,
+        got.event_id,
+        got.gateway_id,
+        got.epoch,
+        order_id,
+    )
+    try:
+        record.data_json()  # NaN or Infinity parse as JSON here, but cannot be stored
+        record.data_wire()
+    except ValueError:
+        return None
+    return record
+
+
+def _v2_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A schema-1 message row (9 columns) as a schema-2 row: an event becomes a record.
+
+    A row that is not an event this gateway wrote (telemetry, or bytes that do not parse)
+    stays opaque: it is sent as it is stored.
+    """
+    seq, pending, cls, machine, order_id, topic, payload, qos, created = row
+    record = None
+    if cls != TELEMETRY and isinstance(machine, str) and isinstance(payload, bytes):
+        record = _record_from_v1(machine, order_id if isinstance(order_id, str) else None, payload)
+    if record is None:
+        return (*row, *([None] * len(_RECORD_COLUMNS)))
+    return (seq, pending, cls, machine, order_id, topic, b"", qos, created, *record_columns(record))
+
+
 def row_class(event_type: str | None) -> int:
     """Overflow class of a row: telemetry (``None``), progress, or never dropped."""
     if event_type is None:
@@ -162,7 +277,12 @@ def needs_fsync(batch: Iterable[_Pending], trackers: Mapping[str, Any] | None = 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One message to store: an event (``event_type`` set) or telemetry (``None``)."""
+    """One message to store: an event (``event_type`` set) or telemetry (``None``).
+
+    An event carries its typed ``record``, which each destination encodes as it reads
+    it (``payload`` is then empty); an entry without a record is an opaque message, sent
+    to MQTT destinations as ``payload`` is, and skipped by record sinks.
+    """
 
     machine: str
     topic: str
@@ -172,6 +292,7 @@ class Entry:
     order_id: str | None = None
     qos: int = 1
     created: float = 0.0
+    record: Record | None = None
 
 
 class Row(NamedTuple):
@@ -186,6 +307,7 @@ class Row(NamedTuple):
     qos: int
     created: float
     pending: int
+    record: Record | None = None
 
 
 @dataclass(slots=True)
@@ -341,10 +463,20 @@ def _salvage(out: _Salvage, sink: Callable[[list[tuple[Any, ...]]], None]) -> No
             step, limit = 1, 500
             if not chunk:
                 break
-            usable = [r for r in chunk if len(r) == 9]
+            usable = [
+                r if len(r) == _COLUMNS else _v2_row(r)
+                for r in chunk
+                if len(r) in (_V1_COLUMNS, _COLUMNS)
+            ]
             sink(usable)
             out.messages += len(usable)
-            after = chunk[-1][0]
+            # A damaged tree can hand rows back out of order: go on after the largest seq
+            # seen, never behind it (reading the same rows again would never end).
+            last = max((r[0] for r in chunk if type(r[0]) is int), default=after)
+            if last <= after:
+                out.unreadable.append(f"messages after seq {after}: rows out of order")
+                break
+            after = last
     finally:
         db.close()
 
@@ -485,6 +617,9 @@ class Outbox:
         self._idle.set()
         self._backlog: dict[str, int] = {}
         self._queues: list[OutboxQueue] = []
+        #: CloudEvents bytes of stored records, shared by the destinations that encode a
+        #: row the same way.
+        self.encodings = WireEncodings()
         self._closed = False
         # A queue's read failed: run() ends with it (a destination would stall silently).
         self._failure: OutboxError | None = None
@@ -610,13 +745,13 @@ class Outbox:
         db = self._t_connect()
         if self._max_page_count is not None:
             db.execute(f"PRAGMA max_page_count={int(self._max_page_count)}")
+        version = self._t_schema(db)
         db.executescript(_SCHEMA)
-        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
-        fresh = row is None
-        if row is None:
+        fresh = version is None
+        if version is None:
             db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
-        elif row[0] != str(SCHEMA_VERSION):
-            raise sqlite3.DatabaseError(f"outbox schema {row[0]} is not {SCHEMA_VERSION}")
+        elif version == 1:
+            self._t_migrate_1(db)
         if salvage is not None:
             self._t_restore_salvage(db, salvage)
         elif not fresh:
@@ -710,6 +845,94 @@ class Outbox:
         self._t_committed = last_seq
         self._t_count = count
         return {n: bits[n] for n in self.destinations}, trackers, backlog, last_seq, count
+
+    def _t_schema(self, db: sqlite3.Connection) -> int | None:
+        """The file's schema version (``None``: a new file); a newer one is refused."""
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone() is None:
+            return None
+        row = db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            return None
+        version = self._t_int(row[0])
+        if version is None or version < 1:
+            raise sqlite3.DatabaseError(
+                f"outbox schema {row[0]!r} is not a version this gateway knows"
+            )
+        if version > SCHEMA_VERSION:
+            raise OutboxSchemaError(
+                f"outbox {self.path} has schema {version}, written by a newer gateway; this"
+                f" one reads schemas 1 to {SCHEMA_VERSION}. Run the newer gateway again to"
+                " deliver its backlog, or move the file aside to start with an empty outbox"
+            )
+        return version
+
+    def _t_migrate_1(self, db: sqlite3.Connection) -> None:
+        """Schema 1 (CloudEvents bytes per row) to 2 (typed records), in one transaction.
+
+        A crash half-way leaves the file as it was (schema 1, opened and migrated again at
+        the next start). Events become records whose CloudEvents encoding is the stored
+        bytes; a row that does not parse as an event stays opaque and is sent as stored.
+        """
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for name, decl in _RECORD_COLUMNS:
+                db.execute(f"ALTER TABLE messages ADD COLUMN {name} {decl}")
+            converted = opaque = differ = 0
+            after = 0
+            while True:
+                chunk = db.execute(
+                    "SELECT seq, machine, order_id, payload FROM messages"
+                    " WHERE seq > ? AND cls != ? ORDER BY seq LIMIT 1000",
+                    (after, TELEMETRY),
+                ).fetchall()
+                if not chunk:
+                    break
+                # Progress is the largest seq seen (a damaged tree may return rows out of
+                # order; the file is checked after the migration).
+                last = max((r[0] for r in chunk if type(r[0]) is int), default=after)
+                if last <= after:
+                    break
+                after = last
+                updates = []
+                for seq, machine, order_id, payload in chunk:
+                    record = None
+                    if isinstance(machine, str) and isinstance(payload, bytes):
+                        oid = order_id if isinstance(order_id, str) else None
+                        record = _record_from_v1(machine, oid, payload)
+                    if record is None:
+                        opaque += 1
+                        continue
+                    with contextlib.suppress(ValueError):
+                        if wire_payload(record) != payload:
+                            differ += 1
+                    updates.append((*record_columns(record), seq))
+                    converted += 1
+                db.executemany(
+                    "UPDATE messages SET payload = X'', "
+                    + ", ".join(f"{name} = ?" for name, _ in _RECORD_COLUMNS)
+                    + " WHERE seq = ?",
+                    updates,
+                )
+            db.execute("UPDATE meta SET value = ? WHERE key = 'schema'", (str(SCHEMA_VERSION),))
+            db.execute("COMMIT")
+        except BaseException:
+            self._t_rollback(db)
+            raise
+        log.info(
+            "outbox.migrated",
+            path=str(self.path),
+            schema=f"1 -> {SCHEMA_VERSION}",
+            records=converted,
+            opaque=opaque,
+        )
+        if opaque or differ:
+            log.warning(
+                "outbox.migration_inexact",
+                path=str(self.path),
+                opaque=opaque,
+                reencoded_differently=differ,
+                detail="rows that are not events this gateway wrote are sent as stored",
+            )
 
     def _t_connect(self) -> sqlite3.Connection:
         if self._db is not None:
@@ -843,18 +1066,12 @@ class Outbox:
         """The highest ``sequence`` among each machine's stored events (0 when none)."""
         out: dict[str, int] = {}
         for machine in machines:
-            best = 0
-            for (payload,) in db.execute(
-                "SELECT payload FROM messages WHERE machine = ? AND cls != ?",
-                (machine, TELEMETRY),
-            ):
-                try:
-                    seq = json.loads(payload).get("sequence")
-                except (ValueError, RecursionError, AttributeError):
-                    continue
-                if type(seq) is int and best < seq <= MAX_SEQ:
-                    best = seq
-            out[machine] = best
+            row = db.execute(
+                "SELECT MAX(sequence) FROM messages WHERE machine = ? AND cls != ?"
+                " AND type IS NOT NULL AND typeof(sequence) = 'integer' AND sequence <= ?",
+                (machine, TELEMETRY, MAX_SEQ),
+            ).fetchone()
+            out[machine] = max(int(row[0] or 0), 0)
         return out
 
     def _t_restore_salvage(self, db: sqlite3.Connection, salvage: _Salvage) -> None:
@@ -868,7 +1085,7 @@ class Outbox:
             try:
                 for msg in chunk:
                     with contextlib.suppress(sqlite3.Error):
-                        db.execute("INSERT OR IGNORE INTO messages VALUES (?,?,?,?,?,?,?,?,?)", msg)
+                        db.execute("INSERT OR IGNORE" + _INSERT.removeprefix("INSERT"), msg)
                 db.execute("COMMIT")
             except BaseException:
                 self._t_rollback(db)
@@ -1449,7 +1666,7 @@ class Outbox:
         try:
             if batch:
                 db.executemany(
-                    "INSERT INTO messages VALUES (?,?,?,?,?,?,?,?,?)",
+                    _INSERT,
                     [
                         (
                             p.seq,
@@ -1461,6 +1678,11 @@ class Outbox:
                             p.entry.payload,
                             p.entry.qos,
                             p.entry.created,
+                            *(
+                                _NO_RECORD
+                                if p.entry.record is None
+                                else record_columns(p.entry.record)
+                            ),
                         )
                         for p in batch
                     ],
@@ -1600,9 +1822,11 @@ class Outbox:
         assert db is not None
         rows = list(
             map(
-                Row._make,
+                _read_row,
                 db.execute(
-                    "SELECT seq, topic, payload, qos, created, pending FROM messages"
+                    "SELECT seq, topic, payload, qos, created, pending, machine, order_id,"
+                    " type, location, sequence, epoch, time, event_id, gateway_id, customer,"
+                    " data, data_wire FROM messages"
                     " WHERE seq > ? AND pending & ? ORDER BY seq LIMIT ?",
                     (after, mask, limit),
                 ),
@@ -1624,6 +1848,42 @@ class Outbox:
         q = OutboxQueue(self, route, **options)
         self._queues.append(q)
         return q
+
+    def record_queue(self, route: Route, **options: Any) -> RecordQueue:
+        """The queue of a destination that takes typed records (:class:`RecordQueue`)."""
+        q = RecordQueue(self, route, **options)
+        self._queues.append(q)
+        return q
+
+
+_NO_RECORD = (None,) * len(_RECORD_COLUMNS)
+
+
+#: One Location per machine for a drain, not one per row.
+_location = functools.lru_cache(maxsize=4096)(Location)
+
+
+def _read_row(r: tuple[Any, ...]) -> Row:
+    """A :class:`Row` from :meth:`Outbox._t_fetch`'s columns (checked at open)."""
+    if r[8] is None:
+        return Row(r[0], r[1], r[2], r[3], r[4], r[5])
+    site, area, line, machine = r[9].split("/")
+    record = Record(
+        r[6],
+        r[8],
+        _location(site, area, line, machine),
+        r[10],
+        r[12],
+        None,
+        r[13],
+        r[14],
+        r[11],
+        r[7],
+        r[15],
+        data_json=r[16],
+        data_wire=r[17],
+    )
+    return Row(r[0], r[1], r[2], r[3], r[4], r[5], record)
 
 
 _KEY_SHIFT = 20
@@ -1713,7 +1973,9 @@ class OutboxQueue:
             for p in batch:
                 if p.bits & mask:
                     e = p.entry
-                    self._rows.append(Row(p.seq, e.topic, e.payload, e.qos, e.created, p.bits))
+                    self._rows.append(
+                        Row(p.seq, e.topic, e.payload, e.qos, e.created, p.bits, e.record)
+                    )
             self._cursor = upto
         else:
             self._maybe_fetch()
@@ -1814,28 +2076,59 @@ class OutboxQueue:
                     self._tele_bytes -= len(msg.payload)
                 self._inflight[mkey] = msg
                 return mkey, msg
-        if not self._rows:
-            self._maybe_fetch()
-            return None
         now = self._clock()
-        if self.route.batch and len(self._rows) > 1:
-            rows = [self._rows.popleft() for _ in range(min(self._batch_max, len(self._rows)))]
-            assert self._batch_topic is not None
-            payload = batch_payload([self._shape(r, now) for r in rows])
-            msg = Message(self._batch_topic, payload, 1, False)
-        else:
-            rows = [self._rows.popleft()]
-            msg = Message(rows[0].topic, self._shape(rows[0], now), rows[0].qos, False)
-        key = rows[-1].seq << _KEY_SHIFT
-        self._inflight[key] = rows
+        while self._rows:
+            rows, msg = self._next_item(now)
+            if not rows:
+                continue  # rows that cannot be encoded were released
+            key = rows[-1].seq << _KEY_SHIFT
+            self._inflight[key] = rows
+            self._maybe_fetch()
+            return key, msg
         self._maybe_fetch()
-        return key, msg
+        return None
 
-    def _shape(self, row: Row, now: float) -> bytes:
-        payload = redact_payload(row.payload, self.route.operator, self._secret)
-        if row.seq <= self._o.boot_seq or now - row.created > self._delayed_after:
-            payload = mark_delayed(payload)
-        return payload
+    def _next_item(self, now: float) -> tuple[list[Row], Any]:
+        """The next rows to send (at least one taken from the front) and their message."""
+        if self.route.batch and len(self._rows) > 1:
+            taken = [self._rows.popleft() for _ in range(min(self._batch_max, len(self._rows)))]
+            shaped = [(r, p) for r in taken if (p := self._shape(r, now)) is not None]
+            assert self._batch_topic is not None
+            body = batch_payload([p for _, p in shaped])
+            return [r for r, _ in shaped], Message(self._batch_topic, body, 1, False)
+        row = self._rows.popleft()
+        payload = self._shape(row, now)
+        if payload is None:
+            return [], None
+        return [row], Message(row.topic, payload, row.qos, False)
+
+    def _delayed(self, row: Row, now: float) -> bool:
+        """Sent late: left from a previous run, or more than ``delayed_after`` after commit."""
+        return row.seq <= self._o.boot_seq or now - row.created > self._delayed_after
+
+    def _shape(self, row: Row, now: float) -> bytes | None:
+        """The row's bytes for this destination; ``None`` (row released) if unencodable."""
+        record = row.record
+        if record is None:
+            return row.payload
+        try:
+            return self._o.encodings.encode(
+                row.seq, record, self.route.operator, self._secret, delayed=self._delayed(row, now)
+            )
+        except ValueError as exc:
+            self._unusable(row, exc)
+            return None
+
+    def _unusable(self, row: Row, exc: Exception) -> None:
+        """A stored record no sink can encode (damage): released, with an error line."""
+        log.error(
+            "outbox.record_unencodable",
+            destination=self.name,
+            seq=row.seq,
+            error=str(exc)[:200],
+            detail="the row is released for this destination",
+        )
+        self._o.ack(self.name, [row.seq])
 
     def ack(self, key: int) -> None:
         """The broker acknowledged ``key``: rows are released in the outbox."""
@@ -1916,3 +2209,28 @@ class OutboxQueue:
         """Memory messages plus rows stored for this destination and not yet acknowledged."""
         mem = len(self._mem) + sum(1 for v in self._inflight.values() if isinstance(v, Message))
         return mem + self._o.backlog(self.name)
+
+
+class RecordQueue(OutboxQueue):
+    """A destination that encodes typed records itself (the history sink).
+
+    :meth:`take` hands out, one row at a time, each event's
+    :class:`~gateway.delivery.records.Record` with the destination's operator policy
+    applied to its payload, or the stored :class:`Message` of an opaque row (a sink that
+    only takes records skips it, which acknowledges it).
+    """
+
+    def __init__(self, outbox: Outbox, route: Route, **options: Any) -> None:
+        """Create the queue; a record destination takes rows one by one (no batch)."""
+        if route.batch:
+            raise ValueError("a record destination does not batch: its sink does")
+        super().__init__(outbox, route, **options)
+
+    def _next_item(self, now: float) -> tuple[list[Row], Any]:
+        row = self._rows.popleft()
+        record = row.record
+        if record is None:
+            return [row], Message(row.topic, row.payload, row.qos, False)
+        if self.route.operator != "pass":
+            record = record.with_data(redact(record.data, self.route.operator, self._secret))
+        return [row], record

@@ -16,10 +16,11 @@ from typing import Any
 
 import structlog
 
-from gateway.contract.envelope import Topics, encode_event, new_event_id
+from gateway.contract.envelope import Topics, new_event_id
 from gateway.core.model import Event
 from gateway.core.routing import RouteRules, Subject, accepts
 from gateway.delivery.outbox import Entry, Outbox
+from gateway.delivery.records import Record, wire_payload
 from gateway.delivery.registry import Output
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.devices import Machine
@@ -129,29 +130,43 @@ class Emitter:
         created = self._clock()
         debug = _debug_enabled()
         entries: list[Entry] = []
+        # The plain CloudEvents encoding of each record: made here so that an event that
+        # cannot be encoded fails where it is emitted, and kept for the destinations, which
+        # would make the same bytes on read.
+        encoded: list[bytes] = []
         for event in events:
-            event_id = new_event_id(event.time, self._rng.getrandbits(74))
-            payload = encode_event(
-                event, loc, gateway_id=gateway_id, event_id=event_id, epoch=epoch
-            )
             order_id = event.data.get("order_id")
             order_id = order_id if isinstance(order_id, str) else None
+            customer = customers.get(order_id or "")
+            record = Record(
+                machine,
+                event.type,
+                loc,
+                event.sequence,
+                event.time,
+                event.data,
+                new_event_id(event.time, self._rng.getrandbits(74)),
+                gateway_id,
+                epoch,
+                order_id,
+                customer,
+            )
+            encoded.append(wire_payload(record))
             if everywhere is not None:
                 names = everywhere
             else:
-                subject = Subject(
-                    machine, "event", event.type, order_id, customers.get(order_id or "")
-                )
+                subject = Subject(machine, "event", event.type, order_id, customer)
                 names = frozenset(o.name for o in self.durable if accepts(o.rules, subject))
             entries.append(
                 Entry(
                     machine=machine,
                     topic=self.topics.event(loc, event.type),
-                    payload=payload,
+                    payload=b"",
                     destinations=names,
                     event_type=event.type,
                     order_id=order_id,
                     created=created,
+                    record=record,
                 )
             )
             self.metrics.event_emitted(event.type)
@@ -164,7 +179,11 @@ class Emitter:
                     order_id=order_id,
                 )
         self.events_emitted += len(events)
-        self.outbox.append(entries, {machine: state})
+        seqs = self.outbox.append(entries, {machine: state})
+        if len(seqs) == len(encoded):
+            prime = self.outbox.encodings.prime
+            for seq, payload in zip(seqs, encoded, strict=True):
+                prime(seq, payload)
         if events:
             self.feed.events(machine, events)
             self.retained.publish(m, m.tracker.snapshot(), events[-1].time)

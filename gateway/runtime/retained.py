@@ -13,9 +13,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from gateway.contract.envelope import Topics, encode_state
-from gateway.contract.wire import redact_payload
 from gateway.core.model import Location
-from gateway.core.routing import machine_visible, state_view
+from gateway.core.routing import machine_visible, redact, state_view
 from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.registry import Output
 from gateway.delivery.sparkplug import SparkplugNodes
@@ -59,19 +58,32 @@ class RetainedState:
         topic = self.topics.state(loc)
         # Order-scoped destinations count only the waiting orders they may see.
         queue = m.tracker.queued_orders() if self._routed else None
-        # Destinations that see the whole snapshot (the common case: all) share one encoding.
-        shared: bytes | None = None
+        gateway_id = self.gateway_id
+        # Destinations that see the whole snapshot (the common case: all) share one encoding,
+        # and one per operator policy when the snapshot names an operator.
+        plain: bytes | None = None
+        redacted: dict[str, bytes] = {}
         for o in self.outputs:
             if not machine_visible(o.rules, m.plan.id):
                 continue
             view = state_view(o.rules, snapshot, customer, queue)
-            if view is not snapshot:
-                payload = encode_state(view, loc, gateway_id=self.gateway_id, now=now)
-            elif shared is None:
-                payload = shared = encode_state(view, loc, gateway_id=self.gateway_id, now=now)
+            whole = view is snapshot
+            if not whole:
+                payload = encode_state(view, loc, gateway_id=gateway_id, now=now)
+            elif plain is None:
+                payload = plain = encode_state(view, loc, gateway_id=gateway_id, now=now)
             else:
-                payload = shared
-            payload = redact_payload(payload, o.operator, self._secret)
+                payload = plain
+            policy = o.operator
+            if policy != "pass" and b'"operator' in payload:
+                # Redaction acts on the typed snapshot, before it is encoded.
+                if whole and policy in redacted:
+                    payload = redacted[policy]
+                else:
+                    typed = redact(view, policy, self._secret)
+                    payload = encode_state(typed, loc, gateway_id=gateway_id, now=now)
+                    if whole:
+                        redacted[policy] = payload
             o.runner.submit(Message(topic, payload, 1, True))
 
     def clear(self, machine: str, loc: Location) -> None:

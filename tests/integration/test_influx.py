@@ -23,19 +23,20 @@ from gateway.core.backoff import Backoff
 from gateway.core.model import Event, Location, Quality, Sample
 from gateway.delivery.influx.sink import (
     STATE_CODES,
-    EnvelopeSink,
     InfluxSink,
     MemorySinkQueue,
     Point,
+    RecordSink,
     RunnerSettings,
     SinkRejected,
-    envelope_point,
     event_point,
     history_runner,
+    record_point,
     runner_for,
     telemetry_point,
     to_line,
 )
+from gateway.delivery.records import Record
 from gateway.delivery.sink import SinkRunner
 from gateway.runtime.metrics import Metrics
 from tests.brokers import VictoriaMetrics
@@ -179,23 +180,23 @@ def test_unwritable_points_raise_value_error(point: Point) -> None:
         to_line(point)
 
 
-def test_envelope_point_reads_the_outbox_payload() -> None:
-    from gateway.contract.envelope import encode_event
-
-    ev = Event("sew-01", "order.progress", 1_800_000_000.25, 4, {"order_id": "PO-9", "good": 5})
-    payload = encode_event(ev, LOC, gateway_id="gw", event_id="01a2-x")
-    assert envelope_point(payload) == event_point(ev, LOC)
-    for bad in (
-        b"",
-        b"[]",
-        b"{}",
-        b'{"source": "/a", "type": "x", "time": "2026-01-01T00:00:00Z"}',
-    ):
-        assert envelope_point(bad) is None
+def _record(ev: Event) -> Record:
+    oid = ev.data.get("order_id")
+    return Record(ev.machine, ev.type, LOC, ev.sequence, ev.time, ev.data, "id-1", "gw", 1, oid)
 
 
-def test_envelope_sink_skips_non_events() -> None:
-    from gateway.contract.envelope import encode_event
+def test_record_point_is_the_event_point_with_times_kept_as_numbers() -> None:
+    data = {"order_id": "PO-9", "good": 5, "started_at": 1_800_000_000.1234, "eta": "soon"}
+    ev = Event("sew-01", "order.progress", 1_800_000_000.25, 4, data)
+    point = record_point(_record(ev))
+    assert point == event_point(ev, LOC)
+    # Typed: a time is the number it was, a string at a time key stays a string.
+    assert point.fields["started_at"] == 1_800_000_000.1234
+    assert point.fields["eta"] == "soon"
+    assert point.tags["order"] == "PO-9" and point.time == 1_800_000_000.25
+
+
+def test_record_sink_skips_what_is_not_a_record() -> None:
     from gateway.delivery.mqtt.publisher import Message
 
     stored: list[list[Point]] = []
@@ -205,13 +206,8 @@ def test_envelope_sink_skips_non_events() -> None:
             stored.append(list(batch))
 
     ev = Event("sew-01", "order.started", 1_800_000_000.0, 1, {"order_id": "PO-9"})
-    sink = EnvelopeSink(Points())
-    sink.write(
-        [
-            Message("t/event", encode_event(ev, LOC, gateway_id="gw", event_id="id-1")),
-            Message("t/state", b'{"schema": "state"}', retain=True),
-        ]
-    )
+    sink = RecordSink(Points())
+    sink.write([_record(ev), Message("t/telemetry", b'{"v": 1}')])
     assert stored == [[event_point(ev, LOC)]]
     assert sink.skipped == 1
 

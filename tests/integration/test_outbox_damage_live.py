@@ -23,9 +23,9 @@ def stored_events(db_path: Path, machine: str) -> list[int]:
     """Sequences of the machine's events waiting in the outbox (read-only, while it runs)."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
         rows = db.execute(
-            "SELECT payload FROM messages WHERE machine = ? AND cls != 0", (machine,)
+            "SELECT sequence FROM messages WHERE machine = ? AND cls != 0", (machine,)
         ).fetchall()
-    return sorted(json.loads(p)["sequence"] for (p,) in rows)
+    return sorted(s for (s,) in rows)
 
 
 async def test_a_lost_tracker_state_continues_the_sequence_under_a_new_epoch(

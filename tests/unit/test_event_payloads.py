@@ -49,12 +49,11 @@ def test_times_are_the_declared_fields_not_key_names(recorded: scenario.Recorder
                 assert (
                     value is None or not isinstance(value, str) or key not in TIME_FIELDS[ev.type]
                 )
-    # A number under a key that merely looks like a time stays a number.
-    ev = Event("m", "order.started", 1000.0, 1, {"order_id": "A", "looks_at": 5.0})
-    assert (
-        json.loads(encode_event(ev, scenario.LOC, gateway_id="g", event_id="i"))["data"]["looks_at"]
-        == 5.0
-    )
+    # Text is never taken for a time: an order id that looks like one stays text.
+    stamp = "2026-11-22T06:19:30.000Z"
+    ev = Event("m", "order.started", 1000.0, 1, {"order_id": stamp, "started_at": 1000.0})
+    data = json.loads(encode_event(ev, scenario.LOC, gateway_id="g", event_id="i"))["data"]
+    assert data == {"order_id": stamp, "started_at": "1970-01-01T00:16:40.000Z"}
 
 
 def test_an_unknown_type_or_a_wrong_payload_is_refused() -> None:
@@ -130,11 +129,21 @@ def test_contract_operator_share_matches_the_core() -> None:
 
 def test_history_reads_back_only_the_declared_times() -> None:
     """An order id that looks like a time stays text in the history sink's point."""
-    from gateway.delivery.influx.sink import envelope_point
+    from gateway.delivery.influx.sink import record_point
+    from gateway.delivery.records import Record
 
     stamp = "2026-11-22T06:19:30.000Z"
-    ev = Event("m", "order.started", 1000.0, 1, {"order_id": stamp, "started_at": 1000.0})
-    point = envelope_point(encode_event(ev, scenario.LOC, gateway_id="g", event_id="i"))
-    assert point is not None
+    data = {"order_id": stamp, "started_at": 1000.0}
+    record = Record(
+        "m", "order.started", scenario.LOC, 1, 1000.0, data, "i", "g", None, stamp, None
+    )
+    point = record_point(record)
     assert point.tags["order"] == stamp
     assert point.fields["started_at"] == 1000.0
+    # On the wire only the declared time field becomes RFC 3339 text.
+    wire = json.loads(
+        encode_event(
+            Event("m", "order.started", 1000.0, 1, data), scenario.LOC, gateway_id="g", event_id="i"
+        )
+    )
+    assert wire["data"] == {"order_id": stamp, "started_at": "1970-01-01T00:16:40.000Z"}

@@ -11,9 +11,11 @@ from pathlib import Path
 
 from structlog.testing import capture_logs
 
+from gateway.core.model import Location
 from gateway.core.routing import Route
 from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
+from gateway.delivery.records import Record
 
 DESTS = ("a", "b")
 
@@ -28,17 +30,30 @@ def event(
     created: float = 1000.0,
     extra: str = "",
 ) -> Entry:
-    body = {"id": f"id-{n}", "type": type_, "n": n}
+    body: dict[str, object] = {"n": n}
     if extra:
         body["operator"] = extra
+    if type_ == "telemetry":
+        # Telemetry is an opaque row: sent as stored.
+        return Entry(
+            machine=machine,
+            topic=f"t/{machine}/telemetry",
+            payload=json.dumps(body, separators=(",", ":")).encode(),
+            destinations=frozenset(dests),
+            order_id=order_id,
+            created=created,
+        )
+    loc = Location("s", "a", "l", machine)
+    record = Record(machine, type_, loc, n, 1000.0 + n, body, f"id-{n}", "gw", 1, order_id)
     return Entry(
         machine=machine,
         topic=f"t/{machine}/event/{type_}",
-        payload=json.dumps(body, separators=(",", ":")).encode(),
+        payload=b"",
         destinations=frozenset(dests),
-        event_type=type_ if type_ != "telemetry" else None,
+        event_type=type_,
         order_id=order_id,
         created=created,
+        record=record,
     )
 
 
@@ -77,7 +92,8 @@ async def drain(q: OutboxQueue, expect: int, *, ack: bool = True) -> list[Messag
 
 
 def ns(msgs: Sequence[Message]) -> list[int]:
-    return [json.loads(m.payload)["n"] for m in msgs]
+    docs = [json.loads(m.payload) for m in msgs]
+    return [doc.get("data", doc)["n"] for doc in docs]
 
 
 async def test_rows_and_tracker_state_survive_a_restart(tmp_path: Path) -> None:
@@ -186,10 +202,10 @@ async def test_batch_mode_and_redaction(tmp_path: Path) -> None:
         (msg,) = await drain(q, 1)
         assert msg.topic == "t/batch"
         docs = json.loads(msg.payload)
-        assert [d["n"] for d in docs] == [1, 2, 3, 4, 5]
-        assert {d["operator"] for d in docs} == {docs[0]["operator"]} != {"anna"}
+        assert [d["data"]["n"] for d in docs] == [1, 2, 3, 4, 5]
+        assert {d["data"]["operator"] for d in docs} == {docs[0]["data"]["operator"]} != {"anna"}
         plain = await drain(qb, 5)
-        assert all("operator" not in json.loads(m.payload) for m in plain)  # default: drop
+        assert all("operator" not in json.loads(m.payload)["data"] for m in plain)  # default: drop
         await ob.flush()
         assert ob.backlog("a") == 0
 

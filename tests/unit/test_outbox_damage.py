@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -17,22 +16,29 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from gateway.core.model import Location
 from gateway.delivery.outbox import Entry, Outbox
+from gateway.delivery.records import Record
 
 MACHINES = ("m1", "m2")
 PER_MACHINE = 300
 
 
 def event(machine: str, sequence: int) -> Entry:
-    body = {"id": f"{machine}-{sequence}", "sequence": sequence, "pad": "x" * 200}
+    loc = Location("s", "a", "l", machine)
+    data = {"order_id": "PO-1", "pad": "x" * 200}
+    record = Record(
+        machine, "order.started", loc, sequence, 1000.0, data, f"{machine}-{sequence}", "gw", 1
+    )
     return Entry(
         machine=machine,
         topic=f"t/{machine}/event/order.started",
-        payload=json.dumps(body).encode(),
+        payload=b"",
         destinations=frozenset({"a"}),
         event_type="order.started",
         order_id="PO-1",
         created=1000.0 + sequence,
+        record=record,
     )
 
 

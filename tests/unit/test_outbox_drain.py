@@ -91,7 +91,8 @@ async def test_rows_read_back_are_named_tuples(tmp_path: Path) -> None:
         (row,), upto = await ob.fetch("a", 0, 10)
         assert upto == 1
         assert isinstance(row, Row)
-        assert row == (1, "t/m1/event/order.progress", row.payload, 1, 1000.0, 1)
+        # An opaque row (no typed record): its payload as stored.
+        assert row == (1, "t/m1/event/order.progress", row.payload, 1, 1000.0, 1, None)
         assert json.loads(row.payload)["n"] == 1
 
 

@@ -10,8 +10,8 @@ from gateway.core.routing import Route
 from gateway.core.vocabulary import PERSONAL_SIGNALS
 from gateway.delivery.influx.sink import (
     SINK_NAME,
-    EnvelopeSink,
     InfluxSink,
+    RecordSink,
     TelemetryLine,
     history_runner,
     settings_for,
@@ -45,10 +45,10 @@ def _build(w: Wiring) -> list[Output]:
         return []
     settings = settings_for(config)
     # The events read the outbox like a destination, so an outage loses nothing.
-    queue = w.outbox.queue(Route(SINK_NAME), clock=w.clock, delayed_after=w.delayed_after)
+    queue = w.outbox.record_queue(Route(SINK_NAME), clock=w.clock, delayed_after=w.delayed_after)
     events_sink = InfluxSink(config)
     events = history_runner(
-        EnvelopeSink(events_sink), name=SINK_NAME, queue=queue, clock=w.clock, settings=settings
+        RecordSink(events_sink), name=SINK_NAME, queue=queue, clock=w.clock, settings=settings
     )
     queue.waker = events.notify
     outputs = [Output(SINK_NAME, events, queue=queue, release=[events_sink.close])]

@@ -2,7 +2,8 @@
 
 Three layers:
 
-* **Points** (pure): :func:`event_point` and :func:`telemetry_point` turn domain data into
+* **Points** (pure): :func:`event_point`, :func:`record_point` (a typed outbox record:
+  nothing is parsed) and :func:`telemetry_point` turn domain data into
   :class:`Point` (measurement, tags ``site area line machine``, plus ``order`` on events
   and, with ``order_tag``, on telemetry; fields, time);
   :func:`to_line` renders InfluxDB line protocol.
@@ -33,9 +34,7 @@ the number of failed attempts (``influx.write_recovered``).
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import functools
-import json
 import math
 import random
 import time
@@ -46,9 +45,9 @@ from typing import Any, Generic, Protocol, TypeVar
 import structlog
 
 from gateway.config.influx import InfluxConfig
-from gateway.core.events import TIME_FIELDS
 from gateway.core.model import Event, Location, Quality, Sample
 from gateway.core.vocabulary import MachineState
+from gateway.delivery.records import Record
 from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
 from gateway.delivery.sink import Accepts, Cause, RunnerSettings, SinkLog, SinkRunner, describe
 
@@ -175,49 +174,12 @@ def telemetry_point(
     return Point(MEASUREMENT_TELEMETRY, tags, fields, newest)
 
 
-def envelope_point(payload: bytes) -> Point | None:
-    """An event from its CloudEvents JSON (as the outbox stores it); ``None`` if not one.
+def record_point(record: Record) -> Point:
+    """A stored event record as a point: the same point :func:`event_point` makes of it.
 
-    The location comes from ``source`` (``/{prefix}/{site}/{area}/{line}/{machine}``), so
-    the sink can read the same outbox rows the MQTT publishers read.
+    The record is typed (location, times as epoch seconds), so nothing is parsed or guessed.
     """
-    try:
-        doc = json.loads(payload)
-        source = str(doc["source"]).strip("/").split("/")
-        type_ = str(doc["type"]).removeprefix("io.shopfloor.")
-        when = _parse_time(str(doc["time"]))
-        data = doc.get("data") or {}
-        sequence = int(doc.get("sequence") or 0)
-    except (ValueError, KeyError, TypeError):
-        return None
-    if len(source) < 4 or not isinstance(data, dict):
-        return None
-    site, area, line, machine = source[-4:]
-    # The envelope writes times as ISO strings; the history keeps them as epoch numbers,
-    # the same as points made from events directly (a field must keep one type).
-    # Only the fields the event type declares as times (not any text that looks like one:
-    # an order id may).
-    times = TIME_FIELDS.get(type_, frozenset())
-    fields: dict[str, Any] = {}
-    for key, value in data.items():
-        if key in times and isinstance(value, str) and _looks_like_time(value):
-            try:
-                fields[key] = _parse_time(value)
-                continue
-            except ValueError:
-                pass
-        fields[key] = value
-    event = Event(machine, type_, when, sequence, fields)
-    return event_point(event, Location(site, area, line, machine))
-
-
-def _looks_like_time(text: str) -> bool:
-    # RFC 3339 UTC as the envelope writes it: 2026-11-22T06:19:30.000Z
-    return len(text) >= 20 and text.endswith("Z") and text[4] == "-" and text[10] == "T"
-
-
-def _parse_time(text: str) -> float:
-    return dt.datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+    return event_point(record.event(), record.location)
 
 
 def _escape(text: str, chars: str) -> str:
@@ -476,10 +438,10 @@ class InfluxSink:
         self._client.close()  # type: ignore[no-untyped-call]
 
 
-class EnvelopeSink:
-    """Adapts :class:`InfluxSink` to outbox rows: items are MQTT messages with envelopes.
+class RecordSink:
+    """Adapts a point sink to outbox records: each event record becomes its point.
 
-    Rows that are not events (retained state, status) are skipped: the history holds
+    Items that are not records (opaque rows of the outbox) are skipped: the history holds
     events and telemetry, and skipping acknowledges them for this destination.
     """
 
@@ -489,14 +451,13 @@ class EnvelopeSink:
         self.skipped = 0
 
     def write(self, batch: Sequence[Any]) -> None:
-        """Convert each message's payload and write the points."""
+        """Make each record's point and write the points."""
         points = []
-        for msg in batch:
-            point = envelope_point(getattr(msg, "payload", b""))
-            if point is None:
-                self.skipped += 1
+        for item in batch:
+            if isinstance(item, Record):
+                points.append(record_point(item))
             else:
-                points.append(point)
+                self.skipped += 1
         if points:
             self.sink.write(points)
 
