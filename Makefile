@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics chromium console-screenshots venv sparkplug-js
+.PHONY: installed-names demo test lint typecheck unit integration check-config bench clean mosquitto victoria-metrics chromium console-screenshots venv sparkplug-js
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/shopfloor demo
@@ -47,11 +47,21 @@ $(VENV)/bin/python:
 
 $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[demo]'
+	@$(MAKE) --no-print-directory installed-names
 	@touch $@
 
 $(VENV)/.installed-test: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q -e '.[demo,influxdb,test]'
+	@$(MAKE) --no-print-directory installed-names
 	@touch $@ $(VENV)/.installed-demo
+
+# adapters/ and simulators/ install as shopfloor_gateway.adapters and .simulators
+# (package-dir in pyproject.toml). The editable install maps those names with an import
+# hook, which mypy does not follow: these two links give mypy (mypy_path) the same names.
+installed-names:
+	@mkdir -p $(VENV)/names/shopfloor_gateway
+	@ln -sfn $(CURDIR)/adapters $(VENV)/names/shopfloor_gateway/adapters
+	@ln -sfn $(CURDIR)/simulators $(VENV)/names/shopfloor_gateway/simulators
 
 # The integration tests run a real Mosquitto broker (Debian package `mosquitto`).
 mosquitto:

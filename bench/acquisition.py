@@ -317,7 +317,7 @@ def main() -> None:
         "--spread",
         choices=("slots", "even"),
         default="slots",
-        help="poll phases: the gateway's slots (adapters.base.POLL_SLOT), or evenly spread",
+        help="poll phases: the gateway's slots (POLL_SLOT in adapters/base.py), or evenly spread",
     )
     p.add_argument(
         "--layers",

@@ -33,8 +33,13 @@ from bench.common import (
 from simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 
-IMPORTS = (
-    "import gateway.cli.main, gateway.runtime.gateway, adapters.registry, adapters.modbus.adapter"
+IMPORTS = "import " + ", ".join(
+    (
+        "gateway.cli.main",
+        "gateway.runtime.gateway",
+        "adapters.registry",
+        "adapters.modbus.adapter",
+    )
 )
 
 

@@ -92,6 +92,20 @@ def _level(name: str) -> int:
     return logging.getLevelNamesMapping().get(name.upper(), logging.INFO)
 
 
+#: Packages installed under the project's name: ``adapters.modbus`` in a config (the folder's
+#: name, as the logs showed it before) means the logger ``shopfloor_gateway.adapters.modbus``.
+_INSTALLED_UNDER = {
+    "adapters": "shopfloor_gateway.adapters",
+    "simulators": "shopfloor_gateway.simulators",
+}
+
+
+def _component(name: str) -> str:
+    """The logger name a ``logging.levels`` key means (old folder-relative names accepted)."""
+    head, dot, rest = name.partition(".")
+    return f"{_INSTALLED_UNDER[head]}{dot}{rest}" if head in _INSTALLED_UNDER else name
+
+
 def configure(
     level: str = "info",
     *,
@@ -114,7 +128,7 @@ def configure(
     if json is None:
         json = not (hasattr(out, "isatty") and out.isatty())
     numeric = _level(level)
-    per_component = {name: _level(lvl) for name, lvl in (levels or {}).items()}
+    per_component = {_component(name): _level(lvl) for name, lvl in (levels or {}).items()}
     # structlog drops calls below the lowest level anyone wants, cheaply; the stdlib level
     # of each component's logger then decides (filter_by_level).
     lowest = min([numeric, *per_component.values()])
