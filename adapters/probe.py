@@ -28,8 +28,8 @@ from urllib.parse import parse_qs, urlsplit
 import structlog
 import yaml
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus.config import (
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus.config import (
     BIT_AREAS,
     MAX_BITS_PER_READ,
     MAX_REGISTERS_PER_READ,
@@ -40,7 +40,7 @@ from adapters.modbus.config import (
 )
 
 if TYPE_CHECKING:
-    from adapters.opcua.config import OpcUaConnectionConfig
+    from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig
 
 log = structlog.get_logger(__name__)
 
@@ -213,7 +213,7 @@ def explain(error: BaseException | int, connection: ModbusConnectionConfig) -> s
     """An error (or a Modbus exception code) in words, with what to try next."""
     where = connection.endpoint
     if isinstance(error, int):
-        from adapters.modbus.adapter import describe_exception
+        from shopfloor_gateway.adapters.modbus.adapter import describe_exception
 
         hint = _EXCEPTION_HINTS.get(error, "see the device manual for this exception code")
         return f"the device answered exception {describe_exception(error)}: {hint}"
@@ -384,7 +384,7 @@ async def run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 
 async def _run_modbus(args: argparse.Namespace, out: TextIO) -> int:
-    from adapters.modbus.line import ExceptionResponse, LinePool
+    from shopfloor_gateway.adapters.modbus.line import ExceptionResponse, LinePool
 
     try:
         connection = parse_endpoint(args.endpoint, args.unit, args.timeout)
@@ -460,7 +460,7 @@ def _parse_range(text: str) -> range:
 
 async def _scan(line: Any, units: range, patience: float, out: TextIO) -> list[int]:
     """Ask every unit for holding register 0; any answer (even an exception) means present."""
-    from adapters.modbus.line import ExceptionResponse, NoResponse
+    from shopfloor_gateway.adapters.modbus.line import ExceptionResponse, NoResponse
 
     found: list[int] = []
     # A present device answers fast; absent units are what the scan mostly waits for.
@@ -491,7 +491,7 @@ def opcua_connection(args: argparse.Namespace, env: Mapping[str, str]) -> OpcUaC
     """The probe's options as the adapter's connection config; ``ValueError`` says what to fix."""
     from pydantic import ValidationError
 
-    from adapters.opcua.config import OpcUaConnectionConfig
+    from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig
 
     body: dict[str, Any] = {"url": args.endpoint, "timeout": args.timeout}
     security: dict[str, Any] = {"policy": args.policy}
@@ -681,7 +681,12 @@ async def _run_opcua(args: argparse.Namespace, out: TextIO) -> int:
     from asyncua import ua
     from asyncua.ua.uaerrors import UaError
 
-    from adapters.opcua.adapter import ConnectFailed, connect, explain_connect_error, new_client
+    from shopfloor_gateway.adapters.opcua.adapter import (
+        ConnectFailed,
+        connect,
+        explain_connect_error,
+        new_client,
+    )
 
     try:
         connection = opcua_connection(args, os.environ)

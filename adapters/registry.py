@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from adapters.base import Adapter
-from adapters.modbus.adapter import create as create_modbus
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.line import LinePool
-from adapters.modbus.plan import plan_for
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
-from adapters.opcua.config import check as check_opcua_config
-from adapters.opcua.config import insecure_reasons as opcua_insecure_reasons
 from gateway.config.protocols import ProtocolSpec
+from shopfloor_gateway.adapters.base import Adapter
+from shopfloor_gateway.adapters.modbus.adapter import create as create_modbus
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.line import LinePool
+from shopfloor_gateway.adapters.modbus.plan import plan_for
+from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from shopfloor_gateway.adapters.opcua.config import check as check_opcua_config
+from shopfloor_gateway.adapters.opcua.config import insecure_reasons as opcua_insecure_reasons
 
 #: ``create(adapters, machine_id, connection, signals, poll_interval, start_offset)``; the
 #: first argument is the owning :class:`Adapters`, for what the machines share.
@@ -63,7 +63,7 @@ def _create_opcua(
     offset: float,
 ) -> Adapter:
     """Build an OPC UA adapter; asyncua is imported only when a machine uses OPC UA."""
-    from adapters.opcua.adapter import create
+    from shopfloor_gateway.adapters.opcua.adapter import create
 
     return create(machine, connection, signals, poll, offset)
 

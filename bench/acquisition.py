@@ -31,17 +31,17 @@ from typing import Any, cast
 
 import uvloop
 
-from adapters.base import first_deadline, next_deadline, poll_phase
-from adapters.modbus import line as lines
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.tcpclient import TcpClient
-from adapters.modbus.wire import MbapReader, mbap_request
 from bench.common import free_port_range, load_sim, raise_fd_limit, report
 from gateway.core.mapping import Mapper
 from gateway.core.tracker import MachineTracker, TrackerSettings
-from simulators.load import LoadDevice, signal_map
-from simulators.load import registers as load_registers
+from shopfloor_gateway.adapters.base import first_deadline, next_deadline, poll_phase
+from shopfloor_gateway.adapters.modbus import line as lines
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.tcpclient import TcpClient
+from shopfloor_gateway.adapters.modbus.wire import MbapReader, mbap_request
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.load import registers as load_registers
 
 
 class _FloorProtocol(asyncio.Protocol):

@@ -186,7 +186,7 @@ async def load_sim(workdir: Path, *args: str) -> AsyncIterator[LoadSim]:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
-            "simulators.load",
+            "shopfloor_gateway.simulators.load",
             "--uvloop",
             "--stats",
             str(stats_file),

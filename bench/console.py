@@ -33,8 +33,8 @@ from bench.common import (
     wait_connected,
     write_config,
 )
-from simulators.load import LoadDevice, signal_map
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker
 
 CLIENTS = 3

@@ -16,14 +16,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from adapters.modbus.config import ModbusSignalConfig
-from adapters.modbus.decode import decode
 from bench.common import report
 from gateway.contract.envelope import encode_event, new_event_id
 from gateway.core.mapping import Mapper
 from gateway.core.model import Location, Quality, Sample, Value
 from gateway.core.tracker import MachineTracker, TrackerSettings
-from simulators.load import LoadDevice, registers, signal_map
+from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.decode import decode
+from shopfloor_gateway.simulators.load import LoadDevice, registers, signal_map
 
 _CODES = {"uint16": "H", "int16": "h", "uint32": "I", "int32": "i", "float32": "f"}
 

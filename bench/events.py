@@ -35,7 +35,7 @@ from gateway.config.loader import load_config
 from gateway.core.model import Sample
 from gateway.runtime import logs
 from gateway.runtime.gateway import Gateway
-from simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 
 #: The runtime's poll phase slot: devices of one slot are read (and emit) together.

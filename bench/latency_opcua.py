@@ -47,7 +47,6 @@ from asyncua import ua
 from asyncua.client.client import Client
 from asyncua.ua.attribute_ids import AttributeIds
 
-from adapters.opcua.config import sampling_for
 from bench.common import (
     check_profiler,
     cpu_seconds,
@@ -63,7 +62,8 @@ from bench.common import (
 )
 from bench.scale_opcua import machine_id, write_config
 from bench.scale_opcua import simulators as cnc_simulators
-from simulators import cnc
+from shopfloor_gateway.adapters.opcua.config import sampling_for
+from shopfloor_gateway.simulators import cnc
 from tests.brokers import MosquittoBroker
 
 #: Interval pairs (sampling, publishing) of issue #8, seconds.

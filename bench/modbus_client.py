@@ -25,11 +25,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from adapters.modbus import line as lines
-from adapters.modbus.config import ModbusConnectionConfig
-from adapters.modbus.tcpclient import TcpClient
 from bench.common import free_port_range, load_sim, raise_fd_limit, report
 from gateway.runtime import logs
+from shopfloor_gateway.adapters.modbus import line as lines
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig
+from shopfloor_gateway.adapters.modbus.tcpclient import TcpClient
 
 HOST = "127.0.0.1"
 CLIENTS = ("line", "tcpclient", "pymodbus")

@@ -22,9 +22,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapters.modbus.config import ModbusSignalConfig
-from adapters.modbus.plan import plan_reads
-from simulators.plc import PLC_SIGNALS
+from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.plan import plan_reads
+from shopfloor_gateway.simulators.plc import PLC_SIGNALS
 
 
 def minimum(signals: Mapping[str, ModbusSignalConfig], max_registers: int, max_gap: int) -> int:

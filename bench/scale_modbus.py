@@ -44,8 +44,8 @@ from bench.handover import summarise as summarise_handover
 from bench.handover import table as handover_rows
 from bench.stages import summarise as summarise_stages
 from bench.stages import table as stage_rows
-from simulators.load import LoadDevice, signal_map
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics
 
 

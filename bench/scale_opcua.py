@@ -68,7 +68,7 @@ async def simulators(
                     await asyncio.create_subprocess_exec(
                         sys.executable,
                         "-m",
-                        "simulators.opcua_cli",
+                        "shopfloor_gateway.simulators.opcua_cli",
                         "cnc",
                         f"--machines={machines}",
                         f"--port={base + i * machines}",

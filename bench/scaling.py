@@ -72,7 +72,7 @@ from bench.common import (
     subscriber,
 )
 from gateway.contract.envelope import SOURCE_PREFIX
-from simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 from tests.gatewayproc import stop
 

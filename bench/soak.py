@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from gateway.runtime import logs
-from simulators.faultproxy import FaultProxy, parse_plan
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.faultproxy import FaultProxy, parse_plan
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import start_gateway, stop
 

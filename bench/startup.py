@@ -30,15 +30,15 @@ from bench.common import (
     subscriber,
     write_config,
 )
-from simulators.load import LoadDevice, signal_map
+from shopfloor_gateway.simulators.load import LoadDevice, signal_map
 from tests.brokers import MosquittoBroker
 
 IMPORTS = "import " + ", ".join(
     (
         "gateway.cli.main",
         "gateway.runtime.gateway",
-        "adapters.registry",
-        "adapters.modbus.adapter",
+        "shopfloor_gateway.adapters.registry",
+        "shopfloor_gateway.adapters.modbus.adapter",
     )
 )
 

@@ -51,8 +51,8 @@ from bench.common import (
     wait_connected,
     write_config,
 )
-from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
+from shopfloor_gateway.simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker
 
 TAGS = 30

@@ -13,11 +13,21 @@ from collections.abc import Sequence
 
 import structlog
 
-from simulators.cliargs import add_common_arguments, load_script, positive_int, run_main
-from simulators.modbus_server import LineStation, SimulatedFloor, SimulatedLine, StationSpec
-from simulators.scenario import Step
-from simulators.serial_link import PtyLink
-from simulators.sewing import UNIT_ID, StationModel
+from shopfloor_gateway.simulators.cliargs import (
+    add_common_arguments,
+    load_script,
+    positive_int,
+    run_main,
+)
+from shopfloor_gateway.simulators.modbus_server import (
+    LineStation,
+    SimulatedFloor,
+    SimulatedLine,
+    StationSpec,
+)
+from shopfloor_gateway.simulators.scenario import Step
+from shopfloor_gateway.simulators.serial_link import PtyLink
+from shopfloor_gateway.simulators.sewing import UNIT_ID, StationModel
 
 log = structlog.get_logger(__name__)
 
@@ -140,7 +150,8 @@ async def _run_line(args: argparse.Namespace, script: Sequence[Step] | None, tra
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the simulator on its own: ``python -m simulators.cli --stations 2``."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.cli", description="Simulated sewing stations over Modbus TCP"
+        prog="python -m shopfloor_gateway.simulators.cli",
+        description="Simulated sewing stations over Modbus TCP",
     )
     add_arguments(parser)
     return run_main(parser, run, argv)

@@ -11,8 +11,8 @@ from typing import Any
 
 import structlog
 
-from simulators import logsetup as logs
-from simulators.scenario import ScenarioError, Step, load_scenario
+from shopfloor_gateway.simulators import logsetup as logs
+from shopfloor_gateway.simulators.scenario import ScenarioError, Step, load_scenario
 
 log = structlog.get_logger(__name__)
 

@@ -26,7 +26,7 @@ import functools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 
-from simulators.opcua_common import (
+from shopfloor_gateway.simulators.opcua_common import (
     NS_DI,
     NS_IA,
     NS_MACHINE_TOOL,
@@ -42,7 +42,7 @@ from simulators.opcua_common import (
     make_node,
     stable_pick,
 )
-from simulators.scenario import ShiftProfile, Step, generate_shift
+from shopfloor_gateway.simulators.scenario import ShiftProfile, Step, generate_shift
 
 #: Instance namespace of every simulated CNC machine (string NodeIds, vendor variables).
 CNC_NAMESPACE = "urn:shopfloor-gateway:simulator:cnc"

@@ -51,7 +51,7 @@ from typing import Literal, cast
 
 import structlog
 
-from simulators import logsetup as logs
+from shopfloor_gateway.simulators import logsetup as logs
 
 log = structlog.get_logger(__name__)
 
@@ -453,7 +453,9 @@ async def serve(args: argparse.Namespace) -> dict[str, object]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: ``python -m simulators.load --devices 500 --signals 20``."""
-    p = argparse.ArgumentParser(prog="simulators.load", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(
+        prog="shopfloor_gateway.simulators.load", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--devices", type=int, default=200)
     p.add_argument("--signals", type=int, default=20, help="mapped signals per device (3..115)")
     p.add_argument("--base-port", type=int, default=15000)
@@ -476,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             stats = asyncio.run(serve(args))
     except (ValueError, OSError) as exc:
-        sys.stderr.write(f"simulators.load: {exc}\n")
+        sys.stderr.write(f"shopfloor_gateway.simulators.load: {exc}\n")
         return 2
     if args.stats:
         Path(args.stats).write_text(json.dumps(stats))

@@ -34,8 +34,8 @@ from pymodbus.framer import FramerType
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.sewing import REGISTER_COUNT, UNIT_ID, StationModel
-from simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
+from shopfloor_gateway.simulators.sewing import REGISTER_COUNT, UNIT_ID, StationModel
+from shopfloor_gateway.simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
 
 log = structlog.get_logger(__name__)
 

@@ -20,12 +20,17 @@ from pathlib import Path
 
 import structlog
 
-from simulators import cnc
-from simulators.cliargs import add_common_arguments, load_script, positive_int, run_main
-from simulators.cnc import CncModel
-from simulators.opcua_common import EngineModel
-from simulators.opcua_server import LatencyProbe, OpcUaMachineServer, trusted_dir
-from simulators.robot import RobotModel
+from shopfloor_gateway.simulators import cnc
+from shopfloor_gateway.simulators.cliargs import (
+    add_common_arguments,
+    load_script,
+    positive_int,
+    run_main,
+)
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.opcua_common import EngineModel
+from shopfloor_gateway.simulators.opcua_server import LatencyProbe, OpcUaMachineServer, trusted_dir
+from shopfloor_gateway.simulators.robot import RobotModel
 
 log = structlog.get_logger(__name__)
 
@@ -220,7 +225,8 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run on its own: ``python -m simulators.opcua_cli robot --machines 2``."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.opcua_cli", description="Simulated OPC UA machines"
+        prog="python -m shopfloor_gateway.simulators.opcua_cli",
+        description="Simulated OPC UA machines",
     )
     kinds = parser.add_subparsers(dest="kind", required=True, metavar="KIND")
     add_arguments(kinds.add_parser("cnc", help="CNC machine tool after OPC 40501 (umati)"), "cnc")

@@ -24,12 +24,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from simulators.production import Activity as Activity
-from simulators.production import EngineBacked
-from simulators.production import JobTruth as JobTruth
-from simulators.production import ProductionEngine as ProductionEngine
-from simulators.production import ProductionSnapshot as ProductionSnapshot
-from simulators.scenario import Step
+from shopfloor_gateway.simulators.production import Activity as Activity
+from shopfloor_gateway.simulators.production import EngineBacked
+from shopfloor_gateway.simulators.production import JobTruth as JobTruth
+from shopfloor_gateway.simulators.production import ProductionEngine as ProductionEngine
+from shopfloor_gateway.simulators.production import ProductionSnapshot as ProductionSnapshot
+from shopfloor_gateway.simulators.scenario import Step
 
 #: Namespace URIs of the companion specifications whose browse names the simulators use.
 NS_UA = "http://opcfoundation.org/UA/"

@@ -52,16 +52,16 @@ from asyncua.ua.status_codes import StatusCodes
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from simulators.load import change_time
-from simulators.opcua_common import (
+from shopfloor_gateway.simulators.load import change_time
+from shopfloor_gateway.simulators.opcua_common import (
     AddressSpace,
     NodeSpec,
     NodeValue,
     OpcUaMachineModel,
     check_value,
 )
-from simulators.opcua_sampling import sample_like_a_plc
-from simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
+from shopfloor_gateway.simulators.opcua_sampling import sample_like_a_plc
+from shopfloor_gateway.simulators.ticker import check_pace, run_ticks, stop_task, wait_finished
 
 log = structlog.get_logger(__name__)
 

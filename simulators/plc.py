@@ -40,14 +40,14 @@ from typing import Any, Self
 import structlog
 from pymodbus.simulator import DataType, SimData, SimDevice
 
-from simulators.modbus_server import (
+from shopfloor_gateway.simulators.modbus_server import (
     Server,
     SimTransport,
     _shutdown,
     absent_device,
     start_server,
 )
-from simulators.ticker import run_ticks, stop_task
+from shopfloor_gateway.simulators.ticker import run_ticks, stop_task
 
 log = structlog.get_logger(__name__)
 

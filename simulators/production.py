@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from gateway.core.vocabulary import MachineState
-from simulators.scenario import (
+from shopfloor_gateway.simulators.scenario import (
     Changeover,
     Fault,
     Idle,

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 
 import structlog
 
-from simulators import logsetup as logs
-from simulators.faultproxy import (
+from shopfloor_gateway.simulators import logsetup as logs
+from shopfloor_gateway.simulators.faultproxy import (
     FaultPlan,
     FaultProxy,
     PlanError,
@@ -211,7 +211,8 @@ async def run(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the proxy on its own: ``python -m simulators.proxy_cli --listen ... --target ...``."""
     parser = argparse.ArgumentParser(
-        prog="python -m simulators.proxy_cli", description="Fault-injection TCP proxy"
+        prog="python -m shopfloor_gateway.simulators.proxy_cli",
+        description="Fault-injection TCP proxy",
     )
     add_arguments(parser)
     args = parser.parse_args(argv)

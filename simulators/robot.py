@@ -30,7 +30,7 @@ import functools
 import random
 from collections.abc import Iterator, Mapping, Sequence
 
-from simulators.opcua_common import (
+from shopfloor_gateway.simulators.opcua_common import (
     NS_DI,
     NS_ROBOTICS,
     NS_UA,
@@ -43,7 +43,7 @@ from simulators.opcua_common import (
     make_node,
     stable_pick,
 )
-from simulators.scenario import ShiftProfile, Step, generate_shift
+from shopfloor_gateway.simulators.scenario import ShiftProfile, Step, generate_shift
 
 #: Instance namespace of every simulated robot (string NodeIds, vendor variables).
 ROBOT_NAMESPACE = "urn:shopfloor-gateway:simulator:robot"

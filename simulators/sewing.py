@@ -29,8 +29,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from gateway.core.vocabulary import MachineState
-from simulators.production import EngineBacked, JobTruth, ProductionEngine, ProductionSnapshot
-from simulators.scenario import (
+from shopfloor_gateway.simulators.production import (
+    EngineBacked,
+    JobTruth,
+    ProductionEngine,
+    ProductionSnapshot,
+)
+from shopfloor_gateway.simulators.scenario import (
     OPERATOR_MAX_CHARS,
     ORDER_ID_MAX_CHARS,
     Step,

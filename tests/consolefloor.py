@@ -21,9 +21,9 @@ from typing import Any, TypeVar
 
 from gateway.config.loader import load_config
 from gateway.runtime.gateway import Gateway
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Fault, Idle, RunOrder, Step
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Fault, Idle, RunOrder, Step
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 
 T = TypeVar("T")

@@ -32,24 +32,30 @@ from typing import Self
 
 import structlog
 
-from adapters.base import (
+from gateway.core.model import Quality, Sample, Value
+from shopfloor_gateway.adapters.base import (
     Acquisition,
     ConnectionLost,
     check_timing,
     first_deadline,
     next_deadline,
 )
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.decode import BlockDecoder
-from adapters.modbus.line import ExceptionResponse, Line, LinePool, NoResponse, ReadResult
-from adapters.modbus.plan import (
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.decode import BlockDecoder
+from shopfloor_gateway.adapters.modbus.line import (
+    ExceptionResponse,
+    Line,
+    LinePool,
+    NoResponse,
+    ReadResult,
+)
+from shopfloor_gateway.adapters.modbus.plan import (
     ReadRequest,
     compile_decoder,
     plan_for,
     split,
     split_gaps,
 )
-from gateway.core.model import Quality, Sample, Value
 
 log = structlog.get_logger(__name__)
 

@@ -38,9 +38,9 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
-from adapters.base import DecodeError
-from adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
 from gateway.core.model import Value
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
 
 #: What :func:`decode` returns for a good value.
 DecodedValue = bool | int | float | str

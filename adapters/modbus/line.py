@@ -39,14 +39,14 @@ from pymodbus.exceptions import ModbusException
 from pymodbus.framer import FramerType
 from pymodbus.pdu import ModbusPDU
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus.config import ModbusConnectionConfig, RegisterArea
-from adapters.modbus.tcpclient import NoResponse as NoResponse
-from adapters.modbus.tcpclient import TcpClient, describe_read
-from adapters.modbus.wire import FUNCTION_CODES as FUNCTION_CODES
-from adapters.modbus.wire import ExceptionResponse as ExceptionResponse
-from adapters.modbus.wire import MismatchError
-from adapters.modbus.wire import ReadResult as ReadResult
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, RegisterArea
+from shopfloor_gateway.adapters.modbus.tcpclient import NoResponse as NoResponse
+from shopfloor_gateway.adapters.modbus.tcpclient import TcpClient, describe_read
+from shopfloor_gateway.adapters.modbus.wire import FUNCTION_CODES as FUNCTION_CODES
+from shopfloor_gateway.adapters.modbus.wire import ExceptionResponse as ExceptionResponse
+from shopfloor_gateway.adapters.modbus.wire import MismatchError
+from shopfloor_gateway.adapters.modbus.wire import ReadResult as ReadResult
 
 log = structlog.get_logger(__name__)
 

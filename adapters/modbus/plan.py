@@ -26,14 +26,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from adapters.modbus.config import (
+from shopfloor_gateway.adapters.modbus.config import (
     BIT_AREAS,
     MAX_BITS_PER_READ,
     ModbusConnectionConfig,
     ModbusSignalConfig,
     RegisterArea,
 )
-from adapters.modbus.decode import BlockDecoder
+from shopfloor_gateway.adapters.modbus.decode import BlockDecoder
 
 
 class Point(NamedTuple):

@@ -32,9 +32,9 @@ from typing import Literal, cast
 
 import structlog
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus.config import RegisterArea
-from adapters.modbus.wire import (
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus.config import RegisterArea
+from shopfloor_gateway.adapters.modbus.wire import (
     FUNCTION_CODES,
     MBAP_READ,
     FrameError,

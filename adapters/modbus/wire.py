@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from adapters.modbus.config import RegisterArea
+from shopfloor_gateway.adapters.modbus.config import RegisterArea
 
 #: Function codes of the four reads (MODBUS Application Protocol v1.1b3, 6.1 to 6.4).
 FUNCTION_CODES: dict[RegisterArea, int] = {

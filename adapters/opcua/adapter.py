@@ -53,10 +53,21 @@ from asyncua.ua.object_ids import ObjectIds
 from asyncua.ua.status_codes import StatusCodes
 from asyncua.ua.uaerrors import UaError, UaStatusCodeError, UaStructParsingError
 
-from adapters.base import Acquisition, ConnectError, ConnectionLost, check_timing, next_deadline
-from adapters.opcua import security
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig, sampling_for
-from adapters.opcua.nodes import (
+from gateway.core.model import Quality, Sample
+from shopfloor_gateway.adapters.base import (
+    Acquisition,
+    ConnectError,
+    ConnectionLost,
+    check_timing,
+    next_deadline,
+)
+from shopfloor_gateway.adapters.opcua import security
+from shopfloor_gateway.adapters.opcua.config import (
+    OpcUaConnectionConfig,
+    OpcUaSignalConfig,
+    sampling_for,
+)
+from shopfloor_gateway.adapters.opcua.nodes import (
     BrowsePath,
     NodeAddress,
     chunks,
@@ -64,8 +75,7 @@ from adapters.opcua.nodes import (
     parse_browse_path,
     parse_node_id,
 )
-from adapters.opcua.values import is_newer, to_sample
-from gateway.core.model import Quality, Sample
+from shopfloor_gateway.adapters.opcua.values import is_newer, to_sample
 
 log = structlog.get_logger(__name__)
 

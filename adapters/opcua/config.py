@@ -14,8 +14,8 @@ from urllib.parse import urlparse
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from adapters.opcua.nodes import is_alias, parse_browse_path, parse_node_id
 from gateway.core.signals import SignalConfig
+from shopfloor_gateway.adapters.opcua.nodes import is_alias, parse_browse_path, parse_node_id
 
 #: Security policies the gateway speaks. Basic128Rsa15 and Basic256 are deprecated by the
 #: OPC Foundation (SHA-1, RSA PKCS#1 v1.5) and refused.

@@ -28,8 +28,12 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from adapters.base import ConnectError
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSecurityConfig, insecure_reasons
+from shopfloor_gateway.adapters.base import ConnectError
+from shopfloor_gateway.adapters.opcua.config import (
+    OpcUaConnectionConfig,
+    OpcUaSecurityConfig,
+    insecure_reasons,
+)
 
 log = structlog.get_logger(__name__)
 

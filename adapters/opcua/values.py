@@ -42,8 +42,8 @@ import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
 
-from adapters.base import DecodeError
 from gateway.core.model import Quality, Sample, Value
+from shopfloor_gateway.adapters.base import DecodeError
 
 #: DateTimes at or before this are the OPC UA "null" DateTime (1601-01-01, encoded as 0).
 _NULL_DATETIME_EPOCH = datetime(1601, 1, 2, tzinfo=UTC).timestamp()

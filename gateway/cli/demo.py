@@ -146,9 +146,9 @@ async def run(args: argparse.Namespace, stop: asyncio.Event, log_path: Path) -> 
 async def _run_locked(
     args: argparse.Namespace, stop: asyncio.Event, log_path: Path, plan: GatewayPlan
 ) -> int:
-    from simulators.modbus_server import SimulatedFloor, StationSpec
-    from simulators.opcua_cli import server_for_profile
-    from simulators.sewing import StationModel
+    from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec
+    from shopfloor_gateway.simulators.opcua_cli import server_for_profile
+    from shopfloor_gateway.simulators.sewing import StationModel
 
     stations = [
         StationSpec(

@@ -84,10 +84,20 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("simulate", help="start simulated machines")
     kinds = p.add_subparsers(dest="kind", required=True, metavar="KIND")
     simulators = [
-        ("sewing", "Modbus TCP sewing stations", "simulators.cli", ()),
-        ("cnc", "OPC UA CNC machines (umati)", "simulators.opcua_cli", ("cnc",)),
-        ("robot", "OPC UA robots (OPC 40010)", "simulators.opcua_cli", ("robot",)),
-        ("proxy", "fault-injection TCP proxy in front of any device", "simulators.proxy_cli", ()),
+        ("sewing", "Modbus TCP sewing stations", "shopfloor_gateway.simulators.cli", ()),
+        ("cnc", "OPC UA CNC machines (umati)", "shopfloor_gateway.simulators.opcua_cli", ("cnc",)),
+        (
+            "robot",
+            "OPC UA robots (OPC 40010)",
+            "shopfloor_gateway.simulators.opcua_cli",
+            ("robot",),
+        ),
+        (
+            "proxy",
+            "fault-injection TCP proxy in front of any device",
+            "shopfloor_gateway.simulators.proxy_cli",
+            (),
+        ),
     ]
     for name, text, module, extra in simulators:
         k = kinds.add_parser(name, help=text)
@@ -95,8 +105,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
             _add_module_arguments(k, module, *extra)
 
     commands = [
-        ("probe", "look at a device before writing its config", "adapters.probe"),
-        ("opcua-cert", "create the gateway's OPC UA client certificate", "adapters.opcua.cert"),
+        ("probe", "look at a device before writing its config", "shopfloor_gateway.adapters.probe"),
+        (
+            "opcua-cert",
+            "create the gateway's OPC UA client certificate",
+            "shopfloor_gateway.adapters.opcua.cert",
+        ),
         ("watch", "live view of a broker's shop floor", "gateway.cli.watch"),
         ("schema", "print or write the MQTT contract", "gateway.contract.schema"),
     ]
@@ -349,8 +363,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     # pymodbus' server logs every client that hangs up mid-request as an error with a hex
     # dump; for a simulator that is the normal life of a test, not news.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    from simulators import cli as sim_cli
-    from simulators import opcua_cli, proxy_cli
+    from shopfloor_gateway.simulators import cli as sim_cli
+    from shopfloor_gateway.simulators import opcua_cli, proxy_cli
 
     runner = {"sewing": sim_cli.run, "cnc": opcua_cli.run, "robot": opcua_cli.run}.get(
         args.kind, proxy_cli.run
@@ -391,13 +405,13 @@ def cmd_probe(args: argparse.Namespace) -> int:
     # probe explains connection failures itself; the libraries' own lines would repeat them.
     for name in ("pymodbus", "asyncua"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
-    from adapters import probe
+    from shopfloor_gateway.adapters import probe
 
     return run_async(lambda stop: until_stopped(probe.run(args), stop))
 
 
 def cmd_opcua_cert(args: argparse.Namespace) -> int:
     """``shopfloor opcua-cert``: the gateway's own OPC UA client certificate and key."""
-    from adapters.opcua import cert as opcua_cert
+    from shopfloor_gateway.adapters.opcua import cert as opcua_cert
 
     return opcua_cert.run(args)

@@ -17,8 +17,6 @@ from typing import Any
 
 import structlog
 
-from adapters import registry as adapter_registry
-from adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 from gateway.config.loader import MachinePlan
 from gateway.core.backoff import Backoff, aligned
 from gateway.core.derive import StateFromCounts
@@ -32,6 +30,8 @@ from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.metrics import Metrics
 from gateway.runtime.telemetry import TelemetryOutput
+from shopfloor_gateway.adapters import registry as adapter_registry
+from shopfloor_gateway.adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 
 log = structlog.get_logger(__name__)
 

@@ -36,7 +36,6 @@ from typing import Any
 
 import structlog
 
-from adapters import registry as adapter_registry
 from gateway import __version__
 from gateway.config.loader import GatewayPlan, OutboxPlan
 from gateway.contract.envelope import Topics, encode_status
@@ -62,6 +61,7 @@ from gateway.runtime.reload import reload as reload_config
 from gateway.runtime.retained import RetainedState
 from gateway.runtime.systemd import Notifier
 from gateway.runtime.telemetry import TelemetryOutput
+from shopfloor_gateway.adapters import registry as adapter_registry
 
 log = structlog.get_logger(__name__)
 

@@ -273,7 +273,7 @@ def _check_device_files(plan: GatewayPlan, report: _Report) -> None:
                 _load_certificate(report, (*base, "security", "certificate"), sec.certificate)
             if sec.private_key is not None:
                 _load_key(report, (*base, "security", "private_key"), sec.private_key, key_pw)
-            from adapters.opcua.security import SecuritySetupError, load_trust
+            from shopfloor_gateway.adapters.opcua.security import SecuritySetupError, load_trust
 
             try:
                 load_trust(sec.trust)

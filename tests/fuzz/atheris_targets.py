@@ -49,9 +49,9 @@ def modbus(data: bytes) -> None:
     """decode: a value or a DecodeError for any registers."""
     import atheris
 
-    from adapters.base import DecodeError
-    from adapters.modbus.config import ModbusSignalConfig
-    from adapters.modbus.decode import decode
+    from shopfloor_gateway.adapters.base import DecodeError
+    from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig
+    from shopfloor_gateway.adapters.modbus.decode import decode
 
     fdp = atheris.FuzzedDataProvider(data)
     kind = TYPES[fdp.ConsumeIntInRange(0, len(TYPES) - 1)]
@@ -90,7 +90,7 @@ def _run(name: str, seconds: int) -> None:
 
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(50))
     with atheris.instrument_imports():
-        import adapters.modbus.decode  # noqa: F401
+        import shopfloor_gateway.adapters.modbus.decode  # noqa: F401
     seed = [f"-max_total_time={seconds}", "-rss_limit_mb=2048", "-print_final_stats=1"]
     atheris.Setup([sys.argv[0], *seed], TARGETS[name])
     atheris.Fuzz()

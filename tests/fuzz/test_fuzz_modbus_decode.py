@@ -8,10 +8,10 @@ from typing import get_args
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.base import DecodeError
-from adapters.modbus.config import ModbusSignalConfig as Signal
-from adapters.modbus.config import RegisterType, WordOrder
-from adapters.modbus.decode import decode, encode
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig as Signal
+from shopfloor_gateway.adapters.modbus.config import RegisterType, WordOrder
+from shopfloor_gateway.adapters.modbus.decode import decode, encode
 from tests.fuzz import fuzz
 
 TYPES: tuple[str, ...] = get_args(RegisterType)

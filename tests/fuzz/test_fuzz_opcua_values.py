@@ -24,11 +24,11 @@ from asyncua.ua.uaerrors import UaError
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from adapters.base import DecodeError
-from adapters.opcua.adapter import OpcUaAdapter
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
-from adapters.opcua.values import convert, quality_of, status_text, to_sample
 from gateway.core.model import Quality, Sample
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.opcua.adapter import OpcUaAdapter
+from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from shopfloor_gateway.adapters.opcua.values import convert, quality_of, status_text, to_sample
 from tests.fuzz import fuzz
 
 NOW = 1_750_000_000.0

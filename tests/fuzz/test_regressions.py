@@ -24,8 +24,6 @@ from typing import Any
 import pytest
 from structlog.testing import capture_logs
 
-from adapters.base import DecodeError
-from adapters.opcua.values import convert, to_sample
 from gateway.cli.watch import FloorView
 from gateway.config.loader import ConfigError, load_config
 from gateway.contract.models import CommandError, decode_command
@@ -33,6 +31,8 @@ from gateway.core.model import Quality
 from gateway.core.routing import Route
 from gateway.core.tracker import MachineTracker, TrackerSettings
 from gateway.delivery.outbox import Entry, Outbox, OutboxError
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.opcua.values import convert, to_sample
 
 #: Deeply nested JSON well inside the 16 KiB command size limit: ``json.loads`` recurses
 #: once per level and raises RecursionError (not ValueError) past about 1000 levels.

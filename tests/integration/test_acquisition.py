@@ -7,12 +7,12 @@ import asyncio
 
 import pytest
 
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.opcua.adapter import OpcUaAdapter
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_server import OpcUaMachineServer
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.opcua.adapter import OpcUaAdapter
+from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_server import OpcUaMachineServer
 from tests.integration.test_modbus_adapter import conn, modbus_server, registers, signal
 
 pytestmark = pytest.mark.integration

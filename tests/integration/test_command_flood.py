@@ -29,10 +29,10 @@ from pathlib import Path
 
 import aiomqtt
 
-from simulators.faultproxy import FaultProxy
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.faultproxy import FaultProxy
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import kill, start_gateway
 

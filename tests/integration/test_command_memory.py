@@ -19,9 +19,9 @@ from pathlib import Path
 import aiomqtt
 
 from gateway.runtime.commands import MAX_PACKET_SIZE
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import gateway_process
 from tests.integration.test_commands import send_until_answered

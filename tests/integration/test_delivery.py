@@ -15,9 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Changeover, Idle, RunOrder, Step
-from simulators.sewing import OrderTruth, StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Changeover, Idle, RunOrder, Step
+from shopfloor_gateway.simulators.sewing import OrderTruth, StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import by_machine, events, gateway_process, short
 

@@ -22,9 +22,9 @@ from structlog.testing import capture_logs
 
 from gateway.core.routing import Route
 from gateway.delivery.outbox import Entry, Outbox, OutboxQueue
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import events, gateway_process, stop
 

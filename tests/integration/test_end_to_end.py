@@ -14,9 +14,9 @@ import signal
 from collections.abc import Sequence
 from pathlib import Path
 
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Changeover, Fault, Idle, RunOrder, Step, Stop
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Changeover, Fault, Idle, RunOrder, Step, Stop
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
 from tests.gatewayproc import by_machine, events, gateway_process, short

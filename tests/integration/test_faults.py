@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from gateway.core.model import Quality
-from simulators.faultproxy import FaultProxy, parse_command
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import RunOrder
-from simulators.sewing import STATE_CODES, StationModel
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.simulators.faultproxy import FaultProxy, parse_command
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import RunOrder
+from shopfloor_gateway.simulators.sewing import STATE_CODES, StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import gateway_process
 

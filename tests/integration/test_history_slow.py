@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from bench.common import load_sim, memory_kib, poll_figures
-from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
+from shopfloor_gateway.simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import events, gateway_process
 from tests.slowhistory import SlowHistory

@@ -28,8 +28,8 @@ import pytest
 
 from bench.common import load_sim, poll_figures
 from gateway.runtime.gateway import SHUTDOWN_DEADLINE
-from simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.load import ADDR_TELEMETRY, FIXED_SIGNALS
+from shopfloor_gateway.simulators.modbus_server import free_port
 from tests.brokers import MosquittoBroker, VictoriaMetrics
 from tests.gatewayproc import kill, start_gateway
 

@@ -16,12 +16,12 @@ from pymodbus.server import ModbusTcpServer
 from pymodbus.simulator import DataType, SimAction, SimData, SimDevice
 from structlog.testing import capture_logs
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus.adapter import ModbusAdapter, create
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.decode import encode
-from adapters.modbus.plan import ReadRequest
 from gateway.core.model import Quality, Sample
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter, create
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.decode import encode
+from shopfloor_gateway.adapters.modbus.plan import ReadRequest
 
 pytestmark = pytest.mark.integration
 

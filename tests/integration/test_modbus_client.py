@@ -22,14 +22,14 @@ from pymodbus.framer import FramerType
 from pymodbus.simulator import DataType, SimData, SimDevice
 from structlog.testing import capture_logs
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus import line as lines
-from adapters.modbus.config import ModbusConnectionConfig, RegisterArea, Transport
-from adapters.modbus.line import ExceptionResponse, Line, NoResponse
-from adapters.modbus.tcpclient import TcpClient
-from adapters.modbus.wire import crc16
-from simulators import load
-from simulators.modbus_server import free_port, start_server
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus import line as lines
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, RegisterArea, Transport
+from shopfloor_gateway.adapters.modbus.line import ExceptionResponse, Line, NoResponse
+from shopfloor_gateway.adapters.modbus.tcpclient import TcpClient
+from shopfloor_gateway.adapters.modbus.wire import crc16
+from shopfloor_gateway.simulators import load
+from shopfloor_gateway.simulators.modbus_server import free_port, start_server
 
 pytestmark = pytest.mark.integration
 

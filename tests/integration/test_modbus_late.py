@@ -8,9 +8,9 @@ import struct
 import pytest
 from structlog.testing import capture_logs
 
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from gateway.core.model import Quality
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 
 pytestmark = pytest.mark.integration
 

@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from adapters.base import ConnectionLost
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.line import LinePool
-from adapters.registry import Adapters
 from gateway.core.model import Quality
-from simulators.modbus_server import LineStation, SimulatedLine
-from simulators.sewing import StationModel
+from shopfloor_gateway.adapters.base import ConnectionLost
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.line import LinePool
+from shopfloor_gateway.adapters.registry import Adapters
+from shopfloor_gateway.simulators.modbus_server import LineStation, SimulatedLine
+from shopfloor_gateway.simulators.sewing import StationModel
 
 pytestmark = pytest.mark.integration
 

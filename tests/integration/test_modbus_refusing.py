@@ -16,14 +16,14 @@ from typing import Any
 
 import pytest
 
-from adapters.base import ConnectionLost
-from adapters.modbus.adapter import REFUSED_POLLS_OFFLINE, ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from gateway.core.model import Quality
-from simulators.faultproxy import FaultProxy, parse_command
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.adapters.base import ConnectionLost
+from shopfloor_gateway.adapters.modbus.adapter import REFUSED_POLLS_OFFLINE, ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.simulators.faultproxy import FaultProxy, parse_command
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import gateway_process
 from tests.integration.test_operations import wait_http

@@ -9,15 +9,15 @@ from collections.abc import Sequence
 
 import pytest
 
-from adapters.base import ConnectionLost
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
-from adapters.modbus.line import LinePool
 from gateway.core.model import Quality, Sample
-from simulators.modbus_server import LineStation, SimulatedLine
-from simulators.scenario import Changeover, RunOrder
-from simulators.serial_link import PtyLink
-from simulators.sewing import StationModel
+from shopfloor_gateway.adapters.base import ConnectionLost
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.line import LinePool
+from shopfloor_gateway.simulators.modbus_server import LineStation, SimulatedLine
+from shopfloor_gateway.simulators.scenario import Changeover, RunOrder
+from shopfloor_gateway.simulators.serial_link import PtyLink
+from shopfloor_gateway.simulators.sewing import StationModel
 
 pytestmark = pytest.mark.integration
 

@@ -23,12 +23,12 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 from structlog.testing import capture_logs
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.opcua.adapter import OpcUaAdapter
-from adapters.opcua.cert import make_certificate
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
-from adapters.opcua.security import UntrustedServerError
 from gateway.core.model import Quality, Sample
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.opcua.adapter import OpcUaAdapter
+from shopfloor_gateway.adapters.opcua.cert import make_certificate
+from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from shopfloor_gateway.adapters.opcua.security import UntrustedServerError
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

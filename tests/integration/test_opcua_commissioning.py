@@ -35,15 +35,19 @@ from asyncua.server import uaprocessor
 from asyncua.ua.ua_binary import struct_from_binary
 from structlog.testing import capture_logs
 
-from adapters import probe as probe_cli
-from adapters.base import ConnectError
-from adapters.opcua.adapter import OpcUaAdapter
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
 from gateway.config.loader import load_config
 from gateway.runtime import logs
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_server import OpcUaMachineServer, ensure_certificates, trusted_dir
+from shopfloor_gateway.adapters import probe as probe_cli
+from shopfloor_gateway.adapters.base import ConnectError
+from shopfloor_gateway.adapters.opcua.adapter import OpcUaAdapter
+from shopfloor_gateway.adapters.opcua.config import OpcUaConnectionConfig, OpcUaSignalConfig
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_server import (
+    OpcUaMachineServer,
+    ensure_certificates,
+    trusted_dir,
+)
 from tests.brokers import MosquittoBroker
 from tests.gatewayproc import gateway_process
 
@@ -326,7 +330,7 @@ async def test_retries_log_each_library_warning_once_and_tracebacks_as_text(
     lines = json_lines(real_log)
     loud = [(e["logger"], e["event"]) for e in lines if e["level"] in ("warning", "error")]
     assert len(loud) == len(set(loud)), loud
-    assert ("adapters.opcua.adapter", "opcua.certificate_refused") in loud
+    assert ("shopfloor_gateway.adapters.opcua.adapter", "opcua.certificate_refused") in loud
     # asyncua's own report of the broken-off channel carries its traceback as text.
     (parsing,) = [e for e in lines if "while parsing message from server" in e["event"]]
     assert "exc_info" not in parsing

@@ -10,10 +10,10 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_server import OpcUaMachineServer
-from simulators.scenario import Changeover, Idle, RunOrder
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_server import OpcUaMachineServer
+from shopfloor_gateway.simulators.scenario import Changeover, Idle, RunOrder
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
 from tests.gatewayproc import by_machine, events, gateway_process, short

@@ -12,9 +12,9 @@ import json
 import sqlite3
 from pathlib import Path
 
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Subscriber
 from tests.gatewayproc import events, gateway_process, stop
 

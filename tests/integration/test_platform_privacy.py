@@ -13,9 +13,9 @@ from typing import Any
 
 import aiomqtt
 
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import events, gateway_process, short
 from tests.integration.test_commands import send_until_answered

@@ -8,10 +8,10 @@ import io
 import pytest
 import yaml
 
-from adapters import probe
-from simulators.modbus_server import LineStation, SimulatedLine
-from simulators.plc import SimulatedPlc
-from simulators.sewing import StationModel
+from shopfloor_gateway.adapters import probe
+from shopfloor_gateway.simulators.modbus_server import LineStation, SimulatedLine
+from shopfloor_gateway.simulators.plc import SimulatedPlc
+from shopfloor_gateway.simulators.sewing import StationModel
 
 pytestmark = pytest.mark.integration
 

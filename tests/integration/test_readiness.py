@@ -15,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from simulators.faultproxy import FaultProxy, FaultStep
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.faultproxy import FaultProxy, FaultStep
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker
 from tests.gatewayproc import gateway_process
 from tests.integration.test_operations import wait_http

@@ -15,10 +15,10 @@ import json
 import signal
 from pathlib import Path
 
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_server import OpcUaMachineServer
-from simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_server import OpcUaMachineServer
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import events, gateway_process
 

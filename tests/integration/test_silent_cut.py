@@ -12,10 +12,10 @@ import asyncio
 import json
 from pathlib import Path
 
-from simulators.faultproxy import FaultProxy, FaultStep
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.faultproxy import FaultProxy, FaultStep
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import by_machine, events, gateway_process, short
 

@@ -8,9 +8,9 @@ import contextlib
 import io
 from collections.abc import AsyncIterator
 
-from adapters import probe
-from simulators import cli
-from simulators.modbus_server import free_port
+from shopfloor_gateway.adapters import probe
+from shopfloor_gateway.simulators import cli
+from shopfloor_gateway.simulators.modbus_server import free_port
 
 
 @contextlib.asynccontextmanager

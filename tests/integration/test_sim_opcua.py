@@ -25,13 +25,17 @@ from asyncua.crypto.cert_gen import setup_self_signed_certificate
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from simulators import cnc, opcua_cli, robot
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_common import NS_DI, NS_MACHINE_TOOL, NS_ROBOTICS, NS_UA
-from simulators.opcua_server import OpcUaMachineServer, certificate_paths, trusted_dir
-from simulators.robot import RobotModel
-from simulators.scenario import Changeover, Fault, RunOrder, Stop
+from shopfloor_gateway.simulators import cnc, opcua_cli, robot
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_common import NS_DI, NS_MACHINE_TOOL, NS_ROBOTICS, NS_UA
+from shopfloor_gateway.simulators.opcua_server import (
+    OpcUaMachineServer,
+    certificate_paths,
+    trusted_dir,
+)
+from shopfloor_gateway.simulators.robot import RobotModel
+from shopfloor_gateway.simulators.scenario import Changeover, Fault, RunOrder, Stop
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

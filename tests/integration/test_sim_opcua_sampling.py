@@ -18,11 +18,11 @@ import pytest_asyncio
 from asyncua import ua
 from asyncua.client.client import Client
 
-from simulators import cnc, opcua_cli
-from simulators.cnc import CncModel
-from simulators.modbus_server import free_port
-from simulators.opcua_server import LatencyProbe, OpcUaMachineServer
-from simulators.scenario import RunOrder
+from shopfloor_gateway.simulators import cnc, opcua_cli
+from shopfloor_gateway.simulators.cnc import CncModel
+from shopfloor_gateway.simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.opcua_server import LatencyProbe, OpcUaMachineServer
+from shopfloor_gateway.simulators.scenario import RunOrder
 
 pytestmark = [pytest.mark.integration]
 live = pytest.mark.asyncio(loop_scope="module")

@@ -8,11 +8,11 @@ import dataclasses
 import pytest
 from structlog.testing import capture_logs
 
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from gateway.core.model import Quality
-from simulators.plc import PLC_SIGNALS, PlcModel, SimulatedPlc
-from simulators.serial_link import PtyLink
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.simulators.plc import PLC_SIGNALS, PlcModel, SimulatedPlc
+from shopfloor_gateway.simulators.serial_link import PtyLink
 
 pytestmark = pytest.mark.integration
 

@@ -15,10 +15,15 @@ from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
 from gateway.core.vocabulary import MachineState
-from simulators import cli
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Changeover, RunOrder, Step
-from simulators.sewing import REGISTER_COUNT, StationModel, StationSnapshot, decode_registers
+from shopfloor_gateway.simulators import cli
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Changeover, RunOrder, Step
+from shopfloor_gateway.simulators.sewing import (
+    REGISTER_COUNT,
+    StationModel,
+    StationSnapshot,
+    decode_registers,
+)
 
 pytestmark = pytest.mark.integration
 

@@ -22,9 +22,9 @@ from gateway.delivery.mqtt.publisher import BrokerSettings, TlsSettings, tls_con
 from gateway.delivery.sparkplug import codec
 from gateway.delivery.sparkplug.client import SparkplugNode, SparkplugSettings, publish_packet
 from gateway.delivery.sparkplug.node import ORDER_METRICS
-from simulators.modbus_server import SimulatedFloor, StationSpec, free_port
-from simulators.scenario import Idle, RunOrder
-from simulators.sewing import StationModel
+from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
+from shopfloor_gateway.simulators.scenario import Idle, RunOrder
+from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import gateway_process
 from tests.integration.test_publisher import _make_pki

@@ -8,7 +8,7 @@ import pytest
 
 from gateway.cli import main as cli
 from gateway.config.loader import ConfigError, load_config
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.modbus_server import free_port
 
 HEAD = "gateway: {id: gw-1, site: plant-1}\n"
 MACHINES = (

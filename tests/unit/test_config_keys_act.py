@@ -32,12 +32,20 @@ import yaml
 from pydantic import BaseModel, SecretStr
 from pydantic.fields import FieldInfo
 
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig, SerialConfig
-from adapters.opcua.config import OpcUaConnectionConfig, OpcUaSecurityConfig, OpcUaSignalConfig
 from gateway.config.influx import InfluxConfig
 from gateway.config.loader import Config, ConfigError, load_config
 from gateway.config.protocols import ProtocolSpec
 from gateway.delivery.influx.sink import settings_for
+from shopfloor_gateway.adapters.modbus.config import (
+    ModbusConnectionConfig,
+    ModbusSignalConfig,
+    SerialConfig,
+)
+from shopfloor_gateway.adapters.opcua.config import (
+    OpcUaConnectionConfig,
+    OpcUaSecurityConfig,
+    OpcUaSignalConfig,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -97,7 +105,7 @@ VALUES: dict[str, Any] = {
     "health.token": "a-console-token-of-some-length",
     "health.token_file": "{tmp}/token",
     "health.commands_as": "default",
-    "logging.levels": {"adapters.modbus": "debug"},
+    "logging.levels": {"shopfloor_gateway.adapters.modbus": "debug"},
     "influxdb.url": "http://127.0.0.1:9999",
     "influxdb.org": "other",
     "influxdb.bucket": "other",

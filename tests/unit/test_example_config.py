@@ -28,8 +28,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel
 
-from adapters.registry import PROTOCOLS
 from gateway.config.loader import Config, load_config
+from shopfloor_gateway.adapters.registry import PROTOCOLS
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "example.yaml"

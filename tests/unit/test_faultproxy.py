@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from simulators.faultproxy import (
+from shopfloor_gateway.simulators.faultproxy import (
     Action,
     FaultState,
     PlanError,

@@ -9,12 +9,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.base import ConnectError, ConnectionLost
-from adapters.modbus.adapter import ModbusAdapter
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 from gateway.core.mapping import Mapper
 from gateway.core.model import Quality
-from simulators.load import (
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.modbus.adapter import ModbusAdapter
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.simulators.load import (
     ADDR_TELEMETRY,
     FrameError,
     LoadDevice,
@@ -29,7 +29,7 @@ from simulators.load import (
     respond,
     signal_map,
 )
-from simulators.modbus_server import free_port
+from shopfloor_gateway.simulators.modbus_server import free_port
 
 
 def _frame(transaction: int, unit: int, function: int, start: int, count: int) -> bytes:

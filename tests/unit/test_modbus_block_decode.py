@@ -10,11 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import DecodeError
-from adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
-from adapters.modbus.decode import BlockDecoder, decode
-from adapters.modbus.plan import compile_decoder, plan_reads
 from gateway.core.model import Value
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.modbus.config import TYPE_WIDTH, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.decode import BlockDecoder, decode
+from shopfloor_gateway.adapters.modbus.plan import compile_decoder, plan_reads
 
 WORD_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 TYPES = (*TYPE_WIDTH, "string")

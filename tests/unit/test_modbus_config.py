@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig
 
 
 def _error(model: type[Any], **data: Any) -> str:

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.base import DecodeError
-from adapters.modbus.config import ModbusSignalConfig
-from adapters.modbus.decode import decode, encode
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.decode import decode, encode
 
 WORD_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from adapters.base import POLL_SLOT, first_deadline, next_deadline, poll_phase
-from adapters.modbus.config import ModbusSignalConfig
-from adapters.modbus.plan import Point, ReadRequest, plan_reads, split
+from shopfloor_gateway.adapters.base import POLL_SLOT, first_deadline, next_deadline, poll_phase
+from shopfloor_gateway.adapters.modbus.config import ModbusSignalConfig
+from shopfloor_gateway.adapters.modbus.plan import Point, ReadRequest, plan_reads, split
 
 
 def u16(address: int, area: str = "holding") -> ModbusSignalConfig:

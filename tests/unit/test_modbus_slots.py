@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from adapters.modbus.line import _SlotPool
+from shopfloor_gateway.adapters.modbus.line import _SlotPool
 
 
 async def test_free_slots_are_taken_at_once_and_waiters_served_in_order() -> None:

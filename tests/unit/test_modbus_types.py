@@ -10,11 +10,22 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from adapters.base import DecodeError
-from adapters.modbus.config import ModbusConnectionConfig, ModbusSignalConfig, format_ref, parse_ref
-from adapters.modbus.decode import decode, encode
-from adapters.modbus.plan import ReadRequest, plan_reads, split_gaps
-from simulators.plc import HOLDING_COUNT, HOLE, PLC_SIGNALS, PlcModel, encode_image
+from shopfloor_gateway.adapters.base import DecodeError
+from shopfloor_gateway.adapters.modbus.config import (
+    ModbusConnectionConfig,
+    ModbusSignalConfig,
+    format_ref,
+    parse_ref,
+)
+from shopfloor_gateway.adapters.modbus.decode import decode, encode
+from shopfloor_gateway.adapters.modbus.plan import ReadRequest, plan_reads, split_gaps
+from shopfloor_gateway.simulators.plc import (
+    HOLDING_COUNT,
+    HOLE,
+    PLC_SIGNALS,
+    PlcModel,
+    encode_image,
+)
 
 ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 

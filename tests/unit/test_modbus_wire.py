@@ -19,7 +19,7 @@ from pymodbus.pdu.register_message import (
     ReadInputRegistersResponse,
 )
 
-from adapters.modbus.wire import (
+from shopfloor_gateway.adapters.modbus.wire import (
     ExceptionResponse,
     FrameError,
     MbapReader,
@@ -31,7 +31,7 @@ from adapters.modbus.wire import (
     mbap_request,
     rtu_request,
 )
-from simulators import load
+from shopfloor_gateway.simulators import load
 
 words = st.lists(st.integers(0, 0xFFFF), min_size=1, max_size=125)
 bit_lists = st.lists(st.booleans(), min_size=1, max_size=2000)

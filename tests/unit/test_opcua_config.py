@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from adapters.opcua.config import (
+from shopfloor_gateway.adapters.opcua.config import (
     OpcUaConnectionConfig,
     OpcUaSignalConfig,
     check,
     insecure_reasons,
 )
-from adapters.registry import PROTOCOLS, Adapters
+from shopfloor_gateway.adapters.registry import PROTOCOLS, Adapters
 
 
 def connection(**kw: Any) -> OpcUaConnectionConfig:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adapters.opcua.nodes import (
+from shopfloor_gateway.adapters.opcua.nodes import (
     NodeAddress,
     PathSegment,
     chunks,
@@ -98,7 +98,7 @@ def test_bad_browse_paths(text: str, fragment: str) -> None:
 @given(st.lists(st.text(min_size=1, max_size=8), min_size=1, max_size=5))
 def test_browse_path_round_trip(names: list[str]) -> None:
     """Any names survive escaping and parsing."""
-    from adapters.opcua.nodes import BrowsePath
+    from shopfloor_gateway.adapters.opcua.nodes import BrowsePath
 
     path = BrowsePath(tuple(PathSegment(n, "ns") for n in names))
     assert parse_browse_path(str(path)) == path

@@ -14,9 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
-from adapters.opcua import cert as opcua_cert
-from adapters.opcua.config import OpcUaSecurityConfig
-from adapters.opcua.security import (
+from shopfloor_gateway.adapters.opcua import cert as opcua_cert
+from shopfloor_gateway.adapters.opcua.config import OpcUaSecurityConfig
+from shopfloor_gateway.adapters.opcua.security import (
     SecuritySetupError,
     application_uri_of,
     check_server_certificate,

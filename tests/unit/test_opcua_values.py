@@ -9,9 +9,16 @@ from datetime import UTC, datetime
 import pytest
 from asyncua import ua
 
-from adapters.base import DecodeError, next_deadline
-from adapters.opcua.values import convert, epoch, is_newer, quality_of, status_text, to_sample
 from gateway.core.model import Quality
+from shopfloor_gateway.adapters.base import DecodeError, next_deadline
+from shopfloor_gateway.adapters.opcua.values import (
+    convert,
+    epoch,
+    is_newer,
+    quality_of,
+    status_text,
+    to_sample,
+)
 
 
 class Mode(enum.IntEnum):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from adapters import probe
-from adapters.base import ConnectError, ConnectionLost
-from adapters.probe import (
+from shopfloor_gateway.adapters import probe
+from shopfloor_gateway.adapters.base import ConnectError, ConnectionLost
+from shopfloor_gateway.adapters.probe import (
     PASSWORD_ENV,
     ReadSpec,
     explain,

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from gateway.core.vocabulary import MachineState
-from simulators import cnc
-from simulators.cnc import CncModel, generate_cnc_steps
-from simulators.opcua_common import (
+from shopfloor_gateway.simulators import cnc
+from shopfloor_gateway.simulators.cnc import CncModel, generate_cnc_steps
+from shopfloor_gateway.simulators.opcua_common import (
     NS_DI,
     NS_IA,
     NS_MACHINE_TOOL,
@@ -22,7 +22,7 @@ from simulators.opcua_common import (
     NodeSpec,
     check_value,
 )
-from simulators.scenario import (
+from shopfloor_gateway.simulators.scenario import (
     Changeover,
     Fault,
     Idle,

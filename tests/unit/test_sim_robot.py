@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from gateway.core.vocabulary import MachineState
-from simulators import opcua_cli, robot
-from simulators.opcua_common import (
+from shopfloor_gateway.simulators import opcua_cli, robot
+from shopfloor_gateway.simulators.opcua_common import (
     NS_DI,
     NS_ROBOTICS,
     NS_UA,
@@ -21,8 +21,15 @@ from simulators.opcua_common import (
     ProductionEngine,
     check_value,
 )
-from simulators.robot import RobotModel, generate_robot_steps
-from simulators.scenario import Changeover, Fault, Idle, RunOrder, Stop, validate_script
+from shopfloor_gateway.simulators.robot import RobotModel, generate_robot_steps
+from shopfloor_gateway.simulators.scenario import (
+    Changeover,
+    Fault,
+    Idle,
+    RunOrder,
+    Stop,
+    validate_script,
+)
 
 PROFILE = Path(__file__).resolve().parents[2] / "config" / "profiles" / "robot-opc40010.yaml"
 

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.vocabulary import MachineState
-from simulators.scenario import (
+from shopfloor_gateway.simulators.scenario import (
     Changeover,
     Fault,
     Idle,
@@ -27,7 +27,7 @@ from simulators.scenario import (
     pieces_to_reach,
     validate_script,
 )
-from simulators.sewing import (
+from shopfloor_gateway.simulators.sewing import (
     ADDR_CYCLE_TIME,
     ADDR_GOOD_COUNT,
     ADDR_ORDER_ID,
