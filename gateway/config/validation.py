@@ -16,19 +16,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from gateway.config.influx import InfluxConfig
 from gateway.config.models import (
-    BrokerConfig,
     Config,
-    DestinationConfig,
-    GatewayConfig,
-    HealthConfig,
-    LoggingConfig,
-    MachineConfig,
-    OutboxConfig,
-    ProfileConfig,
-    RedactionConfig,
-    RoutingConfig,
-    TlsConfig,
-    TrackerConfig,
 )
 from gateway.config.protocols import installed
 from gateway.config.yamlsource import (
@@ -137,25 +125,25 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
 
 
 def _known_keys() -> list[str]:
-    models: list[type[BaseModel]] = [
-        Config,
-        GatewayConfig,
-        BrokerConfig,
-        DestinationConfig,
-        RoutingConfig,
-        OutboxConfig,
-        RedactionConfig,
-        HealthConfig,
-        InfluxConfig,
-        TlsConfig,
-        TrackerConfig,
-        LoggingConfig,
-        ProfileConfig,
-        MachineConfig,
-    ]
+    """Every key of the config models, nested ones included (for spelling suggestions)."""
+    todo: list[type[BaseModel]] = [Config, InfluxConfig]
     for spec in installed().values():
-        models += [spec.connection_model, spec.signal_model]
-    return sorted({name for model in models for name in model.model_fields})
+        todo += [spec.connection_model, spec.signal_model]
+    names: set[str] = set()
+    seen: set[type[BaseModel]] = set()
+    while todo:
+        model = todo.pop()
+        if model in seen:
+            continue
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            names.add(name)
+            todo += [
+                arg
+                for arg in _type_parts(info.annotation)
+                if isinstance(arg, type) and issubclass(arg, BaseModel)
+            ]
+    return sorted(names)
 
 
 def _secret_keys() -> frozenset[str]:
@@ -271,8 +259,14 @@ def _message(err: Mapping[str, Any], hidden: str | None = None) -> str:
     msg = str(err["msg"])
     if kind == "extra_forbidden":
         loc = err.get("loc", ())
-        guess = difflib.get_close_matches(str(loc[-1]) if loc else "", _known_keys(), 1, 0.75)
-        hint = f"did you mean {guess[0]!r}?" if guess else "check the spelling"
+        key = str(loc[-1]) if loc else ""
+        known = _known_keys()
+        if key in known:
+            # A real key, written in the wrong section: suggesting itself would not help.
+            hint = f"{key!r} is not a key of this section;"
+        else:
+            guess = difflib.get_close_matches(key, known, 1, 0.75)
+            hint = f"did you mean {guess[0]!r}?" if guess else "check the spelling;"
         return f"unknown key ({hint} config/example.yaml shows every key)"
     if kind == "missing":
         return "required key is missing"

@@ -187,3 +187,22 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(tmp_path / "nope.yaml")
     assert "file not found" in str(info.value)
+
+
+def test_a_key_of_another_section_is_not_suggested_as_itself(tmp_path: Path) -> None:
+    """`mode` is a key (of a counter signal), but not of `telemetry:`: say so, not "did you
+    mean 'mode'?"."""
+    cfg = tmp_path / "wrong-section.yaml"
+    cfg.write_text(
+        "gateway: {id: gw-1, site: plant-1}\n"
+        "broker: {host: 127.0.0.1}\n"
+        "telemetry: {mode: on_change, publsh: every_poll}\n"
+        "machines:\n"
+        "  - {id: a, area: x, line: y, profile: sewing-station, connection: {host: h}}\n"
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg, env={})
+    messages = {e.path: e.message for e in info.value.errors}
+    assert "did you mean 'mode'" not in messages["telemetry.mode"]
+    assert "'mode' is not a key of this section" in messages["telemetry.mode"]
+    assert "did you mean 'publish'?" in messages["telemetry.publsh"]
