@@ -156,6 +156,9 @@ chaos: $(VENV)/.installed-test mosquitto
 # Benchmarks (not part of `make test`): modest defaults, about 25 minutes in all. Each one
 # takes its own arguments, e.g. `$(BIN)/python -m bench.scale_modbus --devices 500 --signals 30`.
 # Figures print as tables and land in bench/results/*.json; docs/performance.md has the last run.
+# bench.telemetry runs the telemetry modes side by side on the same load (one gateway per mode):
+# JSON every poll / on change / deadband and Sparkplug B against telemetry off, in one table
+# (bench/results/telemetry.md).
 bench: $(VENV)/.installed-test mosquitto victoria-metrics
 	$(BIN)/python -m bench.core
 	$(BIN)/python -m bench.startup

@@ -1,7 +1,7 @@
 """Telemetry publish modes: which of a poll's values are due on the wire (pure: no clock, no I/O).
 
 Every mapped signal of a machine can be published as telemetry (see
-:mod:`gateway.runtime.telemetry`). Per signal a :class:`PublishRule` decides when a value
+:mod:`gateway.delivery.mqtt.telemetry`). Per signal a :class:`PublishRule` decides when a value
 is *due*:
 
 * ``every_poll``: every value read is due.

@@ -24,12 +24,10 @@ from gateway.core.mapping import Mapper
 from gateway.core.model import Event, Quality, Sample
 from gateway.core.tracker import MachineTracker, Rejection, TrackerSettings
 from gateway.delivery.outbox import Outbox
-from gateway.delivery.registry import Output, TelemetryEncoder
+from gateway.delivery.registry import Output, TelemetryEncoder, observers
 from gateway.delivery.sink import SinkRunner
-from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.metrics import Metrics
-from gateway.runtime.telemetry import TelemetryOutput
 from shopfloor_gateway.adapters import registry as adapter_registry
 from shopfloor_gateway.adapters.base import AdapterError, ConnectError, ConnectionLost, poll_phase
 
@@ -111,8 +109,6 @@ class Devices:
         backoff: Backoff,
         rng: random.Random,
         outputs: Sequence[Output],
-        sparkplug: SparkplugNodes,
-        mqtt_telemetry: TelemetryOutput | None = None,
     ) -> None:
         self.metrics = metrics
         self.feed = feed
@@ -123,11 +119,10 @@ class Devices:
         self._rng = rng
         #: Outputs that take each poll's values (through memory only: in an outage telemetry
         #: is the first thing to give up, as the outbox's overflow policy says).
-        self._telemetry = [o for o in outputs if o.telemetry is not None]
-        # SPARKPLUG HOOK (until the edge node is an output of the sink registry).
-        self.sparkplug = sparkplug
-        #: Tag telemetry to the MQTT destinations that admit it (their memory queues).
-        self.mqtt_telemetry = mqtt_telemetry
+        self._telemetry = [o for o in outputs if o.telemetry is not None and o.runner is not None]
+        #: Outputs told about every poll and connection change (MQTT tag telemetry, Sparkplug
+        #: B edge nodes, ...).
+        self._observers = observers(outputs)
         self.machines: dict[str, Machine] = {}
         #: Builds the machines' adapters and owns what they share (the Modbus lines); a new
         #: one per run (:meth:`gateway.runtime.gateway.Gateway.run`), closed when it ends.
@@ -142,7 +137,9 @@ class Devices:
             plan,
             MachineTracker(plan.id, plan.tracker),
             Mapper(plan.signals),
-            telemetry=[(o.runner, o.telemetry()) for o in self._telemetry if o.telemetry],
+            telemetry=[
+                (o.runner, o.telemetry()) for o in self._telemetry if o.telemetry and o.runner
+            ],
         )
 
     def start(self, m: Machine) -> None:
@@ -272,7 +269,8 @@ class Devices:
     def _connected(self, m: Machine, connected: bool, reason: str) -> None:
         m.status.connected = connected
         self.metrics.device_connected(m.plan.id, connected)
-        self.sparkplug.connected(m.plan.id, connected)  # SPARKPLUG HOOK
+        for observer in self._observers:
+            observer.connection(m.plan.id, connected)
         self._emit(m, m.tracker.connection(connected, self._clock(), reason))
 
     def on_batch(self, m: Machine, batch: Sequence[Sample], *, notification: bool = False) -> None:
@@ -308,9 +306,8 @@ class Devices:
         if m.derived_state is not None:
             mapped.append(m.derived_state.observe(mapped, now))
         self.feed.samples(m.plan.id, mapped)
-        self.sparkplug.samples(m.plan.id, mapped)  # SPARKPLUG HOOK
-        if self.mqtt_telemetry is not None and self.mqtt_telemetry.active:
-            self.mqtt_telemetry.observe(m.plan, mapped, now)  # the poll's due values
+        for observer in self._observers:
+            observer.samples(m.plan, mapped, now)
         self._emit(m, m.tracker.observe(mapped, now))
         rejections = m.tracker.drain_rejections()
         if rejections or m.rejections_logged:

@@ -5,6 +5,7 @@ Task layout (one root ``asyncio.TaskGroup``)::
     outbox               commits events with their tracker state (SQLite, worker thread)
     publisher[<name>]    one per output (:mod:`gateway.delivery.registry`: MQTT destinations,
                          the history): one runner each, feeding its outbox queue or memory
+    <observer tasks>     what an output's observer starts (a Sparkplug B node's session)
     device[<id>]         one supervisor per machine: connect, read, map, track, emit
     ticker               time-driven tracker work (progress interval, ETA) once a second
     commands             the downlink: order commands from platforms
@@ -49,7 +50,6 @@ from gateway.delivery.mqtt.publisher import Message
 from gateway.delivery.outbox import Outbox, OutboxQueue
 from gateway.delivery.registry import Output, Wiring
 from gateway.delivery.sink import SinkRunner
-from gateway.delivery.sparkplug import SparkplugNodes
 from gateway.runtime.commands import Command, CommandListener
 from gateway.runtime.console.feed import ConsoleFeed
 from gateway.runtime.devices import DEVICE_BACKOFF, Devices
@@ -60,7 +60,6 @@ from gateway.runtime.metrics import Metrics
 from gateway.runtime.reload import reload as reload_config
 from gateway.runtime.retained import RetainedState
 from gateway.runtime.systemd import Notifier
-from gateway.runtime.telemetry import TelemetryOutput
 from shopfloor_gateway.adapters import registry as adapter_registry
 
 log = structlog.get_logger(__name__)
@@ -167,10 +166,8 @@ class Gateway:
         secret = (
             plan.redaction_secret.get_secret_value().encode() if plan.redaction_secret else None
         )
-        # SPARKPLUG HOOK (until outputs move onto the sink registry): the format: sparkplug
-        # destinations, fed from the devices, the retained state and reload.
-        self.sparkplug = SparkplugNodes.from_plan(plan, secret, clock)
-        #: Every output (MQTT destinations, the history, ...), built through the registry.
+        #: Every output (MQTT destinations, the history, Sparkplug B edge nodes, ...), built
+        #: through the registry.
         self.outputs: dict[str, Output] = {
             o.name: o
             for o in output_registry.build(
@@ -186,24 +183,18 @@ class Gateway:
                 )
             )
         }
-        #: Every output's runner, by name.
+        #: Every output's runner, by name (outputs that run their own session have none).
         self.publishers: dict[str, SinkRunner[Any]] = {
-            name: o.runner for name, o in self.outputs.items()
+            name: o.runner for name, o in self.outputs.items() if o.runner is not None
         }
         #: The outbox queue of each output that reads the outbox.
         self.queues: dict[str, OutboxQueue] = {
             name: o.queue for name, o in self.outputs.items() if o.queue is not None
         }
-        # --- MQTT telemetry (gateway.runtime.telemetry): destinations that admit it.
-        self.mqtt_telemetry = TelemetryOutput(
-            self.destinations,
-            self.queues,
-            self.topics,
-            plan.telemetry,
-            gateway_id=plan.gateway_id,
-            secret=secret,
-        )
-        self.mqtt_telemetry.configure(plan.machines)
+        #: What the outputs learn about the machines besides their events.
+        self.observers = output_registry.observers(list(self.outputs.values()))
+        for observer in self.observers:
+            observer.configure(plan)
         #: Outputs that take the retained status.
         self._status = [o for o in self.outputs.values() if o.accepts("status")]
         self.metrics = Metrics(
@@ -240,7 +231,7 @@ class Gateway:
             secret=secret,
             customer_of=self.customers.customer_of,
             routed=everywhere(list(self.outputs.values())) is None,
-            sparkplug=self.sparkplug,
+            observers=self.observers,
         )
         self.emitter = Emitter(
             gateway_id=plan.gateway_id,
@@ -262,8 +253,6 @@ class Gateway:
             backoff=self._backoff,
             rng=self._rng,
             outputs=list(self.outputs.values()),
-            sparkplug=self.sparkplug,
-            mqtt_telemetry=self.mqtt_telemetry,
         )
         #: The machines at runtime (the devices' own dict: reload changes it in place).
         self.machines = self.devices.machines
@@ -334,7 +323,8 @@ class Gateway:
                     self._core_task(asyncio.create_task(pub.run(), name=f"publisher[{name}]"))
                     for name, pub in self.publishers.items()
                 ]
-                publisher_tasks += map(self._core_task, self.sparkplug.start())  # SPARKPLUG HOOK
+                for observer in self.observers:
+                    publisher_tasks += map(self._core_task, observer.start())
                 for machine in restored:
                     # The last run may have died before its latest state went out.
                     m = self.machines[machine]
@@ -438,7 +428,7 @@ class Gateway:
     async def _close_publishers(self, tasks: list[asyncio.Task[None]]) -> None:
         # Destinations flush in parallel: one dead broker does not eat another's grace.
         closing = [pub.close(timeout=self._grace) for pub in self.publishers.values()]
-        closing.append(self.sparkplug.close(self._grace))  # SPARKPLUG HOOK
+        closing += [observer.close(self._grace) for observer in self.observers]
         await asyncio.gather(*closing, return_exceptions=True)
         for t in tasks:
             t.cancel()
@@ -493,16 +483,16 @@ class Gateway:
         stats = self.outbox.stats
         self.metrics.outbox_dropped(stats.dropped_telemetry, stats.dropped_progress)
         for name, o in self.outputs.items():
-            if o.queue is None:
+            if o.runner is not None and o.queue is None:
                 o.runner.report(self.metrics)
-            else:
+            elif o.runner is not None and o.queue is not None:
                 o.runner.report(
                     self.metrics,
                     backlog=self.outbox.backlog(name),
                     oldest_age=self._oldest_age(o.queue, now),
                 )
-        if self.mqtt_telemetry.active:
-            self.metrics.telemetry(self.mqtt_telemetry.submitted, self.mqtt_telemetry.dropped())
+            if o.observer is not None:
+                o.observer.report(self.metrics)
         for c in self.listeners:
             self.metrics.commands_dropped(c.name, rate=c.dropped, inbox=c.inbox_dropped)
         if self.watch is not None:
@@ -517,6 +507,8 @@ class Gateway:
         """Refresh the retained online status when a destination's backlog changed."""
         for o in self._status:
             name = o.name
+            if o.runner is None:
+                continue
             backlog = self.outbox.backlog(name) if o.queue is not None else o.runner.pending
             if self._status_sent.get(name) == backlog:
                 continue

@@ -82,7 +82,8 @@ async def reload(gw: Gateway) -> bool:
         m = gw.machines.pop(machine)
         del gw.locations[machine]
         gw.emitter.emit(m, m.tracker.connection(False, now, "removed from config"))
-        gw.sparkplug.connected(machine, False)  # SPARKPLUG HOOK: DDEATH
+        for observer in gw.observers:
+            observer.removed(machine)
         # An empty retained message deletes the snapshot: late joiners must not see a
         # machine that no longer exists.
         gw.retained.clear(m.plan.id, m.plan.location)
@@ -110,7 +111,8 @@ async def reload(gw: Gateway) -> bool:
         gw.locations[machine] = plan.location
         gw.devices.start(m)
     gw.plan = new
-    gw.mqtt_telemetry.configure(new.machines, new.telemetry)  # MQTT telemetry rules
+    for observer in gw.observers:
+        observer.configure(new)
     gw.metrics.configure(fresh)
     gw.feed.configure(fresh)
     gw.feed.reloaded(now, True, [f"needs a restart: {f}" for f in frozen])

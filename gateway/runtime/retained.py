@@ -16,8 +16,7 @@ from gateway.contract.envelope import Topics, encode_state
 from gateway.core.model import Location
 from gateway.core.routing import machine_visible, redact, state_view
 from gateway.delivery.mqtt.publisher import Message
-from gateway.delivery.registry import Output
-from gateway.delivery.sparkplug import SparkplugNodes
+from gateway.delivery.registry import Observer, Output
 from gateway.runtime.devices import Machine
 
 
@@ -33,7 +32,7 @@ class RetainedState:
         secret: bytes | None,
         customer_of: Callable[[str, str], str | None],
         routed: bool,
-        sparkplug: SparkplugNodes | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.gateway_id = gateway_id
         self.topics = topics
@@ -44,13 +43,13 @@ class RetainedState:
         #: Whether some destination filters events (then the waiting orders are counted per
         #: destination).
         self._routed = routed
-        # SPARKPLUG HOOK (until the edge node is an output of the sink registry).
-        self._sparkplug = sparkplug
+        #: Outputs told about every snapshot (e.g. a Sparkplug B node's order metrics).
+        self._observers = list(observers)
 
     def publish(self, m: Machine, snapshot: dict[str, Any], now: float) -> None:
         """Retained state to every destination that may see the machine, order filtered."""
-        if self._sparkplug is not None:
-            self._sparkplug.state(m.plan.id, snapshot)  # SPARKPLUG HOOK
+        for observer in self._observers:
+            observer.state(m.plan.id, snapshot)
         loc = m.plan.location
         order = snapshot.get("order")
         order_id = order.get("order_id") if isinstance(order, dict) else None
@@ -84,10 +83,11 @@ class RetainedState:
                     payload = encode_state(typed, loc, gateway_id=gateway_id, now=now)
                     if whole:
                         redacted[policy] = payload
-            o.runner.submit(Message(topic, payload, 1, True))
+            if o.runner is not None:
+                o.runner.submit(Message(topic, payload, 1, True))
 
     def clear(self, machine: str, loc: Location) -> None:
         """Delete a machine's retained state where it was visible (an empty retained message)."""
         for o in self.outputs:
-            if machine_visible(o.rules, machine):
+            if o.runner is not None and machine_visible(o.rules, machine):
                 o.runner.submit(Message(self.topics.state(loc), b"", 1, True))

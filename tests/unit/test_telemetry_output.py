@@ -15,9 +15,10 @@ from gateway.core.model import Location, Quality, Sample
 from gateway.core.routing import Route, RouteRules, pseudonym
 from gateway.core.telemetry import PublishRule
 from gateway.core.tracker import TrackerSettings
+from gateway.delivery.mqtt.output import TelemetryObserver
 from gateway.delivery.mqtt.publisher import Message
+from gateway.delivery.mqtt.telemetry import TelemetryOutput
 from gateway.delivery.outbox import OutboxQueue
-from gateway.runtime.telemetry import TelemetryOutput
 from tests.unit import test_outbox
 from tests.unit.test_outbox_coalesce import entry, take_all
 
@@ -269,8 +270,10 @@ def test_broker_max_queue_bounds_each_destinations_memory(tmp_path: Path) -> Non
     assert gw.queues["a"]._max_memory == 250
     assert gw.queues["b"]._max_memory == 100_000
     assert gw.queues["b"].max_telemetry_bytes == 16 * 1024 * 1024
-    assert gw.mqtt_telemetry.active
-    assert [t.name for t in gw.mqtt_telemetry._targets["m1"]] == ["b"]
+    # One telemetry output for the admitting destinations, the observer of the first.
+    (observer,) = [o.observer for o in gw.outputs.values() if o.observer is not None]
+    assert isinstance(observer, TelemetryObserver)
+    assert [t.name for t in observer.telemetry._targets["m1"]] == ["b"]
 
 
 async def test_telemetry_bytes_are_bounded_too(tmp_path: Path) -> None:

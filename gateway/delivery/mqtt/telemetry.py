@@ -1,6 +1,7 @@
 """Tag telemetry to MQTT destinations: publish rules, routing, personal data, bounded memory.
 
-Fed by the runtime with every poll's mapped samples (:meth:`TelemetryOutput.observe`):
+Fed with every poll's mapped samples (:meth:`TelemetryOutput.observe`) through the first
+telemetry-admitting MQTT destination's observer (:mod:`gateway.delivery.mqtt.output`):
 
 1. the machine's :class:`~gateway.core.telemetry.TelemetryFilter` keeps the values that are
    due by their publish rules (every poll, on change, deadband, min/max interval);
