@@ -75,7 +75,6 @@ def install(sock: socket.socket) -> Callable[[], None]:
         events = [
             (e.machine, e.topic, e.payload, e.event_type, e.order_id, e.created, e.record)
             for e in entries
-            if e.event_type is not None
         ]
         if events or trackers:
             frame(("append", events, trackers))

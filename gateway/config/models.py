@@ -192,7 +192,7 @@ class OutboxConfig(_Model):
     """The durable outbox (SQLite); ``path`` defaults to ``{state_dir}/shopfloor-outbox.db``."""
 
     path: str | None = None
-    #: Rows kept at most; beyond it telemetry, then superseded progress are dropped.
+    #: Rows kept at most; beyond it superseded ``order.progress`` rows are dropped.
     max_events: int = Field(default=1_000_000, ge=100, le=100_000_000)
     #: Events sent later than this after they were committed carry ``"delayed": true``.
     delayed_after: float = Field(default=5.0, gt=0, le=86_400)

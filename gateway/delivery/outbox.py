@@ -15,12 +15,11 @@ Guarantees (see ``docs/delivery.md``):
 * Every row carries a bit mask of the destinations it is routed to. Each destination reads
   the outbox in ``seq`` order from its own position and clears its bit when the broker
   acknowledged the row (QoS 1 PUBACK); a row is deleted once no bit is left.
-* Durability: a commit that carries a lifecycle, state, alarm or connection event is
-  fsynced (``PRAGMA synchronous=FULL`` for that transaction); commits that carry only
-  ``order.progress`` events, telemetry, tracker states or acknowledgements run with
-  ``synchronous=NORMAL`` (WAL: durable at the next fsynced commit or checkpoint, never
-  corrupt; lost only with the operating system, never with the process). Files are
-  created with mode 0600.
+* Durability: a commit that carries an event (``order.progress`` included) or a tracker
+  state is fsynced (``PRAGMA synchronous=FULL`` for that transaction); commits of broker
+  acknowledgements alone run with ``synchronous=NORMAL`` (WAL: durable at the next fsynced
+  commit or checkpoint, never corrupt; lost only with the operating system, never with the
+  process). Files are created with mode 0600.
 * All SQLite work runs on the outbox's own thread, fed through a ``queue.SimpleQueue``:
   the event loop only appends to a list and wakes the writer, which commits whatever has
   gathered since its last commit (group commit), so a slow disk never blocks the loop.
@@ -28,15 +27,15 @@ Guarantees (see ``docs/delivery.md``):
   ``commit_window`` seconds (or ``commit_rows`` acknowledgements, a batch of rows counting as
   one, as its PUBACK does) for more to share it. Acknowledged rows are released by ranges of
   consecutive seqs, so a drain costs a few statements per commit, not two per row.
-* Bounded by ``max_events``: beyond it telemetry is dropped first (oldest first), then
-  ``order.progress`` rows a newer progress row of the same order supersedes. Lifecycle,
-  state and alarm events are never dropped while the disk takes them; the outbox then
-  grows beyond the bound and says so. A full disk (SQLITE_FULL, from any statement or
-  COMMIT) never ends :meth:`Outbox.run`: the WAL is checkpointed and truncated,
-  acknowledgements are committed on their own, rows are dropped by the same policy in
-  small slices, and events that still do not fit stay in memory and are retried. A
-  preallocated reserve file next to the outbox is released so that checkpoints and
-  deletions can always proceed (``docs/delivery.md``, "A full disk").
+* Bounded by ``max_events``: beyond it ``order.progress`` rows a newer progress row of
+  the same order supersedes are dropped, oldest first. Lifecycle, state and alarm events
+  are never dropped while the disk takes them; the outbox then grows beyond the bound and
+  says so. A full disk (SQLITE_FULL, from any statement or COMMIT) never ends
+  :meth:`Outbox.run`: the WAL is checkpointed and truncated, acknowledgements are
+  committed on their own, rows are dropped by the same policy in small slices, and events
+  that still do not fit stay in memory and are retried. A preallocated reserve file next
+  to the outbox is released so that checkpoints and deletions can always proceed
+  (``docs/delivery.md``, "A full disk").
 
 Errors other than a full disk end :meth:`Outbox.run` with :class:`OutboxError` (a read
 that fails for a destination's queue too): the outbox is not supervised, the process exits
@@ -82,8 +81,10 @@ from gateway.delivery.records import Record, WireEncodings, wire_payload
 
 log = structlog.get_logger(__name__)
 
-#: Row classes, in the order the overflow policy drops them.
-TELEMETRY = 0
+#: Row classes: ``order.progress`` (dropped on overflow once superseded) and every other
+#: event (never dropped). Every row is an event: telemetry never enters the outbox (it waits
+#: in memory, :meth:`OutboxQueue.push_telemetry`). A row of class 0 in an old file (a class
+#: no gateway wrote) is kept and sent as stored, like any other row.
 PROGRESS = 1
 KEEP = 2
 
@@ -118,7 +119,8 @@ OR (type IS NOT NULL AND (
 """
 
 #: The columns of a typed record (schema 2), added to schema 1's in this order; a row whose
-#: ``type`` is NULL is an opaque message (telemetry) sent as its ``payload`` is stored.
+#: ``type`` is NULL is an opaque message (a schema-1 row that did not parse as an event this
+#: gateway wrote), sent as its ``payload`` is stored.
 _RECORD_COLUMNS = (
     ("type", "TEXT"),
     ("location", "TEXT"),
@@ -163,12 +165,13 @@ CREATE TABLE IF NOT EXISTS messages (
     -- redaction and the other sinks use.
     data_wire TEXT
 );
--- Telemetry is dropped first, oldest first: only telemetry rows are indexed for it. An index
--- over every row (cls, machine, order_id, seq), which files of older versions have, cost
--- more than the rest of a row's life (each acknowledgement deleted an entry far from its
--- neighbours) for a query that only runs when the outbox overflows.
+-- No index serves the overflow policy: it runs only when the outbox overflows, and finds
+-- superseded progress in one pass over the table. Files of older versions have an index
+-- over every row (cls, machine, order_id, seq), which cost more than the rest of a row's
+-- life (each acknowledgement deleted an entry far from its neighbours), or one over the
+-- rows of class 0, which no gateway wrote: both go.
 DROP INDEX IF EXISTS messages_drop;
-CREATE INDEX IF NOT EXISTS messages_telemetry ON messages (seq) WHERE cls = 0;
+DROP INDEX IF EXISTS messages_telemetry;
 """
 
 
@@ -243,41 +246,37 @@ def _record_from_v1(machine: str, order_id: str | None, payload: bytes) -> Recor
 def _v2_row(row: tuple[Any, ...]) -> tuple[Any, ...]:
     """A schema-1 message row (9 columns) as a schema-2 row: an event becomes a record.
 
-    A row that is not an event this gateway wrote (telemetry, or bytes that do not parse)
-    stays opaque: it is sent as it is stored.
+    A row that is not an event this gateway wrote (bytes that do not parse) stays opaque:
+    it is sent as it is stored.
     """
     seq, pending, cls, machine, order_id, topic, payload, qos, created = row
     record = None
-    if cls != TELEMETRY and isinstance(machine, str) and isinstance(payload, bytes):
+    if isinstance(machine, str) and isinstance(payload, bytes):
         record = _record_from_v1(machine, order_id if isinstance(order_id, str) else None, payload)
     if record is None:
         return (*row, *([None] * len(_RECORD_COLUMNS)))
     return (seq, pending, cls, machine, order_id, topic, b"", qos, created, *record_columns(record))
 
 
-def row_class(event_type: str | None) -> int:
-    """Overflow class of a row: telemetry (``None``), progress, or never dropped."""
-    if event_type is None:
-        return TELEMETRY
-    if event_type == "order.progress":
-        return PROGRESS
-    return KEEP
+def row_class(event_type: str) -> int:
+    """Overflow class of an event's row: progress, or never dropped."""
+    return PROGRESS if event_type == "order.progress" else KEEP
 
 
-def needs_fsync(batch: Iterable[_Pending], trackers: Mapping[str, Any] | None = None) -> bool:
+def needs_fsync(batch: Sequence[_Pending], trackers: Mapping[str, Any] | None = None) -> bool:
     """Whether a commit must be fsynced: it carries an event or a tracker state.
 
     Every event, ``order.progress`` included, has a sequence number that must never be
     handed out twice, and a tracker state may hold a platform's accepted order: a power
-    loss must not take either back. Only commits of telemetry and broker acknowledgements
-    (a lost one costs a duplicate, deduplicated by ``id``) skip the fsync.
+    loss must not take either back. Only commits of broker acknowledgements alone (a lost
+    one costs a duplicate, deduplicated by ``id``) skip the fsync.
     """
-    return bool(trackers) or any(p.cls in (PROGRESS, KEEP) for p in batch)
+    return bool(trackers) or bool(batch)
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One message to store: an event (``event_type`` set) or telemetry (``None``).
+    """One event to store, with the destinations it is routed to.
 
     An event carries its typed ``record``, which each destination encodes as it reads
     it (``payload`` is then empty); an entry without a record is an opaque message, sent
@@ -288,7 +287,7 @@ class Entry:
     topic: str
     payload: bytes
     destinations: frozenset[str]
-    event_type: str | None = None
+    event_type: str
     order_id: str | None = None
     qos: int = 1
     created: float = 0.0
@@ -318,7 +317,6 @@ class Stats:
     committed: int = 0
     commits: int = 0
     fsyncs: int = 0
-    dropped_telemetry: int = 0
     dropped_progress: int = 0
     acked: int = 0
     stored: int = 0
@@ -340,7 +338,6 @@ class _Pending:
 class _WriteResult:
     committed_upto: int
     deleted_by_bit: dict[int, int] = field(default_factory=dict)
-    dropped_telemetry: int = 0
     dropped_progress: int = 0
     fsynced: bool = False
     stored: int = 0
@@ -349,13 +346,13 @@ class _WriteResult:
     #: The full-disk episode goes on after this write (no room yet for the reserve).
     full_episode: bool = False
 
-    def save(self) -> tuple[dict[int, int], int, int]:
+    def save(self) -> tuple[dict[int, int], int]:
         """The drop and deletion counts, to put back when a transaction is rolled back."""
-        return dict(self.deleted_by_bit), self.dropped_telemetry, self.dropped_progress
+        return dict(self.deleted_by_bit), self.dropped_progress
 
-    def restore(self, saved: tuple[dict[int, int], int, int]) -> None:
+    def restore(self, saved: tuple[dict[int, int], int]) -> None:
         """Counts as :meth:`save` took them."""
-        self.deleted_by_bit, self.dropped_telemetry, self.dropped_progress = saved
+        self.deleted_by_bit, self.dropped_progress = saved
 
 
 class DiskFullError(Exception):
@@ -882,8 +879,8 @@ class Outbox:
             while True:
                 chunk = db.execute(
                     "SELECT seq, machine, order_id, payload FROM messages"
-                    " WHERE seq > ? AND cls != ? ORDER BY seq LIMIT 1000",
-                    (after, TELEMETRY),
+                    " WHERE seq > ? ORDER BY seq LIMIT 1000",
+                    (after,),
                 ).fetchall()
                 if not chunk:
                     break
@@ -1067,9 +1064,9 @@ class Outbox:
         out: dict[str, int] = {}
         for machine in machines:
             row = db.execute(
-                "SELECT MAX(sequence) FROM messages WHERE machine = ? AND cls != ?"
+                "SELECT MAX(sequence) FROM messages WHERE machine = ?"
                 " AND type IS NOT NULL AND typeof(sequence) = 'integer' AND sequence <= ?",
-                (machine, TELEMETRY, MAX_SEQ),
+                (machine, MAX_SEQ),
             ).fetchone()
             out[machine] = max(int(row[0] or 0), 0)
         return out
@@ -1273,8 +1270,8 @@ class Outbox:
 
     async def _write_once(self, *, retry: bool = True) -> None:
         batch, self._pending = self._pending, []
-        # Every seq handed out so far is committed or in this batch (telemetry shed from a
-        # held batch included): readers may go up to here once it is written.
+        # Every seq handed out so far is committed or in this batch: readers may go up to
+        # here once it is written.
         upto = self.assigned_upto
         trackers, self._pending_trackers = self._pending_trackers, {}
         acks, self._acks = self._acks, {}
@@ -1309,12 +1306,11 @@ class Outbox:
                     return
                 self._held.set()
                 await asyncio.sleep(self._retry_delay)
-                # Whatever arrived meanwhile joins the retry, in order; telemetry does not
-                # wait in memory (it would grow without bound while the disk stays full).
+                # Whatever arrived meanwhile joins the retry, in order.
                 if self._pending and self._pending_trackers:
                     last = self._pending[-1]
                     last.trackers = {**(last.trackers or {}), **self._pending_trackers}
-                batch = self._shed_telemetry(batch + self._pending)
+                batch = batch + self._pending
                 self._pending = []
                 upto = self.assigned_upto
                 trackers.update(self._pending_trackers)
@@ -1334,7 +1330,6 @@ class Outbox:
             log.info(
                 "outbox.disk_writable",
                 path=str(self.path),
-                dropped_telemetry=self.stats.dropped_telemetry,
                 dropped_progress=self.stats.dropped_progress,
             )
         previous = self.committed_upto
@@ -1347,34 +1342,6 @@ class Outbox:
             q._on_commit(batch, previous, self.committed_upto)
         if not (self._pending or self._acks or self._pending_trackers):
             self._idle.set()
-
-    def _shed_telemetry(self, batch: list[_Pending]) -> list[_Pending]:
-        """The held batch without its telemetry rows (counted as dropped).
-
-        Tracker states a dropped row carried move to the row kept before it.
-        """
-        if all(p.cls != TELEMETRY for p in batch):
-            return batch
-        kept: list[_Pending] = []
-        orphan: dict[str, dict[str, Any]] = {}
-        for p in batch:
-            if p.cls != TELEMETRY:
-                if orphan:
-                    # States of dropped rows before this one: older than this row's own.
-                    p.trackers = {**orphan, **(p.trackers or {})}
-                    orphan = {}
-                kept.append(p)
-                continue
-            self.stats.dropped_telemetry += 1
-            for name, bit in self.bits.items():
-                if p.bits >> bit & 1:
-                    self._backlog[name] = max(0, self._backlog[name] - 1)
-            if p.trackers:
-                if kept:
-                    kept[-1].trackers = {**(kept[-1].trackers or {}), **p.trackers}
-                else:
-                    orphan.update(p.trackers)
-        return kept
 
     def _committed_part(self, batch: list[_Pending], done: int) -> list[_Pending]:
         """The first ``done`` held rows were stored: hand them to the readers; the rest."""
@@ -1411,7 +1378,7 @@ class Outbox:
             waiting=waiting,
             stored=result.stored,
             detail=(
-                "dropping telemetry, then superseded order.progress; other events are held"
+                "dropping superseded order.progress; other events are held"
                 " in memory and retried every"
                 f" {self._retry_delay:g} s until the disk has room"
             ),
@@ -1423,8 +1390,7 @@ class Outbox:
         return self._disk_full
 
     def _note_drops(self, result: _WriteResult) -> None:
-        dropped = result.dropped_telemetry + result.dropped_progress
-        self.stats.dropped_telemetry += result.dropped_telemetry
+        dropped = result.dropped_progress
         self.stats.dropped_progress += result.dropped_progress
         over = result.stored > self.max_events
         if dropped and not self._overflowing and not self._disk_full:
@@ -1433,9 +1399,8 @@ class Outbox:
                 "outbox.overflow",
                 max_events=self.max_events,
                 stored=result.stored,
-                dropped_telemetry=result.dropped_telemetry,
                 dropped_progress=result.dropped_progress,
-                policy="telemetry first, then superseded order.progress; lifecycle kept",
+                policy="superseded order.progress only; lifecycle, state and alarms kept",
             )
         elif over and not self._overflowing and not self._disk_full:
             self._overflowing = True
@@ -1450,7 +1415,6 @@ class Outbox:
             log.info(
                 "outbox.overflow_ended",
                 stored=result.stored,
-                dropped_telemetry=self.stats.dropped_telemetry,
                 dropped_progress=self.stats.dropped_progress,
             )
 
@@ -1766,24 +1730,16 @@ class Outbox:
             if force:
                 # A full disk: free a good slice at once, not one row at a time.
                 need = max(need, 1000, self._t_count // 10)
-            freed = 0
+            # Superseded: not the newest progress row of its order (GROUP BY groups a NULL
+            # order id like ``IS`` does). One pass over the table, no index to keep.
             victims = db.execute(
-                "SELECT seq, pending FROM messages WHERE cls = ? ORDER BY seq LIMIT ?",
-                (TELEMETRY, need),
+                "SELECT seq, pending FROM messages WHERE cls = ?1 AND seq NOT IN ("
+                " SELECT MAX(seq) FROM messages WHERE cls = ?1 GROUP BY machine, order_id)"
+                " ORDER BY seq LIMIT ?2",
+                (PROGRESS, need),
             ).fetchall()
-            freed += self._t_drop(db, victims, result)
-            result.dropped_telemetry += len(victims)
-            if freed < need:
-                # Superseded: not the newest progress row of its order (GROUP BY groups a
-                # NULL order id like ``IS`` does). One pass over the table, no index to keep.
-                victims = db.execute(
-                    "SELECT seq, pending FROM messages WHERE cls = ?1 AND seq NOT IN ("
-                    " SELECT MAX(seq) FROM messages WHERE cls = ?1 GROUP BY machine, order_id)"
-                    " ORDER BY seq LIMIT ?2",
-                    (PROGRESS, need - freed),
-                ).fetchall()
-                freed += self._t_drop(db, victims, result)
-                result.dropped_progress += len(victims)
+            freed = self._t_drop(db, victims, result)
+            result.dropped_progress += len(victims)
             if own_tx:
                 db.execute("COMMIT")
         except BaseException:

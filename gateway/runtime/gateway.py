@@ -481,7 +481,7 @@ class Gateway:
         # A full disk holds events in memory: not ready until the outbox has room again.
         self.metrics.set_outbox_writable(not self.outbox.disk_full)
         stats = self.outbox.stats
-        self.metrics.outbox_dropped(stats.dropped_telemetry, stats.dropped_progress)
+        self.metrics.outbox_dropped(stats.dropped_progress)
         for name, o in self.outputs.items():
             if o.runner is not None and o.queue is None:
                 o.runner.report(self.metrics)

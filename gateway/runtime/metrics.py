@@ -13,6 +13,7 @@ Exported (all prefixed ``shopfloor_``)::
     gateway_ready                               1 when /healthz says ready
     outbox_writable                             0 while a full disk holds events back
     outbox_dropped_total{class}                 rows dropped by the overflow policy
+                                                (class="progress": superseded order.progress)
     device_connected{machine}                   1 connected, 0 not
     device_polls_total{machine}                 reads (polls) that returned samples
     device_notifications_total{machine}         notification batches of a subscription
@@ -344,9 +345,12 @@ class Metrics:
         """The outbox's last write (or probe) succeeded or failed."""
         self._s.outbox_writable = writable
 
-    def outbox_dropped(self, telemetry: int, progress: int) -> None:
-        """Rows the outbox dropped so far, by class (totals, not increments)."""
-        self._s.outbox_dropped = {"telemetry": telemetry, "progress": progress}
+    def outbox_dropped(self, progress: int) -> None:
+        """Superseded ``order.progress`` rows the outbox dropped so far (a total).
+
+        The only class it drops; the ``class`` label stays for dashboards that sum it.
+        """
+        self._s.outbox_dropped = {"progress": progress}
 
     def telemetry(self, submitted: Mapping[str, int], dropped: Mapping[str, int]) -> None:
         """MQTT telemetry messages queued and dropped so far per destination (totals)."""

@@ -53,19 +53,20 @@ def _tracker_state(machine: str) -> dict[str, Any]:
 
 
 def _entry(n: int) -> Entry:
-    kind = ("order.started", "order.progress", None, "machine.state.changed")[n % 4]
+    kinds = ("order.started", "order.progress", "machine.alarm.raised", "machine.state.changed")
+    kind = kinds[n % 4]
     body = {"n": n, "operator": "op-1", "started_at": 1000.0 + n}
     dests = (frozenset(DESTS), frozenset({"a"}), frozenset({"b"}))[n % 3]
     machine = f"m{n % 2}"
     order_id = "PO-7" if n % 2 else None
     record = None
-    if kind is not None:
+    if n % 4 != 2:
         loc = Location("s", "a", "l", machine)
         record = Record(machine, kind, loc, n + 1, 1000.0 + n, body, f"id-{n}", "gw", 1, order_id)
     return Entry(
         machine=machine,
         topic=f"sf/s/a/l/{machine}/event/{kind}",
-        # Telemetry (no record) is an opaque row, sent as stored.
+        # An opaque row (no record, as a schema-1 row that did not parse): sent as stored.
         payload=b"" if record else json.dumps(body, separators=(",", ":")).encode(),
         destinations=dests,
         event_type=kind,

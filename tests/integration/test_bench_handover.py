@@ -54,8 +54,7 @@ async def test_handed_over_events_and_states_are_delivered(
                         created=created,
                     )
                     for i in range(3)
-                ]
-                + [Entry("m1", "bench/t", b"{}", frozenset({"default"}))],  # telemetry
+                ],
                 {"m1": {"order": "o-1"}},
             )
             assert seqs == []

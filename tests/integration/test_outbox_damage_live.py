@@ -22,9 +22,7 @@ from tests.gatewayproc import events, gateway_process, stop
 def stored_events(db_path: Path, machine: str) -> list[int]:
     """Sequences of the machine's events waiting in the outbox (read-only, while it runs)."""
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True) as db:
-        rows = db.execute(
-            "SELECT sequence FROM messages WHERE machine = ? AND cls != 0", (machine,)
-        ).fetchall()
+        rows = db.execute("SELECT sequence FROM messages WHERE machine = ?", (machine,)).fetchall()
     return sorted(s for (s,) in rows)
 
 

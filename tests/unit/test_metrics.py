@@ -111,6 +111,14 @@ def test_gateway_identity_events_and_process_memory() -> None:
     assert s[("process_resident_memory_bytes", ())] > 1_000_000
 
 
+def test_outbox_drops_are_counted_under_the_one_class_it_drops() -> None:
+    m = make()
+    m.outbox_dropped(7)
+    dropped = {k: v for k, v in samples(m).items() if k[0] == "shopfloor_outbox_dropped_total"}
+    # The name and its class label stay for dashboards; superseded progress is all it drops.
+    assert dropped == {("shopfloor_outbox_dropped_total", (("class", "progress"),)): 7}
+
+
 def test_destination_metrics_and_publish_totals() -> None:
     m = make()
     m.destination_state(

@@ -33,16 +33,6 @@ def event(
     body: dict[str, object] = {"n": n}
     if extra:
         body["operator"] = extra
-    if type_ == "telemetry":
-        # Telemetry is an opaque row: sent as stored.
-        return Entry(
-            machine=machine,
-            topic=f"t/{machine}/telemetry",
-            payload=json.dumps(body, separators=(",", ":")).encode(),
-            destinations=frozenset(dests),
-            order_id=order_id,
-            created=created,
-        )
     loc = Location("s", "a", "l", machine)
     record = Record(machine, type_, loc, n, 1000.0 + n, body, f"id-{n}", "gw", 1, order_id)
     return Entry(
@@ -210,22 +200,22 @@ async def test_batch_mode_and_redaction(tmp_path: Path) -> None:
         assert ob.backlog("a") == 0
 
 
-async def test_overflow_drops_telemetry_then_superseded_progress(tmp_path: Path) -> None:
+async def test_overflow_drops_the_oldest_superseded_progress(tmp_path: Path) -> None:
     with capture_logs() as logs:
         async with running(tmp_path / "ob.db", max_events=10) as ob:
             entries = [event(1, type_="order.started")]
-            entries += [event(100 + i, type_="telemetry", order_id=None) for i in range(5)]
-            entries += [event(200 + i, type_="order.progress") for i in range(8)]
+            entries += [event(200 + i, type_="order.progress") for i in range(12)]
             entries += [event(300, type_="order.completed")]
             ob.append(entries)
             await ob.flush()
-            assert (ob.stats.stored, ob.stats.dropped_telemetry) == (10, 5)
+            assert (ob.stats.stored, ob.stats.dropped_progress) == (10, 4)
             q = ob.queue(Route("a"))
             q.start()
-            assert ns(await drain(q, 10)) == [1, *range(200, 208), 300]
+            assert ns(await drain(q, 10)) == [1, *range(204, 212), 300]
             await ob.flush()
             assert ob.backlog("a") == 0
-    assert [e["event"] for e in logs].count("outbox.overflow") == 1
+    overflow = [e for e in logs if e["event"] == "outbox.overflow"]
+    assert len(overflow) == 1 and overflow[0]["dropped_progress"] == 4, overflow
 
     async with running(tmp_path / "ob2.db", max_events=5) as ob:
         entries = [event(1, type_="order.started")]
@@ -251,16 +241,21 @@ async def test_lifecycle_events_exceed_the_bound_rather_than_go(tmp_path: Path) 
 
 
 async def test_full_disk_drops_by_policy_and_keeps_lifecycle(tmp_path: Path) -> None:
-    big = "x" * 3000
+    # About a page a row (a record holds its data twice: typed and as the wire writes it).
+    big = "x" * 1500
     async with running(tmp_path / "ob.db", max_page_count=60, retry_delay=0.01) as ob:
-        tele = [event(i, type_="telemetry", order_id=None, extra=big) for i in range(40)]
-        ob.append(tele)
+        progress = [event(i, type_="order.progress", extra=big) for i in range(40)]
+        ob.append(progress)
         await ob.flush()
         kept = [event(1000 + i, type_="order.completed", extra=big) for i in range(20)]
         ob.append(kept)
         await ob.flush()
-        assert ob.stats.dropped_telemetry > 0
+        assert ob.stats.dropped_progress > 0
         q = ob.queue(Route("a"), max_memory=10)
         q.start()
         got = ns(await drain(q, ob.backlog("a")))
         assert [n for n in got if n >= 1000] == list(range(1000, 1020))
+        # The oldest superseded progress went first; the order's newest progress stays.
+        left = [n for n in got if n < 1000]
+        assert left == list(range(40 - len(left), 40))
+        assert len(left) + ob.stats.dropped_progress == 40

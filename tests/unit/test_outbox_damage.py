@@ -84,9 +84,13 @@ def zero_pages(path: Path) -> None:
 
 
 def zero_index(path: Path) -> None:
-    """The root page of an index (page 10: the telemetry index) read as zeros."""
+    """The root page of an index (the tracker table's key) read as zeros."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (page,) = db.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_trackers_1'"
+        ).fetchone()
     data = bytearray(path.read_bytes())
-    data[9 * 4096 : 10 * 4096] = bytes(4096)
+    data[(page - 1) * 4096 : page * 4096] = bytes(4096)
     path.write_bytes(bytes(data))
 
 

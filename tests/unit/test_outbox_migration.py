@@ -222,3 +222,35 @@ async def test_a_row_that_is_not_an_event_is_kept_as_stored(v1: Path) -> None:
     assert [m.payload for m in got[-2:]] == [b"\xff not json", nan]
     inexact = [e for e in logs if e["event"] == "outbox.migration_inexact"]
     assert inexact and inexact[0]["opaque"] == 2
+
+
+async def test_a_row_of_the_former_telemetry_class_is_kept_as_stored(v1: Path) -> None:
+    # Schema 1 had a row class 0 for telemetry (no gateway wrote one) and an index over it.
+    line = b'{"machine":"robot-7","values":{"temp":21.5}}'
+    with contextlib.closing(sqlite3.connect(v1)) as db:
+        assert db.execute(
+            "SELECT 1 FROM sqlite_master WHERE name = 'messages_telemetry'"
+        ).fetchone()
+        db.execute(
+            "INSERT INTO messages VALUES (10, 1, 0, 'robot-7', NULL, ?, ?, 0, ?)",
+            ("shopfloor/plant-a/welding/line-2/robot-7/telemetry", line, NOW - 50),
+        )
+        db.commit()
+    with capture_logs() as logs:
+        async with running(v1) as ob:
+            assert ob.backlog("a") == len(EXPECTED["wire"]["a"]) + 1
+            q = ob.queue(Route("a", operator="pass"), clock=lambda: NOW)
+            q.start()
+            got = [m for _, m in await take(q, ob.backlog("a"))]
+    wire = [[m.topic, m.payload.decode(), m.qos] for m in got]
+    assert wire == [
+        *EXPECTED["wire"]["a"],
+        ["shopfloor/plant-a/welding/line-2/robot-7/telemetry", line.decode(), 0],
+    ]
+    migrated = [e for e in logs if e["event"] == "outbox.migrated"]
+    assert migrated and migrated[0]["records"] == 7 and migrated[0]["opaque"] == 1
+    with contextlib.closing(sqlite3.connect(v1)) as db:
+        assert not db.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'index' AND name"
+            " IN ('messages_telemetry', 'messages_drop')"
+        ).fetchone()
