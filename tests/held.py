@@ -1,10 +1,10 @@
-"""A scripted sewing station held at its start until the gateway under test has read it.
+"""A scripted sewing station that stands still until the gateway under test has read it.
 
 A script that begins with ``Idle(n)`` so that "the gateway reads the idle station first" is a
 race with the gateway process's start: on a loaded machine that start can take longer than
-any fixed ``n``, and the gateway then first sees the order already running (or done). A
-:class:`HeldStation` shows its first step (scenario time 0) until :meth:`release`; its
-script runs from there, at the floor's pace.
+any fixed ``n``, and the gateway then first sees the order already running (or done); the
+same for a restart that must come back before the order ends. A :class:`HeldStation` stands
+still while held and goes on from there when released, at the floor's pace.
 """
 
 from __future__ import annotations
@@ -18,27 +18,39 @@ from tests.gatewayproc import events, short
 
 
 class HeldStation(StationModel):
-    """A :class:`StationModel` that stays at scenario time 0 until released."""
+    """A :class:`StationModel` whose scenario time stands still while it is held.
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        """As :class:`StationModel`; the script waits for :meth:`release`."""
+    Held from the start unless ``held=False``; :meth:`hold` and :meth:`release` may follow
+    each other any number of times (a gateway restart in the middle of an order).
+    """
+
+    def __init__(self, *args: Any, held: bool = True, **kwargs: Any) -> None:
+        """As :class:`StationModel`; ``held``: wait for :meth:`release` before the script."""
         super().__init__(*args, **kwargs)
-        self._released = False
-        #: The floor's time at the release: the script's time 0.
-        self._origin: float | None = None
+        self._held = held
+        #: Floor time spent held: the scenario runs that much behind the floor.
+        self._lag = 0.0
+        self._held_since: float | None = None
+
+    def hold(self) -> None:
+        """Stop the scenario at the floor's next tick (what the registers show stays)."""
+        self._held = True
 
     def release(self) -> None:
-        """Let the script run from the floor's next tick on."""
-        self._released = True
+        """Let the scenario go on from the floor's next tick."""
+        self._held = False
 
     def advance(self, t: float) -> None:
-        """Move to ``t`` counted from the release (before it: stay at time 0)."""
-        if not self._released:
-            super().advance(0.0)
+        """Move to floor time ``t`` less the time spent held."""
+        if self._held:
+            if self._held_since is None:
+                self._held_since = t
+            super().advance(self.time)
             return
-        if self._origin is None:
-            self._origin = t
-        super().advance(t - self._origin)
+        if self._held_since is not None:
+            self._lag += t - self._held_since
+            self._held_since = None
+        super().advance(t - self._lag)
 
 
 def state_read(machine: str) -> Callable[[list[Received]], bool]:
