@@ -56,7 +56,8 @@ COMPLETION_RULES: tuple[CompletionRule, ...] = (
 
 #: Orders waiting per machine; an assign beyond this is rejected.
 MAX_QUEUE = 1_000
-#: Finished order ids remembered to reject a platform re-assigning one by mistake.
+#: Finished order ids remembered to reject a platform re-assigning one by mistake; as many
+#: withdrawn ones (taken off the queue before they ran) besides.
 RECENT_ORDERS = 1_000
 #: Command ids remembered per destination so a redelivered command (MQTT is at least
 #: once) is idempotent.
@@ -382,6 +383,7 @@ class MachineTracker:
         self._order: _Order | None = None
         self._queue: list[_Queued] = []
         self._recent_orders: list[str] = []
+        self._withdrawn_orders: list[str] = []
         self._commands: dict[str, CommandResult] = {}
         self._updated_at: float | None = None
         self._rejections: list[Rejection] = []
@@ -657,6 +659,7 @@ class MachineTracker:
                 for q in self._queue
             ],
             "recent_orders": list(self._recent_orders),
+            "withdrawn_orders": list(self._withdrawn_orders),
             "commands": {k: [r.accepted, r.reason] for k, r in self._commands.items()},
             "updated_at": self._updated_at,
             "attribution": self._attribution.export(),
@@ -723,6 +726,8 @@ class MachineTracker:
             t._order = _order_from_dict(state["order"])
             t._queue = [_Queued(**q) for q in state["queue"]]
             t._recent_orders = [str(o) for o in state["recent_orders"]]
+            # Absent in a state saved before withdrawn ids were kept.
+            t._withdrawn_orders = [str(o) for o in state.get("withdrawn_orders", [])]
             t._commands = {
                 str(k): CommandResult(bool(a), str(r)) for k, (a, r) in state["commands"].items()
             }
@@ -1396,6 +1401,8 @@ class MachineTracker:
             clash = f"order {order_id} is already queued"
         elif order_id in self._recent_orders:
             clash = f"order {order_id} already ran on this machine"
+        elif order_id in self._withdrawn_orders:
+            clash = f"order {order_id} was withdrawn from this machine"
         if clash:
             # The order may be another platform's: one neutral answer for every clash.
             return CommandResult(False, ORDER_ID_TAKEN if cmd.private else clash)
@@ -1419,6 +1426,11 @@ class MachineTracker:
         queued = next((q for q in self._queue if q.order_id == cmd.order_id), None)
         if queued is not None:
             self._queue.remove(queued)
+            # The id stays in use, as for an order that ran: freed, another platform could
+            # take the same order id on this machine and get events under one it never owned.
+            self._withdrawn_orders.append(queued.order_id)
+            if len(self._withdrawn_orders) > RECENT_ORDERS:
+                del self._withdrawn_orders[0]
             return CommandResult(True, "removed from queue")
         order = self._order
         if order is None or order.order_id != cmd.order_id or not order.running:

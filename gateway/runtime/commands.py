@@ -373,6 +373,8 @@ class CommandListener:
         self._inbox_flood = False
         self._inbox: _Inbox | None = None
         self._last_inbox_drop = 0.0
+        #: Set while a flood (rate limit or inbox) has not been declared over.
+        self._flooding = asyncio.Event()
         #: Answers being published (each waits for its PUBACK in its own task).
         self._replies: set[asyncio.Task[None]] = set()
         #: Answers not sent because too many were waiting for the broker.
@@ -386,6 +388,7 @@ class CommandListener:
         self._last_inbox_drop = self._clock()
         if not self._inbox_flood:
             self._inbox_flood = True
+            self._flooding.set()
             self._log.warning(
                 "command.inbox_full", size=INBOX_SIZE, dropped_total=self.inbox_dropped
             )
@@ -425,6 +428,44 @@ class CommandListener:
 
     async def run(self) -> None:
         """Listen until cancelled; reconnects with backoff and never raises otherwise.
+
+        Beside it a watch logs the end of a flood (with its count) once it has been quiet
+        long enough, whether or not another command follows it.
+        """
+        watch = asyncio.create_task(self._watch_floods(), name=f"command-floods-{self.name}")
+        try:
+            await self._listen()
+        finally:
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watch
+
+    async def _watch_floods(self) -> None:
+        """End floods after their quiet spell: the count must not wait for a next command."""
+        while True:
+            await self._flooding.wait()
+            # Checked a few times per quiet spell: the end is logged at most this late.
+            await asyncio.sleep(FLOOD_QUIET / 4)
+            if not self._end_floods(self._clock()):
+                self._flooding.clear()
+
+    def _end_floods(self, now: float) -> bool:
+        """Log the end of each flood quiet long enough; True while one is still going on."""
+        if (
+            self._inbox_flood
+            and now - self._last_inbox_drop >= INBOX_QUIET
+            and self._inbox is not None
+            and self._inbox.empty()
+        ):
+            self._inbox_flood = False
+            self._log.info("command.inbox_recovered", dropped_total=self.inbox_dropped)
+        if self._flood_dropped and now - self._last_drop >= FLOOD_QUIET:
+            self._log.info("command.flood_ended", dropped=self._flood_dropped)
+            self._flood_dropped = 0
+        return self._inbox_flood or self._flood_dropped > 0
+
+    async def _listen(self) -> None:
+        """The connection loop of :meth:`run`.
 
         A failure is logged at warning once per cause and outage (``Not authorized`` after
         a password rotation, the broker gone), repeats at debug; connections that keep
@@ -528,28 +569,19 @@ class CommandListener:
 
     async def _on_message(self, client: aiomqtt.Client, message: aiomqtt.Message) -> None:
         now = self._clock()
-        # Like the rate limit's flood: over after a quiet spell, so one flood is one warning
-        # even when the handler empties the inbox now and then.
-        if (
-            self._inbox_flood
-            and now - self._last_inbox_drop >= INBOX_QUIET
-            and self._inbox is not None
-            and self._inbox.empty()
-        ):
-            self._inbox_flood = False
-            self._log.info("command.inbox_recovered", dropped_total=self.inbox_dropped)
+        # A flood is over after a quiet spell (the inbox's: so one flood is one warning even
+        # when the handler empties the inbox now and then), not with the first command the
+        # refilling bucket lets through: one warning per flood, one line with the count at
+        # its end. The watch (run()) ends it when no command follows.
         if not self._bucket.take(now):
             self.dropped += 1
             self._flood_dropped += 1
             self._last_drop = now
             if self._flood_dropped == 1:
                 self._log.warning("command.flood", rate_per_s=self._bucket.rate)
+                self._flooding.set()
             return
-        # A flood ends after a quiet second, not with the first command the refilling
-        # bucket lets through: one warning per flood, one line with the count at its end.
-        if self._flood_dropped and now - self._last_drop >= FLOOD_QUIET:
-            self._log.info("command.flood_ended", dropped=self._flood_dropped)
-            self._flood_dropped = 0
+        self._end_floods(now)
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         props = getattr(message, "properties", None)
         response = getattr(props, "ResponseTopic", None) if props is not None else None

@@ -173,6 +173,8 @@ class Campaign:
         self.started_at = 0.0
         self.acme_running: dict[str, str] = {}
         self.acme_orders: dict[str, str] = {}
+        #: acme's orders taken off a queue before they ran (their ids stay acme's).
+        self.acme_withdrawn: dict[str, str] = {}
         self.notes: list[str] = []
         self.recorders = {
             name: Recorder(name, b.host, b.port, PREFIX) for name, b in self.brokers.items()
@@ -371,9 +373,11 @@ class Campaign:
             oid = self.rng.choice(sorted(self.acme_running))
             machine = self.acme_running.pop(oid)
             n = self.next_id("acme")
-            await self.platforms["acme"].command(
+            answer = await self.platforms["acme"].command(
                 machine, "cancel-order", {"command_id": f"a-{n}", "order_id": oid}
             )
+            if answer and answer.get("reason") == "removed from queue":
+                self.acme_withdrawn[oid] = machine
 
     # -- faults -----------------------------------------------------------------------------
 
@@ -494,6 +498,9 @@ class Campaign:
         zeta = self.platforms["zeta"]
         pairs = [(oid, self.acme_orders[oid]) for oid in sorted(self.acme_orders)]
         pairs = self.rng.sample(pairs, min(3, len(pairs)))
+        # A withdrawn order of acme's too: its id must not become free for zeta.
+        withdrawn = [(o, m) for o, m in sorted(self.acme_withdrawn.items()) if (o, m) not in pairs]
+        pairs += withdrawn[-1:]
         for m in SEWING:
             pairs += [(oid, m) for oid in list(self.models[m].truth)[-1:]]
         # An id nobody has: the answer every refusal about others' orders must look like.

@@ -143,3 +143,35 @@ async def test_a_session_taken_over_again_and_again_is_one_warning(
     (unstable,) = [e for e in logs if e["event"] == "command.listener_unstable"]
     assert unstable["log_level"] == "warning" and unstable["client_id"] == "gw-twin-cmd"
     assert "this client id" in unstable["hint"]
+
+
+async def test_the_end_of_a_flood_is_logged_with_its_count_without_a_next_command(
+    mosquitto: MosquittoBroker,
+) -> None:
+    # A platform sends a burst far over the rate limit, then nothing: the end of the flood
+    # (one line with the count) must not wait for a next command that may never come.
+    settings = BrokerSettings(host=mosquitto.host, port=mosquitto.port, client_id="gw-burst")
+    with structlog.testing.capture_logs() as logs:
+        listener = CommandListener(
+            settings, Topics("logs", "plant-1", "gw-burst"), {}, Idle(), rate=0.5, burst=2
+        )
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.subscribed.wait(), 10)
+            async with aiomqtt.Client(mosquitto.host, mosquitto.port) as platform:
+                for k in range(20):
+                    await platform.publish(
+                        "logs/plant-1/sewing/line-1/sew-01/cmd/assign-order",
+                        b'{"order_id": "PO-%d", "target": 1}' % k,
+                        qos=1,
+                    )
+            await until(lambda: listener.dropped + listener.handled >= 20)
+            await until(lambda: any(e["event"] == "command.flood_ended" for e in logs))
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    (flood,) = [e for e in logs if e["event"] == "command.flood"]
+    (ended,) = [e for e in logs if e["event"] == "command.flood_ended"]
+    assert flood["log_level"] == "warning" and ended["log_level"] == "info"
+    assert ended["dropped"] == listener.dropped >= 17, (ended, listener.dropped)

@@ -9,17 +9,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from shopfloor_gateway.simulators.faultproxy import FaultProxy
 from shopfloor_gateway.simulators.modbus_server import SimulatedFloor, StationSpec, free_port
 from shopfloor_gateway.simulators.scenario import Changeover, Idle, RunOrder, Step
 from shopfloor_gateway.simulators.sewing import OrderTruth, StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.gatewayproc import by_machine, events, gateway_process, short
+from tests.held import HeldStation
 
 PREFIX = "dlv"
 SITE = "plant-1"
@@ -123,6 +126,13 @@ def completed(truth: dict[str, dict[str, OrderTruth]]) -> Any:
     return pred
 
 
+async def _until(condition: Callable[[], bool]) -> None:
+    """Wait (at most 30 s) for what only a poll can see (simulator and proxy state)."""
+    async with asyncio.timeout(30):
+        while not condition():  # noqa: ASYNC110 - the models and proxies have no events
+            await asyncio.sleep(0.01)
+
+
 def progress_seen(ms: list[Received]) -> bool:
     return sum(1 for e in events(ms) if short(e) == "order.progress") >= 3
 
@@ -162,17 +172,47 @@ async def test_sigkill_and_restart_loses_nothing(
     mosquitto: MosquittoBroker, tmp_path: Path
 ) -> None:
     ports = {name: free_port() for name in SCRIPTS}
-    config = write_config(tmp_path / "gw.yaml", [dest("default", mosquitto)], ports)
-    async with (
-        Subscriber(mosquitto.host, mosquitto.port, f"{PREFIX}/#") as sub,
-        SimulatedFloor(stations(ports)) as floor,
-    ):
+    models = {name: HeldStation(SCRIPTS[name], seed=1, name=name) for name in ports}
+    specs = [StationSpec(name, ports[name], models[name]) for name in ports]
+    async with contextlib.AsyncExitStack() as stack:
+        sub = await stack.enter_async_context(
+            Subscriber(mosquitto.host, mosquitto.port, f"{PREFIX}/#")
+        )
+        floor = await stack.enter_async_context(SimulatedFloor(specs))
+        # The gateway reads each station through a proxy that notes its requests: the test
+        # can see when the restarted gateway is reading again.
+        proxies = {
+            name: await stack.enter_async_context(
+                FaultProxy("127.0.0.1", ports[name], framing="modbus")
+            )
+            for name in ports
+        }
+        via = {name: proxy.port for name, proxy in proxies.items()}
+        config = write_config(tmp_path / "gw.yaml", [dest("default", mosquitto)], via)
+        loop = asyncio.get_running_loop()
         async with gateway_process(config, tmp_path / "gw1.log") as proc:
+            # The scripts start when the gateway reads the stations, however slow its start.
+            await _until(lambda: all(p.request_times for p in proxies.values()))
+            for m in models.values():
+                m.release()
             await sub.wait_for(progress_seen, timeout=20)
             proc.send_signal(signal.SIGKILL)
             await proc.wait()
         before = unique(events(sub.messages))[0]
+        # The stations stand still until the new process reads again: however slow its
+        # start on a loaded machine, it comes back in the middle of the orders it was killed
+        # in (what they made between its last poll and the kill is still new to it).
+        for m in models.values():
+            m.hold()
+        restarted = loop.time()
         async with gateway_process(config, tmp_path / "gw2.log") as proc:
+            await _until(
+                lambda: all(
+                    p.request_times and p.request_times[-1] > restarted for p in proxies.values()
+                )
+            )
+            for m in models.values():
+                m.release()
             await floor.wait_finished(timeout=40)
             truth = {s.name: dict(s.model.truth) for s in floor.stations}
             await sub.wait_for(completed(truth), timeout=30)

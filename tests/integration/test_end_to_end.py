@@ -20,6 +20,7 @@ from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
 from tests.gatewayproc import by_machine, events, gateway_process, short
+from tests.held import HeldStation, state_read
 
 PREFIX = "e2e"
 SITE = "plant-1"
@@ -247,20 +248,30 @@ async def test_bad_devices_do_not_stop_the_others(
         f" port: {dead_port}, timeout: 0.3}}}}\n"
     )
     config = write_config(tmp_path / "gateway.yaml", mosquitto.port, ports, extra)
-    script = [Idle(1.0), RunOrder("PO-9", target=10, piece_seconds=0.1), Idle(1.0)]
-    stations = [StationSpec("sew-01", ports["sew-01"], StationModel(script, seed=1, name="sew-01"))]
+    script = [Idle(0.5), RunOrder("PO-9", target=10, piece_seconds=0.1), Idle(1.0)]
+    # The order starts once the gateway has read the idle station, however long its start.
+    station = HeldStation(script, seed=1, name="sew-01")
+    stations = [StationSpec("sew-01", ports["sew-01"], station)]
     async with (
         silent,
         Subscriber(mosquitto.host, mosquitto.port, f"{PREFIX}/#") as sub,
         SimulatedFloor(stations) as floor,
         gateway_process(config, tmp_path / "gateway.log"),
     ):
+        await sub.wait_for(state_read("sew-01"), timeout=30)
+        station.release()
         await floor.wait_finished(timeout=30)
 
-        def completed(ms: list[Received]) -> bool:
-            return any(short(e) == "order.completed" for e in events(ms))
+        def done(ms: list[Received]) -> bool:
+            # The order's end, and both bad devices reported: the three machines are
+            # polled independently, so on a loaded machine either may come last.
+            evs = by_machine(events(ms))
+            return any(short(e) == "order.completed" for e in evs["sew-01"]) and all(
+                any(short(e) == "machine.connection.changed" for e in evs[bad])
+                for bad in ("hung-01", "dead-01")
+            )
 
-        await sub.wait_for(completed, timeout=10)
+        await sub.wait_for(done, timeout=15)
         evs = by_machine(events(sub.messages))
         done = next(e for e in evs["sew-01"] if short(e) == "order.completed")
         assert done["data"]["good"] == 10

@@ -22,6 +22,7 @@ from shopfloor_gateway.simulators.sewing import StationModel
 from tests.brokers import MosquittoBroker, Received, Subscriber
 from tests.contract_check import assert_valid
 from tests.gatewayproc import events, gateway_process, short
+from tests.held import HeldStation, state_read
 
 PREFIX = "attr"
 SITE = "plant-1"
@@ -48,8 +49,8 @@ async def test_the_operator_policy_decides_who_sees_who_worked(tmp_path: Path) -
     policies = {"mes": "pass", "pay": "pseudonymise", "portal": "drop"}
     port = free_port()
     script = [
-        # Long enough for the gateway process to start and read the idle station first.
-        Idle(4.0),
+        # Held (below) until the gateway process has read the idle station.
+        Idle(0.5),
         RunOrder("PO-1", target=6, piece_seconds=0.15, scrap_every=3),
         Idle(0.5),
         RunOrder("PO-2", target=4, piece_seconds=0.1),
@@ -81,7 +82,7 @@ async def test_the_operator_policy_decides_who_sees_who_worked(tmp_path: Path) -
     for b in brokers.values():
         b.start()
     try:
-        station = StationModel(script, name="sew-01", operator=BADGE)
+        station = HeldStation(script, name="sew-01", operator=BADGE)
         async with (
             Subscriber(brokers["mes"].host, brokers["mes"].port, f"{PREFIX}/#") as mes,
             Subscriber(brokers["pay"].host, brokers["pay"].port, f"{PREFIX}/#") as pay,
@@ -89,6 +90,8 @@ async def test_the_operator_policy_decides_who_sees_who_worked(tmp_path: Path) -
             SimulatedFloor([StationSpec("sew-01", port, station)]),
             gateway_process(cfg, tmp_path / "gw.log"),
         ):
+            await mes.wait_for(state_read("sew-01"), timeout=30)
+            station.release()
             for sub in (mes, pay, portal):
                 await sub.wait_for(lambda ms: len(completed(ms)) >= 2, timeout=30)
             seen = {"mes": list(mes.messages), "pay": list(pay.messages)}

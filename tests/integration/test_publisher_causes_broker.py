@@ -93,6 +93,10 @@ async def test_a_client_id_collision_is_named_once(mosquitto: MosquittoBroker) -
             # A second client with the same id: each connect takes the session over, and
             # the gateway's reconnect takes it back.
             for _ in range(6):
+                # Each takeover hits an established link (not a reconnect still waiting for
+                # its CONNACK, which is a failed connect, not a link closed early): under load
+                # the rogue's next connect could otherwise outrun the gateway's handshake.
+                await until(lambda: pub.connected)
                 async with aiomqtt.Client(
                     mosquitto.host, mosquitto.port, identifier=client_id
                 ) as rogue:

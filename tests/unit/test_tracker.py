@@ -11,6 +11,7 @@ import yaml
 
 from gateway.core.model import Event, Quality, Sample
 from gateway.core.tracker import (
+    ORDER_ID_TAKEN,
     AssignOrder,
     CancelOrder,
     CommandResult,
@@ -647,6 +648,32 @@ def test_cancel_queued_and_running_orders() -> None:
         ("order.completed", "P-1", "cancelled", 4),
         ("order.started", "P-3", None, 0),
     ]
+
+
+def test_a_withdrawn_order_id_stays_in_use_across_platforms_and_restarts() -> None:
+    # acme queues ACME-3 behind a running order and withdraws it; zeta then tries the same
+    # id on that machine. Accepting it would hand zeta an order named like acme's, and
+    # zeta would receive its events: the id stays in use, as for an order that ran, and
+    # the refusal is the neutral one every clash gets.
+    settings = TrackerSettings(order_source="platform")
+    tr = MachineTracker(M, settings)
+
+    def assign(order_id: str, customer: str, origin: str) -> CommandResult:
+        cmd = AssignOrder(order_id, 5, customer=customer, origin=origin, private=True)
+        return tr.command(cmd, T0 + 1)[0]
+
+    assert assign("ACME-1", "acme", "acme") == CommandResult(True, "started")
+    assert assign("ACME-3", "acme", "acme") == CommandResult(True, "queued")
+    withdrawn = tr.command(CancelOrder("ACME-3", origin="acme"), T0 + 2)
+    assert withdrawn == (CommandResult(True, "removed from queue"), [])
+    assert assign("ACME-3", "zeta", "zeta") == CommandResult(False, ORDER_ID_TAKEN)
+    # Also after a restart: the tracker state is what a restarted gateway knows.
+    saved = json.loads(json.dumps(tr.export_state()))
+    tr = MachineTracker.restore(M, settings, saved, downtime=False)
+    assert assign("ACME-3", "zeta", "zeta") == CommandResult(False, ORDER_ID_TAKEN)
+    # Without a private answer the platform is told why.
+    again = tr.command(AssignOrder("ACME-3", 5), T0 + 3)[0]
+    assert again == CommandResult(False, "order ACME-3 was withdrawn from this machine")
 
 
 def test_duplicate_command_id_is_idempotent() -> None:
