@@ -88,9 +88,11 @@ async def test_shared_group_loses_nothing_when_a_member_departs(tmp_path: Path) 
     assert v.snapshot_ahead == []
     assert v.out_of_order == {"platform-a": 0, "platform-b": 0}
     # What was in flight to the departed member came again to it (DUP set), not to the
-    # other member: Mosquitto keeps in-flight messages in the session.
-    assert v.redelivered == 3
-    assert sum(1 for r in records["platform-b"] if r.get("dup")) == 3
+    # other member: Mosquitto keeps in-flight messages in the session. The 3 it never
+    # acknowledged always do; an acknowledgement still in the killed process's buffers
+    # (under load) adds that message too, but only ever one the member had received.
+    assert 3 <= v.redelivered <= before
+    assert 3 <= sum(1 for r in records["platform-b"] if r.get("dup")) <= before
     assert v.duplicates == 0
     # Mosquitto keeps choosing the departed member in its turn and queues those messages in
     # its session: events that happened while no process of it was running reached it.
