@@ -13,7 +13,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/shopfloor demo
 
 test: $(VENV)/.installed-test mosquitto victoria-metrics chromium sparkplug-js lint typecheck
-	$(BIN)/python -m pytest -q -p no:cacheprovider -n 3
+	$(BIN)/python -m pytest -q -p no:cacheprovider -n 2
 
 unit: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q tests/unit

@@ -233,7 +233,10 @@ async def test_the_gateway_process_stays_up_on_a_full_disk_and_recovers(
     script = [Idle(0.5), *(RunOrder(f"PO-D{i}", target=100, piece_seconds=0.01) for i in range(90))]
     stations = [StationSpec("sew-01", port, StationModel(script, name="sew-01"))]
     log = tmp_path / "gw.log"
-    with small_disk(tmp_path / "state") as disk:
+    # 1 MiB: the events held in memory while the disk is full must fit once the filler is
+    # gone, however long a loaded machine keeps the gateway producing them meanwhile (a
+    # stored record holds its typed payload and its wire text).
+    with small_disk(tmp_path / "state", size="1m") as disk:
         cfg = tmp_path / "gw.yaml"
         cfg.write_text(
             "gateway: {id: gw-df, site: plant-1, topic_prefix: df}\n"
