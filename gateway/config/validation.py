@@ -8,6 +8,7 @@ wrote, and :class:`Hidden`, which scrubs secrets and substituted values from eve
 from __future__ import annotations
 
 import difflib
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, TypeVar
@@ -124,12 +125,13 @@ def _data_path(data: Any, loc: tuple[Any, ...]) -> Path_:
     return tuple(out)
 
 
-def _known_keys() -> list[str]:
-    """Every key of the config models, nested ones included (for spelling suggestions)."""
+@functools.cache
+def _fields() -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    """Every field of the config models, nested ones included: (name, its type's parts)."""
     todo: list[type[BaseModel]] = [Config, InfluxConfig]
     for spec in installed().values():
         todo += [spec.connection_model, spec.signal_model]
-    names: set[str] = set()
+    out: list[tuple[str, tuple[Any, ...]]] = []
     seen: set[type[BaseModel]] = set()
     while todo:
         model = todo.pop()
@@ -137,33 +139,21 @@ def _known_keys() -> list[str]:
             continue
         seen.add(model)
         for name, info in model.model_fields.items():
-            names.add(name)
-            todo += [
-                arg
-                for arg in _type_parts(info.annotation)
-                if isinstance(arg, type) and issubclass(arg, BaseModel)
-            ]
-    return sorted(names)
+            parts = tuple(_type_parts(info.annotation))
+            out.append((name, parts))
+            todo += [a for a in parts if isinstance(a, type) and issubclass(a, BaseModel)]
+    return tuple(out)
+
+
+def _known_keys() -> list[str]:
+    """Every key of the config models, nested ones included (for spelling suggestions)."""
+    return sorted({name for name, _ in _fields()})
 
 
 def _secret_keys() -> frozenset[str]:
     """Names of every ``SecretStr`` field in the config models, nested ones included."""
-    names: set[str] = {"password", "secret", "token", "private_key_password"}
-    todo: list[type[BaseModel]] = [Config, InfluxConfig]
-    todo += [spec.connection_model for spec in installed().values()]
-    seen: set[type[BaseModel]] = set()
-    while todo:
-        model = todo.pop()
-        if model in seen:
-            continue
-        seen.add(model)
-        for name, info in model.model_fields.items():
-            for arg in _type_parts(info.annotation):
-                if arg is SecretStr:
-                    names.add(name)
-                elif isinstance(arg, type) and issubclass(arg, BaseModel):
-                    todo.append(arg)
-    return frozenset(names)
+    names = {"password", "secret", "token", "private_key_password"}
+    return frozenset(names | {name for name, parts in _fields() if SecretStr in parts})
 
 
 def _type_parts(annotation: Any) -> list[Any]:

@@ -197,6 +197,43 @@ class Sink(Protocol[T_contra]):
         ...
 
 
+class RunnerCallbacks:
+    """The runner's callbacks as a sink keeps them (:meth:`Sink.bind`); a base to inherit.
+
+    Until the runner binds, an acknowledgement or refusal raises (a sink used without its
+    runner is a bug); progress and wake-ups are no-ops.
+    """
+
+    def __init__(self) -> None:
+        """Callbacks that are not bound yet."""
+        self._ack: Ack = _unbound
+        self._progress: Callable[[], None] = _nothing
+        self._wake: Callable[[], None] = _nothing
+        self._reject: Callable[[int, str], None] = _unbound_reject
+
+    def bind(
+        self,
+        ack: Ack,
+        progress: Callable[[], None],
+        wake: Callable[[], None],
+        reject: Callable[[int, str], None],
+    ) -> None:
+        """The runner's callbacks (see :meth:`Sink.bind`)."""
+        self._ack, self._progress, self._wake, self._reject = ack, progress, wake, reject
+
+
+def _unbound(key: int) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
+
+
+def _unbound_reject(key: int, why: str) -> None:
+    raise RuntimeError("the sink is not bound to a runner")
+
+
+def _nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class RunnerSettings:
     """Batching, bounds and retry settings of a :class:`SinkRunner`."""

@@ -49,7 +49,15 @@ from gateway.core.model import Event, Location, Quality, Sample
 from gateway.core.vocabulary import MachineState
 from gateway.delivery.records import Record
 from gateway.delivery.sendqueue import MemorySinkQueue, SinkQueue
-from gateway.delivery.sink import Accepts, Cause, RunnerSettings, SinkLog, SinkRunner, describe
+from gateway.delivery.sink import (
+    Accepts,
+    Cause,
+    RunnerCallbacks,
+    RunnerSettings,
+    SinkLog,
+    SinkRunner,
+    describe,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -491,7 +499,7 @@ INFLUX_LOG = SinkLog(
 HISTORY_ACCEPTS = Accepts(frozenset({"event", "telemetry"}))
 
 
-class HistorySink(Generic[T]):
+class HistorySink(RunnerCallbacks, Generic[T]):
     """A :class:`Writer` (e.g. :class:`InfluxSink`) as a :class:`~gateway.delivery.sink.Sink`.
 
     Link-less: each batch is one write in a worker thread, bounded by ``write_timeout``; it
@@ -509,23 +517,11 @@ class HistorySink(Generic[T]):
 
     def __init__(self, writer: Writer[T], *, write_timeout: float = 30.0) -> None:
         """Wrap ``writer``; each write may take up to ``write_timeout`` seconds."""
+        super().__init__()
         self.writer = writer
         self.write_timeout = write_timeout
         self.delivered = 0
-        self._ack: Callable[[int], None] = _unbound
-        self._progress: Callable[[], None] = _nothing
-        self._reject: Callable[[int, str], None] = _unbound_reject
         self._gone = asyncio.Event()
-
-    def bind(
-        self,
-        ack: Callable[[int], None],
-        progress: Callable[[], None],
-        wake: Callable[[], None],
-        reject: Callable[[int, str], None],
-    ) -> None:
-        """The runner's callbacks (see :class:`~gateway.delivery.sink.Sink`)."""
-        self._ack, self._progress, self._reject = ack, progress, reject
 
     def classify(self, exc: BaseException) -> Cause:
         """Every failed write is one cause: one warning per outage, the rest at debug."""
@@ -586,18 +582,6 @@ class HistorySink(Generic[T]):
             self._ack(key)
             self.delivered += 1
         self._progress()
-
-
-def _unbound(key: int) -> None:
-    raise RuntimeError("the sink is not bound to a runner")
-
-
-def _unbound_reject(key: int, why: str) -> None:
-    raise RuntimeError("the sink is not bound to a runner")
-
-
-def _nothing() -> None:
-    pass
 
 
 #: Bytes an item takes beyond its text: the str object, its queue and dict entries.

@@ -73,6 +73,7 @@ from gateway.delivery.sink import (
     Accepts,
     Cause,
     LinkLost,
+    RunnerCallbacks,
     RunnerSettings,
     SinkLog,
     SinkRunner,
@@ -520,7 +521,7 @@ MQTT_LOG = SinkLog(
 MQTT_ACCEPTS = Accepts(frozenset({"event", "state", "status"}))
 
 
-class MqttSink:
+class MqttSink(RunnerCallbacks):
     """One MQTT broker as a :class:`~gateway.delivery.sink.Sink` of :class:`Message`.
 
     A link is one aiomqtt connection: the last will is registered and the online status
@@ -539,6 +540,7 @@ class MqttSink:
 
     def __init__(self, settings: BrokerSettings, *, name: str = "default") -> None:
         """TLS files are loaded here, so mistakes show at start-up."""
+        super().__init__()
         self._s = settings
         self._name = name
         self._tls = tls_context(settings.tls) if settings.tls is not None else None
@@ -547,10 +549,6 @@ class MqttSink:
         self._link: _Link | None = None
         # Acknowledged by links that ended, plus the status messages.
         self._published = 0
-        self._ack: Callable[[int], None] = _unbound
-        self._progress: Callable[[], None] = _nothing
-        self._wake: Callable[[], None] = _nothing
-        self._reject: Callable[[int, str], None] = _unbound_reject
         # The fast path: what the last client lacked, and counts of clients and links gone.
         self._fast_missing: tuple[str, ...] = ()
         self._fast_counts = [0, 0, 0]  # acks, reads, writes
@@ -571,16 +569,6 @@ class MqttSink:
             reads += client.fast_reads
             writes += client.fast_writes
         return FastPath(self._fast_missing, acks, reads, writes)
-
-    def bind(
-        self,
-        ack: Callable[[int], None],
-        progress: Callable[[], None],
-        wake: Callable[[], None],
-        reject: Callable[[int, str], None],
-    ) -> None:
-        """The runner's callbacks (see :class:`~gateway.delivery.sink.Sink`)."""
-        self._ack, self._progress, self._wake, self._reject = ack, progress, wake, reject
 
     def classify(self, exc: BaseException) -> Cause:
         """Why a connect failed or a link ended."""
@@ -764,18 +752,6 @@ class MqttSink:
         except BaseException:
             _drop_socket(client)
             raise
-
-
-def _unbound(key: int) -> None:
-    raise RuntimeError("the sink is not bound to a runner")
-
-
-def _unbound_reject(key: int, why: str) -> None:
-    raise RuntimeError("the sink is not bound to a runner")
-
-
-def _nothing() -> None:
-    pass
 
 
 def runner_settings(settings: BrokerSettings, *, limit: int | None = None) -> RunnerSettings:
